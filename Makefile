@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+# The first run builds .venv (a few minutes); later runs reuse it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# GPU profile when an NVIDIA driver answers, CPU profile otherwise (override: make PROFILE=cpu ...)
+PROFILE ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP  := $(VENV)/.installed-$(PROFILE)
+
+.PHONY: install train test test-slow bench ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[$(PROFILE),text,dev]"
+	$(PIP) install -q -c constraints.txt --no-deps torchrec==1.8.0
+	$(PY) -c "import torch, torchrec, polars, lightning, mlflow, faiss; print('installed: torch', torch.__version__, '| torchrec', torchrec.__version__, '| profile $(PROFILE)')"
+	touch $(STAMP)
+
+train: install
+	$(PY) -m recsys.train $(ARGS)
+
+test: install
+	$(PY) -m pytest $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -m slow $(ARGS)
+
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,268 @@
+"""Nested (prefix-closed) building blocks: the one place that knows about sizes and chunks.
+
+A model has sizes ``S = (s_1 < ... < s_M = D)``. Chunk ``i`` is the slice ``[s_{i-1}, s_i)``.
+A module ``f`` is *nested* when ``f(x)[..., :s_k]`` depends only on ``x[..., :s_k]`` and the module
+with its parameters cut to ``s_k`` computes exactly that prefix. Stacking nested modules keeps the
+property, so cutting every nested module of a model to ``s_k`` gives a genuinely smaller network.
+
+Every nested module derives from :class:`NestedModule` and implements ``_shrink_(size)``, which
+slices its *own* parameters in place. :func:`cut_to_size` copies a whole model and shrinks each
+nested module in it; training, export and serving all use that one function.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "check_sizes",
+    "chunk_bounds",
+    "NestedModule",
+    "NestedLinear",
+    "NestedLayerNorm",
+    "PrefixProjection",
+    "cut_to_size",
+    "nested_parameter_count",
+    "shrink_parameter_",
+]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def check_sizes(sizes: Sequence[int], width: int | None = None) -> tuple[int, ...]:
+    """Validate a list of sizes and return it as a tuple.
+
+    Sizes must be positive, strictly increasing integers; when ``width`` is given the largest
+    size must equal it (the model width).
+    """
+    sizes = tuple(sizes)
+    if not sizes:
+        raise ValueError("sizes must not be empty")
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
+            raise ValueError(f"sizes must be positive integers, got {s!r} in {list(sizes)}")
+    for a, b in zip(sizes, sizes[1:]):
+        if b <= a:
+            raise ValueError(f"sizes must be strictly increasing, got {list(sizes)}")
+    if width is not None and sizes[-1] != width:
+        raise ValueError(f"the largest size must equal the model width {width}, got {list(sizes)}")
+    return sizes
+
+
+def chunk_bounds(sizes: Sequence[int], mult: int = 1) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of every chunk, with all bounds multiplied by ``mult``."""
+    starts = (0, *sizes[:-1])
+    return [(mult * a, mult * b) for a, b in zip(starts, sizes)]
+
+
+def sizes_up_to(sizes: Sequence[int], size: int) -> tuple[int, ...]:
+    """The sizes of a model cut to ``size``; ``size`` must be one of ``sizes``."""
+    if size not in sizes:
+        raise ValueError(f"size {size} is not one of the model's sizes {list(sizes)}")
+    return tuple(s for s in sizes if s <= size)
+
+
+def shrink_parameter_(module: nn.Module, name: str, *slices: slice) -> None:
+    """Replace parameter or buffer ``name`` of ``module`` by a contiguous copy of ``t[slices]``."""
+    tensor = getattr(module, name)
+    if tensor is None:
+        return
+    data = tensor.detach()[slices].clone().contiguous()
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, name, nn.Parameter(data, requires_grad=tensor.requires_grad))
+    else:
+        persistent = name not in module._non_persistent_buffers_set
+        delattr(module, name)
+        module.register_buffer(name, data, persistent=persistent)
+
+
+class NestedModule(nn.Module):
+    """Base of every module whose parameters follow the sizes.
+
+    Subclasses keep ``self.sizes`` and implement :meth:`_shrink_` for their own parameters only
+    (children are shrunk by :func:`cut_to_size`, which visits every module).
+    """
+
+    sizes: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return self.sizes[-1]
+
+    def _shrink_(self, size: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def cut_to_size(model: M, size: int) -> M:
+    """A copy of ``model`` cut to ``size``: every nested module keeps chunks up to ``size``.
+
+    The copy is a smaller network (fewer parameters, fewer FLOPs) whose outputs equal the first
+    ``size`` dimensions of the full model's outputs.
+    """
+    nested = [m for m in model.modules() if isinstance(m, NestedModule)]
+    if not nested:
+        raise TypeError(f"{type(model).__name__} has no nested modules to cut")
+    sizes_up_to(nested[0].sizes, size)  # validates that size is a model size
+    small = copy.deepcopy(model)
+    for module in small.modules():
+        if isinstance(module, NestedModule):
+            sizes_up_to(module.sizes, size)
+            module._shrink_(size)
+            module.sizes = sizes_up_to(module.sizes, size)
+    return small
+
+
+def nested_parameter_count(model: nn.Module) -> int:
+    """Parameters that the model really uses (masked-out blocks of nested linears excluded)."""
+    total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, NestedLinear) and name == "weight":
+                total += int(module.mask.sum().item())
+            else:
+                total += p.numel()
+    return total
+
+
+class NestedLinear(NestedModule):
+    """Block-lower-triangular linear map between nested spaces.
+
+    Input chunks are ``in_mult`` times the size chunks, output chunks ``out_mult`` times them
+    (``out_mult=r`` gives the expanding form ``D -> r*D``). Output chunk ``i`` is
+    ``W_i @ x[..., :in_mult*s_i] + b_i``: it reads only the input prefix up to its own size.
+
+    The weight is stored as one dense matrix with a fixed 0/1 mask. ``mode`` picks how forward
+    computes: ``"masked"`` (one dense product with the masked weight) or ``"blocks"`` (one product
+    per output chunk over its input prefix, about 2/3 of the FLOPs for doubling sizes). Both give
+    the same numbers; ``bench/nested_linear.py`` measures which is faster.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        in_mult: int = 1,
+        out_mult: int = 1,
+        bias: bool = True,
+        mode: str = "masked",
+    ) -> None:
+        super().__init__()
+        if mode not in ("masked", "blocks"):
+            raise ValueError(f"mode must be 'masked' or 'blocks', got {mode!r}")
+        self.sizes = check_sizes(sizes)
+        self.in_mult, self.out_mult, self.mode = in_mult, out_mult, mode
+        d = self.sizes[-1]
+        self.weight = nn.Parameter(torch.empty(out_mult * d, in_mult * d))
+        self.bias = nn.Parameter(torch.zeros(out_mult * d)) if bias else None
+        self.register_buffer("mask", self._make_mask(), persistent=False)
+        self.reset_parameters()
+
+    def _make_mask(self) -> torch.Tensor:
+        d = self.sizes[-1]
+        mask = torch.zeros(self.out_mult * d, self.in_mult * d)
+        for (o0, o1), (_, i1) in zip(
+            chunk_bounds(self.sizes, self.out_mult), chunk_bounds(self.sizes, self.in_mult)
+        ):
+            mask[o0:o1, :i1] = 1.0
+        return mask
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Each output chunk has its own fan-in (its input prefix); initialise it like nn.Linear.
+        for (o0, o1), (_, i1) in zip(
+            chunk_bounds(self.sizes, self.out_mult), chunk_bounds(self.sizes, self.in_mult)
+        ):
+            bound = 1.0 / math.sqrt(i1)
+            self.weight[o0:o1].uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias[o0:o1].uniform_(-bound, bound)
+        self.weight.mul_(self.mask)
+
+    @property
+    def in_features(self) -> int:
+        return self.in_mult * self.sizes[-1]
+
+    @property
+    def out_features(self) -> int:
+        return self.out_mult * self.sizes[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "masked":
+            return F.linear(x, self.weight * self.mask, self.bias)
+        outs = []
+        for (o0, o1), (_, i1) in zip(
+            chunk_bounds(self.sizes, self.out_mult), chunk_bounds(self.sizes, self.in_mult)
+        ):
+            b = None if self.bias is None else self.bias[o0:o1]
+            outs.append(F.linear(x[..., :i1], self.weight[o0:o1, :i1], b))
+        return torch.cat(outs, dim=-1)
+
+    def _shrink_(self, size: int) -> None:
+        shrink_parameter_(self, "weight", slice(0, self.out_mult * size), slice(0, self.in_mult * size))
+        shrink_parameter_(self, "bias", slice(0, self.out_mult * size))
+        self.mask = self.mask[: self.out_mult * size, : self.in_mult * size].contiguous()
+
+    def extra_repr(self) -> str:
+        return (
+            f"sizes={list(self.sizes)}, in={self.in_features}, out={self.out_features}, "
+            f"bias={self.bias is not None}, mode={self.mode}"
+        )
+
+
+class NestedLayerNorm(NestedModule):
+    """One LayerNorm per chunk, each normalising only its own slice of ``mult`` times the chunk.
+
+    A single LayerNorm over all dimensions would mix large chunks into small ones and break nesting.
+    """
+
+    def __init__(self, sizes: Sequence[int], mult: int = 1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.sizes = check_sizes(sizes)
+        self.mult, self.eps = mult, eps
+        self.weight = nn.Parameter(torch.ones(mult * self.sizes[-1]))
+        self.bias = nn.Parameter(torch.zeros(mult * self.sizes[-1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [
+            F.layer_norm(x[..., a:b], (b - a,), self.weight[a:b], self.bias[a:b], self.eps)
+            for a, b in chunk_bounds(self.sizes, self.mult)
+        ]
+        return torch.cat(parts, dim=-1)
+
+    def _shrink_(self, size: int) -> None:
+        shrink_parameter_(self, "weight", slice(0, self.mult * size))
+        shrink_parameter_(self, "bias", slice(0, self.mult * size))
+
+    def extra_repr(self) -> str:
+        return f"sizes={list(self.sizes)}, mult={self.mult}"
+
+
+class PrefixProjection(NestedModule):
+    """Projection of a fixed input (``R^F``) into the nested space: nested for free.
+
+    ``z[..., :s] = P[:s] @ x``, so cutting keeps the first ``s`` output rows.
+    """
+
+    def __init__(self, in_features: int, sizes: Sequence[int], bias: bool = True) -> None:
+        super().__init__()
+        self.sizes = check_sizes(sizes)
+        self.in_features = in_features
+        linear = nn.Linear(in_features, self.sizes[-1], bias=bias)
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _shrink_(self, size: int) -> None:
+        shrink_parameter_(self, "weight", slice(0, size))
+        shrink_parameter_(self, "bias", slice(0, size))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, sizes={list(self.sizes)}"
+
