@@ -86,8 +86,8 @@ def shrink_parameter_(module: nn.Module, name: str, *slices: slice) -> None:
 class NestedModule(nn.Module):
     """Base of every module whose parameters follow the sizes.
 
-    Subclasses keep ``self.sizes`` and implement :meth:`_shrink_` for their own parameters only
-    (children are shrunk by :func:`cut_to_size`, which visits every module).
+    Subclasses keep ``self.sizes`` and override :meth:`_shrink_` when they hold parameters of
+    their own (children are shrunk by :func:`cut_to_size`, which visits every module).
     """
 
     sizes: tuple[int, ...]
@@ -96,8 +96,8 @@ class NestedModule(nn.Module):
     def width(self) -> int:
         return self.sizes[-1]
 
-    def _shrink_(self, size: int) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def _shrink_(self, size: int) -> None:
+        """Slice this module's own parameters to ``size``; containers have nothing to slice."""
 
 
 def cut_to_size(model: M, size: int) -> M:

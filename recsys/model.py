@@ -1,0 +1,211 @@
+"""The LightningModule: one training run that learns every size at once.
+
+Training minimises the Matryoshka cross-entropy (every size's full softmax over the catalogue);
+validation and test rank every catalogue item for every size (METHOD.md §4-5).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from recsys.data.item_features import ItemFeatures
+from recsys.metrics import RankingMetrics, target_ranks
+from recsys.nn.encoders import ENCODERS, build_encoder
+from recsys.nn.item_tower import ItemTower
+from recsys.nn.loss import matryoshka_cross_entropy
+from recsys.nn.nested import NestedModule, check_sizes, cut_to_size, nested_parameter_count
+from recsys.nn.recommender import SequentialRecommender
+
+__all__ = ["MatryoshkaRecommender"]
+
+
+class MatryoshkaRecommender(L.LightningModule):
+    """Item tower + sequence encoder trained with the Matryoshka loss over ``sizes``.
+
+    Args:
+        item_features: the dataset's item features (linked from the data module by the CLI).
+        sizes: nested sizes, strictly increasing; the last is the model width.
+        encoder: ``lru`` (nested LRU, the fMRLRec encoder), ``mamba`` (nested Mamba) or ``sasrec``.
+        n_blocks: encoder blocks.
+        dropout: dropout inside the encoder.
+        input_dropout: dropout on the item vectors fed to the encoder.
+        r_min: LRU only: smallest initial ``|lambda|``.
+        r_max: LRU only: largest initial ``|lambda|``.
+        d_state: Mamba only: state size per channel.
+        expand: Mamba only: channel expansion factor.
+        n_heads: SASRec only: attention heads.
+        max_len: SASRec only: number of learned positions (the data module's ``max_len``).
+        use_id_embedding: add a learned item-ID embedding to the item features.
+        modalities: item features to use (default: all the dataset has).
+        loss_weights: weight of each size in the loss (default: 1 each).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
+        warmup_steps: linear warm-up steps before the cosine decay.
+        mask_seen: exclude each user's earlier items from the ranking in validation and test.
+        loss_block_rows: rows per block in the memory-flat loss.
+    """
+
+    def __init__(
+        self,
+        item_features: ItemFeatures | None = None,
+        sizes: list[int] = [16, 32, 64, 128],
+        encoder: str = "lru",
+        n_blocks: int = 2,
+        dropout: float = 0.1,
+        input_dropout: float = 0.1,
+        r_min: float = 0.0,
+        r_max: float = 0.1,
+        d_state: int = 16,
+        expand: int = 2,
+        n_heads: int = 2,
+        max_len: int = 50,
+        use_id_embedding: bool = False,
+        modalities: list[str] | None = None,
+        loss_weights: list[float] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        mask_seen: bool = True,
+        loss_block_rows: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["item_features"])
+        self.sizes = check_sizes(sizes)
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+        if loss_weights is not None and len(loss_weights) != len(self.sizes):
+            raise ValueError(f"loss_weights has {len(loss_weights)} entries but there are {len(self.sizes)} sizes")
+        if item_features is None:
+            raise ValueError("item_features is required (the training CLI links it from the data module)")
+        self.net = SequentialRecommender(
+            ItemTower(self.sizes, item_features, use_id_embedding=use_id_embedding, modalities=modalities),
+            build_encoder(encoder, self.sizes, **self.encoder_options()),
+            input_dropout=input_dropout,
+        )
+        self.val_metrics = RankingMetrics(self.sizes)
+        self.test_metrics = RankingMetrics(self.sizes)
+        self._eval_items: torch.Tensor | None = None
+
+    def encoder_options(self) -> dict[str, Any]:
+        """The constructor options of the chosen encoder (also written into exports)."""
+        h = self.hparams
+        common = {"n_blocks": h.n_blocks, "dropout": h.dropout}
+        specific = {
+            "lru": {"r_min": h.r_min, "r_max": h.r_max},
+            "mamba": {"d_state": h.d_state, "expand": h.expand},
+            "sasrec": {"n_heads": h.n_heads, "max_len": h.max_len},
+        }[h.encoder]
+        return {**common, **specific}
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "MatryoshkaRecommender":
+        """Load a checkpoint without the data module: the item features come from its buffers.
+
+        Loads with ``weights_only=True`` (no pickle code runs).
+        """
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        state = ckpt["state_dict"]
+        features = ItemTower.features_from_state_dict(state, prefix="net.items.")
+        model = cls(item_features=features, **ckpt["hyper_parameters"])
+        model.load_state_dict(state)
+        return model
+
+    # -- training -----------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        items = self.net.item_matrix()
+        states = self.net.sequence_states(batch["input_ids"], items)
+        targets = batch["target_ids"]
+        valid = targets > 0
+        loss = matryoshka_cross_entropy(
+            states[valid],
+            items,
+            targets[valid],
+            self.sizes,
+            weights=self.hparams.loss_weights,
+            block_rows=self.hparams.loss_block_rows,
+        )
+        n = int(valid.sum())
+        self.log("train/loss", loss.total, prog_bar=True, batch_size=n)
+        for size, value in zip(self.sizes, loss.per_size):
+            self.log(f"train/ce/d{size}", value, batch_size=n)
+        return loss.total
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # norms, biases and per-channel vectors (LRU decays, skips) are not decayed
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
+        if self._eval_items is None:  # the item matrix is fixed during evaluation: compute it once
+            self._eval_items = self.net.item_matrix()
+        users = self.net.user_vectors(batch["input_ids"], self._eval_items)
+        seen = batch["seen_ids"] if self.hparams.mask_seen else None
+        metrics.update(target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen))
+
+    def _log_metrics(self, prefix: str, metrics: RankingMetrics) -> dict[str, float]:
+        values = metrics.compute()
+        metrics.reset()
+        self._eval_items = None
+        for key, value in values.items():
+            if key != "count":
+                self.log(f"{prefix}/{key}", value)
+        return values
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_items = None
+        self.val_metrics.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_items = None
+        self.test_metrics.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.last_test_metrics = self._log_metrics("test", self.test_metrics)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def parameters_per_size(self) -> dict[int, int]:
+        """Parameters of the network cut to each size (tower + encoder).
+
+        A non-nested encoder (SASRec) cannot be cut: every size then reports the full count.
+        """
+        if not isinstance(self.net.encoder, NestedModule):
+            return {s: nested_parameter_count(self.net) for s in self.sizes}
+        return {s: nested_parameter_count(cut_to_size(self.net, s)) for s in self.sizes}

@@ -1,0 +1,189 @@
+"""The Matryoshka item tower: every item modality projected into one nested space (METHOD.md §2).
+
+``Z = NestedLN( sum over modalities of (that modality's vector for the item) )`` with
+
+- dense features (text embedding, image embedding, any vector): ``PrefixProjection`` (``R^F -> R^D``),
+  items without that feature contribute zero;
+- multi-valued categorical bags: a torchrec ``EmbeddingBagCollection`` (mean pooling) over a
+  ``KeyedJaggedTensor`` of all items, one ``D``-wide table per bag feature;
+- optionally a learned item-ID embedding (torchrec ``EmbeddingCollection``), used only for items
+  seen in training: cold-start items are represented by their features alone.
+
+A sum of per-modality projections equals one projection of the concatenated features, and it
+handles missing modalities without special cases. All parts are nested: cutting to size ``s`` keeps
+the first ``s`` output dimensions of every projection and embedding table.
+
+Row 0 of ``Z`` is the padding item and is always zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+)
+
+from recsys.data.item_features import CategoricalBag, ItemFeatures
+from recsys.nn.nested import NestedLayerNorm, NestedModule, PrefixProjection, check_sizes, shrink_parameter_
+
+__all__ = ["ItemTower", "FixedItemMatrix"]
+
+ID_FEATURE = "item_id"
+
+
+def _bag_table(name: str) -> str:
+    # torchrec table names must not collide with module attributes, hence the prefix.
+    return f"table_{name}"
+
+
+def _bag_collection(bags: dict[str, int], dim: int) -> EmbeddingBagCollection:
+    return EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name=_bag_table(name),
+                embedding_dim=dim,
+                num_embeddings=vocab,
+                feature_names=[name],
+                pooling=PoolingType.MEAN,
+            )
+            for name, vocab in bags.items()
+        ]
+    )
+
+
+def _id_collection(num_rows: int, dim: int) -> EmbeddingCollection:
+    return EmbeddingCollection(
+        tables=[EmbeddingConfig(name="table_item_ids", embedding_dim=dim, num_embeddings=num_rows, feature_names=[ID_FEATURE])]
+    )
+
+
+class ItemTower(NestedModule):
+    """Item matrix ``Z in R^{(N+1) x D}`` computed from the item features held as buffers.
+
+    The features are buffers (saved in checkpoints), so a checkpoint alone reproduces ``Z``.
+    ``modalities`` picks which dense and bag features to use (default: all of them).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        features: ItemFeatures,
+        use_id_embedding: bool = False,
+        modalities: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        self.sizes = check_sizes(sizes)
+        d = self.sizes[-1]
+        available = [*features.dense, *features.bags]
+        chosen = list(available) if modalities is None else list(modalities)
+        unknown = [m for m in chosen if m not in available]
+        if unknown:
+            raise ValueError(f"unknown item modalities {unknown}; the dataset has {available}")
+        self.dense_names = [m for m in chosen if m in features.dense]
+        self.bag_names = [m for m in chosen if m in features.bags]
+        if not self.dense_names and not self.bag_names and not use_id_embedding:
+            raise ValueError("the item tower needs at least one modality or use_id_embedding=True")
+        self.num_items = features.num_items
+
+        self.projections = nn.ModuleDict()
+        for name in self.dense_names:
+            self.register_buffer(f"dense_{name}", features.dense[name].float())
+            self.register_buffer(f"dense_mask_{name}", features.dense_mask[name].float())
+            self.projections[name] = PrefixProjection(features.dense[name].shape[1], self.sizes)
+
+        self.bag_vocab = {name: features.bags[name].vocab_size for name in self.bag_names}
+        for name in self.bag_names:
+            self.register_buffer(f"bag_values_{name}", features.bags[name].values.long())
+            self.register_buffer(f"bag_offsets_{name}", features.bags[name].offsets.long())
+        if self.bag_names:
+            self.bags = _bag_collection(self.bag_vocab, d)
+        self.use_id_embedding = use_id_embedding
+        if use_id_embedding:
+            self.register_buffer("in_training", features.in_training.float())
+            self.ids = _id_collection(self.num_items + 1, d)
+        self.norm = NestedLayerNorm(self.sizes)
+        self.register_buffer("num_rows", torch.tensor(self.num_items + 1))
+        row_is_item = torch.ones(self.num_items + 1)
+        row_is_item[0] = 0.0
+        self.register_buffer("row_is_item", row_is_item, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        rows = self.num_items + 1
+        z = torch.zeros(rows, self.width, device=self.row_is_item.device)
+        for name, projection in self.projections.items():
+            x = getattr(self, f"dense_{name}")
+            z = z + projection(x) * getattr(self, f"dense_mask_{name}").unsqueeze(-1)
+        if self.bag_names:
+            values = torch.cat([getattr(self, f"bag_values_{n}") for n in self.bag_names])
+            lengths = torch.cat([getattr(self, f"bag_offsets_{n}").diff() for n in self.bag_names])
+            kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.bag_names, values=values, lengths=lengths)
+            pooled = self.bags(kjt)
+            for name in self.bag_names:
+                z = z + pooled[name]
+        if self.use_id_embedding:
+            ids = torch.arange(rows, device=z.device)
+            kjt = KeyedJaggedTensor.from_lengths_sync(keys=[ID_FEATURE], values=ids, lengths=torch.ones_like(ids))
+            z = z + self.ids(kjt)[ID_FEATURE].values() * self.in_training.unsqueeze(-1)
+        return self.norm(z) * self.row_is_item.unsqueeze(-1)
+
+    @staticmethod
+    def features_from_state_dict(state: dict[str, torch.Tensor], prefix: str = "") -> ItemFeatures:
+        """The :class:`ItemFeatures` a tower was built from, recovered from its saved buffers."""
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        dense = {k[len("dense_"):]: v for k, v in own.items() if k.startswith("dense_") and not k.startswith("dense_mask_")}
+        bags = {}
+        for key, values in own.items():
+            if key.startswith("bag_values_"):
+                name = key[len("bag_values_"):]
+                vocab = own[f"bags.embedding_bags.{_bag_table(name)}.weight"].shape[0]
+                bags[name] = CategoricalBag(values, own[f"bag_offsets_{name}"], vocab)
+        return ItemFeatures(
+            num_items=int(own["num_rows"].item()) - 1,
+            dense=dense,
+            dense_mask={k: own[f"dense_mask_{k}"].bool() for k in dense},
+            bags=bags,
+            in_training=own["in_training"].bool() if "in_training" in own else None,
+        )
+
+    def _shrink_(self, size: int) -> None:
+        # torchrec collections fix their width at construction: rebuild them and copy the prefix.
+        if self.bag_names:
+            old = self.bags
+            self.bags = _bag_collection(self.bag_vocab, size)
+            for name in self.bag_names:
+                table = _bag_table(name)
+                self.bags.embedding_bags[table].weight.data.copy_(old.embedding_bags[table].weight.data[:, :size])
+        if self.use_id_embedding:
+            old = self.ids
+            self.ids = _id_collection(self.num_items + 1, size)
+            self.ids.embeddings["table_item_ids"].weight.data.copy_(old.embeddings["table_item_ids"].weight.data[:, :size])
+
+
+class FixedItemMatrix(NestedModule):
+    """A precomputed item matrix standing in for the tower (exported and served models).
+
+    Cutting keeps the first ``size`` columns, so an export at size ``s`` stores exactly ``Z[:, :s]``.
+    """
+
+    def __init__(self, matrix: torch.Tensor, sizes: Sequence[int]):
+        super().__init__()
+        self.sizes = check_sizes(sizes, width=matrix.shape[1])
+        self.register_buffer("matrix", matrix.detach().float().contiguous())
+
+    @property
+    def num_items(self) -> int:
+        return self.matrix.shape[0] - 1
+
+    def forward(self) -> torch.Tensor:
+        return self.matrix
+
+    def _shrink_(self, size: int) -> None:
+        shrink_parameter_(self, "matrix", slice(None), slice(0, size))
