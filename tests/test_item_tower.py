@@ -1,0 +1,92 @@
+"""The multimodal item tower and the whole network (tower + encoder) cut to each size."""
+
+import pytest
+import torch
+
+from recsys.data.item_features import CategoricalBag, ItemFeatures
+from recsys.nn.item_tower import FixedItemMatrix, ItemTower
+from recsys.nn.lru import NestedLRUEncoder
+from recsys.nn.nested import cut_to_size, nested_parameter_count
+from recsys.nn.recommender import SequentialRecommender
+
+SIZES = (4, 8, 16)
+N = 30
+
+
+def _features() -> ItemFeatures:
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(N + 1, 12, generator=g)
+    image = torch.randn(N + 1, 6, generator=g)
+    image_mask = torch.rand(N + 1, generator=g) > 0.3  # some items have no image
+    image_mask[0] = False
+    image[~image_mask] = 0
+    lengths = torch.randint(0, 4, (N + 1,), generator=g)
+    lengths[0] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    values = torch.randint(0, 7, (int(offsets[-1]),), generator=g)
+    in_training = torch.ones(N + 1, dtype=torch.bool)
+    in_training[0] = False
+    in_training[-5:] = False  # five cold-start items
+    return ItemFeatures(
+        num_items=N,
+        dense={"text": text, "image": image},
+        dense_mask={"text": torch.arange(N + 1) > 0, "image": image_mask},
+        bags={"genres": CategoricalBag(values, offsets, 7)},
+        in_training=in_training,
+    )
+
+
+@pytest.mark.parametrize("use_ids", [False, True])
+def test_tower_and_encoder_are_exactly_nested(use_ids):
+    torch.manual_seed(0)
+    net = SequentialRecommender(ItemTower(SIZES, _features(), use_id_embedding=use_ids), NestedLRUEncoder(SIZES)).eval()
+    ids = torch.randint(1, N + 1, (4, 9))
+    ids[0, :4] = 0
+    z, users = net.item_matrix(), net.user_vectors(ids)
+    counts = []
+    for s in SIZES:
+        small = cut_to_size(net, s)
+        torch.testing.assert_close(small.item_matrix(), z[:, :s], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(small.user_vectors(ids), users[:, :s], rtol=1e-5, atol=1e-5)
+        counts.append(nested_parameter_count(small))
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+
+
+def test_padding_row_is_zero_and_cold_items_have_feature_vectors():
+    tower = ItemTower(SIZES, _features(), use_id_embedding=True)
+    z = tower()
+    assert torch.all(z[0] == 0)
+    assert torch.all(z[-5:].abs().sum(-1) > 0)  # cold-start items are recommendable
+
+
+def test_id_embedding_is_not_used_for_cold_items():
+    torch.manual_seed(1)
+    features = _features()
+    with_ids = ItemTower(SIZES, features, use_id_embedding=True)
+    without = ItemTower(SIZES, features, use_id_embedding=False)
+    state = {k: v for k, v in with_ids.state_dict().items() if k in without.state_dict()}
+    without.load_state_dict(state)
+    torch.testing.assert_close(with_ids()[-5:], without()[-5:])
+    assert not torch.allclose(with_ids()[1:5], without()[1:5])
+
+
+def test_features_round_trip_through_the_state_dict():
+    features = _features()
+    tower = ItemTower(SIZES, features, use_id_embedding=True)
+    back = ItemTower.features_from_state_dict(tower.state_dict())
+    rebuilt = ItemTower(SIZES, back, use_id_embedding=True)
+    rebuilt.load_state_dict(tower.state_dict())
+    torch.testing.assert_close(rebuilt(), tower())
+
+
+def test_fixed_item_matrix_cut_keeps_columns():
+    z = torch.randn(N + 1, 16)
+    fixed = FixedItemMatrix(z, SIZES)
+    torch.testing.assert_close(cut_to_size(fixed, 8)(), z[:, :8])
+
+
+def test_unknown_modality_and_empty_tower_are_refused():
+    with pytest.raises(ValueError, match=r"unknown item modalities \['audio'\]"):
+        ItemTower(SIZES, _features(), modalities=["audio"])
+    with pytest.raises(ValueError, match="at least one modality"):
+        ItemTower(SIZES, _features(), modalities=[])

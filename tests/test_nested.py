@@ -1,0 +1,101 @@
+"""Exact nesting of the building blocks in recsys.nn.nested."""
+
+import pytest
+import torch
+
+from recsys.nn.nested import (
+    NestedLayerNorm,
+    NestedLinear,
+    PrefixProjection,
+    check_sizes,
+    cut_to_size,
+    nested_parameter_count,
+)
+
+SIZES = (4, 8, 16, 32)
+
+
+def _perturb_beyond(x: torch.Tensor, size: int, mult: int = 1) -> torch.Tensor:
+    y = x.clone()
+    y[..., mult * size :] = torch.randn_like(y[..., mult * size :]) * 10
+    return y
+
+
+@pytest.mark.parametrize("in_mult,out_mult", [(1, 1), (1, 2), (2, 1), (3, 2)])
+@pytest.mark.parametrize("mode", ["masked", "blocks"])
+def test_nested_linear_prefix_closed_and_cut(in_mult, out_mult, mode):
+    torch.manual_seed(0)
+    layer = NestedLinear(SIZES, in_mult=in_mult, out_mult=out_mult, mode=mode)
+    x = torch.randn(5, 3, in_mult * SIZES[-1])
+    full = layer(x)
+    assert full.shape == (5, 3, out_mult * SIZES[-1])
+    for s in SIZES:
+        small = cut_to_size(layer, s)
+        assert small.weight.shape == (out_mult * s, in_mult * s)
+        torch.testing.assert_close(small(x[..., : in_mult * s]), full[..., : out_mult * s], rtol=1e-5, atol=1e-5)
+        # inputs beyond the prefix do not reach outputs up to the prefix
+        moved = layer(_perturb_beyond(x, s, in_mult))
+        torch.testing.assert_close(moved[..., : out_mult * s], full[..., : out_mult * s], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_and_block_modes_agree_in_value_and_gradient():
+    torch.manual_seed(1)
+    masked = NestedLinear(SIZES, out_mult=2, mode="masked")
+    blocks = NestedLinear(SIZES, out_mult=2, mode="blocks")
+    blocks.load_state_dict(masked.state_dict())
+    x = torch.randn(7, SIZES[-1], requires_grad=True)
+    a, b = masked(x), blocks(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(a.square().sum(), [x, masked.weight])
+    gb = torch.autograd.grad(b.square().sum(), [x, blocks.weight])
+    torch.testing.assert_close(ga[0], gb[0], rtol=1e-5, atol=1e-5)
+    # only the block-lower-triangular part gets gradient
+    torch.testing.assert_close(ga[1] * masked.mask, gb[1] * masked.mask, rtol=1e-5, atol=1e-5)
+    assert torch.all(ga[1][masked.mask == 0] == 0)
+
+
+def test_nested_parameter_count_follows_the_blocks():
+    layer = NestedLinear((2, 4), bias=False)
+    # output chunk 1 reads 2 inputs (2x2), chunk 2 reads 4 inputs (2x4)
+    assert nested_parameter_count(layer) == 2 * 2 + 2 * 4
+    assert nested_parameter_count(cut_to_size(layer, 2)) == 4
+
+
+def test_nested_layernorm_normalises_each_chunk_on_its_own():
+    torch.manual_seed(2)
+    norm = NestedLayerNorm(SIZES)
+    x = torch.randn(6, SIZES[-1]) * 3 + 1
+    y = norm(x)
+    for a, b in [(0, 4), (4, 8), (8, 16), (16, 32)]:
+        torch.testing.assert_close(y[:, a:b].mean(-1), torch.zeros(6), atol=1e-5, rtol=0)
+    for s in SIZES:
+        torch.testing.assert_close(cut_to_size(norm, s)(x[:, :s]), y[:, :s])
+        torch.testing.assert_close(norm(_perturb_beyond(x, s))[:, :s], y[:, :s])
+
+
+def test_prefix_projection_cut_keeps_first_rows():
+    proj = PrefixProjection(10, SIZES)
+    x = torch.randn(3, 10)
+    for s in SIZES:
+        torch.testing.assert_close(cut_to_size(proj, s)(x), proj(x)[:, :s])
+
+
+@pytest.mark.parametrize(
+    "sizes,width,message",
+    [
+        ([], None, "must not be empty"),
+        ([8, 4], None, "strictly increasing"),
+        ([8, 8], None, "strictly increasing"),
+        ([0, 4], None, "positive integers"),
+        ([4.0, 8], None, "positive integers"),
+        ([4, 8], 16, "must equal the model width 16"),
+    ],
+)
+def test_bad_sizes_are_refused(sizes, width, message):
+    with pytest.raises(ValueError, match=message):
+        check_sizes(sizes, width)
+
+
+def test_cut_to_unknown_size_names_the_valid_sizes():
+    with pytest.raises(ValueError, match=r"size 12 is not one of the model's sizes \[4, 8, 16, 32\]"):
+        cut_to_size(NestedLinear(SIZES), 12)
