@@ -6,6 +6,7 @@ validation and test rank every catalogue item for every size (METHOD.md §4-5).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,16 @@ from recsys.nn.loss import matryoshka_cross_entropy
 from recsys.nn.nested import NestedModule, check_sizes, cut_to_size, nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
 
-__all__ = ["MatryoshkaRecommender"]
+__all__ = ["MatryoshkaRecommender", "catalogue_of"]
+
+
+def catalogue_of(dataset) -> dict[str, Any]:
+    """Original item ids (row order), training popularity and data stats of a prepared dataset."""
+    return {
+        "item_ids": [v.item() if hasattr(v, "item") else v for v in list(dataset.item_ids)[1:]],
+        "popularity": [int(c) for c in list(dataset.train_counts)[1:]],
+        "stats": json.loads(json.dumps(dataset.stats, default=str)),
+    }
 
 
 class MatryoshkaRecommender(L.LightningModule):
@@ -48,6 +58,8 @@ class MatryoshkaRecommender(L.LightningModule):
         warmup_steps: linear warm-up steps before the cosine decay.
         mask_seen: exclude each user's earlier items from the ranking in validation and test.
         loss_block_rows: rows per block in the memory-flat loss.
+        monitor_size: the size whose validation NDCG@10 is logged as ``val/monitor`` for early
+            stopping and best-checkpoint selection (default: the largest).
     """
 
     def __init__(
@@ -72,14 +84,18 @@ class MatryoshkaRecommender(L.LightningModule):
         warmup_steps: int = 100,
         mask_seen: bool = True,
         loss_block_rows: int = 1024,
+        monitor_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["item_features"])
+        self.save_hyperparameters(ignore=["item_features"], logger=False)  # the CLI logs the whole config
         self.sizes = check_sizes(sizes)
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
         if loss_weights is not None and len(loss_weights) != len(self.sizes):
             raise ValueError(f"loss_weights has {len(loss_weights)} entries but there are {len(self.sizes)} sizes")
+        self.monitor_size = self.sizes[-1] if monitor_size is None else monitor_size
+        if self.monitor_size not in self.sizes:
+            raise ValueError(f"monitor_size {monitor_size} is not one of the sizes {list(self.sizes)}")
         if item_features is None:
             raise ValueError("item_features is required (the training CLI links it from the data module)")
         self.net = SequentialRecommender(
@@ -115,7 +131,20 @@ class MatryoshkaRecommender(L.LightningModule):
         features = ItemTower.features_from_state_dict(state, prefix="net.items.")
         model = cls(item_features=features, **ckpt["hyper_parameters"])
         model.load_state_dict(state)
+        model.catalogue = ckpt.get("catalogue")
         return model
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the catalogue (original ids, popularity, data stats) with the weights, so that an
+        export needs nothing but the checkpoint. Stored as plain lists: loadable with weights_only."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "dataset"):
+            self.catalogue = catalogue_of(datamodule.dataset)
+        if getattr(self, "catalogue", None) is not None:
+            checkpoint["catalogue"] = self.catalogue
+        run_id = getattr(self.logger, "run_id", None) if self._trainer is not None else None
+        if run_id:
+            checkpoint["mlflow_run_id"] = run_id  # so that a resumed training continues the same run
 
     # -- training -----------------------------------------------------------------------------
 
@@ -187,7 +216,8 @@ class MatryoshkaRecommender(L.LightningModule):
         self._eval_step(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        values = self._log_metrics("val", self.val_metrics)
+        self.log("val/monitor", values[f"ndcg_10/d{self.monitor_size}"], prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
         self._eval_items = None

@@ -1,0 +1,213 @@
+"""MLflow: where a person compares the sizes of one training run and picks one to ship.
+
+One run per training holds: the flattened config as params; data stats and the git commit as
+tags; validation metrics per epoch and test metrics for every size (``test/ndcg_10/d64``); the
+resolved config, the best checkpoint, a per-size results table and a plot of accuracy against size;
+and one logged model per size (the exported size-``s`` model as a pyfunc, with its size, parameter
+count and test metrics linked), optionally registered as ``NAME-d<size>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass
+class MLflowSettings:
+    """Where and how a training run is recorded.
+
+    Args:
+        tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
+        experiment: experiment name.
+        run_name: run name (default: MLflow picks one).
+        artifact_location: artifact root for a new experiment (default: MLflow's).
+        log_models: log one pyfunc model per size (the exported size-specific model).
+        register_as: also register each size's model as ``<register_as>-d<size>``.
+    """
+
+    tracking_uri: str | None = None
+    experiment: str = "recsys"
+    run_name: str | None = None
+    artifact_location: str | None = None
+    log_models: bool = True
+    register_as: str | None = None
+
+    def resolved_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server cannot be reached: training stops before spending compute."""
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when an HTTP tracking server does not answer (local stores always work)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s)  # noqa: S310 - user-given URI
+    except Exception as exc:
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server {uri} does not answer ({exc}); start it, fix --mlflow.tracking_uri "
+            "or MLFLOW_TRACKING_URI, or unset it to record locally in sqlite:///mlflow.db"
+        ) from None
+
+
+def make_logger(settings: MLflowSettings, run_id: str | None = None):
+    """Lightning's MLflow logger for ``settings``; ``run_id`` continues an earlier run."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri = settings.resolved_uri()
+    check_reachable(uri)
+    return MLFlowLogger(
+        experiment_name=settings.experiment,
+        run_name=settings.run_name,
+        tracking_uri=uri,
+        artifact_location=settings.artifact_location,
+        run_id=run_id,
+        log_model=False,
+    )
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"model": {"sizes": [..]}}`` -> ``{"model.sizes": "[..]"}`` (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value, default=str) if not isinstance(value, str) else value
+            flat[name] = text[:6000]
+    return flat
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except Exception:
+        return None
+
+
+def log_config(client, run_id: str, config: dict[str, Any], config_yaml: str, stats: dict[str, Any]) -> None:
+    """Params (flattened config), tags (data stats, git commit) and the resolved config file."""
+    from mlflow.entities import Param, RunTag
+
+    params = [Param(k, v) for k, v in flatten(config).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start : start + 100])
+    tags = [RunTag(f"data.{k}", str(v)[:5000]) for k, v in stats.items() if not isinstance(v, (dict, list))]
+    commit = git_commit()
+    if commit:
+        tags.append(RunTag("git_commit", commit))
+    client.log_batch(run_id, tags=tags)
+    client.log_text(run_id, config_yaml, "config.yaml")
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """The per-size table, as markdown (printed at the end of training and logged)."""
+    header = "| size | parameters | NDCG@10 | Recall@10 | MRR | encode ms / 1k users |"
+    lines = [header, "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['parameters']:,} | {r['ndcg_10']:.4f} | {r['recall_10']:.4f} | {r['mrr']:.4f} "
+            f"| {r['encode_ms_per_1k']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def accuracy_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """NDCG@10 and Recall@10 against size (log2 axis), annotated with parameter counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["size"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.plot(sizes, [r["ndcg_10"] for r in rows], "o-", label="NDCG@10")
+    ax.plot(sizes, [r["recall_10"] for r in rows], "s--", label="Recall@10")
+    for r in rows:
+        ax.annotate(f"{r['parameters'] / 1e3:.0f}k params", (r["size"], r["ndcg_10"]), textcoords="offset points",
+                    xytext=(0, -14), ha="center", fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("size (dimensions of user and item vectors)")
+    ax.set_ylabel("test metric")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def log_results(client, run_id: str, rows: list[dict[str, Any]], title: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "results.md").write_text(results_table(rows) + "\n")
+        (Path(tmp) / "results.json").write_text(json.dumps(rows, indent=2))
+        accuracy_plot(rows, Path(tmp) / "accuracy_vs_size.png", title)
+        for name in ("results.md", "results.json", "accuracy_vs_size.png"):
+            client.log_artifact(run_id, str(Path(tmp) / name))
+
+
+def log_size_models(
+    run_id: str, export_dirs: dict[int, Path], rows: list[dict[str, Any]], register_as: str | None
+) -> dict[int, str]:
+    """One pyfunc model per size in ``run_id`` (model from code: nothing pickled); returns model URIs."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    import serving
+    from serving import pyfunc
+
+    code = str(Path(pyfunc.__file__))
+    by_size = {r["size"]: r for r in rows}
+    uris = {}
+    with mlflow.start_run(run_id=run_id):
+        for size, directory in export_dirs.items():
+            model = serving.load(directory)
+            example_history = model.item_ids[:3]
+            example = {"history": [example_history]}
+            import pandas as pd
+
+            output = pyfunc.SizedRecommenderPyfunc()
+            output.model = model
+            prediction = output.predict(None, pd.DataFrame(example), {"k": 5})
+            signature = infer_signature(pd.DataFrame(example), prediction, params={"k": 10, "exclude_seen": True})
+            row = by_size[size]
+            info = mlflow.pyfunc.log_model(
+                name=f"d{size}",
+                python_model=code,
+                artifacts={"export": str(directory)},
+                signature=signature,
+                input_example=pd.DataFrame(example),
+                params={"size": size, "parameters": row["parameters"], "encoder": model.manifest["encoder"]},
+                pip_requirements=_requirements(),
+                registered_model_name=f"{register_as}-d{size}" if register_as else None,
+            )
+            metrics = {k: v for k, v in row.items() if k not in ("size", "parameters")}
+            mlflow.log_metrics({f"test/{k}": float(v) for k, v in metrics.items()}, model_id=info.model_id)
+            uris[size] = info.model_uri
+    return uris
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    names = ["torch", "polars", "safetensors", "numpy", "pandas", "mlflow"]
+    return [f"{n}=={version(n)}" for n in names]

@@ -1,0 +1,198 @@
+"""``python -m recsys.train``: train every size at once and record them in MLflow.
+
+    python -m recsys.train                                   # built-in synthetic log, a few minutes on CPU
+    python -m recsys.train --config configs/ml-1m.yaml --trainer.max_epochs 50
+    python -m recsys.train --config configs/lastfm.yaml --model.encoder mamba
+    python -m recsys.train --print_config                    # every option with its default
+
+At the end it tests the best checkpoint (by ``val/monitor``: NDCG@10 of ``--model.monitor_size``),
+prints one line per size, and logs everything a person needs to pick a size to MLflow (see
+``recsys/tracking.py``). ``--ckpt_path`` resumes an interrupted run, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from recsys.data import SequenceDataModule
+from recsys.data.errors import DataValidationError
+from recsys.model import MatryoshkaRecommender
+from recsys.nn.encoders import ENCODERS
+from recsys.nn.nested import check_sizes, cut_to_size, NestedModule
+from recsys.tracking import MLflowSettings, TrackingUnavailableError, log_config, log_results, log_size_models, make_logger
+
+log = logging.getLogger("recsys.train")
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 8,
+    "gradient_clip_val": 1.0,
+    "log_every_n_steps": 10,
+    "use_distributed_sampler": False,  # the data module shards itself, without duplicating users
+    "num_sanity_val_steps": 0,
+}
+
+
+class ConfigError(ValueError):
+    """An invalid setting, found before any data is read or any step is trained."""
+
+
+def validate_config(config) -> None:
+    model, data = config.model, config.data
+    try:
+        check_sizes(model.sizes)
+    except ValueError as exc:
+        raise ConfigError(f"--model.sizes: {exc}") from None
+    if model.encoder not in ENCODERS:
+        raise ConfigError(f"--model.encoder: unknown encoder {model.encoder!r}; choose one of {', '.join(ENCODERS)}")
+    if model.monitor_size is not None and model.monitor_size not in model.sizes:
+        raise ConfigError(f"--model.monitor_size {model.monitor_size} is not one of --model.sizes {list(model.sizes)}")
+    if model.loss_weights is not None and len(model.loss_weights) != len(model.sizes):
+        raise ConfigError(
+            f"--model.loss_weights has {len(model.loss_weights)} entries for {len(model.sizes)} sizes {list(model.sizes)}"
+        )
+    if data.data_dir is not None and not Path(data.data_dir).is_dir():
+        raise ConfigError(
+            f"--data.data_dir {data.data_dir}: no such directory; prepare one with "
+            "`python -m recsys.data prepare --interactions FILE --items FILE --out DIR`"
+        )
+
+
+class TrainCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.item_features", "model.item_features", apply_on="instantiate")
+        parser.link_arguments("data.max_len", "model.max_len")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {"checkpoint.monitor": "val/monitor", "checkpoint.mode": "max", "checkpoint.save_last": True,
+             "checkpoint.filename": "best"}
+        )
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.monitor": "val/monitor", "early_stopping.mode": "max",
+                             "early_stopping.patience": 3})
+        parser.add_class_arguments(MLflowSettings, "mlflow")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
+
+    def before_instantiate_classes(self) -> None:
+        validate_config(self.config)
+        if self.config.ckpt_path and not Path(self.config.ckpt_path).is_file():
+            raise ConfigError(f"--ckpt_path {self.config.ckpt_path}: no such checkpoint file")
+
+    def instantiate_trainer(self, **kwargs: Any):
+        settings: MLflowSettings = self.config_init.mlflow
+        run_id = None
+        if self.config.ckpt_path:  # resume in the same MLflow run
+            run_id = torch.load(self.config.ckpt_path, map_location="cpu", weights_only=True).get("mlflow_run_id")
+        logger = make_logger(settings, run_id=run_id)
+        checkpoint: ModelCheckpoint = self.config_init.checkpoint
+        if checkpoint.dirpath is None:
+            checkpoint.dirpath = str(Path("checkpoints") / logger.run_id)
+        return super().instantiate_trainer(logger=logger, **kwargs)
+
+
+def _encode_ms_per_1k(net, datamodule, size: int) -> float:
+    """Wall time to encode test users with the network cut to ``size`` (median of 3), per 1,000 users."""
+    batch = next(iter(datamodule.test_dataloader()))
+    small = net if size == net.sizes[-1] or not isinstance(net.encoder, NestedModule) else cut_to_size(net, size)
+    small.eval()
+    with torch.no_grad():
+        items = small.item_matrix()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            small.user_vectors(batch["input_ids"], items)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[1] / len(batch["input_ids"]) * 1e6
+
+
+def summarise(model: MatryoshkaRecommender, datamodule, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
+    params = model.parameters_per_size()
+    rows = []
+    for s in model.sizes:
+        rows.append(
+            {
+                "size": s,
+                "parameters": params[s],
+                "ndcg_10": test_metrics[f"ndcg_10/d{s}"],
+                "recall_10": test_metrics[f"recall_10/d{s}"],
+                "ndcg_20": test_metrics[f"ndcg_20/d{s}"],
+                "recall_20": test_metrics[f"recall_20/d{s}"],
+                "mrr": test_metrics[f"mrr/d{s}"],
+                "encode_ms_per_1k": _encode_ms_per_1k(model.net.cpu(), datamodule, s),
+            }
+        )
+    return rows
+
+
+def run(args: list[str] | None = None) -> dict[str, Any]:
+    """Train, test the best checkpoint, log everything; returns what was recorded (for tests)."""
+    cli = TrainCLI(
+        MatryoshkaRecommender,
+        SequenceDataModule,
+        run=False,
+        args=args,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=None,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+    )
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    logger = trainer.logger
+    resuming = bool(cli.config.ckpt_path)
+    if trainer.is_global_zero and not resuming:
+        config = cli.parser.dump(cli.config, skip_none=False)
+        import yaml
+
+        log_config(logger.experiment, logger.run_id, yaml.safe_load(config), config, datamodule.dataset.stats)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config.ckpt_path)
+    best = trainer.checkpoint_callback.best_model_path or None
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    result: dict[str, Any] = {"run_id": logger.run_id, "tracking_uri": cli.config_init.mlflow.resolved_uri(), "best": best}
+    if not trainer.is_global_zero:
+        return result
+
+    rows = summarise(model, datamodule, model.last_test_metrics)
+    client = logger.experiment
+    title = f"{model.hparams.encoder} on {Path(cli.config.data.data_dir or 'synthetic').name}"
+    log_results(client, logger.run_id, rows, title)
+    if best:
+        client.log_artifact(logger.run_id, best, "checkpoints")
+    settings: MLflowSettings = cli.config_init.mlflow
+    if settings.log_models and best:
+        from serving.export import export_sizes
+
+        sizes = list(model.sizes) if isinstance(model.net.encoder, NestedModule) else [model.sizes[-1]]
+        with tempfile.TemporaryDirectory() as tmp:
+            dirs = export_sizes(best, sizes, tmp, source={"mlflow_run_id": logger.run_id})
+            result["model_uris"] = log_size_models(logger.run_id, dict(zip(sizes, dirs)), rows, settings.register_as)
+    from recsys.tracking import results_table
+
+    print("\n" + results_table(rows))
+    print(f"\nMLflow run {logger.run_id} in {result['tracking_uri']}  (open it with `make ui`)")
+    if best:
+        print(f"best checkpoint: {best}\nexport a size: python -m serving.export --run-id {logger.run_id} --dims {model.sizes[-1]} --out exports/")
+    result["rows"] = rows
+    return result
+
+
+def main(args: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (ConfigError, DataValidationError, TrackingUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""``python -m serving.export``: cut a trained model to chosen sizes and write one directory each.
+
+    python -m serving.export --checkpoint CKPT --dims 64,128 --out DIR
+    python -m serving.export --run-id RUN_ID --dims 64 --out DIR          # best checkpoint of an MLflow run
+    python -m serving.export --model-uri models:/NAME-d64@champion --out DIR   # a registered size
+
+``DIR/d<size>/`` gets the encoder cut to that size and the item matrix ``Z[:, :size]`` as
+safetensors, the item vocabulary, a faiss index and a manifest with checksums (format in
+``serving/sized_model.py``). Each directory is written under a temporary name and renamed when
+complete, so an interrupted export never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import save_file
+
+from recsys.nn.nested import NestedModule, cut_to_size, nested_parameter_count
+from serving.sized_model import FORMAT_VERSION, MANIFEST, ExportError, read_manifest, sha256_of
+
+__all__ = ["export_sizes", "export_size", "load_trained", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def load_trained(checkpoint: str | Path):
+    """The trained Lightning model and its catalogue (original ids, popularity, data stats)."""
+    from recsys.model import MatryoshkaRecommender
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such checkpoint file")
+    try:
+        model = MatryoshkaRecommender.from_checkpoint(path)
+        catalogue = torch.load(path, map_location="cpu", weights_only=True).get("catalogue")
+    except (RuntimeError, KeyError, EOFError) as exc:
+        raise ExportError(f"{path}: not a checkpoint of this project ({str(exc).splitlines()[0]})") from None
+    if catalogue is None:
+        raise ExportError(f"{path}: the checkpoint has no item catalogue (was it written by recsys.train?)")
+    return model.eval(), catalogue
+
+
+def _atomic_dir(final: Path):
+    """A temporary directory beside ``final``; call ``commit()`` to rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+
+    def commit() -> Path:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def abort() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    return tmp, commit, abort
+
+
+@torch.no_grad()
+def export_size(
+    model,
+    catalogue: dict[str, Any],
+    size: int,
+    out: str | Path,
+    source: dict[str, Any],
+    index: str = "flat",
+    item_dtype: str = "float32",
+) -> Path:
+    """Write ``out`` for the model cut to ``size`` and return it."""
+    if size not in model.sizes:
+        raise ExportError(f"size {size} is not one of the model's sizes {list(model.sizes)}")
+    if not isinstance(model.net.encoder, NestedModule) and size != model.sizes[-1]:
+        raise ExportError(
+            f"the {model.hparams.encoder} encoder is not nested: it can be exported at its full size "
+            f"{model.sizes[-1]} only, not {size}"
+        )
+    if item_dtype not in ("float32", "float16"):
+        raise ExportError(f"item_dtype must be float32 or float16, got {item_dtype!r}")
+    from recsys.nn.item_tower import FixedItemMatrix
+    from recsys.nn.recommender import SequentialRecommender
+    from serving.index import build_index, default_index_spec, save_index
+
+    items = model.net.item_matrix()
+    full = SequentialRecommender(FixedItemMatrix(items, model.sizes), model.net.encoder)
+    small = cut_to_size(full, size) if size != model.sizes[-1] else full
+    state = {k: v.contiguous() for k, v in small.state_dict().items()}
+    if item_dtype == "float16":
+        state["items.matrix"] = state["items.matrix"].half()
+
+    final = Path(out)
+    tmp, commit, abort = _atomic_dir(final)
+    try:
+        save_file(state, tmp / "model.safetensors")
+        item_ids = catalogue["item_ids"]
+        pl.DataFrame(
+            {
+                "row": np.arange(1, len(item_ids) + 1, dtype=np.int64),
+                "item_id": item_ids,
+                "popularity": np.asarray(catalogue["popularity"], dtype=np.int64),
+            }
+        ).write_parquet(tmp / "items.parquet")
+        vectors = small.items.matrix[1:].float().numpy()
+        spec = default_index_spec(index, num_items=len(vectors))
+        save_index(build_index(vectors, spec), tmp / "index.faiss")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "size": size,
+            "sizes": list(small.sizes),
+            "model_sizes": list(model.sizes),
+            "encoder": model.hparams.encoder,
+            "encoder_options": model.encoder_options(),
+            "max_len": model.hparams.max_len,
+            "num_parameters": nested_parameter_count(small.encoder),
+            "num_items": len(item_ids),
+            "item_dtype": item_dtype,
+            "index": spec.to_dict() if hasattr(spec, "to_dict") else spec,
+            "source": source,
+            "data_stats": catalogue.get("stats", {}),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        manifest["checksums"] = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        read_manifest(tmp)  # what we wrote must verify
+    except BaseException:
+        abort()
+        raise
+    path = commit()
+    log.info("exported size %d (%d encoder parameters) to %s", size, manifest["num_parameters"], path)
+    return path
+
+
+def export_sizes(
+    checkpoint: str | Path, dims: list[int], out: str | Path, source: dict[str, Any] | None = None, **options: Any
+) -> list[Path]:
+    """Export every size in ``dims`` from a checkpoint into ``out/d<size>``."""
+    model, catalogue = load_trained(checkpoint)
+    bad = [d for d in dims if d not in model.sizes]
+    if bad:
+        raise ExportError(f"size(s) {bad} are not sizes of this model; valid sizes: {list(model.sizes)}")
+    source = source or {"checkpoint": Path(checkpoint).name}
+    return [export_size(model, catalogue, d, Path(out) / f"d{d}", source, **options) for d in dims]
+
+
+def _checkpoint_of_run(run_id: str, workdir: Path) -> Path:
+    import mlflow
+
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints", dst_path=str(workdir))
+    except Exception as exc:  # mlflow raises several types for unknown runs and paths
+        raise ExportError(f"MLflow run {run_id}: no checkpoint artifact ({str(exc).splitlines()[0]})") from None
+    found = sorted(Path(local).glob("*.ckpt"))
+    if not found:
+        raise ExportError(f"MLflow run {run_id}: the checkpoints artifact holds no .ckpt file")
+    return found[0]
+
+
+def _export_of_model_uri(model_uri: str, dims: list[int] | None, out: Path) -> list[Path]:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=work))
+        except Exception as exc:
+            raise ExportError(f"{model_uri}: cannot be downloaded ({str(exc).splitlines()[0]})") from None
+        manifests = list(local.rglob(MANIFEST))
+        if not manifests:
+            raise ExportError(f"{model_uri}: not a size-specific model logged by recsys.train (no export inside)")
+        export_dir = manifests[0].parent
+        manifest = read_manifest(export_dir)
+        if dims and dims != [manifest["size"]]:
+            raise ExportError(f"{model_uri} is the size-{manifest['size']} model; it cannot be exported at {dims}")
+        final = out / f"d{manifest['size']}"
+        tmp, commit, abort = _atomic_dir(final)
+        try:
+            shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
+        except BaseException:
+            abort()
+            raise
+        return [commit()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=str | None, default=None, help="a checkpoint written by recsys.train")
+    parser.add_argument("--run-id", type=str | None, default=None, help="an MLflow run of recsys.train (its best checkpoint)")
+    parser.add_argument("--model-uri", type=str | None, default=None, help="a logged size, e.g. models:/NAME-d64@champion")
+    parser.add_argument("--dims", type=str | None, default=None, help="comma-separated sizes, e.g. 64,128 (default: all)")
+    parser.add_argument("--out", type=str, required=True, help="output directory; each size goes to OUT/d<size>")
+    parser.add_argument("--index", type=str, default="flat", help="faiss index: flat, ivf_flat, hnsw or ivf_pq")
+    parser.add_argument("--item-dtype", type=str, default="float32", help="float32 or float16 item matrix")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        chosen = [bool(args.checkpoint), bool(args.run_id), bool(args.model_uri)]
+        if sum(chosen) != 1:
+            raise ExportError("give exactly one of --checkpoint, --run-id or --model-uri")
+        try:
+            dims = [int(d) for d in args.dims.split(",")] if args.dims else None
+        except ValueError:
+            raise ExportError(f"--dims must be comma-separated integers, got {args.dims!r}") from None
+        out = Path(args.out)
+        options = {"index": args.index, "item_dtype": args.item_dtype}
+        if args.model_uri:
+            paths = _export_of_model_uri(args.model_uri, dims, out)
+        elif args.run_id:
+            with tempfile.TemporaryDirectory() as work:
+                ckpt = _checkpoint_of_run(args.run_id, Path(work))
+                dims = dims or load_trained(ckpt)[0].sizes
+                paths = export_sizes(ckpt, list(dims), out, source={"mlflow_run_id": args.run_id}, **options)
+        else:
+            dims = dims or load_trained(args.checkpoint)[0].sizes
+            paths = export_sizes(args.checkpoint, list(dims), out, **options)
+    except (ExportError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

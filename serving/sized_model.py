@@ -1,0 +1,214 @@
+"""A model exported at one size, loaded without the training code: ``serving.load(DIR)``.
+
+An export directory holds (see ``serving/export.py``):
+
+- ``manifest.json``: size, encoder name and options, parameter count, source, data stats, index
+  settings, and the sha256 of every other file;
+- ``model.safetensors``: the encoder cut to the size, and the item matrix ``Z[:, :size]``;
+- ``items.parquet``: ``row`` (1..N), ``item_id`` (the catalogue's original ids), ``popularity``;
+- ``index.faiss``: the retrieval index over ``Z[1:, :size]`` (row r of the index is item row r+1).
+
+Every file is checked against the manifest's checksums before anything is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file
+
+from recsys.nn.encoders import build_encoder
+from recsys.nn.item_tower import FixedItemMatrix
+from recsys.nn.nested import nested_parameter_count
+from recsys.nn.recommender import SequentialRecommender
+
+__all__ = ["ExportError", "UnknownItemsError", "SizedRecommender", "load", "sha256_of", "FORMAT_VERSION"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ExportError(ValueError):
+    """An export directory that is missing, incomplete, corrupted or of another format."""
+
+
+class UnknownItemsError(KeyError):
+    """Histories that name items the model's catalogue does not have."""
+
+    def __init__(self, unknown: Sequence[Hashable]):
+        self.unknown = list(unknown)
+        shown = ", ".join(repr(u) for u in self.unknown[:10])
+        more = f" (and {len(self.unknown) - 10} more)" if len(self.unknown) > 10 else ""
+        super().__init__(f"{len(self.unknown)} unknown item id(s) in the histories: {shown}{more}")
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes
+        return self.args[0]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Hashable:
+    """Numpy scalars to Python values, so ``np.int64(7)`` and ``7`` name the same item."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of an export directory, after checking every file's checksum."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ExportError(f"{d}: no such export directory")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{d}: not an export directory (no {MANIFEST}); export one with `python -m serving.export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: manifest is not valid JSON ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: export format {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    if verify:
+        for name, expected in manifest["checksums"].items():
+            file = d / name
+            if not file.is_file():
+                raise ExportError(f"{d}: {name} is missing (listed in the manifest)")
+            if sha256_of(file) != expected:
+                raise ExportError(f"{file}: checksum mismatch: the file was changed or corrupted after export")
+    return manifest
+
+
+class SizedRecommender:
+    """The size-``s`` model: encodes histories and recommends from the item matrix ``Z[:, :s]``."""
+
+    def __init__(self, directory: str | Path, device: str | torch.device = "cpu", use_index: bool = True):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        m = self.manifest
+        self.size: int = m["size"]
+        self.max_len: int = m["max_len"]
+        self.device = torch.device(device)
+        state = load_file(self.directory / "model.safetensors", device="cpu")
+        matrix = state["items.matrix"].float()
+        self.net = SequentialRecommender(
+            FixedItemMatrix(torch.zeros_like(matrix), m["sizes"]),
+            build_encoder(m["encoder"], m["sizes"], **m["encoder_options"]),
+        )
+        state["items.matrix"] = matrix
+        self.net.load_state_dict(state)
+        self.net.eval().to(self.device)
+        items = pl.read_parquet(self.directory / "items.parquet")
+        self.item_ids: list[Hashable] = items["item_id"].to_list()
+        self.popularity = torch.from_numpy(items["popularity"].to_numpy().astype(np.float32))
+        self._row_of = {item: row for row, item in enumerate(self.item_ids, start=1)}
+        self.index = None
+        if use_index and (self.directory / "index.faiss").is_file():
+            from serving.index import load_index
+
+            self.index = load_index(self.directory / "index.faiss", m["index"])
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the encoder at this size (the item matrix is counted in ``num_items * size``)."""
+        return nested_parameter_count(self.net.encoder)
+
+    @property
+    def item_matrix(self) -> torch.Tensor:
+        return self.net.items.matrix
+
+    def rows(self, histories: Sequence[Sequence[Hashable]], on_unknown: str = "error") -> list[list[int]]:
+        """Item rows of each history; unknown ids raise :class:`UnknownItemsError` or are skipped."""
+        if on_unknown not in ("error", "skip"):
+            raise ValueError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
+        rows, unknown = [], []
+        for history in histories:
+            if isinstance(history, (str, bytes)):
+                raise TypeError("a history is a list of item ids, not a string")
+            mapped = []
+            for item in history:
+                row = self._row_of.get(_plain(item))
+                if row is None:
+                    unknown.append(item)
+                else:
+                    mapped.append(row)
+            rows.append(mapped)
+        if unknown and on_unknown == "error":
+            raise UnknownItemsError(unknown)
+        if unknown:
+            log.warning("skipped %d unknown item id(s)", len(unknown))
+        return rows
+
+    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
+        batch = torch.zeros(len(rows), self.max_len, dtype=torch.long)
+        for i, r in enumerate(rows):
+            r = r[-self.max_len :]
+            if r:
+                batch[i, -len(r) :] = torch.tensor(r)
+        return batch.to(self.device)
+
+    @torch.no_grad()
+    def encode_rows(self, rows: list[list[int]]) -> torch.Tensor:
+        return self.net.user_vectors(self._padded(rows), self.item_matrix)
+
+    def encode(self, histories: Sequence[Sequence[Hashable]], on_unknown: str = "error") -> np.ndarray:
+        """One ``size``-float vector per history (a list of original item ids, oldest first)."""
+        return self.encode_rows(self.rows(histories, on_unknown)).cpu().numpy()
+
+    @torch.no_grad()
+    def recommend_rows(self, rows: list[list[int]], k: int, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` item rows and scores; histories with no known item get the most popular items."""
+        if k < 1 or k > len(self.item_ids):
+            raise ValueError(f"k must be between 1 and the catalogue size {len(self.item_ids)}, got {k}")
+        users = self.encode_rows(rows)
+        empty = torch.tensor([len(r) == 0 for r in rows], device=self.device)
+        exclude = [np.asarray(r, dtype=np.int64) - 1 for r in rows] if exclude_seen else None
+        if self.index is not None:
+            from serving.index import search
+
+            scores, idx = search(self.index, users.cpu().numpy().astype(np.float32), k, exclude=exclude)
+            top_rows = idx + 1
+        else:
+            logits = users @ self.item_matrix[1:].T
+            if exclude is not None:
+                for i, r in enumerate(exclude):
+                    logits[i, torch.as_tensor(r, dtype=torch.long, device=self.device)] = -torch.inf
+            s, i = logits.topk(k, dim=1)
+            scores, top_rows = s.cpu().numpy(), i.cpu().numpy() + 1
+        if bool(empty.any()):
+            popular = torch.topk(self.popularity, k)
+            for i in torch.nonzero(empty).flatten().tolist():
+                scores[i], top_rows[i] = popular.values.numpy(), popular.indices.numpy() + 1
+        return top_rows, scores
+
+    def recommend(
+        self, histories: Sequence[Sequence[Hashable]], k: int = 10, exclude_seen: bool = True, on_unknown: str = "error"
+    ) -> list[list[tuple[Hashable, float]]]:
+        """Top-``k`` ``(item_id, score)`` per history, best first; seen items excluded by default.
+
+        A history with no known item gets the most popular items of the training data (scored by
+        their training counts).
+        """
+        top_rows, scores = self.recommend_rows(self.rows(histories, on_unknown), k, exclude_seen)
+        return [
+            [(self.item_ids[r - 1], float(s)) for r, s in zip(row, score) if r > 0]
+            for row, score in zip(top_rows, scores)
+        ]
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> SizedRecommender:
+    """Load an export directory written by ``python -m serving.export``."""
+    return SizedRecommender(directory, device=device)
