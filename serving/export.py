@@ -91,7 +91,7 @@ def export_size(
         raise ExportError(f"item_dtype must be float32 or float16, got {item_dtype!r}")
     from recsys.nn.item_tower import FixedItemMatrix
     from recsys.nn.recommender import SequentialRecommender
-    from serving.index import build_index, default_index_spec, save_index
+    from serving.index import IndexSpec, build_index, save_index
 
     items = model.net.item_matrix()
     full = SequentialRecommender(FixedItemMatrix(items, model.sizes), model.net.encoder)
@@ -113,7 +113,7 @@ def export_size(
             }
         ).write_parquet(tmp / "items.parquet")
         vectors = small.items.matrix[1:].float().numpy()
-        spec = default_index_spec(index, num_items=len(vectors))
+        spec = IndexSpec(kind=index).resolve(len(vectors), vectors.shape[1])
         save_index(build_index(vectors, spec), tmp / "index.faiss")
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -126,7 +126,7 @@ def export_size(
             "num_parameters": nested_parameter_count(small.encoder),
             "num_items": len(item_ids),
             "item_dtype": item_dtype,
-            "index": spec.to_dict() if hasattr(spec, "to_dict") else spec,
+            "index": spec.to_dict(),
             "source": source,
             "data_stats": catalogue.get("stats", {}),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -117,9 +117,10 @@ class SizedRecommender:
         self._row_of = {item: row for row, item in enumerate(self.item_ids, start=1)}
         self.index = None
         if use_index and (self.directory / "index.faiss").is_file():
-            from serving.index import load_index
+            from serving.index import IndexSpec, load_index
 
-            self.index = load_index(self.directory / "index.faiss", m["index"])
+            spec = IndexSpec.from_dict(m["index"])
+            self.index = load_index(self.directory / "index.faiss", spec, num_items=m["num_items"], dim=self.size)
 
     @property
     def num_parameters(self) -> int:

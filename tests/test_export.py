@@ -1,0 +1,121 @@
+"""Export at a size, load it back without training code, and serve from it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import serving
+from recsys.data.item_features import CategoricalBag, ItemFeatures
+from recsys.model import MatryoshkaRecommender
+from recsys.nn.nested import cut_to_size, nested_parameter_count
+from serving.export import export_sizes, main as export_main
+from serving.sized_model import ExportError, UnknownItemsError
+
+SIZES = [8, 16, 32]
+N = 40
+
+
+def _features() -> ItemFeatures:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 3, (N + 1,), generator=g)
+    lengths[0] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return ItemFeatures(
+        num_items=N,
+        dense={"text": torch.randn(N + 1, 10, generator=g)},
+        bags={"tags": CategoricalBag(torch.randint(0, 6, (int(offsets[-1]),), generator=g), offsets, 6)},
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    item_ids = [f"item-{i:03d}" for i in range(1, N + 1)]
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "catalogue": {"item_ids": item_ids, "popularity": list(range(N, 0, -1)), "stats": {"users": 5}},
+        },
+        path,
+    )
+    return path, model, item_ids
+
+
+def test_every_size_round_trips_and_matches_the_full_model(checkpoint, tmp_path):
+    path, model, item_ids = checkpoint
+    dirs = export_sizes(path, SIZES, tmp_path)
+    histories = [item_ids[:5], item_ids[10:12], [item_ids[3]]]
+    rows = [[int(i.split("-")[1]) for i in h] for h in histories]
+    batch = torch.zeros(3, 12, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, -len(r):] = torch.tensor(r)
+    with torch.no_grad():
+        full = model.net.user_vectors(batch)
+    counts = []
+    for size, d in zip(SIZES, dirs):
+        m = serving.load(d)
+        assert m.size == size and m.item_ids == item_ids
+        vectors = m.encode(histories)
+        assert vectors.shape == (3, size)
+        np.testing.assert_allclose(vectors, full[:, :size].numpy(), rtol=1e-5, atol=1e-5)
+        counts.append(m.num_parameters)
+        assert m.num_parameters == nested_parameter_count(cut_to_size(model.net.encoder, size))
+    assert counts == sorted(counts) and counts[0] * 4 < counts[-1]  # genuinely smaller networks
+
+
+def test_recommend_excludes_seen_and_equals_brute_force(checkpoint, tmp_path):
+    path, _, item_ids = checkpoint
+    (d,) = export_sizes(path, [16], tmp_path)
+    m = serving.load(d)
+    history = item_ids[:6]
+    got = m.recommend([history], k=10)[0]
+    user = torch.from_numpy(m.encode([history]))
+    scores = (user @ m.item_matrix[1:].T)[0]
+    scores[:6] = -torch.inf
+    want = scores.topk(10)
+    assert [i for i, _ in got] == [item_ids[j] for j in want.indices.tolist()]
+    np.testing.assert_allclose([s for _, s in got], want.values.numpy(), rtol=1e-5)
+    assert not set(history) & {i for i, _ in got}
+
+
+def test_unknown_items_are_reported_and_empty_histories_get_popular_items(checkpoint, tmp_path):
+    path, _, item_ids = checkpoint
+    (d,) = export_sizes(path, [8], tmp_path)
+    m = serving.load(d)
+    with pytest.raises(UnknownItemsError, match="1 unknown item id"):
+        m.encode([[item_ids[0], "no-such-item"]])
+    (recs,) = m.recommend([["no-such-item"]], k=3, on_unknown="skip")
+    assert [i for i, _ in recs] == item_ids[:3]  # popularity was N, N-1, ...
+
+
+def test_wrong_size_and_tampered_files_are_refused(checkpoint, tmp_path):
+    path, _, _ = checkpoint
+    with pytest.raises(ExportError, match=r"valid sizes: \[8, 16, 32\]"):
+        export_sizes(path, [12], tmp_path)
+    assert not any(tmp_path.iterdir())
+    (d,) = export_sizes(path, [8], tmp_path)
+    with open(d / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ExportError, match="checksum mismatch"):
+        serving.load(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(ExportError, match="not an export directory"):
+        serving.load(d)
+
+
+def test_cli_exports_and_reports_bad_input(checkpoint, tmp_path, capsys):
+    path, _, _ = checkpoint
+    assert export_main(["--checkpoint", str(path), "--dims", "8,32", "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d32", "d8"]
+    manifest = json.loads((tmp_path / "out" / "d8" / "manifest.json").read_text())
+    assert manifest["size"] == 8 and manifest["source"] == {"checkpoint": "model.ckpt"}
+    assert export_main(["--checkpoint", str(path), "--dims", "64", "--out", str(tmp_path / "bad")]) == 2
+    assert "valid sizes: [8, 16, 32]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+    assert export_main(["--checkpoint", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")]) == 2
