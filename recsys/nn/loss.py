@@ -1,0 +1,293 @@
+"""The Matryoshka cross-entropy: one softmax loss per nested size, summed (METHOD.md §4).
+
+For every position ``t`` with target item ``y_t`` and every size ``s_m``::
+
+    CE_m = -log softmax(u_t[:s_m] @ Z[:, :s_m]^T)[y_t]          total = sum_m w_m * CE_m
+
+Row 0 of the item matrix is the padding item: it is never a candidate, and positions whose target
+is 0 are ignored (left out of the mean).
+
+Why a custom autograd function. The obvious implementation (:func:`naive_matryoshka_cross_entropy`)
+builds M logit tensors of ``positions x items`` and autograd keeps all of them, so memory and time
+grow with the number of sizes. But the logits at size ``s_m`` are the running sum over chunks
+``c <= m`` of ``u[chunk c] @ Z[:, chunk c]^T``, and the gradient of chunk ``c``'s product is
+``G_c = sum_{m >= c} w_m (softmax_m - onehot) / n_valid``. So for one block of rows we can compute
+the full-size logits once, walk the sizes from largest to smallest, add size ``m``'s term to ``G``,
+take chunk ``m``'s gradients from ``G`` and subtract chunk ``m``'s product to get the next smaller
+logits. Only a few ``block x items`` buffers exist at any time, whatever M is.
+
+Why the gradients are computed in the forward pass. The loss is a scalar, so its backward only
+scales the gradients by the incoming scalar. Computing them while the block's logits are at hand
+(as fused linear-cross-entropy kernels do) saves recomputing every block's logits in backward; the
+price is holding ``dU`` and ``dZ`` (the size of the inputs) between forward and backward. When no
+input needs a gradient (evaluation, ``torch.no_grad``), only the losses are computed.
+
+Precision: logits, softmax and gradient accumulation are float32 (float64 for float64 inputs).
+Under autocast the inputs are cast to the autocast dtype and the matrix products run in it, as
+autocast would run the naive loss's products; the softmax part stays float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from recsys.nn.nested import check_sizes, chunk_bounds
+
+__all__ = [
+    "MatryoshkaLoss",
+    "matryoshka_cross_entropy",
+    "naive_matryoshka_cross_entropy",
+]
+
+log = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class MatryoshkaLoss(NamedTuple):
+    """``total``: the weighted sum over sizes (a scalar that carries gradients).
+    ``per_size``: the mean cross-entropy at each size, shape ``(M,)``, detached (for logging)."""
+
+    total: Tensor
+    per_size: Tensor
+
+
+# -- input checks ---------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    user: Tensor,
+    items: Tensor,
+    targets: Tensor,
+    sizes: Sequence[int],
+    weights: Sequence[float] | None,
+    block_rows: int,
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Validate everything up front and return ``(sizes, weights)`` as tuples."""
+    if not isinstance(user, Tensor) or user.ndim != 2 or not user.is_floating_point():
+        raise ValueError(f"user must be a 2-D floating tensor (positions, D), got {_describe(user)}")
+    if not isinstance(items, Tensor) or items.ndim != 2 or not items.is_floating_point():
+        raise ValueError(f"items must be a 2-D floating tensor (N+1, D), got {_describe(items)}")
+    if items.shape[1] != user.shape[1]:
+        raise ValueError(f"user has width {user.shape[1]} but items have width {items.shape[1]}")
+    if items.shape[0] < 2:
+        raise ValueError(f"items needs the padding row 0 and at least one item, got {items.shape[0]} rows")
+    if user.dtype != items.dtype:
+        raise ValueError(f"user and items must have the same dtype, got {user.dtype} and {items.dtype}")
+    if user.device != items.device or targets.device != user.device:
+        raise ValueError(
+            f"user, items and targets must be on one device, got {user.device}, {items.device}, {targets.device}"
+        )
+    if targets.ndim != 1 or targets.shape[0] != user.shape[0]:
+        raise ValueError(f"targets must have shape ({user.shape[0]},), got {tuple(targets.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= items.shape[0]):
+        raise ValueError(
+            f"targets must lie in [0, {items.shape[0] - 1}] (0 = ignored position), "
+            f"got values in [{int(targets.min())}, {int(targets.max())}]"
+        )
+    sizes = check_sizes(sizes, width=user.shape[1])
+    if weights is None:
+        weights = (1.0,) * len(sizes)
+    else:
+        weights = tuple(float(w) for w in weights)
+        if len(weights) != len(sizes):
+            raise ValueError(f"got {len(weights)} weights for {len(sizes)} sizes {list(sizes)}")
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise ValueError(f"weights must be finite and non-negative, got {list(weights)}")
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows <= 0:
+        raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
+    return sizes, weights
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.ndim}-D {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _autocast_inputs(user: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+    """Cast to the autocast dtype when autocast is on (the cast is recorded by autograd, so
+    gradients flow back to the original float32 tensors)."""
+    device_type = user.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return user.to(dtype), items.to(dtype)
+    return user, items
+
+
+# -- the memory-flat loss -------------------------------------------------------------------------
+
+
+def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` in the inputs' dtype, returned in ``dtype`` (the softmax precision)."""
+    out = a @ b
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _blocked_forward(
+    user: Tensor,
+    items: Tensor,
+    targets: Tensor,
+    sizes: tuple[int, ...],
+    weights: tuple[float, ...],
+    block_rows: int,
+    with_grads: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per-size cross-entropy sums over the valid rows and, if asked, the gradients of
+    ``sum_m w_m * CE_m`` (mean over valid rows) w.r.t. ``user`` and ``items``.
+
+    Returns ``(ce_sums (M,), d_user or None, d_items or None)``.
+    """
+    dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
+    num_sizes = len(sizes)
+    bounds = chunk_bounds(sizes)
+    valid = targets > 0
+    rows = valid.nonzero().squeeze(1)
+    n_valid = rows.numel()
+    ce_sums = torch.zeros(num_sizes, dtype=dtype, device=user.device)
+    d_user = torch.zeros_like(user, dtype=dtype) if with_grads else None
+    # gradient of the candidates (items[1:]) stored transposed so that each chunk is contiguous rows
+    d_cand_t = torch.zeros(user.shape[1], items.shape[0] - 1, dtype=dtype, device=user.device) if with_grads else None
+    if n_valid == 0:
+        return ce_sums, d_user, None if d_cand_t is None else _pad_item_grad(d_cand_t)
+
+    # Row 0 (padding) is simply left out of the candidates, so no -inf column is needed.
+    cand_chunks = [items[1:, a:b].contiguous() for a, b in bounds]
+    cand_t = items[1:].t()
+    u_valid = user[rows]
+    t_valid = (targets[rows] - 1).long().unsqueeze(1)  # index into the candidates
+    scales = [w / n_valid for w in weights]
+
+    for r0 in range(0, n_valid, block_rows):
+        u = u_valid[r0 : r0 + block_rows]
+        t = t_valid[r0 : r0 + block_rows]
+        logits = _product(u, cand_t, dtype)  # full-size logits of this block
+        exp = torch.empty_like(logits)
+        grad = torch.zeros_like(logits) if with_grads else None
+        for m in range(num_sizes - 1, -1, -1):  # largest size first
+            a, b = bounds[m]
+            row_max = logits.amax(dim=1, keepdim=True)
+            torch.sub(logits, row_max, out=exp).exp_()
+            denom = exp.sum(dim=1, keepdim=True)
+            lse = denom.log() + row_max
+            ce_sums[m] += (lse - logits.gather(1, t)).sum()
+            if with_grads:
+                # G += w_m / n * (softmax_m - onehot)
+                grad.addcmul_(exp, scales[m] / denom)
+                grad.scatter_add_(1, t, torch.full_like(lse, -scales[m]))
+                # chunk m is used by every size >= m, whose terms G now holds
+                g = grad if grad.dtype == u.dtype else grad.to(u.dtype)
+                d_user[rows[r0 : r0 + block_rows], a:b] = _product(g, cand_chunks[m], dtype)
+                d_cand_t[a:b] += _product(u[:, a:b].t(), g, dtype)
+            if m > 0:  # logits at the next smaller size: remove chunk m's product
+                if logits.dtype == u.dtype:
+                    logits.addmm_(u[:, a:b], cand_chunks[m].t(), alpha=-1.0)
+                else:
+                    logits -= _product(u[:, a:b], cand_chunks[m].t(), dtype)
+    return ce_sums, d_user, None if d_cand_t is None else _pad_item_grad(d_cand_t)
+
+
+def _pad_item_grad(d_cand_t: Tensor) -> Tensor:
+    """Gradient of the full item matrix: the padding row gets zero."""
+    d_items = d_cand_t.new_zeros(d_cand_t.shape[1] + 1, d_cand_t.shape[0])
+    d_items[1:] = d_cand_t.t()
+    return d_items
+
+
+class _MatryoshkaCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper around :func:`_blocked_forward`; backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads):  # noqa: D102
+        ce_sums, d_user, d_items = _blocked_forward(user, items, targets, sizes, weights, block_rows, with_grads)
+        n_valid = int((targets > 0).sum())
+        per_size = ce_sums / max(n_valid, 1)
+        total = (per_size * per_size.new_tensor(weights)).sum()
+        ctx.mark_non_differentiable(per_size)
+        if with_grads:
+            ctx.save_for_backward(d_user.to(user.dtype), d_items.to(items.dtype))
+        ctx.with_grads = with_grads
+        return total, per_size
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, grad_per_size):  # noqa: D102
+        if not ctx.with_grads:
+            raise RuntimeError("matryoshka_cross_entropy was computed without gradients")
+        d_user, d_items = ctx.saved_tensors
+        scale = grad_total.to(d_user.dtype)
+        d_user = d_user * scale if ctx.needs_input_grad[0] else None
+        d_items = d_items * scale if ctx.needs_input_grad[1] else None
+        return d_user, d_items, None, None, None, None, None
+
+
+def matryoshka_cross_entropy(
+    user: Tensor,
+    items: Tensor,
+    targets: Tensor,
+    sizes: Sequence[int],
+    weights: Sequence[float] | None = None,
+    block_rows: int = 512,
+) -> MatryoshkaLoss:
+    """Matryoshka cross-entropy over all ``sizes`` with memory that does not grow with their number.
+
+    Args:
+        user: ``(P, D)`` user states, one row per position.
+        items: ``(N+1, D)`` item matrix; row 0 is the padding item and never a candidate.
+        targets: ``(P,)`` target item indices in ``[0, N]``; 0 marks an ignored position.
+        sizes: the nested sizes, strictly increasing, the largest equal to ``D``.
+        weights: weight ``w_m`` of each size (default 1.0 each), finite and non-negative.
+        block_rows: positions processed together; peak extra memory is about
+            ``3 * block_rows * N`` floats, independent of the number of sizes.
+
+    Returns:
+        ``MatryoshkaLoss(total, per_size)``; ``per_size[m]`` is ``CE_m`` (mean over valid
+        positions), ``total = sum_m w_m * CE_m``. With no valid position both are 0.
+    """
+    sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
+    user, items = _autocast_inputs(user, items)
+    with_grads = torch.is_grad_enabled() and (user.requires_grad or items.requires_grad)
+    with torch.autocast(user.device.type, enabled=False):
+        total, per_size = _MatryoshkaCrossEntropy.apply(
+            user, items, targets, sizes, weights, block_rows, with_grads
+        )
+    return MatryoshkaLoss(total, per_size)
+
+
+# -- the reference ----------------------------------------------------------------------------------
+
+
+def naive_matryoshka_cross_entropy(
+    user: Tensor,
+    items: Tensor,
+    targets: Tensor,
+    sizes: Sequence[int],
+    weights: Sequence[float] | None = None,
+    block_rows: int = 512,
+) -> MatryoshkaLoss:
+    """The obvious implementation: one ``F.cross_entropy`` per size over its own logit tensor.
+
+    Same arguments and result as :func:`matryoshka_cross_entropy` (``block_rows`` is accepted
+    and unused). Autograd keeps M ``P x N`` logit tensors: the reference for tests and benchmarks.
+    """
+    sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
+    n_valid = int((targets > 0).sum())
+    per_size = []
+    for s in sizes:
+        logits = user[:, :s] @ items[1:, :s].t()
+        ce = F.cross_entropy(logits.float() if logits.dtype in _LOW_PRECISION else logits,
+                             targets.long() - 1, ignore_index=-1, reduction="sum")
+        per_size.append(ce / max(n_valid, 1))
+    stacked = torch.stack(per_size)
+    total = sum(w * ce for w, ce in zip(weights, per_size))
+    return MatryoshkaLoss(total, stacked.detach())
+

@@ -1,0 +1,210 @@
+"""The memory-flat Matryoshka loss against the naive per-size sum: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys.nn.loss import MatryoshkaLoss, matryoshka_cross_entropy, naive_matryoshka_cross_entropy
+
+
+def _case(positions=37, items=50, sizes=(2, 4, 8, 16), dtype=torch.float64, ignored=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    d = sizes[-1]
+    user = torch.randn(positions, d, generator=gen, dtype=dtype)
+    item_matrix = torch.randn(items + 1, d, generator=gen, dtype=dtype)
+    targets = torch.randint(1, items + 1, (positions,), generator=gen)
+    targets[torch.randperm(positions, generator=gen)[:ignored]] = 0
+    return user, item_matrix, targets
+
+
+def _value_and_grads(fn, user, items, targets, sizes, **kw):
+    user = user.clone().requires_grad_()
+    items = items.clone().requires_grad_()
+    out = fn(user, items, targets, sizes, **kw)
+    d_user, d_items = torch.autograd.grad(out.total, (user, items))
+    return out, d_user, d_items
+
+
+@pytest.mark.parametrize(
+    "sizes, weights, block_rows",
+    [
+        ((2, 4, 8, 16), None, 7),  # block size does not divide the positions
+        ((2, 4, 8, 16), (0.5, 1.0, 2.0, 0.25), 7),  # non-uniform weights
+        ((16,), None, 512),  # M = 1, one block
+        ((1, 3, 6, 10, 16), (1.0, 0.0, 3.0, 1.0, 0.5), 5),  # M = 5, uneven chunks, a zero weight
+        ((2, 4, 8, 16), None, 1),  # one row per block
+    ],
+)
+def test_equals_naive_float64(sizes, weights, block_rows):
+    user, items, targets = _case(sizes=sizes)
+    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes,
+                                    weights=weights, block_rows=block_rows)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes,
+                                           weights=weights)
+    assert isinstance(flat, MatryoshkaLoss)
+    assert flat.per_size.shape == (len(sizes),)
+    assert not flat.per_size.requires_grad
+    torch.testing.assert_close(flat.total, ref.total, rtol=0, atol=1e-10)
+    torch.testing.assert_close(flat.per_size, ref.per_size, rtol=0, atol=1e-10)
+    torch.testing.assert_close(du, du_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(dz, dz_ref, rtol=0, atol=1e-10)
+
+
+def test_equals_naive_float32():
+    sizes = (8, 16, 32, 64)
+    user, items, targets = _case(positions=70, items=300, sizes=sizes, dtype=torch.float32, ignored=9)
+    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes,
+                                    weights=(0.3, 1.0, 1.0, 2.0), block_rows=16)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes,
+                                           weights=(0.3, 1.0, 1.0, 2.0))
+    assert flat.total.dtype == torch.float32 and du.dtype == torch.float32 and dz.dtype == torch.float32
+    torch.testing.assert_close(flat.total, ref.total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flat.per_size, ref.per_size, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(du, du_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dz, dz_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_total_is_weighted_sum_of_per_size():
+    sizes, weights = (2, 4, 8, 16), (0.5, 1.0, 2.0, 0.25)
+    user, items, targets = _case(sizes=sizes)
+    out = matryoshka_cross_entropy(user, items, targets, sizes, weights=weights)
+    expected = sum(w * ce for w, ce in zip(weights, out.per_size))
+    torch.testing.assert_close(out.total, expected, rtol=0, atol=1e-12)
+
+
+def test_padding_item_is_never_a_candidate():
+    """Changing row 0 of the items (even to a huge score) changes nothing, and it gets no gradient."""
+    sizes = (2, 4, 8)
+    user, items, targets = _case(sizes=sizes)
+    out, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes)
+    loud = items.clone()
+    loud[0] = 100.0
+    out2, du2, dz2 = _value_and_grads(matryoshka_cross_entropy, user, loud, targets, sizes)
+    torch.testing.assert_close(out.total, out2.total, rtol=0, atol=1e-12)
+    torch.testing.assert_close(du, du2, rtol=0, atol=1e-12)
+    assert torch.equal(dz[0], torch.zeros_like(dz[0]))
+    assert torch.equal(dz2[0], torch.zeros_like(dz2[0]))
+
+
+def test_ignored_positions_have_no_effect():
+    sizes = (2, 4, 8)
+    user, items, targets = _case(sizes=sizes, ignored=10)
+    keep = targets > 0
+    out, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=4)
+    sub, du_sub, dz_sub = _value_and_grads(matryoshka_cross_entropy, user[keep], items, targets[keep], sizes)
+    torch.testing.assert_close(out.total, sub.total, rtol=0, atol=1e-12)
+    assert torch.equal(du[~keep], torch.zeros_like(du[~keep]))
+    torch.testing.assert_close(du[keep], du_sub, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dz, dz_sub, rtol=0, atol=1e-12)
+
+
+def test_no_valid_position_gives_zero():
+    sizes = (2, 4)
+    user, items, targets = _case(sizes=sizes, positions=6)
+    targets = torch.zeros_like(targets)
+    for fn in (matryoshka_cross_entropy, naive_matryoshka_cross_entropy):
+        out, du, dz = _value_and_grads(fn, user, items, targets, sizes)
+        assert out.total.item() == 0.0
+        assert torch.equal(out.per_size, torch.zeros(2, dtype=out.per_size.dtype))
+        assert not du.any() and not dz.any()
+
+
+def test_gradient_scales_with_upstream_gradient():
+    sizes = (2, 4, 8)
+    user, items, targets = _case(sizes=sizes)
+    u = user.clone().requires_grad_()
+    z = items.clone().requires_grad_()
+    out = matryoshka_cross_entropy(u, z, targets, sizes, block_rows=8)
+    (3.0 * out.total).backward()
+    _, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=8)
+    torch.testing.assert_close(u.grad, 3.0 * du, rtol=0, atol=1e-12)
+    torch.testing.assert_close(z.grad, 3.0 * dz, rtol=0, atol=1e-12)
+
+
+def test_gradcheck():
+    sizes = (1, 2, 4)
+    user, items, targets = _case(positions=6, items=7, sizes=sizes, ignored=1)
+    user.requires_grad_()
+    items.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda u, z: matryoshka_cross_entropy(u, z, targets, sizes, weights=(1.0, 0.5, 2.0), block_rows=4).total,
+        (user, items),
+    )
+
+
+def test_only_one_input_needs_grad_and_no_grad_mode():
+    sizes = (2, 4, 8)
+    user, items, targets = _case(sizes=sizes)
+    _, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes)
+    u = user.clone().requires_grad_()
+    out = matryoshka_cross_entropy(u, items, targets, sizes)
+    (du,) = torch.autograd.grad(out.total, (u,))
+    torch.testing.assert_close(du, du_ref, rtol=0, atol=1e-10)
+    z = items.clone().requires_grad_()
+    out = matryoshka_cross_entropy(user, z, targets, sizes)
+    (dz,) = torch.autograd.grad(out.total, (z,))
+    torch.testing.assert_close(dz, dz_ref, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        out = matryoshka_cross_entropy(user.requires_grad_(), items, targets, sizes)
+    ref = naive_matryoshka_cross_entropy(user, items, targets, sizes)
+    assert not out.total.requires_grad
+    torch.testing.assert_close(out.total, ref.total.detach(), rtol=0, atol=1e-10)
+
+
+def test_bfloat16_inputs_and_autocast():
+    """Low-precision products, float32 softmax: close to the float32 loss at bfloat16 accuracy."""
+    sizes = (8, 16, 32)
+    user, items, targets = _case(positions=40, items=120, sizes=sizes, dtype=torch.float32)
+    user, items = 0.3 * user, 0.3 * items
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes)
+
+    out, du, dz = _value_and_grads(matryoshka_cross_entropy, user.bfloat16(), items.bfloat16(), targets, sizes,
+                                   block_rows=16)
+    assert out.total.dtype == torch.float32 and du.dtype == torch.bfloat16 and dz.dtype == torch.bfloat16
+    torch.testing.assert_close(out.per_size, ref.per_size, rtol=2e-2, atol=0)
+    torch.testing.assert_close(du.float(), du_ref, rtol=0, atol=3e-2 * du_ref.abs().max().item())
+    torch.testing.assert_close(dz.float(), dz_ref, rtol=0, atol=3e-2 * dz_ref.abs().max().item())
+
+    u, z = user.clone().requires_grad_(), items.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = matryoshka_cross_entropy(u, z, targets, sizes, block_rows=16)
+        naive = naive_matryoshka_cross_entropy(user, items, targets, sizes)
+    out.total.backward()
+    assert out.total.dtype == torch.float32
+    assert u.grad.dtype == torch.float32 and z.grad.dtype == torch.float32
+    # both run their products in bfloat16; the flat loss matches the naive one under autocast
+    torch.testing.assert_close(out.per_size, naive.per_size, rtol=1e-2, atol=0)
+    torch.testing.assert_close(u.grad, du_ref, rtol=0, atol=3e-2 * du_ref.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda u, z, t, s, w: (u, z, t, (2, 4), w), "largest size must equal"),
+        (lambda u, z, t, s, w: (u, z, t, (4, 2, 8), w), "strictly increasing"),
+        (lambda u, z, t, s, w: (u, z, t, s, (1.0, 1.0)), "3 sizes"),
+        (lambda u, z, t, s, w: (u, z, t, s, (1.0, -1.0, 1.0)), "non-negative"),
+        (lambda u, z, t, s, w: (u, z, t, s, (1.0, float("nan"), 1.0)), "finite"),
+        (lambda u, z, t, s, w: (u, z, t.clone().fill_(51), s, w), r"\[0, 50\]"),
+        (lambda u, z, t, s, w: (u, z, t - 1, s, w), r"\[0, 50\]"),
+        (lambda u, z, t, s, w: (u, z, t.float(), s, w), "integer"),
+        (lambda u, z, t, s, w: (u, z, t[:-1], s, w), "targets must have shape"),
+        (lambda u, z, t, s, w: (u[:, :4], z, t, s, w), "width"),
+        (lambda u, z, t, s, w: (u.float(), z, t, s, w), "same dtype"),
+        (lambda u, z, t, s, w: (u[0], z, t, s, w), "user must be a 2-D"),
+        (lambda u, z, t, s, w: (u, z[:1], t, s, w), "padding row"),
+    ],
+)
+def test_clear_errors(change, message):
+    user, items, targets = _case(sizes=(2, 4, 8))
+    args = change(user, items, targets, (2, 4, 8), None)
+    for fn in (matryoshka_cross_entropy, naive_matryoshka_cross_entropy):
+        with pytest.raises(ValueError, match=message):
+            fn(*args[:4], weights=args[4])
+
+
+def test_block_rows_must_be_positive():
+    user, items, targets = _case(sizes=(2, 4, 8))
+    with pytest.raises(ValueError, match="block_rows"):
+        matryoshka_cross_entropy(user, items, targets, (2, 4, 8), block_rows=0)
