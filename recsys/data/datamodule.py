@@ -1,0 +1,130 @@
+"""``SequenceDataModule``: a prepared dataset as Lightning train/validation/test loaders.
+
+The dataset is loaded in ``__init__`` (not in ``setup``), because the training CLI links
+``num_items`` and ``item_features`` into the model when it builds it, before the Trainer runs.
+Without ``data_dir`` the built-in synthetic log is generated and prepared once into a cache
+directory (keyed by its config) and reused afterwards.
+
+Multi-process training: the training CLI runs the Trainer with ``use_distributed_sampler=False``,
+so this module shards itself when ``torch.distributed`` is initialised with more than one process.
+Training windows go through a seeded, shuffling ``DistributedSampler`` (Lightning calls its
+``set_epoch``); validation and test users are split into contiguous, disjoint blocks with no
+padding and no duplicates, so metrics summed over ranks count every user exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
+
+from recsys.data.batches import HeldOutTargets, TrainWindows, pass_through
+from recsys.data.item_features import ItemFeatures
+from recsys.data.prepared import PreparedDataset, load_prepared
+from recsys.data.synthetic import SyntheticConfig, prepared_synthetic
+
+__all__ = ["SequenceDataModule"]
+
+log = logging.getLogger(__name__)
+
+
+class SequenceDataModule(L.LightningDataModule):
+    """Next-item training batches and leave-one-out evaluation batches from a prepared dataset.
+
+    Args:
+        data_dir: a directory written by ``python -m recsys.data prepare``; None = the built-in
+            synthetic log (``synthetic``), prepared into ``synthetic_cache_dir`` on first use.
+        synthetic: the synthetic log's config, used only when ``data_dir`` is None.
+        synthetic_cache_dir: where the prepared synthetic log is kept.
+        max_len: the longest input sequence (older items are cut off).
+        batch_size: training windows per batch.
+        eval_batch_size: users per validation/test batch.
+        num_workers: DataLoader worker processes (batches are cheap to build; 0 is usually fine).
+        seed: seed of the training shuffle (combined with the epoch).
+        pad_to_max_len: always ``max_len`` columns instead of the batch's longest input.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        synthetic: SyntheticConfig | None = None,
+        synthetic_cache_dir: str = "data/synthetic",
+        max_len: int = 50,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        pad_to_max_len: bool = False,
+    ) -> None:
+        super().__init__()
+        if max_len < 1 or batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
+            raise ValueError("max_len, batch_size and eval_batch_size must be positive and num_workers non-negative")
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.pad_to_max_len = pad_to_max_len
+        if data_dir is None:
+            data_dir = str(prepared_synthetic(synthetic or SyntheticConfig(), synthetic_cache_dir))
+            log.info("using the synthetic log prepared in %s", data_dir)
+        self.data_dir = Path(data_dir)
+        self.dataset: PreparedDataset = load_prepared(self.data_dir)
+        self.train_windows = TrainWindows(self.dataset.seq_items, self.dataset.seq_offsets, max_len, pad_to_max_len)
+
+    @property
+    def num_items(self) -> int:
+        return self.dataset.num_items
+
+    @property
+    def num_users(self) -> int:
+        return self.dataset.num_users
+
+    @property
+    def item_features(self) -> ItemFeatures:
+        return self.dataset.item_features
+
+    # -- loaders ------------------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        world_size, rank = _distributed_world()
+        sampler = DistributedSampler(
+            self.train_windows, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=False
+        )
+        return self._loader(self.train_windows, BatchSampler(sampler, self.batch_size, drop_last=False))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._held_out_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._held_out_loader("test")
+
+    def held_out_users(self, world_size: int = 1, rank: int = 0) -> np.ndarray:
+        """This rank's evaluation users: a contiguous block, the blocks of all ranks partition the users."""
+        users = np.arange(1, self.num_users + 1)
+        return np.array_split(users, world_size)[rank]
+
+    def _held_out_loader(self, holdout: str) -> DataLoader:
+        users = self.held_out_users(*_distributed_world())
+        dataset = HeldOutTargets(self.dataset.seq_items, self.dataset.seq_offsets, users, holdout, self.max_len, self.pad_to_max_len)
+        return self._loader(dataset, BatchSampler(SequentialSampler(range(len(dataset))), self.eval_batch_size, drop_last=False))
+
+    def _loader(self, dataset, batch_sampler: BatchSampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=pass_through,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def _distributed_world() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised process group, ``(1, 0)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0

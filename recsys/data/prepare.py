@@ -1,0 +1,325 @@
+"""``prepare``: an interaction log and an item table in, a prepared-dataset directory out.
+
+Steps, in order: check the options and every input file's columns (before any heavy work); read the
+log and the item table; match their id types; clean the log (exact duplicates, repeat policy,
+iterated k-core, time order); build the user and item vocabularies (0 = padding); mark each user's
+training part (leave-one-out: the last event is test, the one before validation); build the item
+features; write everything into a temporary directory next to the output and rename it at the end,
+so that an error never leaves a partial output behind. ``data/README.md`` documents the layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recsys.data.cleaning import REPEAT_POLICIES, TIE_BREAK, RepeatPolicy, clean_log
+from recsys.data.errors import DataValidationError
+from recsys.data.features import build_item_features
+from recsys.data.readers import ROW, check_columns, check_id_column, read_columns, scan_table, unify_id_dtype
+from recsys.data.text_encoding import PACKAGED_TEXT_MODEL
+from recsys.data.time_order import parse_order_key, parse_weight
+from recsys.data.vectors import ItemVectors, read_item_vectors
+
+__all__ = ["FORMAT_VERSION", "MIN_HISTORY", "prepare"]
+
+log = logging.getLogger(__name__)
+
+#: version of the prepared-dataset layout, stored in stats.json
+FORMAT_VERSION = 1
+#: a user needs a training event, a validation event and a test event
+MIN_HISTORY = 3
+FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def prepare(
+    interactions: str | Path,
+    out: str | Path,
+    *,
+    items: str | Path | None = None,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str | None = "timestamp",
+    weight_col: str | None = None,
+    items_id_col: str | None = None,
+    text_cols: list[str] | None = None,
+    text_model: str | None = None,
+    category_cols: list[str] | None = None,
+    category_sep: str = "|",
+    vectors: dict[str, str | Path] | None = None,
+    min_count: int = 5,
+    repeats: RepeatPolicy = "drop",
+    cache_dir: str | Path | None = "data/.cache",
+    overwrite: bool = False,
+) -> Path:
+    """Prepare a dataset directory from an interaction log (and optionally an item table).
+
+    Args:
+        interactions: the interaction log (``.csv``, ``.tsv`` or ``.parquet``).
+        out: the directory to write; it must not exist unless ``overwrite``.
+        items: the item table (same formats); its items stay in the catalogue even without
+            interactions (cold start). Without it the catalogue is the interacted items.
+        user_col, item_col: the log's id columns (integers or strings).
+        time_col: a timestamp, a date/datetime, or an integer order such as ``seq``; None = the
+            row order of the file.
+        weight_col: an optional numeric column kept as ``weight``.
+        items_id_col: the item table's id column (default: ``item_col``).
+        text_cols: item-table columns joined (", ") into one text per item and encoded with
+            ``text_model`` into the dense feature ``text``.
+        text_model: a sentence-transformers name or local path; None = the packaged all-MiniLM-L6-v2.
+        category_cols: multi-valued item-table columns (``category_sep``-separated) made into bags.
+        vectors: feature name -> file of precomputed item vectors (parquet or npz).
+        min_count: k-core threshold for users and items, applied until nothing changes; users also
+            need at least 3 events (train, validation, test).
+        repeats: ``drop`` (default) keeps a user's first event with an item, ``collapse`` merges
+            consecutive repeats, ``keep`` keeps all.
+        cache_dir: where text vectors are cached (None = no cache).
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        The output directory.
+    """
+    out = Path(out)
+    interactions = Path(interactions)
+    items = None if items is None else Path(items)
+    items_id_col = items_id_col or item_col
+    text_cols, category_cols = list(text_cols or []), list(category_cols or [])
+    vector_files = {name: Path(p) for name, p in (vectors or {}).items()}
+    _check_options(out, items, user_col, item_col, text_cols, category_cols, category_sep, vector_files, min_count, repeats, overwrite)
+    # a misnamed column fails here, before anything big is read
+    check_columns(interactions, scan_table(interactions), _log_columns(user_col, item_col, time_col, weight_col), "the interaction log")
+    if items is not None:
+        check_columns(items, scan_table(items), _item_table_columns(items_id_col, text_cols, category_cols), "the item table")
+
+    log_frame = _read_log(interactions, user_col, item_col, time_col, weight_col)
+    item_table = None if items is None else _read_item_table(items, items_id_col, text_cols, category_cols)
+    item_vectors = {name: read_item_vectors(p, [items_id_col, item_col, "item_id", "id"]) for name, p in vector_files.items()}
+
+    item_id_dtype = unify_id_dtype(
+        [log_frame["item_id"]]
+        + ([] if item_table is None else [item_table["item_id"]])
+        + [v.ids for v in item_vectors.values()]
+    )
+    log_frame = log_frame.with_columns(_cast_ids(log_frame["item_id"], item_id_dtype))
+    if item_table is not None:
+        item_table = item_table.with_columns(_cast_ids(item_table["item_id"], item_id_dtype))
+    for v in item_vectors.values():
+        v.ids = _cast_ids(v.ids, item_id_dtype)
+
+    raw = {"rows": log_frame.height, "users": log_frame["user_id"].n_unique(), "items": log_frame["item_id"].n_unique()}
+    min_user_events = max(min_count, MIN_HISTORY)
+    cleaned, counts = clean_log(
+        log_frame, repeats=repeats, min_user_events=min_user_events, min_item_events=max(min_count, 1)
+    )
+    del log_frame
+    if cleaned.height == 0:
+        raise DataValidationError(
+            interactions, f"no events left after cleaning: no user has {min_user_events} events with items of {min_count}+ events"
+        )
+
+    # vocabularies: sorted original ids, index 0 = padding
+    user_ids = cleaned["user_id"].unique().sort()
+    catalogue_ids = cleaned["item_id"].unique()
+    if item_table is not None:
+        catalogue_ids = pl.concat([catalogue_ids, item_table["item_id"]]).unique()
+    catalogue_ids = catalogue_ids.sort()
+    users = pl.DataFrame({"user": np.arange(1, len(user_ids) + 1, dtype=np.int32), "user_id": user_ids})
+    catalogue = pl.DataFrame({"item": np.arange(1, len(catalogue_ids) + 1, dtype=np.int32), "item_id": catalogue_ids})
+
+    events = (
+        cleaned.join(users, on="user_id", how="left", maintain_order="left")
+        .join(catalogue, on="item_id", how="left", maintain_order="left")
+    )
+    del cleaned
+    user_index, item_index = events["user"].to_numpy(), events["item"].to_numpy()
+    history_lengths = np.bincount(user_index, minlength=len(user_ids) + 1)[1:]
+    starts = np.concatenate([[0], np.cumsum(history_lengths)[:-1]])
+    position = np.arange(len(user_index)) - np.repeat(starts, history_lengths)
+    in_train_part = position < np.repeat(history_lengths - 2, history_lengths)
+    train_counts = np.bincount(item_index[in_train_part], minlength=len(catalogue_ids) + 1)
+    event_counts = np.bincount(item_index, minlength=len(catalogue_ids) + 1)
+
+    interactions_out = events.select(
+        pl.col("user").cast(pl.Int32),
+        pl.col("item").cast(pl.Int32),
+        pl.Series("pos", position.astype(np.int32)),
+        *([pl.col("weight")] if "weight" in events.columns else []),
+    )
+    del events
+    items_out = catalogue.with_columns(pl.Series("train_count", train_counts[1:].astype(np.int64)))
+
+    item_rows = catalogue if item_table is None else catalogue.join(item_table, on="item_id", how="left", maintain_order="left")
+    missing_from_table = 0 if item_table is None else int(item_rows[ROW].null_count())
+    if missing_from_table:
+        log.warning("%s: %d interacted items are not in the item table (they get no item-table features)", items, missing_from_table)
+    features, feature_summary, bag_vocabularies = build_item_features(
+        item_rows,
+        train_counts > 0,
+        text_cols=text_cols,
+        text_model=text_model,
+        cache_dir=cache_dir,
+        category_cols=category_cols,
+        category_sep=category_sep,
+        vectors=item_vectors,
+    )
+
+    stats = {
+        "format_version": FORMAT_VERSION,
+        "users": len(user_ids),
+        "items": len(catalogue_ids),
+        "interactions": int(history_lengths.sum()),
+        "interacted_items": int((event_counts[1:] > 0).sum()),
+        "cold_items": int((event_counts[1:] == 0).sum()),
+        "items_in_training": int((train_counts[1:] > 0).sum()),
+        "train_interactions": int(in_train_part.sum()),
+        "history_length": {
+            "min": int(history_lengths.min()),
+            "median": float(np.median(history_lengths)),
+            "mean": float(history_lengths.mean()),
+            "max": int(history_lengths.max()),
+        },
+        "raw": raw,
+        "dropped": {
+            "duplicate_rows": counts.duplicate_rows,
+            "repeat_events": counts.repeat_events,
+            "kcore_events": counts.kcore_events,
+            "kcore_users": counts.kcore_users,
+            "kcore_items": counts.kcore_items,
+        },
+        "kcore_rounds": counts.kcore_rounds,
+        "min_user_events": min_user_events,
+        "items_missing_from_item_table": missing_from_table,
+        "time_order": TIE_BREAK if time_col is not None else "the row order of the interactions file",
+        "vocabulary_order": "ascending original id; index 0 is padding",
+        "split": "leave-one-out per user: last event test, second-to-last validation, the rest train",
+        "id_dtypes": {"user_id": str(user_ids.dtype), "item_id": str(catalogue_ids.dtype)},
+        "options": {
+            "user_col": user_col, "item_col": item_col, "time_col": time_col, "weight_col": weight_col,
+            "items_id_col": items_id_col if items is not None else None, "text_cols": text_cols,
+            "text_model": (text_model or PACKAGED_TEXT_MODEL) if text_cols else None,
+            "category_cols": category_cols, "category_sep": category_sep,
+            "vectors": {name: p.name for name, p in vector_files.items()},
+            "min_count": min_count, "repeats": repeats,
+        },
+        "sources": {
+            "interactions": _describe_file(interactions),
+            "items": None if items is None else _describe_file(items),
+            "vectors": {name: _describe_file(p) for name, p in vector_files.items()},
+        },
+        "features": feature_summary,
+    }
+
+    _write_atomically(out, overwrite, interactions_out, users, items_out, features, bag_vocabularies, stats)
+    log.info("prepared %s: %d users, %d items, %d interactions", out, stats["users"], stats["items"], stats["interactions"])
+    return out
+
+
+# -- checks -----------------------------------------------------------------------------------------
+
+
+def _check_options(out, items, user_col, item_col, text_cols, category_cols, category_sep, vector_files, min_count, repeats, overwrite):
+    if repeats not in REPEAT_POLICIES:
+        raise DataValidationError("--repeats", f"unknown repeat policy {repeats!r}; expected one of {', '.join(REPEAT_POLICIES)}")
+    if min_count < 0:
+        raise DataValidationError("--min-count", f"must be 0 or more, got {min_count}")
+    if user_col == item_col:
+        raise DataValidationError("--user-col", f"the user and item columns must differ, both are {user_col!r}")
+    if (text_cols or category_cols) and items is None:
+        raise DataValidationError("--items", "--text-cols and --category-cols need an item table (--items)")
+    if category_cols and not category_sep:
+        raise DataValidationError("--category-sep", "must not be empty")
+    for name in list(vector_files) + category_cols:
+        if not FEATURE_NAME.match(name):
+            raise DataValidationError("--vectors/--category-cols", f"feature name {name!r} must be letters, digits and _")
+    if text_cols and "text" in vector_files:
+        raise DataValidationError("--vectors", "the feature name 'text' is taken by --text-cols")
+    if len(set(category_cols)) != len(category_cols):
+        raise DataValidationError("--category-cols", f"a column is named twice: {category_cols}")
+    if out.exists() and not overwrite:
+        raise DataValidationError(out, "the output directory already exists; remove it or pass --overwrite")
+
+
+def _log_columns(user_col, item_col, time_col, weight_col) -> list[tuple[str, str | None]]:
+    return [("--user-col", user_col), ("--item-col", item_col), ("--time-col", time_col), ("--weight-col", weight_col)]
+
+
+def _item_table_columns(id_col, text_cols, category_cols) -> list[tuple[str, str | None]]:
+    return [("--items-id-col", id_col)] + [("--text-cols", c) for c in text_cols] + [("--category-cols", c) for c in category_cols]
+
+
+def _read_log(path: Path, user_col: str, item_col: str, time_col: str | None, weight_col: str | None) -> pl.DataFrame:
+    """The log as ``user_id, item_id, __time, __row[, weight]``, every value checked."""
+    table = read_columns(path, _log_columns(user_col, item_col, time_col, weight_col), "the interaction log")
+    check_id_column(path, table, user_col)
+    check_id_column(path, table, item_col)
+    time_key = table[ROW].cast(pl.Int64).alias("__time") if time_col is None else parse_order_key(path, table, time_col)
+    columns = [table[user_col].alias("user_id"), table[item_col].alias("item_id"), time_key, table[ROW]]
+    if weight_col is not None:
+        columns.append(parse_weight(path, table, weight_col).alias("weight"))
+    return pl.DataFrame(columns)
+
+
+def _read_item_table(path: Path, id_col: str, text_cols: list[str], category_cols: list[str]) -> pl.DataFrame:
+    """The item table as ``item_id, __row``, the text and category columns; ids unique."""
+    table = read_columns(path, _item_table_columns(id_col, text_cols, category_cols), "the item table")
+    check_id_column(path, table, id_col)
+    duplicated = table.filter(pl.col(id_col).is_duplicated())
+    if duplicated.height:
+        first = duplicated[id_col][0]
+        rows = duplicated.filter(pl.col(id_col) == first)[ROW].to_list()
+        raise DataValidationError(path, f"item id {first!r} occurs more than once in column {id_col!r} (rows {', '.join(str(r + 1) for r in rows[:5])})")
+    extra = [c for c in dict.fromkeys(text_cols + category_cols) if c != id_col]
+    return table.select(pl.col(id_col).alias("item_id"), pl.col(ROW), *[pl.col(c) for c in extra])
+
+
+def _cast_ids(ids: pl.Series, dtype: pl.DataType) -> pl.Series:
+    return ids if ids.dtype == dtype else ids.cast(dtype)
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def _describe_file(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_atomically(out: Path, overwrite: bool, interactions, users, items, features, bag_vocabularies, stats) -> None:
+    """Write into a temporary sibling directory, then rename it to ``out``; clean up on any error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    replaced = None
+    try:
+        partial.mkdir()
+        interactions.write_parquet(partial / "interactions.parquet")
+        users.write_parquet(partial / "users.parquet")
+        items.write_parquet(partial / "items.parquet")
+        features.save(partial / "features")
+        for name, vocabulary in bag_vocabularies.items():
+            (partial / "features" / f"bag_{name}_vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False))
+        (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+        if out.exists():
+            if not overwrite:
+                raise DataValidationError(out, "the output directory already exists; remove it or pass --overwrite")
+            replaced = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+            out.rename(replaced)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if replaced is not None and not out.exists():
+            replaced.rename(out)
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""Reading user tables (CSV, TSV, parquet) lazily, with the checks every table needs.
+
+CSV and TSV files are read with every column as a string: ids keep their exact spelling (``"007"``
+stays ``"007"``), and the columns that carry numbers (times, weights) are parsed afterwards by code
+that can say which row failed. TSV is read with quoting off, because names in real TSV dumps (Last.fm
+artists) contain bare quote characters. Parquet files keep their own types.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from recsys.data.errors import DataValidationError
+
+__all__ = ["ROW", "TABLE_EXTENSIONS", "scan_table", "check_columns", "read_columns", "check_id_column", "unify_id_dtype"]
+
+#: name of the 0-based row-number column added to every table read here (rows are reported 1-based)
+ROW = "__row"
+TABLE_EXTENSIONS = (".csv", ".tsv", ".parquet")
+
+
+def scan_table(path: str | Path) -> pl.LazyFrame:
+    """A lazy scan of a CSV/TSV/parquet file, chosen by its extension."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_EXTENSIONS:
+        raise DataValidationError(path, f"unknown file extension {suffix!r}; expected one of {', '.join(TABLE_EXTENSIONS)}")
+    if not path.is_file():
+        raise DataValidationError(path, "file not found")
+    if suffix == ".parquet":
+        return pl.scan_parquet(path)
+    separator = "\t" if suffix == ".tsv" else ","
+    quote = None if suffix == ".tsv" else '"'
+    return pl.scan_csv(path, separator=separator, quote_char=quote, infer_schema=False)
+
+
+def available_columns(path: str | Path, frame: pl.LazyFrame) -> list[str]:
+    """The table's column names; a file polars cannot parse becomes a :class:`DataValidationError`."""
+    try:
+        return frame.collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataValidationError(path, f"cannot read the file: {_first_line(exc)}") from None
+
+
+def check_columns(path: str | Path, frame: pl.LazyFrame, columns: list[tuple[str, str | None]], what: str) -> None:
+    """Every named column exists; ``columns`` pairs the option that named a column with the name."""
+    names = available_columns(path, frame)
+    for option, column in columns:
+        if column is not None and column not in names:
+            raise DataValidationError(
+                path, f"{what} has no column {column!r} (given by {option}); available columns: {', '.join(names)}"
+            )
+
+
+def read_columns(path: str | Path, columns: list[tuple[str, str | None]], what: str) -> pl.DataFrame:
+    """Read the named columns (plus a row-number column :data:`ROW`) of a table, eagerly.
+
+    ``columns`` pairs the option that named a column (for the error message, e.g. ``"--user-col"``)
+    with the column name; ``None`` names are skipped. Raises when the file is missing, has an
+    unknown extension, lacks a column (listing the ones it has) or has no rows.
+    """
+    frame = scan_table(path)
+    check_columns(path, frame, columns, what)
+    wanted = list(dict.fromkeys(column for _, column in columns if column is not None))
+    try:
+        table = frame.select(wanted).with_row_index(ROW).collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataValidationError(path, f"cannot read the file: {_first_line(exc)}") from None
+    if table.height == 0:
+        raise DataValidationError(path, f"{what} has no rows")
+    return table
+
+
+def first_row_where(table: pl.DataFrame, condition: pl.Expr) -> dict | None:
+    """The first row (as a dict, with its 0-based :data:`ROW`) where ``condition`` holds, or None."""
+    hit = table.filter(condition).head(1)
+    return None if hit.height == 0 else hit.row(0, named=True)
+
+
+def check_id_column(path: str | Path, table: pl.DataFrame, column: str) -> None:
+    """Ids must be integers or strings and never null."""
+    dtype = table.schema[column]
+    if not (dtype.is_integer() or dtype == pl.String):
+        raise DataValidationError(path, f"id column {column!r} has type {dtype}; ids must be integers or strings")
+    bad = first_row_where(table, pl.col(column).is_null())
+    if bad is not None:
+        raise DataValidationError(path, f"column {column!r} is empty (null id) at row {bad[ROW] + 1}")
+
+
+def unify_id_dtype(id_columns: list[pl.Series]) -> pl.DataType:
+    """One id type for tables that must be matched on ids (interaction log, item table, vectors).
+
+    One type everywhere: that type. Integers everywhere: Int64. A mix is compared as strings; the
+    integer type is kept only when every string id is the canonical spelling of an integer (so
+    ``"7"`` matches ``7``, while ``"007"`` forces string ids, because as a string it is not ``"7"``).
+    """
+    dtypes = [ids.dtype for ids in id_columns]
+    if all(d == dtypes[0] for d in dtypes):
+        return dtypes[0]
+    if all(d.is_integer() for d in dtypes):
+        return pl.Int64
+    for ids in id_columns:
+        if ids.dtype == pl.String:
+            as_int = ids.cast(pl.Int64, strict=False)
+            if as_int.null_count() > ids.null_count() or not (as_int.cast(pl.String) == ids).all():
+                return pl.String
+    return pl.Int64
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
