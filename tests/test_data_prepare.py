@@ -1,0 +1,263 @@
+"""prepare(): layout, cleaning policies, k-core, vocabularies, features, overwrite and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.data import DataValidationError, load_prepared, prepare
+from recsys.data.__main__ import main
+from recsys.data.cleaning import k_core_mask
+
+
+def write_log(path, rows: list[tuple], columns=("user", "item", "ts")):
+    pl.DataFrame([list(r) for r in rows], schema=list(columns), orient="row").write_csv(path)
+    return path
+
+
+def histories(directory) -> dict:
+    """original user id -> list of original item ids, in time order."""
+    data = load_prepared(directory)
+    return {data.user_ids[u]: [data.item_ids[i] for i in data.history(u)] for u in range(1, data.num_users + 1)}
+
+
+def prep(tmp_path, log, name="out", **kwargs):
+    kwargs = {"user_col": "user", "item_col": "item", "time_col": "ts", "min_count": 0, "cache_dir": None, **kwargs}
+    return prepare(log, tmp_path / name, **kwargs)
+
+
+# -- layout -------------------------------------------------------------------------------------------
+
+
+def test_layout_dtypes_and_split(synthetic_prepared):
+    d = synthetic_prepared
+    inter = pl.read_parquet(d / "interactions.parquet")
+    users = pl.read_parquet(d / "users.parquet")
+    items = pl.read_parquet(d / "items.parquet")
+    stats = json.loads((d / "stats.json").read_text())
+    assert inter.schema["user"] == pl.Int32 and inter.schema["item"] == pl.Int32 and inter.schema["pos"] == pl.Int32
+    assert users["user"].to_list() == list(range(1, users.height + 1))
+    assert items["item"].to_list() == list(range(1, items.height + 1))
+    assert users["user_id"].is_sorted() and items["item_id"].is_sorted()
+    assert inter.equals(inter.sort(["user", "pos"]))
+    lengths = inter.group_by("user").len().sort("user")["len"].to_numpy()
+    expected_pos = np.concatenate([np.arange(n) for n in lengths])
+    np.testing.assert_array_equal(inter["pos"].to_numpy(), expected_pos)
+    assert lengths.min() >= 5  # default 5-core
+    # train_count counts the events before each user's last two
+    is_train = inter.with_columns(pl.len().over("user").alias("n")).filter(pl.col("pos") < pl.col("n") - 2)
+    counts = np.bincount(is_train["item"].to_numpy(), minlength=items.height + 1)[1:]
+    np.testing.assert_array_equal(items["train_count"].to_numpy(), counts)
+    data = load_prepared(d)
+    np.testing.assert_array_equal(data.item_features.in_training.numpy()[1:], counts > 0)
+    assert not data.item_features.in_training[0]
+    assert stats["users"] == users.height == data.num_users
+    assert stats["items"] == items.height == data.num_items
+    assert stats["interactions"] == inter.height == len(data.seq_items)
+    assert stats["interacted_items"] + stats["cold_items"] == stats["items"]
+    assert stats["format_version"] == 1 and stats["options"]["repeats"] == "drop"
+    assert len(stats["sources"]["interactions"]["sha256"]) == 64
+    assert stats["history_length"]["min"] == lengths.min() and stats["history_length"]["max"] == lengths.max()
+
+
+def test_seq_offsets_match_interactions(synthetic_prepared):
+    data = load_prepared(synthetic_prepared)
+    inter = pl.read_parquet(synthetic_prepared / "interactions.parquet")
+    assert data.seq_offsets.shape == (data.num_users + 2,) and data.seq_offsets[0] == data.seq_offsets[1] == 0
+    for u in (1, 7, data.num_users):
+        expected = inter.filter(pl.col("user") == u).sort("pos")["item"].to_numpy()
+        np.testing.assert_array_equal(data.history(u), expected)
+
+
+# -- cleaning -----------------------------------------------------------------------------------------
+
+
+REPEAT_LOG = [  # user, item, time; u1's events are out of order in the file on purpose
+    ("u1", "a", 1), ("u1", "b", 2), ("u1", "b", 3), ("u1", "c", 5), ("u1", "a", 4), ("u1", "b", 6),
+    ("u2", "a", 1), ("u2", "c", 2), ("u2", "c", 3), ("u2", "c", 4), ("u2", "b", 5),
+]
+
+
+@pytest.mark.parametrize(
+    "policy, expected",
+    [
+        ("keep", {"u1": ["a", "b", "b", "a", "c", "b"], "u2": ["a", "c", "c", "c", "b"]}),
+        ("drop", {"u1": ["a", "b", "c"], "u2": ["a", "c", "b"]}),
+        ("collapse", {"u1": ["a", "b", "a", "c", "b"], "u2": ["a", "c", "b"]}),
+    ],
+)
+def test_repeat_policies(tmp_path, policy, expected):
+    out = prep(tmp_path, write_log(tmp_path / "log.csv", REPEAT_LOG), repeats=policy)
+    assert histories(out) == expected
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dropped"]["repeat_events"] == len(REPEAT_LOG) - sum(map(len, expected.values()))
+
+
+def test_exact_duplicate_rows_dropped_and_ties_follow_file_order(tmp_path):
+    rows = [("u", "x", 1), ("u", "y", 1), ("u", "x", 1), ("u", "z", 1), ("u", "w", 0)]
+    out = prep(tmp_path, write_log(tmp_path / "log.csv", rows), repeats="keep")
+    assert histories(out) == {"u": ["w", "x", "y", "z"]}
+    assert json.loads((out / "stats.json").read_text())["dropped"]["duplicate_rows"] == 1
+
+
+def test_row_order_when_no_time_column(tmp_path):
+    out = prep(tmp_path, write_log(tmp_path / "log.csv", [("u", "c", 9), ("u", "a", 1), ("u", "b", 5)]), time_col=None)
+    assert histories(out) == {"u": ["c", "a", "b"]}
+
+
+def test_datetime_strings_order_events(tmp_path):
+    rows = [("u", "late", "2021-03-01 10:00:00"), ("u", "early", "2021-01-01 09:00:00"), ("u", "mid", "2021-02-01 00:00:00")]
+    out = prep(tmp_path, write_log(tmp_path / "log.csv", rows))
+    assert histories(out) == {"u": ["early", "mid", "late"]}
+
+
+def naive_k_core(users, items, k_user, k_item):
+    """A plain-Python k-core, the reference for the vectorised one."""
+    alive = set(range(len(users)))
+    while True:
+        uc, ic = {}, {}
+        for e in alive:
+            uc[users[e]] = uc.get(users[e], 0) + 1
+            ic[items[e]] = ic.get(items[e], 0) + 1
+        keep = {e for e in alive if uc[users[e]] >= k_user and ic[items[e]] >= k_item}
+        if keep == alive:
+            return np.array([e in alive for e in range(len(users))])
+        alive = keep
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_k_core_equals_naive_and_is_a_fixed_point(seed):
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, 60, 900)
+    items = (rng.zipf(1.6, 900) - 1) % 80
+    mask, rounds = k_core_mask(users, items, 6, 4)
+    np.testing.assert_array_equal(mask, naive_k_core(users.tolist(), items.tolist(), 6, 4))
+    assert rounds >= 1 and 0 < mask.sum() < len(users)
+    again, more_rounds = k_core_mask(users[mask], items[mask], 6, 4)
+    assert again.all() and more_rounds == 0
+
+
+def test_prepared_log_is_a_k_core_fixed_point(synthetic_files, tmp_path):
+    out = prepare(out=tmp_path / "k10", **synthetic_files.prepare_kwargs(), min_count=10, cache_dir=None)
+    data = load_prepared(out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dropped"]["kcore_events"] > 0
+    assert data.history_lengths[1:].min() >= 10
+    item_counts = np.bincount(data.seq_items, minlength=data.num_items + 1)[1:]
+    assert item_counts[item_counts > 0].min() >= 10
+    # preparing the output again removes nothing more
+    log = pl.DataFrame({"user": np.repeat(data.user_ids[1:].astype(np.int64), data.history_lengths[1:]),
+                        "item": data.item_ids[data.seq_items].astype(np.int64),
+                        "ts": np.arange(len(data.seq_items))})
+    log.write_parquet(tmp_path / "again.parquet")
+    again = prep(tmp_path, tmp_path / "again.parquet", name="again", min_count=10)
+    assert json.loads((again / "stats.json").read_text())["dropped"]["kcore_events"] == 0
+    assert histories(again) == histories(out)
+
+
+def test_min_history_of_three_is_enforced(tmp_path):
+    rows = [("short", "a", 1), ("short", "b", 2), ("long", "a", 1), ("long", "b", 2), ("long", "c", 3)]
+    out = prep(tmp_path, write_log(tmp_path / "log.csv", rows))
+    assert histories(out) == {"long": ["a", "b", "c"]}
+
+
+# -- vocabularies and ids -----------------------------------------------------------------------------
+
+
+def test_string_ids_round_trip(tmp_path):
+    rows = [(u, i, t) for u in ("007", "7", "x y") for t, i in enumerate(["0070", "007", "7", "a\"b"])]
+    out = prep(tmp_path, write_log(tmp_path / "log.csv", rows))
+    data = load_prepared(out)
+    assert sorted(data.user_ids[1:]) == ["007", "7", "x y"]
+    assert list(data.item_ids[1:]) == sorted(["0070", "007", "7", "a\"b"])
+    assert data.item_ids[0] is None and data.user_ids[0] is None
+    assert histories(out)["007"] == ["0070", "007", "7", "a\"b"]
+    query = ["7", "007", "0070"]
+    np.testing.assert_array_equal(data.item_ids[data.item_index(query)], query)
+    assert pl.read_parquet(out / "items.parquet").schema["item_id"] == pl.String
+    with pytest.raises(KeyError, match="'70'"):
+        data.item_index(["7", "70"])
+    np.testing.assert_array_equal(data.item_index(["7", "70"], unknown="zero"), [data.item_index(["7"])[0], 0])
+
+
+def test_integer_log_and_csv_item_table_match_as_integers(tmp_path):
+    log = pl.DataFrame({"user": [1, 1, 1], "item": [10, 20, 30], "ts": [1, 2, 3]}, schema={"user": pl.Int32, "item": pl.Int32, "ts": pl.Int64})
+    log.write_parquet(tmp_path / "log.parquet")
+    pl.DataFrame({"item": ["10", "20", "30", "40"], "name": ["a", "b", "c", "d"]}).write_csv(tmp_path / "items.csv")
+    out = prep(tmp_path, tmp_path / "log.parquet", items=tmp_path / "items.csv")
+    data = load_prepared(out)
+    assert list(data.item_ids[1:]) == [10, 20, 30, 40]
+    assert pl.read_parquet(out / "users.parquet").schema["user_id"] == pl.Int32
+    np.testing.assert_array_equal(data.item_index(np.array([40, 10])), [4, 1])
+    np.testing.assert_array_equal(data.item_index(["40"]), [4])  # strings compare by spelling
+
+
+def test_zero_padded_item_table_ids_compare_as_strings(tmp_path):
+    log = pl.DataFrame({"user": [1, 1, 1], "item": [7, 8, 9], "ts": [1, 2, 3]})
+    log.write_parquet(tmp_path / "log.parquet")
+    pl.DataFrame({"item": ["007", "8", "9"]}).write_csv(tmp_path / "items.csv")
+    out = prep(tmp_path, tmp_path / "log.parquet", items=tmp_path / "items.csv")
+    data = load_prepared(out)
+    assert list(data.item_ids[1:]) == ["007", "7", "8", "9"]  # "007" is not item 7
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["cold_items"] == 1 and stats["items_missing_from_item_table"] == 1
+
+
+# -- item features ------------------------------------------------------------------------------------
+
+
+def test_item_table_cold_items_bags_and_vectors(tmp_path):
+    rows = [(u, i, t) for u in ("u1", "u2") for t, i in enumerate(["a", "b", "c"])]
+    log = write_log(tmp_path / "log.csv", rows)
+    pl.DataFrame({"item": ["a", "b", "c", "cold"], "genres": ["x|y", "y", None, " z | x |x"]}).write_csv(tmp_path / "items.csv")
+    np.savez(tmp_path / "img.npz", ids=np.array(["c", "a", "unknown"]), vectors=np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+    pl.DataFrame({"id": ["cold"], "v": [[0.5, 0.25, 1.0]]}).write_parquet(tmp_path / "other.parquet")
+    out = prep(tmp_path, log, items=tmp_path / "items.csv", category_cols=["genres"],
+               vectors={"image": tmp_path / "img.npz", "other": tmp_path / "other.parquet"})
+    data = load_prepared(out)
+    f = data.item_features
+    assert list(data.item_ids[1:]) == ["a", "b", "c", "cold"]
+    np.testing.assert_array_equal(f.in_training.numpy(), [False, True, False, False, False])  # train part = first event
+    np.testing.assert_array_equal(data.train_counts, [0, 2, 0, 0, 0])
+    vocab = json.loads((out / "features" / "bag_genres_vocab.json").read_text())
+    assert vocab == ["x", "y", "z"]
+    bag = f.bags["genres"]
+    per_item = [[vocab[v] for v in bag.values[bag.offsets[r]:bag.offsets[r + 1]].tolist()] for r in range(5)]
+    assert per_item == [[], ["x", "y"], ["y"], [], ["z", "x"]]
+    np.testing.assert_array_equal(f.dense["image"].numpy(), [[0, 0], [3, 4], [0, 0], [1, 2], [0, 0]])
+    np.testing.assert_array_equal(f.dense_mask["image"].numpy(), [False, True, False, True, False])
+    np.testing.assert_array_equal(f.dense["other"].numpy()[4], [0.5, 0.25, 1.0])
+    np.testing.assert_array_equal(f.dense_mask["other"].numpy(), [False, False, False, False, True])
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["cold_items"] == 1 and stats["features"]["dense"]["image"]["ids_not_in_catalogue"] == 1
+
+
+# -- output directory and CLI -------------------------------------------------------------------------
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    log = write_log(tmp_path / "log.csv", [("u", i, t) for t, i in enumerate("abc")])
+    out = prep(tmp_path, log)
+    (out / "marker").write_text("old")
+    with pytest.raises(DataValidationError, match="already exists"):
+        prep(tmp_path, log)
+    assert (out / "marker").exists()
+    prep(tmp_path, log, overwrite=True)
+    assert not (out / "marker").exists() and (out / "stats.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "out"]
+
+
+def test_cli_prepares_and_reports_errors_in_one_line(tmp_path, capsys):
+    log = write_log(tmp_path / "log.csv", [("u", i, t) for t, i in enumerate("abc")])
+    args = ["prepare", "--interactions", str(log), "--out", str(tmp_path / "cli"), "--user-col", "user", "--item-col", "item",
+            "--time-col", "ts", "--min-count", "1", "--repeats", "collapse", "--cache-dir", "null"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "cli" / "stats.json").read_text())["options"]["repeats"] == "collapse"
+    capsys.readouterr()
+    assert main(args[:-6] + ["--out", str(tmp_path / "cli2"), "--time-col", "when"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "log.csv" in err and "'when'" in err and "Traceback" not in err
+    assert not (tmp_path / "cli2").exists()
