@@ -107,6 +107,106 @@ def selective_scan_reference(
     return _finish(torch.stack(ys, dim=-1), u, D, z, dtype)
 
 
+class _ChunkedScan(torch.autograd.Function):
+    """The scan proper, ``y_t = C_t . h_t``, over chunked tensors, with a hand-written backward.
+
+    Layout (time-in-chunk first, so that one step is one contiguous slice):
+    ``u, delta``: ``(T, batch, groups, chunks, H)`` with ``H`` channels per group; ``A``:
+    ``(groups, 1, H, N)``; ``B, C``: ``(T, batch, groups, chunks, N)``. Returns ``y`` like ``u``.
+
+    The states ``(..., H, N)`` are ``N`` times larger than everything else. Plain autograd would
+    keep several copies of them per layer; here the forward keeps only the state entering each
+    chunk and the backward recomputes the rest, one layer at a time, as the CUDA kernel does.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        decay = (delta.unsqueeze(-1) * A).exp_()  # a_t = exp(delta_t A), (T, batch, groups, chunks, H, N)
+        drive = delta * u
+        # The state each chunk would end in from a zero start, then carried across chunks.
+        local_end = _walk_forward(decay, drive, B, torch.zeros_like(decay[0]))
+        chunk_decay = torch.exp(delta.sum(0).unsqueeze(-1) * A)  # product of a_t over a chunk
+        starts = torch.empty_like(local_end)
+        h = torch.zeros_like(local_end[:, :, 0])
+        for c in range(local_end.shape[2]):
+            starts[:, :, c] = h
+            h = chunk_decay[:, :, c] * h + local_end[:, :, c]
+        y = torch.empty_like(u)
+        _walk_forward(decay, drive, B, starts, C=C, y=y)
+        ctx.save_for_backward(u, delta, A, B, C, starts)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        u, delta, A, B, C, starts = ctx.saved_tensors
+        dy = dy.contiguous()
+        steps = u.shape[0]
+        decay = (delta.unsqueeze(-1) * A).exp_()
+        drive = delta * u
+        # Recompute every state: states[t + 1] = h_t, states[0] = the state entering the chunk.
+        states = decay.new_empty((steps + 1, *decay.shape[1:]))
+        _walk_forward(decay, drive, B, starts, states=states)
+
+        # lam_t = dL/dh_t obeys the reversed recurrence lam_t = C_t dy_t + a_{t+1} lam_{t+1}.
+        # First from a zero start at each chunk's end, giving lam at each chunk's first step ...
+        local_first = _walk_backward(decay, dy, C, torch.zeros_like(starts))
+        # ... then carry across chunks from the last: what flows into chunk c's end is
+        # a_0 lam_0 of chunk c + 1; lam_0 of chunk c gets it times the product of a_1 .. a_{T-1}.
+        inner_decay = torch.exp(delta[1:].sum(0).unsqueeze(-1) * A)
+        incoming = torch.empty_like(starts)
+        carry = torch.zeros_like(starts[:, :, 0])
+        for c in range(starts.shape[2] - 1, -1, -1):
+            incoming[:, :, c] = carry
+            carry = decay[0, :, :, c] * (local_first[:, :, c] + inner_decay[:, :, c] * carry)
+        lam = decay.new_empty(decay.shape)
+        _walk_backward(decay, dy, C, incoming, out=lam)
+
+        dC = (dy.unsqueeze(-2) @ states[1:]).squeeze(-2)  # sum over channels of dy_t h_t
+        lam_B = (lam @ B.unsqueeze(-1)).squeeze(-1)  # sum over states of lam_t B_t
+        dB = (drive.unsqueeze(-2) @ lam).squeeze(-2)  # sum over channels of lam_t delta_t u_t
+        du = delta * lam_B
+        # Through a_t = exp(delta_t A): dL/d(delta_t A) = lam_t a_t h_{t-1}. The three state-sized
+        # buffers are reused for the products (no further state-sized allocations).
+        through_decay = lam.mul_(decay).mul_(states[:-1])
+        ddelta = u * lam_B + torch.mul(through_decay, A, out=decay).sum(-1)
+        dA = torch.mul(through_decay, delta.unsqueeze(-1), out=states[1:]).sum((0, 1, 3)).unsqueeze(1)
+        return du, ddelta, dA, dB, dC
+
+
+def _walk_forward(decay, drive, B, h, C=None, y=None, states=None):
+    """Run ``h_t = a_t h_{t-1} + drive_t B_t`` over the steps of every chunk at once.
+
+    Writes ``y_t = C_t . h_t`` into ``y`` and every state into ``states`` when given; returns the
+    last state. ``h`` (the start) is not modified.
+    """
+    if states is not None:
+        states[0] = h
+    for t in range(decay.shape[0]):
+        h = decay[t] * h if states is None else torch.mul(decay[t], h, out=states[t + 1])
+        h.addcmul_(drive[t].unsqueeze(-1), B[t].unsqueeze(-2))
+        if y is not None:
+            torch.matmul(h, C[t].unsqueeze(-1), out=y[t].unsqueeze(-1))
+    return h
+
+
+def _walk_backward(decay, dy, C, lam, out=None):
+    """Run ``lam_t = C_t dy_t + a_{t+1} lam_{t+1}`` backwards over every chunk at once.
+
+    ``lam`` is what flows into the last step of each chunk from the next one. Writes every
+    ``lam_t`` into ``out`` when given; returns ``lam`` at each chunk's first step.
+    """
+    steps = decay.shape[0]
+    for t in range(steps - 1, -1, -1):
+        target = None if out is None else out[t]
+        if t == steps - 1:  # a fresh tensor, so the caller's start is left intact
+            lam = lam.clone() if target is None else target.copy_(lam)
+        else:
+            lam = decay[t + 1] * lam if target is None else torch.mul(decay[t + 1], lam, out=target)
+        lam.addcmul_(dy[t].unsqueeze(-1), C[t].unsqueeze(-2))
+    return lam
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -124,17 +224,18 @@ def selective_scan(
     Shapes: ``u, delta, z``: ``(batch, dim, L)``; ``A``: ``(dim, N)``; ``B, C``: ``(batch, groups,
     N, L)`` or ``(batch, N, L)``; ``D, delta_bias``: ``(dim,)``. Returns ``(batch, dim, L)``.
 
-    The sequence is cut into chunks of ``T`` steps (``ceil(sqrt(L))`` by default) and the work is
-    done in three passes, so the Python loops run ``T + L/T`` times instead of ``L`` times:
+    The sequence is cut into chunks of ``T`` steps (``ceil(sqrt(L))`` by default), so the Python
+    loops run about ``T + L/T`` times instead of ``L`` times:
 
-    1. the state each chunk would end in if it started from zero, in closed form: a sum over the
-       chunk of inputs weighted by ``exp(A * (sum of delta after them))``, all chunks at once;
-    2. a loop over the chunks carrying the true state from one chunk into the next;
-    3. a loop over the ``T`` positions of a chunk, all chunks in parallel, each starting from its
-       carried-in state, reading out ``y_t = C_t . h_t``.
+    1. a walk over the ``T`` steps of every chunk at once, from zero, gives the state each chunk
+       would end in on its own;
+    2. a loop over the chunks carries the true state from one chunk into the next;
+    3. a second walk over the steps, each chunk starting from its carried-in state, reads out
+       ``y_t = C_t . h_t``.
 
-    Every exponent is ``A`` times a sum of non-negative steps, so nothing can overflow (a closed
-    form over a whole chunk with ``exp(-cumsum)`` would). The channel axis is viewed as
+    All decays are ``exp(A * delta)`` with ``A <= 0 <= delta`` (products of them, never ratios), so
+    nothing overflows however strong the decay. The backward pass (:class:`_ChunkedScan`) runs the
+    same three stages on the reversed recurrence of the gradients. The channel axis is viewed as
     ``(groups, channels per group)`` so a group's ``B``/``C`` broadcast over its channels without
     being copied per channel.
     """
@@ -149,37 +250,21 @@ def selective_scan(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     n_chunks = math.ceil(length / steps)
     pad = n_chunks * steps - length
+
     # Padding at the end is harmless: a zero step keeps the state, a zero input adds nothing, and
     # those outputs are dropped.
-    u_in = F.pad(u, (0, pad)).view(batch, groups, per_group, n_chunks, steps)
-    delta = F.pad(delta, (0, pad)).view(batch, groups, per_group, n_chunks, steps)
-    # B, C -> (batch, groups, 1, chunks, T, N): broadcast over the channels of a group.
-    B = F.pad(B, (0, pad)).view(batch, groups, n_state, n_chunks, steps).permute(0, 1, 3, 4, 2).unsqueeze(2)
-    C = F.pad(C, (0, pad)).view(batch, groups, n_state, n_chunks, steps).permute(0, 1, 3, 4, 2).unsqueeze(2)
-    A = A.view(groups, per_group, 1, n_state)  # broadcasts against (batch, groups, channels, chunks, N)
-    drive = delta * u_in  # delta_t * u_t, (batch, groups, channels, chunks, T)
+    def per_channel(t: torch.Tensor) -> torch.Tensor:  # (batch, dim, L) -> (T, batch, groups, chunks, H)
+        t = F.pad(t, (0, pad)).view(batch, groups, per_group, n_chunks, steps)
+        return t.permute(4, 0, 1, 3, 2).contiguous()
 
-    # 1. State at the end of each chunk, starting from zero inside it.
-    cum = delta.cumsum(-1)
-    after = (cum[..., -1:] - cum).unsqueeze(-1)  # sum of steps after position k in its chunk, >= 0
-    weight = torch.exp(A.unsqueeze(-2) * after)  # (batch, groups, channels, chunks, T, N)
-    local_end = (weight * drive.unsqueeze(-1) * B).sum(-2)  # (batch, groups, channels, chunks, N)
-    chunk_decay = torch.exp(A * cum[..., -1:])  # decay across a whole chunk
+    def per_group_(t: torch.Tensor) -> torch.Tensor:  # (batch, groups, N, L) -> (T, batch, groups, chunks, N)
+        t = F.pad(t, (0, pad)).view(batch, groups, n_state, n_chunks, steps)
+        return t.permute(4, 0, 1, 3, 2).contiguous()
 
-    # 2. Carry the state across chunks.
-    h = u.new_zeros(batch, groups, per_group, n_state)
-    starts = []
-    for c in range(n_chunks):
-        starts.append(h)
-        h = chunk_decay[:, :, :, c] * h + local_end[:, :, :, c]
-    h = torch.stack(starts, dim=3)  # state entering each chunk
-
-    # 3. Walk the positions of every chunk at once.
-    ys = []
-    for t in range(steps):
-        h = torch.exp(delta[..., t, None] * A) * h + drive[..., t, None] * B[..., t, :]
-        ys.append((h * C[..., t, :]).sum(-1))
-    y = torch.stack(ys, dim=-1).reshape(batch, dim, n_chunks * steps)[..., :length]
+    y = _ChunkedScan.apply(
+        per_channel(u), per_channel(delta), A.view(groups, 1, per_group, n_state), per_group_(B), per_group_(C)
+    )
+    y = y.permute(1, 2, 4, 3, 0).reshape(batch, dim, n_chunks * steps)[..., :length]
     return _finish(y, u, D, z, dtype)
 
 
@@ -278,8 +363,9 @@ def causal_depthwise_conv1d(
     if x.is_cuda and 2 <= width <= 4 and _use_kernels(use_kernels, x.device, "selective scan"):
         kernel = _causal_conv1d_fn()
     if kernel is not None:
+        # Channel-first contiguous: the kernel's channel-last path has extra divisibility rules.
         return kernel(
-            x,
+            x.contiguous(),
             weight.to(x.dtype),
             None if bias is None else bias.to(x.dtype),
             activation="silu" if silu else None,
