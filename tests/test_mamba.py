@@ -224,6 +224,9 @@ def test_cut_shrinks_parameters(encoder):
     mixer = cut_to_size(encoder, 8).blocks[0].mixer
     assert mixer.A_log.shape == (16, 4) and mixer.conv_weight.shape == (16, 4) and mixer.D.shape == (16,)
     assert mixer.bc_proj.weight.shape == (2 * 8, 16)  # two chunks of 2N outputs, reading 2*8 channels
+    # groups are 2*4 channels wide; chunk widths 4, 4, 8 span 1, 1, 2 groups
+    assert encoder.blocks[0].mixer.chunk_of_group.tolist() == [0, 1, 2, 2]
+    assert mixer.chunk_of_group.tolist() == [0, 1]
 
 
 def test_padding_does_not_leak(encoder):

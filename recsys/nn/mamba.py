@@ -128,6 +128,9 @@ class NestedMambaMixer(NestedModule):
             raise ValueError(f"d_state, d_conv and expand must be positive, got {d_state}, {d_conv}, {expand}")
         self.d_state, self.d_conv, self.expand, self.use_kernels = d_state, d_conv, expand, use_kernels
         inner = expand * self.sizes[-1]
+        # The scan's B/C groups are as wide as the smallest chunk; group j reads chunk_of_group[j]'s.
+        spans = torch.tensor(check_group_sizes(self.sizes))
+        self.register_buffer("chunk_of_group", torch.arange(len(self.sizes)).repeat_interleave(spans), persistent=False)
 
         self.in_x = NestedLinear(self.sizes, out_mult=expand, bias=False)
         self.in_z = NestedLinear(self.sizes, out_mult=expand, bias=False)
@@ -156,9 +159,8 @@ class NestedMambaMixer(NestedModule):
         u_last = u.transpose(1, 2)  # (B, L, E) view for the projections
         delta = self.dt_proj(u_last).transpose(1, 2)
         bc = self.bc_proj(u_last)  # (B, L, chunks, 2N)
-        # Chunk i's B/C, repeated over the groups (smallest-chunk widths) it spans: (B, groups, N, L).
-        spans = torch.tensor(check_group_sizes(self.sizes), device=x.device)
-        bc = bc.permute(0, 2, 3, 1).repeat_interleave(spans, dim=1, output_size=int(spans.sum()))
+        # Chunk i's B/C, repeated over the groups (smallest-chunk widths) it spans: (B, groups, 2N, L).
+        bc = bc.permute(0, 2, 3, 1).index_select(1, self.chunk_of_group)
         B, C = bc[:, :, : self.d_state], bc[:, :, self.d_state :]
         y = dispatch_selective_scan(
             u,
@@ -178,6 +180,7 @@ class NestedMambaMixer(NestedModule):
         channels = slice(0, self.expand * size)
         for name in ("conv_weight", "conv_bias", "dt_bias", "A_log", "D"):
             shrink_parameter_(self, name, channels)
+        self.chunk_of_group = self.chunk_of_group[: size // self.sizes[0]].contiguous()
 
     def extra_repr(self) -> str:
         return f"sizes={list(self.sizes)}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}"
