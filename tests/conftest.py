@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from collections import Counter
+
+import numpy as np
 import pytest
 
 from recsys.data import SyntheticConfig, prepare, write_synthetic
@@ -40,3 +43,40 @@ def synthetic_files(tmp_path_factory):
 def synthetic_prepared(synthetic_files, tmp_path_factory) -> Path:
     """The small synthetic log prepared with the default options (read-only for tests)."""
     return prepare(out=tmp_path_factory.mktemp("synthetic") / "prepared", **synthetic_files.prepare_kwargs(), cache_dir=None)
+
+
+def _train_part(data, user: int) -> np.ndarray:
+    return data.history(user)[:-2]
+
+
+def _is_contiguous_slice(needle: np.ndarray, haystack: np.ndarray) -> bool:
+    if len(needle) > len(haystack):
+        return False
+    windows = np.lib.stride_tricks.sliding_window_view(haystack, len(needle))
+    return bool((windows == needle).all(axis=1).any())
+
+
+def assert_train_batches_in_training_parts(dm) -> None:
+    """Every batch the DataModule's train loader yields is a contiguous piece of one user's training
+    part, and one epoch's targets are every training target exactly once: no validation or test
+    item leaks into training."""
+    data, windows = dm.dataset, dm.train_windows
+    loader = dm.train_dataloader()
+    seen_targets: dict[int, Counter] = {}
+    for indices in loader.batch_sampler:
+        batch = loader.collate_fn(windows.__getitems__(indices))
+        inputs, targets = batch["input_ids"].numpy(), batch["target_ids"].numpy()
+        for row, user in enumerate(windows.user[indices]):
+            real = inputs[row] > 0
+            assert (targets[row][~real] == 0).all()
+            sequence = np.append(inputs[row][real], targets[row][-1])
+            assert _is_contiguous_slice(sequence, _train_part(data, user)), f"user {user}: window leaves the training part"
+            seen_targets.setdefault(int(user), Counter()).update(targets[row][real].tolist())
+    for user in range(1, data.num_users + 1):
+        expected = Counter(_train_part(data, user)[1:].tolist())
+        assert seen_targets.get(user, Counter()) == expected, f"user {user}"
+
+
+@pytest.fixture()
+def check_train_batches():
+    return assert_train_batches_in_training_parts

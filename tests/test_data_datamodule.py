@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import pytest
 import torch
@@ -13,37 +11,6 @@ import recsys.data.datamodule as datamodule_module
 import recsys.data.synthetic as synthetic_module
 from recsys.data import SequenceDataModule, SyntheticConfig
 from recsys.data.batches import HeldOutTargets, TrainWindows
-
-
-def train_part(data, user: int) -> np.ndarray:
-    return data.history(user)[:-2]
-
-
-def is_contiguous_slice(needle: np.ndarray, haystack: np.ndarray) -> bool:
-    if len(needle) > len(haystack):
-        return False
-    windows = np.lib.stride_tricks.sliding_window_view(haystack, len(needle))
-    return bool((windows == needle).all(axis=1).any())
-
-
-def assert_windows_stay_in_training_parts(dm: SequenceDataModule) -> None:
-    """Every batch the train loader yields is a contiguous piece of one user's training part, and the
-    targets of one epoch are exactly every training target once (no validation/test item leaks in)."""
-    data, windows = dm.dataset, dm.train_windows
-    loader = dm.train_dataloader()
-    seen_targets: dict[int, Counter] = {}
-    for indices in loader.batch_sampler:
-        batch = loader.collate_fn(windows.__getitems__(indices))
-        inputs, targets = batch["input_ids"].numpy(), batch["target_ids"].numpy()
-        for row, user in enumerate(windows.user[indices]):
-            real = inputs[row] > 0
-            assert (targets[row][~real] == 0).all()
-            sequence = np.append(inputs[row][real], targets[row][-1])
-            assert is_contiguous_slice(sequence, train_part(data, user)), f"user {user}: window leaves the training part"
-            seen_targets.setdefault(int(user), Counter()).update(targets[row][real].tolist())
-    for user in range(1, data.num_users + 1):
-        expected = Counter(train_part(data, user)[1:].tolist())
-        assert seen_targets.get(user, Counter()) == expected, f"user {user}"
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +39,8 @@ def test_train_batch_shapes_left_padding_and_alignment(dm):
     assert batch["input_ids"].shape[1] == int(real.sum(1).max())  # as long as the longest row
 
 
-def test_windows_cover_every_training_target_once_and_never_leak(dm):
-    assert_windows_stay_in_training_parts(dm)
+def test_windows_cover_every_training_target_once_and_never_leak(dm, check_train_batches):
+    check_train_batches(dm)
 
 
 def test_long_training_parts_are_cut_from_the_end():

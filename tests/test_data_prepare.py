@@ -103,6 +103,14 @@ def test_exact_duplicate_rows_dropped_and_ties_follow_file_order(tmp_path):
     assert json.loads((out / "stats.json").read_text())["dropped"]["duplicate_rows"] == 1
 
 
+def test_rows_differing_in_an_unused_column_are_not_duplicates(tmp_path):
+    rows = [("u", "x", 1, 5), ("u", "x", 1, 7), ("u", "x", 1, 5), ("u", "y", 2, 1), ("u", "z", 3, 1)]
+    log = write_log(tmp_path / "log.csv", rows, columns=("user", "item", "ts", "plays"))
+    out = prep(tmp_path, log, repeats="keep")
+    assert histories(out) == {"u": ["x", "x", "y", "z"]}
+    assert json.loads((out / "stats.json").read_text())["dropped"]["duplicate_rows"] == 1
+
+
 def test_row_order_when_no_time_column(tmp_path):
     out = prep(tmp_path, write_log(tmp_path / "log.csv", [("u", "c", 9), ("u", "a", 1), ("u", "b", 5)]), time_col=None)
     assert histories(out) == {"u": ["c", "a", "b"]}

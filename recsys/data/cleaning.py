@@ -1,7 +1,8 @@
 """Cleaning an interaction log: exact duplicates, repeated (user, item) events, k-core, time order.
 
 The input frame has the columns ``user_id``, ``item_id``, ``__time`` (a sortable key), ``__row`` (the
-row number in the file) and optionally ``weight``. Every step keeps the rows in a deterministic time
+row number in the file), optionally ``weight`` and ``__row_hash`` (a hash of all the file's columns,
+so that rows that differ only in a column the pipeline does not use are not duplicates). Every step keeps the rows in a deterministic time
 order: by user, then time, ties broken by the original row order in the file.
 """
 
@@ -13,6 +14,8 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+
+from recsys.data.readers import ROW_HASH
 
 __all__ = ["RepeatPolicy", "CleaningCounts", "clean_log", "k_core_mask"]
 
@@ -49,7 +52,8 @@ def clean_log(
     (user_id, time, file row).
     """
     counts = CleaningCounts(raw_rows=log_frame.height)
-    exact = [c for c in ("user_id", "item_id", "__time", "weight") if c in log_frame.columns]
+    # identical in every column of the file: the used columns plus a hash of all columns
+    exact = [c for c in ("user_id", "item_id", "__time", "weight", ROW_HASH) if c in log_frame.columns]
     frame = log_frame.unique(subset=exact, keep="first", maintain_order=True)
     counts.duplicate_rows = log_frame.height - frame.height
 

@@ -25,7 +25,7 @@ import polars as pl
 from recsys.data.cleaning import REPEAT_POLICIES, TIE_BREAK, RepeatPolicy, clean_log
 from recsys.data.errors import DataValidationError
 from recsys.data.features import build_item_features
-from recsys.data.readers import ROW, check_columns, check_id_column, read_columns, scan_table, unify_id_dtype
+from recsys.data.readers import ROW, ROW_HASH, check_columns, check_id_column, read_columns, scan_table, unify_id_dtype
 from recsys.data.text_encoding import PACKAGED_TEXT_MODEL
 from recsys.data.time_order import parse_order_key, parse_weight
 from recsys.data.vectors import ItemVectors, read_item_vectors
@@ -257,12 +257,12 @@ def _item_table_columns(id_col, text_cols, category_cols) -> list[tuple[str, str
 
 
 def _read_log(path: Path, user_col: str, item_col: str, time_col: str | None, weight_col: str | None) -> pl.DataFrame:
-    """The log as ``user_id, item_id, __time, __row[, weight]``, every value checked."""
-    table = read_columns(path, _log_columns(user_col, item_col, time_col, weight_col), "the interaction log")
+    """The log as ``user_id, item_id, __time, __row, __row_hash[, weight]``, every value checked."""
+    table = read_columns(path, _log_columns(user_col, item_col, time_col, weight_col), "the interaction log", row_hash=True)
     check_id_column(path, table, user_col)
     check_id_column(path, table, item_col)
     time_key = table[ROW].cast(pl.Int64).alias("__time") if time_col is None else parse_order_key(path, table, time_col)
-    columns = [table[user_col].alias("user_id"), table[item_col].alias("item_id"), time_key, table[ROW]]
+    columns = [table[user_col].alias("user_id"), table[item_col].alias("item_id"), time_key, table[ROW], table[ROW_HASH]]
     if weight_col is not None:
         columns.append(parse_weight(path, table, weight_col).alias("weight"))
     return pl.DataFrame(columns)

@@ -14,10 +14,12 @@ import polars as pl
 
 from recsys.data.errors import DataValidationError
 
-__all__ = ["ROW", "TABLE_EXTENSIONS", "scan_table", "check_columns", "read_columns", "check_id_column", "unify_id_dtype"]
+__all__ = ["ROW", "ROW_HASH", "TABLE_EXTENSIONS", "scan_table", "check_columns", "read_columns", "check_id_column", "unify_id_dtype"]
 
 #: name of the 0-based row-number column added to every table read here (rows are reported 1-based)
 ROW = "__row"
+#: name of the hash-of-all-columns column (see :func:`read_columns`)
+ROW_HASH = "__row_hash"
 TABLE_EXTENSIONS = (".csv", ".tsv", ".parquet")
 
 
@@ -54,16 +56,20 @@ def check_columns(path: str | Path, frame: pl.LazyFrame, columns: list[tuple[str
             )
 
 
-def read_columns(path: str | Path, columns: list[tuple[str, str | None]], what: str) -> pl.DataFrame:
+def read_columns(path: str | Path, columns: list[tuple[str, str | None]], what: str, row_hash: bool = False) -> pl.DataFrame:
     """Read the named columns (plus a row-number column :data:`ROW`) of a table, eagerly.
 
     ``columns`` pairs the option that named a column (for the error message, e.g. ``"--user-col"``)
-    with the column name; ``None`` names are skipped. Raises when the file is missing, has an
-    unknown extension, lacks a column (listing the ones it has) or has no rows.
+    with the column name; ``None`` names are skipped. With ``row_hash``, a column :data:`ROW_HASH`
+    holds a hash of *all* the file's columns, so exact duplicate rows can be found without keeping
+    the columns the pipeline does not use. Raises when the file is missing, has an unknown
+    extension, lacks a column (listing the ones it has) or has no rows.
     """
     frame = scan_table(path)
     check_columns(path, frame, columns, what)
-    wanted = list(dict.fromkeys(column for _, column in columns if column is not None))
+    wanted: list[pl.Expr] = [pl.col(c) for c in dict.fromkeys(column for _, column in columns if column is not None)]
+    if row_hash:
+        wanted.append(pl.struct(pl.all()).hash(seed=0).alias(ROW_HASH))
     try:
         table = frame.select(wanted).with_row_index(ROW).collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
