@@ -283,3 +283,15 @@ def test_chunkwise_projection_reads_only_its_prefix():
     changed[:, 8:] = 0.0  # beyond chunk 0's prefix (2 * 4 channels)
     assert torch.equal(proj(changed)[:, 0], out[:, 0])
     assert not torch.equal(proj(changed)[:, 1], out[:, 1])
+
+
+def test_runs_under_autocast(encoder):
+    """Mixed precision (as Lightning's bf16-mixed): the scan itself runs in float32 inside."""
+    x, mask = left_padded()
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = encoder(x, mask)
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        torch.testing.assert_close(out.float(), encoder(x, mask), atol=0.05, rtol=0.05)

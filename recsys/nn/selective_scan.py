@@ -121,57 +121,70 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        decay = (delta.unsqueeze(-1) * A).exp_()  # a_t = exp(delta_t A), (T, batch, groups, chunks, H, N)
-        drive = delta * u
-        # The state each chunk would end in from a zero start, then carried across chunks.
-        local_end = _walk_forward(decay, drive, B, torch.zeros_like(decay[0]))
-        chunk_decay = torch.exp(delta.sum(0).unsqueeze(-1) * A)  # product of a_t over a chunk
-        starts = torch.empty_like(local_end)
-        h = torch.zeros_like(local_end[:, :, 0])
-        for c in range(local_end.shape[2]):
-            starts[:, :, c] = h
-            h = chunk_decay[:, :, c] * h + local_end[:, :, c]
-        y = torch.empty_like(u)
-        _walk_forward(decay, drive, B, starts, C=C, y=y)
+        # Autocast off: the scan runs in the inputs' precision (at least float32, see _prepare).
+        with torch.autocast(u.device.type, enabled=False):
+            y, starts = _scan_forward(u, delta, A, B, C)
         ctx.save_for_backward(u, delta, A, B, C, starts)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        u, delta, A, B, C, starts = ctx.saved_tensors
-        dy = dy.contiguous()
-        steps = u.shape[0]
-        decay = (delta.unsqueeze(-1) * A).exp_()
-        drive = delta * u
-        # Recompute every state: states[t + 1] = h_t, states[0] = the state entering the chunk.
-        states = decay.new_empty((steps + 1, *decay.shape[1:]))
-        _walk_forward(decay, drive, B, starts, states=states)
+        with torch.autocast(dy.device.type, enabled=False):
+            return _scan_backward(dy, *ctx.saved_tensors)
 
-        # lam_t = dL/dh_t obeys the reversed recurrence lam_t = C_t dy_t + a_{t+1} lam_{t+1}.
-        # First from a zero start at each chunk's end, giving lam at each chunk's first step ...
-        local_first = _walk_backward(decay, dy, C, torch.zeros_like(starts))
-        # ... then carry across chunks from the last: what flows into chunk c's end is
-        # a_0 lam_0 of chunk c + 1; lam_0 of chunk c gets it times the product of a_1 .. a_{T-1}.
-        inner_decay = torch.exp(delta[1:].sum(0).unsqueeze(-1) * A)
-        incoming = torch.empty_like(starts)
-        carry = torch.zeros_like(starts[:, :, 0])
-        for c in range(starts.shape[2] - 1, -1, -1):
-            incoming[:, :, c] = carry
-            carry = decay[0, :, :, c] * (local_first[:, :, c] + inner_decay[:, :, c] * carry)
-        lam = decay.new_empty(decay.shape)
-        _walk_backward(decay, dy, C, incoming, out=lam)
 
-        dC = (dy.unsqueeze(-2) @ states[1:]).squeeze(-2)  # sum over channels of dy_t h_t
-        lam_B = (lam @ B.unsqueeze(-1)).squeeze(-1)  # sum over states of lam_t B_t
-        dB = (drive.unsqueeze(-2) @ lam).squeeze(-2)  # sum over channels of lam_t delta_t u_t
-        du = delta * lam_B
-        # Through a_t = exp(delta_t A): dL/d(delta_t A) = lam_t a_t h_{t-1}. The three state-sized
-        # buffers are reused for the products (no further state-sized allocations).
-        through_decay = lam.mul_(decay).mul_(states[:-1])
-        ddelta = u * lam_B + torch.mul(through_decay, A, out=decay).sum(-1)
-        dA = torch.mul(through_decay, delta.unsqueeze(-1), out=states[1:]).sum((0, 1, 3)).unsqueeze(1)
-        return du, ddelta, dA, dB, dC
+def _scan_forward(u, delta, A, B, C):
+    """Outputs ``y`` and the state entering every chunk (all the backward pass needs to keep)."""
+    decay = (delta.unsqueeze(-1) * A).exp_()  # a_t = exp(delta_t A), (T, batch, groups, chunks, H, N)
+    drive = delta * u
+    # The state each chunk would end in from a zero start, then carried across chunks.
+    local_end = _walk_forward(decay, drive, B, torch.zeros_like(decay[0]))
+    chunk_decay = torch.exp(delta.sum(0).unsqueeze(-1) * A)  # product of a_t over a chunk
+    starts = torch.empty_like(local_end)
+    h = torch.zeros_like(local_end[:, :, 0])
+    for c in range(local_end.shape[2]):
+        starts[:, :, c] = h
+        h = chunk_decay[:, :, c] * h + local_end[:, :, c]
+    y = torch.empty_like(u)
+    _walk_forward(decay, drive, B, starts, C=C, y=y)
+    return y, starts
+
+
+def _scan_backward(dy, u, delta, A, B, C, starts):
+    """Gradients for ``u, delta, A, B, C``, recomputing the states chunk by chunk."""
+    dy = dy.contiguous()
+    steps = u.shape[0]
+    decay = (delta.unsqueeze(-1) * A).exp_()
+    drive = delta * u
+    # Recompute every state: states[t + 1] = h_t, states[0] = the state entering the chunk.
+    states = decay.new_empty((steps + 1, *decay.shape[1:]))
+    _walk_forward(decay, drive, B, starts, states=states)
+
+    # lam_t = dL/dh_t obeys the reversed recurrence lam_t = C_t dy_t + a_{t+1} lam_{t+1}.
+    # First from a zero start at each chunk's end, giving lam at each chunk's first step ...
+    local_first = _walk_backward(decay, dy, C, torch.zeros_like(starts))
+    # ... then carry across chunks from the last: what flows into chunk c's end is
+    # a_0 lam_0 of chunk c + 1; lam_0 of chunk c gets it times the product of a_1 .. a_{T-1}.
+    inner_decay = torch.exp(delta[1:].sum(0).unsqueeze(-1) * A)
+    incoming = torch.empty_like(starts)
+    carry = torch.zeros_like(starts[:, :, 0])
+    for c in range(starts.shape[2] - 1, -1, -1):
+        incoming[:, :, c] = carry
+        carry = decay[0, :, :, c] * (local_first[:, :, c] + inner_decay[:, :, c] * carry)
+    lam = decay.new_empty(decay.shape)
+    _walk_backward(decay, dy, C, incoming, out=lam)
+
+    dC = (dy.unsqueeze(-2) @ states[1:]).squeeze(-2)  # sum over channels of dy_t h_t
+    lam_B = (lam @ B.unsqueeze(-1)).squeeze(-1)  # sum over states of lam_t B_t
+    dB = (drive.unsqueeze(-2) @ lam).squeeze(-2)  # sum over channels of lam_t delta_t u_t
+    du = delta * lam_B
+    # Through a_t = exp(delta_t A): dL/d(delta_t A) = lam_t a_t h_{t-1}. The three state-sized
+    # buffers are reused for the products (no further state-sized allocations).
+    through_decay = lam.mul_(decay).mul_(states[:-1])
+    ddelta = u * lam_B + torch.mul(through_decay, A, out=decay).sum(-1)
+    dA = torch.mul(through_decay, delta.unsqueeze(-1), out=states[1:]).sum((0, 1, 3)).unsqueeze(1)
+    return du, ddelta, dA, dB, dC
 
 
 def _walk_forward(decay, drive, B, h, C=None, y=None, states=None):
