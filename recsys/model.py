@@ -129,7 +129,8 @@ class MatryoshkaRecommender(L.LightningModule):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
         state = ckpt["state_dict"]
         features = ItemTower.features_from_state_dict(state, prefix="net.items.")
-        model = cls(item_features=features, **ckpt["hyper_parameters"])
+        options = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # CLI bookkeeping
+        model = cls(item_features=features, **options)
         model.load_state_dict(state)
         model.catalogue = ckpt.get("catalogue")
         return model

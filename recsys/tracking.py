@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,8 @@ def log_size_models(
 ) -> dict[int, str]:
     """One pyfunc model per size in ``run_id`` (model from code: nothing pickled); returns model URIs."""
     import mlflow
+    import pandas as pd
+    from mlflow.entities import Metric
     from mlflow.models import infer_signature
 
     import serving
@@ -177,33 +180,36 @@ def log_size_models(
 
     code = str(Path(pyfunc.__file__))
     by_size = {r["size"]: r for r in rows}
-    uris = {}
+    logged = {}
     with mlflow.start_run(run_id=run_id):
         for size, directory in export_dirs.items():
-            model = serving.load(directory)
-            example_history = model.item_ids[:3]
-            example = {"history": [example_history]}
-            import pandas as pd
-
-            output = pyfunc.SizedRecommenderPyfunc()
-            output.model = model
-            prediction = output.predict(None, pd.DataFrame(example), {"k": 5})
-            signature = infer_signature(pd.DataFrame(example), prediction, params={"k": 10, "exclude_seen": True})
-            row = by_size[size]
-            info = mlflow.pyfunc.log_model(
+            wrapper = pyfunc.SizedRecommenderPyfunc()
+            wrapper.model = serving.load(directory)
+            example = pd.DataFrame({"history": [wrapper.model.item_ids[:3]]})
+            signature = infer_signature(example, wrapper.predict(None, example, {"k": 5}),
+                                        params={"k": 10, "exclude_seen": True})
+            logged[size] = mlflow.pyfunc.log_model(
                 name=f"d{size}",
                 python_model=code,
                 artifacts={"export": str(directory)},
                 signature=signature,
-                input_example=pd.DataFrame(example),
-                params={"size": size, "parameters": row["parameters"], "encoder": model.manifest["encoder"]},
+                input_example=example,
+                params={"size": size, "parameters": by_size[size]["parameters"], "encoder": wrapper.model.manifest["encoder"]},
                 pip_requirements=_requirements(),
                 registered_model_name=f"{register_as}-d{size}" if register_as else None,
             )
-            metrics = {k: v for k, v in row.items() if k not in ("size", "parameters")}
-            mlflow.log_metrics({f"test/{k}": float(v) for k, v in metrics.items()}, model_id=info.model_id)
-            uris[size] = info.model_uri
-    return uris
+    # Link each model's own test metrics only after all are logged: log_model links every
+    # step-0 metric already in the run to the new model, which would mix the sizes up.
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    for size, info in logged.items():
+        metrics = [
+            Metric(f"test/{k}/d{size}", float(v), now, 0, model_id=info.model_id)
+            for k, v in by_size[size].items()
+            if k not in ("size", "parameters")
+        ]
+        client.log_batch(run_id, metrics=metrics)
+    return {size: info.model_uri for size, info in logged.items()}
 
 
 def _requirements() -> list[str]:

@@ -8,7 +8,6 @@ serves it as a REST endpoint.
 
 from __future__ import annotations
 
-from typing import Any
 
 import mlflow
 import pandas as pd
@@ -20,7 +19,7 @@ class SizedRecommenderPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = serving.load(context.artifacts["export"])
 
-    def predict(self, context, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
         params = params or {}
         if isinstance(model_input, pd.DataFrame):
             if "history" not in model_input.columns:
