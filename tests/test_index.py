@@ -1,0 +1,429 @@
+"""Tests of serving.index: exactness against torch.topk, recall of approximate kinds, exclusion,
+funnel search, save/load, and clear errors for bad specs and inputs."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from serving.index import (
+    KINDS,
+    FunnelSearch,
+    FunnelSpec,
+    IndexSpec,
+    build_index,
+    gpu_available,
+    index_kind,
+    is_gpu_index,
+    load_index,
+    recall_at_k,
+    save_index,
+    search,
+    torch_topk,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """Behaviour tests need no parallelism; on a busy 2-core machine faiss' OpenMP k-means over
+    tiny PQ sub-spaces runs several times slower with 2 threads than with 1."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def gaussian(n: int, d: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def clustered(n: int, d: int, num_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Items around 40 centres with a decaying spectrum (informative prefixes), and queries near them."""
+    rng = np.random.default_rng(seed)
+    scale = (1.0 + np.arange(d)) ** -0.5
+    centres = rng.standard_normal((40, d)) * 3.0
+    items = centres[rng.integers(0, 40, n)] + rng.standard_normal((n, d))
+    queries = centres[rng.integers(0, 40, num_queries)] + rng.standard_normal((num_queries, d))
+    return (items * scale).astype(np.float32), (queries * scale).astype(np.float32)
+
+
+def min_gap(scores: np.ndarray) -> float:
+    """Smallest distance between consecutive sorted scores: ranks are unambiguous above it."""
+    return float(np.diff(-scores, axis=1).min())
+
+
+def brute_force(queries: np.ndarray, items: np.ndarray, k: int, exclude=None) -> np.ndarray:
+    """Reference rows by float64 scores with excluded rows masked."""
+    scores = queries.astype(np.float64) @ items.astype(np.float64).T
+    if exclude is not None:
+        for b, rows in enumerate(exclude):
+            scores[b, np.asarray(rows, dtype=np.int64)] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    valid = np.take_along_axis(scores, order, axis=1) > -np.inf
+    return np.where(valid, order, -1)
+
+
+@pytest.fixture(scope="module")
+def data():
+    # seeds chosen so that the exact top-50 has no near-ties (gaps > 1e-4, asserted below)
+    items = gaussian(2000, 48, seed=4)
+    queries = gaussian(40, 48, seed=5)
+    return items, queries
+
+
+@pytest.fixture(scope="module")
+def clustered_data():
+    return clustered(6000, 32, 60)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact search
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_queries", [40, 5])  # faiss takes its BLAS path from 20 queries up
+def test_flat_equals_torch_topk(data, num_queries):
+    items, queries = data
+    queries = queries[:num_queries]
+    ref_scores, ref_rows = torch_topk(queries, items, 50)
+    assert min_gap(ref_scores) > 1e-4  # no near-ties: the ranking is unambiguous
+    scores, rows = search(build_index(items, IndexSpec("flat")), queries, 50)
+    assert scores.dtype == np.float32 and rows.dtype == np.int64
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(rows, brute_force(queries, items, 50))
+
+
+def test_torch_topk_blocked_equals_unblocked(data):
+    items, queries = data
+    one_block = torch_topk(queries, items, 30)
+    blocked = torch_topk(torch.from_numpy(queries), torch.from_numpy(items), 30, block_rows=128)
+    np.testing.assert_array_equal(blocked[1], one_block[1])
+    np.testing.assert_allclose(blocked[0], one_block[0], rtol=1e-6)
+
+
+def test_k_larger_than_catalogue_pads(data):
+    items, queries = data
+    small = items[:7]
+    scores, rows = search(build_index(small), queries, 10)
+    assert rows.shape == (len(queries), 10)
+    np.testing.assert_array_equal(rows[:, :7], brute_force(queries, small, 7))
+    assert (rows[:, 7:] == -1).all() and np.isneginf(scores[:, 7:]).all()
+    t_scores, t_rows = torch_topk(queries, small, 10)
+    np.testing.assert_array_equal(t_rows, rows)
+    assert np.isneginf(t_scores[:, 7:]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Approximate kinds
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, min_recall",
+    [
+        (IndexSpec("ivf_flat"), 0.9),
+        (IndexSpec("hnsw"), 0.9),
+        (IndexSpec("ivf_pq", pq_m=16, pq_nbits=4), 0.3),  # 0.43 here; random rows: 0.003
+    ],
+    ids=["ivf_flat", "hnsw", "ivf_pq"],
+)
+def test_approximate_kinds_recall(clustered_data, spec, min_recall):
+    items, queries = clustered_data
+    k = 20
+    _, truth = torch_topk(queries, items, k)
+    index = build_index(items, spec)
+    assert index_kind(index) == spec.kind and index.ntotal == len(items)
+    scores, rows = search(index, queries, k)
+    assert rows.shape == (len(queries), k)
+    assert ((rows >= 0) & (rows < len(items))).all()
+    assert all(len(set(r)) == k for r in rows.tolist())  # no duplicates
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # descending
+    assert recall_at_k(rows, truth) >= min_recall
+    if spec.kind != "ivf_pq":  # these store the vectors: their scores are the true inner products
+        true = np.einsum("bd,bkd->bk", queries, items[rows])
+        np.testing.assert_allclose(scores, true, rtol=1e-4, atol=1e-4)
+
+
+def test_ivf_build_is_deterministic(clustered_data):
+    items, queries = clustered_data
+    spec = IndexSpec("ivf_flat", nlist=32, nprobe=2, seed=3)
+    first = search(build_index(items, spec), queries, 10)
+    second = search(build_index(items, spec), queries, 10)
+    np.testing.assert_array_equal(first[1], second[1])
+
+
+def test_nprobe_all_lists_is_exact(clustered_data):
+    items, queries = clustered_data
+    _, rows = search(build_index(items, IndexSpec("ivf_flat", nlist=16, nprobe=16)), queries, 20)
+    np.testing.assert_array_equal(rows, brute_force(queries, items, 20))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exclusion
+# ---------------------------------------------------------------------------------------------
+
+
+def test_exclusion_removes_exactly_the_given_rows(data):
+    items, queries = data
+    rng = np.random.default_rng(5)
+    _, top = torch_topk(queries, items, 30)
+    exclude = []
+    for b in range(len(queries)):
+        # some of each query's own top rows (so exclusion matters), random rows, a duplicate
+        rows = np.concatenate([top[b, rng.choice(30, size=b % 12, replace=False)], rng.integers(0, 2000, 3)])
+        exclude.append(np.concatenate([rows, rows[:1]]) if len(rows) else rows)
+    exclude[0] = np.array([], dtype=np.int64)
+    scores, rows = search(build_index(items), queries, 20, exclude=exclude)
+    for b in range(len(queries)):
+        assert not set(rows[b].tolist()) & set(exclude[b].tolist())
+    np.testing.assert_array_equal(rows, brute_force(queries, items, 20, exclude))
+    assert np.isfinite(scores).all()
+    # without exclusion the same call finds the excluded top rows again
+    _, plain = search(build_index(items), queries, 20)
+    assert any(set(plain[b].tolist()) & set(exclude[b].tolist()) for b in range(len(queries)))
+
+
+def test_exclusion_of_almost_everything_pads(data):
+    items, queries = data
+    small = items[:12]
+    exclude = [np.arange(10)] * 2
+    scores, rows = search(build_index(small), queries[:2], 5, exclude=exclude)
+    assert set(rows[0, :2].tolist()) == {10, 11} and (rows[:, 2:] == -1).all()
+    assert np.isneginf(scores[:, 2:]).all() and np.isfinite(scores[:, :2]).all()
+
+
+def test_exclusion_errors_name_the_value(data):
+    items, queries = data
+    index = build_index(items[:100])
+    with pytest.raises(ValueError, match="exclude has 1 entries for 2 queries"):
+        search(index, queries[:2], 5, exclude=[np.array([1])])
+    with pytest.raises(ValueError, match="exclude\\[1\\] holds row 100"):
+        search(index, queries[:2], 5, exclude=[np.array([1]), np.array([3, 100])])
+    with pytest.raises(ValueError, match="exclude\\[0\\] holds row -1"):
+        search(index, queries[:2], 5, exclude=[[-1], []])
+    with pytest.raises(ValueError, match="integer rows"):
+        search(index, queries[:2], 5, exclude=[np.array([1.5]), []])
+
+
+# ---------------------------------------------------------------------------------------------
+# Funnel search
+# ---------------------------------------------------------------------------------------------
+
+
+def test_funnel_with_full_shortlist_equals_exact_search(data):
+    items, queries = data
+    ref_scores, ref_rows = torch_topk(queries, items, 25)
+    assert min_gap(ref_scores) > 1e-4
+    funnel = FunnelSearch(items, prefix=8, shortlist=len(items), rerank_dims=48)
+    scores, rows = funnel.search(queries, 25)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    # two re-rank stages, keeping everything after the first, are exact too
+    two_stage = FunnelSearch(items, prefix=8, shortlist=len(items), rerank_dims=[16, 48], keep=[len(items)])
+    np.testing.assert_array_equal(two_stage.search(queries, 25)[1], ref_rows)
+
+
+def test_funnel_reranks_at_a_prefix_of_wider_vectors(data):
+    items, queries = data
+    ref_scores, ref_rows = torch_topk(queries[:, :32], items[:, :32], 10)
+    funnel = FunnelSearch(items, prefix=8, shortlist=len(items), rerank_dims=32)
+    scores, rows = funnel.search(queries, 10)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_funnel_generous_shortlist_on_matryoshka_like_data(clustered_data):
+    items, queries = clustered_data
+    _, truth = torch_topk(queries, items, 10)
+    funnel = FunnelSearch(items, prefix=8, shortlist=1500, rerank_dims=[16, 32], keep=[400])
+    _, rows = funnel.search(queries, 10)
+    assert recall_at_k(rows, truth) == 1.0
+    # an approximate prefix index still gives high recall (an exact one gets 0.94 here)
+    funnel_hnsw = FunnelSearch(items, prefix=8, shortlist=300, rerank_dims=32, index=IndexSpec("hnsw"))
+    assert recall_at_k(funnel_hnsw.search(queries, 10)[1], truth) >= 0.8
+
+
+def test_funnel_with_exclusion_equals_exact_filtered(data):
+    items, queries = data
+    _, top = torch_topk(queries, items, 5)
+    exclude = [top[b, : b % 5] for b in range(len(queries))]
+    funnel = FunnelSearch(items, prefix=8, shortlist=len(items), rerank_dims=48)
+    _, rows = funnel.search(queries, 10, exclude=exclude)
+    np.testing.assert_array_equal(rows, brute_force(queries, items, 10, exclude))
+
+
+def test_funnel_settings_round_trip_through_json(data):
+    items, queries = data
+    funnel = FunnelSearch(items, 8, 200, [16, 48], keep=[100], index=IndexSpec("hnsw", ef_search=64))
+    text = json.dumps(funnel.to_dict())
+    again = FunnelSearch.from_dict(items, json.loads(text), prefix_index=funnel.index)
+    assert again.spec == funnel.spec
+    np.testing.assert_array_equal(again.search(queries, 10)[1], funnel.search(queries, 10)[1])
+    assert FunnelSpec.from_dict(json.loads(FunnelSpec(16, 100, 32).to_json())).keep == ()
+
+
+def test_funnel_bad_settings():
+    with pytest.raises(ValueError, match="rerank_dims must increase and exceed prefix=32"):
+        FunnelSpec(32, 100, [32])
+    with pytest.raises(ValueError, match="rerank_dims must increase"):
+        FunnelSpec(16, 100, [64, 32])
+    with pytest.raises(ValueError, match="keep must not grow"):
+        FunnelSpec(16, 100, [32, 64], keep=[200])
+    with pytest.raises(ValueError, match="keep needs 1 entries"):
+        FunnelSpec(16, 100, [32, 64], keep=[50, 20])
+    with pytest.raises(ValueError, match="shortlist must be an integer >= 1"):
+        FunnelSpec(16, 0, 32)
+    with pytest.raises(ValueError, match="unknown funnel spec keys \\['depth'\\]"):
+        FunnelSpec.from_dict({"prefix": 16, "shortlist": 10, "rerank_dims": [32], "depth": 2})
+    with pytest.raises(ValueError, match="exceed the vectors' width 48"):
+        FunnelSearch(gaussian(50, 48, 0), 16, 10, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save and load
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(clustered_data, tmp_path, kind):
+    items, queries = clustered_data
+    spec = IndexSpec(kind, pq_m=8, pq_nbits=4) if kind == "ivf_pq" else IndexSpec(kind)
+    spec = spec.resolve(*items.shape)
+    index = build_index(items, spec)
+    path = tmp_path / f"{kind}.faiss"
+    save_index(index, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    loaded = load_index(path, IndexSpec.from_dict(json.loads(json.dumps(spec.to_dict()))), num_items=6000, dim=32)
+    assert index_kind(loaded) == kind and not is_gpu_index(loaded)
+    before, after = search(index, queries, 15), search(loaded, queries, 15)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+
+
+def test_load_applies_search_settings_from_spec(clustered_data, tmp_path):
+    items, queries = clustered_data
+    path = tmp_path / "ivf.faiss"
+    save_index(build_index(items, IndexSpec("ivf_flat", nlist=16, nprobe=1)), path)
+    loaded = load_index(path, IndexSpec("ivf_flat", nlist=16, nprobe=16))
+    assert loaded.nprobe == 16
+    np.testing.assert_array_equal(search(loaded, queries, 10)[1], brute_force(queries, items, 10))
+
+
+def test_load_refuses_mismatches(data, tmp_path):
+    items, _ = data
+    path = tmp_path / "flat.faiss"
+    save_index(build_index(items), path)
+    with pytest.raises(ValueError, match="holds a 'flat' index but the spec says 'hnsw'"):
+        load_index(path, IndexSpec("hnsw"))
+    with pytest.raises(ValueError, match="indexes 2000 rows, expected 1999"):
+        load_index(path, IndexSpec("flat"), num_items=1999)
+    with pytest.raises(ValueError, match="indexes 48-d vectors, expected 64"):
+        load_index(path, IndexSpec("flat"), dim=64)
+    with pytest.raises(FileNotFoundError, match="missing.faiss"):
+        load_index(tmp_path / "missing.faiss", IndexSpec("flat"))
+    garbage = tmp_path / "garbage.faiss"
+    garbage.write_bytes(b"not an index")
+    with pytest.raises(ValueError, match="garbage.faiss is not a readable faiss index"):
+        load_index(garbage, IndexSpec("flat"))
+    with pytest.raises(ValueError, match="device must be"):
+        load_index(path, IndexSpec("flat"), device="tpu")
+    ivf_path = tmp_path / "ivf.faiss"
+    save_index(build_index(items, IndexSpec("ivf_flat", nlist=8)), ivf_path)
+    with pytest.raises(ValueError, match="has nlist=8, the spec says nlist=16"):
+        load_index(ivf_path, IndexSpec("ivf_flat", nlist=16))
+
+
+def test_device_choice_without_gpu(data, tmp_path):
+    if gpu_available():
+        pytest.skip("this machine has a GPU")
+    assert not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+    path = tmp_path / "flat.faiss"
+    save_index(build_index(data[0]), path)
+    assert not is_gpu_index(load_index(path, IndexSpec("flat"), device="auto"))
+    with pytest.raises(RuntimeError, match="device='gpu'"):
+        load_index(path, IndexSpec("flat"), device="gpu")
+
+
+def test_save_into_missing_directory(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_index(build_index(data[0][:10]), tmp_path / "nope" / "x.faiss")
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs and inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_spec_defaults_follow_catalogue_size():
+    small = IndexSpec("ivf_flat").resolve(10_000, 64)
+    large = IndexSpec("ivf_flat").resolve(1_000_000, 64)
+    assert small.nlist == 256 and small.nprobe == 16 and small.train_size == 10_000
+    assert large.nlist == 4096 and large.nprobe == 256 and large.train_size == 64 * 4096
+    assert IndexSpec("ivf_flat").resolve(20, 8).nlist == 1
+    pq = IndexSpec("ivf_pq").resolve(100_000, 48)
+    assert pq.pq_m == 12 and pq.pq_nbits == 8 and 48 % pq.pq_m == 0
+    hnsw = IndexSpec("hnsw").resolve(1000, 32)
+    assert (hnsw.hnsw_m, hnsw.ef_construction, hnsw.ef_search) == (32, 64, 128)
+    assert IndexSpec().resolve(5, 3) == IndexSpec("flat")
+
+
+def test_spec_json_round_trip():
+    spec = IndexSpec("ivf_pq", nlist=64, pq_m=8).resolve(10_000, 32)
+    data = json.loads(json.dumps(spec.to_dict()))
+    assert set(data) == {"kind", "nlist", "nprobe", "train_size", "pq_m", "pq_nbits", "seed"}
+    assert IndexSpec.from_dict(data) == spec
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: IndexSpec("annoy"), "index kind must be one of .* got 'annoy'"),
+        (lambda: IndexSpec("flat", nlist=16), "nlist=16 does not apply to index kind 'flat'"),
+        (lambda: IndexSpec("hnsw", nprobe=4), "nprobe=4 does not apply to index kind 'hnsw'"),
+        (lambda: IndexSpec("ivf_flat", nlist=0), "nlist must be an integer >= 1, got 0"),
+        (lambda: IndexSpec("ivf_flat", nlist=True), "nlist must be an integer >= 1, got True"),
+        (lambda: IndexSpec("ivf_flat", nlist=8.0), "nlist must be an integer >= 1, got 8.0"),
+        (lambda: IndexSpec("ivf_flat", nlist=8, nprobe=9), "nprobe=9 exceeds nlist=8"),
+        (lambda: IndexSpec("ivf_pq", pq_nbits=20), "pq_nbits must be at most 16, got 20"),
+        (lambda: IndexSpec("ivf_flat", nlist=200).resolve(100, 8), "nlist=200 exceeds the number of items 100"),
+        (lambda: IndexSpec("ivf_flat", nprobe=64).resolve(1000, 8), "nprobe=64 exceeds nlist=25"),
+        (lambda: IndexSpec("ivf_pq", pq_m=5).resolve(1000, 32), "pq_m=5 must divide the vector dimension 32"),
+        (lambda: IndexSpec("ivf_pq").resolve(200, 32), "needs at least 256 items"),
+        (lambda: IndexSpec("ivf_flat", train_size=5000).resolve(1000, 8), "train_size=5000 exceeds"),
+        (lambda: IndexSpec("ivf_flat", nlist=64, train_size=10).resolve(1000, 8), "train_size=10 is below"),
+        (lambda: IndexSpec.from_dict({"kind": "flat", "nlists": 3}), "unknown index spec keys \\['nlists'\\]"),
+    ],
+)
+def test_bad_specs_raise_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_bad_vectors_and_queries(data):
+    items, queries = data
+    with pytest.raises(ValueError, match="nlist=4000 exceeds the number of items 2000"):
+        build_index(items, IndexSpec("ivf_flat", nlist=4000))
+    broken = items[:50].copy()
+    broken[17, 3] = np.nan
+    with pytest.raises(ValueError, match="vectors row 17 holds a NaN"):
+        build_index(broken)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        build_index(items[0])
+    with pytest.raises(ValueError, match="must hold floats"):
+        build_index(np.ones((4, 4), dtype=np.int64))
+    index = build_index(items)
+    with pytest.raises(ValueError, match="queries must have 48 columns, got shape \\(2, 32\\)"):
+        search(index, queries[:2, :32], 5)
+    with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
+        search(index, queries, 0)
+
+
+def test_recall_at_k():
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, -1]])
+    found = np.array([[4, 9, 1, 8], [7, -1, -1, 0]])
+    assert recall_at_k(found, truth) == pytest.approx((2 / 4 + 1 / 3) / 2)
