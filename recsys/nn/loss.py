@@ -133,6 +133,49 @@ def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return out if out.dtype == dtype else out.to(dtype)
 
 
+def _add_product_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
+    """``out += alpha * a @ b`` in place (no temporary when the dtypes agree)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b, alpha=alpha)
+    else:
+        out.add_(a @ b, alpha=alpha)
+
+
+def _softmax_step(logits: Tensor, soft: Tensor | None, scale: Tensor, exp: Tensor) -> Tensor:
+    """One size's pass over a block of logits: the rows' logsumexps, and ``soft += scale * softmax``.
+
+    Eager form: ``exp`` is a reused buffer, so the pass allocates nothing of the block's size.
+    """
+    row_max = logits.amax(dim=1, keepdim=True)
+    torch.sub(logits, row_max, out=exp).exp_()
+    denom = exp.sum(dim=1, keepdim=True)
+    if soft is not None:
+        soft.addcmul_(exp, scale / denom)
+    return (denom.log() + row_max).squeeze(1)
+
+
+def _softmax_step_fusable(logits: Tensor, soft: Tensor, scale: Tensor) -> Tensor:
+    """:func:`_softmax_step` written without buffers, for ``torch.compile`` to fuse into a couple
+    of loops over the block (no ``exp`` buffer, the exponentials recomputed instead of stored)."""
+    row_max = logits.amax(dim=1, keepdim=True)
+    exp = torch.exp(logits - row_max)
+    denom = exp.sum(dim=1, keepdim=True)
+    soft.add_(exp * (scale / denom))
+    return (denom.log() + row_max).squeeze(1)
+
+
+_compiled_step = None
+
+
+def _fused_softmax_step():
+    """The compiled step, built on first use (compiling takes seconds to a minute on a CPU)."""
+    global _compiled_step
+    if _compiled_step is None:
+        log.info("compiling the fused softmax step of the Matryoshka loss")
+        _compiled_step = torch.compile(_softmax_step_fusable, dynamic=True)
+    return _compiled_step
+
+
 def _blocked_forward(
     user: Tensor,
     items: Tensor,
@@ -141,59 +184,79 @@ def _blocked_forward(
     weights: tuple[float, ...],
     block_rows: int,
     with_grads: bool,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Per-size cross-entropy sums over the valid rows and, if asked, the gradients of
     ``sum_m w_m * CE_m`` (mean over valid rows) w.r.t. ``user`` and ``items``.
 
+    The gradient of chunk ``c``'s product is ``G_c = S_c - Y_c`` with the softmax part
+    ``S_c = sum_{m >= c} w_m softmax_m / n`` and the one-hot part ``Y_c = (sum_{m >= c} w_m / n) onehot``.
+    ``S_c`` needs the logits and is built block by block; ``Y_c`` touches only the targets' rows
+    and is applied once at the end, outside the blocks.
+
     Returns ``(ce_sums (M,), d_user or None, d_items or None)``.
     """
     dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
-    num_sizes = len(sizes)
+    num_sizes, width, device = len(sizes), user.shape[1], user.device
     bounds = chunk_bounds(sizes)
     valid = targets > 0
-    rows = valid.nonzero().squeeze(1)
-    n_valid = rows.numel()
-    ce_sums = torch.zeros(num_sizes, dtype=dtype, device=user.device)
-    d_user = torch.zeros_like(user, dtype=dtype) if with_grads else None
-    # gradient of the candidates (items[1:]) stored transposed so that each chunk is contiguous rows
-    d_cand_t = torch.zeros(user.shape[1], items.shape[0] - 1, dtype=dtype, device=user.device) if with_grads else None
+    n_valid = int(valid.sum())
+    all_valid = n_valid == targets.shape[0]
+    rows = None if all_valid else valid.nonzero().squeeze(1)
+    # gradient of the candidates (items[1:]), stored transposed so that each chunk is contiguous rows
+    d_cand_t = torch.zeros(width, items.shape[0] - 1, dtype=dtype, device=device) if with_grads else None
     if n_valid == 0:
-        return ce_sums, d_user, None if d_cand_t is None else _pad_item_grad(d_cand_t)
+        d_user = torch.zeros_like(user, dtype=dtype) if with_grads else None
+        d_items = _pad_item_grad(d_cand_t) if with_grads else None
+        return torch.zeros(num_sizes, dtype=dtype, device=device), d_user, d_items
 
     # Row 0 (padding) is simply left out of the candidates, so no -inf column is needed.
-    cand_chunks = [items[1:, a:b].contiguous() for a, b in bounds]
-    cand_t = items[1:].t()
-    u_valid = user[rows]
-    t_valid = (targets[rows] - 1).long().unsqueeze(1)  # index into the candidates
-    scales = [w / n_valid for w in weights]
+    cand = items[1:]
+    cand_chunks = [cand[:, a:b].contiguous() for a, b in bounds]
+    u_valid = user if all_valid else user[rows]
+    t_valid = (targets if all_valid else targets[rows]).long() - 1  # index into the candidates
+    d_valid = torch.empty(n_valid, width, dtype=dtype, device=device) if with_grads else None
+    lse = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
+    target_logit = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
+    scales = torch.tensor(weights, dtype=dtype, device=device) / n_valid
+    fused_step = _fused_softmax_step() if fused and with_grads else None
 
     for r0 in range(0, n_valid, block_rows):
-        u = u_valid[r0 : r0 + block_rows]
-        t = t_valid[r0 : r0 + block_rows]
-        logits = _product(u, cand_t, dtype)  # full-size logits of this block
-        exp = torch.empty_like(logits)
-        grad = torch.zeros_like(logits) if with_grads else None
+        r1 = min(r0 + block_rows, n_valid)
+        u, t = u_valid[r0:r1], t_valid[r0:r1].unsqueeze(1)
+        logits = _product(u, cand.t(), dtype)  # full-size logits of this block
+        exp = None if fused_step is not None else torch.empty_like(logits)
+        soft = torch.zeros_like(logits) if with_grads else None
         for m in range(num_sizes - 1, -1, -1):  # largest size first
             a, b = bounds[m]
-            row_max = logits.amax(dim=1, keepdim=True)
-            torch.sub(logits, row_max, out=exp).exp_()
-            denom = exp.sum(dim=1, keepdim=True)
-            lse = denom.log() + row_max
-            ce_sums[m] += (lse - logits.gather(1, t)).sum()
+            target_logit[m, r0:r1] = logits.gather(1, t).squeeze(1)
+            # S += w_m softmax_m / n, the softmax part of chunk m's gradient
+            if fused_step is not None:
+                lse[m, r0:r1] = fused_step(logits, soft, scales[m])
+            else:
+                lse[m, r0:r1] = _softmax_step(logits, soft, scales[m], exp)
             if with_grads:
-                # G += w_m / n * (softmax_m - onehot)
-                grad.addcmul_(exp, scales[m] / denom)
-                grad.scatter_add_(1, t, torch.full_like(lse, -scales[m]))
-                # chunk m is used by every size >= m, whose terms G now holds
-                g = grad if grad.dtype == u.dtype else grad.to(u.dtype)
-                d_user[rows[r0 : r0 + block_rows], a:b] = _product(g, cand_chunks[m], dtype)
-                d_cand_t[a:b] += _product(u[:, a:b].t(), g, dtype)
+                s = soft if soft.dtype == u.dtype else soft.to(u.dtype)
+                d_valid[r0:r1, a:b] = _product(s, cand_chunks[m], dtype)
+                _add_product_(d_cand_t[a:b], u[:, a:b].t(), s)
             if m > 0:  # logits at the next smaller size: remove chunk m's product
-                if logits.dtype == u.dtype:
-                    logits.addmm_(u[:, a:b], cand_chunks[m].t(), alpha=-1.0)
-                else:
-                    logits -= _product(u[:, a:b], cand_chunks[m].t(), dtype)
-    return ce_sums, d_user, None if d_cand_t is None else _pad_item_grad(d_cand_t)
+                _add_product_(logits, u[:, a:b], cand_chunks[m].t(), alpha=-1.0)
+        del logits, exp, soft
+
+    ce_sums = (lse - target_logit).sum(dim=1)
+    if not with_grads:
+        return ce_sums, None, None
+    # one-hot part: column j of chunk c carries sum_{m >= c} w_m / n
+    tail = torch.tensor(weights, dtype=torch.float64).flip(0).cumsum(0).flip(0) / n_valid
+    col_scale = torch.cat([tail[m].expand(b - a) for m, (a, b) in enumerate(bounds)]).to(device, dtype)
+    d_valid -= cand[t_valid].to(dtype) * col_scale
+    d_cand_t.index_add_(1, t_valid, (u_valid.to(dtype) * col_scale).t(), alpha=-1.0)
+    if all_valid:
+        d_user = d_valid
+    else:
+        d_user = torch.zeros_like(user, dtype=dtype)
+        d_user[rows] = d_valid
+    return ce_sums, d_user, _pad_item_grad(d_cand_t)
 
 
 def _pad_item_grad(d_cand_t: Tensor) -> Tensor:
@@ -207,8 +270,10 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
     """Autograd wrapper around :func:`_blocked_forward`; backward scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads):  # noqa: D102
-        ce_sums, d_user, d_items = _blocked_forward(user, items, targets, sizes, weights, block_rows, with_grads)
+    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads, fused):  # noqa: D102
+        ce_sums, d_user, d_items = _blocked_forward(
+            user, items, targets, sizes, weights, block_rows, with_grads, fused
+        )
         n_valid = int((targets > 0).sum())
         per_size = ce_sums / max(n_valid, 1)
         total = (per_size * per_size.new_tensor(weights)).sum()
@@ -227,7 +292,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         scale = grad_total.to(d_user.dtype)
         d_user = d_user * scale if ctx.needs_input_grad[0] else None
         d_items = d_items * scale if ctx.needs_input_grad[1] else None
-        return d_user, d_items, None, None, None, None, None
+        return d_user, d_items, None, None, None, None, None, None
 
 
 def matryoshka_cross_entropy(
@@ -237,6 +302,7 @@ def matryoshka_cross_entropy(
     sizes: Sequence[int],
     weights: Sequence[float] | None = None,
     block_rows: int = 512,
+    fused: bool = False,
 ) -> MatryoshkaLoss:
     """Matryoshka cross-entropy over all ``sizes`` with memory that does not grow with their number.
 
@@ -248,6 +314,9 @@ def matryoshka_cross_entropy(
         weights: weight ``w_m`` of each size (default 1.0 each), finite and non-negative.
         block_rows: positions processed together; peak extra memory is about
             ``3 * block_rows * N`` floats, independent of the number of sizes.
+        fused: run each size's softmax pass through ``torch.compile`` (fewer passes over the
+            block's logits; the first call compiles, which takes a while). Off by default: the
+            eager path needs no compiler and gives the same numbers up to rounding.
 
     Returns:
         ``MatryoshkaLoss(total, per_size)``; ``per_size[m]`` is ``CE_m`` (mean over valid
@@ -258,7 +327,7 @@ def matryoshka_cross_entropy(
     with_grads = torch.is_grad_enabled() and (user.requires_grad or items.requires_grad)
     with torch.autocast(user.device.type, enabled=False):
         total, per_size = _MatryoshkaCrossEntropy.apply(
-            user, items, targets, sizes, weights, block_rows, with_grads
+            user, items, targets, sizes, weights, block_rows, with_grads, bool(fused)
         )
     return MatryoshkaLoss(total, per_size)
 

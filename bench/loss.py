@@ -1,0 +1,282 @@
+"""Cost of "all sizes at once" in the loss: the memory-flat Matryoshka loss against the naive one
+and against the largest size alone (METHOD.md §4, BENCHMARKS.md §2).
+
+One train step of the loss = forward + backward of the logits' matrix products and the softmax
+cross-entropy, from the user states ``U (P, D)`` and the item matrix ``Z (N+1, D)`` (both leaves
+that need gradients) to their gradients. Variants:
+
+- ``largest_alone``: plain autograd ``F.cross_entropy`` at the largest size only (the reference);
+- ``flat_all``: :func:`matryoshka_cross_entropy` over all sizes (one entry per ``--block-rows``);
+- ``naive_all``: :func:`naive_matryoshka_cross_entropy` over all sizes (M logit tensors);
+- ``flat_all_fused``: the same with each size's softmax pass compiled by ``torch.compile``
+  (``--fused``; compiling happens in the warm-up step, outside the timings);
+- ``flat_largest``: the memory-flat loss with the largest size only (its overhead at M = 1).
+
+Time: all variants in one process, interleaved round by round, median (and min) over repeats after
+a warm-up step. Machines here are shared and noisy: compare the ratios within one run.
+
+Peak memory: each variant in a fresh child process with glibc's mmap threshold pinned to 64 KiB
+(``MALLOC_MMAP_THRESHOLD_``) so that every tensor buffer is mapped on allocation and unmapped on free,
+and resident memory follows live tensor memory. After a warm-up step the kernel's high-water mark
+is reset (``/proc/self/clear_refs``), and the figure is ``VmHWM`` during one step minus ``VmRSS``
+just before it: bytes really touched by the step, gradients included. Without ``clear_refs`` the
+child skips the warm-up and uses ``ru_maxrss`` instead (the JSON names the method).
+
+    python bench/loss.py                        # METHOD.md scale, 2 threads, writes bench/results/loss.json
+    python bench/loss.py --block-rows 128 512 1024 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recsys.nn.loss import matryoshka_cross_entropy, naive_matryoshka_cross_entropy  # noqa: E402
+
+logger = logging.getLogger("bench.loss")
+
+
+# -- one variant ----------------------------------------------------------------------------------
+
+
+def make_inputs(spec: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random states and items at the scale of a trained model's logits (std of a logit ~ 2)."""
+    g = torch.Generator().manual_seed(0)
+    d = spec["sizes"][-1]
+    scale = (2.0 / d) ** 0.5
+    user = (torch.randn(spec["positions"], d, generator=g) * scale).requires_grad_()
+    items = (torch.randn(spec["items"] + 1, d, generator=g) * scale).requires_grad_()
+    targets = torch.randint(1, spec["items"] + 1, (spec["positions"],), generator=g)
+    return user, items, targets
+
+
+def loss_fn(variant: str, spec: dict):
+    """``(user, items, targets) -> scalar loss`` for a variant name like ``flat_all@512``."""
+    name, _, block = variant.partition("@")
+    sizes = tuple(spec["sizes"])
+    block_rows = int(block) if block else spec["block_rows"][0]
+    if name == "largest_alone":
+        return lambda u, z, t: naive_matryoshka_cross_entropy(u, z, t, sizes[-1:]).total
+    if name == "naive_all":
+        return lambda u, z, t: naive_matryoshka_cross_entropy(u, z, t, sizes).total
+    if name == "flat_all":
+        return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes, block_rows=block_rows).total
+    if name == "flat_all_fused":
+        return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes, block_rows=block_rows, fused=True).total
+    if name == "flat_largest":
+        return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes[-1:], block_rows=block_rows).total
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def train_step(fn, user: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> None:
+    user.grad = None
+    items.grad = None
+    fn(user, items, targets).backward()
+
+
+# -- memory (child process) -----------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(spec: dict, variant: str) -> dict:
+    """Child process: resident memory added by one train step at its peak."""
+    torch.set_num_threads(spec["threads"])
+    user, items, targets = make_inputs(spec)
+    fn = loss_fn(variant, spec)
+    train_step(fn, user, items, targets)  # warm-up: lazy initialisation, thread pools
+    user.grad = items.grad = None
+    gc.collect()
+    if _reset_high_water_mark():
+        method = "VmHWM after clear_refs, minus VmRSS before the step"
+        base = _proc_status_kib("VmRSS")
+        train_step(fn, user, items, targets)
+        peak = _proc_status_kib("VmHWM")
+    else:  # no warm-up possible: the lifetime maximum must come from the step itself
+        raise RuntimeError("clear_refs unavailable")
+    return {"peak_mib": (peak - base) / 1024, "method": method}
+
+
+def _measure_memory_fresh(spec: dict, variant: str) -> dict:
+    """Fallback when clear_refs is unavailable: fresh process, no warm-up, ru_maxrss."""
+    torch.set_num_threads(spec["threads"])
+    user, items, targets = make_inputs(spec)
+    fn = loss_fn(variant, spec)
+    base = _proc_status_kib("VmRSS")
+    train_step(fn, user, items, targets)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_mib": (peak - base) / 1024, "method": "ru_maxrss minus VmRSS before the first step"}
+
+
+def run_memory_child(spec: dict, variant: str) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps({"spec": spec, "variant": variant})]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child for {variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- time (this process) --------------------------------------------------------------------------
+
+
+def measure_times(spec: dict, variants: list[str], repeats: int) -> dict[str, list[float]]:
+    user, items, targets = make_inputs(spec)
+    fns = {v: loss_fn(v, spec) for v in variants}
+    for fn in fns.values():
+        train_step(fn, user, items, targets)  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(repeats):
+        for v, fn in fns.items():
+            start = time.perf_counter()
+            train_step(fn, user, items, targets)
+            times[v].append(time.perf_counter() - start)
+        logger.info("round %d/%d done", r + 1, repeats)
+    return times
+
+
+def gradient_agreement(spec: dict) -> dict:
+    """Largest difference between the memory-flat and the naive loss (float32, this scale)."""
+    user, items, targets = make_inputs(spec)
+    out = {}
+    results = []
+    for fn in (loss_fn("flat_all", spec), loss_fn("naive_all", spec)):
+        user.grad = items.grad = None
+        loss = fn(user, items, targets)
+        loss.backward()
+        results.append((loss.item(), user.grad, items.grad))
+    (lf, duf, dzf), (ln, dun, dzn) = results
+    out["loss_abs_diff"] = abs(lf - ln)
+    out["d_user_max_abs_diff"] = (duf - dun).abs().max().item()
+    out["d_items_max_abs_diff"] = (dzf - dzn).abs().max().item()
+    out["d_items_max_abs"] = dzn.abs().max().item()
+    return out
+
+
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--positions", type=int, default=1600)
+    parser.add_argument("--items", type=int, default=12101, help="catalogue size N (the item matrix has N+1 rows)")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64, 128, 256])
+    parser.add_argument("--block-rows", type=int, nargs="+", default=[512])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fused", action="store_true", help="also measure the torch.compile'd variant")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loss.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        job = json.loads(args.child)
+        try:
+            result = measure_memory(job["spec"], job["variant"])
+        except RuntimeError:
+            result = _measure_memory_fresh(job["spec"], job["variant"])
+        print(json.dumps(result))
+        return
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    spec = {
+        "positions": args.positions,
+        "items": args.items,
+        "sizes": args.sizes,
+        "block_rows": args.block_rows,
+        "threads": args.threads,
+    }
+    variants = ["largest_alone", *(f"flat_all@{b}" for b in args.block_rows)]
+    if args.fused:
+        variants += [f"flat_all_fused@{b}" for b in args.block_rows]
+    variants += ["naive_all", f"flat_largest@{args.block_rows[0]}"]
+    load_before = os.getloadavg()
+    agreement = gradient_agreement(spec)
+    times = measure_times(spec, variants, args.repeats)
+    memory = {} if args.skip_memory else {v: run_memory_child(spec, v) for v in variants}
+    load_after = os.getloadavg()
+
+    base_ms = 1000 * statistics.median(times["largest_alone"])
+    base_mib = memory.get("largest_alone", {}).get("peak_mib")
+    rows = {}
+    for v in variants:
+        ms = 1000 * statistics.median(times[v])
+        row = {
+            "step_ms_median": ms,
+            "step_ms_min": 1000 * min(times[v]),
+            "step_ms_all": [1000 * t for t in times[v]],
+            "time_ratio": ms / base_ms,
+        }
+        if v in memory:
+            row["peak_mib"] = memory[v]["peak_mib"]
+            row["memory_ratio"] = memory[v]["peak_mib"] / base_mib
+        rows[v] = row
+
+    print(f"\nloss train step, P={args.positions}, N={args.items}, sizes={args.sizes}, "
+          f"{args.threads} threads, median of {args.repeats}")
+    print(f"{'variant':<20}{'ms (median)':>12}{'ms (min)':>10}{'x time':>8}{'peak MiB':>10}{'x mem':>7}")
+    for v, row in rows.items():
+        mem = f"{row['peak_mib']:>10.1f}{row['memory_ratio']:>7.2f}" if "peak_mib" in row else ""
+        print(f"{v:<20}{row['step_ms_median']:>12.1f}{row['step_ms_min']:>10.1f}{row['time_ratio']:>8.2f}{mem}")
+    print(f"flat vs naive, float32: {json.dumps(agreement)}")
+    print(f"load average before/after: {load_before} / {load_after}")
+
+    result = {
+        "benchmark": "loss",
+        "spec": spec,
+        "repeats": args.repeats,
+        "machine": machine(),
+        "threads": args.threads,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "memory_method": next(iter(memory.values()))["method"] if memory else None,
+        "variants": rows,
+        "flat_vs_naive": agreement,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
