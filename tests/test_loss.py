@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from recsys.nn.loss import MatryoshkaLoss, matryoshka_cross_entropy, naive_matryoshka_cross_entropy
+from recsys.nn.loss import (
+    MatryoshkaLoss,
+    matryoshka_cross_entropy,
+    naive_matryoshka_cross_entropy,
+    sampled_matryoshka_cross_entropy,
+)
 
 
 def _case(positions=37, items=50, sizes=(2, 4, 8, 16), dtype=torch.float64, ignored=5, seed=0):
@@ -223,3 +230,75 @@ def test_fused_step_equals_naive(dtype, tol):
     torch.testing.assert_close(flat.per_size, ref.per_size, rtol=tol, atol=tol)
     torch.testing.assert_close(du, du_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(dz, dz_ref, rtol=tol, atol=tol)
+
+
+# -- sampled softmax --------------------------------------------------------------------------------
+
+
+def brute_sampled(user, items, targets, sizes, negatives, log_q, weights):
+    """Position by position: target and the negatives other than the target, log-Q corrected."""
+    per_size = []
+    valid = [p for p in range(len(targets)) if targets[p] > 0]
+    for s in sizes:
+        total = 0.0
+        for p in valid:
+            t = int(targets[p])
+            cands = [t] + [int(j) for j in negatives if int(j) != t]
+            logits = user[p, :s] @ items[cands, :s].t()
+            if log_q is not None:
+                logits = logits - log_q[cands]
+            total = total + torch.logsumexp(logits, 0) - logits[0]
+        per_size.append(total / len(valid))
+    return sum(w * ce for w, ce in zip(weights, per_size)), torch.stack(per_size)
+
+
+def test_sampled_with_every_item_once_is_the_full_loss():
+    sizes, weights = (2, 4, 8, 16), (0.5, 1.0, 2.0, 0.25)
+    user, items, targets = _case(sizes=sizes)
+    every = torch.randperm(50) + 1
+    out, du, dz = _value_and_grads(sampled_matryoshka_cross_entropy, user, items, targets, sizes,
+                                   negatives=every, weights=weights)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes,
+                                           weights=weights)
+    torch.testing.assert_close(out.per_size, ref.per_size, rtol=0, atol=1e-10)
+    torch.testing.assert_close(du, du_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(dz, dz_ref, rtol=0, atol=1e-10)
+    # a constant log-Q (uniform sampling) changes nothing
+    uniform = torch.full((51,), -math.log(50.0), dtype=torch.float64)
+    out2 = sampled_matryoshka_cross_entropy(user, items, targets, sizes, every, log_q=uniform, weights=weights)
+    torch.testing.assert_close(out2.total, ref.total, rtol=0, atol=1e-10)
+
+
+def test_sampled_equals_brute_force_with_hits_and_log_q():
+    sizes, weights = (2, 4, 8), (1.0, 0.5, 2.0)
+    user, items, targets = _case(positions=12, items=30, sizes=sizes, ignored=2)
+    gen = torch.Generator().manual_seed(5)
+    negatives = torch.randint(1, 31, (9,), generator=gen)
+    negatives[:3] = targets[targets > 0][:3]  # accidental hits, and a repeat or two
+    negatives[3] = negatives[4]
+    log_q = torch.log(torch.rand(31, generator=gen, dtype=torch.float64) + 0.01)
+    u, z = user.clone().requires_grad_(), items.clone().requires_grad_()
+    out = sampled_matryoshka_cross_entropy(u, z, targets, sizes, negatives, log_q=log_q, weights=weights)
+    du, dz = torch.autograd.grad(out.total, (u, z))
+    u2, z2 = user.clone().requires_grad_(), items.clone().requires_grad_()
+    ref_total, ref_per_size = brute_sampled(u2, z2, targets, sizes, negatives, log_q, weights)
+    du_ref, dz_ref = torch.autograd.grad(ref_total, (u2, z2))
+    torch.testing.assert_close(out.per_size, ref_per_size.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(du, du_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(dz, dz_ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "negatives, log_q, message",
+    [
+        (torch.tensor([0, 1]), None, r"negatives must lie in \[1, 50\]"),
+        (torch.tensor([51]), None, r"negatives must lie in \[1, 50\]"),
+        (torch.tensor([1.0]), None, "integer"),
+        (torch.tensor([], dtype=torch.long), None, "non-empty"),
+        (torch.tensor([1, 2]), torch.zeros(50), r"log_q must have shape \(51,\)"),
+    ],
+)
+def test_sampled_errors(negatives, log_q, message):
+    user, items, targets = _case(sizes=(2, 4, 8))
+    with pytest.raises(ValueError, match=message):
+        sampled_matryoshka_cross_entropy(user, items, targets, (2, 4, 8), negatives, log_q=log_q)

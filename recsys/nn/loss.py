@@ -44,6 +44,7 @@ __all__ = [
     "MatryoshkaLoss",
     "matryoshka_cross_entropy",
     "naive_matryoshka_cross_entropy",
+    "sampled_matryoshka_cross_entropy",
 ]
 
 log = logging.getLogger(__name__)
@@ -360,3 +361,73 @@ def naive_matryoshka_cross_entropy(
     total = sum(w * ce for w, ce in zip(weights, per_size))
     return MatryoshkaLoss(total, stacked.detach())
 
+
+
+# -- large catalogues: sampled softmax ------------------------------------------------------------
+
+
+def sampled_matryoshka_cross_entropy(
+    user: Tensor,
+    items: Tensor,
+    targets: Tensor,
+    sizes: Sequence[int],
+    negatives: Tensor,
+    log_q: Tensor | None = None,
+    weights: Sequence[float] | None = None,
+) -> MatryoshkaLoss:
+    """Sampled-softmax Matryoshka loss for catalogues where a full softmax does not fit.
+
+    Every position is scored against its target and one set of ``K`` negatives shared by the whole
+    batch (uniform samples, or the batch's own targets for in-batch negatives). With ``log_q``, the
+    log-probability with which each item is drawn as a candidate, every candidate's logit is
+    corrected by ``- log_q[item]`` (the log-Q correction, which makes the sampled softmax an
+    unbiased stand-in for the full one as K grows). A negative equal to a position's target (an
+    accidental hit) is left out for that position. The nested form is the same as the full loss:
+    size ``s_m``'s logits are size ``s_{m-1}``'s plus chunk ``m``'s product, here on a
+    ``P x (1 + K)`` matrix that autograd can simply keep.
+
+    Args:
+        user, items, targets, sizes, weights: as in :func:`matryoshka_cross_entropy`.
+        negatives: ``(K,)`` item indices in ``[1, N]``, repeats allowed (sampling with replacement).
+        log_q: optional ``(N+1,)`` log sampling probabilities, indexed by item.
+
+    With ``negatives`` = every item once and no ``log_q`` this is exactly the full loss.
+    """
+    sizes, weights = _check_inputs(user, items, targets, sizes, weights, 1)
+    num_items = items.shape[0] - 1
+    if not isinstance(negatives, Tensor) or negatives.ndim != 1 or negatives.numel() == 0:
+        raise ValueError(f"negatives must be a non-empty 1-D tensor of item indices, got {_describe(negatives)}")
+    if negatives.is_floating_point() or negatives.is_complex() or negatives.dtype == torch.bool:
+        raise ValueError(f"negatives must be an integer tensor, got {negatives.dtype}")
+    if int(negatives.min()) < 1 or int(negatives.max()) > num_items:
+        raise ValueError(
+            f"negatives must lie in [1, {num_items}] (the padding item 0 is never a candidate), "
+            f"got values in [{int(negatives.min())}, {int(negatives.max())}]"
+        )
+    if log_q is not None and (log_q.ndim != 1 or log_q.shape[0] != num_items + 1):
+        raise ValueError(f"log_q must have shape ({num_items + 1},), got {tuple(log_q.shape)}")
+
+    user, items = _autocast_inputs(user, items)
+    dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
+    valid = targets > 0
+    n_valid = int(valid.sum())
+    u, t, negatives = user[valid], targets[valid].long(), negatives.long()
+    pos, neg = items[t], items[negatives]
+    hit = negatives.unsqueeze(0) == t.unsqueeze(1)  # (n, K) accidental hits
+    pos_logit = torch.zeros(n_valid, dtype=dtype, device=user.device)
+    neg_logit = torch.zeros(n_valid, negatives.shape[0], dtype=dtype, device=user.device)
+    per_size = []
+    with torch.autocast(user.device.type, enabled=False):
+        for a, b in chunk_bounds(sizes):
+            pos_logit = pos_logit + (u[:, a:b] * pos[:, a:b]).sum(dim=1, dtype=dtype)
+            neg_logit = neg_logit + _product(u[:, a:b], neg[:, a:b].t(), dtype)
+            p, n = pos_logit, neg_logit
+            if log_q is not None:
+                p = p - log_q[t].to(dtype)
+                n = n - log_q[negatives].to(dtype)
+            logits = torch.cat([p.unsqueeze(1), n.masked_fill(hit, -math.inf)], dim=1)
+            ce = (torch.logsumexp(logits, dim=1) - logits[:, 0]).sum()
+            per_size.append(ce / max(n_valid, 1))
+    stacked = torch.stack(per_size)
+    total = (stacked * stacked.new_tensor(weights)).sum()
+    return MatryoshkaLoss(total, stacked.detach())
