@@ -11,7 +11,7 @@
 from recsys.data.datamodule import SequenceDataModule
 from recsys.data.errors import DataValidationError
 from recsys.data.item_features import CategoricalBag, ItemFeatures
-from recsys.data.prepare import prepare
+from recsys.data.pipeline import prepare
 from recsys.data.prepared import PreparedDataset, load_prepared
 from recsys.data.synthetic import SyntheticConfig, prepared_synthetic, write_synthetic
 

@@ -18,7 +18,7 @@ from typing import Literal
 from jsonargparse import ArgumentParser
 
 from recsys.data.errors import DataValidationError
-from recsys.data.prepare import prepare
+from recsys.data.pipeline import prepare
 from recsys.data.synthetic import SyntheticConfig, write_synthetic
 
 log = logging.getLogger("recsys.data")

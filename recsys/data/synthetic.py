@@ -187,30 +187,40 @@ def _user_chunk(config: SyntheticConfig, catalogue: SyntheticCatalogue, chunk: i
     lengths = config.min_history + (rng.geometric(1.0 / (tail + 1.0), num_users) - 1 if tail > 0 else 0)
     lengths = np.asarray(lengths, dtype=np.int64)
     preferred = np.argsort(rng.random((num_users, config.num_clusters)), axis=1)[:, : config.clusters_per_user]
+    # walk the users longest first, so that the users still active at step t are a prefix
+    by_length = np.argsort(-lengths, kind="stable")
+    lengths, preferred = lengths[by_length], preferred[by_length]
+    active_at = np.searchsorted(-lengths, -np.arange(int(lengths.max())), side="right")  # users with length > t
 
-    def from_preferred() -> np.ndarray:
-        pick = preferred[np.arange(num_users), rng.integers(0, config.clusters_per_user, num_users)]
-        return catalogue.sample_in_clusters(pick, rng)
+    def preferred_cluster(users: np.ndarray) -> np.ndarray:
+        return preferred[users, rng.integers(0, config.clusters_per_user, len(users))]
 
-    steps = int(lengths.max())
-    sequences = np.empty((num_users, steps), dtype=np.int64)
-    current = from_preferred()
+    sequences = np.zeros((num_users, len(active_at)), dtype=np.int64)
+    current = catalogue.sample_in_clusters(preferred_cluster(np.arange(num_users)), rng)
     sequences[:, 0] = current
-    for t in range(1, steps):
-        draw = rng.random(num_users)
-        same_cluster = catalogue.sample_in_clusters(catalogue.cluster[current], rng)
-        current = np.where(
-            draw < config.successor_prob,
-            catalogue.successor[current],
-            np.where(draw < config.successor_prob + config.same_cluster_prob, same_cluster, from_preferred()),
-        )
-        sequences[:, t] = current
+    for t in range(1, len(active_at)):
+        n = active_at[t]
+        current = current[:n]
+        draw = rng.random(n)
+        follow = draw < config.successor_prob
+        stay = ~follow & (draw < config.successor_prob + config.same_cluster_prob)
+        move = ~follow & ~stay
+        clusters = catalogue.cluster[current]
+        clusters[move] = preferred_cluster(np.flatnonzero(move))
+        current = np.where(follow, catalogue.successor[current], 0)
+        current[~follow] = catalogue.sample_in_clusters(clusters[~follow], rng)
+        sequences[:n, t] = current
 
-    valid = np.arange(steps)[None, :] < lengths[:, None]
-    gaps = rng.integers(60, 86_400, (num_users, steps))
+    valid = np.arange(sequences.shape[1])[None, :] < lengths[:, None]
+    gaps = rng.integers(60, 86_400, sequences.shape)
     times = EPOCH + rng.integers(0, 365 * 86_400, num_users)[:, None] + np.cumsum(gaps, axis=1)
-    users = np.broadcast_to(np.arange(first_user + 1, first_user + num_users + 1)[:, None], (num_users, steps))
-    return pl.DataFrame({"user_id": users[valid], "item_id": sequences[valid] + 1, "timestamp": times[valid]})
+    user_ids = first_user + 1 + by_length
+    frame = pl.DataFrame({
+        "user_id": np.broadcast_to(user_ids[:, None], sequences.shape)[valid],
+        "item_id": sequences[valid] + 1,
+        "timestamp": times[valid],
+    })
+    return frame.sort("user_id", maintain_order=True)
 
 
 @dataclass(frozen=True)
@@ -266,7 +276,7 @@ def prepared_synthetic(config: SyntheticConfig, cache_dir: str | Path) -> Path:
     first finished ``prepare`` wins the rename and the others use its result (same seed, same data).
     """
     from recsys.data.errors import DataValidationError
-    from recsys.data.prepare import FORMAT_VERSION, prepare
+    from recsys.data.pipeline import FORMAT_VERSION, prepare
 
     key = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **asdict(config)}, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(cache_dir) / f"synthetic-{key}"

@@ -1,4 +1,4 @@
-"""``prepare``: an interaction log and an item table in, a prepared-dataset directory out.
+"""The preparation pipeline, ``prepare``: an interaction log and an item table in, a prepared-dataset directory out.
 
 Steps, in order: check the options and every input file's columns (before any heavy work); read the
 log and the item table; match their id types; clean the log (exact duplicates, repeat policy,
@@ -115,32 +115,32 @@ def prepare(
     for v in item_vectors.values():
         v.ids = _cast_ids(v.ids, item_id_dtype)
 
-    raw = {"rows": log_frame.height, "users": log_frame["user_id"].n_unique(), "items": log_frame["item_id"].n_unique()}
     min_user_events = max(min_count, MIN_HISTORY)
-    cleaned, counts = clean_log(
-        log_frame, repeats=repeats, min_user_events=min_user_events, min_item_events=max(min_count, 1)
-    )
+    cleaned = clean_log(log_frame, repeats=repeats, min_user_events=min_user_events, min_item_events=max(min_count, 1))
+    counts = cleaned.counts
+    raw = {"rows": counts.raw_rows, "users": len(cleaned.user_vocab), "items": len(cleaned.item_vocab)}
     del log_frame
-    if cleaned.height == 0:
+    if len(cleaned.users) == 0:
         raise DataValidationError(
             interactions, f"no events left after cleaning: no user has {min_user_events} events with items of {min_count}+ events"
         )
 
-    # vocabularies: sorted original ids, index 0 = padding
-    user_ids = cleaned["user_id"].unique().sort()
-    catalogue_ids = cleaned["item_id"].unique()
+    # vocabularies: sorted original ids, index 0 = padding. Codes are positions in the sorted raw
+    # vocabularies, so renumbering the kept ones preserves the order.
+    user_kept = np.bincount(cleaned.users, minlength=len(cleaned.user_vocab)) > 0
+    user_ids = cleaned.user_vocab.filter(pl.Series(user_kept))
+    user_index = np.cumsum(user_kept)[cleaned.users]
+    item_kept = np.bincount(cleaned.items, minlength=len(cleaned.item_vocab)) > 0
+    interacted_ids = cleaned.item_vocab.filter(pl.Series(item_kept))
+    catalogue_ids = interacted_ids
     if item_table is not None:
-        catalogue_ids = pl.concat([catalogue_ids, item_table["item_id"]]).unique()
-    catalogue_ids = catalogue_ids.sort()
+        catalogue_ids = pl.concat([interacted_ids, item_table["item_id"]]).unique().sort()
+    item_of_code = np.zeros(len(cleaned.item_vocab), dtype=np.int64)
+    item_of_code[item_kept] = catalogue_ids.search_sorted(interacted_ids).to_numpy() + 1
+    item_index = item_of_code[cleaned.items]
     users = pl.DataFrame({"user": np.arange(1, len(user_ids) + 1, dtype=np.int32), "user_id": user_ids})
     catalogue = pl.DataFrame({"item": np.arange(1, len(catalogue_ids) + 1, dtype=np.int32), "item_id": catalogue_ids})
 
-    events = (
-        cleaned.join(users, on="user_id", how="left", maintain_order="left")
-        .join(catalogue, on="item_id", how="left", maintain_order="left")
-    )
-    del cleaned
-    user_index, item_index = events["user"].to_numpy(), events["item"].to_numpy()
     history_lengths = np.bincount(user_index, minlength=len(user_ids) + 1)[1:]
     starts = np.concatenate([[0], np.cumsum(history_lengths)[:-1]])
     position = np.arange(len(user_index)) - np.repeat(starts, history_lengths)
@@ -148,13 +148,13 @@ def prepare(
     train_counts = np.bincount(item_index[in_train_part], minlength=len(catalogue_ids) + 1)
     event_counts = np.bincount(item_index, minlength=len(catalogue_ids) + 1)
 
-    interactions_out = events.select(
-        pl.col("user").cast(pl.Int32),
-        pl.col("item").cast(pl.Int32),
-        pl.Series("pos", position.astype(np.int32)),
-        *([pl.col("weight")] if "weight" in events.columns else []),
-    )
-    del events
+    interactions_out = pl.DataFrame({
+        "user": user_index.astype(np.int32),
+        "item": item_index.astype(np.int32),
+        "pos": position.astype(np.int32),
+        **({} if cleaned.weight is None else {"weight": cleaned.weight}),
+    })
+    del cleaned, user_index, item_index, position
     items_out = catalogue.with_columns(pl.Series("train_count", train_counts[1:].astype(np.int64)))
 
     item_rows = catalogue if item_table is None else catalogue.join(item_table, on="item_id", how="left", maintain_order="left")
