@@ -1,0 +1,56 @@
+"""Two CPU processes (DDP over gloo): test metrics cover every user exactly once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+from mlflow.tracking import MlflowClient
+
+from recsys.data import SequenceDataModule, SyntheticConfig
+from recsys.model import MatryoshkaRecommender
+
+SIZES = [8, 16]
+
+
+def test_two_process_metrics_equal_single_process_evaluation(tmp_path):
+    cache = tmp_path / "synthetic"
+    args = [
+        sys.executable, "-m", "recsys.train",
+        "--model.sizes", json.dumps(SIZES),
+        "--data.synthetic.num_users", "101",  # odd: the two ranks get different numbers of users
+        "--data.synthetic.num_items", "80",
+        "--data.synthetic_cache_dir", str(cache),
+        "--data.max_len", "16",
+        "--data.eval_batch_size", "16",
+        "--trainer.max_epochs", "1",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2",
+        "--trainer.strategy", "ddp",
+        "--trainer.enable_progress_bar", "false",
+        "--mlflow.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
+        "--mlflow.artifact_location", str(tmp_path / "artifacts"),
+        "--mlflow.log_models", "false",
+        "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("recsys").experiment_id])
+    logged = run.data.metrics
+
+    # the same best checkpoint evaluated in one process
+    model = MatryoshkaRecommender.from_checkpoint(tmp_path / "ckpt" / "best.ckpt")
+    (prepared,) = [p.parent for p in cache.rglob("stats.json")]
+    data = SequenceDataModule(data_dir=str(prepared), max_len=16, eval_batch_size=16)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer.test(model, datamodule=data, verbose=False)
+    single = model.last_test_metrics
+    assert single["count"] == data.num_users
+    for s in SIZES:
+        for key in (f"ndcg_10/d{s}", f"recall_10/d{s}", f"mrr/d{s}"):
+            assert logged[f"test/{key}"] == pytest.approx(single[key], abs=1e-6), key
