@@ -161,7 +161,7 @@ class NestedMambaMixer(NestedModule):
         bc = self.bc_proj(u_last)  # (B, L, chunks, 2N)
         # Chunk i's B/C, repeated over the groups (smallest-chunk widths) it spans: (B, groups, 2N, L).
         bc = bc.permute(0, 2, 3, 1).index_select(1, self.chunk_of_group)
-        B, C = bc[:, :, : self.d_state], bc[:, :, self.d_state :]
+        B, C = bc.split(self.d_state, dim=2)
         y = dispatch_selective_scan(
             u,
             delta,

@@ -267,17 +267,18 @@ def selective_scan(
     # Padding at the end is harmless: a zero step keeps the state, a zero input adds nothing, and
     # those outputs are dropped.
     def per_channel(t: torch.Tensor) -> torch.Tensor:  # (batch, dim, L) -> (T, batch, groups, chunks, H)
-        t = F.pad(t, (0, pad)).view(batch, groups, per_group, n_chunks, steps)
+        t = (F.pad(t, (0, pad)) if pad else t).reshape(batch, groups, per_group, n_chunks, steps)
         return t.permute(4, 0, 1, 3, 2).contiguous()
 
     def per_group_(t: torch.Tensor) -> torch.Tensor:  # (batch, groups, N, L) -> (T, batch, groups, chunks, N)
-        t = F.pad(t, (0, pad)).view(batch, groups, n_state, n_chunks, steps)
+        t = (F.pad(t, (0, pad)) if pad else t).reshape(batch, groups, n_state, n_chunks, steps)
         return t.permute(4, 0, 1, 3, 2).contiguous()
 
     y = _ChunkedScan.apply(
         per_channel(u), per_channel(delta), A.view(groups, 1, per_group, n_state), per_group_(B), per_group_(C)
     )
-    y = y.permute(1, 2, 4, 3, 0).reshape(batch, dim, n_chunks * steps)[..., :length]
+    y = y.permute(1, 2, 4, 3, 0).reshape(batch, dim, n_chunks * steps)
+    y = y[..., :length] if pad else y
     return _finish(y, u, D, z, dtype)
 
 
