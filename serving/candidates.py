@@ -1,0 +1,689 @@
+"""``python -m serving.candidates``: the nightly batch job, histories in, top-K candidates out.
+
+    python -m serving.candidates --model EXPORT_DIR --input HISTORIES --k 100 --out OUT_DIR
+
+``EXPORT_DIR`` is one size written by ``python -m serving.export`` (e.g. ``exports/d64``): the job
+runs at the size the team chose by picking that directory.
+
+Input
+-----
+``--input`` is one ``.parquet``, ``.csv`` or ``.tsv`` file, or a directory of ``.parquet`` files
+(read in file-name order), in one of two shapes:
+
+- an **interaction log** (the default): one row per event with a user column, an item column and a
+  time-or-order column (``--user-col user_id --item-col item_id --time-col timestamp``). A user's
+  history is their items in time order, ties broken by the order of the rows in the file. The time
+  column takes what ``python -m recsys.data prepare`` takes: integers (Unix time or an order such as
+  ``seq``), floats, dates, datetimes, or text holding one of those. ``--time-col none`` orders by
+  file row alone.
+- a **history table** (``--history-col history``): one row per user, a user column and a list
+  column of item ids, oldest first (parquet only: CSV has no list type). An empty or null list is a
+  user with no history.
+
+CSV and TSV are read as text, like ``prepare`` reads them (TSV with quoting off): ids that are all
+canonical integers become integers, others stay strings. Item ids are matched to the export's
+catalogue; ids the catalogue lacks are skipped and counted (``unknown_items_skipped``), never fatal.
+Null user or item ids, a user listed twice in a history table, a missing column, an empty file, an
+unknown export directory or ``k`` above the catalogue size are errors, reported (file, column, row
+or value) before anything is written.
+
+Output
+------
+``OUT_DIR`` receives parquet files ``part-SSSSS-PPPPP.parquet`` (shard ``S``, part ``P``) with the
+columns ``user_id``, ``rank`` (1 = best), ``item_id`` (original ids) and ``score`` (float32), sorted
+by user then rank; read them all with ``polars.scan_parquet("OUT_DIR/part-*.parquet")``. Every input
+user appears in exactly one part, with ``k`` rows, or fewer when fewer than ``k`` items are left
+after removing the ones they have seen. Seen items are excluded by default
+(``--no-exclude-seen`` keeps them). A user none of whose items the catalogue knows gets the
+**fallback**: the ``k`` most popular items of the training data, scored by their training counts.
+
+Last, the job writes ``manifest.json`` (``manifest-SSSSS-of-NNNNN.json`` for one shard of several):
+the model (directory, size, number of items, its ``source``, the sha256 of its manifest), the input
+(path, shape, columns, sha256), ``k``, ``exclude_seen``, the shard, the counts (``users``,
+``fallback_users``, ``unknown_items_skipped``, ``rows``, ``parts``) and each part's users, rows and
+sha256. The manifest is written after every part, so **its presence means the job finished**.
+
+How a large input is read
+-------------------------
+The input never sits in memory whole. Users are split into parts of about ``--users-per-part``
+users (default 100,000) by a stable hash of the user id; peak memory is one part's events plus the
+model. The job reads the input in streaming chunks once to validate it and list its users, then,
+when there is more than one part, splits it with one streaming polars pass into a staging directory
+(``OUT_DIR/.staging-SSSSS``, one hive partition per part, deleted at the end); each part is then
+read alone, turned into histories, scored in batches of ``--batch-size`` users and written.
+
+Resuming and idempotence
+------------------------
+Each part is written to a temporary name and renamed when complete, so a part file is always
+whole. Run the same command again after a crash or a kill and it skips the parts that exist and
+writes the rest; the end result has every input user exactly once. The assignment of users to
+parts, the order of users in a part (ascending id) and of their candidates (rank) depend only on
+the input, the model and the options, so running the job twice gives the same files. A job file
+``OUT_DIR/.job-SSSSS-of-NNNNN.json`` records the model, input checksum and options: a rerun with a
+different model, input, ``k`` or part size into the same ``OUT_DIR`` is refused (use a new
+``--out``). Running again after completion checks the parts against the manifest and does nothing.
+
+Many machines, many GPUs
+------------------------
+``--shard i/n`` (0 <= i < n) processes only the users whose hash falls in shard ``i`` of ``n``; the
+``n`` shards together cover every user exactly once. The hash is CRC-32 of the user id's text form
+(``zlib.crc32(str(user_id).encode("utf-8"))``): shard ``h % n``, part ``(h // n) % parts``. It does
+not depend on the polars, Python or numpy version, nor on whether ids came as integers or text.
+With any job runner (Slurm array, Kubernetes indexed job, a shell loop), start ``n`` tasks that
+each run ``--shard $INDEX/n``, all writing into the same ``OUT_DIR`` on a shared file system (names
+never collide) or into their own directories; the job is complete when all ``n`` manifests exist.
+On one machine with several GPUs, run one process per GPU: ``CUDA_VISIBLE_DEVICES=$i python -m
+serving.candidates ... --shard $i/$n``. The encoder runs on the GPU when one is present
+(``--device``) and ``serving.load`` uses the faiss GPU index when the GPU build of faiss is
+installed. (Lightning's ``Trainer.predict`` with a ``BasePredictionWriter`` writing one file per
+rank is another way to fan out over GPUs; this job does not need it, since shards are independent.)
+
+A progress bar shows users per second; the job ends with a one-line summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys.data.errors import DataValidationError
+from recsys.data.readers import ROW, first_row_where, scan_table
+from recsys.data.time_order import parse_order_key
+from serving.sized_model import MANIFEST, SizedRecommender, sha256_of
+
+__all__ = ["CandidatesError", "InputSpec", "generate_candidates", "stable_user_hash", "parse_shard", "main"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "serving.candidates/1"
+#: key of the per-part counts in each part file's parquet metadata (read back when resuming)
+PART_METADATA_KEY = "serving.candidates.counts"
+FALLBACK = "the k most popular items of the training data, scored by their training counts"
+#: rows per chunk when streaming over the input to validate it
+_CHUNK_ROWS = 1_000_000
+_PART_COLUMN = "__part"
+_ORDER = "__order"
+
+
+class CandidatesError(ValueError):
+    """Bad options or an output directory the job cannot use (bad input files raise
+    :class:`recsys.data.errors.DataValidationError`; a bad export, :class:`serving.ExportError`)."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where the histories are and which columns hold them.
+
+    ``history_col`` set: a history table (user, list of items). Otherwise an interaction log
+    (user, item, time); ``time_col=None`` orders each user's events by file row only.
+    """
+
+    path: Path
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str | None = "timestamp"
+    history_col: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "histories" if self.history_col else "log"
+
+    def columns(self) -> dict[str, str | None]:
+        if self.history_col:
+            return {"user": self.user_col, "history": self.history_col}
+        return {"user": self.user_col, "item": self.item_col, "time": self.time_col}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stable assignment of users to shards and parts
+# ---------------------------------------------------------------------------------------------
+
+
+def stable_user_hash(user_ids: Iterable[Any]) -> np.ndarray:
+    """CRC-32 of each id's text form, as uint32: the same on every machine and library version.
+
+    polars' and Python's built-in hashes are seeded or may change between versions; a shard must
+    name the same users wherever and whenever it runs. Integer ids hash as their decimal text, so
+    ``7`` and ``"7"`` land in the same shard (CSV input arrives as text).
+    """
+    return np.fromiter((zlib.crc32(str(u).encode("utf-8")) for u in user_ids), dtype=np.uint32)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match or int(match[2]) < 1 or int(match[1]) >= int(match[2]):
+        raise CandidatesError(f"--shard must be i/n with 0 <= i < n, e.g. 0/4; got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def _assign(users: pl.Series, shard: tuple[int, int], users_per_part: int) -> tuple[pl.DataFrame, int]:
+    """This shard's users with their part, and the number of parts."""
+    h = stable_user_hash(users.cast(pl.String).to_list()).astype(np.int64)
+    i, n = shard
+    mine = h % n == i
+    num_parts = max(1, -(-int(mine.sum()) // users_per_part))
+    table = pl.DataFrame(
+        {users.name: users.filter(pl.Series(mine)), _PART_COLUMN: ((h[mine] // n) % num_parts).astype(np.int32)}
+    )
+    return table, num_parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating the input
+# ---------------------------------------------------------------------------------------------
+
+
+def _scan(path: Path) -> pl.LazyFrame:
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise DataValidationError(path, "directory holds no .parquet files")
+        return pl.scan_parquet(files)
+    if not path.exists():
+        raise DataValidationError(path, "file not found")
+    return scan_table(path)
+
+
+def _input_sha256(path: Path) -> str:
+    """sha256 of the file, or of the names and contents of a directory's parquet files in order."""
+    if path.is_file():
+        return sha256_of(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.parquet")):
+        digest.update(file.name.encode() + b"\0" + sha256_of(file).encode())
+    return digest.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_schema(spec: InputSpec, frame: pl.LazyFrame) -> pl.Schema:
+    try:
+        schema = frame.collect_schema()
+    except pl.exceptions.NoDataError:
+        raise DataValidationError(spec.path, "the file is empty") from None
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataValidationError(spec.path, f"cannot read the file: {_first_line(exc)}") from None
+    options = {"user": "--user-col", "item": "--item-col", "time": "--time-col", "history": "--history-col"}
+    for role, column in spec.columns().items():
+        if column is not None and column not in schema:
+            raise DataValidationError(
+                spec.path,
+                f"no column {column!r} (given by {options[role]}); available columns: {', '.join(schema.names())}",
+            )
+    user_type = schema[spec.user_col]
+    if not (user_type.is_integer() or user_type == pl.String):
+        raise DataValidationError(spec.path, f"user column {spec.user_col!r} has type {user_type}; ids must be integers or strings")
+    if spec.history_col:
+        history_type = schema[spec.history_col]
+        if not isinstance(history_type, pl.List):
+            raise DataValidationError(
+                spec.path, f"history column {spec.history_col!r} has type {history_type}; it must be a list of item ids"
+            )
+    return schema
+
+
+def _check_chunk(spec: InputSpec, chunk: pl.DataFrame) -> None:
+    """Null ids and unparsable times in one chunk, reported with their file row (1-based)."""
+    bad = first_row_where(chunk, pl.col(spec.user_col).is_null())
+    if bad is not None:
+        raise DataValidationError(spec.path, f"user column {spec.user_col!r} is empty (null id) at row {bad[ROW] + 1}")
+    if spec.history_col:
+        bad = first_row_where(chunk, pl.col(spec.history_col).list.eval(pl.element().is_null()).list.any())
+        if bad is not None:
+            raise DataValidationError(
+                spec.path, f"history column {spec.history_col!r} holds a null item id at row {bad[ROW] + 1}"
+            )
+        return
+    bad = first_row_where(chunk, pl.col(spec.item_col).is_null())
+    if bad is not None:
+        raise DataValidationError(spec.path, f"item column {spec.item_col!r} is empty (null id) at row {bad[ROW] + 1}")
+    if spec.time_col is not None:
+        parse_order_key(spec.path, chunk, spec.time_col)  # raises on the first bad value
+
+
+def _canonical_ints(ids: pl.Series) -> bool:
+    """True when every text id is the usual spelling of an integer ("7", not "007" or "+7")."""
+    as_int = ids.cast(pl.Int64, strict=False)
+    return as_int.null_count() == 0 and bool((as_int.cast(pl.String) == ids).all())
+
+
+def _distinct_users(spec: InputSpec, frame: pl.LazyFrame) -> tuple[pl.Series, int]:
+    """Validate the whole input in streaming chunks; return its distinct users and its row count."""
+    columns = [c for c in spec.columns().values() if c is not None]
+    parts: list[pl.Series] = []
+    rows = 0
+    try:
+        for chunk in frame.select(columns).with_row_index(ROW).collect_batches(chunk_size=_CHUNK_ROWS):
+            _check_chunk(spec, chunk)
+            rows += chunk.height
+            parts.append(chunk[spec.user_col].unique())
+            if len(parts) > 16:  # keep the list of distinct users compact as we go
+                parts = [pl.concat(parts).unique()]
+    except DataValidationError:
+        raise
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataValidationError(spec.path, f"cannot read the file: {_first_line(exc)}") from None
+    if rows == 0:
+        raise DataValidationError(spec.path, "the input has no rows")
+    users = pl.concat(parts).unique().sort()
+    if spec.history_col and len(users) < rows:
+        dup = (
+            frame.select(spec.user_col).with_row_index(ROW)
+            .filter(pl.col(spec.user_col).is_duplicated()).sort(ROW).head(2).collect()
+        )
+        raise DataValidationError(
+            spec.path,
+            f"user {dup[spec.user_col][0]!r} has more than one row in the history table "
+            f"(rows {dup[ROW][0] + 1} and {dup[ROW][1] + 1}); give each user one history",
+        )
+    return users, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# One part: histories -> candidates
+# ---------------------------------------------------------------------------------------------
+
+
+def _item_key(column: pl.Expr, source: pl.DataType, catalogue: pl.DataType) -> pl.Expr:
+    """Input item ids in the catalogue's id type; ids that cannot be one become null (unknown)."""
+    if source == catalogue:
+        return column
+    if catalogue == pl.String:
+        return column.cast(pl.String)
+    if source == pl.String:  # integer catalogue: only canonical spellings can match
+        as_int = column.cast(pl.Int64, strict=False)
+        return pl.when(as_int.cast(pl.String) == column).then(as_int).otherwise(None)
+    return column.cast(catalogue, strict=False)
+
+
+def _write_part(frame: pl.DataFrame, counts: dict[str, int], path: Path) -> None:
+    """Write a part under a temporary name, then rename it: a part file is always complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.write_parquet(tmp, metadata={PART_METADATA_KEY: json.dumps(counts, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def _part_counts(path: Path) -> dict[str, int]:
+    try:
+        return json.loads(pl.read_parquet_metadata(path)[PART_METADATA_KEY])
+    except (KeyError, ValueError, pl.exceptions.PolarsError, OSError):
+        raise CandidatesError(f"{path}: not a part written by this job (no counts in its metadata); remove it") from None
+
+
+class _Job:
+    """One run of the job for one shard: everything the steps share."""
+
+    def __init__(
+        self,
+        model: SizedRecommender,
+        spec: InputSpec,
+        out: Path,
+        k: int,
+        shard: tuple[int, int],
+        batch_size: int,
+        exclude_seen: bool,
+        users_per_part: int,
+    ):
+        self.model, self.spec, self.out, self.k = model, spec, out, k
+        self.shard, self.batch_size, self.exclude_seen, self.users_per_part = shard, batch_size, exclude_seen, users_per_part
+        i, n = shard
+        self.tag = f"{i:05d}"
+        self.manifest_path = out / (MANIFEST if n == 1 else f"manifest-{i:05d}-of-{n:05d}.json")
+        self.job_path = out / f".job-{i:05d}-of-{n:05d}.json"
+        self.staging = out / f".staging-{self.tag}"
+        catalogue = pl.Series("item_id", model.item_ids)
+        self.item_ids = catalogue
+        self.rows_of = pl.DataFrame({"__item": catalogue, "__item_row": np.arange(1, len(catalogue) + 1, dtype=np.int64)})
+
+    def part_path(self, part: int) -> Path:
+        return self.out / f"part-{self.tag}-{part:05d}.parquet"
+
+    # -- reading one part ---------------------------------------------------------------------
+
+    def _events(self, source: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
+        """(user, item row or null, order keys...) for the part's rows, oldest first per user."""
+        s = self.spec
+        catalogue = self.item_ids.dtype
+        if s.history_col:
+            inner = schema[s.history_col].inner
+            events = (
+                source.select(s.user_col, s.history_col)
+                .filter(pl.col(s.history_col).list.len() > 0)
+                .explode(s.history_col)
+                .with_row_index(_ORDER)
+                .select(s.user_col, _item_key(pl.col(s.history_col), inner, catalogue).alias("__item"), _ORDER)
+            )
+            order = [_ORDER]
+        else:
+            events = source.select(
+                s.user_col, _item_key(pl.col(s.item_col), schema[s.item_col], catalogue).alias("__item"), ROW
+            )
+            order = [ROW]
+            if s.time_col is not None and source.height:
+                events = events.with_columns(parse_order_key(s.path, source, s.time_col).alias(_ORDER))
+                order = [_ORDER, ROW]
+        events = events.join(self.rows_of, on="__item", how="left")
+        return events.sort([s.user_col, *order])
+
+    def _histories(self, users: pl.Series, source: pl.DataFrame, schema: pl.Schema) -> tuple[list[list[int]], int]:
+        """Item rows of each user's history (users in the given order) and the unknown-id count."""
+        events = self._events(source, schema)
+        unknown = int(events["__item_row"].null_count())
+        grouped = (
+            events.drop_nulls("__item_row")
+            .group_by(self.spec.user_col, maintain_order=True)
+            .agg(pl.col("__item_row"))
+        )
+        table = pl.DataFrame({self.spec.user_col: users}).join(
+            grouped, on=self.spec.user_col, how="left", maintain_order="left"
+        )
+        histories = [r if r is not None else [] for r in table["__item_row"].to_list()]
+        return histories, unknown
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def _candidates(self, users: pl.Series, histories: list[list[int]], bar) -> pl.DataFrame:
+        rows, scores = [], []
+        for start in range(0, len(histories), self.batch_size):
+            batch = histories[start : start + self.batch_size]
+            top, score = self.model.recommend_rows(batch, self.k, exclude_seen=self.exclude_seen)
+            rows.append(np.asarray(top, dtype=np.int64))
+            scores.append(np.asarray(score, dtype=np.float32))
+            bar.update(len(batch))
+        top = np.concatenate(rows) if rows else np.empty((0, self.k), dtype=np.int64)
+        score = np.concatenate(scores) if scores else np.empty((0, self.k), dtype=np.float32)
+        valid = top > 0  # -1: fewer than k unseen items were left
+        user_index, _ = np.nonzero(valid)
+        return pl.DataFrame(
+            {
+                "user_id": users.gather(user_index).alias("user_id"),
+                "rank": pl.Series(valid.cumsum(axis=1)[valid], dtype=pl.Int32),
+                "item_id": self.item_ids.gather(top[valid] - 1),
+                "score": pl.Series(score[valid], dtype=pl.Float32),
+            }
+        )
+
+    def run_part(self, part: int, users: pl.Series, source: pl.DataFrame, schema: pl.Schema, bar) -> dict[str, int]:
+        histories, unknown = self._histories(users, source, schema)
+        frame = self._candidates(users, histories, bar)
+        counts = {
+            "users": len(users),
+            "fallback_users": sum(1 for h in histories if not h),
+            "unknown_items_skipped": unknown,
+            "rows": frame.height,
+        }
+        _write_part(frame, counts, self.part_path(part))
+        return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+_OWN_NAME = re.compile(
+    r"part-\d{5}-\d{5}\.parquet|manifest(-\d{5}-of-\d{5})?\.json|\.job-\d{5}-of-\d{5}\.json"
+    r"|\.staging-\d{5}(\.tmp)?|\..+\.tmp"
+)
+
+
+def _check_out_dir(out: Path, job_path: Path, job: dict[str, Any]) -> None:
+    """Refuse a directory that holds other files, another sharding, or this shard of another job."""
+    if out.exists() and not out.is_dir():
+        raise CandidatesError(f"--out {out} is a file, not a directory")
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _OWN_NAME.fullmatch(p.name))
+    if foreign:
+        raise CandidatesError(
+            f"--out {out} holds files this job did not write ({', '.join(foreign[:5])}); use an empty or new directory"
+        )
+    n = job["shard"]["count"]
+    others = sorted(p.name for p in out.glob(".job-*.json") if not p.name.endswith(f"-of-{n:05d}.json"))
+    if others:
+        raise CandidatesError(f"--out {out} holds output split into another number of shards ({others[0]}); use a new --out")
+    if job_path.is_file():
+        previous = json.loads(job_path.read_text())
+        changed = [key for key in job if previous.get(key) != job[key]]
+        if changed:
+            key = changed[0]
+            raise CandidatesError(
+                f"--out {out} holds output of a different job ({key}: {previous.get(key)!r} there, {job[key]!r} now); "
+                "use a new --out or delete that directory"
+            )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _complete(manifest_path: Path, out: Path) -> bool:
+    """True when the manifest exists and every part it lists is there, unchanged."""
+    if not manifest_path.is_file():
+        return False
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["parts"]:
+        path = out / entry["file"]
+        if not path.is_file() or sha256_of(path) != entry["sha256"]:
+            log.warning("%s is missing or changed since the manifest was written: regenerating it", path)
+            path.unlink(missing_ok=True)
+            manifest_path.unlink()
+            return False
+    return True
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def generate_candidates(
+    model: str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    k: int = 100,
+    *,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str | None = "timestamp",
+    history_col: str | None = None,
+    shard: tuple[int, int] | str = (0, 1),
+    batch_size: int = 1024,
+    exclude_seen: bool = True,
+    users_per_part: int = 100_000,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write the top-``k`` candidates of every user of ``input`` (in ``shard``) to ``out``.
+
+    Returns the manifest (also written to ``out``). See the module docstring for the formats,
+    resuming and sharding. Everything that can be checked before writing is checked first, so bad
+    input leaves ``out`` untouched.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
+    parse_shard(f"{shard[0]}/{shard[1]}")
+    for name, value in (("k", k), ("batch_size", batch_size), ("users_per_part", users_per_part)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CandidatesError(f"{name} must be a positive integer, got {value!r}")
+    model_dir, out = Path(model), Path(out)
+    recommender = SizedRecommender(model_dir, device=_resolve_device(device))
+    if k > len(recommender.item_ids):
+        raise CandidatesError(f"k={k} exceeds the catalogue of {model_dir} ({len(recommender.item_ids)} items)")
+    spec = InputSpec(Path(input_path), user_col, item_col, time_col, history_col)
+
+    frame = _scan(spec.path)
+    schema = _check_schema(spec, frame)
+    log.info("reading %s to validate it and list its users", spec.path)
+    users, num_rows = _distinct_users(spec, frame)
+    if users.dtype == pl.String and _canonical_ints(users):
+        users = users.cast(pl.Int64)
+    assign, num_parts = _assign(users, shard, users_per_part)
+    job = {
+        "format": FORMAT,
+        "model_manifest_sha256": sha256_of(model_dir / MANIFEST),
+        "input_sha256": _input_sha256(spec.path),
+        "input_kind": spec.kind,
+        "columns": spec.columns(),
+        "k": k,
+        "exclude_seen": exclude_seen,
+        "shard": {"index": shard[0], "count": shard[1]},
+        "users_per_part": users_per_part,
+    }
+    runner = _Job(recommender, spec, out, k, shard, batch_size, exclude_seen, users_per_part)
+    _check_out_dir(out, runner.job_path, job)
+
+    # Past this point the input and options are valid: output may be written.
+    out.mkdir(parents=True, exist_ok=True)
+    if _complete(runner.manifest_path, out):
+        shutil.rmtree(runner.staging, ignore_errors=True)
+        log.info("%s: already complete, nothing to do", runner.manifest_path)
+        return {**json.loads(runner.manifest_path.read_text()), "elapsed_s": time.perf_counter() - started}
+    _write_json(runner.job_path, job)
+    for leftover in out.glob(f".part-{runner.tag}-*.tmp"):
+        leftover.unlink()
+    shutil.rmtree(out / f".staging-{runner.tag}.tmp", ignore_errors=True)
+
+    columns = [c for c in spec.columns().values() if c is not None]
+    frame = frame.select(columns).with_row_index(ROW).with_columns(pl.col(user_col).cast(users.dtype))
+    shard_frame = frame.join(assign.lazy(), on=user_col, how="inner")
+    counts: dict[int, dict[str, int]] = {p: _part_counts(runner.part_path(p)) for p in range(num_parts) if runner.part_path(p).is_file()}
+    todo = [p for p in range(num_parts) if p not in counts]
+    if todo:
+        log.info(
+            "%d users in shard %d/%d (of %d users, %d rows): %d of %d parts to write",
+            len(assign), *shard, len(users), num_rows, len(todo), num_parts,
+        )
+    if todo and num_parts > 1 and not runner.staging.is_dir():
+        _stage(shard_frame, runner.staging)
+    done_users = sum(c["users"] for c in counts.values())
+    with tqdm(
+        total=len(assign), initial=done_users, unit="users", desc=f"candidates {shard[0]}/{shard[1]}", disable=not progress
+    ) as bar:
+        for p in todo:
+            part_users = assign.filter(pl.col(_PART_COLUMN) == p)[user_col].sort()
+            if num_parts > 1:
+                source = pl.scan_parquet(runner.staging, hive_partitioning=True).filter(pl.col(_PART_COLUMN) == p)
+            else:
+                source = shard_frame
+            counts[p] = runner.run_part(p, part_users, source.collect(), schema, bar)
+    manifest = _manifest(runner, job, recommender, spec, counts, num_parts)
+    _write_json(runner.manifest_path, manifest)
+    shutil.rmtree(runner.staging, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    c = manifest["counts"]
+    log.info(
+        "candidates: %d users (%d with the popular fallback, %d unknown item ids skipped), k=%d, %d rows in %d parts, "
+        "%.1f s (%.0f users/s) -> %s",
+        c["users"], c["fallback_users"], c["unknown_items_skipped"], k, c["rows"], c["parts"], elapsed,
+        c["users"] / max(elapsed, 1e-9), runner.manifest_path,
+    )
+    manifest["elapsed_s"] = elapsed  # for the caller only; the file stays free of timings
+    return manifest
+
+
+def _stage(shard_frame: pl.LazyFrame, staging: Path) -> None:
+    """Split this shard's rows by part into ``staging`` with one streaming pass (hive partitions)."""
+    tmp = staging.with_name(staging.name + ".tmp")
+    log.info("splitting the input by part into %s", staging)
+    shard_frame.sink_parquet(pl.PartitionBy(tmp, key=_PART_COLUMN, include_key=False), mkdir=True)
+    os.replace(tmp, staging)
+
+
+def _manifest(runner: _Job, job: dict, recommender: SizedRecommender, spec: InputSpec, counts: dict, num_parts: int) -> dict:
+    parts = [
+        {"file": runner.part_path(p).name, **counts[p], "sha256": sha256_of(runner.part_path(p))} for p in range(num_parts)
+    ]
+    total = {key: sum(part[key] for part in parts) for key in ("users", "fallback_users", "unknown_items_skipped", "rows")}
+    m = recommender.manifest
+    return {
+        "format": FORMAT,
+        "model": {
+            "dir": str(recommender.directory.resolve()),
+            "size": recommender.size,
+            "num_items": m["num_items"],
+            "source": m.get("source"),
+            "manifest_sha256": job["model_manifest_sha256"],
+        },
+        "input": {"path": str(spec.path.resolve()), "kind": spec.kind, "columns": spec.columns(), "sha256": job["input_sha256"]},
+        "k": job["k"],
+        "exclude_seen": job["exclude_seen"],
+        "shard": job["shard"],
+        "users_per_part": job["users_per_part"],
+        "fallback": FALLBACK,
+        "counts": {**total, "parts": num_parts},
+        "parts": parts,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m serving.candidates", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=str, required=True, help="export directory of one size (python -m serving.export)")
+    parser.add_argument("--input", type=str, required=True, help="interaction log or history table: .parquet, .csv, .tsv or a directory of .parquet")
+    parser.add_argument("--k", type=int, default=100, help="candidates per user")
+    parser.add_argument("--out", type=str, required=True, help="output directory (parts + manifest)")
+    parser.add_argument("--user-col", type=str, default="user_id", help="user id column")
+    parser.add_argument("--item-col", type=str, default="item_id", help="item id column (interaction log)")
+    parser.add_argument("--time-col", type=str | None, default="timestamp", help="time or order column (interaction log); none = file row order")
+    parser.add_argument("--history-col", type=str | None, default=None, help="list column of item ids, oldest first: the input is a history table")
+    parser.add_argument("--shard", type=str, default="0/1", help="i/n: process shard i of n (stable hash of the user id)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="users scored per batch")
+    parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True, help="leave out items in the user's history")
+    parser.add_argument("--users-per-part", "--users-per-shard", type=int, default=100_000, help="users per output part file")
+    parser.add_argument("--device", type=str, default="auto", help="auto (GPU when present), cpu or cuda")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    time_col = None if args.time_col in (None, "", "none", "None") else args.time_col
+    try:
+        manifest = generate_candidates(
+            args.model, args.input, args.out, args.k,
+            user_col=args.user_col, item_col=args.item_col, time_col=time_col, history_col=args.history_col,
+            shard=args.shard, batch_size=args.batch_size, exclude_seen=args.exclude_seen,
+            users_per_part=args.users_per_part, device=args.device,
+        )
+    except ValueError as exc:  # CandidatesError, DataValidationError, ExportError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    c = manifest["counts"]
+    print(
+        f"{c['users']} users, {c['fallback_users']} with the popular fallback, {c['unknown_items_skipped']} unknown item ids "
+        f"skipped, {c['rows']} rows in {c['parts']} parts, {manifest.get('elapsed_s', 0):.1f} s -> {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The batch candidate job: same answers as ``serving.load(...).recommend``, every user exactly once
+(after a kill, across shards), identical reruns, and clear errors that leave no output behind."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+import serving
+import serving.candidates as candidates
+from recsys.data.errors import DataValidationError
+from recsys.data.item_features import ItemFeatures
+from recsys.model import MatryoshkaRecommender
+from serving.candidates import CandidatesError, generate_candidates, main, stable_user_hash
+from serving.export import export_sizes
+from serving.sized_model import ExportError
+
+N_ITEMS = 40
+K = 5
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """A size-16 export of an untrained 2-size model over 40 items with string ids."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    features = ItemFeatures(num_items=N_ITEMS, dense={"text": torch.randn(N_ITEMS + 1, 6, generator=g)})
+    model = MatryoshkaRecommender(item_features=features, sizes=[8, 16], max_len=10).eval()
+    ckpt = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    item_ids = [f"i{i:02d}" for i in range(1, N_ITEMS + 1)]
+    popularity = [int(c) for c in torch.randint(1, 100, (N_ITEMS,), generator=g)]
+    torch.save(
+        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+         "catalogue": {"item_ids": item_ids, "popularity": popularity}},
+        ckpt,
+    )
+    (d,) = export_sizes(ckpt, [16], tmp_path_factory.mktemp("export"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory):
+    """An interaction log of 30 users: tied timestamps, unknown ids, one user with only unknown ids."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for user in range(30):
+        for _ in range(int(rng.integers(1, 9))):
+            item = f"i{int(rng.integers(1, N_ITEMS + 1)):02d}" if rng.random() > 0.1 else f"zz{int(rng.integers(9))}"
+            rows.append((user * 7 + 3, item, int(rng.integers(0, 4))))  # few distinct times: many ties
+    rows.append((999, "nope-1", 1))
+    rows.append((999, "nope-2", 0))
+    frame = pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
+    path = tmp_path_factory.mktemp("log") / "log.parquet"
+    frame.write_parquet(path)
+    return path, frame
+
+
+def _expected_histories(frame: pl.DataFrame) -> dict[int, list[str]]:
+    """Each user's items ordered by time, ties by row: the job's documented rule, done by hand."""
+    out: dict[int, list[tuple[int, int, str]]] = {}
+    for row, (user, item, t) in enumerate(frame.iter_rows()):
+        out.setdefault(user, []).append((t, row, item))
+    return {u: [item for _, _, item in sorted(events)] for u, events in out.items()}
+
+
+def _read(out) -> pl.DataFrame:
+    return pl.read_parquet(sorted(out.glob("part-*.parquet"))).sort("user_id", "rank")
+
+
+def test_candidates_equal_recommend_for_every_user(export_dir, log, tmp_path):
+    path, frame = log
+    manifest = generate_candidates(export_dir, path, tmp_path / "out", K, users_per_part=7, batch_size=4, progress=False)
+    got = _read(tmp_path / "out")
+    histories = _expected_histories(frame)
+    users = sorted(histories)
+    assert got.columns == ["user_id", "rank", "item_id", "score"]
+    assert got["user_id"].unique().sort().to_list() == users
+    assert got.group_by("user_id").agg(pl.col("rank")).sort("user_id")["rank"].to_list() == [list(range(1, K + 1))] * len(users)
+
+    model = serving.load(export_dir)
+    want = model.recommend([histories[u] for u in users], k=K, on_unknown="skip")
+    for user, recs in zip(users, want):
+        mine = got.filter(pl.col("user_id") == user)
+        assert mine["item_id"].to_list() == [item for item, _ in recs], user
+        np.testing.assert_allclose(mine["score"].to_numpy(), [s for _, s in recs], rtol=1e-5, atol=1e-6)
+        assert not set(mine["item_id"]) & set(histories[user])  # seen items excluded
+
+    unknown = sum(not item.startswith("i") for item in frame["item_id"])
+    fallback = [u for u in users if not any(item.startswith("i") for item in histories[u])]
+    assert 999 in fallback
+    assert manifest["counts"] == {
+        "users": len(users), "fallback_users": len(fallback), "unknown_items_skipped": unknown,
+        "rows": len(users) * K, "parts": 5,
+    }
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["counts"] == manifest["counts"] and on_disk["model"]["size"] == 16 and on_disk["k"] == K
+    assert [p["file"] for p in on_disk["parts"]] == sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet"))
+    assert not list((tmp_path / "out").glob(".staging*"))  # staging removed at the end
+
+
+def test_history_table_and_csv_log_give_the_same_candidates(export_dir, log, tmp_path):
+    path, frame = log
+    generate_candidates(export_dir, path, tmp_path / "a", K, progress=False)
+    csv = tmp_path / "log.csv"
+    frame.write_csv(csv)
+    generate_candidates(export_dir, csv, tmp_path / "b", K, progress=False)
+    histories = _expected_histories(frame)
+    table = pl.DataFrame({"user": list(histories), "items": list(histories.values())})
+    table.write_parquet(tmp_path / "histories.parquet")
+    manifest = generate_candidates(
+        export_dir, tmp_path / "histories.parquet", tmp_path / "c", K, user_col="user", history_col="items", progress=False
+    )
+    a, b, c = _read(tmp_path / "a"), _read(tmp_path / "b"), _read(tmp_path / "c")
+    assert b["user_id"].dtype == pl.Int64  # CSV ids that are all integers come back as integers
+    assert a.equals(b) and a.equals(c)
+    assert manifest["input"]["kind"] == "histories"
+
+
+def test_killed_job_resumes_with_every_user_exactly_once(export_dir, log, tmp_path, monkeypatch):
+    path, frame = log
+    real_write = candidates._write_part
+    written = []
+
+    def dies_after_two(frame, counts, target):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        real_write(frame, counts, target)
+        written.append(target.name)
+
+    monkeypatch.setattr(candidates, "_write_part", dies_after_two)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(written)
+    assert not (out / "manifest.json").exists()  # no manifest: visibly unfinished
+
+    monkeypatch.setattr(candidates, "_write_part", lambda *a: (written.append(a[2].name), real_write(*a)))
+    manifest = generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
+    assert len(written) == 5 and len(set(written)) == 5  # the rerun wrote only the 3 missing parts
+    got = _read(out)
+    assert got.height == got.unique(["user_id", "rank"]).height  # nobody twice
+    assert sorted(got["user_id"].unique()) == sorted(frame["user_id"].unique())
+    assert manifest["counts"]["users"] == frame["user_id"].n_unique()
+
+    clean = generate_candidates(export_dir, path, tmp_path / "clean", K, users_per_part=7, progress=False)
+    assert got.equals(_read(tmp_path / "clean"))
+    assert [p["sha256"] for p in manifest["parts"]] == [p["sha256"] for p in clean["parts"]]  # byte-identical parts
+
+
+def test_rerun_of_a_finished_job_changes_nothing(export_dir, log, tmp_path, monkeypatch):
+    path, _ = log
+    out = tmp_path / "out"
+    first = generate_candidates(export_dir, path, out, K, users_per_part=10, progress=False)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(candidates, "_write_part", lambda *a: pytest.fail("a finished job must not write again"))
+    again = generate_candidates(export_dir, path, out, K, users_per_part=10, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert again["parts"] == first["parts"]
+
+
+def test_a_deleted_part_is_regenerated(export_dir, log, tmp_path):
+    path, _ = log
+    out = tmp_path / "out"
+    first = generate_candidates(export_dir, path, out, K, users_per_part=10, progress=False)
+    (out / first["parts"][1]["file"]).unlink()
+    again = generate_candidates(export_dir, path, out, K, users_per_part=10, progress=False)
+    assert again["parts"] == first["parts"]
+
+
+def test_shards_cover_every_user_exactly_once(export_dir, log, tmp_path):
+    path, frame = log
+    out = tmp_path / "out"
+    counts = [
+        generate_candidates(export_dir, path, out, K, shard=f"{i}/3", users_per_part=4, progress=False)["counts"]["users"]
+        for i in range(3)
+    ]
+    assert sorted(p.name for p in out.glob("manifest*.json")) == [f"manifest-0000{i}-of-00003.json" for i in range(3)]
+    assert sum(counts) == frame["user_id"].n_unique() and min(counts) > 0
+    sharded = _read(out)
+    generate_candidates(export_dir, path, tmp_path / "whole", K, progress=False)
+    whole = _read(tmp_path / "whole")
+    # same candidates; scores agree to float rounding (users are batched differently)
+    assert sharded.drop("score").equals(whole.drop("score"))
+    np.testing.assert_allclose(sharded["score"].to_numpy(), whole["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(CandidatesError, match="another number of shards"):
+        generate_candidates(export_dir, path, out, K, shard="0/2", progress=False)
+
+
+def test_stable_user_hash_is_crc32_of_the_text_form():
+    # fixed values: a shard must name the same users on every machine and library version
+    assert stable_user_hash([7, "7", "user-1", 0]).tolist() == [1790921346, 1790921346, 2116437524, 4108050209]
+    with pytest.raises(CandidatesError, match="i/n"):
+        candidates.parse_shard("3/3")
+
+
+def test_fewer_candidates_when_few_unseen_items_remain(export_dir, tmp_path):
+    seen = [f"i{i:02d}" for i in range(1, N_ITEMS - 1)]  # all but two items
+    pl.DataFrame({"user_id": ["u"] * len(seen), "item_id": seen}).write_parquet(tmp_path / "log.parquet")
+    generate_candidates(export_dir, tmp_path / "log.parquet", tmp_path / "a", K, time_col=None, progress=False)
+    got = _read(tmp_path / "a")
+    assert sorted(got["item_id"]) == [f"i{N_ITEMS - 1}", f"i{N_ITEMS}"] and got["rank"].to_list() == [1, 2]
+    generate_candidates(
+        export_dir, tmp_path / "log.parquet", tmp_path / "b", K, time_col=None, exclude_seen=False, progress=False
+    )
+    assert _read(tmp_path / "b").height == K
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, error, message",
+    [
+        ("missing user column", DataValidationError, r"no column 'user_id' \(given by --user-col\)"),
+        ("empty file", DataValidationError, "empty"),
+        ("header only", DataValidationError, "no rows"),
+        ("null user", DataValidationError, "null id\\) at row 2"),
+        ("bad time", DataValidationError, "'yesterday' at row 2"),
+        ("duplicate user in history table", DataValidationError, "user 1 has more than one row"),
+        ("history not a list", DataValidationError, "must be a list of item ids"),
+        ("unknown export dir", ExportError, "no such export directory"),
+        ("k above the catalogue", CandidatesError, "k=41 exceeds the catalogue"),
+    ],
+)
+def test_bad_input_is_reported_and_writes_nothing(export_dir, tmp_path, case, error, message):
+    model, k, options = export_dir, K, {}
+    if case == "missing user column":
+        path = _write(tmp_path / "in.csv", "user,item_id,timestamp\n1,i01,5\n")
+    elif case == "empty file":
+        path = _write(tmp_path / "in.csv", "")
+    elif case == "header only":
+        path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n")
+    elif case == "null user":
+        path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n1,i01,5\n,i02,6\n")
+    elif case == "bad time":
+        path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n1,i01,5\n1,i02,yesterday\n")
+    elif case.startswith("duplicate"):
+        path = tmp_path / "in.parquet"
+        pl.DataFrame({"user_id": [1, 2, 1], "h": [["i01"], ["i02"], ["i03"]]}).write_parquet(path)
+        options = {"history_col": "h"}
+    elif case == "history not a list":
+        path = tmp_path / "in.parquet"
+        pl.DataFrame({"user_id": [1], "h": ["i01 i02"]}).write_parquet(path)
+        options = {"history_col": "h"}
+    else:
+        path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n1,i01,5\n")
+        if case == "unknown export dir":
+            model = tmp_path / "no-such-export"
+        else:
+            k = N_ITEMS + 1
+    out = tmp_path / "out"
+    with pytest.raises(error, match=message):
+        generate_candidates(model, path, out, k, progress=False, **options)
+    assert not out.exists()
+
+
+def test_output_dir_of_another_job_or_other_files_is_refused(export_dir, log, tmp_path):
+    path, _ = log
+    out = tmp_path / "out"
+    generate_candidates(export_dir, path, out, K, progress=False)
+    with pytest.raises(CandidatesError, match=r"different job \(k: 5 there, 6 now\)"):
+        generate_candidates(export_dir, path, out, K + 1, progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(CandidatesError, match="notes.txt"):
+        generate_candidates(export_dir, path, other, K, progress=False)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_cli_prints_a_summary_and_reports_errors(export_dir, log, tmp_path, capsys):
+    path, frame = log
+    args = ["--model", str(export_dir), "--input", str(path), "--k", "3", "--out", str(tmp_path / "out")]
+    assert main([*args, "--shard", "0/1", "--users-per-shard", "8", "--no-exclude-seen"]) == 0
+    assert f"{frame['user_id'].n_unique()} users" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["exclude_seen"] is False and manifest["users_per_part"] == 8 and manifest["k"] == 3
+    assert main([*args[:-1], str(tmp_path / "bad"), "--user-col", "who"]) == 2
+    assert "no column 'who'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
