@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +148,39 @@ def test_typed_signature_builds_from_command_line_arguments(tmp_path):
 def test_held_out_targets_reject_users_without_three_events():
     with pytest.raises(ValueError, match="at least 3 events"):
         HeldOutTargets(np.array([1, 2], dtype=np.int32), np.array([0, 0, 2]), np.array([1]), "validation", max_len=4)
+
+
+def _shard_worker(rank: int, world: int, data_dir: str, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        module = SequenceDataModule(data_dir=data_dir, max_len=8, batch_size=16, eval_batch_size=7)
+        loader = module.train_dataloader()
+        loader.batch_sampler.sampler.set_epoch(3)
+        result = {
+            "validation": [u for b in module.val_dataloader() for u in b["user"].tolist()],
+            "test": [u for b in module.test_dataloader() for u in b["user"].tolist()],
+            "train": [i for b in loader.batch_sampler for i in b],
+        }
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_shards_itself_under_a_real_process_group(synthetic_prepared, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = 2
+    torch.multiprocessing.spawn(_shard_worker, args=(world, str(synthetic_prepared), port, str(tmp_path)), nprocs=world)
+    shards = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    single = SequenceDataModule(data_dir=str(synthetic_prepared), max_len=8)
+    for split in ("validation", "test"):  # every user exactly once over the ranks
+        assert sorted(u for shard in shards for u in shard[split]) == list(range(1, single.num_users + 1))
+    windows = len(single.train_windows)  # equal shares that together cover every window
+    assert len(shards[0]["train"]) == len(shards[1]["train"]) == -(-windows // world)
+    assert set(shards[0]["train"]) | set(shards[1]["train"]) == set(range(windows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import polars as pl
@@ -269,3 +270,14 @@ def test_cli_prepares_and_reports_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "log.csv" in err and "'when'" in err and "Traceback" not in err
     assert not (tmp_path / "cli2").exists()
+
+
+def test_load_prepared_rejects_other_directories(tmp_path, synthetic_prepared):
+    with pytest.raises(DataValidationError, match="not a prepared dataset: interactions.parquet is missing"):
+        load_prepared(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_prepared, copy)
+    stats = json.loads((copy / "stats.json").read_text())
+    (copy / "stats.json").write_text(json.dumps({**stats, "format_version": 99}))
+    with pytest.raises(DataValidationError, match="format version 99"):
+        load_prepared(copy)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from recsys.data.cleaning import REPEAT_POLICIES, TIE_BREAK, RepeatPolicy, clean_log
 from recsys.data.errors import DataValidationError
@@ -100,126 +101,139 @@ def prepare(
     if items is not None:
         check_columns(items, scan_table(items), _item_table_columns(items_id_col, text_cols, category_cols), "the item table")
 
-    log_frame = _read_log(interactions, user_col, item_col, time_col, weight_col)
-    item_table = None if items is None else _read_item_table(items, items_id_col, text_cols, category_cols)
-    item_vectors = {name: read_item_vectors(p, [items_id_col, item_col, "item_id", "id"]) for name, p in vector_files.items()}
+    # a step-level progress bar: reading and cleaning a log of 10M+ events takes a while
+    with tqdm(total=5, desc=f"preparing {out.name}", unit="step", leave=False,
+              bar_format="{desc}: {n}/{total} steps{postfix} [{elapsed}]") as progress:
+        progress.set_postfix_str("reading")
+        log_frame = _read_log(interactions, user_col, item_col, time_col, weight_col)
+        item_table = None if items is None else _read_item_table(items, items_id_col, text_cols, category_cols)
+        item_vectors = {name: read_item_vectors(p, [items_id_col, item_col, "item_id", "id"]) for name, p in vector_files.items()}
 
-    item_id_dtype = unify_id_dtype(
-        [log_frame["item_id"]]
-        + ([] if item_table is None else [item_table["item_id"]])
-        + [v.ids for v in item_vectors.values()]
-    )
-    log_frame = log_frame.with_columns(_cast_ids(log_frame["item_id"], item_id_dtype))
-    if item_table is not None:
-        item_table = item_table.with_columns(_cast_ids(item_table["item_id"], item_id_dtype))
-    for v in item_vectors.values():
-        v.ids = _cast_ids(v.ids, item_id_dtype)
+        item_id_dtype = unify_id_dtype(
+            [log_frame["item_id"]]
+            + ([] if item_table is None else [item_table["item_id"]])
+            + [v.ids for v in item_vectors.values()]
+        )
+        log_frame = log_frame.with_columns(_cast_ids(log_frame["item_id"], item_id_dtype))
+        if item_table is not None:
+            item_table = item_table.with_columns(_cast_ids(item_table["item_id"], item_id_dtype))
+        for v in item_vectors.values():
+            v.ids = _cast_ids(v.ids, item_id_dtype)
 
-    min_user_events = max(min_count, MIN_HISTORY)
-    cleaned = clean_log(log_frame, repeats=repeats, min_user_events=min_user_events, min_item_events=max(min_count, 1))
-    counts = cleaned.counts
-    raw = {"rows": counts.raw_rows, "users": len(cleaned.user_vocab), "items": len(cleaned.item_vocab)}
-    del log_frame
-    if len(cleaned.users) == 0:
-        raise DataValidationError(
-            interactions, f"no events left after cleaning: no user has {min_user_events} events with items of {min_count}+ events"
+        progress.update()
+        progress.set_postfix_str("cleaning")
+        min_user_events = max(min_count, MIN_HISTORY)
+        cleaned = clean_log(log_frame, repeats=repeats, min_user_events=min_user_events, min_item_events=max(min_count, 1))
+        counts = cleaned.counts
+        raw = {"rows": counts.raw_rows, "users": len(cleaned.user_vocab), "items": len(cleaned.item_vocab)}
+        del log_frame
+        if len(cleaned.users) == 0:
+            raise DataValidationError(
+                interactions, f"no events left after cleaning: no user has {min_user_events} events with items of {min_count}+ events"
+            )
+
+        progress.update()
+        progress.set_postfix_str("vocabularies and split")
+        # vocabularies: sorted original ids, index 0 = padding. Codes are positions in the sorted raw
+        # vocabularies, so renumbering the kept ones preserves the order.
+        user_kept = np.bincount(cleaned.users, minlength=len(cleaned.user_vocab)) > 0
+        user_ids = cleaned.user_vocab.filter(pl.Series(user_kept))
+        user_index = np.cumsum(user_kept)[cleaned.users]
+        item_kept = np.bincount(cleaned.items, minlength=len(cleaned.item_vocab)) > 0
+        interacted_ids = cleaned.item_vocab.filter(pl.Series(item_kept))
+        catalogue_ids = interacted_ids
+        if item_table is not None:
+            catalogue_ids = pl.concat([interacted_ids, item_table["item_id"]]).unique().sort()
+        item_of_code = np.zeros(len(cleaned.item_vocab), dtype=np.int64)
+        item_of_code[item_kept] = catalogue_ids.search_sorted(interacted_ids).to_numpy() + 1
+        item_index = item_of_code[cleaned.items]
+        users = pl.DataFrame({"user": np.arange(1, len(user_ids) + 1, dtype=np.int32), "user_id": user_ids})
+        catalogue = pl.DataFrame({"item": np.arange(1, len(catalogue_ids) + 1, dtype=np.int32), "item_id": catalogue_ids})
+
+        history_lengths = np.bincount(user_index, minlength=len(user_ids) + 1)[1:]
+        starts = np.concatenate([[0], np.cumsum(history_lengths)[:-1]])
+        position = np.arange(len(user_index)) - np.repeat(starts, history_lengths)
+        in_train_part = position < np.repeat(history_lengths - 2, history_lengths)
+        train_counts = np.bincount(item_index[in_train_part], minlength=len(catalogue_ids) + 1)
+        event_counts = np.bincount(item_index, minlength=len(catalogue_ids) + 1)
+
+        interactions_out = pl.DataFrame({
+            "user": user_index.astype(np.int32),
+            "item": item_index.astype(np.int32),
+            "pos": position.astype(np.int32),
+            **({} if cleaned.weight is None else {"weight": cleaned.weight}),
+        })
+        del cleaned, user_index, item_index, position
+        items_out = catalogue.with_columns(pl.Series("train_count", train_counts[1:].astype(np.int64)))
+
+        progress.update()
+        progress.set_postfix_str("item features")
+        item_rows = catalogue if item_table is None else catalogue.join(item_table, on="item_id", how="left", maintain_order="left")
+        missing_from_table = 0 if item_table is None else int(item_rows[ROW].null_count())
+        if missing_from_table:
+            log.warning("%s: %d interacted items are not in the item table (they get no item-table features)", items, missing_from_table)
+        features, feature_summary, bag_vocabularies = build_item_features(
+            item_rows,
+            train_counts > 0,
+            text_cols=text_cols,
+            text_model=text_model,
+            cache_dir=cache_dir,
+            category_cols=category_cols,
+            category_sep=category_sep,
+            vectors=item_vectors,
         )
 
-    # vocabularies: sorted original ids, index 0 = padding. Codes are positions in the sorted raw
-    # vocabularies, so renumbering the kept ones preserves the order.
-    user_kept = np.bincount(cleaned.users, minlength=len(cleaned.user_vocab)) > 0
-    user_ids = cleaned.user_vocab.filter(pl.Series(user_kept))
-    user_index = np.cumsum(user_kept)[cleaned.users]
-    item_kept = np.bincount(cleaned.items, minlength=len(cleaned.item_vocab)) > 0
-    interacted_ids = cleaned.item_vocab.filter(pl.Series(item_kept))
-    catalogue_ids = interacted_ids
-    if item_table is not None:
-        catalogue_ids = pl.concat([interacted_ids, item_table["item_id"]]).unique().sort()
-    item_of_code = np.zeros(len(cleaned.item_vocab), dtype=np.int64)
-    item_of_code[item_kept] = catalogue_ids.search_sorted(interacted_ids).to_numpy() + 1
-    item_index = item_of_code[cleaned.items]
-    users = pl.DataFrame({"user": np.arange(1, len(user_ids) + 1, dtype=np.int32), "user_id": user_ids})
-    catalogue = pl.DataFrame({"item": np.arange(1, len(catalogue_ids) + 1, dtype=np.int32), "item_id": catalogue_ids})
+        stats = {
+            "format_version": FORMAT_VERSION,
+            "users": len(user_ids),
+            "items": len(catalogue_ids),
+            "interactions": int(history_lengths.sum()),
+            "interacted_items": int((event_counts[1:] > 0).sum()),
+            "cold_items": int((event_counts[1:] == 0).sum()),
+            "items_in_training": int((train_counts[1:] > 0).sum()),
+            "train_interactions": int(in_train_part.sum()),
+            "history_length": {
+                "min": int(history_lengths.min()),
+                "median": float(np.median(history_lengths)),
+                "mean": float(history_lengths.mean()),
+                "max": int(history_lengths.max()),
+            },
+            "raw": raw,
+            "dropped": {
+                "duplicate_rows": counts.duplicate_rows,
+                "repeat_events": counts.repeat_events,
+                "kcore_events": counts.kcore_events,
+                "kcore_users": counts.kcore_users,
+                "kcore_items": counts.kcore_items,
+            },
+            "kcore_rounds": counts.kcore_rounds,
+            "min_user_events": min_user_events,
+            "items_missing_from_item_table": missing_from_table,
+            "time_order": TIE_BREAK if time_col is not None else "the row order of the interactions file",
+            "vocabulary_order": "ascending original id; index 0 is padding",
+            "split": "leave-one-out per user: last event test, second-to-last validation, the rest train",
+            "id_dtypes": {"user_id": str(user_ids.dtype), "item_id": str(catalogue_ids.dtype)},
+            "options": {
+                "user_col": user_col, "item_col": item_col, "time_col": time_col, "weight_col": weight_col,
+                "items_id_col": items_id_col if items is not None else None, "text_cols": text_cols,
+                "text_model": (text_model or PACKAGED_TEXT_MODEL) if text_cols else None,
+                "category_cols": category_cols, "category_sep": category_sep,
+                "vectors": {name: p.name for name, p in vector_files.items()},
+                "min_count": min_count, "repeats": repeats,
+            },
+            "sources": {
+                "interactions": _describe_file(interactions),
+                "items": None if items is None else _describe_file(items),
+                "vectors": {name: _describe_file(p) for name, p in vector_files.items()},
+            },
+            "features": feature_summary,
+        }
 
-    history_lengths = np.bincount(user_index, minlength=len(user_ids) + 1)[1:]
-    starts = np.concatenate([[0], np.cumsum(history_lengths)[:-1]])
-    position = np.arange(len(user_index)) - np.repeat(starts, history_lengths)
-    in_train_part = position < np.repeat(history_lengths - 2, history_lengths)
-    train_counts = np.bincount(item_index[in_train_part], minlength=len(catalogue_ids) + 1)
-    event_counts = np.bincount(item_index, minlength=len(catalogue_ids) + 1)
-
-    interactions_out = pl.DataFrame({
-        "user": user_index.astype(np.int32),
-        "item": item_index.astype(np.int32),
-        "pos": position.astype(np.int32),
-        **({} if cleaned.weight is None else {"weight": cleaned.weight}),
-    })
-    del cleaned, user_index, item_index, position
-    items_out = catalogue.with_columns(pl.Series("train_count", train_counts[1:].astype(np.int64)))
-
-    item_rows = catalogue if item_table is None else catalogue.join(item_table, on="item_id", how="left", maintain_order="left")
-    missing_from_table = 0 if item_table is None else int(item_rows[ROW].null_count())
-    if missing_from_table:
-        log.warning("%s: %d interacted items are not in the item table (they get no item-table features)", items, missing_from_table)
-    features, feature_summary, bag_vocabularies = build_item_features(
-        item_rows,
-        train_counts > 0,
-        text_cols=text_cols,
-        text_model=text_model,
-        cache_dir=cache_dir,
-        category_cols=category_cols,
-        category_sep=category_sep,
-        vectors=item_vectors,
-    )
-
-    stats = {
-        "format_version": FORMAT_VERSION,
-        "users": len(user_ids),
-        "items": len(catalogue_ids),
-        "interactions": int(history_lengths.sum()),
-        "interacted_items": int((event_counts[1:] > 0).sum()),
-        "cold_items": int((event_counts[1:] == 0).sum()),
-        "items_in_training": int((train_counts[1:] > 0).sum()),
-        "train_interactions": int(in_train_part.sum()),
-        "history_length": {
-            "min": int(history_lengths.min()),
-            "median": float(np.median(history_lengths)),
-            "mean": float(history_lengths.mean()),
-            "max": int(history_lengths.max()),
-        },
-        "raw": raw,
-        "dropped": {
-            "duplicate_rows": counts.duplicate_rows,
-            "repeat_events": counts.repeat_events,
-            "kcore_events": counts.kcore_events,
-            "kcore_users": counts.kcore_users,
-            "kcore_items": counts.kcore_items,
-        },
-        "kcore_rounds": counts.kcore_rounds,
-        "min_user_events": min_user_events,
-        "items_missing_from_item_table": missing_from_table,
-        "time_order": TIE_BREAK if time_col is not None else "the row order of the interactions file",
-        "vocabulary_order": "ascending original id; index 0 is padding",
-        "split": "leave-one-out per user: last event test, second-to-last validation, the rest train",
-        "id_dtypes": {"user_id": str(user_ids.dtype), "item_id": str(catalogue_ids.dtype)},
-        "options": {
-            "user_col": user_col, "item_col": item_col, "time_col": time_col, "weight_col": weight_col,
-            "items_id_col": items_id_col if items is not None else None, "text_cols": text_cols,
-            "text_model": (text_model or PACKAGED_TEXT_MODEL) if text_cols else None,
-            "category_cols": category_cols, "category_sep": category_sep,
-            "vectors": {name: p.name for name, p in vector_files.items()},
-            "min_count": min_count, "repeats": repeats,
-        },
-        "sources": {
-            "interactions": _describe_file(interactions),
-            "items": None if items is None else _describe_file(items),
-            "vectors": {name: _describe_file(p) for name, p in vector_files.items()},
-        },
-        "features": feature_summary,
-    }
-
-    _write_atomically(out, overwrite, interactions_out, users, items_out, features, bag_vocabularies, stats)
-    log.info("prepared %s: %d users, %d items, %d interactions", out, stats["users"], stats["items"], stats["interactions"])
+        progress.update()
+        progress.set_postfix_str("writing")
+        _write_atomically(out, overwrite, interactions_out, users, items_out, features, bag_vocabularies, stats)
+        progress.update()
+        log.info("prepared %s: %d users, %d items, %d interactions", out, stats["users"], stats["items"], stats["interactions"])
     return out
 
 

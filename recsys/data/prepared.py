@@ -20,6 +20,7 @@ import polars as pl
 
 from recsys.data.errors import DataValidationError
 from recsys.data.item_features import ItemFeatures
+from recsys.data.pipeline import FORMAT_VERSION
 
 __all__ = ["PreparedDataset", "load_prepared"]
 
@@ -88,6 +89,10 @@ def load_prepared(directory: str | Path) -> PreparedDataset:
         if not (directory / name).is_file():
             raise DataValidationError(directory, f"not a prepared dataset: {name} is missing")
     stats = json.loads((directory / "stats.json").read_text())
+    if stats.get("format_version") != FORMAT_VERSION:
+        raise DataValidationError(
+            directory, f"prepared with format version {stats.get('format_version')}, this code reads {FORMAT_VERSION}: prepare it again"
+        )
     interactions = pl.read_parquet(directory / "interactions.parquet", columns=["user", "item"])
     users = pl.read_parquet(directory / "users.parquet")
     items = pl.read_parquet(directory / "items.parquet")
