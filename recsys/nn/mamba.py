@@ -123,13 +123,12 @@ class NestedMambaMixer(NestedModule):
     ) -> None:
         super().__init__()
         self.sizes = check_sizes(sizes)
-        check_group_sizes(self.sizes)
+        spans = torch.tensor(check_group_sizes(self.sizes))
         if d_state < 1 or d_conv < 1 or expand < 1:
             raise ValueError(f"d_state, d_conv and expand must be positive, got {d_state}, {d_conv}, {expand}")
         self.d_state, self.d_conv, self.expand, self.use_kernels = d_state, d_conv, expand, use_kernels
         inner = expand * self.sizes[-1]
         # The scan's B/C groups are as wide as the smallest chunk; group j reads chunk_of_group[j]'s.
-        spans = torch.tensor(check_group_sizes(self.sizes))
         self.register_buffer("chunk_of_group", torch.arange(len(self.sizes)).repeat_interleave(spans), persistent=False)
 
         self.in_x = NestedLinear(self.sizes, out_mult=expand, bias=False)
