@@ -17,13 +17,14 @@ import os
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from recsys.data.cleaning import REPEAT_POLICIES, TIE_BREAK, RepeatPolicy, clean_log
+from recsys.data.cleaning import REPEAT_POLICIES, TIE_BREAK, CleanLog, RepeatPolicy, clean_log
 from recsys.data.errors import DataValidationError
 from recsys.data.features import build_item_features
 from recsys.data.readers import ROW, ROW_HASH, check_columns, check_id_column, read_columns, scan_table, unify_id_dtype
@@ -134,37 +135,14 @@ def prepare(
 
         progress.update()
         progress.set_postfix_str("vocabularies and split")
-        # vocabularies: sorted original ids, index 0 = padding. Codes are positions in the sorted raw
-        # vocabularies, so renumbering the kept ones preserves the order.
-        user_kept = np.bincount(cleaned.users, minlength=len(cleaned.user_vocab)) > 0
-        user_ids = cleaned.user_vocab.filter(pl.Series(user_kept))
-        user_index = np.cumsum(user_kept)[cleaned.users]
-        item_kept = np.bincount(cleaned.items, minlength=len(cleaned.item_vocab)) > 0
-        interacted_ids = cleaned.item_vocab.filter(pl.Series(item_kept))
-        catalogue_ids = interacted_ids
-        if item_table is not None:
-            catalogue_ids = pl.concat([interacted_ids, item_table["item_id"]]).unique().sort()
-        item_of_code = np.zeros(len(cleaned.item_vocab), dtype=np.int64)
-        item_of_code[item_kept] = catalogue_ids.search_sorted(interacted_ids).to_numpy() + 1
-        item_index = item_of_code[cleaned.items]
+        indexed = _index_events(cleaned, None if item_table is None else item_table["item_id"])
+        user_ids, catalogue_ids = indexed.user_ids, indexed.catalogue_ids
+        history_lengths, train_counts, event_counts = indexed.history_lengths, indexed.train_counts, indexed.event_counts
         users = pl.DataFrame({"user": np.arange(1, len(user_ids) + 1, dtype=np.int32), "user_id": user_ids})
         catalogue = pl.DataFrame({"item": np.arange(1, len(catalogue_ids) + 1, dtype=np.int32), "item_id": catalogue_ids})
-
-        history_lengths = np.bincount(user_index, minlength=len(user_ids) + 1)[1:]
-        starts = np.concatenate([[0], np.cumsum(history_lengths)[:-1]])
-        position = np.arange(len(user_index)) - np.repeat(starts, history_lengths)
-        in_train_part = position < np.repeat(history_lengths - 2, history_lengths)
-        train_counts = np.bincount(item_index[in_train_part], minlength=len(catalogue_ids) + 1)
-        event_counts = np.bincount(item_index, minlength=len(catalogue_ids) + 1)
-
-        interactions_out = pl.DataFrame({
-            "user": user_index.astype(np.int32),
-            "item": item_index.astype(np.int32),
-            "pos": position.astype(np.int32),
-            **({} if cleaned.weight is None else {"weight": cleaned.weight}),
-        })
-        del cleaned, user_index, item_index, position
+        interactions_out = indexed.events
         items_out = catalogue.with_columns(pl.Series("train_count", train_counts[1:].astype(np.int64)))
+        del cleaned, indexed
 
         progress.update()
         progress.set_postfix_str("item features")
@@ -191,7 +169,7 @@ def prepare(
             "interacted_items": int((event_counts[1:] > 0).sum()),
             "cold_items": int((event_counts[1:] == 0).sum()),
             "items_in_training": int((train_counts[1:] > 0).sum()),
-            "train_interactions": int(in_train_part.sum()),
+            "train_interactions": int(train_counts.sum()),
             "history_length": {
                 "min": int(history_lengths.min()),
                 "median": float(np.median(history_lengths)),
@@ -235,6 +213,57 @@ def prepare(
         progress.update()
         log.info("prepared %s: %d users, %d items, %d interactions", out, stats["users"], stats["items"], stats["interactions"])
     return out
+
+
+@dataclass
+class _IndexedLog:
+    """The cleaned log renumbered: ``events`` is the future ``interactions.parquet``."""
+
+    events: pl.DataFrame  # user, item, pos (int32)[, weight], sorted by (user, pos)
+    user_ids: pl.Series  # original id of user index 1..U
+    catalogue_ids: pl.Series  # original id of item index 1..N
+    history_lengths: np.ndarray  # (U,)
+    train_counts: np.ndarray  # (N + 1,) events per item in the training parts
+    event_counts: np.ndarray  # (N + 1,) events per item
+
+
+def _index_events(cleaned: CleanLog, item_table_ids: pl.Series | None) -> _IndexedLog:
+    """Vocabularies (sorted original ids, 0 = padding), positions and the leave-one-out split.
+
+    Cleaning codes are positions in the sorted vocabularies of the raw log, so renumbering the kept
+    codes keeps the sorted order. The catalogue is the kept items plus every item-table item.
+    """
+    user_kept = np.bincount(cleaned.users, minlength=len(cleaned.user_vocab)) > 0
+    user_ids = cleaned.user_vocab.filter(pl.Series(user_kept))
+    user_index = np.cumsum(user_kept)[cleaned.users]
+    item_kept = np.bincount(cleaned.items, minlength=len(cleaned.item_vocab)) > 0
+    interacted_ids = cleaned.item_vocab.filter(pl.Series(item_kept))
+    catalogue_ids = interacted_ids
+    if item_table_ids is not None:
+        catalogue_ids = pl.concat([interacted_ids, item_table_ids]).unique().sort()
+    item_of_code = np.zeros(len(cleaned.item_vocab), dtype=np.int64)
+    item_of_code[item_kept] = catalogue_ids.search_sorted(interacted_ids).to_numpy() + 1
+    item_index = item_of_code[cleaned.items]
+
+    # events are in (user, time) order already: a position is the distance to the user's first event
+    history_lengths = np.bincount(user_index, minlength=len(user_ids) + 1)[1:]
+    starts = np.cumsum(history_lengths) - history_lengths
+    position = np.arange(len(user_index)) - np.repeat(starts, history_lengths)
+    in_train_part = position < np.repeat(history_lengths - 2, history_lengths)
+    events = pl.DataFrame({
+        "user": user_index.astype(np.int32),
+        "item": item_index.astype(np.int32),
+        "pos": position.astype(np.int32),
+        **({} if cleaned.weight is None else {"weight": cleaned.weight}),
+    })
+    return _IndexedLog(
+        events=events,
+        user_ids=user_ids,
+        catalogue_ids=catalogue_ids,
+        history_lengths=history_lengths,
+        train_counts=np.bincount(item_index[in_train_part], minlength=len(catalogue_ids) + 1),
+        event_counts=np.bincount(item_index, minlength=len(catalogue_ids) + 1),
+    )
 
 
 # -- checks -----------------------------------------------------------------------------------------
