@@ -30,7 +30,7 @@ from recsys.data.features import build_item_features
 from recsys.data.readers import ROW, ROW_HASH, check_columns, check_id_column, read_columns, scan_table, unify_id_dtype
 from recsys.data.text_encoding import PACKAGED_TEXT_MODEL
 from recsys.data.time_order import parse_order_key, parse_weight
-from recsys.data.vectors import ItemVectors, read_item_vectors
+from recsys.data.vectors import read_item_vectors
 
 __all__ = ["FORMAT_VERSION", "MIN_HISTORY", "prepare"]
 
