@@ -132,7 +132,8 @@ class IndexSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"index kind must be one of {list(KINDS)}, got {self.kind!r}")
-        _check_int("seed", self.seed, minimum=0)
+        # numpy integers become plain ints so that to_dict() is always JSON-serialisable
+        object.__setattr__(self, "seed", _check_int("seed", self.seed, minimum=0))
         for name in _ALL_PARAMS:
             value = getattr(self, name)
             if value is None:
@@ -142,7 +143,7 @@ class IndexSpec:
                     f"parameter {name}={value!r} does not apply to index kind {self.kind!r} "
                     f"(its parameters: {list(_KIND_PARAMS[self.kind]) or 'none'})"
                 )
-            _check_int(name, value)
+            object.__setattr__(self, name, _check_int(name, value))
         if self.pq_nbits is not None and self.pq_nbits > 16:
             raise ValueError(f"pq_nbits must be at most 16, got {self.pq_nbits}")
         if self.nlist is not None and self.nprobe is not None and self.nprobe > self.nlist:
@@ -652,7 +653,8 @@ class FunnelSpec:
 
     def __post_init__(self) -> None:
         prefix = _check_int("prefix", self.prefix)
-        _check_int("shortlist", self.shortlist)
+        object.__setattr__(self, "prefix", prefix)
+        object.__setattr__(self, "shortlist", _check_int("shortlist", self.shortlist))
         dims = (self.rerank_dims,) if isinstance(self.rerank_dims, (int, np.integer)) else tuple(self.rerank_dims)
         if not dims:
             raise ValueError("rerank_dims must name at least one dimension")

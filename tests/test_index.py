@@ -377,6 +377,9 @@ def test_spec_json_round_trip():
     data = json.loads(json.dumps(spec.to_dict()))
     assert set(data) == {"kind", "nlist", "nprobe", "train_size", "pq_m", "pq_nbits", "seed"}
     assert IndexSpec.from_dict(data) == spec
+    # numpy integers (e.g. computed sizes) still give JSON-serialisable settings
+    json.dumps(IndexSpec("ivf_flat", nlist=np.int64(8)).to_dict())
+    json.dumps(FunnelSpec(np.int64(16), np.int64(100), np.array([32, 64]), keep=[np.int64(50)]).to_dict())
 
 
 @pytest.mark.parametrize(
