@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed-$(PROFILE)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
@@ -41,9 +41,9 @@ SHARED ?= ../shared/datasets
 data/ml-1m: install
 	$(PY) -m recsys.data prepare --interactions $(SHARED)/ml-1m/interactions.parquet \
 	    --items $(SHARED)/ml-1m/items.csv --out $@ --user-col user_id --item-col item_id --time-col seq \
-	    --text-cols title,genres --category-cols genres --min-count 5
+	    --text-cols title genres --category-cols genres --min-count 5
 
 data/lastfm: install
 	$(PY) -m recsys.data prepare --interactions $(SHARED)/lastfm/interactions.tsv \
 	    --items $(SHARED)/lastfm/items.tsv --out $@ --user-col user_id --item-col item_id --time-col timestamp \
-	    --text-cols name --min-count 5 --repeats collapse
+	    --text-cols name --min-count 5 --repeats keep
