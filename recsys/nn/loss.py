@@ -142,27 +142,30 @@ def _add_product_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None
         out.add_(a @ b, alpha=alpha)
 
 
-def _softmax_step(logits: Tensor, soft: Tensor | None, scale: Tensor, exp: Tensor) -> Tensor:
-    """One size's pass over a block of logits: the rows' logsumexps, and ``soft += scale * softmax``.
+def _softmax_step(logits: Tensor, soft: Tensor | None, scale: Tensor, exp: Tensor, row_max: Tensor,
+                  denom: Tensor) -> None:
+    """One size's pass over a block of logits: writes each row's maximum and sum of
+    ``exp(logit - maximum)`` into ``row_max`` and ``denom`` (so ``logsumexp = max + log(denom)``),
+    and adds ``scale * softmax`` to ``soft``.
 
-    Eager form: ``exp`` is a reused buffer, so the pass allocates nothing of the block's size.
+    Eager form: ``exp`` is a reused buffer and results go to preallocated rows, so the pass
+    allocates nothing of the block's size and launches few operations.
     """
-    row_max = logits.amax(dim=1, keepdim=True)
-    torch.sub(logits, row_max, out=exp).exp_()
-    denom = exp.sum(dim=1, keepdim=True)
+    torch.amax(logits, dim=1, out=row_max)
+    torch.sub(logits, row_max.unsqueeze(1), out=exp).exp_()
+    torch.sum(exp, dim=1, out=denom)
     if soft is not None:
-        soft.addcmul_(exp, scale / denom)
-    return (denom.log() + row_max).squeeze(1)
+        soft.addcmul_(exp, (scale / denom).unsqueeze(1))
 
 
-def _softmax_step_fusable(logits: Tensor, soft: Tensor, scale: Tensor) -> Tensor:
+def _softmax_step_fusable(logits: Tensor, soft: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`_softmax_step` written without buffers, for ``torch.compile`` to fuse into a couple
-    of loops over the block (no ``exp`` buffer, the exponentials recomputed instead of stored)."""
+    of loops over the block (no ``exp`` buffer: the exponentials are recomputed, not stored)."""
     row_max = logits.amax(dim=1, keepdim=True)
     exp = torch.exp(logits - row_max)
     denom = exp.sum(dim=1, keepdim=True)
     soft.add_(exp * (scale / denom))
-    return (denom.log() + row_max).squeeze(1)
+    return row_max.squeeze(1), denom.squeeze(1)
 
 
 _compiled_step = None
@@ -216,9 +219,12 @@ def _blocked_forward(
     cand_chunks = [cand[:, a:b].contiguous() for a, b in bounds]
     u_valid = user if all_valid else user[rows]
     t_valid = (targets if all_valid else targets[rows]).long() - 1  # index into the candidates
-    d_valid = torch.empty(n_valid, width, dtype=dtype, device=device) if with_grads else None
-    lse = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
-    target_logit = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
+    # per size and row: maximum logit, sum of exp(logit - maximum), target logit
+    row_max = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
+    denom = torch.empty_like(row_max)
+    target_logit = torch.empty(num_sizes, n_valid, 1, dtype=dtype, device=device)
+    # chunk m of the user gradient's softmax part, one contiguous (n_valid, chunk width) matrix each
+    d_chunks = [torch.empty(n_valid, b - a, dtype=dtype, device=device) for a, b in bounds] if with_grads else None
     scales = torch.tensor(weights, dtype=dtype, device=device) / n_valid
     fused_step = _fused_softmax_step() if fused and with_grads else None
 
@@ -230,26 +236,31 @@ def _blocked_forward(
         soft = torch.zeros_like(logits) if with_grads else None
         for m in range(num_sizes - 1, -1, -1):  # largest size first
             a, b = bounds[m]
-            target_logit[m, r0:r1] = logits.gather(1, t).squeeze(1)
-            # S += w_m softmax_m / n, the softmax part of chunk m's gradient
+            torch.gather(logits, 1, t, out=target_logit[m, r0:r1])
+            # soft += w_m softmax_m / n: now the softmax part of chunk m's gradient
             if fused_step is not None:
-                lse[m, r0:r1] = fused_step(logits, soft, scales[m])
+                mx, dn = fused_step(logits, soft, scales[m])
+                row_max[m, r0:r1], denom[m, r0:r1] = mx, dn
             else:
-                lse[m, r0:r1] = _softmax_step(logits, soft, scales[m], exp)
+                _softmax_step(logits, soft, scales[m], exp, row_max[m, r0:r1], denom[m, r0:r1])
             if with_grads:
                 s = soft if soft.dtype == u.dtype else soft.to(u.dtype)
-                d_valid[r0:r1, a:b] = _product(s, cand_chunks[m], dtype)
+                if s.dtype == dtype:
+                    torch.mm(s, cand_chunks[m], out=d_chunks[m][r0:r1])
+                else:
+                    d_chunks[m][r0:r1] = _product(s, cand_chunks[m], dtype)
                 _add_product_(d_cand_t[a:b], u[:, a:b].t(), s)
             if m > 0:  # logits at the next smaller size: remove chunk m's product
                 _add_product_(logits, u[:, a:b], cand_chunks[m].t(), alpha=-1.0)
         del logits, exp, soft
 
-    ce_sums = (lse - target_logit).sum(dim=1)
+    ce_sums = (denom.log() + row_max - target_logit.squeeze(2)).sum(dim=1)
     if not with_grads:
         return ce_sums, None, None
     # one-hot part: column j of chunk c carries sum_{m >= c} w_m / n
     tail = torch.tensor(weights, dtype=torch.float64).flip(0).cumsum(0).flip(0) / n_valid
     col_scale = torch.cat([tail[m].expand(b - a) for m, (a, b) in enumerate(bounds)]).to(device, dtype)
+    d_valid = torch.cat(d_chunks, dim=1)
     d_valid -= cand[t_valid].to(dtype) * col_scale
     d_cand_t.index_add_(1, t_valid, (u_valid.to(dtype) * col_scale).t(), alpha=-1.0)
     if all_valid:
