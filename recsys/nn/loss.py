@@ -142,11 +142,11 @@ def _add_product_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None
         out.add_(a @ b, alpha=alpha)
 
 
-def _softmax_step(logits: Tensor, soft: Tensor | None, scale: Tensor, exp: Tensor, row_max: Tensor,
+def _softmax_step(logits: Tensor, soft: Tensor | None, scale: Tensor, first: bool, exp: Tensor, row_max: Tensor,
                   denom: Tensor) -> None:
     """One size's pass over a block of logits: writes each row's maximum and sum of
     ``exp(logit - maximum)`` into ``row_max`` and ``denom`` (so ``logsumexp = max + log(denom)``),
-    and adds ``scale * softmax`` to ``soft``.
+    and adds ``scale * softmax`` to ``soft`` (sets it, for the ``first`` size: no zero-filling).
 
     Eager form: ``exp`` is a reused buffer and results go to preallocated rows, so the pass
     allocates nothing of the block's size and launches few operations.
@@ -154,17 +154,22 @@ def _softmax_step(logits: Tensor, soft: Tensor | None, scale: Tensor, exp: Tenso
     torch.amax(logits, dim=1, out=row_max)
     torch.sub(logits, row_max.unsqueeze(1), out=exp).exp_()
     torch.sum(exp, dim=1, out=denom)
-    if soft is not None:
+    if soft is not None and first:
+        torch.mul(exp, (scale / denom).unsqueeze(1), out=soft)
+    elif soft is not None:
         soft.addcmul_(exp, (scale / denom).unsqueeze(1))
 
 
-def _softmax_step_fusable(logits: Tensor, soft: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+def _softmax_step_fusable(logits: Tensor, soft: Tensor, scale: Tensor, first: bool) -> tuple[Tensor, Tensor]:
     """:func:`_softmax_step` written without buffers, for ``torch.compile`` to fuse into a couple
     of loops over the block (no ``exp`` buffer: the exponentials are recomputed, not stored)."""
     row_max = logits.amax(dim=1, keepdim=True)
     exp = torch.exp(logits - row_max)
     denom = exp.sum(dim=1, keepdim=True)
-    soft.add_(exp * (scale / denom))
+    if first:
+        soft.copy_(exp * (scale / denom))
+    else:
+        soft.add_(exp * (scale / denom))
     return row_max.squeeze(1), denom.squeeze(1)
 
 
@@ -233,16 +238,16 @@ def _blocked_forward(
         u, t = u_valid[r0:r1], t_valid[r0:r1].unsqueeze(1)
         logits = _product(u, cand.t(), dtype)  # full-size logits of this block
         exp = None if fused_step is not None else torch.empty_like(logits)
-        soft = torch.zeros_like(logits) if with_grads else None
+        soft = torch.empty_like(logits) if with_grads else None
         for m in range(num_sizes - 1, -1, -1):  # largest size first
             a, b = bounds[m]
             torch.gather(logits, 1, t, out=target_logit[m, r0:r1])
             # soft += w_m softmax_m / n: now the softmax part of chunk m's gradient
             if fused_step is not None:
-                mx, dn = fused_step(logits, soft, scales[m])
+                mx, dn = fused_step(logits, soft, scales[m], m == num_sizes - 1)
                 row_max[m, r0:r1], denom[m, r0:r1] = mx, dn
             else:
-                _softmax_step(logits, soft, scales[m], exp, row_max[m, r0:r1], denom[m, r0:r1])
+                _softmax_step(logits, soft, scales[m], m == num_sizes - 1, exp, row_max[m, r0:r1], denom[m, r0:r1])
             if with_grads:
                 s = soft if soft.dtype == u.dtype else soft.to(u.dtype)
                 if s.dtype == dtype:
