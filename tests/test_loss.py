@@ -36,11 +36,12 @@ def _value_and_grads(fn, user, items, targets, sizes, **kw):
 @pytest.mark.parametrize(
     "sizes, weights, block_rows",
     [
-        ((2, 4, 8, 16), None, 7),  # block size does not divide the positions
-        ((2, 4, 8, 16), (0.5, 1.0, 2.0, 0.25), 7),  # non-uniform weights
+        ((2, 4, 8, 16), None, 28),  # 7 positions per block: does not divide the 32 valid ones
+        ((2, 4, 8, 16), (0.5, 1.0, 2.0, 0.25), 28),  # non-uniform weights
         ((16,), None, 512),  # M = 1, one block
-        ((1, 3, 6, 10, 16), (1.0, 0.0, 3.0, 1.0, 0.5), 5),  # M = 5, uneven chunks, a zero weight
-        ((2, 4, 8, 16), None, 1),  # one row per block
+        ((16,), None, 5),  # M = 1, several blocks
+        ((1, 3, 6, 10, 16), (1.0, 0.0, 3.0, 1.0, 0.5), 15),  # M = 5, uneven chunks, a zero weight
+        ((2, 4, 8, 16), None, 1),  # fewer rows than sizes: one position per block
     ],
 )
 def test_equals_naive_float64(sizes, weights, block_rows):
@@ -224,7 +225,7 @@ def test_fused_step_equals_naive(dtype, tol):
     sizes, weights = (2, 4, 8, 16), (0.5, 1.0, 2.0, 0.25)
     user, items, targets = _case(sizes=sizes, dtype=dtype)
     flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes,
-                                    weights=weights, block_rows=7, fused=True)
+                                    weights=weights, block_rows=28, fused=True)
     ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes,
                                            weights=weights)
     torch.testing.assert_close(flat.per_size, ref.per_size, rtol=tol, atol=tol)

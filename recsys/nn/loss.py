@@ -11,10 +11,17 @@ Why a custom autograd function. The obvious implementation (:func:`naive_matryos
 builds M logit tensors of ``positions x items`` and autograd keeps all of them, so memory and time
 grow with the number of sizes. But the logits at size ``s_m`` are the running sum over chunks
 ``c <= m`` of ``u[chunk c] @ Z[:, chunk c]^T``, and the gradient of chunk ``c``'s product is
-``G_c = sum_{m >= c} w_m (softmax_m - onehot) / n_valid``. So for one block of rows we can compute
-the full-size logits once, walk the sizes from largest to smallest, add size ``m``'s term to ``G``,
-take chunk ``m``'s gradients from ``G`` and subtract chunk ``m``'s product to get the next smaller
-logits. Only a few ``block x items`` buffers exist at any time, whatever M is.
+``G_c = sum_{m >= c} w_m (softmax_m - onehot) / n_valid``. So for one block of positions we build
+the logits of every size from the previous size's plus one chunk product (one full product in all),
+then walk the sizes from largest to smallest: size ``m``'s softmax is added to ``G`` in place of its
+logits, which are not needed any more, and ``G`` then gives chunk ``m``'s gradients. The block's
+positions are ``block_rows // M``, so the logits held at once are ``block_rows x items`` floats
+whatever M is, and nothing of that size outlives its block.
+
+(The other exact order, computing only the full-size logits and subtracting chunk ``m``'s product
+to step down a size, holds fewer buffers per position but computes every chunk product twice; on
+CPU that cost about a fifth more time at equal memory, so this module holds every size's logits
+for fewer positions instead.)
 
 Why the gradients are computed in the forward pass. The loss is a scalar, so its backward only
 scales the gradients by the incoming scalar. Computing them while the block's logits are at hand
@@ -134,42 +141,53 @@ def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return out if out.dtype == dtype else out.to(dtype)
 
 
-def _add_product_(out: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
-    """``out += alpha * a @ b`` in place (no temporary when the dtypes agree)."""
+def _add_product(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``c + a @ b`` as a new tensor in ``c``'s dtype (one fused product when the dtypes agree)."""
+    if c.dtype == a.dtype:
+        return torch.addmm(c, a, b)
+    return c + (a @ b).to(c.dtype)
+
+
+def _add_product_(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a @ b`` in place (no temporary when the dtypes agree)."""
     if out.dtype == a.dtype:
-        out.addmm_(a, b, alpha=alpha)
+        out.addmm_(a, b)
     else:
-        out.add_(a @ b, alpha=alpha)
+        out.add_(a @ b)
 
 
-def _softmax_step(logits: Tensor, soft: Tensor | None, scale: Tensor, first: bool, exp: Tensor, row_max: Tensor,
-                  denom: Tensor) -> None:
-    """One size's pass over a block of logits: writes each row's maximum and sum of
-    ``exp(logit - maximum)`` into ``row_max`` and ``denom`` (so ``logsumexp = max + log(denom)``),
-    and adds ``scale * softmax`` to ``soft`` (sets it, for the ``first`` size: no zero-filling).
+def _softmax_step_(logits: Tensor, soft: Tensor | None, scale: Tensor, row_max: Tensor, denom: Tensor,
+                   with_grads: bool) -> Tensor | None:
+    """One size's pass over a block, consuming its logits (they are overwritten).
 
-    Eager form: ``exp`` is a reused buffer and results go to preallocated rows, so the pass
-    allocates nothing of the block's size and launches few operations.
+    Writes each row's maximum and sum of ``exp(logit - maximum)`` into ``row_max`` and ``denom``
+    (``logsumexp = maximum + log(denom)``). With gradients, returns the accumulator plus
+    ``scale * softmax``: for the largest size (``soft`` None) the logits' own buffer becomes the
+    accumulator, so no buffer is allocated or zero-filled.
     """
     torch.amax(logits, dim=1, out=row_max)
-    torch.sub(logits, row_max.unsqueeze(1), out=exp).exp_()
+    exp = logits.sub_(row_max.unsqueeze(1)).exp_()
     torch.sum(exp, dim=1, out=denom)
-    if soft is not None and first:
-        torch.mul(exp, (scale / denom).unsqueeze(1), out=soft)
-    elif soft is not None:
-        soft.addcmul_(exp, (scale / denom).unsqueeze(1))
+    if not with_grads:
+        return None
+    factor = (scale / denom).unsqueeze(1)
+    if soft is None:
+        return exp.mul_(factor)
+    return soft.addcmul_(exp, factor)
 
 
-def _softmax_step_fusable(logits: Tensor, soft: Tensor, scale: Tensor, first: bool) -> tuple[Tensor, Tensor]:
-    """:func:`_softmax_step` written without buffers, for ``torch.compile`` to fuse into a couple
-    of loops over the block (no ``exp`` buffer: the exponentials are recomputed, not stored)."""
+def _softmax_step_fusable(logits: Tensor, soft: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_softmax_step_` written out of place, for ``torch.compile`` to fuse into a couple of
+    loops over the block (the exponentials are recomputed instead of stored). Adds
+    ``scale * softmax`` to ``soft`` (which may be ``logits`` itself, for the largest size)."""
     row_max = logits.amax(dim=1, keepdim=True)
     exp = torch.exp(logits - row_max)
     denom = exp.sum(dim=1, keepdim=True)
-    if first:
-        soft.copy_(exp * (scale / denom))
+    update = exp * (scale / denom)
+    if soft is logits:
+        soft.copy_(update)
     else:
-        soft.add_(exp * (scale / denom))
+        soft.add_(update)
     return row_max.squeeze(1), denom.squeeze(1)
 
 
@@ -221,7 +239,7 @@ def _blocked_forward(
 
     # Row 0 (padding) is simply left out of the candidates, so no -inf column is needed.
     cand = items[1:]
-    cand_chunks = [cand[:, a:b].contiguous() for a, b in bounds]
+    chunks = [cand[:, a:b].contiguous() for a, b in bounds]
     u_valid = user if all_valid else user[rows]
     t_valid = (targets if all_valid else targets[rows]).long() - 1  # index into the candidates
     # per size and row: maximum logit, sum of exp(logit - maximum), target logit
@@ -232,32 +250,36 @@ def _blocked_forward(
     d_chunks = [torch.empty(n_valid, b - a, dtype=dtype, device=device) for a, b in bounds] if with_grads else None
     scales = torch.tensor(weights, dtype=dtype, device=device) / n_valid
     fused_step = _fused_softmax_step() if fused and with_grads else None
+    positions = max(1, block_rows // num_sizes)  # M logit buffers of this many rows: block_rows rows
 
-    for r0 in range(0, n_valid, block_rows):
-        r1 = min(r0 + block_rows, n_valid)
+    for r0 in range(0, n_valid, positions):
+        r1 = min(r0 + positions, n_valid)
         u, t = u_valid[r0:r1], t_valid[r0:r1].unsqueeze(1)
-        logits = _product(u, cand.t(), dtype)  # full-size logits of this block
-        exp = None if fused_step is not None else torch.empty_like(logits)
-        soft = torch.empty_like(logits) if with_grads else None
-        for m in range(num_sizes - 1, -1, -1):  # largest size first
+        # upward: every size's logits, each the previous size's plus chunk m's product
+        levels = [_product(u[:, : sizes[0]], chunks[0].t(), dtype)]
+        for m in range(1, num_sizes):
             a, b = bounds[m]
+            levels.append(_add_product(levels[-1], u[:, a:b], chunks[m].t()))
+        # downward: soft accumulates sum_{m' >= m} w_m' softmax_m' / n, the softmax part of G_m
+        soft = None
+        for m in range(num_sizes - 1, -1, -1):
+            a, b = bounds[m]
+            logits = levels.pop()
             torch.gather(logits, 1, t, out=target_logit[m, r0:r1])
-            # soft += w_m softmax_m / n: now the softmax part of chunk m's gradient
             if fused_step is not None:
-                mx, dn = fused_step(logits, soft, scales[m], m == num_sizes - 1)
-                row_max[m, r0:r1], denom[m, r0:r1] = mx, dn
+                soft = logits if soft is None else soft
+                row_max[m, r0:r1], denom[m, r0:r1] = fused_step(logits, soft, scales[m])
             else:
-                _softmax_step(logits, soft, scales[m], m == num_sizes - 1, exp, row_max[m, r0:r1], denom[m, r0:r1])
+                soft = _softmax_step_(logits, soft, scales[m], row_max[m, r0:r1], denom[m, r0:r1], with_grads)
+            del logits
             if with_grads:
-                s = soft if soft.dtype == u.dtype else soft.to(u.dtype)
-                if s.dtype == dtype:
-                    torch.mm(s, cand_chunks[m], out=d_chunks[m][r0:r1])
+                g = soft if soft.dtype == u.dtype else soft.to(u.dtype)
+                if g.dtype == dtype:
+                    torch.mm(g, chunks[m], out=d_chunks[m][r0:r1])
                 else:
-                    d_chunks[m][r0:r1] = _product(s, cand_chunks[m], dtype)
-                _add_product_(d_cand_t[a:b], u[:, a:b].t(), s)
-            if m > 0:  # logits at the next smaller size: remove chunk m's product
-                _add_product_(logits, u[:, a:b], cand_chunks[m].t(), alpha=-1.0)
-        del logits, exp, soft
+                    d_chunks[m][r0:r1] = _product(g, chunks[m], dtype)
+                _add_product_(d_cand_t[a:b], u[:, a:b].t(), g)
+        del soft
 
     ce_sums = (denom.log() + row_max - target_logit.squeeze(2)).sum(dim=1)
     if not with_grads:
@@ -329,8 +351,9 @@ def matryoshka_cross_entropy(
         targets: ``(P,)`` target item indices in ``[0, N]``; 0 marks an ignored position.
         sizes: the nested sizes, strictly increasing, the largest equal to ``D``.
         weights: weight ``w_m`` of each size (default 1.0 each), finite and non-negative.
-        block_rows: positions processed together; peak extra memory is about
-            ``3 * block_rows * N`` floats, independent of the number of sizes.
+        block_rows: logit rows held at once, over all sizes: each block covers
+            ``block_rows // M`` positions (at least one) and holds their logits at every size,
+            about ``block_rows * N`` floats whatever the number of sizes.
         fused: run each size's softmax pass through ``torch.compile`` (fewer passes over the
             block's logits; the first call compiles, which takes a while). Off by default: the
             eager path needs no compiler and gives the same numbers up to rounding.
