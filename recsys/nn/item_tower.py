@@ -18,6 +18,7 @@ Row 0 of ``Z`` is the padding item and is always zero.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +38,10 @@ from recsys.nn.nested import NestedLayerNorm, NestedModule, PrefixProjection, ch
 __all__ = ["ItemTower", "FixedItemMatrix"]
 
 ID_FEATURE = "item_id"
+
+# torchrec asks torch.fx whether it is tracing on every KeyedJaggedTensor, and torch answers once
+# per process with a deprecation notice that means nothing to our users: keep it out of their logs.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def _bag_table(name: str) -> str:
