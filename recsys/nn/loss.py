@@ -177,17 +177,13 @@ def _softmax_step_(logits: Tensor, soft: Tensor | None, scale: Tensor, row_max: 
 
 
 def _softmax_step_fusable(logits: Tensor, soft: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`_softmax_step_` written out of place, for ``torch.compile`` to fuse into a couple of
-    loops over the block (the exponentials are recomputed instead of stored). Adds
-    ``scale * softmax`` to ``soft`` (which may be ``logits`` itself, for the largest size)."""
+    """:func:`_softmax_step_` for the sizes below the largest, written for ``torch.compile`` to
+    fuse into a couple of loops over the block (the exponentials are recomputed, not stored).
+    ``soft`` must not alias ``logits``."""
     row_max = logits.amax(dim=1, keepdim=True)
     exp = torch.exp(logits - row_max)
     denom = exp.sum(dim=1, keepdim=True)
-    update = exp * (scale / denom)
-    if soft is logits:
-        soft.copy_(update)
-    else:
-        soft.add_(update)
+    soft.add_(exp * (scale / denom))
     return row_max.squeeze(1), denom.squeeze(1)
 
 
@@ -266,10 +262,9 @@ def _blocked_forward(
             a, b = bounds[m]
             logits = levels.pop()
             torch.gather(logits, 1, t, out=target_logit[m, r0:r1])
-            if fused_step is not None:
-                soft = logits if soft is None else soft
+            if fused_step is not None and soft is not None:
                 row_max[m, r0:r1], denom[m, r0:r1] = fused_step(logits, soft, scales[m])
-            else:
+            else:  # eager, and always for the largest size, whose buffer becomes the accumulator
                 soft = _softmax_step_(logits, soft, scales[m], row_max[m, r0:r1], denom[m, r0:r1], with_grads)
             del logits
             if with_grads:
