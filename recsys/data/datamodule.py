@@ -25,6 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 from recsys.data.batches import HeldOutTargets, TrainWindows, pass_through
 from recsys.data.item_features import ItemFeatures
 from recsys.data.prepared import PreparedDataset, load_prepared
+from recsys.data.resumable import ResumableBatchSampler, ResumableDataLoader
 from recsys.data.synthetic import SyntheticConfig, prepared_synthetic
 
 __all__ = ["SequenceDataModule"]
@@ -75,6 +76,8 @@ class SequenceDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.dataset: PreparedDataset = load_prepared(self.data_dir)
         self.train_windows = TrainWindows(self.dataset.seq_items, self.dataset.seq_offsets, max_len, pad_to_max_len)
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_state: dict | None = None
 
     @property
     def num_items(self) -> int:
@@ -95,7 +98,20 @@ class SequenceDataModule(L.LightningDataModule):
         sampler = DistributedSampler(
             self.train_windows, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=False
         )
-        return self._loader(self.train_windows, BatchSampler(sampler, self.batch_size, drop_last=False))
+        loader = self._loader(self.train_windows, ResumableBatchSampler(sampler, self.batch_size, drop_last=False))
+        if self._resume_state is not None:
+            loader.load_state_dict(self._resume_state)
+            self._resume_state = None
+        self._train_loader = loader
+        return loader
+
+    # -- checkpoints: a run killed mid-epoch resumes at the next batch (see recsys/data/resumable.py)
+
+    def state_dict(self) -> dict:
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_state = state_dict.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
         return self._held_out_loader("validation")
@@ -114,7 +130,8 @@ class SequenceDataModule(L.LightningDataModule):
         return self._loader(dataset, BatchSampler(SequentialSampler(range(len(dataset))), self.eval_batch_size, drop_last=False))
 
     def _loader(self, dataset, batch_sampler: BatchSampler) -> DataLoader:
-        return DataLoader(
+        loader = ResumableDataLoader if isinstance(batch_sampler, ResumableBatchSampler) else DataLoader
+        return loader(
             dataset,
             batch_sampler=batch_sampler,
             collate_fn=pass_through,
