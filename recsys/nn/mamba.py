@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.nn.nested import (
+    ChunkwiseProjection,
     NestedLayerNorm,
     NestedLinear,
     NestedModule,
@@ -39,7 +40,7 @@ from recsys.nn.nested import (
 )
 from recsys.nn.selective_scan import causal_depthwise_conv1d, dispatch_selective_scan
 
-__all__ = ["check_group_sizes", "ChunkwiseProjection", "NestedMambaMixer", "NestedMambaBlock", "NestedMambaEncoder"]
+__all__ = ["check_group_sizes", "NestedMambaMixer", "NestedMambaBlock", "NestedMambaEncoder"]
 
 
 def check_group_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
@@ -54,52 +55,6 @@ def check_group_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
             f"groups are that wide), but sizes {list(sizes)} give chunk widths {widths}; use e.g. doubling sizes"
         )
     return tuple(w // smallest for w in widths)
-
-
-class ChunkwiseProjection(NestedModule):
-    """Per chunk, a linear map from the input prefix of that chunk to ``out_features`` numbers.
-
-    Output ``i`` is ``W_i @ x[..., :in_mult*s_i]``: unlike :class:`NestedLinear` every chunk gets
-    the same number of outputs (here the ``B``/``C`` vectors of a chunk's state). Stored as one
-    dense ``(chunks*out_features, in_mult*D)`` weight with a fixed block mask, so it runs as one
-    matrix product. Returns ``(..., chunks, out_features)``.
-    """
-
-    def __init__(self, sizes: Sequence[int], out_features: int, in_mult: int = 1, bias: bool = False) -> None:
-        super().__init__()
-        self.sizes = check_sizes(sizes)
-        self.out_features, self.in_mult = out_features, in_mult
-        n_chunks = len(self.sizes)
-        self.weight = nn.Parameter(torch.empty(n_chunks * out_features, in_mult * self.sizes[-1]))
-        self.bias = nn.Parameter(torch.zeros(n_chunks * out_features)) if bias else None
-        mask = torch.zeros_like(self.weight)
-        for i, (_, end) in enumerate(chunk_bounds(self.sizes, in_mult)):
-            mask[i * out_features : (i + 1) * out_features, :end] = 1.0
-        self.register_buffer("mask", mask, persistent=False)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        for i, (_, end) in enumerate(chunk_bounds(self.sizes, self.in_mult)):
-            rows = slice(i * self.out_features, (i + 1) * self.out_features)
-            bound = 1.0 / math.sqrt(end)  # fan-in of chunk i is its prefix
-            self.weight[rows].uniform_(-bound, bound)
-            if self.bias is not None:
-                self.bias[rows].uniform_(-bound, bound)
-        self.weight.mul_(self.mask)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight * self.mask, self.bias)
-        return out.unflatten(-1, (len(self.sizes), self.out_features))
-
-    def _shrink_(self, size: int) -> None:
-        rows = slice(0, (self.sizes.index(size) + 1) * self.out_features)
-        shrink_parameter_(self, "weight", rows, slice(0, self.in_mult * size))
-        shrink_parameter_(self, "bias", rows)
-        self.mask = self.mask[rows, : self.in_mult * size].contiguous()
-
-    def extra_repr(self) -> str:
-        return f"sizes={list(self.sizes)}, in_mult={self.in_mult}, out_per_chunk={self.out_features}"
 
 
 class NestedMambaMixer(NestedModule):

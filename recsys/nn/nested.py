@@ -28,6 +28,7 @@ __all__ = [
     "NestedLinear",
     "NestedLayerNorm",
     "PrefixProjection",
+    "ChunkwiseProjection",
     "cut_to_size",
     "nested_parameter_count",
     "shrink_parameter_",
@@ -124,7 +125,7 @@ def nested_parameter_count(model: nn.Module) -> int:
     total = 0
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, NestedLinear) and name == "weight":
+            if isinstance(module, (NestedLinear, ChunkwiseProjection)) and name == "weight":
                 total += int(module.mask.sum().item())
             else:
                 total += p.numel()
@@ -229,11 +230,9 @@ class NestedLayerNorm(NestedModule):
         self.bias = nn.Parameter(torch.zeros(mult * self.sizes[-1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [
-            F.layer_norm(x[..., a:b], (b - a,), self.weight[a:b], self.bias[a:b], self.eps)
-            for a, b in chunk_bounds(self.sizes, self.mult)
-        ]
-        return torch.cat(parts, dim=-1)
+        widths = [b - a for a, b in chunk_bounds(self.sizes, self.mult)]
+        parts = zip(x.split(widths, dim=-1), self.weight.split(widths), self.bias.split(widths))
+        return torch.cat([F.layer_norm(p, (p.shape[-1],), w, b, self.eps) for p, w, b in parts], dim=-1)
 
     def _shrink_(self, size: int) -> None:
         shrink_parameter_(self, "weight", slice(0, self.mult * size))
@@ -266,3 +265,48 @@ class PrefixProjection(NestedModule):
     def extra_repr(self) -> str:
         return f"in={self.in_features}, sizes={list(self.sizes)}"
 
+
+class ChunkwiseProjection(NestedModule):
+    """Per chunk, a linear map from the input prefix of that chunk to ``out_features`` numbers.
+
+    Output ``i`` is ``W_i @ x[..., :in_mult*s_i]``: unlike :class:`NestedLinear` every chunk gets
+    the same number of outputs (here the ``B``/``C`` vectors of a chunk's state). Stored as one
+    dense ``(chunks*out_features, in_mult*D)`` weight with a fixed block mask, so it runs as one
+    matrix product. Returns ``(..., chunks, out_features)``.
+    """
+
+    def __init__(self, sizes: Sequence[int], out_features: int, in_mult: int = 1, bias: bool = False) -> None:
+        super().__init__()
+        self.sizes = check_sizes(sizes)
+        self.out_features, self.in_mult = out_features, in_mult
+        n_chunks = len(self.sizes)
+        self.weight = nn.Parameter(torch.empty(n_chunks * out_features, in_mult * self.sizes[-1]))
+        self.bias = nn.Parameter(torch.zeros(n_chunks * out_features)) if bias else None
+        mask = torch.zeros_like(self.weight)
+        for i, (_, end) in enumerate(chunk_bounds(self.sizes, in_mult)):
+            mask[i * out_features : (i + 1) * out_features, :end] = 1.0
+        self.register_buffer("mask", mask, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for i, (_, end) in enumerate(chunk_bounds(self.sizes, self.in_mult)):
+            rows = slice(i * self.out_features, (i + 1) * self.out_features)
+            bound = 1.0 / math.sqrt(end)  # fan-in of chunk i is its prefix
+            self.weight[rows].uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias[rows].uniform_(-bound, bound)
+        self.weight.mul_(self.mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight * self.mask, self.bias)
+        return out.unflatten(-1, (len(self.sizes), self.out_features))
+
+    def _shrink_(self, size: int) -> None:
+        rows = slice(0, (self.sizes.index(size) + 1) * self.out_features)
+        shrink_parameter_(self, "weight", rows, slice(0, self.in_mult * size))
+        shrink_parameter_(self, "bias", rows)
+        self.mask = self.mask[rows, : self.in_mult * size].contiguous()
+
+    def extra_repr(self) -> str:
+        return f"sizes={list(self.sizes)}, in_mult={self.in_mult}, out_per_chunk={self.out_features}"
