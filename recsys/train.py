@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from recsys.data import SequenceDataModule
 from recsys.data.errors import DataValidationError
-from recsys.model import MatryoshkaRecommender
+from recsys.model import CheckpointError, MatryoshkaRecommender, read_checkpoint
 from recsys.nn.encoders import ENCODERS
 from recsys.nn.nested import check_sizes, cut_to_size, NestedModule
 from recsys.tracking import MLflowSettings, TrackingUnavailableError, log_config, log_results, log_size_models, make_logger
@@ -90,7 +90,7 @@ class TrainCLI(LightningCLI):
         settings: MLflowSettings = self.config_init.mlflow
         run_id = None
         if self.config.ckpt_path:  # resume in the same MLflow run
-            run_id = torch.load(self.config.ckpt_path, map_location="cpu", weights_only=True).get("mlflow_run_id")
+            run_id = read_checkpoint(self.config.ckpt_path).get("mlflow_run_id")
         logger = make_logger(settings, run_id=run_id)
         checkpoint: ModelCheckpoint = self.config_init.checkpoint
         if checkpoint.dirpath is None:
@@ -153,9 +153,9 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
 
         log_config(logger.experiment, logger.run_id, yaml.safe_load(config), config, datamodule.dataset.stats)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config.ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path or None
-    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     result: dict[str, Any] = {"run_id": logger.run_id, "tracking_uri": cli.config_init.mlflow.resolved_uri(), "best": best}
     if not trainer.is_global_zero:
         return result
@@ -188,7 +188,7 @@ def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except (ConfigError, DataValidationError, TrackingUnavailableError) as exc:
+    except (ConfigError, DataValidationError, TrackingUnavailableError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

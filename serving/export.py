@@ -37,16 +37,18 @@ log = logging.getLogger(__name__)
 
 def load_trained(checkpoint: str | Path):
     """The trained Lightning model and its catalogue (original ids, popularity, data stats)."""
-    from recsys.model import MatryoshkaRecommender
+    from recsys.model import CheckpointError, MatryoshkaRecommender
 
     path = Path(checkpoint)
     if not path.is_file():
         raise ExportError(f"{path}: no such checkpoint file")
     try:
         model = MatryoshkaRecommender.from_checkpoint(path)
-        catalogue = torch.load(path, map_location="cpu", weights_only=True).get("catalogue")
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     except (RuntimeError, KeyError, EOFError) as exc:
         raise ExportError(f"{path}: not a checkpoint of this project ({str(exc).splitlines()[0]})") from None
+    catalogue = model.catalogue
     if catalogue is None:
         raise ExportError(f"{path}: the checkpoint has no item catalogue (was it written by recsys.train?)")
     return model.eval(), catalogue
