@@ -94,7 +94,8 @@ def target_ranks(
         sizes: the nested sizes, the largest equal to ``D``; size ``s`` scores with ``[:s]``.
         seen_ids: optional ``(B, H)`` item indices, 0-padded, to leave out of the count (history
             masking); the target is never left out, even when it appears there.
-        item_block: items scored at once; memory is about ``B * item_block`` scores.
+        item_block: items scored at once; memory is about ``B * item_block`` scores. A catalogue
+            larger than one block is scored twice (first for the targets' own scores, see below).
 
     Returns:
         ``(M, B)`` int64 ranks, ``1 + #{items j in 1..N not masked : score_j > score_target}``.
