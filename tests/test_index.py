@@ -362,13 +362,13 @@ def test_save_into_missing_directory(data, tmp_path):
 def test_spec_defaults_follow_catalogue_size():
     small = IndexSpec("ivf_flat").resolve(10_000, 64)
     large = IndexSpec("ivf_flat").resolve(1_000_000, 64)
-    assert small.nlist == 256 and small.nprobe == 16 and small.train_size == 10_000
-    assert large.nlist == 4096 and large.nprobe == 256 and large.train_size == 64 * 4096
+    assert small.nlist == 256 and small.nprobe == 32 and small.train_size == 10_000
+    assert large.nlist == 4096 and large.nprobe == 512 and large.train_size == 64 * 4096
     assert IndexSpec("ivf_flat").resolve(20, 8).nlist == 1
     pq = IndexSpec("ivf_pq").resolve(100_000, 48)
     assert pq.pq_m == 12 and pq.pq_nbits == 8 and 48 % pq.pq_m == 0
     hnsw = IndexSpec("hnsw").resolve(1000, 32)
-    assert (hnsw.hnsw_m, hnsw.ef_construction, hnsw.ef_search) == (32, 64, 128)
+    assert (hnsw.hnsw_m, hnsw.ef_construction, hnsw.ef_search) == (32, 64, 256)
     assert IndexSpec().resolve(5, 3) == IndexSpec("flat")
 
 
