@@ -430,3 +430,41 @@ def test_recall_at_k():
     truth = np.array([[1, 2, 3, 4], [5, 6, 7, -1]])
     found = np.array([[4, 9, 1, 8], [7, -1, -1, 0]])
     assert recall_at_k(found, truth) == pytest.approx((2 / 4 + 1 / 3) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (runs only with the GPU build of faiss and a GPU; none on the development machines)
+# ---------------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="needs faiss-gpu and a GPU")
+
+
+@needs_gpu
+def test_gpu_exact_search_equals_cpu(data, tmp_path):
+    items, queries = data
+    path = tmp_path / "flat.faiss"
+    cpu_index = build_index(items)
+    save_index(cpu_index, path)
+    gpu_index = load_index(path, IndexSpec("flat"), device="gpu")
+    assert is_gpu_index(gpu_index)
+    cpu_scores, cpu_rows = search(cpu_index, queries, 50)
+    gpu_scores, gpu_rows = search(gpu_index, queries, 50)
+    np.testing.assert_array_equal(gpu_rows, cpu_rows)
+    np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=1e-5, atol=1e-5)
+    exclude = [cpu_rows[b, : b % 7] for b in range(len(queries))]
+    np.testing.assert_array_equal(search(gpu_index, queries, 20, exclude)[1], brute_force(queries, items, 20, exclude))
+    # saving a GPU index writes its CPU form
+    save_index(gpu_index, tmp_path / "again.faiss")
+    assert not is_gpu_index(load_index(tmp_path / "again.faiss", IndexSpec("flat"), device="cpu"))
+
+
+@needs_gpu
+def test_gpu_ivf_and_hnsw_placement(clustered_data, tmp_path):
+    items, queries = clustered_data
+    ivf_path, hnsw_path = tmp_path / "ivf.faiss", tmp_path / "hnsw.faiss"
+    save_index(build_index(items, IndexSpec("ivf_flat", nlist=16, nprobe=16)), ivf_path)
+    save_index(build_index(items, IndexSpec("hnsw")), hnsw_path)
+    ivf = load_index(ivf_path, IndexSpec("ivf_flat", nlist=16, nprobe=16), device="gpu")
+    assert is_gpu_index(ivf)
+    np.testing.assert_array_equal(search(ivf, queries, 20)[1], brute_force(queries, items, 20))
+    assert not is_gpu_index(load_index(hnsw_path, IndexSpec("hnsw"), device="gpu"))  # no GPU HNSW
