@@ -14,7 +14,10 @@ import polars as pl
 
 from recsys.data.errors import DataValidationError
 
-__all__ = ["ROW", "ROW_HASH", "TABLE_EXTENSIONS", "scan_table", "check_columns", "read_columns", "check_id_column", "unify_id_dtype"]
+__all__ = [
+    "ROW", "ROW_HASH", "TABLE_EXTENSIONS", "scan_table", "check_columns", "column_list", "read_columns", "check_id_column",
+    "unify_id_dtype",
+]
 
 #: name of the 0-based row-number column added to every table read here (rows are reported 1-based)
 ROW = "__row"
@@ -52,8 +55,16 @@ def check_columns(path: str | Path, frame: pl.LazyFrame, columns: list[tuple[str
     for option, column in columns:
         if column is not None and column not in names:
             raise DataValidationError(
-                path, f"{what} has no column {column!r} (given by {option}); available columns: {', '.join(names)}"
+                path, f"{what} has no column {column!r} (given by {option}); available columns: {column_list(names)}"
             )
+
+
+def column_list(names: list[str], limit: int = 20) -> str:
+    """Column names for a message: quoted when they hold spaces at the ends or unprintable characters
+    (``'user_id '``, a binary file's "header"), at most ``limit`` of them."""
+    shown = [n if n.isprintable() and n == n.strip() and n else repr(n) for n in names[:limit]]
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(shown) + more
 
 
 def read_columns(path: str | Path, columns: list[tuple[str, str | None]], what: str, row_hash: bool = False) -> pl.DataFrame:
@@ -76,7 +87,17 @@ def read_columns(path: str | Path, columns: list[tuple[str, str | None]], what: 
         raise DataValidationError(path, f"cannot read the file: {_first_line(exc)}") from None
     if table.height == 0:
         raise DataValidationError(path, f"{what} has no rows")
+    if Path(path).suffix.lower() != ".parquet":
+        _reject_repeated_header(path, table, [c for c in table.columns if c not in (ROW, ROW_HASH)])
     return table
+
+
+def _reject_repeated_header(path: str | Path, table: pl.DataFrame, columns: list[str]) -> None:
+    """A text row that spells the column names again (files concatenated with their headers) is an error,
+    not data: in an item table it would otherwise become an item called like the id column."""
+    bad = first_row_where(table, pl.all_horizontal(pl.col(c) == c for c in columns))
+    if bad is not None:
+        raise DataValidationError(path, f"row {bad[ROW] + 1} repeats the header line ({', '.join(columns)}); were files concatenated?")
 
 
 def first_row_where(table: pl.DataFrame, condition: pl.Expr) -> dict | None:
@@ -93,6 +114,10 @@ def check_id_column(path: str | Path, table: pl.DataFrame, column: str) -> None:
     bad = first_row_where(table, pl.col(column).is_null())
     if bad is not None:
         raise DataValidationError(path, f"column {column!r} is empty (null id) at row {bad[ROW] + 1}")
+    if dtype == pl.String:
+        bad = first_row_where(table, pl.col(column).str.strip_chars() == "")
+        if bad is not None:
+            raise DataValidationError(path, f"column {column!r} has an empty id {bad[column]!r} at row {bad[ROW] + 1}")
 
 
 def unify_id_dtype(id_columns: list[pl.Series]) -> pl.DataType:
@@ -100,18 +125,18 @@ def unify_id_dtype(id_columns: list[pl.Series]) -> pl.DataType:
 
     One type everywhere: that type. Integers everywhere: Int64. A mix is compared as strings; the
     integer type is kept only when every string id is the canonical spelling of an integer (so
-    ``"7"`` matches ``7``, while ``"007"`` forces string ids, because as a string it is not ``"7"``).
+    ``"7"`` matches ``7``, while ``"007"`` forces string ids, because as a string it is not ``"7"``)
+    and every integer fits Int64 (unsigned ids above 2**63 - 1 are compared as strings too).
     """
     dtypes = [ids.dtype for ids in id_columns]
     if all(d == dtypes[0] for d in dtypes):
         return dtypes[0]
-    if all(d.is_integer() for d in dtypes):
-        return pl.Int64
     for ids in id_columns:
-        if ids.dtype == pl.String:
-            as_int = ids.cast(pl.Int64, strict=False)
-            if as_int.null_count() > ids.null_count() or not (as_int.cast(pl.String) == ids).all():
-                return pl.String
+        as_int = ids.cast(pl.Int64, strict=False)
+        if as_int.null_count() > ids.null_count():  # text, or unsigned integers beyond Int64
+            return pl.String
+        if ids.dtype == pl.String and not (as_int.cast(pl.String) == ids).all():
+            return pl.String
     return pl.Int64
 
 

@@ -7,6 +7,7 @@ must have the same length and finite values, and every id must occur once; a fai
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.errors import DataValidationError
-from recsys.data.readers import ROW, available_columns, check_id_column, first_row_where, scan_table
+from recsys.data.readers import ROW, available_columns, check_id_column, column_list, first_row_where, scan_table
 
 __all__ = ["ItemVectors", "read_item_vectors"]
 
@@ -56,19 +57,31 @@ def _read_npz(path: Path) -> tuple[pl.Series, np.ndarray]:
             missing = [k for k in ("ids", "vectors") if k not in arrays.files]
             if missing:
                 raise DataValidationError(path, f"has no array {missing[0]!r}; arrays found: {', '.join(arrays.files)}")
-            ids, vectors = arrays["ids"], arrays["vectors"]
-    except (ValueError, OSError) as exc:
+            ids, vectors = _npz_array(path, arrays, "ids"), _npz_array(path, arrays, "vectors")
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         if isinstance(exc, DataValidationError):
             raise
-        raise DataValidationError(path, f"cannot read the file (ids must be integers or plain strings): {exc}") from None
+        raise DataValidationError(path, f"cannot read the file: {exc}") from None
     if ids.ndim != 1 or vectors.ndim != 2 or len(ids) != len(vectors):
         raise DataValidationError(path, f"expected 'ids' of shape (n,) and 'vectors' of shape (n, dim), got {ids.shape} and {vectors.shape}")
     if not (np.issubdtype(ids.dtype, np.integer) or ids.dtype.kind == "U"):
         raise DataValidationError(path, f"'ids' has dtype {ids.dtype}; ids must be integers or strings")
     if not np.issubdtype(vectors.dtype, np.number):
         raise DataValidationError(path, f"'vectors' has dtype {vectors.dtype}; expected numbers")
-    series = pl.Series("item_id", ids.tolist(), dtype=pl.Int64 if ids.dtype.kind in "iu" else pl.String)
+    series = pl.Series("item_id", ids) if ids.dtype.kind in "iu" else pl.Series("item_id", ids.tolist(), dtype=pl.String)
     return series, vectors.astype(np.float64)
+
+
+def _npz_array(path: Path, arrays, name: str) -> np.ndarray:
+    try:
+        return arrays[name]
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        raise DataValidationError(
+            path, f"array {name!r} is an object array, which is stored pickled and is not loaded; "
+            "save ids as integers or plain strings and vectors as one 2-D float array"
+        ) from None
 
 
 def _read_parquet(path: Path, id_columns: list[str]) -> tuple[pl.Series, np.ndarray]:
@@ -78,14 +91,18 @@ def _read_parquet(path: Path, id_columns: list[str]) -> tuple[pl.Series, np.ndar
     vector_columns = [c for c, t in schema.items() if isinstance(t, (pl.List, pl.Array))]
     if len(vector_columns) != 1:
         raise DataValidationError(
-            path, f"expected exactly one list/array column holding the vectors, found {len(vector_columns)} among: {', '.join(schema)}"
+            path, f"expected exactly one list/array column holding the vectors, found {len(vector_columns)} among: {column_list(schema.names())}"
         )
     vector_column = vector_columns[0]
     others = [c for c in schema if c != vector_column]
     id_column = next((c for c in id_columns if c in others), others[0] if len(others) == 1 else None)
     if id_column is None:
-        raise DataValidationError(path, f"no id column: expected one of {', '.join(dict.fromkeys(id_columns))}; available columns: {', '.join(schema)}")
+        raise DataValidationError(
+            path, f"no id column: expected one of {', '.join(dict.fromkeys(id_columns))}; available columns: {column_list(schema.names())}"
+        )
     table = frame.select(id_column, vector_column).with_row_index(ROW).collect()
+    if table.height == 0:
+        raise DataValidationError(path, "has no vectors")
     check_id_column(path, table, id_column)
     vector_values = table[vector_column]
     if isinstance(vector_values.dtype, pl.Array):
