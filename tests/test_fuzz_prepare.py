@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import subprocess
+import sys
 from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,3 +434,19 @@ def test_cli_prints_one_error_line_and_exits_2(target, tmp_path, monkeypatch):
     assert len(errors) == 1 and errors[0].startswith(f"error: {paths[target]}: "), stderr.getvalue()
     assert "Traceback" not in stderr.getvalue()
     assert not Path("out").exists() and not list(Path(".").glob(".out*"))
+
+
+def test_unicode_values_prepare_under_an_ascii_locale(tmp_path):
+    """Files written by prepare are UTF-8 whatever the locale (an ASCII one used to fail on unicode tags)."""
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n1,a,1\n1,b,2\n1,c,3\n", encoding="utf-8")
+    (tmp_path / "items.csv").write_text("item_id,tags\na,ünï©ødé|🎵\nb,x\nc,y\n", encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0", "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run(
+        [sys.executable, "-m", "recsys.data", "prepare", "--interactions", "log.csv", "--items", "items.csv",
+         "--category-cols", "tags", "--min-count", "0", "--cache-dir", "null", "--out", "out"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    vocabulary = json.loads((tmp_path / "out" / "features" / "bag_tags_vocab.json").read_text(encoding="utf-8"))
+    assert vocabulary == ["x", "y", "ünï©ødé", "🎵"]
+    assert load_prepared(tmp_path / "out").num_items == 3

@@ -351,8 +351,8 @@ def _write_atomically(out: Path, overwrite: bool, interactions, users, items, fe
         items.write_parquet(partial / "items.parquet")
         features.save(partial / "features")
         for name, vocabulary in bag_vocabularies.items():
-            (partial / "features" / f"bag_{name}_vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False))
-        (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+            (partial / "features" / f"bag_{name}_vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False), encoding="utf-8")
+        (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
         if out.exists():
             if not overwrite:
                 raise DataValidationError(out, "the output directory already exists; remove it or pass --overwrite")

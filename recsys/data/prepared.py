@@ -88,7 +88,7 @@ def load_prepared(directory: str | Path) -> PreparedDataset:
     for name in REQUIRED_FILES:
         if not (directory / name).is_file():
             raise DataValidationError(directory, f"not a prepared dataset: {name} is missing")
-    stats = json.loads((directory / "stats.json").read_text())
+    stats = json.loads((directory / "stats.json").read_text(encoding="utf-8"))
     if stats.get("format_version") != FORMAT_VERSION:
         raise DataValidationError(
             directory, f"prepared with format version {stats.get('format_version')}, this code reads {FORMAT_VERSION}: prepare it again"
