@@ -20,12 +20,13 @@ Input
   column of item ids, oldest first (parquet only: CSV has no list type). An empty or null list is a
   user with no history.
 
-CSV and TSV are read as text, like ``prepare`` reads them (TSV with quoting off): ids that are all
-canonical integers become integers, others stay strings. Item ids are matched to the export's
-catalogue; ids the catalogue lacks are skipped and counted (``unknown_items_skipped``), never fatal.
-Null user or item ids, a user listed twice in a history table, a missing column, an empty file, an
-unknown export directory or ``k`` above the catalogue size are errors, reported (file, column, row
-or value) before anything is written.
+CSV and TSV are read as text, like ``prepare`` reads them (TSV with quoting off): user ids that are
+all canonical integers become integers, others stay strings; item ids are matched to the export's
+catalogue by value (the text ``"7"`` matches the integer item ``7``, ``"007"`` does not). Ids the
+catalogue lacks are skipped and counted (``unknown_items_skipped``), never fatal. Null user or item
+ids, an unparsable time, a user listed twice in a history table, a missing column, an empty file,
+an unknown export directory or ``k`` above the catalogue size are errors, reported (file, column,
+row or value) before anything is written.
 
 Output
 ------
@@ -46,8 +47,8 @@ sha256. The manifest is written after every part, so **its presence means the jo
 How a large input is read
 -------------------------
 The input never sits in memory whole. Users are split into parts of about ``--users-per-part``
-users (default 100,000) by a stable hash of the user id; peak memory is one part's events plus the
-model. The job reads the input in streaming chunks once to validate it and list its users, then,
+users (default 100,000) by a stable hash of the user id; peak memory is one part's events, the
+list of distinct user ids and the model. The job reads the input in streaming chunks once to validate it and list its users, then,
 when there is more than one part, splits it with one streaming polars pass into a staging directory
 (``OUT_DIR/.staging-SSSSS``, one hive partition per part, deleted at the end); each part is then
 read alone, turned into histories, scored in batches of ``--batch-size`` users and written.
@@ -58,7 +59,9 @@ Each part is written to a temporary name and renamed when complete, so a part fi
 whole. Run the same command again after a crash or a kill and it skips the parts that exist and
 writes the rest; the end result has every input user exactly once. The assignment of users to
 parts, the order of users in a part (ascending id) and of their candidates (rank) depend only on
-the input, the model and the options, so running the job twice gives the same files. A job file
+the input, the model and the options, so running the job twice gives the same files. (Another
+``--batch-size``, device or sharding batches users differently, which can change scores in the last
+float bits, and with them the order of near-tied items; never which users are there.) A job file
 ``OUT_DIR/.job-SSSSS-of-NNNNN.json`` records the model, input checksum and options: a rerun with a
 different model, input, ``k`` or part size into the same ``OUT_DIR`` is refused (use a new
 ``--out``). Running again after completion checks the parts against the manifest and does nothing.
@@ -107,7 +110,7 @@ from serving.sized_model import MANIFEST, SizedRecommender, sha256_of
 
 __all__ = ["CandidatesError", "InputSpec", "generate_candidates", "stable_user_hash", "parse_shard", "main"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("serving.candidates")  # not __name__: that is "__main__" under `python -m`
 
 FORMAT = "serving.candidates/1"
 #: key of the per-part counts in each part file's parquet metadata (read back when resuming)
@@ -672,7 +675,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users-per-part", "--users-per-shard", type=int, default=100_000, help="users per output part file")
     parser.add_argument("--device", type=str, default="auto", help="auto (GPU when present), cpu or cuda")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     time_col = None if args.time_col in (None, "", "none", "None") else args.time_col
     try:
         manifest = generate_candidates(
@@ -693,4 +695,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # force: importing torchrec (through fbgemm_gpu) calls logging.info, which installs a
+    # WARNING-level root handler that would swallow this job's INFO lines
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every CPU variant it tries
     sys.exit(main())

@@ -282,3 +282,22 @@ def test_cli_prints_a_summary_and_reports_errors(export_dir, log, tmp_path, caps
     assert main([*args[:-1], str(tmp_path / "bad"), "--user-col", "who"]) == 2
     assert "no column 'who'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_module_runs_with_a_progress_bar_and_an_info_summary(export_dir, log, tmp_path):
+    """``python -m serving.candidates`` end to end: a users/s progress bar and INFO logging
+    (torchrec's import installs a WARNING root handler; the module must override it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, frame = log
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.candidates", "--model", str(export_dir), "--input", str(path),
+         "--k", "3", "--out", str(tmp_path / "out")],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "users/s" in done.stderr and "INFO serving.candidates: candidates:" in done.stderr
+    assert done.stdout.startswith(f"{frame['user_id'].n_unique()} users")
