@@ -18,9 +18,15 @@ geometric number of events (mean about 20, at most 200) over Zipf-popular items.
 On a 2-core CPU the 10^6-item catalogue is run on a subsample of users (``--users-large``,
 default 10^4; the table says how many): the floor per user is 10 times that of 10^5 items.
 
+The job's time splits into encoding the histories (the nested LRU over ``max_len`` positions,
+which ``serving.load`` pads every history to), searching the index, and the rest (reading,
+grouping, writing: a few per cent); the table gives the first two as shares of the job's time.
+
 Machines here are shared and noisy: compare figures within one run. Run:
-``python bench/candidates.py`` (both catalogues, about 10-20 minutes on 2 cores) or e.g.
-``python bench/candidates.py --items 100000 --sizes 32,256`` for a quick look.
+``python bench/candidates.py`` (both catalogues at 10^5 / 10^4 users: about half an hour on a quiet
+2-core machine, several times that on a loaded one) or, as for the recorded results,
+``python bench/candidates.py --users 10000 --users-large 2000``; ``--items 100000 --sizes 32,256``
+gives a quick look.
 """
 
 from __future__ import annotations
@@ -279,6 +285,7 @@ def main() -> None:
         "k": args.k,
         "batch_size": args.batch_size,
         "users_per_part": args.users_per_part,
+        "argv": sys.argv[1:],
         "note": "users/s of the whole job (read, validate, split, encode, search, write); the 10^6-item rows "
         "use a subsample of users; floor = matmul rate / (2 * items * size)",
         "rows": rows,

@@ -48,10 +48,13 @@ How a large input is read
 -------------------------
 The input never sits in memory whole. Users are split into parts of about ``--users-per-part``
 users (default 100,000) by a stable hash of the user id; peak memory is one part's events, the
-list of distinct user ids and the model. The job reads the input in streaming chunks once to validate it and list its users, then,
-when there is more than one part, splits it with one streaming polars pass into a staging directory
-(``OUT_DIR/.staging-SSSSS``, one hive partition per part, deleted at the end); each part is then
-read alone, turned into histories, scored in batches of ``--batch-size`` users and written.
+list of distinct user ids and the model. The job first streams over the input in chunks of 10^6
+rows (polars ``collect_batches``) to validate every row and list the distinct users, and hashes
+the file for the manifest. When there is more than one part, one streaming polars pass (a join
+with the user-to-part table, sunk with ``PartitionBy``) splits this shard's rows into a staging
+directory ``OUT_DIR/.staging-SSSSS`` with one hive partition per part, deleted at the end. Each
+part is then read alone, turned into histories, scored in batches of ``--batch-size`` users (users
+of similar history length together) and written.
 
 Resuming and idempotence
 ------------------------
@@ -64,7 +67,8 @@ the input, the model and the options, so running the job twice gives the same fi
 float bits, and with them the order of near-tied items; never which users are there.) A job file
 ``OUT_DIR/.job-SSSSS-of-NNNNN.json`` records the model, input checksum and options: a rerun with a
 different model, input, ``k`` or part size into the same ``OUT_DIR`` is refused (use a new
-``--out``). Running again after completion checks the parts against the manifest and does nothing.
+``--out``). Running again after completion checks the parts against the manifest and does nothing
+(a part deleted since is written again). Run each shard in one process at a time.
 
 Many machines, many GPUs
 ------------------------
