@@ -237,7 +237,9 @@ def _check_schema(spec: InputSpec, frame: pl.LazyFrame) -> pl.Schema:
             )
     user_type = schema[spec.user_col]
     if not (user_type.is_integer() or user_type == pl.String):
-        raise DataValidationError(spec.path, f"user column {spec.user_col!r} has type {user_type}; ids must be integers or strings")
+        raise DataValidationError(
+            spec.path, f"user column {spec.user_col!r} has type {user_type}; ids must be integers or strings"
+        )
     if spec.history_col:
         history_type = schema[spec.history_col]
         if not isinstance(history_type, pl.List):
@@ -530,11 +532,12 @@ def generate_candidates(
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write the top-``k`` candidates of every user of ``input`` (in ``shard``) to ``out``.
+    """Write the top-``k`` candidates of every user of ``input_path`` (in ``shard``) to ``out``.
 
-    Returns the manifest (also written to ``out``). See the module docstring for the formats,
-    resuming and sharding. Everything that can be checked before writing is checked first, so bad
-    input leaves ``out`` untouched.
+    Returns the manifest written to ``out``, plus ``elapsed_s`` (the file itself holds no timings,
+    so that reruns give identical files). See the module docstring for the formats, resuming and
+    sharding. Everything that can be checked before writing is checked first (the whole input is
+    read once for that), so bad input leaves ``out`` untouched.
     """
     from tqdm.auto import tqdm
 
@@ -585,7 +588,8 @@ def generate_candidates(
     columns = [c for c in spec.columns().values() if c is not None]
     frame = frame.select(columns).with_row_index(ROW).with_columns(pl.col(user_col).cast(users.dtype))
     shard_frame = frame.join(assign.lazy(), on=user_col, how="inner")
-    counts: dict[int, dict[str, int]] = {p: _part_counts(runner.part_path(p)) for p in range(num_parts) if runner.part_path(p).is_file()}
+    finished = [p for p in range(num_parts) if runner.part_path(p).is_file()]
+    counts: dict[int, dict[str, int]] = {p: _part_counts(runner.part_path(p)) for p in finished}
     todo = [p for p in range(num_parts) if p not in counts]
     if todo:
         log.info(
@@ -643,7 +647,9 @@ def _manifest(runner: _Job, job: dict, recommender: SizedRecommender, spec: Inpu
             "source": m.get("source"),
             "manifest_sha256": job["model_manifest_sha256"],
         },
-        "input": {"path": str(spec.path.resolve()), "kind": spec.kind, "columns": spec.columns(), "sha256": job["input_sha256"]},
+        "input": {
+            "path": str(spec.path.resolve()), "kind": spec.kind, "columns": spec.columns(), "sha256": job["input_sha256"],
+        },
         "k": job["k"],
         "exclude_seen": job["exclude_seen"],
         "shard": job["shard"],
@@ -666,17 +672,22 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = ArgumentParser(prog="python -m serving.candidates", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=str, required=True, help="export directory of one size (python -m serving.export)")
-    parser.add_argument("--input", type=str, required=True, help="interaction log or history table: .parquet, .csv, .tsv or a directory of .parquet")
+    parser.add_argument("--input", type=str, required=True,
+                        help="interaction log or history table: .parquet, .csv, .tsv or a directory of .parquet")
     parser.add_argument("--k", type=int, default=100, help="candidates per user")
     parser.add_argument("--out", type=str, required=True, help="output directory (parts + manifest)")
     parser.add_argument("--user-col", type=str, default="user_id", help="user id column")
     parser.add_argument("--item-col", type=str, default="item_id", help="item id column (interaction log)")
-    parser.add_argument("--time-col", type=str | None, default="timestamp", help="time or order column (interaction log); none = file row order")
-    parser.add_argument("--history-col", type=str | None, default=None, help="list column of item ids, oldest first: the input is a history table")
+    parser.add_argument("--time-col", type=str | None, default="timestamp",
+                        help="time or order column (interaction log); none = file row order")
+    parser.add_argument("--history-col", type=str | None, default=None,
+                        help="list column of item ids, oldest first: the input is a history table")
     parser.add_argument("--shard", type=str, default="0/1", help="i/n: process shard i of n (stable hash of the user id)")
     parser.add_argument("--batch-size", type=int, default=1024, help="users scored per batch")
-    parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True, help="leave out items in the user's history")
-    parser.add_argument("--users-per-part", "--users-per-shard", type=int, default=100_000, help="users per output part file")
+    parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
+                        help="leave out items in the user's history")
+    parser.add_argument("--users-per-part", "--users-per-shard", type=int, default=100_000,
+                        help="users per output part file")
     parser.add_argument("--device", type=str, default="auto", help="auto (GPU when present), cpu or cuda")
     args = parser.parse_args(argv)
     time_col = None if args.time_col in (None, "", "none", "None") else args.time_col
