@@ -101,7 +101,7 @@ def test_candidates_equal_recommend_for_every_user(export_dir, log, tmp_path):
     assert not list((tmp_path / "out").glob(".staging*"))  # staging removed at the end
 
 
-def test_history_table_and_csv_log_give_the_same_candidates(export_dir, log, tmp_path):
+def test_history_table_csv_and_parquet_folder_give_the_same_candidates(export_dir, log, tmp_path):
     path, frame = log
     generate_candidates(export_dir, path, tmp_path / "a", K, progress=False)
     csv = tmp_path / "log.csv"
@@ -113,9 +113,14 @@ def test_history_table_and_csv_log_give_the_same_candidates(export_dir, log, tmp
     manifest = generate_candidates(
         export_dir, tmp_path / "histories.parquet", tmp_path / "c", K, user_col="user", history_col="items", progress=False
     )
-    a, b, c = _read(tmp_path / "a"), _read(tmp_path / "b"), _read(tmp_path / "c")
+    folder = tmp_path / "log-parts"  # a directory of parquet files, read in name order
+    folder.mkdir()
+    frame[:60].write_parquet(folder / "0.parquet")
+    frame[60:].write_parquet(folder / "1.parquet")
+    generate_candidates(export_dir, folder, tmp_path / "d", K, progress=False)
+    a, b, c, d = (_read(tmp_path / name) for name in "abcd")
     assert b["user_id"].dtype == pl.Int64  # CSV ids that are all integers come back as integers
-    assert a.equals(b) and a.equals(c)
+    assert a.equals(b) and a.equals(c) and a.equals(d)
     assert manifest["input"]["kind"] == "histories"
 
 
