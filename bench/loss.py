@@ -6,14 +6,16 @@ cross-entropy, from the user states ``U (P, D)`` and the item matrix ``Z (N+1, D
 that need gradients) to their gradients. Variants:
 
 - ``largest_alone``: plain autograd ``F.cross_entropy`` at the largest size only (the reference);
-- ``flat_all``: :func:`matryoshka_cross_entropy` over all sizes (one entry per ``--block-rows``);
+- ``flat_all@R``: :func:`matryoshka_cross_entropy` over all sizes with ``block_rows=R`` (logit
+  rows held at once over all sizes; one entry per ``--block-rows``);
 - ``naive_all``: :func:`naive_matryoshka_cross_entropy` over all sizes (M logit tensors);
-- ``flat_all_fused``: the same with each size's softmax pass compiled by ``torch.compile``
-  (``--fused``; compiling happens in the warm-up step, outside the timings);
-- ``flat_largest``: the memory-flat loss with the largest size only (its overhead at M = 1).
+- ``flat_largest@R``: the memory-flat loss with the largest size only (its overhead at M = 1).
 
 Time: all variants in one process, interleaved round by round, median (and min) over repeats after
-a warm-up step. Machines here are shared and noisy: compare the ratios within one run.
+a warm-up step, for each ``--threads`` count. Machines here are shared and noisy: compare the ratios
+within one run. On an oversubscribed machine every multi-threaded operation also waits for its
+threads to be scheduled, which penalises code made of many operations (the blocked loss) far more
+than its arithmetic; one thread shows the arithmetic cost. The load average is recorded.
 
 Peak memory: each variant in a fresh child process with glibc's mmap threshold pinned to 64 KiB
 (``MALLOC_MMAP_THRESHOLD_``) so that every tensor buffer is mapped on allocation and unmapped on free,
@@ -23,7 +25,7 @@ just before it: bytes really touched by the step, gradients included. Without ``
 child skips the warm-up and uses ``ru_maxrss`` instead (the JSON names the method).
 
     python bench/loss.py                        # METHOD.md scale, 2 threads, writes bench/results/loss.json
-    python bench/loss.py --block-rows 128 512 1024 --repeats 9
+    python bench/loss.py --block-rows 1024 2048 4096 --threads 2 1 --repeats 9
 """
 
 from __future__ import annotations
@@ -75,8 +77,6 @@ def loss_fn(variant: str, spec: dict):
         return lambda u, z, t: naive_matryoshka_cross_entropy(u, z, t, sizes).total
     if name == "flat_all":
         return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes, block_rows=block_rows).total
-    if name == "flat_all_fused":
-        return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes, block_rows=block_rows, fused=True).total
     if name == "flat_largest":
         return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes[-1:], block_rows=block_rows).total
     raise ValueError(f"unknown variant {variant!r}")
@@ -197,10 +197,9 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=1600)
     parser.add_argument("--items", type=int, default=12101, help="catalogue size N (the item matrix has N+1 rows)")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64, 128, 256])
-    parser.add_argument("--block-rows", type=int, nargs="+", default=[512])
+    parser.add_argument("--block-rows", type=int, nargs="+", default=[2048])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--fused", action="store_true", help="also measure the torch.compile'd variant")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one timing run per count")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loss.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -216,59 +215,64 @@ def main() -> None:
         return
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
     spec = {
         "positions": args.positions,
         "items": args.items,
         "sizes": args.sizes,
         "block_rows": args.block_rows,
-        "threads": args.threads,
+        "threads": args.threads[0],
     }
-    variants = ["largest_alone", *(f"flat_all@{b}" for b in args.block_rows)]
-    if args.fused:
-        variants += [f"flat_all_fused@{b}" for b in args.block_rows]
-    variants += ["naive_all", f"flat_largest@{args.block_rows[0]}"]
+    variants = ["largest_alone", *(f"flat_all@{b}" for b in args.block_rows), "naive_all",
+                f"flat_largest@{args.block_rows[0]}"]
     load_before = os.getloadavg()
+    torch.set_num_threads(args.threads[0])
     agreement = gradient_agreement(spec)
-    times = measure_times(spec, variants, args.repeats)
+    # peak memory does not depend on the thread count: measured once, with the first count
     memory = {} if args.skip_memory else {v: run_memory_child(spec, v) for v in variants}
-    load_after = os.getloadavg()
-
-    base_ms = 1000 * statistics.median(times["largest_alone"])
     base_mib = memory.get("largest_alone", {}).get("peak_mib")
-    rows = {}
-    for v in variants:
-        ms = 1000 * statistics.median(times[v])
-        row = {
-            "step_ms_median": ms,
-            "step_ms_min": 1000 * min(times[v]),
-            "step_ms_all": [1000 * t for t in times[v]],
-            "time_ratio": ms / base_ms,
-        }
-        if v in memory:
-            row["peak_mib"] = memory[v]["peak_mib"]
-            row["memory_ratio"] = memory[v]["peak_mib"] / base_mib
-        rows[v] = row
+    timings = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        load = os.getloadavg()
+        times = measure_times(spec, variants, args.repeats)
+        base_ms = 1000 * statistics.median(times["largest_alone"])
+        base_min = 1000 * min(times["largest_alone"])
+        rows = {}
+        for v in variants:
+            ms = 1000 * statistics.median(times[v])
+            rows[v] = {
+                "step_ms_median": ms,
+                "step_ms_min": 1000 * min(times[v]),
+                "step_ms_all": [1000 * t for t in times[v]],
+                "time_ratio": ms / base_ms,
+                "time_ratio_of_minima": 1000 * min(times[v]) / base_min,
+            }
+        timings[str(threads)] = {"load_average_before": load, "variants": rows}
 
-    print(f"\nloss train step, P={args.positions}, N={args.items}, sizes={args.sizes}, "
-          f"{args.threads} threads, median of {args.repeats}")
-    print(f"{'variant':<20}{'ms (median)':>12}{'ms (min)':>10}{'x time':>8}{'peak MiB':>10}{'x mem':>7}")
-    for v, row in rows.items():
-        mem = f"{row['peak_mib']:>10.1f}{row['memory_ratio']:>7.2f}" if "peak_mib" in row else ""
-        print(f"{v:<20}{row['step_ms_median']:>12.1f}{row['step_ms_min']:>10.1f}{row['time_ratio']:>8.2f}{mem}")
+        print(f"\nloss train step, P={args.positions}, N={args.items}, sizes={args.sizes}, "
+              f"{threads} thread(s), median of {args.repeats}, load average {load[0]:.1f}")
+        print(f"{'variant':<20}{'ms (median)':>12}{'ms (min)':>10}{'x time':>8}{'x min':>7}{'peak MiB':>10}{'x mem':>7}")
+        for v, row in rows.items():
+            mem = f"{memory[v]['peak_mib']:>10.1f}{memory[v]['peak_mib'] / base_mib:>7.2f}" if v in memory else ""
+            print(f"{v:<20}{row['step_ms_median']:>12.1f}{row['step_ms_min']:>10.1f}"
+                  f"{row['time_ratio']:>8.2f}{row['time_ratio_of_minima']:>7.2f}{mem}")
+    load_after = os.getloadavg()
     print(f"flat vs naive, float32: {json.dumps(agreement)}")
     print(f"load average before/after: {load_before} / {load_after}")
 
     result = {
         "benchmark": "loss",
+        "command": "python bench/loss.py " + " ".join(sys.argv[1:]),
         "spec": spec,
         "repeats": args.repeats,
         "machine": machine(),
-        "threads": args.threads,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "memory_method": next(iter(memory.values()))["method"] if memory else None,
-        "variants": rows,
+        "peak_memory": {
+            v: {"peak_mib": m["peak_mib"], "memory_ratio": m["peak_mib"] / base_mib} for v, m in memory.items()
+        },
+        "timings_by_threads": timings,
         "flat_vs_naive": agreement,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -218,21 +218,6 @@ def test_block_rows_must_be_positive():
         matryoshka_cross_entropy(user, items, targets, (2, 4, 8), block_rows=0)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_fused_step_equals_naive(dtype, tol):
-    """The torch.compile'd softmax step (compiles on first use: slow) gives the same numbers."""
-    sizes, weights = (2, 4, 8, 16), (0.5, 1.0, 2.0, 0.25)
-    user, items, targets = _case(sizes=sizes, dtype=dtype)
-    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes,
-                                    weights=weights, block_rows=28, fused=True)
-    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes,
-                                           weights=weights)
-    torch.testing.assert_close(flat.per_size, ref.per_size, rtol=tol, atol=tol)
-    torch.testing.assert_close(du, du_ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(dz, dz_ref, rtol=tol, atol=tol)
-
-
 # -- sampled softmax --------------------------------------------------------------------------------
 
 

@@ -13,15 +13,15 @@ grow with the number of sizes. But the logits at size ``s_m`` are the running su
 ``c <= m`` of ``u[chunk c] @ Z[:, chunk c]^T``, and the gradient of chunk ``c``'s product is
 ``G_c = sum_{m >= c} w_m (softmax_m - onehot) / n_valid``. So for one block of positions we build
 the logits of every size from the previous size's plus one chunk product (one full product in all),
-then walk the sizes from largest to smallest: size ``m``'s softmax is added to ``G`` in place of its
-logits, which are not needed any more, and ``G`` then gives chunk ``m``'s gradients. The block's
-positions are ``block_rows // M``, so the logits held at once are ``block_rows x items`` floats
-whatever M is, and nothing of that size outlives its block.
+then walk the sizes from largest to smallest, adding size ``m``'s softmax to an accumulator that
+then gives chunk ``m``'s gradients. Each size's logits are dropped once used, and their buffer
+takes the next softmax. A block covers ``block_rows // (M + 1)`` positions, so the logits held at
+once are about ``block_rows x items`` floats whatever M is, and nothing that large outlives its block.
 
 (The other exact order, computing only the full-size logits and subtracting chunk ``m``'s product
 to step down a size, holds fewer buffers per position but computes every chunk product twice; on
-CPU that cost about a fifth more time at equal memory, so this module holds every size's logits
-for fewer positions instead.)
+CPU it was about a fifth slower at equal memory. A ``torch.compile``-fused softmax pass was tried
+too and gave no measurable gain over the in-place eager passes used here.)
 
 Why the gradients are computed in the forward pass. The loss is a scalar, so its backward only
 scales the gradients by the incoming scalar. Computing them while the block's logits are at hand
@@ -156,49 +156,6 @@ def _add_product_(out: Tensor, a: Tensor, b: Tensor) -> None:
         out.add_(a @ b)
 
 
-def _softmax_step_(logits: Tensor, soft: Tensor | None, scale: Tensor, row_max: Tensor, denom: Tensor,
-                   with_grads: bool) -> Tensor | None:
-    """One size's pass over a block, consuming its logits (they are overwritten).
-
-    Writes each row's maximum and sum of ``exp(logit - maximum)`` into ``row_max`` and ``denom``
-    (``logsumexp = maximum + log(denom)``). With gradients, returns the accumulator plus
-    ``scale * softmax``: for the largest size (``soft`` None) the logits' own buffer becomes the
-    accumulator, so no buffer is allocated or zero-filled.
-    """
-    torch.amax(logits, dim=1, out=row_max)
-    exp = logits.sub_(row_max.unsqueeze(1)).exp_()
-    torch.sum(exp, dim=1, out=denom)
-    if not with_grads:
-        return None
-    factor = (scale / denom).unsqueeze(1)
-    if soft is None:
-        return exp.mul_(factor)
-    return soft.addcmul_(exp, factor)
-
-
-def _softmax_step_fusable(logits: Tensor, soft: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`_softmax_step_` for the sizes below the largest, written for ``torch.compile`` to
-    fuse into a couple of loops over the block (the exponentials are recomputed, not stored).
-    ``soft`` must not alias ``logits``."""
-    row_max = logits.amax(dim=1, keepdim=True)
-    exp = torch.exp(logits - row_max)
-    denom = exp.sum(dim=1, keepdim=True)
-    soft.add_(exp * (scale / denom))
-    return row_max.squeeze(1), denom.squeeze(1)
-
-
-_compiled_step = None
-
-
-def _fused_softmax_step():
-    """The compiled step, built on first use (compiling takes seconds to a minute on a CPU)."""
-    global _compiled_step
-    if _compiled_step is None:
-        log.info("compiling the fused softmax step of the Matryoshka loss")
-        _compiled_step = torch.compile(_softmax_step_fusable, dynamic=True)
-    return _compiled_step
-
-
 def _blocked_forward(
     user: Tensor,
     items: Tensor,
@@ -207,7 +164,6 @@ def _blocked_forward(
     weights: tuple[float, ...],
     block_rows: int,
     with_grads: bool,
-    fused: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Per-size cross-entropy sums over the valid rows and, if asked, the gradients of
     ``sum_m w_m * CE_m`` (mean over valid rows) w.r.t. ``user`` and ``items``.
@@ -226,27 +182,26 @@ def _blocked_forward(
     n_valid = int(valid.sum())
     all_valid = n_valid == targets.shape[0]
     rows = None if all_valid else valid.nonzero().squeeze(1)
-    # gradient of the candidates (items[1:]), stored transposed so that each chunk is contiguous rows
-    d_cand_t = torch.zeros(width, items.shape[0] - 1, dtype=dtype, device=device) if with_grads else None
+    # the padding row 0 keeps a zero gradient; rows 1.. are the candidates'
+    d_items = torch.zeros(items.shape, dtype=dtype, device=device) if with_grads else None
     if n_valid == 0:
         d_user = torch.zeros_like(user, dtype=dtype) if with_grads else None
-        d_items = _pad_item_grad(d_cand_t) if with_grads else None
         return torch.zeros(num_sizes, dtype=dtype, device=device), d_user, d_items
 
     # Row 0 (padding) is simply left out of the candidates, so no -inf column is needed.
     cand = items[1:]
-    chunks = [cand[:, a:b].contiguous() for a, b in bounds]
+    chunks = [cand[:, a:b] for a, b in bounds]  # strided views: the products take them as they are
     u_valid = user if all_valid else user[rows]
     t_valid = (targets if all_valid else targets[rows]).long() - 1  # index into the candidates
-    # per size and row: maximum logit, sum of exp(logit - maximum), target logit
+    # per size and row: maximum logit, largest softmax probability, target logit
     row_max = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
-    denom = torch.empty_like(row_max)
+    top_prob = torch.empty_like(row_max)
     target_logit = torch.empty(num_sizes, n_valid, 1, dtype=dtype, device=device)
     # chunk m of the user gradient's softmax part, one contiguous (n_valid, chunk width) matrix each
     d_chunks = [torch.empty(n_valid, b - a, dtype=dtype, device=device) for a, b in bounds] if with_grads else None
-    scales = torch.tensor(weights, dtype=dtype, device=device) / n_valid
-    fused_step = _fused_softmax_step() if fused and with_grads else None
-    positions = max(1, block_rows // num_sizes)  # M logit buffers of this many rows: block_rows rows
+    # M logit buffers and one spare per block: block_rows rows in all, and never more than the
+    # three positions x items buffers that the plain single-size loss holds at its peak
+    positions = max(1, min(block_rows, 3 * n_valid) // (num_sizes + 1))
 
     for r0 in range(0, n_valid, positions):
         r1 = min(r0 + positions, n_valid)
@@ -257,15 +212,19 @@ def _blocked_forward(
             a, b = bounds[m]
             levels.append(_add_product(levels[-1], u[:, a:b], chunks[m].t()))
         # downward: soft accumulates sum_{m' >= m} w_m' softmax_m' / n, the softmax part of G_m
-        soft = None
+        spare, soft = torch.empty_like(levels[0]), None
         for m in range(num_sizes - 1, -1, -1):
             a, b = bounds[m]
             logits = levels.pop()
             torch.gather(logits, 1, t, out=target_logit[m, r0:r1])
-            if fused_step is not None and soft is not None:
-                row_max[m, r0:r1], denom[m, r0:r1] = fused_step(logits, soft, scales[m])
-            else:  # eager, and always for the largest size, whose buffer becomes the accumulator
-                soft = _softmax_step_(logits, soft, scales[m], row_max[m, r0:r1], denom[m, r0:r1], with_grads)
+            torch.amax(logits, dim=1, out=row_max[m, r0:r1])
+            torch.softmax(logits, dim=1, out=spare)
+            # logsumexp = max - log(largest probability); that probability is >= 1/N, never 0
+            torch.amax(spare, dim=1, out=top_prob[m, r0:r1])
+            if soft is None:  # the largest size: the spare becomes the accumulator
+                soft, spare = spare.mul_(weights[m] / n_valid), logits
+            else:
+                soft.add_(spare, alpha=weights[m] / n_valid)
             del logits
             if with_grads:
                 g = soft if soft.dtype == u.dtype else soft.to(u.dtype)
@@ -273,10 +232,10 @@ def _blocked_forward(
                     torch.mm(g, chunks[m], out=d_chunks[m][r0:r1])
                 else:
                     d_chunks[m][r0:r1] = _product(g, chunks[m], dtype)
-                _add_product_(d_cand_t[a:b], u[:, a:b].t(), g)
-        del soft
+                _add_product_(d_items[1:, a:b], g.t(), u[:, a:b])
+        del soft, spare
 
-    ce_sums = (denom.log() + row_max - target_logit.squeeze(2)).sum(dim=1)
+    ce_sums = (row_max - top_prob.log() - target_logit.squeeze(2)).sum(dim=1)
     if not with_grads:
         return ce_sums, None, None
     # one-hot part: column j of chunk c carries sum_{m >= c} w_m / n
@@ -284,30 +243,21 @@ def _blocked_forward(
     col_scale = torch.cat([tail[m].expand(b - a) for m, (a, b) in enumerate(bounds)]).to(device, dtype)
     d_valid = torch.cat(d_chunks, dim=1)
     d_valid -= cand[t_valid].to(dtype) * col_scale
-    d_cand_t.index_add_(1, t_valid, (u_valid.to(dtype) * col_scale).t(), alpha=-1.0)
+    d_items.index_add_(0, t_valid + 1, u_valid.to(dtype) * col_scale, alpha=-1.0)
     if all_valid:
         d_user = d_valid
     else:
         d_user = torch.zeros_like(user, dtype=dtype)
         d_user[rows] = d_valid
-    return ce_sums, d_user, _pad_item_grad(d_cand_t)
-
-
-def _pad_item_grad(d_cand_t: Tensor) -> Tensor:
-    """Gradient of the full item matrix: the padding row gets zero."""
-    d_items = d_cand_t.new_zeros(d_cand_t.shape[1] + 1, d_cand_t.shape[0])
-    d_items[1:] = d_cand_t.t()
-    return d_items
+    return ce_sums, d_user, d_items
 
 
 class _MatryoshkaCrossEntropy(torch.autograd.Function):
     """Autograd wrapper around :func:`_blocked_forward`; backward scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads, fused):  # noqa: D102
-        ce_sums, d_user, d_items = _blocked_forward(
-            user, items, targets, sizes, weights, block_rows, with_grads, fused
-        )
+    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads):  # noqa: D102
+        ce_sums, d_user, d_items = _blocked_forward(user, items, targets, sizes, weights, block_rows, with_grads)
         n_valid = int((targets > 0).sum())
         per_size = ce_sums / max(n_valid, 1)
         total = (per_size * per_size.new_tensor(weights)).sum()
@@ -323,10 +273,11 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
         if not ctx.with_grads:
             raise RuntimeError("matryoshka_cross_entropy was computed without gradients")
         d_user, d_items = ctx.saved_tensors
-        scale = grad_total.to(d_user.dtype)
-        d_user = d_user * scale if ctx.needs_input_grad[0] else None
-        d_items = d_items * scale if ctx.needs_input_grad[1] else None
-        return d_user, d_items, None, None, None, None, None, None
+        if float(grad_total) != 1.0:  # the usual loss.backward() needs no copy
+            scale = grad_total.to(d_user.dtype)
+            d_user, d_items = d_user * scale, d_items * scale
+        return (d_user if ctx.needs_input_grad[0] else None, d_items if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None)
 
 
 def matryoshka_cross_entropy(
@@ -335,8 +286,7 @@ def matryoshka_cross_entropy(
     targets: Tensor,
     sizes: Sequence[int],
     weights: Sequence[float] | None = None,
-    block_rows: int = 512,
-    fused: bool = False,
+    block_rows: int = 2048,
 ) -> MatryoshkaLoss:
     """Matryoshka cross-entropy over all ``sizes`` with memory that does not grow with their number.
 
@@ -347,11 +297,10 @@ def matryoshka_cross_entropy(
         sizes: the nested sizes, strictly increasing, the largest equal to ``D``.
         weights: weight ``w_m`` of each size (default 1.0 each), finite and non-negative.
         block_rows: logit rows held at once, over all sizes: each block covers
-            ``block_rows // M`` positions (at least one) and holds their logits at every size,
-            about ``block_rows * N`` floats whatever the number of sizes.
-        fused: run each size's softmax pass through ``torch.compile`` (fewer passes over the
-            block's logits; the first call compiles, which takes a while). Off by default: the
-            eager path needs no compiler and gives the same numbers up to rounding.
+            ``block_rows // (M + 1)`` positions (at least one) and holds their logits at every
+            size plus one spare, about ``block_rows * N`` floats whatever the number of sizes.
+            Small batches are split too, so that at most ``3 * P * N`` floats are held, what
+            plain autograd cross-entropy at one size holds at its peak.
 
     Returns:
         ``MatryoshkaLoss(total, per_size)``; ``per_size[m]`` is ``CE_m`` (mean over valid
@@ -362,7 +311,7 @@ def matryoshka_cross_entropy(
     with_grads = torch.is_grad_enabled() and (user.requires_grad or items.requires_grad)
     with torch.autocast(user.device.type, enabled=False):
         total, per_size = _MatryoshkaCrossEntropy.apply(
-            user, items, targets, sizes, weights, block_rows, with_grads, bool(fused)
+            user, items, targets, sizes, weights, block_rows, with_grads
         )
     return MatryoshkaLoss(total, per_size)
 
@@ -376,7 +325,7 @@ def naive_matryoshka_cross_entropy(
     targets: Tensor,
     sizes: Sequence[int],
     weights: Sequence[float] | None = None,
-    block_rows: int = 512,
+    block_rows: int = 2048,
 ) -> MatryoshkaLoss:
     """The obvious implementation: one ``F.cross_entropy`` per size over its own logit tensor.
 
