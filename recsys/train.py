@@ -185,7 +185,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(args: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         run(args)
     except (ConfigError, DataValidationError, TrackingUnavailableError, CheckpointError) as exc:

@@ -136,10 +136,10 @@ def export_size(
         manifest["checksums"] = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         read_manifest(tmp)  # what we wrote must verify
+        path = commit()
     except BaseException:
         abort()
         raise
-    path = commit()
     log.info("exported size %d (%d encoder parameters) to %s", size, manifest["num_parameters"], path)
     return path
 
@@ -148,6 +148,9 @@ def export_sizes(
     checkpoint: str | Path, dims: list[int], out: str | Path, source: dict[str, Any] | None = None, **options: Any
 ) -> list[Path]:
     """Export every size in ``dims`` from a checkpoint into ``out/d<size>``."""
+    from serving.index import IndexSpec
+
+    IndexSpec(kind=options.get("index", "flat"))  # an unknown kind fails here, before anything is read or written
     model, catalogue = load_trained(checkpoint)
     bad = [d for d in dims if d not in model.sizes]
     if bad:
@@ -188,10 +191,10 @@ def _export_of_model_uri(model_uri: str, dims: list[int] | None, out: Path) -> l
         tmp, commit, abort = _atomic_dir(final)
         try:
             shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
+            return [commit()]
         except BaseException:
             abort()
             raise
-        return [commit()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=str, default="flat", help="faiss index: flat, ivf_flat, hnsw or ivf_pq")
     parser.add_argument("--item-dtype", type=str, default="float32", help="float32 or float16 item matrix")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         chosen = [bool(args.checkpoint), bool(args.run_id), bool(args.model_uri)]
         if sum(chosen) != 1:

@@ -154,9 +154,12 @@ class SizedRecommender:
         return rows
 
     def _padded(self, rows: list[list[int]]) -> torch.Tensor:
-        batch = torch.zeros(len(rows), self.max_len, dtype=torch.long)
+        # as wide as the longest history (at most max_len): left padding does not change the
+        # user vectors, and narrower batches encode much faster
+        width = max(1, min(self.max_len, max((len(r) for r in rows), default=1)))
+        batch = torch.zeros(len(rows), width, dtype=torch.long)
         for i, r in enumerate(rows):
-            r = r[-self.max_len :]
+            r = r[-width:]
             if r:
                 batch[i, -len(r) :] = torch.tensor(r)
         return batch.to(self.device)

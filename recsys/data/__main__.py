@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_subcommand("prepare", prepare_parser(), help="prepare a dataset directory")
     commands.add_subcommand("synthetic", synthetic_parser(), help="write the synthetic log as files")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         if args.command == "prepare":
             a = args.prepare.as_dict()
