@@ -130,6 +130,20 @@ def test_gradient_scales_with_upstream_gradient():
     torch.testing.assert_close(z.grad, 3.0 * dz, rtol=0, atol=1e-12)
 
 
+def test_repeated_backward_accumulates():
+    """Backward hands out the gradients computed in forward: a second pass must not alter them."""
+    sizes = (2, 4, 8)
+    user, items, targets = _case(sizes=sizes)
+    u, z = user.clone().requires_grad_(), items.clone().requires_grad_()
+    out = matryoshka_cross_entropy(u, z, targets, sizes)
+    out.total.backward(retain_graph=True)
+    first_u, first_z = u.grad.clone(), z.grad.clone()
+    out.total.backward(retain_graph=True)
+    out.total.backward()
+    torch.testing.assert_close(u.grad, 3 * first_u, rtol=0, atol=1e-12)
+    torch.testing.assert_close(z.grad, 3 * first_z, rtol=0, atol=1e-12)
+
+
 def test_gradcheck():
     sizes = (1, 2, 4)
     user, items, targets = _case(positions=6, items=7, sizes=sizes, ignored=1)
