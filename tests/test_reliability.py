@@ -1,0 +1,868 @@
+"""Reliability across the whole path: faults, safe loading, and what each command does with bad input.
+
+Faults
+- a training run killed mid-epoch resumes from its last checkpoint to exactly the weights and test
+  metrics of an uninterrupted run with the same seed (deterministic mode, CPU);
+- an export or a prepare killed midway (an exception raised inside a writer, or a real SIGKILL)
+  leaves no directory that looks complete and nothing loadable;
+- a candidate job killed midway resumes with every user exactly once: tested in
+  ``tests/test_candidates.py::test_killed_job_resumes_with_every_user_exactly_once``.
+
+Safe loading
+- no pickle on the data or model path: an audit of the project's own source;
+- a checkpoint holding a pickled object is refused (and its code never runs) by
+  ``MatryoshkaRecommender.from_checkpoint``, ``serving.export`` and ``recsys.train --ckpt_path``;
+- an export whose files were changed after export is refused (``model.safetensors`` in
+  ``tests/test_export.py``; ``items.parquet``, ``index.faiss`` and a deleted file here).
+
+Bad input
+- ``BAD_INPUTS`` lists bad inputs for every command, each with the message the user must see. The
+  test runs each one (exit status 2 and one ``error:`` line, or the exception of ``serving.load``;
+  nothing written) and checks that the README's table, which ``tools/bad_input_table.py`` generates
+  from the same cases, matches.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import tokenize
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+import serving
+from recsys.data import DataValidationError, ItemFeatures, SequenceDataModule, SyntheticConfig, load_prepared, prepare, write_synthetic
+from recsys.model import CheckpointError, MatryoshkaRecommender
+from serving.export import export_sizes
+from serving.sized_model import ExportError
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
+
+
+# ==========================================================================================================
+# Faults: training killed mid-epoch
+# ==========================================================================================================
+
+SIZES = [8, 16]
+
+
+class SimulatedKill(Exception):
+    """Raised by a callback at a chosen step: the process dies there, as far as training can tell."""
+
+
+class KillAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise SimulatedKill(f"killed before step {self.step}")
+
+
+class RecordBatches(Callback):
+    """(epoch, batch index, a fingerprint of the batch) of every batch trained."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, batch_idx, int((batch["input_ids"] * torch.arange(batch["input_ids"].shape[1])).sum())))
+
+
+@pytest.fixture(scope="module")
+def tiny_log(tmp_path_factory) -> Path:
+    """A synthetic log of 120 users prepared once: 6 training batches of 16 windows per epoch."""
+    directory = tmp_path_factory.mktemp("tiny")
+    files = write_synthetic(SyntheticConfig(num_users=120, num_items=60, mean_history=12, vector_dim=8, seed=1), directory / "raw")
+    return prepare(out=directory / "prepared", **files.prepare_kwargs(), cache_dir=None)
+
+
+def _datamodule(data_dir: Path) -> SequenceDataModule:
+    return SequenceDataModule(data_dir=str(data_dir), max_len=10, batch_size=16, seed=0)
+
+
+def _model(dm: SequenceDataModule) -> MatryoshkaRecommender:
+    L.seed_everything(0)  # dropout (0.1 in the encoder and on its inputs) draws from this RNG
+    return MatryoshkaRecommender(item_features=dm.item_features, sizes=SIZES, max_len=dm.max_len, warmup_steps=2, lr=3e-3)
+
+
+def _trainer(callbacks: list[Callback], checkpoints: Path | None = None, every: int = 4) -> L.Trainer:
+    if checkpoints is not None:
+        callbacks = callbacks + [ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=every, save_top_k=-1, filename="{step}")]
+    return L.Trainer(
+        max_epochs=2, deterministic=True, accelerator="cpu", logger=False, callbacks=callbacks,
+        enable_checkpointing=checkpoints is not None, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+
+
+def _fit(data_dir: Path, *callbacks: Callback, checkpoints: Path | None = None, every: int = 4, ckpt_path=None):
+    dm = _datamodule(data_dir)
+    model = _model(dm)
+    trainer = _trainer(list(callbacks), checkpoints, every)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    return trainer, model, dm
+
+
+def _last_checkpoint(directory: Path) -> Path:
+    return max(directory.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
+
+
+def _test_metrics(model: MatryoshkaRecommender, dm: SequenceDataModule) -> dict[str, float]:
+    _trainer([]).test(model, datamodule=dm, verbose=False)
+    return model.last_test_metrics
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_log):
+    """The run that is never killed: the batches it trained, its final weights and test metrics."""
+    batches = RecordBatches()
+    trainer, model, dm = _fit(tiny_log, batches)
+    assert len(dm.train_dataloader()) == 6 and trainer.global_step == 12
+    return batches.seen, model.state_dict(), _test_metrics(model, dm)
+
+
+@pytest.mark.parametrize("kill_at,every", [(9, 4), (8, 6)], ids=["mid-epoch", "checkpoint-at-epoch-end"])
+def test_training_killed_mid_epoch_resumes_to_the_same_result(tiny_log, uninterrupted, tmp_path, kill_at, every):
+    """Steps 0-5 are epoch 0, steps 6-11 epoch 1. Killed at step ``kill_at`` and resumed from the last
+    checkpoint (step 8: two batches into epoch 1; or step 6: the end of epoch 0), the run trains the
+    batches the uninterrupted run trained after that point, in the same order, with the same dropout,
+    and ends with bit-identical weights and test metrics."""
+    clean_batches, clean_weights, clean_metrics = uninterrupted
+    with pytest.raises(SimulatedKill):
+        _fit(tiny_log, KillAtStep(kill_at), checkpoints=tmp_path / "ckpt", every=every)
+    last = _last_checkpoint(tmp_path / "ckpt")
+    done = int(last.stem.split("=")[1])
+    assert done == kill_at // every * every and done < kill_at  # the steps between are lost and redone
+
+    resumed_batches = RecordBatches()
+    trainer, resumed, dm = _fit(tiny_log, resumed_batches, ckpt_path=last)
+    assert trainer.global_step == 12
+    assert resumed_batches.seen == clean_batches[done:]  # neither replayed nor skipped
+    for (name, a), (_, b) in zip(clean_weights.items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resuming"
+    assert _test_metrics(resumed, dm) == clean_metrics
+
+
+def test_train_loader_resumes_after_the_batches_it_served(tiny_log):
+    """The loader state alone: a fresh data module given the saved state serves exactly the rest of the
+    interrupted epoch, restores the RNG, and starts the next epoch afresh when the saved one was finished."""
+    dm = _datamodule(tiny_log)
+    loader = dm.train_dataloader()
+    loader.batch_sampler.sampler.set_epoch(3)
+    full = [b["input_ids"] for b in loader]
+    loader.batch_sampler.sampler.set_epoch(3)
+    it = iter(loader)
+    next(it), next(it)
+    torch.manual_seed(5)
+    state = dm.state_dict()
+    after = torch.rand(3)
+    assert state["train_loader"]["epoch"] == 3 and state["train_loader"]["batches"] == 2
+
+    fresh = _datamodule(tiny_log)
+    fresh.load_state_dict(state)
+    torch.manual_seed(123)
+    rest = [b["input_ids"] for b in fresh.train_dataloader()]
+    assert torch.equal(torch.rand(3), after)  # dropout continues from the saved RNG state
+    assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+    assert len(fresh.train_dataloader()) == len(full)  # Lightning counts the skipped batches itself
+
+    finished = {"train_loader": {**state["train_loader"], "batches": len(full)}}
+    fresh = _datamodule(tiny_log)
+    fresh.load_state_dict(finished)
+    loader = fresh.train_dataloader()
+    assert loader.batch_sampler.sampler.epoch == 4 and len(list(loader)) == len(full)
+
+
+# ==========================================================================================================
+# Faults: export and prepare killed midway
+# ==========================================================================================================
+
+N_ITEMS = 20
+
+
+def write_checkpoint(path: Path, payload: object = None) -> Path:
+    """A small model checkpoint in the layout recsys.train writes (string item ids); ``payload`` adds an
+    extra entry (a pickled object, for the refusal tests)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    features = ItemFeatures(num_items=N_ITEMS, dense={"text": torch.randn(N_ITEMS + 1, 6, generator=g)})
+    model = MatryoshkaRecommender(item_features=features, sizes=SIZES, max_len=10).eval()
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "catalogue": {"item_ids": [f"i{i:02d}" for i in range(1, N_ITEMS + 1)], "popularity": list(range(N_ITEMS, 0, -1))},
+    }
+    if payload is not None:
+        checkpoint["payload"] = payload
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.ckpt")
+
+
+class Killed(KeyboardInterrupt):
+    """What Ctrl-C (or a kill handled as an exception) raises inside a writer."""
+
+
+def _dies(*args, **kwargs):
+    raise Killed("simulated kill")
+
+
+def _dies_after(real: Callable) -> Callable:
+    """The real writer, then the kill: the file is complete but the step never finishes."""
+
+    def wrapper(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Killed("simulated kill")
+
+    return wrapper
+
+
+def _loadable(directory: Path) -> bool:
+    try:
+        serving.load(directory)
+    except (ExportError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("where", ["weights", "index", "manifest", "rename"])
+def test_export_killed_midway_leaves_nothing_that_looks_complete(checkpoint, tmp_path, monkeypatch, where):
+    import serving.export as export
+    import serving.index as index
+
+    target = {"weights": (export, "save_file"), "index": (index, "save_index"),
+              "manifest": (export, "read_manifest"), "rename": (export.os, "replace")}[where]
+    monkeypatch.setattr(*target, _dies_after(getattr(*target)) if where in ("weights", "index") else _dies)
+    out = tmp_path / "exports"
+    with pytest.raises(Killed):
+        export_sizes(checkpoint, [8], out)
+    assert not (out / "d8").exists() and not _loadable(out / "d8")
+    assert list(out.iterdir()) == []  # no temporary directory either
+
+
+def test_export_killed_during_the_second_size_keeps_the_first_whole(checkpoint, tmp_path, monkeypatch):
+    import serving.index as index
+
+    real, calls = index.save_index, []
+
+    def dies_second_time(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed("simulated kill")
+        real(*args)
+
+    monkeypatch.setattr(index, "save_index", dies_second_time)
+    with pytest.raises(Killed):
+        export_sizes(checkpoint, [8, 16], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d8"]
+    assert serving.load(tmp_path / "d8").size == 8
+
+
+def _kill_script(body: str) -> str:
+    return textwrap.dedent(
+        """
+        import os, signal, sys
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    ) + textwrap.dedent(body)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_export_and_prepare_killed_with_sigkill_leave_nothing_loadable(checkpoint, synthetic_files, tmp_path):
+    """A real SIGKILL (nothing can clean up): the output never appears; what is left is a hidden
+    temporary directory that cannot be loaded. One process per command, killed while writing its
+    index (export) or its features (prepare). (Killed after its manifest is verified but before the
+    rename, an export leaves a hidden temporary directory that is complete: it verifies and loads.)"""
+    script = _kill_script(
+        """
+        which, checkpoint, out, files = sys.argv[1:]
+        if which == "export":
+            import serving.export as export
+            import serving.index as index
+            index.save_index = die
+            export.export_sizes(checkpoint, [8], out)
+        else:
+            import json
+            from recsys.data import ItemFeatures, prepare
+            ItemFeatures.save = die
+            prepare(out=out, cache_dir=None, **json.loads(files))
+        """
+    )
+    files = json.dumps(synthetic_files.prepare_kwargs(), default=str)
+    processes = [  # both at once: most of their time is importing torch
+        subprocess.Popen([sys.executable, "-c", script, which, str(checkpoint), str(tmp_path / out), files], stderr=subprocess.PIPE)
+        for which, out in (("export", "exports"), ("prepare", "prepared"))
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    exports = list((tmp_path / "exports").iterdir())
+    assert [p.name.startswith(".d8.") for p in exports] == [True]  # only the hidden temporary directory
+    assert not (tmp_path / "exports" / "d8").exists() and not _loadable(exports[0])
+    assert not (tmp_path / "prepared").exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".prepared.partial")]
+    assert len(leftovers) == 1
+    with pytest.raises(DataValidationError, match="not a prepared dataset"):
+        load_prepared(leftovers[0])
+
+
+def _good_log(directory: Path) -> Path:
+    rows = "".join(f"u{u},i{(u + k) % 7},{k}\n" for u in range(6) for k in range(5))
+    path = directory / "log.csv"
+    path.write_text("user_id,item_id,timestamp\n" + rows)
+    return path
+
+
+PREPARE_STEPS = {
+    "reading": ("recsys.data.pipeline", "_read_log", False),
+    "cleaning": ("recsys.data.pipeline", "clean_log", False),
+    "features": ("recsys.data.pipeline", "build_item_features", False),
+    "writing features": ("recsys.data.item_features.ItemFeatures", "save", True),
+    "writing stats": ("recsys.data.pipeline.Path", "write_text", True),
+}
+
+
+@pytest.mark.parametrize("step", PREPARE_STEPS)
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+def test_prepare_killed_midway_leaves_no_output_and_keeps_the_old_one(tmp_path, monkeypatch, step, overwrite):
+    """Killed at any step, prepare leaves neither its output nor a temporary directory; with
+    ``--overwrite``, the previous output is still there, whole."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    log = _good_log(inputs)
+    out = tmp_path / "out"
+    options = dict(min_count=1, cache_dir=None)
+    if overwrite:
+        prepare(log, out, **options)
+        before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    module, name, after_real = PREPARE_STEPS[step]
+    owner = _resolve(module)
+    monkeypatch.setattr(owner, name, _dies_after(getattr(owner, name)) if after_real else _dies)
+    with pytest.raises(Killed):
+        prepare(log, out, overwrite=overwrite, **options)
+    monkeypatch.undo()
+    if overwrite:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "out"]
+        assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        assert load_prepared(out).num_users == 6
+    else:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+
+
+def _resolve(dotted: str):
+    """A module, or a class inside one (``package.module.Class``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(dotted)
+    except ModuleNotFoundError:
+        module, _, attribute = dotted.rpartition(".")
+        return getattr(importlib.import_module(module), attribute)
+
+
+# ==========================================================================================================
+# Safe loading
+# ==========================================================================================================
+
+PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
+PICKLE_CALLS = {"read_pickle", "to_pickle", "add_safe_globals", "safe_globals"}
+
+
+def pickle_uses(source: str, filename: str = "<source>") -> list[str]:
+    """Every way ``source`` could unpickle (or allow unpickling of) arbitrary objects: an import of a
+    pickle module, a name from one, ``torch.load`` without ``weights_only=True``, ``np.load`` with
+    ``allow_pickle=True``, pandas' ``read_pickle``, torch's safe-globals allowlist. Comments and
+    strings do not count."""
+    found = []
+    tree = ast.parse(source, filename)
+    for node in ast.walk(tree):
+        where = f"{filename}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Import):
+            found += [f"{where}: import {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLE_MODULES:
+            found.append(f"{where}: from {node.module} import ...")
+        elif isinstance(node, ast.Name) and node.id in PICKLE_MODULES:
+            found.append(f"{where}: {node.id}")
+        elif isinstance(node, ast.Attribute) and node.attr in PICKLE_CALLS | PICKLE_MODULES:
+            found.append(f"{where}: .{node.attr}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+            owner = ast.unparse(node.func.value)
+            keywords = {k.arg: k.value for k in node.keywords}
+            if owner == "torch":
+                value = keywords.get("weights_only")
+                if not (isinstance(value, ast.Constant) and value.value is True):
+                    found.append(f"{where}: torch.load without weights_only=True")
+            elif owner in ("np", "numpy"):
+                value = keywords.get("allow_pickle")
+                if value is not None and not (isinstance(value, ast.Constant) and value.value is False):
+                    found.append(f"{where}: np.load with allow_pickle")
+    return found
+
+
+def test_the_pickle_audit_finds_what_it_looks_for():
+    bad = """
+        import pickle
+        from cloudpickle import dumps
+        import torch, numpy as np, pandas as pd
+        torch.load(path)
+        torch.load(path, weights_only=False)
+        np.load(path, allow_pickle=True)
+        pd.read_pickle(path)
+        torch.serialization.add_safe_globals([Evil])
+    """
+    flagged = [int(f.split(":")[1]) for f in pickle_uses(textwrap.dedent(bad))]
+    assert flagged == [2, 3, 5, 6, 7, 8, 9]  # every line but the harmless imports, once each
+    good = """
+        import torch, numpy as np
+        torch.load(path, map_location="cpu", weights_only=True)
+        np.load(path, allow_pickle=False)
+        np.load(path)
+        text = "pickle is never used"  # neither is pickle here
+    """
+    assert pickle_uses(textwrap.dedent(good)) == []
+
+
+def test_no_pickle_on_the_data_or_model_path():
+    files = sorted(p for package in ("recsys", "serving") for p in (ROOT / package).rglob("*.py"))
+    assert len(files) > 20
+    found = []
+    for path in files:
+        with tokenize.open(path) as f:
+            found += pickle_uses(f.read(), str(path.relative_to(ROOT)))
+    assert found == [], "pickle on the data or model path:\n" + "\n".join(found)
+
+
+class Payload:
+    """Unpickling this creates ``marker``: if the file appears, code from a checkpoint ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_with_a_pickled_object_is_refused_and_never_run(tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    evil = write_checkpoint(tmp_path / "evil.ckpt", payload=Payload(marker))
+    refused = "refused: the checkpoint holds a pickled Python object"
+    with pytest.raises(CheckpointError, match=refused):
+        MatryoshkaRecommender.from_checkpoint(evil)
+    with pytest.raises(ExportError, match=refused):
+        export_sizes(evil, [8], tmp_path / "exports")
+    assert serving.export.main(["--checkpoint", str(evil), "--out", str(tmp_path / "exports")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {evil}: {refused}")
+    assert not marker.exists() and not (tmp_path / "exports").exists()
+    # the same checkpoint without the object loads: the refusal is about the object, not the file
+    assert list(MatryoshkaRecommender.from_checkpoint(write_checkpoint(tmp_path / "plain.ckpt")).sizes) == SIZES
+
+
+@pytest.mark.parametrize("name,change", [("items.parquet", "flip"), ("index.faiss", "flip"), ("index.faiss", "delete")])
+def test_a_changed_export_file_is_refused(checkpoint, tmp_path, name, change):
+    (directory,) = export_sizes(checkpoint, [8], tmp_path)
+    file = directory / name
+    if change == "delete":
+        file.unlink()
+        message = f"{name} is missing"
+    else:
+        data = bytearray(file.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        file.write_bytes(bytes(data))
+        message = f"{name}: checksum mismatch"
+    with pytest.raises(ExportError, match=message):
+        serving.load(directory)
+
+
+# ==========================================================================================================
+# Bad input, command by command (the README's table is generated from these cases)
+# ==========================================================================================================
+
+
+@dataclass
+class Resources:
+    """Valid inputs built once and copied into each case's working directory."""
+
+    checkpoint: Path
+    export: Path
+
+
+def build_resources(directory: Path) -> Resources:
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint = write_checkpoint(directory / "model.ckpt")
+    (export,) = export_sizes(checkpoint, [16], directory / "exports")
+    return Resources(checkpoint, export)
+
+
+def _nothing(workdir: Path, resources: Resources) -> None:
+    pass
+
+
+def _text(name: str, content: str) -> Callable[[Path, Resources], None]:
+    def write(workdir, resources):
+        (workdir / name).write_text(content, encoding="utf-8")
+    return write
+
+
+def _all(*steps: Callable) -> Callable[[Path, Resources], None]:
+    def run(workdir, resources):
+        for step in steps:
+            step(workdir, resources)
+    return run
+
+
+def _copy_checkpoint(workdir, resources):
+    shutil.copy(resources.checkpoint, workdir / "model.ckpt")
+
+
+def _copy_export(workdir, resources):
+    shutil.copytree(resources.export, workdir / "export")
+
+
+def _evil_checkpoint(workdir, resources):
+    write_checkpoint(workdir / "model.ckpt", payload=Payload(workdir / "code-ran"))
+
+
+def _corrupt_checkpoint(workdir, resources):
+    (workdir / "model.ckpt").write_bytes(b"\x80\x04not a checkpoint at all" * 4)
+
+
+def _foreign_checkpoint(workdir, resources):
+    torch.save({"weights": torch.zeros(3)}, workdir / "model.ckpt")
+
+
+def _flip_byte(name: str) -> Callable[[Path, Resources], None]:
+    def change(workdir, resources):
+        file = workdir / "export" / name
+        data = bytearray(file.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        file.write_bytes(bytes(data))
+    return change
+
+
+def _delete(name: str) -> Callable[[Path, Resources], None]:
+    def delete(workdir, resources):
+        (workdir / "export" / name).unlink()
+    return delete
+
+
+def _edit_manifest(old: str, new: str) -> Callable[[Path, Resources], None]:
+    def edit(workdir, resources):
+        manifest = workdir / "export" / "manifest.json"
+        manifest.write_text(manifest.read_text().replace(old, new, 1))
+    return edit
+
+
+def _mkdir(name: str, *files: str) -> Callable[[Path, Resources], None]:
+    def make(workdir, resources):
+        (workdir / name).mkdir()
+        for f in files:
+            (workdir / name / f).write_text("mine")
+    return make
+
+
+def _vectors(data: dict) -> Callable[[Path, Resources], None]:
+    def write(workdir, resources):
+        pl.DataFrame(data).write_parquet(workdir / "vectors.parquet")
+    return write
+
+
+LOG = "user_id,item_id,timestamp\n" + "".join(f"u{u},i{(u + k) % 6},{k}\n" for u in range(5) for k in range(4))
+ITEMS = "item_id,title\n" + "".join(f"i{i},Title {i}\n" for i in range(6))
+HISTORIES = "user_id,item_id,timestamp\n1,i01,5\n1,i02,6\n2,i03,1\n"
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One bad input for one command, and the message the user must see.
+
+    ``argv`` follows the command (files relative to the working directory, which ``setup`` fills);
+    ``expect`` is a regex the one error line (without ``error: ``) or the exception message must match;
+    ``may_create`` lists names a failed run may still create (caches, the MLflow store).
+    """
+
+    command: str
+    case: str
+    argv: tuple[str, ...]
+    expect: str
+    setup: Callable[[Path, Resources], None] = _nothing
+    may_create: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.command}: {self.case}"
+
+
+PREPARE = ("prepare", "--interactions", "log.csv", "--out", "out", "--min-count", "1", "--cache-dir", "null")
+TRAIN = ("--data.synthetic.num_users", "60", "--data.synthetic.num_items", "40", "--data.synthetic_cache_dir", "syn",
+         "--data.max_len", "10", "--model.sizes", "[8, 16]", "--mlflow.tracking_uri", "sqlite:///mlflow.db",
+         "--trainer.enable_progress_bar", "false")
+TRAIN_CREATES = ("syn", "mlflow.db")
+EXPORT = ("--checkpoint", "model.ckpt", "--out", "exports")
+CANDIDATES = ("--model", "export", "--input", "histories.csv", "--k", "5", "--out", "cands")
+good_log, good_items = _text("log.csv", LOG), _text("items.csv", ITEMS)
+histories = _all(_copy_export, _text("histories.csv", HISTORIES))
+
+BAD_INPUTS = [
+    # -- python -m recsys.data prepare -------------------------------------------------------------------
+    BadInput("recsys.data prepare", "interaction log not found", PREPARE, r"^log\.csv: file not found$"),
+    BadInput("recsys.data prepare", "unknown file extension", (*PREPARE[:2], "log.xlsx", *PREPARE[3:]),
+             r"^log\.xlsx: unknown file extension '\.xlsx'", _text("log.xlsx", LOG)),
+    BadInput("recsys.data prepare", "misnamed column (`--user-col user`)", (*PREPARE, "--user-col", "user"),
+             r"^log\.csv: the interaction log has no column 'user' \(given by --user-col\); available columns: user_id, item_id, timestamp$",
+             good_log),
+    BadInput("recsys.data prepare", "column name with a trailing space", PREPARE,
+             r"^log\.csv: .*no column 'user_id' .*available columns: 'user_id ', item_id", _text("log.csv", LOG.replace("user_id", "user_id ", 1))),
+    BadInput("recsys.data prepare", "empty file", PREPARE, r"^log\.csv: cannot read the file: empty CSV$", _text("log.csv", "")),
+    BadInput("recsys.data prepare", "header only", PREPARE, r"^log\.csv: the interaction log has no rows$",
+             _text("log.csv", "user_id,item_id,timestamp\n")),
+    BadInput("recsys.data prepare", "empty user id", PREPARE, r"^log\.csv: column 'user_id' is empty \(null id\) at row 2$",
+             _text("log.csv", LOG.replace("\nu0,i1,1\n", "\n,i1,1\n"))),
+    BadInput("recsys.data prepare", "unparsable time", PREPARE,
+             r"^log\.csv: time column 'timestamp' has the value 'soon' at row 2, which is not a number$",
+             _text("log.csv", LOG.replace("\nu0,i1,1\n", "\nu0,i1,soon\n"))),
+    BadInput("recsys.data prepare", "header line repeated inside the file", PREPARE,
+             r"^log\.csv: row 5 repeats the header line \(user_id, item_id, timestamp\)",
+             _text("log.csv", LOG.replace("\nu1,i1,0\n", "\nuser_id,item_id,timestamp\nu1,i1,0\n"))),
+    BadInput("recsys.data prepare", "not UTF-8 (latin-1 bytes)", PREPARE, r"^log\.csv: cannot read the file: invalid utf-8",
+             lambda w, r: (w / "log.csv").write_bytes(LOG.replace("u0", "\xe9", 1).encode("latin-1"))),
+    BadInput("recsys.data prepare", "repeated id in the item table", (*PREPARE, "--items", "items.csv"),
+             r"^items\.csv: item id 'i2' occurs more than once in column 'item_id' \(rows 3, 7\)$",
+             _all(good_log, _text("items.csv", ITEMS + "i2,Again\n"))),
+    BadInput("recsys.data prepare", "vector with NaN", (*PREPARE, "--vectors", "img=vectors.parquet"),
+             r"^vectors\.parquet: the vector of id 'i1' contains NaN or infinite values$",
+             _all(good_log, _vectors({"item_id": ["i0", "i1"], "v": [[0.1, 0.2], [float("nan"), 0.3]]}))),
+    BadInput("recsys.data prepare", "vectors of different lengths", (*PREPARE, "--vectors", "img=vectors.parquet"),
+             r"^vectors\.parquet: id 'i1' \(row 2\) has a vector of length 3, the first one has 2$",
+             _all(good_log, _vectors({"item_id": ["i0", "i1"], "v": [[0.1, 0.2], [0.1, 0.2, 0.3]]}))),
+    BadInput("recsys.data prepare", "`--vectors` without NAME=", (*PREPARE, "--vectors", "vectors.parquet"),
+             r"^--vectors: expected NAME=FILE, got 'vectors\.parquet'$", good_log),
+    BadInput("recsys.data prepare", "nothing survives the k-core (`--min-count 50`)", (*PREPARE, "--min-count", "50"),
+             r"^log\.csv: no events left after cleaning: no user has 50 events with items of 50\+ events$", good_log),
+    BadInput("recsys.data prepare", "output directory exists", PREPARE,
+             r"^out: the output directory already exists; remove it or pass --overwrite$", _all(good_log, _mkdir("out", "keep.txt"))),
+    # -- python -m recsys.train -----------------------------------------------------------------------------
+    BadInput("recsys.train", "sizes not increasing (`--model.sizes [32, 16]`)", (*TRAIN, "--model.sizes", "[32, 16]"),
+             r"^--model\.sizes: sizes must be strictly increasing"),
+    BadInput("recsys.train", "unknown encoder (`--model.encoder gru`)", (*TRAIN, "--model.encoder", "gru"),
+             r"^--model\.encoder: unknown encoder 'gru'; choose one of lru, mamba, sasrec$"),
+    BadInput("recsys.train", "wrong type (`--trainer.max_epochs ten`)", (*TRAIN, "--trainer.max_epochs", "ten"),
+             r"^Parser key \"trainer\.max_epochs\": .*Expected a <class 'int'>.* Given value: ten$"),
+    BadInput("recsys.train", "`--data.data_dir` missing", (*TRAIN, "--data.data_dir", "data/mine"),
+             r"^--data\.data_dir data/mine: no such directory; prepare one with `python -m recsys\.data prepare"),
+    BadInput("recsys.train", "`--data.data_dir` not a prepared dataset", (*TRAIN, "--data.data_dir", "raw"),
+             r"^raw: not a prepared dataset: interactions\.parquet is missing$", _mkdir("raw", "events.csv")),
+    BadInput("recsys.train", "`--ckpt_path` missing", (*TRAIN, "--ckpt_path", "last.ckpt"),
+             r"^--ckpt_path last\.ckpt: no such checkpoint file$"),
+    BadInput("recsys.train", "`--ckpt_path` holds a pickled object", (*TRAIN, "--ckpt_path", "model.ckpt"),
+             r"^model\.ckpt: refused: the checkpoint holds a pickled Python object \(Unsupported global: GLOBAL .*\), and "
+             r"unpickling it could run code", _evil_checkpoint, TRAIN_CREATES),
+    BadInput("recsys.train", "`--ckpt_path` is not a checkpoint", (*TRAIN, "--ckpt_path", "model.ckpt"),
+             r"^model\.ckpt: not a readable checkpoint", _corrupt_checkpoint, TRAIN_CREATES),
+    BadInput("recsys.train", "MLflow server does not answer", (*TRAIN, "--mlflow.tracking_uri", "http://127.0.0.1:9"),
+             r"^the MLflow tracking server http://127\.0\.0\.1:9 does not answer \(.*\); start it, fix --mlflow\.tracking_uri",
+             _nothing, TRAIN_CREATES),
+    # -- python -m serving.export ---------------------------------------------------------------------------
+    BadInput("serving.export", "no source given", ("--out", "exports"),
+             r"^give exactly one of --checkpoint, --run-id or --model-uri$"),
+    BadInput("serving.export", "checkpoint not found", EXPORT, r"^model\.ckpt: no such checkpoint file$"),
+    BadInput("serving.export", "size the model does not have (`--dims 12`)", (*EXPORT, "--dims", "12"),
+             r"^size\(s\) \[12\] are not sizes of this model; valid sizes: \[8, 16\]$", _copy_checkpoint),
+    BadInput("serving.export", "`--dims 8,x`", (*EXPORT, "--dims", "8,x"), r"^--dims must be comma-separated integers, got '8,x'$",
+             _copy_checkpoint),
+    BadInput("serving.export", "unknown index (`--index annoy`)", (*EXPORT, "--index", "annoy"),
+             r"^index kind must be one of \['flat', 'ivf_flat', 'hnsw', 'ivf_pq'\], got 'annoy'$", _copy_checkpoint),
+    BadInput("serving.export", "checkpoint holds a pickled object", EXPORT,
+             r"^model\.ckpt: refused: the checkpoint holds a pickled Python object", _evil_checkpoint),
+    BadInput("serving.export", "file is not a checkpoint", EXPORT, r"^model\.ckpt: not a readable checkpoint", _corrupt_checkpoint),
+    BadInput("serving.export", "checkpoint of something else", EXPORT,
+             r"^model\.ckpt: not a checkpoint of this project \(no state_dict and hyper_parameters\)$", _foreign_checkpoint),
+    # -- serving.load(DIR) ----------------------------------------------------------------------------------
+    BadInput("serving.load", "directory not found", ("export",), r"^export: no such export directory$"),
+    BadInput("serving.load", "not an export directory", ("export",), r"^export: not an export directory \(no manifest\.json\)",
+             _mkdir("export", "model.ckpt")),
+    BadInput("serving.load", "weights changed after export", ("export",),
+             r"^export/model\.safetensors: checksum mismatch: the file was changed or corrupted after export$",
+             _all(_copy_export, _flip_byte("model.safetensors"))),
+    BadInput("serving.load", "item table changed after export", ("export",), r"^export/items\.parquet: checksum mismatch",
+             _all(_copy_export, _flip_byte("items.parquet"))),
+    BadInput("serving.load", "index file deleted", ("export",), r"^export: index\.faiss is missing \(listed in the manifest\)$",
+             _all(_copy_export, _delete("index.faiss"))),
+    BadInput("serving.load", "manifest is not JSON", ("export",), r"^export/manifest\.json: manifest is not valid JSON",
+             _all(_copy_export, _edit_manifest("{", "{{"))),
+    BadInput("serving.load", "export of another format version", ("export",),
+             r"^export/manifest\.json: export format 2, this code reads 1$",
+             _all(_copy_export, _edit_manifest('"format_version": 1', '"format_version": 2'))),
+    # -- python -m serving.candidates -------------------------------------------------------------------------
+    BadInput("serving.candidates", "export directory not found", CANDIDATES, r"^export: no such export directory$",
+             _text("histories.csv", HISTORIES)),
+    BadInput("serving.candidates", "export changed after export", CANDIDATES, r"^export/items\.parquet: checksum mismatch",
+             _all(histories, _flip_byte("items.parquet"))),
+    BadInput("serving.candidates", "missing user column (`--user-col who`)", (*CANDIDATES, "--user-col", "who"),
+             r"^histories\.csv: no column 'who' \(given by --user-col\); available columns: user_id, item_id, timestamp$", histories),
+    BadInput("serving.candidates", "empty input file", CANDIDATES, r"^histories\.csv: the file is empty$",
+             _all(_copy_export, _text("histories.csv", ""))),
+    BadInput("serving.candidates", "empty user id", CANDIDATES, r"^histories\.csv: .*null id\) at row 2",
+             _all(_copy_export, _text("histories.csv", HISTORIES.replace("\n1,i02", "\n,i02")))),
+    BadInput("serving.candidates", "unparsable time", CANDIDATES, r"^histories\.csv: .*'yesterday' at row 3",
+             _all(_copy_export, _text("histories.csv", HISTORIES.replace("2,i03,1", "2,i03,yesterday")))),
+    BadInput("serving.candidates", "`--k` above the catalogue size", (*CANDIDATES[:4], "--k", "500", *CANDIDATES[6:]),
+             r"k=500 exceeds the catalogue", histories),
+    BadInput("serving.candidates", "bad `--shard 3/2`", (*CANDIDATES, "--shard", "3/2"),
+             r"^--shard must be i/n with 0 <= i < n, e\.g\. 0/4; got '3/2'$", histories),
+    BadInput("serving.candidates", "output directory holds other files", CANDIDATES, r"notes\.txt",
+             _all(histories, _mkdir("cands", "notes.txt"))),
+]
+
+
+@dataclass
+class Outcome:
+    status: int | str  # exit status of a command, or the exception type of serving.load
+    message: str  # the error line without "error: ", or the exception's message
+    stderr: str = ""
+    error_lines: list[str] = field(default_factory=list)
+    written: set[str] = field(default_factory=set)  # paths the run created, beyond ``may_create``
+    removed: set[str] = field(default_factory=set)  # paths the run deleted
+
+
+def command_label(command: str) -> str:
+    """How the README names a command."""
+    return "serving.load(DIR)" if command == "serving.load" else f"python -m {command}"
+
+
+def _mains() -> dict[str, Callable[[list[str]], int]]:
+    from recsys.data.__main__ import main as data_main
+    from recsys.train import main as train_main
+    from serving.candidates import main as candidates_main
+    from serving.export import main as export_main
+
+    return {"recsys.data prepare": data_main, "recsys.train": train_main, "serving.export": export_main,
+            "serving.candidates": candidates_main}
+
+
+def _tree(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*")}
+
+
+def run_bad_input(case: BadInput, workdir: Path, resources: Resources) -> Outcome:
+    """Run one case with ``workdir`` as the current directory (so messages name files as typed)."""
+    root = logging.getLogger()
+    previous, handlers, level = Path.cwd(), list(root.handlers), root.level
+    os.chdir(workdir)
+    stderr = io.StringIO()
+    try:
+        case.setup(workdir, resources)
+        before = _tree(workdir)
+        with redirect_stderr(stderr), redirect_stdout(io.StringIO()):
+            if case.command == "serving.load":
+                try:
+                    serving.load(*case.argv)
+                    status, message = 0, ""
+                except Exception as exc:  # the test checks which type
+                    status, message = type(exc).__name__, str(exc)
+            else:
+                try:
+                    status = _mains()[case.command](list(case.argv))
+                except SystemExit as exc:  # the argument parser's own errors
+                    status = exc.code
+    finally:
+        os.chdir(previous)
+        # the commands' logging.basicConfig(force=True) replaced the root handlers with one writing to our buffer
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    after = _tree(workdir)
+    written = {p for p in after - before if p.split("/")[0] not in case.may_create}
+    text = stderr.getvalue().splitlines()
+    lines = [line for line in text if line.startswith("error: ")]
+    if case.command != "serving.load" and lines:
+        # the argument parser indents the details of its error on the lines that follow
+        start = text.index(lines[0])
+        details = [line.strip() for line in itertools.takewhile(lambda line: line[:1].isspace(), text[start + 1:])]
+        message = " ".join([lines[0][len("error: "):], *details]).strip()
+    elif case.command != "serving.load":
+        message = ""
+    return Outcome(status, message, stderr.getvalue(), lines, written, before - after)
+
+
+@pytest.fixture(scope="module")
+def resources(tmp_path_factory) -> Resources:
+    return build_resources(tmp_path_factory.mktemp("resources"))
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.id for c in BAD_INPUTS])
+def test_bad_input_gives_one_clear_error_and_writes_nothing(case, resources, tmp_path):
+    outcome = run_bad_input(case, tmp_path, resources)
+    if case.command == "serving.load":
+        assert outcome.status == "ExportError", outcome.message
+    else:
+        assert outcome.status == 2, outcome.stderr[-3000:]
+        assert len(outcome.error_lines) == 1, outcome.stderr[-3000:]
+        assert "Traceback" not in outcome.stderr
+    assert re.search(case.expect, outcome.message), f"{outcome.message!r} does not match {case.expect!r}"
+    assert outcome.written == set() and outcome.removed == set(), f"wrote {sorted(outcome.written)}, removed {sorted(outcome.removed)}"
+    assert not (tmp_path / "code-ran").exists()
+
+
+def readme_table_rows() -> list[tuple[str, str, str]]:
+    """(command, case, message) of each row between the README's markers."""
+    text = README.read_text(encoding="utf-8")
+    assert TABLE_START in text and TABLE_END in text, "the README has no bad-input table markers"
+    body = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
+    rows = []
+    for line in body.strip().splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if len(cells) == 3 and not set(cells[0]) <= set("-: "):
+            command, case, message = cells
+            if command != "Command":
+                rows.append((command, case, message))
+    return rows
+
+
+def table_cell_text(cell: str) -> str:
+    """The text inside a table cell's ``\u0060\u0060 code \u0060\u0060`` span, unescaped."""
+    text = cell.strip()
+    if text.startswith("``") and text.endswith("``"):
+        text = text[2:-2].strip()
+    return text.replace("\\|", "|")
+
+
+def test_readme_table_is_generated_from_these_cases():
+    """Regenerate with ``python tools/bad_input_table.py`` when a case or a message changes."""
+    rows = readme_table_rows()
+    stale = "the README table is out of date: run python tools/bad_input_table.py"
+    assert len(rows) == len(BAD_INPUTS), stale
+    for case, (command, description, message) in zip(BAD_INPUTS, rows):
+        assert (command, description) == (f"`{command_label(case.command)}`", case.case), stale
+        prefix = "ExportError: " if case.command == "serving.load" else "error: "
+        shown = table_cell_text(message)
+        assert shown.startswith(prefix), stale
+        assert re.search(case.expect, shown[len(prefix):]), f"README row {description!r}: {shown!r} does not match {case.expect!r}"
