@@ -10,7 +10,8 @@ handed out and the torch RNG state; after ``load_state_dict`` its next pass skip
 index, without building them) and dropout continues from the saved state. It draws worker seeds
 from its own generator, so starting a pass does not advance the global RNG. A run killed mid-epoch
 and resumed from its last checkpoint then trains on the same batches with the same dropout masks as
-a run that was never interrupted.
+a run that was never interrupted (on CPU; on a GPU dropout draws from the CUDA generator, which is
+not carried, and some kernels are not deterministic anyway).
 
 Lightning saves and loads a training loader's ``state_dict`` itself, but it loads it only when the
 loader is created after the checkpoint's loops are restored; a model whose ``configure_optimizers``
