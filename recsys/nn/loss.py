@@ -221,18 +221,21 @@ def _blocked_forward(
             torch.softmax(logits, dim=1, out=spare)
             # logsumexp = max - log(largest probability); that probability is >= 1/N, never 0
             torch.amax(spare, dim=1, out=top_prob[m, r0:r1])
+            if not with_grads:
+                del logits
+                continue
             if soft is None:  # the largest size: the spare becomes the accumulator
                 soft, spare = spare.mul_(weights[m] / n_valid), logits
             else:
                 soft.add_(spare, alpha=weights[m] / n_valid)
             del logits
-            if with_grads:
-                g = soft if soft.dtype == u.dtype else soft.to(u.dtype)
-                if g.dtype == dtype:
-                    torch.mm(g, chunks[m], out=d_chunks[m][r0:r1])
-                else:
-                    d_chunks[m][r0:r1] = _product(g, chunks[m], dtype)
-                _add_product_(d_items[1:, a:b], g.t(), u[:, a:b])
+            # chunk m's gradients from the softmax part of G_m
+            g = soft if soft.dtype == u.dtype else soft.to(u.dtype)
+            if g.dtype == dtype:
+                torch.mm(g, chunks[m], out=d_chunks[m][r0:r1])
+            else:
+                d_chunks[m][r0:r1] = _product(g, chunks[m], dtype)
+            _add_product_(d_items[1:, a:b], g.t(), u[:, a:b])
         del soft, spare
 
     ce_sums = (row_max - top_prob.log() - target_logit.squeeze(2)).sum(dim=1)
