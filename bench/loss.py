@@ -9,7 +9,9 @@ that need gradients) to their gradients. Variants:
 - ``flat_all@R``: :func:`matryoshka_cross_entropy` over all sizes with ``block_rows=R`` (logit
   rows held at once over all sizes; one entry per ``--block-rows``);
 - ``naive_all``: :func:`naive_matryoshka_cross_entropy` over all sizes (M logit tensors);
-- ``flat_largest@R``: the memory-flat loss with the largest size only (its overhead at M = 1).
+- ``flat_largest@R``: the memory-flat loss with the largest size only (its overhead at M = 1);
+- ``flat_top{k}@R`` (``--sweep-sizes``): the memory-flat loss over the ``k`` largest sizes, to show
+  how time and memory go with the number of sizes at a fixed ``block_rows``.
 
 Time: all variants in one process, interleaved round by round, median (and min) over repeats after
 a warm-up step, for each ``--threads`` count. Machines here are shared and noisy: compare the ratios
@@ -77,6 +79,9 @@ def loss_fn(variant: str, spec: dict):
         return lambda u, z, t: naive_matryoshka_cross_entropy(u, z, t, sizes).total
     if name == "flat_all":
         return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes, block_rows=block_rows).total
+    if name.startswith("flat_top"):
+        top = sizes[-int(name.removeprefix("flat_top")) :]
+        return lambda u, z, t: matryoshka_cross_entropy(u, z, t, top, block_rows=block_rows).total
     if name == "flat_largest":
         return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes[-1:], block_rows=block_rows).total
     raise ValueError(f"unknown variant {variant!r}")
@@ -200,6 +205,7 @@ def main() -> None:
     parser.add_argument("--block-rows", type=int, nargs="+", default=[2048])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one timing run per count")
+    parser.add_argument("--sweep-sizes", action="store_true", help="also the k largest sizes, k = 2..M-1")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loss.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -224,6 +230,8 @@ def main() -> None:
     }
     variants = ["largest_alone", *(f"flat_all@{b}" for b in args.block_rows), "naive_all",
                 f"flat_largest@{args.block_rows[0]}"]
+    if args.sweep_sizes:
+        variants += [f"flat_top{k}@{args.block_rows[0]}" for k in range(2, len(args.sizes))]
     load_before = os.getloadavg()
     torch.set_num_threads(args.threads[0])
     agreement = gradient_agreement(spec)
