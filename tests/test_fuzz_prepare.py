@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import subprocess
@@ -427,8 +428,15 @@ def test_cli_prints_one_error_line_and_exits_2(target, tmp_path, monkeypatch):
             "--vectors", f"img={paths['vectors']}", "--out", "out", "--time-col", "timestamp",
             "--category-cols", "tags", "--min-count", "2", "--cache-dir", "null"]
     stderr = io.StringIO()
-    with redirect_stderr(stderr):
-        status = data_main(argv)
+    root = logging.getLogger()
+    handlers, level = root.handlers, root.level
+    root.handlers = [logging.StreamHandler(stderr)]  # log lines go where a terminal would show them
+    try:
+        with redirect_stderr(stderr):
+            status = data_main(argv)
+    finally:
+        root.handlers = handlers  # the CLI's basicConfig(force=True) wrote to our buffer
+        root.setLevel(level)
     errors = [line for line in stderr.getvalue().splitlines() if line.startswith("error:")]
     assert status == 2
     assert len(errors) == 1 and errors[0].startswith(f"error: {paths[target]}: "), stderr.getvalue()

@@ -790,6 +790,7 @@ def run_bad_input(case: BadInput, workdir: Path, resources: Resources) -> Outcom
     try:
         case.setup(workdir, resources)
         before = _tree(workdir)
+        root.handlers = [logging.StreamHandler(stderr)]  # log lines go where a terminal would show them
         with redirect_stderr(stderr), redirect_stdout(io.StringIO()):
             if case.command == "serving.load":
                 try:
@@ -804,11 +805,7 @@ def run_bad_input(case: BadInput, workdir: Path, resources: Resources) -> Outcom
                     status = exc.code
     finally:
         os.chdir(previous)
-        # the commands' logging.basicConfig(force=True) replaced the root handlers with one writing to our buffer
-        for handler in root.handlers[:]:
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
+        root.handlers = handlers  # whatever the command configured (basicConfig(force=True)) wrote to our buffer
         root.setLevel(level)
     after = _tree(workdir)
     written = {p for p in after - before if p.split("/")[0] not in case.may_create}
