@@ -96,7 +96,7 @@ class MatryoshkaRecommender(L.LightningModule):
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
         mask_seen: exclude each user's earlier items from the ranking in validation and test.
-        loss_block_rows: rows per block in the memory-flat loss.
+        loss_block_rows: logit rows (over all sizes) held at once by the memory-flat loss.
         monitor_size: the size whose validation NDCG@10 is logged as ``val/monitor`` for early
             stopping and best-checkpoint selection (default: the largest).
     """
@@ -122,7 +122,7 @@ class MatryoshkaRecommender(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         mask_seen: bool = True,
-        loss_block_rows: int = 1024,
+        loss_block_rows: int = 2048,
         monitor_size: int | None = None,
     ) -> None:
         super().__init__()
