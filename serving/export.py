@@ -80,8 +80,15 @@ def export_size(
     source: dict[str, Any],
     index: str = "flat",
     item_dtype: str = "float32",
+    funnel_prefix: int | None = None,
+    funnel_shortlist: int = 1000,
 ) -> Path:
-    """Write ``out`` for the model cut to ``size`` and return it."""
+    """Write ``out`` for the model cut to ``size`` and return it.
+
+    With ``funnel_prefix`` the index covers only the first ``funnel_prefix`` dimensions and
+    serving runs a funnel search: shortlist ``funnel_shortlist`` items with it, then re-rank them
+    exactly at ``size`` (METHOD.md §6).
+    """
     if size not in model.sizes:
         raise ExportError(f"size {size} is not one of the model's sizes {list(model.sizes)}")
     if not isinstance(model.net.encoder, NestedModule) and size != model.sizes[-1]:
@@ -89,11 +96,13 @@ def export_size(
             f"the {model.hparams.encoder} encoder is not nested: it can be exported at its full size "
             f"{model.sizes[-1]} only, not {size}"
         )
+    if funnel_prefix is not None and not 0 < funnel_prefix < size:
+        raise ExportError(f"the funnel prefix must be between 1 and the size {size} (exclusive), got {funnel_prefix}")
     if item_dtype not in ("float32", "float16"):
         raise ExportError(f"item_dtype must be float32 or float16, got {item_dtype!r}")
     from recsys.nn.item_tower import FixedItemMatrix
     from recsys.nn.recommender import SequentialRecommender
-    from serving.index import IndexSpec, build_index, save_index
+    from serving.index import FunnelSpec, IndexSpec, build_index, save_index
 
     items = model.net.item_matrix()
     full = SequentialRecommender(FixedItemMatrix(items, model.sizes), model.net.encoder)
@@ -115,8 +124,13 @@ def export_size(
             }
         ).write_parquet(tmp / "items.parquet")
         vectors = small.items.matrix[1:].float().numpy()
-        spec = IndexSpec(kind=index).resolve(len(vectors), vectors.shape[1])
-        save_index(build_index(vectors, spec), tmp / "index.faiss")
+        indexed = vectors if funnel_prefix is None else np.ascontiguousarray(vectors[:, :funnel_prefix])
+        spec = IndexSpec(kind=index).resolve(len(indexed), indexed.shape[1])
+        save_index(build_index(indexed, spec), tmp / "index.faiss")
+        funnel = None
+        if funnel_prefix is not None:
+            shortlist = min(funnel_shortlist, len(vectors))
+            funnel = FunnelSpec(prefix=funnel_prefix, shortlist=shortlist, rerank_dims=(size,), index=spec).to_dict()
         manifest = {
             "format_version": FORMAT_VERSION,
             "size": size,
@@ -129,6 +143,7 @@ def export_size(
             "num_items": len(item_ids),
             "item_dtype": item_dtype,
             "index": spec.to_dict(),
+            "funnel": funnel,
             "source": source,
             "data_stats": catalogue.get("stats", {}),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -208,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=str, required=True, help="output directory; each size goes to OUT/d<size>")
     parser.add_argument("--index", type=str, default="flat", help="faiss index: flat, ivf_flat, hnsw or ivf_pq")
     parser.add_argument("--item-dtype", type=str, default="float32", help="float32 or float16 item matrix")
+    parser.add_argument("--funnel-prefix", type=int | None, default=None,
+                        help="serve with a funnel: shortlist with this many dimensions, re-rank at the full size")
+    parser.add_argument("--funnel-shortlist", type=int, default=1000, help="items shortlisted by the funnel")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
@@ -219,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise ExportError(f"--dims must be comma-separated integers, got {args.dims!r}") from None
         out = Path(args.out)
-        options = {"index": args.index, "item_dtype": args.item_dtype}
+        options = {"index": args.index, "item_dtype": args.item_dtype,
+                   "funnel_prefix": args.funnel_prefix, "funnel_shortlist": args.funnel_shortlist}
         if args.model_uri:
             paths = _export_of_model_uri(args.model_uri, dims, out)
         elif args.run_id:

@@ -117,10 +117,15 @@ class SizedRecommender:
         self._row_of = {item: row for row, item in enumerate(self.item_ids, start=1)}
         self.index = None
         if use_index and (self.directory / "index.faiss").is_file():
-            from serving.index import IndexSpec, load_index
+            from serving.index import FunnelSearch, FunnelSpec, IndexSpec, load_index
 
             spec = IndexSpec.from_dict(m["index"])
-            self.index = load_index(self.directory / "index.faiss", spec, num_items=m["num_items"], dim=self.size)
+            funnel = FunnelSpec.from_dict(m["funnel"]) if m.get("funnel") else None
+            dim = funnel.prefix if funnel else self.size
+            self.index = load_index(self.directory / "index.faiss", spec, num_items=m["num_items"], dim=dim)
+            if funnel is not None:  # shortlist with the prefix index, re-rank exactly at this size
+                vectors = self.item_matrix[1:].cpu().numpy()
+                self.index = FunnelSearch(vectors, spec=funnel, prefix_index=self.index)
 
     @property
     def num_parameters(self) -> int:
@@ -181,9 +186,13 @@ class SizedRecommender:
         empty = torch.tensor([len(r) == 0 for r in rows], device=self.device)
         exclude = [np.asarray(r, dtype=np.int64) - 1 for r in rows] if exclude_seen else None
         if self.index is not None:
-            from serving.index import search
+            from serving.index import FunnelSearch, search
 
-            scores, idx = search(self.index, users.cpu().numpy().astype(np.float32), k, exclude=exclude)
+            queries = users.cpu().numpy().astype(np.float32)
+            if isinstance(self.index, FunnelSearch):
+                scores, idx = self.index.search(queries, k, exclude=exclude)
+            else:
+                scores, idx = search(self.index, queries, k, exclude=exclude)
             top_rows = idx + 1
         else:
             logits = users @ self.item_matrix[1:].T

@@ -119,3 +119,18 @@ def test_cli_exports_and_reports_bad_input(checkpoint, tmp_path, capsys):
     assert "valid sizes: [8, 16, 32]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
     assert export_main(["--checkpoint", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_funnel_export_with_a_generous_shortlist_equals_exact_search(checkpoint, tmp_path):
+    path, _, item_ids = checkpoint
+    (exact,) = export_sizes(path, [32], tmp_path / "exact")
+    (funnel,) = export_sizes(path, [32], tmp_path / "funnel", funnel_prefix=8, funnel_shortlist=N)
+    manifest = json.loads((funnel / "manifest.json").read_text())
+    assert manifest["funnel"]["prefix"] == 8 and manifest["funnel"]["rerank_dims"] == [32]
+    histories = [item_ids[:5], item_ids[20:23]]
+    assert serving.load(funnel).recommend(histories, k=10) == serving.load(exact).recommend(histories, k=10)
+    (small,) = export_sizes(path, [32], tmp_path / "small", funnel_prefix=8, funnel_shortlist=15)
+    recs = serving.load(small).recommend(histories, k=10)
+    assert all(len(r) == 10 and not set(h) & {i for i, _ in r} for r, h in zip(recs, histories))
+    with pytest.raises(ExportError, match="funnel prefix must be between 1 and the size 32"):
+        export_sizes(path, [32], tmp_path / "bad", funnel_prefix=32)
