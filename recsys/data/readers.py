@@ -26,14 +26,20 @@ ROW_HASH = "__row_hash"
 TABLE_EXTENSIONS = (".csv", ".tsv", ".parquet")
 
 
-def scan_table(path: str | Path) -> pl.LazyFrame:
-    """A lazy scan of a CSV/TSV/parquet file, chosen by its extension."""
+def existing_file(path: str | Path, extensions: tuple[str, ...], what: str = "file") -> tuple[Path, str]:
+    """``(path, lower-case suffix)`` of an existing file with one of ``extensions``, else a clear error."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in TABLE_EXTENSIONS:
-        raise DataValidationError(path, f"unknown file extension {suffix!r}; expected one of {', '.join(TABLE_EXTENSIONS)}")
+    if suffix not in extensions:
+        raise DataValidationError(path, f"unknown {what} extension {suffix!r}; expected one of {', '.join(extensions)}")
     if not path.is_file():
         raise DataValidationError(path, "file not found")
+    return path, suffix
+
+
+def scan_table(path: str | Path) -> pl.LazyFrame:
+    """A lazy scan of a CSV/TSV/parquet file, chosen by its extension."""
+    path, suffix = existing_file(path, TABLE_EXTENSIONS)
     if suffix == ".parquet":
         return pl.scan_parquet(path)
     separator = "\t" if suffix == ".tsv" else ","

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.errors import DataValidationError
-from recsys.data.readers import ROW, available_columns, check_id_column, column_list, first_row_where, scan_table
+from recsys.data.readers import ROW, available_columns, check_id_column, column_list, existing_file, first_row_where, scan_table
 
 __all__ = ["ItemVectors", "read_item_vectors"]
 
@@ -33,12 +33,7 @@ class ItemVectors:
 
 def read_item_vectors(path: str | Path, id_columns: list[str]) -> ItemVectors:
     """Read and check a vector file; ``id_columns`` are the names tried, in order, for the id column."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in VECTOR_EXTENSIONS:
-        raise DataValidationError(path, f"unknown vector file extension {suffix!r}; expected one of {', '.join(VECTOR_EXTENSIONS)}")
-    if not path.is_file():
-        raise DataValidationError(path, "file not found")
+    path, suffix = existing_file(path, VECTOR_EXTENSIONS, what="vector file")
     ids, vectors = _read_npz(path) if suffix == ".npz" else _read_parquet(path, id_columns)
     if len(ids) == 0:
         raise DataValidationError(path, "has no vectors")
