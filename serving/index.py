@@ -109,14 +109,15 @@ class IndexSpec:
       rule of thumb), capped at ``N // 39`` so k-means gets the 39 points per centroid it asks for.
     - ``nprobe``: lists visited per query. Default ``nlist // 8``: 8x fewer rows scanned than
       exact search. Inner-product IVF needs many probes: on the benchmark's synthetic Matryoshka
-      items (10^5, k=100) ``nlist // 16`` found 0.62-0.76 of the exact top-100, ``nlist // 8``
-      0.78-0.85, ``nlist // 4`` 0.91-0.93 (``bench/retrieval.py`` sweeps it).
+      items (k=100, sizes 32-256) ``nlist // 16`` found 0.62-0.76 of the exact top-100 at 10^5
+      items, ``nlist // 8`` 0.78-0.85 (0.80-0.89 at 10^6), ``nlist // 4`` 0.91-0.94
+      (``bench/retrieval.py`` sweeps it; raise it where recall matters more than latency).
     - ``train_size``: rows sampled (with ``seed``) to train k-means and PQ. Default ``64 * nlist``
       (and at least ``64 * 2**pq_nbits`` for PQ), at most ``N``: enough for k-means, and it keeps
       k-means on 10^6 items to minutes on 2 cores.
     - ``hnsw_m`` (links per node, default 32), ``ef_construction`` (default 64), ``ef_search``
-      (default 256; faiss uses ``max(ef_search, k)``; on the same data 128 found 0.87-0.89 of the
-      top-100, 256 0.93-0.94, 512 0.96).
+      (default 256; faiss uses ``max(ef_search, k)``; on the same data at 10^5 items 128 found
+      0.87-0.90 of the top-100, 256 0.93-0.94, 512 0.96-0.97).
     - ``pq_m`` (sub-quantizers, must divide the dimension; default the largest divisor of ``d`` up to
       ``d // 4``, i.e. one byte per 4 dimensions), ``pq_nbits`` (bits per code, default 8).
     """
