@@ -57,6 +57,7 @@ from serving.candidates import generate_candidates  # noqa: E402
 from serving.export import export_size  # noqa: E402
 from serving.index import search  # noqa: E402
 from serving.sized_model import SizedRecommender, load  # noqa: E402
+from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
 
 logger = logging.getLogger("bench.candidates")
 
@@ -212,14 +213,8 @@ def bench_catalogue(num_items: int, num_users: int, rate: float, args, work: Pat
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "faiss_threads": faiss.omp_get_max_threads(),

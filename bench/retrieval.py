@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
 from serving.index import (  # noqa: E402
     KINDS,
     FunnelSearch,
@@ -158,14 +159,8 @@ def median_time(fn, repeats: int) -> float:
 
 
 def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "platform": platform.platform(),
