@@ -1,5 +1,15 @@
-"""Serving: size-specific exports, retrieval indexes and batch candidate generation."""
+"""Serving: size-specific exports, retrieval indexes and batch candidate generation.
 
-from serving.sized_model import ExportError, SizedRecommender, UnknownItemsError, load
+``serving.load`` and friends are imported on first use, so that ``import serving.index`` does not
+pull in the model code (torch, torchrec, Lightning).
+"""
 
 __all__ = ["load", "SizedRecommender", "ExportError", "UnknownItemsError"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from serving import sized_model
+
+        return getattr(sized_model, name)
+    raise AttributeError(f"module 'serving' has no attribute {name!r}")
