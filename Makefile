@@ -41,7 +41,7 @@ SHARED ?= ../shared/datasets
 data/ml-1m: install
 	$(PY) -m recsys.data prepare --interactions $(SHARED)/ml-1m/interactions.parquet \
 	    --items $(SHARED)/ml-1m/items.csv --out $@ --user-col user_id --item-col item_id --time-col seq \
-	    --text-cols title genres --category-cols genres --min-count 5
+	    --text-cols title genres --category-cols genres --min-count 5 --cold-items false
 
 data/lastfm: install
 	$(PY) -m recsys.data prepare --interactions $(SHARED)/lastfm/interactions.tsv \

@@ -28,38 +28,85 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# Published full-size NDCG@10 (BENCHMARKS.md), drawn on the plot for the dataset of that name.
+PUBLISHED = {"ml-1m": {"SASRec": 0.1902, "LRURec": 0.1930}}
 
-# Runs recsys.train in this child process and reports its rows, wall time and peak RSS as JSON.
+# Runs recsys.train (or, with --runner plain, bench/plain_train.py) in this child process and
+# reports its rows, best validation score, epochs, wall time and peak RSS as JSON.
 CHILD = """
 import json, resource, sys, time
-from recsys.train import run
+runner = sys.argv[1]
+if runner == "plain":
+    sys.path.insert(0, "bench")
+    from plain_train import run
+else:
+    from recsys.train import run
 start = time.perf_counter()
-result = run(sys.argv[1:])
+result = run(sys.argv[2:])
 print("BENCH-RESULT " + json.dumps({
     "rows": result["rows"], "run_id": result["run_id"],
+    "best_val": result.get("best_val"), "epochs": result.get("epochs"),
     "wall_s": time.perf_counter() - start,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
 """
 
 
-def train(config: Path, overrides: list[str], workdir: Path) -> dict:
-    args = [
-        "--config", str(config), *overrides,
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--mlflow.tracking_uri", f"sqlite:///{workdir}/mlflow.db",
-        "--mlflow.artifact_location", str(workdir / "artifacts"),
-        "--mlflow.experiment", "bench-accuracy",
-        "--mlflow.log_models", "false",
-        "--checkpoint.dirpath", str(Path(tempfile.mkdtemp(dir=workdir))),
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"training failed ({' '.join(overrides)}):\n{done.stderr[-4000:]}")
-    line = next(x for x in done.stdout.splitlines() if x.startswith("BENCH-RESULT "))
-    return json.loads(line[len("BENCH-RESULT "):])
+class Runs:
+    """Training runs in child processes, at most ``parallel`` at a time, each with its own log file."""
+
+    def __init__(self, config: Path, workdir: Path, runner: str, parallel: int):
+        self.config, self.workdir, self.runner, self.parallel = config, workdir, runner, parallel
+        self.pending: list[tuple[str, list[str]]] = []
+
+    def add(self, name: str, overrides: list[str]) -> None:
+        self.pending.append((name, overrides))
+
+    def start(self, name: str, overrides: list[str]) -> subprocess.Popen:
+        args = [
+            "--config", str(self.config), *overrides,
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false",
+            "--checkpoint.dirpath", str(Path(tempfile.mkdtemp(dir=self.workdir))),
+        ]
+        if self.runner == "cli":
+            args += [
+                "--mlflow.tracking_uri", f"sqlite:///{self.workdir}/mlflow.db",
+                "--mlflow.artifact_location", str(self.workdir / "artifacts"),
+                "--mlflow.experiment", "bench-accuracy",
+                "--mlflow.log_models", "false",
+            ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.parallel > 1:  # share the cores instead of every run using all of them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))
+        log = open(self.workdir / f"{name}.log", "w")
+        print(f"  started {name} (log {log.name})", flush=True)
+        return subprocess.Popen([sys.executable, "-c", CHILD, self.runner, *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    def finish(self) -> dict[str, dict]:
+        """Runs everything added; returns each run's result by name (stops at the first failed run)."""
+        results: dict[str, dict] = {}
+        running: dict[str, subprocess.Popen] = {}
+        pending = list(self.pending)
+        while pending or running:
+            while pending and len(running) < self.parallel:
+                name, overrides = pending.pop(0)
+                running[name] = self.start(name, overrides)
+            time.sleep(1)
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                output = (self.workdir / f"{name}.log").read_text()
+                if proc.returncode != 0:
+                    for other in running.values():
+                        other.kill()
+                    raise RuntimeError(f"training run {name} failed:\n{output[-4000:]}")
+                line = next(x for x in output.splitlines() if x.startswith("BENCH-RESULT "))
+                results[name] = json.loads(line[len("BENCH-RESULT "):])
+                print(f"  finished {name}: {results[name]['wall_s']:.0f} s, {results[name]['epochs']} epochs", flush=True)
+        return results
 
 
 def fmt(x: float) -> str:
@@ -92,6 +139,13 @@ def markdown(report: dict) -> str:
         r = report["sasrec"]["rows"][-1]
         lines += ["", f"SASRec at size {r['size']} ({r['parameters']:,} params): NDCG@10 {fmt(r['ndcg_10'])}, "
                   f"Recall@10 {fmt(r['recall_10'])}, NDCG@20 {fmt(r['ndcg_20'])}, Recall@20 {fmt(r['recall_20'])}."]
+    lines += ["", "| run | epochs trained | best validation NDCG@10 | wall time (s) | peak RSS (MB) |", "|---|---:|---:|---:|---:|"]
+    runs = [("Matryoshka, all sizes", report["matryoshka"])]
+    runs += [(f"separate d{r['size']}", r) for r in report["separate"]]
+    runs += [("SASRec", report["sasrec"])] if report.get("sasrec") else []
+    for label, r in runs:
+        val = "-" if r.get("best_val") is None else fmt(r["best_val"])
+        lines.append(f"| {label} | {r.get('epochs', '-')} | {val} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     c = report["cost"]
     lines += [
         "",
@@ -100,7 +154,41 @@ def markdown(report: dict) -> str:
         f"| one Matryoshka run, all sizes | {c['matryoshka_wall_s']:.0f} | {c['matryoshka_peak_rss_mb']:.0f} |",
         f"| separate runs, sum (max for memory) | {c['separate_wall_s']:.0f} | {c['separate_peak_rss_mb']:.0f} |",
     ]
+    if report["parallel"] > 1:
+        lines += ["", f"The runs shared the machine, {report['parallel']} at a time, so each wall time includes waiting for the others."]
     return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path, published: dict[str, float]) -> None:
+    """Test NDCG@10 against size: the one Matryoshka run, the separate runs, SASRec, published lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    m = report["matryoshka"]["rows"]
+    ax.plot([r["size"] for r in m], [r["ndcg_10"] for r in m], "o-", label="Matryoshka (one run)")
+    if report["separate"]:
+        sep = sorted(report["separate"], key=lambda r: r["size"])
+        ax.plot([r["size"] for r in sep], [r["ndcg_10"] for r in sep], "s--", label="trained separately")
+    if report.get("sasrec"):
+        r = report["sasrec"]["rows"][-1]
+        ax.plot([r["size"]], [r["ndcg_10"]], "^", color="black", label=f"SASRec d{r['size']} (ours)")
+    for (label, value), style in zip(published.items(), (":", "-.")):
+        ax.axhline(value, linestyle=style, color="gray", linewidth=1)
+        ax.annotate(f"{label} (published) {value:.4f}", (m[0]["size"], value), textcoords="offset points",
+                    xytext=(0, 3), fontsize=7, color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["size"] for r in m], [str(r["size"]) for r in m])
+    ax.set_xlabel("size (dimensions)")
+    ax.set_ylabel("test NDCG@10")
+    ax.set_title(f"{report['name']}: accuracy against size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -113,6 +201,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="any other override, KEY=VALUE")
     parser.add_argument("--skip-separate", action="store_true")
     parser.add_argument("--skip-sasrec", action="store_true")
+    parser.add_argument("--runner", choices=["cli", "plain"], default="cli",
+                        help="cli: python -m recsys.train with MLflow; plain: bench/plain_train.py (no MLflow needed)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (a GPU has room for several)")
     parser.add_argument("--label", default="", help="a note on the protocol, e.g. 'reduced: 10 epochs, length 50'")
     args = parser.parse_args()
 
@@ -133,17 +224,23 @@ def main() -> None:
     def sized(s: list[int], *extra: str) -> list[str]:
         return [*overrides, "--model.sizes", json.dumps(s), *extra]
 
-    print(f"[{name}] Matryoshka run over sizes {sizes}", flush=True)
-    report: dict = {"name": name, "overrides": overrides, "matryoshka": train(args.config, sized(sizes), workdir)}
-    report["separate"] = []
+    runs = Runs(args.config, workdir, args.runner, args.parallel)
+    runs.add("matryoshka", sized(sizes))
     if not args.skip_separate:
         for s in sizes:
-            print(f"[{name}] separate run at size {s}", flush=True)
-            one = train(args.config, sized([s]), workdir)
-            report["separate"].append({**one["rows"][0], "wall_s": one["wall_s"], "peak_rss_mb": one["peak_rss_mb"]})
+            runs.add(f"separate-d{s}", sized([s]))
     if not args.skip_sasrec:
-        print(f"[{name}] SASRec at size {sizes[-1]}", flush=True)
-        report["sasrec"] = train(args.config, sized(sizes, "--model.encoder", "sasrec"), workdir)
+        runs.add("sasrec", sized(sizes, "--model.encoder", "sasrec"))
+    print(f"[{name}] {len(runs.pending)} runs, {args.parallel} at a time, sizes {sizes}", flush=True)
+    results = runs.finish()
+    report: dict = {"name": name, "overrides": overrides, "runner": args.runner, "parallel": args.parallel,
+                    "matryoshka": results["matryoshka"]}
+    report["separate"] = [
+        {**one["rows"][0], **{k: one[k] for k in ("wall_s", "peak_rss_mb", "best_val", "epochs")}}
+        for key, one in results.items() if key.startswith("separate-")
+    ]
+    if "sasrec" in results:
+        report["sasrec"] = results["sasrec"]
 
     import torch
 
@@ -159,6 +256,8 @@ def main() -> None:
         "label": args.label,
     }
     report["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        report["machine"] += f", {torch.cuda.get_device_name()}"
     report["threads"] = torch.get_num_threads()
     report["cost"] = {
         "matryoshka_wall_s": report["matryoshka"]["wall_s"],
@@ -170,6 +269,7 @@ def main() -> None:
     text = markdown(report)
     (RESULTS / f"accuracy_{name}.json").write_text(json.dumps(report, indent=2))
     (RESULTS / f"accuracy_{name}.md").write_text(text)
+    plot(report, RESULTS / f"accuracy_{name}.png", PUBLISHED.get(Path(config["data"]["data_dir"]).name, {}))
     print(text)
 
 

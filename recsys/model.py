@@ -22,6 +22,15 @@ from recsys.nn.loss import matryoshka_cross_entropy
 from recsys.nn.nested import NestedModule, check_sizes, cut_to_size, nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
 
+# The Trainer settings this module and SequenceDataModule are built for (the CLI's defaults).
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 8,
+    "gradient_clip_val": 1.0,
+    "log_every_n_steps": 10,
+    "use_distributed_sampler": False,  # the data module shards itself, without duplicating users
+    "num_sanity_val_steps": 0,
+}
+
 __all__ = ["CheckpointError", "MatryoshkaRecommender", "catalogue_of", "read_checkpoint"]
 
 

@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from recsys.nn.nested import NestedModule, cut_to_size
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -155,6 +159,40 @@ def accuracy_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _encode_ms_per_1k(net, datamodule, size: int) -> float:
+    """Wall time to encode test users with the network cut to ``size`` (median of 3), per 1,000 users."""
+    batch = next(iter(datamodule.test_dataloader()))
+    small = net if size == net.sizes[-1] or not isinstance(net.encoder, NestedModule) else cut_to_size(net, size)
+    small.eval()
+    with torch.no_grad():
+        items = small.item_matrix()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            small.user_vectors(batch["input_ids"], items)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[1] / len(batch["input_ids"]) * 1e6
+
+
+def summarise(model, datamodule, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
+    params = model.parameters_per_size()
+    rows = []
+    for s in model.sizes:
+        rows.append(
+            {
+                "size": s,
+                "parameters": params[s],
+                "ndcg_10": test_metrics[f"ndcg_10/d{s}"],
+                "recall_10": test_metrics[f"recall_10/d{s}"],
+                "ndcg_20": test_metrics[f"ndcg_20/d{s}"],
+                "recall_20": test_metrics[f"recall_20/d{s}"],
+                "mrr": test_metrics[f"mrr/d{s}"],
+                "encode_ms_per_1k": _encode_ms_per_1k(model.net.cpu(), datamodule, s),
+            }
+        )
+    return rows
 
 
 def log_results(client, run_id: str, rows: list[dict[str, Any]], title: str) -> None:

@@ -15,31 +15,29 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from recsys.data import SequenceDataModule
 from recsys.data.errors import DataValidationError
-from recsys.model import CheckpointError, MatryoshkaRecommender, read_checkpoint
+from recsys.model import TRAINER_DEFAULTS, CheckpointError, MatryoshkaRecommender, read_checkpoint
 from recsys.nn.encoders import ENCODERS
-from recsys.nn.nested import check_sizes, cut_to_size, NestedModule
-from recsys.tracking import MLflowSettings, TrackingUnavailableError, log_config, log_results, log_size_models, make_logger
+from recsys.nn.nested import check_sizes, NestedModule
+from recsys.tracking import (
+    MLflowSettings,
+    TrackingUnavailableError,
+    log_config,
+    log_results,
+    log_size_models,
+    make_logger,
+    results_table,
+    summarise,
+)
 
 log = logging.getLogger("recsys.train")
-
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_epochs": 8,
-    "gradient_clip_val": 1.0,
-    "log_every_n_steps": 10,
-    "use_distributed_sampler": False,  # the data module shards itself, without duplicating users
-    "num_sanity_val_steps": 0,
-}
-
 
 class ConfigError(ValueError):
     """An invalid setting, found before any data is read or any step is trained."""
@@ -98,40 +96,6 @@ class TrainCLI(LightningCLI):
         return super().instantiate_trainer(logger=logger, **kwargs)
 
 
-def _encode_ms_per_1k(net, datamodule, size: int) -> float:
-    """Wall time to encode test users with the network cut to ``size`` (median of 3), per 1,000 users."""
-    batch = next(iter(datamodule.test_dataloader()))
-    small = net if size == net.sizes[-1] or not isinstance(net.encoder, NestedModule) else cut_to_size(net, size)
-    small.eval()
-    with torch.no_grad():
-        items = small.item_matrix()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            small.user_vectors(batch["input_ids"], items)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[1] / len(batch["input_ids"]) * 1e6
-
-
-def summarise(model: MatryoshkaRecommender, datamodule, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
-    params = model.parameters_per_size()
-    rows = []
-    for s in model.sizes:
-        rows.append(
-            {
-                "size": s,
-                "parameters": params[s],
-                "ndcg_10": test_metrics[f"ndcg_10/d{s}"],
-                "recall_10": test_metrics[f"recall_10/d{s}"],
-                "ndcg_20": test_metrics[f"ndcg_20/d{s}"],
-                "recall_20": test_metrics[f"recall_20/d{s}"],
-                "mrr": test_metrics[f"mrr/d{s}"],
-                "encode_ms_per_1k": _encode_ms_per_1k(model.net.cpu(), datamodule, s),
-            }
-        )
-    return rows
-
-
 def run(args: list[str] | None = None) -> dict[str, Any]:
     """Train, test the best checkpoint, log everything; returns what was recorded (for tests)."""
     cli = TrainCLI(
@@ -174,8 +138,6 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             dirs = export_sizes(best, sizes, tmp, source={"mlflow_run_id": logger.run_id})
             result["model_uris"] = log_size_models(logger.run_id, dict(zip(sizes, dirs)), rows, settings.register_as)
-    from recsys.tracking import results_table
-
     print("\n" + results_table(rows))
     print(f"\nMLflow run {logger.run_id} in {result['tracking_uri']}  (open it with `make ui`)")
     if best:

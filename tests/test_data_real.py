@@ -35,6 +35,19 @@ def test_movielens_counts_after_5_core(ml1m, ml1m_dir):
     assert list(data.item_ids[data.history(int(data.user_index([1])[0]))]) == first_user
 
 
+
+def test_movielens_without_cold_items_ranks_the_published_catalogue(ml1m_dir, tmp_path):
+    """cold_items=False: the catalogue is the 3,416 interacted items (as in published results),
+    and the item table still gives them their features."""
+    out = prepare(ml1m_dir / "interactions.parquet", tmp_path / "warm", items=ml1m_dir / "items.csv", time_col="seq",
+                  category_cols=["genres"], min_count=5, cache_dir=None, cold_items=False)
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["items"], stats["cold_items"], stats["interactions"]) == (3416, 0, 999_611)
+    data = load_prepared(out)
+    assert data.num_items == 3416
+    lengths = data.item_features.bags["genres"].offsets.diff()
+    assert (lengths[1:] > 0).all()  # every movie has its genres from the item table
+
 def read_lastfm_rows(path) -> list[tuple]:
     """(user, item, plays, timestamp, row) per line, with plain Python: the reference reader."""
     with open(path, newline="") as f:

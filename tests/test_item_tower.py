@@ -90,3 +90,38 @@ def test_unknown_modality_and_empty_tower_are_refused():
         ItemTower(SIZES, _features(), modalities=["audio"])
     with pytest.raises(ValueError, match="at least one modality"):
         ItemTower(SIZES, _features(), modalities=[])
+
+
+def test_plain_torch_tables_equal_torchrec(monkeypatch):
+    """Without torchrec the tower uses plain torch tables: same state-dict keys, same Z, same gradients."""
+    from recsys.nn import embedding_tables
+
+    assert embedding_tables.TORCHREC, "the test environment has torchrec"
+    torch.manual_seed(0)
+    with_torchrec = ItemTower(SIZES, _features(), use_id_embedding=True)
+    monkeypatch.setattr(embedding_tables, "TORCHREC", False)
+    plain = ItemTower(SIZES, _features(), use_id_embedding=True)
+    assert isinstance(plain.bags, embedding_tables.PlainBagTables)
+    assert with_torchrec.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(with_torchrec.state_dict())
+
+    weights = torch.randn(N + 1, SIZES[-1])
+    z_torchrec, z_plain = with_torchrec(), plain()
+    torch.testing.assert_close(z_plain, z_torchrec, rtol=0, atol=1e-6)
+    (z_torchrec * weights).sum().backward()
+    (z_plain * weights).sum().backward()
+    for (name, a), (_, b) in zip(with_torchrec.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-6, msg=name)
+
+    small = cut_to_size(plain, SIZES[0])  # cutting rebuilds plain tables too
+    assert isinstance(small.bags, embedding_tables.PlainBagTables)
+    torch.testing.assert_close(small(), cut_to_size(with_torchrec, SIZES[0])(), rtol=0, atol=1e-6)
+
+
+def test_plain_tables_use_torchrecs_initialisation(monkeypatch):
+    from recsys.nn import embedding_tables
+
+    monkeypatch.setattr(embedding_tables, "TORCHREC", False)
+    table = embedding_tables.id_table(400, 8).embeddings[embedding_tables.ID_TABLE].weight
+    bound = (1 / 400) ** 0.5
+    assert table.abs().max() <= bound and table.abs().max() > 0.9 * bound

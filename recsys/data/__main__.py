@@ -42,6 +42,8 @@ def prepare_parser() -> ArgumentParser:
     p.add_argument("--category-sep", type=str, default="|", help="separator of the values in --category-cols")
     p.add_argument("--vectors", type=str, action="append", default=None, metavar="NAME=FILE",
                    help="precomputed item vectors (parquet: id + list column; npz: ids, vectors); repeatable")
+    p.add_argument("--cold-items", type=bool, default=True,
+                   help="keep item-table items without interactions as candidates; false = only interacted items (as published benchmarks)")
     p.add_argument("--min-count", type=int, default=5, help="k-core threshold for users and items (users need at least 3)")
     p.add_argument("--repeats", type=Literal["keep", "drop", "collapse"], default="drop",
                    help="repeated (user, item) events: keep all, drop all but the first, or collapse consecutive runs")

@@ -58,6 +58,7 @@ def prepare(
     category_cols: list[str] | None = None,
     category_sep: str = "|",
     vectors: dict[str, str | Path] | None = None,
+    cold_items: bool = True,
     min_count: int = 5,
     repeats: RepeatPolicy = "drop",
     cache_dir: str | Path | None = "data/.cache",
@@ -80,6 +81,9 @@ def prepare(
         text_model: a sentence-transformers name or local path; None = the packaged all-MiniLM-L6-v2.
         category_cols: multi-valued item-table columns (``category_sep``-separated) made into bags.
         vectors: feature name -> file of precomputed item vectors (parquet or npz).
+        cold_items: keep the item table's items that have no interactions in the catalogue (they are
+            ranked as candidates); False = the catalogue is the interacted items, as in published
+            benchmarks, with the item table used only for features.
         min_count: k-core threshold for users and items, applied until nothing changes; users also
             need at least 3 events (train, validation, test).
         repeats: ``drop`` (default) keeps a user's first event with an item, ``collapse`` merges
@@ -135,7 +139,7 @@ def prepare(
 
         progress.update()
         progress.set_postfix_str("vocabularies and split")
-        indexed = _index_events(cleaned, None if item_table is None else item_table["item_id"])
+        indexed = _index_events(cleaned, item_table["item_id"] if item_table is not None and cold_items else None)
         user_ids, catalogue_ids = indexed.user_ids, indexed.catalogue_ids
         history_lengths, train_counts, event_counts = indexed.history_lengths, indexed.train_counts, indexed.event_counts
         users = pl.DataFrame({"user": np.arange(1, len(user_ids) + 1, dtype=np.int32), "user_id": user_ids})
@@ -197,7 +201,7 @@ def prepare(
                 "text_model": (text_model or PACKAGED_TEXT_MODEL) if text_cols else None,
                 "category_cols": category_cols, "category_sep": category_sep,
                 "vectors": {name: p.name for name, p in vector_files.items()},
-                "min_count": min_count, "repeats": repeats,
+                "cold_items": cold_items, "min_count": min_count, "repeats": repeats,
             },
             "sources": {
                 "interactions": _describe_file(interactions),

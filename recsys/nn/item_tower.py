@@ -9,6 +9,9 @@
 - optionally a learned item-ID embedding (torchrec ``EmbeddingCollection``), used only for items
   seen in training: cold-start items are represented by their features alone.
 
+(``recsys/nn/embedding_tables.py`` holds the tables; plain torch tables with the same parameters
+stand in where torchrec cannot be imported.)
+
 A sum of per-modality projections equals one projection of the concatenated features, and it
 handles missing modalities without special cases. All parts are nested: cutting to size ``s`` keeps
 the first ``s`` output dimensions of every projection and embedding table.
@@ -18,56 +21,16 @@ Row 0 of ``Z`` is the padding item and is always zero.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchrec import (
-    EmbeddingBagCollection,
-    EmbeddingBagConfig,
-    EmbeddingCollection,
-    EmbeddingConfig,
-    KeyedJaggedTensor,
-    PoolingType,
-)
 
 from recsys.data.item_features import CategoricalBag, ItemFeatures
+from recsys.nn.embedding_tables import ID_TABLE, all_id_vectors, bag_table_name, bag_tables, id_table, pool_bags
 from recsys.nn.nested import NestedLayerNorm, NestedModule, PrefixProjection, check_sizes, shrink_parameter_
 
 __all__ = ["ItemTower", "FixedItemMatrix"]
-
-ID_FEATURE = "item_id"
-
-# torchrec asks torch.fx whether it is tracing on every KeyedJaggedTensor, and torch answers once
-# per process with a deprecation notice that means nothing to our users: keep it out of their logs.
-logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-
-
-def _bag_table(name: str) -> str:
-    # torchrec table names must not collide with module attributes, hence the prefix.
-    return f"table_{name}"
-
-
-def _bag_collection(bags: dict[str, int], dim: int) -> EmbeddingBagCollection:
-    return EmbeddingBagCollection(
-        tables=[
-            EmbeddingBagConfig(
-                name=_bag_table(name),
-                embedding_dim=dim,
-                num_embeddings=vocab,
-                feature_names=[name],
-                pooling=PoolingType.MEAN,
-            )
-            for name, vocab in bags.items()
-        ]
-    )
-
-
-def _id_collection(num_rows: int, dim: int) -> EmbeddingCollection:
-    return EmbeddingCollection(
-        tables=[EmbeddingConfig(name="table_item_ids", embedding_dim=dim, num_embeddings=num_rows, feature_names=[ID_FEATURE])]
-    )
 
 
 class ItemTower(NestedModule):
@@ -109,11 +72,11 @@ class ItemTower(NestedModule):
             self.register_buffer(f"bag_values_{name}", features.bags[name].values.long())
             self.register_buffer(f"bag_offsets_{name}", features.bags[name].offsets.long())
         if self.bag_names:
-            self.bags = _bag_collection(self.bag_vocab, d)
+            self.bags = bag_tables(self.bag_vocab, d)
         self.use_id_embedding = use_id_embedding
         if use_id_embedding:
             self.register_buffer("in_training", features.in_training.float())
-            self.ids = _id_collection(self.num_items + 1, d)
+            self.ids = id_table(self.num_items + 1, d)
         self.norm = NestedLayerNorm(self.sizes)
         self.register_buffer("num_rows", torch.tensor(self.num_items + 1))
         row_is_item = torch.ones(self.num_items + 1)
@@ -127,16 +90,11 @@ class ItemTower(NestedModule):
             x = getattr(self, f"dense_{name}")
             z = z + projection(x) * getattr(self, f"dense_mask_{name}").unsqueeze(-1)
         if self.bag_names:
-            values = torch.cat([getattr(self, f"bag_values_{n}") for n in self.bag_names])
-            lengths = torch.cat([getattr(self, f"bag_offsets_{n}").diff() for n in self.bag_names])
-            kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.bag_names, values=values, lengths=lengths)
-            pooled = self.bags(kjt)
-            for name in self.bag_names:
-                z = z + pooled[name]
+            bags = {n: (getattr(self, f"bag_values_{n}"), getattr(self, f"bag_offsets_{n}")) for n in self.bag_names}
+            for pooled in pool_bags(self.bags, bags).values():
+                z = z + pooled
         if self.use_id_embedding:
-            ids = torch.arange(rows, device=z.device)
-            kjt = KeyedJaggedTensor.from_lengths_sync(keys=[ID_FEATURE], values=ids, lengths=torch.ones_like(ids))
-            z = z + self.ids(kjt)[ID_FEATURE].values() * self.in_training.unsqueeze(-1)
+            z = z + all_id_vectors(self.ids) * self.in_training.unsqueeze(-1)
         return self.norm(z) * self.row_is_item.unsqueeze(-1)
 
     @staticmethod
@@ -148,7 +106,7 @@ class ItemTower(NestedModule):
         for key, values in own.items():
             if key.startswith("bag_values_"):
                 name = key[len("bag_values_"):]
-                vocab = own[f"bags.embedding_bags.{_bag_table(name)}.weight"].shape[0]
+                vocab = own[f"bags.embedding_bags.{bag_table_name(name)}.weight"].shape[0]
                 bags[name] = CategoricalBag(values, own[f"bag_offsets_{name}"], vocab)
         return ItemFeatures(
             num_items=int(own["num_rows"].item()) - 1,
@@ -159,17 +117,17 @@ class ItemTower(NestedModule):
         )
 
     def _shrink_(self, size: int) -> None:
-        # torchrec collections fix their width at construction: rebuild them and copy the prefix.
+        # embedding tables fix their width at construction: rebuild them and copy the prefix.
         if self.bag_names:
             old = self.bags
-            self.bags = _bag_collection(self.bag_vocab, size)
+            self.bags = bag_tables(self.bag_vocab, size)
             for name in self.bag_names:
-                table = _bag_table(name)
+                table = bag_table_name(name)
                 self.bags.embedding_bags[table].weight.data.copy_(old.embedding_bags[table].weight.data[:, :size])
         if self.use_id_embedding:
             old = self.ids
-            self.ids = _id_collection(self.num_items + 1, size)
-            self.ids.embeddings["table_item_ids"].weight.data.copy_(old.embeddings["table_item_ids"].weight.data[:, :size])
+            self.ids = id_table(self.num_items + 1, size)
+            self.ids.embeddings[ID_TABLE].weight.data.copy_(old.embeddings[ID_TABLE].weight.data[:, :size])
 
 
 class FixedItemMatrix(NestedModule):

@@ -1,0 +1,90 @@
+"""Train and test from a recsys.train config with a plain Lightning Trainer: no MLflow, no LightningCLI.
+
+    python bench/plain_train.py --config configs/ml-1m.yaml --trainer.max_epochs 3 --model.sizes '[64]'
+
+For borrowed accelerator machines that cannot install the tracking stack (MLflow, jsonargparse):
+the same model, data module, trainer defaults, early stopping and best-checkpoint testing as
+``python -m recsys.train``, reading the same config file and the same ``--section.key value``
+overrides (values parsed as YAML). ``--mlflow.*`` settings are accepted and ignored. Prints the
+per-size rows as ``recsys.train.run`` returns them, and returns them from :func:`run`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from recsys.data import SequenceDataModule  # noqa: E402
+from recsys.model import TRAINER_DEFAULTS, MatryoshkaRecommender  # noqa: E402
+from recsys.tracking import results_table, summarise  # noqa: E402
+
+SECTIONS = ("model", "data", "trainer", "early_stopping", "checkpoint", "mlflow", "seed_everything")
+
+
+def parse(args: list[str]) -> dict[str, Any]:
+    """The config file named by ``--config`` with every ``--section.key value`` override applied."""
+    config: dict[str, Any] = {}
+    overrides = list(args)
+    if "--config" in overrides:
+        i = overrides.index("--config")
+        config = yaml.safe_load(Path(overrides[i + 1]).read_text()) or {}
+        del overrides[i : i + 2]
+    if len(overrides) % 2:
+        raise SystemExit(f"overrides come in --key value pairs, got {overrides}")
+    for flag, value in zip(overrides[::2], overrides[1::2]):
+        if not flag.startswith("--"):
+            raise SystemExit(f"expected --section.key, got {flag!r}")
+        section, _, key = flag[2:].partition(".")
+        if section not in SECTIONS:
+            raise SystemExit(f"unknown setting {flag}; sections are {', '.join(SECTIONS)}")
+        if key:
+            config.setdefault(section, {})[key] = yaml.safe_load(value)
+        else:
+            config[section] = yaml.safe_load(value)
+    return config
+
+
+def run(args: list[str]) -> dict[str, Any]:
+    config = parse(args)
+    L.seed_everything(config.get("seed_everything", 0), workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matrix products, as a GPU user would train
+    datamodule = SequenceDataModule(**config.get("data", {}))
+    model = MatryoshkaRecommender(
+        item_features=datamodule.item_features, max_len=datamodule.max_len, **config.get("model", {})
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=config.get("checkpoint", {}).get("dirpath") or tempfile.mkdtemp(prefix="plain-train-"),
+        monitor="val/monitor", mode="max", filename="best",
+    )
+    stopping = EarlyStopping(monitor="val/monitor", mode="max", patience=config.get("early_stopping", {}).get("patience", 3))
+    trainer = L.Trainer(
+        **{**TRAINER_DEFAULTS, **config.get("trainer", {})}, callbacks=[checkpoint, stopping], logger=False
+    )
+    trainer.fit(model, datamodule=datamodule)
+    best = checkpoint.best_model_path or None
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+    rows = summarise(model, datamodule, model.last_test_metrics)
+    print("\n" + results_table(rows), flush=True)
+    return {
+        "rows": rows,
+        "run_id": None,
+        "best_val": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "epochs": trainer.current_epoch,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(sys.argv[1:])["rows"], indent=2))
