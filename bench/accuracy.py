@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=None, help="override data.max_len")
     parser.add_argument("--sizes", default=None, help="override model.sizes, e.g. 16,32,64")
     parser.add_argument("--set", action="append", default=[], help="any other override, KEY=VALUE")
+    parser.add_argument("--separate-sizes", default=None, help="sizes to train separately (default: every size)")
     parser.add_argument("--skip-separate", action="store_true")
     parser.add_argument("--skip-sasrec", action="store_true")
     parser.add_argument("--runner", choices=["cli", "plain"], default="cli",
@@ -227,7 +228,7 @@ def main() -> None:
     runs = Runs(args.config, workdir, args.runner, args.parallel)
     runs.add("matryoshka", sized(sizes))
     if not args.skip_separate:
-        for s in sizes:
+        for s in [int(x) for x in args.separate_sizes.split(",")] if args.separate_sizes else sizes:
             runs.add(f"separate-d{s}", sized([s]))
     if not args.skip_sasrec:
         runs.add("sasrec", sized(sizes, "--model.encoder", "sasrec"))

@@ -5,7 +5,8 @@
 For borrowed accelerator machines that cannot install the tracking stack (MLflow, jsonargparse):
 the same model, data module, trainer defaults, early stopping and best-checkpoint testing as
 ``python -m recsys.train``, reading the same config file and the same ``--section.key value``
-overrides (values parsed as YAML). ``--mlflow.*`` settings are accepted and ignored. Prints the
+overrides (values parsed as YAML). ``--mlflow.*`` settings are accepted and ignored; metrics go
+to ``metrics.csv`` beside the checkpoint. Prints the
 per-size rows as ``recsys.train.run`` returns them, and returns them from :func:`run`.
 """
 
@@ -21,6 +22,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,13 +66,12 @@ def run(args: list[str]) -> dict[str, Any]:
     model = MatryoshkaRecommender(
         item_features=datamodule.item_features, max_len=datamodule.max_len, **config.get("model", {})
     )
-    checkpoint = ModelCheckpoint(
-        dirpath=config.get("checkpoint", {}).get("dirpath") or tempfile.mkdtemp(prefix="plain-train-"),
-        monitor="val/monitor", mode="max", filename="best",
-    )
+    workdir = config.get("checkpoint", {}).get("dirpath") or tempfile.mkdtemp(prefix="plain-train-")
+    checkpoint = ModelCheckpoint(dirpath=workdir, monitor="val/monitor", mode="max", filename="best")
     stopping = EarlyStopping(monitor="val/monitor", mode="max", patience=config.get("early_stopping", {}).get("patience", 3))
     trainer = L.Trainer(
-        **{**TRAINER_DEFAULTS, **config.get("trainer", {})}, callbacks=[checkpoint, stopping], logger=False
+        **{**TRAINER_DEFAULTS, **config.get("trainer", {})}, callbacks=[checkpoint, stopping],
+        logger=CSVLogger(workdir, name="", version=""),  # metrics.csv: the learning curves
     )
     trainer.fit(model, datamodule=datamodule)
     best = checkpoint.best_model_path or None
