@@ -120,7 +120,8 @@ def markdown(report: dict) -> str:
         "",
         f"Protocol: leave-one-out, full ranking over {p['items']} items, history items "
         f"{'masked' if p['mask_seen'] else 'not masked'}, max length {p['max_len']}, up to {p['epochs']} epochs "
-        f"(early stopping on validation NDCG@10), test metrics of the best checkpoint. {p['label']}",
+        f"(early stopping on validation NDCG@10: of the size trained, for the Matryoshka run the mean over its sizes), "
+        f"test metrics of the best checkpoint. {p['label']}",
         f"Machine: {report['machine']}, {report['threads']} threads. Overrides: `{' '.join(report['overrides']) or 'none'}`.",
         "",
         "| size | params (Matryoshka) | NDCG@10 M | Recall@10 M | NDCG@20 M | Recall@20 M "
@@ -226,7 +227,8 @@ def main() -> None:
         return [*overrides, "--model.sizes", json.dumps(s), *extra]
 
     runs = Runs(args.config, workdir, args.runner, args.parallel)
-    runs.add("matryoshka", sized(sizes))
+    # the one run stops when no size improves any more, not when the largest does
+    runs.add("matryoshka", sized(sizes, "--model.monitor_size", "mean"))
     if not args.skip_separate:
         for s in [int(x) for x in args.separate_sizes.split(",")] if args.separate_sizes else sizes:
             runs.add(f"separate-d{s}", sized([s]))

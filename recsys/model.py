@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -107,7 +107,8 @@ class MatryoshkaRecommender(L.LightningModule):
         mask_seen: exclude each user's earlier items from the ranking in validation and test.
         loss_block_rows: logit rows (over all sizes) held at once by the memory-flat loss.
         monitor_size: the size whose validation NDCG@10 is logged as ``val/monitor`` for early
-            stopping and best-checkpoint selection (default: the largest).
+            stopping and best-checkpoint selection (default: the largest); ``"mean"``: the mean
+            over all sizes, so training goes on while any size still improves.
     """
 
     def __init__(
@@ -132,7 +133,7 @@ class MatryoshkaRecommender(L.LightningModule):
         warmup_steps: int = 100,
         mask_seen: bool = True,
         loss_block_rows: int = 2048,
-        monitor_size: int | None = None,
+        monitor_size: int | Literal["mean"] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["item_features"], logger=False)  # the CLI logs the whole config
@@ -142,7 +143,7 @@ class MatryoshkaRecommender(L.LightningModule):
         if loss_weights is not None and len(loss_weights) != len(self.sizes):
             raise ValueError(f"loss_weights has {len(loss_weights)} entries but there are {len(self.sizes)} sizes")
         self.monitor_size = self.sizes[-1] if monitor_size is None else monitor_size
-        if self.monitor_size not in self.sizes:
+        if self.monitor_size != "mean" and self.monitor_size not in self.sizes:
             raise ValueError(f"monitor_size {monitor_size} is not one of the sizes {list(self.sizes)}")
         if item_features is None:
             raise ValueError("item_features is required (the training CLI links it from the data module)")
@@ -266,7 +267,11 @@ class MatryoshkaRecommender(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_metrics("val", self.val_metrics)
-        self.log("val/monitor", values[f"ndcg_10/d{self.monitor_size}"], prog_bar=True)
+        if self.monitor_size == "mean":
+            monitor = sum(values[f"ndcg_10/d{s}"] for s in self.sizes) / len(self.sizes)
+        else:
+            monitor = values[f"ndcg_10/d{self.monitor_size}"]
+        self.log("val/monitor", monitor, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
         self._eval_items = None

@@ -5,7 +5,7 @@
     python -m recsys.train --config configs/lastfm.yaml --model.encoder mamba
     python -m recsys.train --print_config                    # every option with its default
 
-At the end it tests the best checkpoint (by ``val/monitor``: NDCG@10 of ``--model.monitor_size``),
+At the end it tests the best checkpoint (by ``val/monitor``: NDCG@10 of ``--model.monitor_size``, or its mean),
 prints one line per size, and logs everything a person needs to pick a size to MLflow (see
 ``recsys/tracking.py``). ``--ckpt_path`` resumes an interrupted run, in the same MLflow run.
 """
@@ -51,8 +51,8 @@ def validate_config(config) -> None:
         raise ConfigError(f"--model.sizes: {exc}") from None
     if model.encoder not in ENCODERS:
         raise ConfigError(f"--model.encoder: unknown encoder {model.encoder!r}; choose one of {', '.join(ENCODERS)}")
-    if model.monitor_size is not None and model.monitor_size not in model.sizes:
-        raise ConfigError(f"--model.monitor_size {model.monitor_size} is not one of --model.sizes {list(model.sizes)}")
+    if model.monitor_size not in (None, "mean", *model.sizes):
+        raise ConfigError(f"--model.monitor_size {model.monitor_size} is neither one of --model.sizes {list(model.sizes)} nor 'mean'")
     if model.loss_weights is not None and len(model.loss_weights) != len(model.sizes):
         raise ConfigError(
             f"--model.loss_weights has {len(model.loss_weights)} entries for {len(model.sizes)} sizes {list(model.sizes)}"

@@ -107,7 +107,7 @@ def test_resume_continues_the_same_run_and_step_count(trained, tmp_path):
         (["--model.sizes", "[8, 8, 16]"], "strictly increasing"),
         (["--model.encoder", "gru"], "unknown encoder 'gru'; choose one of lru, mamba, sasrec"),
         (["--data.data_dir", "no/such/dir"], "--data.data_dir no/such/dir: no such directory"),
-        (["--model.monitor_size", "12"], "--model.monitor_size 12 is not one of --model.sizes"),
+        (["--model.monitor_size", "12"], "--model.monitor_size 12 is neither one of --model.sizes"),
         (["--model.loss_weights", "[1.0]"], "--model.loss_weights has 1 entries for 3 sizes"),
         (["--mlflow.tracking_uri", "http://127.0.0.1:9"], "does not answer"),
     ],
