@@ -233,7 +233,7 @@ def main() -> None:
         for s in [int(x) for x in args.separate_sizes.split(",")] if args.separate_sizes else sizes:
             runs.add(f"separate-d{s}", sized([s]))
     if not args.skip_sasrec:
-        runs.add("sasrec", sized(sizes, "--model.encoder", "sasrec"))
+        runs.add("sasrec", sized(sizes[-1:], "--model.encoder", "sasrec"))
     print(f"[{name}] {len(runs.pending)} runs, {args.parallel} at a time, sizes {sizes}", flush=True)
     results = runs.finish()
     report: dict = {"name": name, "overrides": overrides, "runner": args.runner, "parallel": args.parallel,

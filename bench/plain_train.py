@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recsys.data import SequenceDataModule  # noqa: E402
+from recsys.data import SequenceDataModule, SyntheticConfig  # noqa: E402
 from recsys.model import TRAINER_DEFAULTS, MatryoshkaRecommender  # noqa: E402
 from recsys.tracking import results_table, summarise  # noqa: E402
 
@@ -47,13 +47,13 @@ def parse(args: list[str]) -> dict[str, Any]:
     for flag, value in zip(overrides[::2], overrides[1::2]):
         if not flag.startswith("--"):
             raise SystemExit(f"expected --section.key, got {flag!r}")
-        section, _, key = flag[2:].partition(".")
-        if section not in SECTIONS:
+        *parents, key = flag[2:].split(".")
+        if (parents or [key])[0] not in SECTIONS:
             raise SystemExit(f"unknown setting {flag}; sections are {', '.join(SECTIONS)}")
-        if key:
-            config.setdefault(section, {})[key] = yaml.safe_load(value)
-        else:
-            config[section] = yaml.safe_load(value)
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = yaml.safe_load(value)
     return config
 
 
@@ -62,7 +62,10 @@ def run(args: list[str]) -> dict[str, Any]:
     L.seed_everything(config.get("seed_everything", 0), workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matrix products, as a GPU user would train
-    datamodule = SequenceDataModule(**config.get("data", {}))
+    data = dict(config.get("data", {}))
+    if isinstance(data.get("synthetic"), dict):
+        data["synthetic"] = SyntheticConfig(**data["synthetic"])
+    datamodule = SequenceDataModule(**data)
     model = MatryoshkaRecommender(
         item_features=datamodule.item_features, max_len=datamodule.max_len, **config.get("model", {})
     )

@@ -37,7 +37,7 @@ def _args(tmp_path, *extra):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    result = run(_args(tmp))
+    result = run(_args(tmp, "--model.monitor_size", "mean"))
     return tmp, result
 
 
@@ -49,6 +49,9 @@ def test_run_records_every_size_and_one_model_per_size(trained):
         for name in ("ndcg_10", "recall_10", "ndcg_20", "mrr"):
             assert f"test/{name}/d{s}" in r.data.metrics
             assert f"val/{name}/d{s}" in r.data.metrics
+    # --model.monitor_size mean: early stopping and the best checkpoint follow the mean over sizes
+    mean = np.mean([r.data.metrics[f"val/ndcg_10/d{s}"] for s in SIZES])
+    assert r.data.metrics["val/monitor"] == pytest.approx(mean, abs=1e-6)
     assert r.data.params["model.sizes"] == json.dumps(SIZES)
     assert r.data.params["model.encoder"] == "lru"
     (stats_file,) = (tmp / "synthetic").rglob("stats.json")
@@ -117,3 +120,20 @@ def test_invalid_settings_fail_before_training(tmp_path, capsys, extra, message)
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_plain_runner_trains_without_mlflow_like_the_cli(tmp_path):
+    """bench/plain_train.py (for machines without MLflow) reads the same settings and reports every size."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from plain_train import run as plain_run
+
+    result = plain_run(_args(tmp_path, "--model.monitor_size", "mean"))
+    assert [r["size"] for r in result["rows"]] == SIZES
+    assert result["epochs"] == 1 and 0 < result["best_val"] < 1
+    curves = pd.read_csv(tmp_path / "ckpt" / "metrics.csv")
+    val = curves.dropna(subset=["val/monitor"]).iloc[-1]
+    assert val["val/monitor"] == pytest.approx(np.mean([val[f"val/ndcg_10/d{s}"] for s in SIZES]), abs=1e-6)
+    assert not (tmp_path / "mlflow.db").exists()
