@@ -9,12 +9,14 @@ count and test metrics linked), optionally registered as ``NAME-d<size>``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,12 +73,49 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock beside a local sqlite store (no-op elsewhere, and where fcntl is missing)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def prepare_store(settings: MLflowSettings) -> None:
+    """Create the store's tables and the experiment, one process at a time.
+
+    Two runs started together on a new sqlite store would otherwise both migrate its schema, and
+    both create the experiment, and one of them would fail.
+    """
+    from mlflow.tracking import MlflowClient
+
+    uri = settings.resolved_uri()
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        if client.get_experiment_by_name(settings.experiment) is None:
+            client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+
+
 def make_logger(settings: MLflowSettings, run_id: str | None = None):
     """Lightning's MLflow logger for ``settings``; ``run_id`` continues an earlier run."""
     from lightning.pytorch.loggers import MLFlowLogger
 
     uri = settings.resolved_uri()
     check_reachable(uri)
+    prepare_store(settings)
     return MLFlowLogger(
         experiment_name=settings.experiment,
         run_name=settings.run_name,

@@ -137,3 +137,36 @@ def test_plain_runner_trains_without_mlflow_like_the_cli(tmp_path):
     val = curves.dropna(subset=["val/monitor"]).iloc[-1]
     assert val["val/monitor"] == pytest.approx(np.mean([val[f"val/ndcg_10/d{s}"] for s in SIZES]), abs=1e-6)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _start_run_at_the_barrier(uri, barrier, skip_prepare):
+    import recsys.tracking as tracking
+
+    if skip_prepare:  # to show that the race is real
+        tracking.prepare_store = lambda settings: None
+    barrier.wait()
+    logger = tracking.make_logger(tracking.MLflowSettings(tracking_uri=uri, experiment="together"))
+    assert logger.run_id
+
+
+def _start_together(uri, n, skip_prepare=False):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(n)
+    procs = [ctx.Process(target=_start_run_at_the_barrier, args=(uri, barrier, skip_prepare)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    return [p.exitcode for p in procs]
+
+
+def test_runs_started_together_on_a_new_store_all_start(tmp_path):
+    """Several trainings started at once on a new sqlite store: one migrates it and creates the
+    experiment, the others wait, and every run starts."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert _start_together(uri, 4) == [0, 0, 0, 0]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("together")
+    assert len(client.search_runs([experiment.experiment_id])) == 4
