@@ -146,7 +146,8 @@ def markdown(report: dict) -> str:
     runs += [("SASRec", report["sasrec"])] if report.get("sasrec") else []
     for label, r in runs:
         val = "-" if r.get("best_val") is None else fmt(r["best_val"])
-        lines.append(f"| {label} | {r.get('epochs', '-')} | {val} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        epochs = "-" if r.get("epochs") is None else r["epochs"]
+        lines.append(f"| {label} | {epochs} | {val} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     c = report["cost"]
     lines += [
         "",

@@ -120,7 +120,11 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path or None
     trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
-    result: dict[str, Any] = {"run_id": logger.run_id, "tracking_uri": cli.config_init.mlflow.resolved_uri(), "best": best}
+    best_score = trainer.checkpoint_callback.best_model_score
+    result: dict[str, Any] = {
+        "run_id": logger.run_id, "tracking_uri": cli.config_init.mlflow.resolved_uri(), "best": best,
+        "best_val": None if best_score is None else float(best_score), "epochs": trainer.current_epoch,
+    }
     if not trainer.is_global_zero:
         return result
 

@@ -49,6 +49,7 @@ def test_run_records_every_size_and_one_model_per_size(trained):
         for name in ("ndcg_10", "recall_10", "ndcg_20", "mrr"):
             assert f"test/{name}/d{s}" in r.data.metrics
             assert f"val/{name}/d{s}" in r.data.metrics
+    assert result["epochs"] == 1 and result["best_val"] == pytest.approx(r.data.metrics["val/monitor"])
     # --model.monitor_size mean: early stopping and the best checkpoint follow the mean over sizes
     mean = np.mean([r.data.metrics[f"val/ndcg_10/d{s}"] for s in SIZES])
     assert r.data.metrics["val/monitor"] == pytest.approx(mean, abs=1e-6)
