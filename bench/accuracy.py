@@ -3,13 +3,16 @@
     .venv/bin/python bench/accuracy.py --config configs/lastfm.yaml
     .venv/bin/python bench/accuracy.py --config configs/ml-1m.yaml --epochs 10 --max-len 50 --label reduced
     .venv/bin/python bench/accuracy.py --config configs/ml-1m.yaml --set model.use_id_embedding=false
+    python bench/accuracy.py --config configs/ml-1m.yaml --runner plain --parallel 4 --separate-sizes 16,256
+        # on a GPU machine without MLflow: bench/plain_train.py, four runs sharing the GPU
 
 For a dataset recipe it trains, each in its own process (so wall time and peak memory are per run):
 the Matryoshka model over all sizes, one model per size trained alone, and SASRec at the full size.
-Every run tests its best checkpoint (by validation NDCG@10) on the held-out last items, full
-ranking. It prints and writes ``bench/results/accuracy_<name>.{json,md}``: the accuracy table, the
-protocol (history masking, max length, epochs), the cost table (wall time and peak RSS of the one
-Matryoshka run against the sum of the separate runs), and the machine.
+Every run tests its best checkpoint (by validation NDCG@10; for the Matryoshka run its mean over
+the sizes) on the held-out last items, full ranking. It prints and writes ``bench/results/accuracy_<name>.{json,md}``: the accuracy table, the
+protocol (history masking, max length, epochs), epochs and best validation score per run, the cost
+table (wall time and peak RSS of the one Matryoshka run against the sum of the separate runs), the
+machine, and ``accuracy_<name>.png``: NDCG@10 against size with the published numbers.
 """
 
 from __future__ import annotations
