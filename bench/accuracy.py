@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import yaml
+from results_file import write_json, write_text  # noqa: E402  (bench/results_file.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -274,8 +275,8 @@ def main() -> None:
     }
     report["date"] = time.strftime("%Y-%m-%d")
     text = markdown(report)
-    (RESULTS / f"accuracy_{name}.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / f"accuracy_{name}.md").write_text(text)
+    write_json(RESULTS / f"accuracy_{name}.json", report)
+    write_text(RESULTS / f"accuracy_{name}.md", text)
     plot(report, RESULTS / f"accuracy_{name}.png", PUBLISHED.get(Path(config["data"]["data_dir"]).name, {}))
     print(text)
 

@@ -32,7 +32,6 @@ gives a quick look.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -57,6 +56,7 @@ from serving.candidates import generate_candidates  # noqa: E402
 from serving.export import export_size  # noqa: E402
 from serving.index import search  # noqa: E402
 from serving.sized_model import SizedRecommender, load  # noqa: E402
+from results_file import write_json  # bench/results_file.py (the script directory is on sys.path)
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
 
 logger = logging.getLogger("bench.candidates")
@@ -285,9 +285,7 @@ def main() -> None:
         "use a subsample of users; floor = matmul rate / (2 * items * size)",
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out, result)
     print(f"wrote {out}")
 
 

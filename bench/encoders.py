@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import write_json  # noqa: E402  (bench/results_file.py)
 
 logger = logging.getLogger("bench.encoders")
 
@@ -291,10 +292,7 @@ def main() -> None:
         "selective_scan": scan,
         "not_measured": skipped,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

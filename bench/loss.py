@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsys.nn.loss import matryoshka_cross_entropy, naive_matryoshka_cross_entropy  # noqa: E402
+from results_file import write_json  # noqa: E402  (bench/results_file.py)
 
 logger = logging.getLogger("bench.loss")
 
@@ -283,10 +284,7 @@ def main() -> None:
         "timings_by_threads": timings,
         "flat_vs_naive": agreement,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)
     logger.info("wrote %s", args.out)
 
 

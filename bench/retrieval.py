@@ -32,7 +32,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -46,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_file import write_json  # bench/results_file.py (the script directory is on sys.path)
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
 from serving.index import (  # noqa: E402
     KINDS,
@@ -385,10 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, args.out)
+    write_json(args.out, report)
     print(f"\nwrote {args.out}")
 
 
