@@ -96,6 +96,16 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_spec_keys(cls: type, data: Any, what: str) -> None:
+    """A spec read back from a manifest: a JSON object with no keys the dataclass does not know."""
+    if not isinstance(data, dict):
+        raise ValueError(f"the {what} spec must be a JSON object, got {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} spec keys {unknown}; known keys: {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     """Which faiss index to build, as plain JSON-able settings (stored in an export's manifest).
@@ -212,12 +222,7 @@ class IndexSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexSpec:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a manifest from another version)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"an index spec must be a JSON object, got {data!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown index spec keys {unknown}; known keys: {sorted(known)}")
+        _check_spec_keys(cls, data, "index")
         return cls(**data)
 
 
@@ -691,12 +696,7 @@ class FunnelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FunnelSpec:
-        if not isinstance(data, dict):
-            raise ValueError(f"a funnel spec must be a JSON object, got {data!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown funnel spec keys {unknown}; known keys: {sorted(known)}")
+        _check_spec_keys(cls, data, "funnel")
         values = dict(data)
         if "index" in values:
             values["index"] = IndexSpec.from_dict(values["index"])
