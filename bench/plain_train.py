@@ -6,8 +6,8 @@ For borrowed accelerator machines that cannot install the tracking stack (MLflow
 the same model, data module, trainer defaults, early stopping and best-checkpoint testing as
 ``python -m recsys.train``, reading the same config file and the same ``--section.key value``
 overrides (values parsed as YAML). ``--mlflow.*`` settings are accepted and ignored; metrics go
-to ``metrics.csv`` beside the checkpoint. Prints the
-per-size rows as ``recsys.train.run`` returns them, and returns them from :func:`run`.
+to ``metrics.csv`` beside the checkpoint. Prints the per-size rows as ``recsys.train.run`` returns
+them, and returns them from :func:`run`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recsys.data import SequenceDataModule, SyntheticConfig  # noqa: E402
-from recsys.model import TRAINER_DEFAULTS, MatryoshkaRecommender  # noqa: E402
+from recsys.model import CHECKPOINT_DEFAULTS, EARLY_STOPPING_DEFAULTS, TRAINER_DEFAULTS, MatryoshkaRecommender  # noqa: E402
 from recsys.tracking import results_table, summarise  # noqa: E402
 
 SECTIONS = ("model", "data", "trainer", "early_stopping", "checkpoint", "mlflow", "seed_everything")
@@ -70,8 +70,8 @@ def run(args: list[str]) -> dict[str, Any]:
         item_features=datamodule.item_features, max_len=datamodule.max_len, **config.get("model", {})
     )
     workdir = config.get("checkpoint", {}).get("dirpath") or tempfile.mkdtemp(prefix="plain-train-")
-    checkpoint = ModelCheckpoint(dirpath=workdir, monitor="val/monitor", mode="max", filename="best")
-    stopping = EarlyStopping(monitor="val/monitor", mode="max", patience=config.get("early_stopping", {}).get("patience", 3))
+    checkpoint = ModelCheckpoint(dirpath=workdir, **CHECKPOINT_DEFAULTS)
+    stopping = EarlyStopping(**{**EARLY_STOPPING_DEFAULTS, **config.get("early_stopping", {})})
     trainer = L.Trainer(
         **{**TRAINER_DEFAULTS, **config.get("trainer", {})}, callbacks=[checkpoint, stopping],
         logger=CSVLogger(workdir, name="", version=""),  # metrics.csv: the learning curves
@@ -86,7 +86,6 @@ def run(args: list[str]) -> dict[str, Any]:
         "run_id": None,
         "best_val": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "epochs": trainer.current_epoch,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
 
 

@@ -30,6 +30,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "use_distributed_sampler": False,  # the data module shards itself, without duplicating users
     "num_sanity_val_steps": 0,
 }
+# The best checkpoint and early stopping follow ``val/monitor`` (see ``monitor_size``).
+CHECKPOINT_DEFAULTS: dict[str, Any] = {"monitor": "val/monitor", "mode": "max", "filename": "best"}
+EARLY_STOPPING_DEFAULTS: dict[str, Any] = {"monitor": "val/monitor", "mode": "max", "patience": 3}
 
 __all__ = ["CheckpointError", "MatryoshkaRecommender", "catalogue_of", "read_checkpoint"]
 

@@ -23,7 +23,14 @@ from lightning.pytorch.cli import LightningCLI
 
 from recsys.data import SequenceDataModule
 from recsys.data.errors import DataValidationError
-from recsys.model import TRAINER_DEFAULTS, CheckpointError, MatryoshkaRecommender, read_checkpoint
+from recsys.model import (
+    CHECKPOINT_DEFAULTS,
+    EARLY_STOPPING_DEFAULTS,
+    TRAINER_DEFAULTS,
+    CheckpointError,
+    MatryoshkaRecommender,
+    read_checkpoint,
+)
 from recsys.nn.encoders import ENCODERS
 from recsys.nn.nested import check_sizes, NestedModule
 from recsys.tracking import (
@@ -69,13 +76,9 @@ class TrainCLI(LightningCLI):
         parser.link_arguments("data.item_features", "model.item_features", apply_on="instantiate")
         parser.link_arguments("data.max_len", "model.max_len")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {"checkpoint.monitor": "val/monitor", "checkpoint.mode": "max", "checkpoint.save_last": True,
-             "checkpoint.filename": "best"}
-        )
+        parser.set_defaults({**{f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()}, "checkpoint.save_last": True})
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({"early_stopping.monitor": "val/monitor", "early_stopping.mode": "max",
-                             "early_stopping.patience": 3})
+        parser.set_defaults({f"early_stopping.{k}": v for k, v in EARLY_STOPPING_DEFAULTS.items()})
         parser.add_class_arguments(MLflowSettings, "mlflow")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
 
