@@ -19,7 +19,7 @@ from recsys.metrics import RankingMetrics, target_ranks
 from recsys.nn.encoders import ENCODERS, build_encoder
 from recsys.nn.item_tower import ItemTower
 from recsys.nn.loss import matryoshka_cross_entropy
-from recsys.nn.nested import NestedModule, check_sizes, cut_to_size, nested_parameter_count
+from recsys.nn.nested import check_sizes, cut_sizes, cut_to_size, nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
 
 # The Trainer settings this module and SequenceDataModule are built for (the CLI's defaults).
@@ -291,8 +291,8 @@ class MatryoshkaRecommender(L.LightningModule):
     def parameters_per_size(self) -> dict[int, int]:
         """Parameters of the network cut to each size (tower + encoder).
 
-        A non-nested encoder (SASRec) cannot be cut: every size then reports the full count.
+        A size the network cannot be cut to (any but the largest with SASRec) reports the full count.
         """
-        if not isinstance(self.net.encoder, NestedModule):
-            return {s: nested_parameter_count(self.net) for s in self.sizes}
-        return {s: nested_parameter_count(cut_to_size(self.net, s)) for s in self.sizes}
+        allowed = cut_sizes(self.net)
+        full = nested_parameter_count(self.net)
+        return {s: nested_parameter_count(cut_to_size(self.net, s)) if s in allowed else full for s in self.sizes}

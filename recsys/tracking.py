@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from recsys.nn.nested import NestedModule, cut_to_size
+from recsys.nn.nested import cut_sizes, cut_to_size
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def accuracy_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def _encode_ms_per_1k(net, datamodule, size: int) -> float:
     """Wall time to encode test users with the network cut to ``size`` (median of 3), per 1,000 users."""
     batch = next(iter(datamodule.test_dataloader()))
-    small = net if size == net.sizes[-1] or not isinstance(net.encoder, NestedModule) else cut_to_size(net, size)
+    small = cut_to_size(net, size) if size in cut_sizes(net) else net
     small.eval()
     with torch.no_grad():
         items = small.item_matrix()

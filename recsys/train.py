@@ -32,7 +32,7 @@ from recsys.model import (
     read_checkpoint,
 )
 from recsys.nn.encoders import ENCODERS
-from recsys.nn.nested import check_sizes, NestedModule
+from recsys.nn.nested import check_sizes, cut_sizes
 from recsys.tracking import (
     MLflowSettings,
     TrackingUnavailableError,
@@ -141,7 +141,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     if settings.log_models and best:
         from serving.export import export_sizes
 
-        sizes = list(model.sizes) if isinstance(model.net.encoder, NestedModule) else [model.sizes[-1]]
+        sizes = list(cut_sizes(model.net))
         with tempfile.TemporaryDirectory() as tmp:
             dirs = export_sizes(best, sizes, tmp, source={"mlflow_run_id": logger.run_id})
             result["model_uris"] = log_size_models(logger.run_id, dict(zip(sizes, dirs)), rows, settings.register_as)

@@ -27,7 +27,7 @@ import polars as pl
 import torch
 from safetensors.torch import save_file
 
-from recsys.nn.nested import NestedModule, cut_to_size, nested_parameter_count
+from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
 from serving.sized_model import FORMAT_VERSION, MANIFEST, ExportError, read_manifest, sha256_of
 
 __all__ = ["export_sizes", "export_size", "load_trained", "main"]
@@ -91,7 +91,7 @@ def export_size(
     """
     if size not in model.sizes:
         raise ExportError(f"size {size} is not one of the model's sizes {list(model.sizes)}")
-    if not isinstance(model.net.encoder, NestedModule) and size != model.sizes[-1]:
+    if size not in cut_sizes(model.net):
         raise ExportError(
             f"the {model.hparams.encoder} encoder is not nested: it can be exported at its full size "
             f"{model.sizes[-1]} only, not {size}"
@@ -106,7 +106,7 @@ def export_size(
 
     items = model.net.item_matrix()
     full = SequentialRecommender(FixedItemMatrix(items, model.sizes), model.net.encoder)
-    small = cut_to_size(full, size) if size != model.sizes[-1] else full
+    small = cut_to_size(full, size)
     state = {k: v.contiguous() for k, v in small.state_dict().items()}
     if item_dtype == "float16":
         state["items.matrix"] = state["items.matrix"].half()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recsys.nn.nested import cut_to_size
+from recsys.nn.item_tower import FixedItemMatrix
+from recsys.nn.nested import cut_sizes, cut_to_size
+from recsys.nn.recommender import SequentialRecommender
 from recsys.nn.sasrec import SASRecEncoder
 
 SIZES = (8, 16)
@@ -90,3 +92,13 @@ def test_too_long_sequences_and_bad_heads_are_refused():
 def test_not_cuttable(encoder):
     with pytest.raises(TypeError, match="no nested modules"):
         cut_to_size(encoder, 8)
+
+
+def test_a_recommender_with_sasrec_says_it_cuts_to_its_full_width_only(encoder):
+    items = FixedItemMatrix(torch.randn(11, SIZES[-1]), SIZES)
+    net = SequentialRecommender(items, encoder).eval()
+    assert cut_sizes(net) == (SIZES[-1],)
+    ids = torch.tensor([[0, 3, 5, 7]])
+    torch.testing.assert_close(cut_to_size(net, SIZES[-1]).user_vectors(ids), net.user_vectors(ids))
+    with pytest.raises(ValueError, match=rf"can be cut to sizes \[{SIZES[-1]}\] only, not {SIZES[0]}"):
+        cut_to_size(net, SIZES[0])

@@ -7,7 +7,9 @@ property, so cutting every nested module of a model to ``s_k`` gives a genuinely
 
 Every nested module derives from :class:`NestedModule` and implements ``_shrink_(size)``, which
 slices its *own* parameters in place. :func:`cut_to_size` copies a whole model and shrinks each
-nested module in it; training, export and serving all use that one function.
+nested module in it; training, export and serving all use that one function, and
+:func:`cut_sizes` says which sizes a model can be cut to (a module that holds a part that is not
+nested, such as a SASRec encoder, narrows them to its full width).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "NestedLayerNorm",
     "PrefixProjection",
     "ChunkwiseProjection",
+    "cut_sizes",
     "cut_to_size",
     "nested_parameter_count",
     "shrink_parameter_",
@@ -97,20 +100,44 @@ class NestedModule(nn.Module):
     def width(self) -> int:
         return self.sizes[-1]
 
+    @property
+    def cut_sizes(self) -> tuple[int, ...]:
+        """The sizes this module can be cut to: all of its sizes, unless it says otherwise."""
+        return self.sizes
+
     def _shrink_(self, size: int) -> None:
         """Slice this module's own parameters to ``size``; containers have nothing to slice."""
+
+
+def cut_sizes(model: nn.Module) -> tuple[int, ...]:
+    """The sizes ``model`` can be cut to: those every nested module in it can be cut to.
+
+    The full width is always among them (cutting to it is a plain copy).
+    """
+    nested = [m for m in model.modules() if isinstance(m, NestedModule)]
+    if not nested:
+        raise TypeError(f"{type(model).__name__} has no nested modules to cut")
+    allowed = set(nested[0].cut_sizes)
+    for module in nested[1:]:
+        allowed &= set(module.cut_sizes)
+    return tuple(sorted(allowed))
 
 
 def cut_to_size(model: M, size: int) -> M:
     """A copy of ``model`` cut to ``size``: every nested module keeps chunks up to ``size``.
 
     The copy is a smaller network (fewer parameters, fewer FLOPs) whose outputs equal the first
-    ``size`` dimensions of the full model's outputs.
+    ``size`` dimensions of the full model's outputs; cut to its full width it is a plain copy.
     """
-    nested = [m for m in model.modules() if isinstance(m, NestedModule)]
-    if not nested:
-        raise TypeError(f"{type(model).__name__} has no nested modules to cut")
-    sizes_up_to(nested[0].sizes, size)  # validates that size is a model size
+    allowed = cut_sizes(model)
+    if size not in allowed:
+        sizes = next(m for m in model.modules() if isinstance(m, NestedModule)).sizes
+        if size in sizes:
+            raise ValueError(
+                f"{type(model).__name__} can be cut to sizes {list(allowed)} only, not {size}: "
+                "a part of it is not nested"
+            )
+        raise ValueError(f"size {size} is not one of the model's sizes {list(sizes)}")
     small = copy.deepcopy(model)
     for module in small.modules():
         if isinstance(module, NestedModule):

@@ -42,9 +42,7 @@ class SequentialRecommender(NestedModule):
         z = self.item_matrix() if item_matrix is None else item_matrix
         return self.sequence_states(input_ids, z)[:, -1]
 
-    def _shrink_(self, size: int) -> None:
-        if not isinstance(self.encoder, NestedModule):
-            raise TypeError(
-                f"the {type(self.encoder).__name__} encoder is not nested, so it cannot be cut to size {size}; "
-                "it serves at its full size only (use the lru or mamba encoder for size-specific models)"
-            )
+    @property
+    def cut_sizes(self) -> tuple[int, ...]:
+        """Every size with a nested encoder; the full width only with one that is not (SASRec)."""
+        return self.sizes if isinstance(self.encoder, NestedModule) else (self.width,)
