@@ -10,6 +10,7 @@ from recsys.nn.nested import (
     check_sizes,
     cut_to_size,
     nested_parameter_count,
+    prefix_scores,
 )
 
 SIZES = (4, 8, 16, 32)
@@ -99,3 +100,23 @@ def test_bad_sizes_are_refused(sizes, width, message):
 def test_cut_to_unknown_size_names_the_valid_sizes():
     with pytest.raises(ValueError, match=r"size 12 is not one of the model's sizes \[4, 8, 16, 32\]"):
         cut_to_size(NestedLinear(SIZES), 12)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_prefix_scores_are_the_scores_of_every_prefix(inplace):
+    g = torch.Generator().manual_seed(0)
+    user, items = torch.randn(5, 32, generator=g, dtype=torch.float64), torch.randn(7, 32, generator=g, dtype=torch.float64)
+    got = [s.clone() for s in prefix_scores(user, items, SIZES, inplace=inplace)]
+    for s, scores in zip(SIZES, got):
+        torch.testing.assert_close(scores, user[:, :s] @ items[:, :s].T)
+    # per-row candidate lists (B, L, D), as a funnel re-ranks them
+    per_row = torch.randn(5, 3, 32, generator=g, dtype=torch.float64)
+    for s, scores in zip(SIZES, prefix_scores(user, per_row, SIZES, inplace=inplace)):
+        torch.testing.assert_close(scores, torch.einsum("bd,bld->bl", user[:, :s], per_row[:, :, :s]))
+
+
+def test_prefix_scores_sum_in_the_requested_dtype():
+    user, items = torch.randn(4, 32).bfloat16(), torch.randn(6, 32).bfloat16()
+    for s, scores in zip(SIZES, prefix_scores(user, items, SIZES, dtype=torch.float32)):
+        assert scores.dtype == torch.float32
+        torch.testing.assert_close(scores, (user[:, :s].float() @ items[:, :s].float().T), atol=0.1, rtol=0.05)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "check_sizes",
     "chunk_bounds",
+    "prefix_scores",
     "NestedModule",
     "NestedLinear",
     "NestedLayerNorm",
@@ -64,6 +65,43 @@ def chunk_bounds(sizes: Sequence[int], mult: int = 1) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` of every chunk, with all bounds multiplied by ``mult``."""
     starts = (0, *sizes[:-1])
     return [(mult * a, mult * b) for a, b in zip(starts, sizes)]
+
+
+def prefix_scores(
+    user: torch.Tensor,
+    items: torch.Tensor,
+    sizes: Sequence[int],
+    *,
+    inplace: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Iterator[torch.Tensor]:
+    """The scores at every size, smallest first: ``user[..., :s_m]`` against ``items[..., :s_m]``.
+
+    The prefix-logit recurrence: the scores at size ``s_m`` are those at ``s_{m-1}`` plus chunk
+    ``m``'s product, so all sizes together cost one full-width product. Shapes: ``user (P, D)`` with
+    ``items (N, D)`` gives ``(P, N)``; ``user (B, D)`` with per-row candidates ``items (B, L, D)``
+    gives ``(B, L)``. Products run in the inputs' dtype, the running sums in ``dtype`` (default
+    the inputs'). ``inplace=True`` yields one buffer updated in place (read or copy each yield
+    before the next; a ``-inf`` written into it stays ``-inf``); otherwise every size is a new tensor.
+    """
+    batched = items.ndim == 3
+    if batched and user.ndim == 2:
+        user = user.unsqueeze(1)  # (B, 1, D): one query per candidate list
+    total = None
+    for a, b in chunk_bounds(sizes):
+        u, z = user[..., a:b], items[..., a:b]
+        if total is None:
+            total = u @ z.transpose(-1, -2)
+            if dtype is not None and total.dtype != dtype:
+                total = total.to(dtype)
+        elif total.dtype != u.dtype:
+            part = (u @ z.transpose(-1, -2)).to(total.dtype)
+            total = total.add_(part) if inplace else total + part
+        elif batched:
+            total = total.baddbmm_(u, z.transpose(1, 2)) if inplace else torch.baddbmm(total, u, z.transpose(1, 2))
+        else:
+            total = total.addmm_(u, z.t()) if inplace else torch.addmm(total, u, z.t())
+        yield total.squeeze(1) if batched else total
 
 
 def sizes_up_to(sizes: Sequence[int], size: int) -> tuple[int, ...]:
