@@ -1,0 +1,612 @@
+"""Write the README's measured results from ``bench/results/*.json``, between markers.
+
+    python tools/results_tables.py            # rewrite every generated block of README.md
+    python tools/results_tables.py --check    # exit 1 when a block differs from what the JSONs give
+
+Each block sits between ``<!-- results:NAME:start -->`` and ``<!-- results:NAME:end -->`` in the
+README's "Measured results" section, and everything inside it (tables, key figures, the command
+that reproduces them, the machine and its load) is computed here from the JSON the benchmark wrote.
+Sentences outside the blocks interpret the figures but quote none; ``tests/test_readme.py`` checks
+both that the blocks are current and that no number is written by hand around them.
+
+Standard library only: this runs anywhere the repository is checked out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+
+SECTION = "## Measured results"
+
+# Goals of the memory-flat loss (docs/method.md §4): ratios to the largest size trained alone.
+LOSS_MEMORY_GOAL = 1.2
+LOSS_TIME_GOAL = 1.5
+# The funnel figure quoted in the text: the fastest setting reaching this recall at the largest catalogue.
+FUNNEL_RECALL_TARGET = 0.95
+
+
+def start_marker(name: str) -> str:
+    return f"<!-- results:{name}:start -->"
+
+
+def end_marker(name: str) -> str:
+    return f"<!-- results:{name}:end -->"
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text(encoding="utf-8"))
+
+
+def published_ndcg() -> dict[str, dict[str, float]]:
+    """``PUBLISHED`` of ``bench/accuracy.py`` (the published NDCG@10 per dataset), read without importing it."""
+    tree = ast.parse((ROOT / "bench" / "accuracy.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PUBLISHED" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit("bench/accuracy.py has no PUBLISHED table")
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+
+def f4(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def f3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def ratio(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}f}x"
+
+
+def count(x: float) -> str:
+    return f"{round(x):,}"
+
+
+def seconds(x: float) -> str:
+    return f"{x:,.0f} s" if x >= 10 else f"{x:.1f} s"
+
+
+def ms(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def signed_percent(x: float) -> str:
+    return f"{100 * x:+.1f}%".replace("-", "−")
+
+
+def power_of_ten(n: int) -> str:
+    exponent = round(math.log10(n))
+    return f"10^{exponent}" if 10**exponent == n else f"{n:,}"
+
+
+def load_avg(values) -> str:
+    if values is None:
+        return "not recorded"
+    if isinstance(values, (int, float)):
+        return f"{values:.1f}"
+    return " / ".join(f"{v:.1f}" for v in values)
+
+
+def span(values: list[float], fmt: Callable[[float], str]) -> str:
+    low, high = min(values), max(values)
+    return fmt(low) if fmt(low) == fmt(high) else f"{fmt(low)}–{fmt(high)}"
+
+
+def table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+    """A markdown table; ``align`` has one letter per column, ``l`` or ``r``."""
+    rule = ["---" if a == "l" else "---:" for a in align]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+NO_LOAD = object()  # a benchmark that records no load average
+
+
+def measured_on(machine: str, threads=None, load=NO_LOAD, load_note: str = "") -> str:
+    """``Measured on MACHINE, N threads; load average L (note).``"""
+    parts = [machine]
+    if threads is not None:
+        parts.append(f"{threads} threads")
+    line = "Measured on " + ", ".join(parts)
+    if load is NO_LOAD or load is None:
+        line += "; load average not recorded"
+    else:
+        line += f"; load average {load_avg(load)}" + (f" ({load_note})" if load_note else "")
+    return line + "."
+
+
+def platform_machine(m: dict) -> str:
+    cpu = m.get("cpu") or m.get("processor") or "CPU"
+    cores = m.get("cpu_count") or m.get("cores")
+    gpu = m.get("gpu")
+    text = f"{cpu}, {cores} cores" if cores else cpu
+    return text + (f", {gpu}" if gpu else ", no GPU")
+
+
+# -- accuracy --------------------------------------------------------------------------------------
+
+
+def accuracy_config(name: str) -> str:
+    """The config a results name came from: ``ml-1m-40ep`` -> ``configs/ml-1m.yaml``."""
+    parts = name.split("-")
+    for end in range(len(parts), 0, -1):
+        stem = "-".join(parts[:end])
+        if (ROOT / "configs" / f"{stem}.yaml").exists():
+            return stem
+    raise SystemExit(f"no config in configs/ for results {name!r}")
+
+
+def accuracy_command(report: dict) -> str:
+    """The ``bench/accuracy.py`` call that writes ``report`` (its ``--label`` note left out)."""
+    config = accuracy_config(report["name"])
+    args = [f"python bench/accuracy.py --config configs/{config}.yaml"]
+    if report["name"] != config:
+        args.append(f"--name {report['name']}")
+    if report.get("runner", "cli") != "cli":
+        args.append(f"--runner {report['runner']}")
+    if report.get("parallel", 1) != 1:
+        args.append(f"--parallel {report['parallel']}")
+    sizes = [r["size"] for r in report["matryoshka"]["rows"]]
+    separate = [r["size"] for r in report.get("separate", [])]
+    if not separate:
+        args.append("--skip-separate")
+    elif sorted(separate) != sizes:
+        args.append("--separate-sizes " + ",".join(str(s) for s in sorted(separate)))
+    if not report.get("sasrec"):
+        args.append("--skip-sasrec")
+    overrides = list(report.get("overrides", []))
+    for key, value in zip(overrides[::2], overrides[1::2]):
+        if key == "--trainer.max_epochs":
+            args.append(f"--epochs {value}")
+        elif key == "--data.max_len":
+            args.append(f"--max-len {value}")
+        else:
+            args.append(f"--set {key[2:]}={value}")
+    return " ".join(args)
+
+
+def protocol_line(report: dict) -> str:
+    p = report["protocol"]
+    masked = "history masked" if p["mask_seen"] else "history not masked"
+    return (
+        f"Protocol: leave-one-out over {p['users']:,} users, full ranking over {p['items']:,} items, {masked}, "
+        f"max length {p['max_len']}, up to {p['epochs']} epochs; {p['label'].rstrip('.')}."
+    )
+
+
+def source_line(report: dict) -> str:
+    return (
+        f"`{accuracy_command(report)}` → `bench/results/accuracy_{report['name']}.json` "
+        f"({report['date']}). {measured_on(report['machine'], report.get('threads'), None)}"
+    )
+
+
+def accuracy_table(report: dict) -> list[str]:
+    alone = {r["size"]: r for r in report.get("separate", [])}
+    rows = []
+    for r in report["matryoshka"]["rows"]:
+        s = alone.get(r["size"])
+        rows.append([
+            str(r["size"]), count(r["parameters"]),
+            f4(r["ndcg_10"]), f4(s["ndcg_10"]) if s else "",
+            f4(r["recall_10"]), f4(s["recall_10"]) if s else "",
+            signed_percent(r["ndcg_10"] / s["ndcg_10"] - 1) if s else "",
+        ])
+    return table(
+        ["size", "params", "NDCG@10 one Matryoshka run", "NDCG@10 size trained alone",
+         "Recall@10 Matryoshka", "Recall@10 alone", "NDCG@10 Matryoshka vs alone"],
+        "rrrrrrr", rows,
+    )
+
+
+def sasrec_line(report: dict) -> str:
+    r = report["sasrec"]["rows"][-1]
+    return f"Our SASRec at size {r['size']}: NDCG@10 {f4(r['ndcg_10'])}, Recall@10 {f4(r['recall_10'])}."
+
+
+def cost_line(report: dict, what: str) -> str:
+    c = report["cost"]
+    runs = len(report.get("separate", []))
+    return (
+        f"Training cost ({what}): the one Matryoshka run took {seconds(c['matryoshka_wall_s'])} against "
+        f"{seconds(c['separate_wall_s'])} for the {runs} separate runs together, peak memory "
+        f"{c['matryoshka_peak_rss_mb']:,.0f} MB against {c['separate_peak_rss_mb']:,.0f} MB "
+        f"(the largest separate run){'; the runs shared the machine, ' + str(report['parallel']) + ' at a time' if report.get('parallel', 1) > 1 else ''}."
+    )
+
+
+def standard_error(report: dict, key: str = "recall_10") -> float:
+    """Binomial standard error of a per-user hit rate at the full size (one target per user)."""
+    p = report["matryoshka"]["rows"][-1][key]
+    return math.sqrt(p * (1 - p) / report["protocol"]["users"])
+
+
+def block_accuracy_ml1m() -> list[str]:
+    main = load("accuracy_ml-1m-40ep.json")
+    every = load("accuracy_ml-1m.json")
+    long = load("accuracy_ml-1m-long.json")
+    noid = load("accuracy_ml-1m-noid.json")
+    published = published_ndcg()[accuracy_config(main["name"])]
+    lines = [protocol_line(main), source_line(main), ""]
+    lines += accuracy_table(main)
+    lines += [""]
+    lines.append(sasrec_line(main) + " Published (LRURec paper): " +
+                 ", ".join(f"{k} {f4(v)}" for k, v in published.items()) + " NDCG@10.")
+    m_all = {r["size"]: r["ndcg_10"] for r in every["matryoshka"]["rows"]}
+    a_all = {r["size"]: r["ndcg_10"] for r in every["separate"]}
+    sizes = sorted(a_all)
+    lines.append(
+        f"Every size trained alone, in an earlier run (`{accuracy_command(every)}`, "
+        f"`bench/results/accuracy_{every['name']}.json`; {every['protocol']['label'].rstrip('.')}): "
+        f"NDCG@10 of the one run {' / '.join(f4(m_all[s]) for s in sizes)} against alone "
+        f"{' / '.join(f4(a_all[s]) for s in sizes)} at sizes {' / '.join(str(s) for s in sizes)}."
+    )
+    # the honest summary, as numbers
+    full = main["matryoshka"]["rows"][-1]["size"]
+    best_alone = max([*every["separate"], *main["separate"]], key=lambda r: r["ndcg_10"])
+    best_pub = max(published.values())
+    low_pub = min(published.values())
+    sasrec_ours = [rep["sasrec"]["rows"][-1]["ndcg_10"] for rep in (main, every, long) if rep.get("sasrec")]
+    gaps = [m_all[s] / a_all[s] - 1 for s in sizes]
+    gaps += [r["ndcg_10"] / a["ndcg_10"] - 1 for r in main["matryoshka"]["rows"]
+             for a in main["separate"] if a["size"] == r["size"]]
+    worst = min(sizes, key=lambda s: m_all[s] / a_all[s])
+    lines += [
+        "",
+        f"- Best model of any size (size {best_alone['size']} trained alone): NDCG@10 {f4(best_alone['ndcg_10'])}, "
+        f"{f4(low_pub - best_alone['ndcg_10'])}–{f4(best_pub - best_alone['ndcg_10'])} below the published figures "
+        f"(the goal of matching them: {'met' if best_alone['ndcg_10'] >= low_pub else 'not met'}).",
+        f"- Our SASRec at size {full} in the {len(sasrec_ours)} runs: NDCG@10 {span(sasrec_ours, f4)}, "
+        f"{f4(published['SASRec'] - max(sasrec_ours))}–{f4(published['SASRec'] - min(sasrec_ours))} below the published SASRec.",
+        f"- The one Matryoshka run against the same size trained alone, over both runs: "
+        f"{percent(-max(gaps))} to {percent(-min(gaps))} lower NDCG@10 (the largest gap at size {worst}).",
+        f"- Without item-ID embeddings (text and genres only, `bench/results/accuracy_{noid['name']}.json`) "
+        f"the one run reaches NDCG@10 {f4(noid['matryoshka']['rows'][-1]['ndcg_10'])} at size "
+        f"{noid['matryoshka']['rows'][-1]['size']}.",
+        f"- With up to {long['protocol']['epochs']} epochs allowed (`bench/results/accuracy_{long['name']}.json`; "
+        f"{long['protocol']['label'].rstrip('.')}) the runs stopped after "
+        f"{span([long['matryoshka']['epochs'], *[r['epochs'] for r in long['separate']], long['sasrec']['epochs']], str)} epochs.",
+        f"- {cost_line(main, 'the run above')}",
+        f"- {cost_line(every, 'the earlier run')}",
+        f"- Noise: the standard error of Recall@10 at size {full} is about {f3(standard_error(main))} "
+        f"({main['protocol']['users']:,} test users).",
+    ]
+    return lines
+
+
+def block_accuracy_lastfm() -> list[str]:
+    report = load("accuracy_lastfm.json")
+    lines = [protocol_line(report), source_line(report), ""]
+    lines += accuracy_table(report)
+    lines += ["", sasrec_line(report)]
+    ml = load("accuracy_ml-1m-40ep.json")
+    lines += [
+        "",
+        f"- Noise: the standard error of Recall@10 is about {f3(standard_error(report))} here "
+        f"({report['protocol']['users']:,} test users), against {f3(standard_error(ml))} on MovieLens-1M.",
+        f"- Epochs trained: one run {report['matryoshka']['epochs']}, alone "
+        + ", ".join(f"{r['epochs']} (size {r['size']})" for r in report["separate"])
+        + (f", SASRec {report['sasrec']['epochs']}" if report.get("sasrec") else "") + ".",
+        f"- {cost_line(report, 'this run')}",
+    ]
+    return lines
+
+
+# -- loss ------------------------------------------------------------------------------------------
+
+
+def block_loss() -> list[str]:
+    d = load("loss.json")
+    spec = d["spec"]
+    m = d["machine"]
+    memory = d["peak_memory"]
+    timings = d["timings_by_threads"]
+    threads = sorted(timings, key=int)
+    variants = [v for v in memory if v != "largest_alone"]
+
+    def label(v: str) -> str:
+        name, _, rows = v.partition("@")
+        text = {"naive_all": "naive, all sizes", "flat_all": "memory-flat, all sizes",
+                "flat_largest": "memory-flat, largest size only"}.get(name)
+        if text is None and name.startswith("flat_top"):
+            text = f"memory-flat, largest {name[len('flat_top'):]} sizes"
+        text = text or name
+        return f"{text}, blocks of {int(rows):,} rows" if rows else text
+
+    rows = []
+    for v in variants:
+        row = [label(v), ratio(memory[v]["memory_ratio"])]
+        row += [ratio(timings[t]["variants"][v]["time_ratio"]) if v in timings[t]["variants"] else "" for t in threads]
+        rows.append(row)
+    header = ["loss", "peak memory"] + [f"step time, {t} thread{'s' if t != '1' else ''}" for t in threads]
+    grads = d.get("flat_vs_naive", {})
+    lines = [
+        f"`{d['command']}` → `bench/results/loss.json`: {spec['positions']:,} positions, {spec['items']:,} items, "
+        f"D={spec['sizes'][-1]}, {len(spec['sizes'])} sizes; median of {d['repeats']} steps, each a ratio to the "
+        f"largest size alone ({ms(timings[threads[0]]['variants']['largest_alone']['step_ms_median'])} ms with "
+        f"{threads[0]} thread{'s' if threads[0] != '1' else ''}, {memory['largest_alone']['peak_mib']:.0f} MiB). "
+        + measured_on(f"{m['cpu']}, {m['cores']} cores, no GPU", load=d.get("load_average_before"),
+                      load_note="1 / 5 / 15 minutes"),
+        "",
+    ]
+    lines += table(header, "l" + "r" * (len(header) - 1), rows)
+    if grads:
+        same_loss = "identical" if grads["loss_abs_diff"] == 0 else f"equal to {grads['loss_abs_diff']:.0e}"
+        lines += ["", f"Gradients of the memory-flat loss equal the naive loss's to {grads['d_user_max_abs_diff']:.0e}; "
+                      f"losses {same_loss}."]
+    flat = [v for v in variants if v.startswith("flat_all@")]
+    block_rows = {v: f"{int(v.split('@')[1]):,}" for v in flat}
+    met_memory = [block_rows[v] for v in flat if memory[v]["memory_ratio"] <= LOSS_MEMORY_GOAL]
+    missed_memory = [block_rows[v] for v in flat if memory[v]["memory_ratio"] > LOSS_MEMORY_GOAL]
+    memory_text = f"Goal peak memory ≤ {LOSS_MEMORY_GOAL}x: "
+    memory_text += f"met with blocks of {', '.join(met_memory)} rows" if met_memory else "not met"
+    memory_text += f", not with {', '.join(missed_memory)}" if met_memory and missed_memory else ""
+    time_parts = []
+    for t in threads:
+        best = min(timings[t]["variants"][v]["time_ratio"] for v in flat)
+        verdict = "met" if best <= LOSS_TIME_GOAL else "not met"
+        time_parts.append(f"{t} thread{'s' if t != '1' else ''} best {ratio(best)} ({verdict})")
+    lines.append(f"{memory_text}. Goal step time ≤ {LOSS_TIME_GOAL}x: " + "; ".join(time_parts) + ".")
+    per_thread_load = [f"{t}: {load_avg(timings[t].get('load_average_before'))}" for t in threads]
+    lines.append("Load average before the timings, by threads (1 / 5 / 15 minutes): " + "; ".join(per_thread_load) + ".")
+    return lines
+
+
+# -- retrieval -------------------------------------------------------------------------------------
+
+
+def block_retrieval() -> list[str]:
+    d = load("retrieval.json")
+    s = d["settings"]
+    m = d["machine"]
+    largest = max(d["results"], key=lambda r: r["num_items"])
+    n = power_of_ten(largest["num_items"])
+    k = s["k"]
+    lines = [
+        f"`python bench/retrieval.py` → `bench/results/retrieval.json`: synthetic Matryoshka item matrices "
+        f"of {', '.join(power_of_ten(c) for c in s['catalogues'])} items, D={max(s['sizes'])} (tower: "
+        f"{largest['tower']}), {s['queries']} queries per batch, recall@{k} of the exact full-size top-{k}. "
+        + measured_on(f"{m['cpu']}, {m['cpu_count']} cores, {m.get('faiss_gpus', 0)} GPUs", m.get("threads"),
+                      [m["load_average_1m"], d.get("load_average_1m_at_end")] if "load_average_1m" in m else None,
+                      "1 minute, at start / end"),
+        "",
+    ]
+    fun = largest["funnel"]
+    reaching = [f for f in fun if f["recall_full"] >= FUNNEL_RECALL_TARGET]
+    if reaching:
+        best = max(reaching, key=lambda f: f["speedup_vs_exact_torch_topk"])
+        lines.append(
+            f"**At {n} items, the fastest funnel reaching recall@{k} ≥ {FUNNEL_RECALL_TARGET}**: a {best['prefix']}-dim "
+            f"{best['prefix_index']} shortlist of {best['shortlist']:,} re-ranked at {best['rerank_dims'][-1]} finds "
+            f"{f3(best['recall_full'])} of the exact top-{k} at **{ratio(best['speedup_vs_exact_torch_topk'], 1)} the speed of "
+            f"exact `torch.topk` search**, the faster exact baseline here ({ratio(best['speedup_vs_exact_faiss_flat'], 1)} "
+            f"that of exact faiss flat search)."
+        )
+    else:
+        lines.append(f"At {n} items no funnel setting reached recall@{k} ≥ {FUNNEL_RECALL_TARGET}.")
+    lines.append(
+        f"Exact full-size search of one batch at {n} items: `torch.topk` {ms(largest['exact_full_torch_topk_ms'])} ms, "
+        f"faiss flat {ms(largest['exact_full_faiss_flat_ms'])} ms."
+    )
+    lines += [""]
+    rows = [[str(f["prefix"]), f["prefix_index"], f"{f['shortlist']:,}", f3(f["recall_full"]), ms(f["latency_ms"]),
+             ratio(f["speedup_vs_exact_torch_topk"]), ratio(f["speedup_vs_exact_faiss_flat"])] for f in fun]
+    lines += table(["prefix", "prefix index", "shortlist", f"recall@{k}", "ms per batch", "speed-up vs torch.topk",
+                    "speed-up vs faiss flat"], "rlrrrrr", rows)
+    lines += ["", f"Index types at {n} items (recall@{k} of the exact full-size top-{k}, and of the exact top-{k} at "
+                  "the same size):", ""]
+    rows = [[str(i["size"]), i["kind"], f3(i["recall_full"]), f3(i["recall_same_size"]), ms(i["latency_ms"]),
+             seconds(i["build_s"])] for i in largest["indexes"]]
+    lines += table(["size", "index", "recall full", "recall same size", "ms per batch", "build"], "rlrrrr", rows)
+    lines += ["", "Exact search, faiss flat time over `torch.topk` time, per catalogue and size:", ""]
+    sizes = s["sizes"]
+    rows = []
+    for res in d["results"]:
+        by_size = {r["size"]: r for r in res["torch_vs_faiss"]}
+        rows.append([power_of_ten(res["num_items"])] + [ratio(1 / by_size[z]["torch_over_faiss"], 1) if z in by_size else ""
+                                                       for z in sizes])
+    lines += table(["items"] + [f"size {z}" for z in sizes], "r" * (len(sizes) + 1), rows)
+    return lines
+
+
+# -- the other benchmarks --------------------------------------------------------------------------
+
+
+def block_candidates() -> list[str]:
+    d = load("candidates.json")
+    m = d["machine"]
+    rows = [[power_of_ten(r["num_items"]), str(r["size"]), f"{r['users']:,}", f"{r['users_per_s']:,.0f}",
+             f"{r['floor_users_per_s']:,.0f}", percent(r["fraction_of_floor"]), percent(r["encode_share"]),
+             percent(r["search_share"])] for r in d["rows"]]
+    users = sorted({(r["num_items"], r["users"]) for r in d["rows"]})
+    small, large = users[0][1], users[-1][1]
+    lines = [
+        f"`python bench/candidates.py --users {small} --users-large {large}` → `bench/results/candidates.json`: "
+        f"top-{d['k']} per user, batches of {d['batch_size']:,}; {d['note']}. "
+        + measured_on(platform_machine(m), m.get("torch_threads"), m.get("load_average"), "1 / 5 / 15 minutes")
+        + f" Matrix-product rate {d['matmul_gflops']:.1f} GFLOP/s at the start, {d['matmul_gflops_at_end']:.1f} at the end.",
+        "",
+    ]
+    lines += table(["items", "size", "users", "users/s", "floor users/s", "of floor", "encode", "search"],
+                   "rrrrrrrr", rows)
+    return lines
+
+
+def block_prepare() -> list[str]:
+    d = load("prepare.json")
+    m = d["machine"]
+    r = d["results"]
+    names = {"ml1m": "MovieLens-1M", "generate": "write a synthetic log", "prepare_synthetic": "prepare the synthetic log"}
+    rows = []
+    for key, v in r.items():
+        copies = f"{v['own_peak_in_copies']:.1f}" if "own_peak_in_copies" in v else ""
+        rows.append([names.get(key, key), f"{v['events']:,}", seconds(v["seconds_median"]), f"{v['runs']}",
+                     f"{v['own_peak_mb']:,.0f}", copies])
+    lines = [
+        f"`python bench/prepare.py --events {d['events']}` → `bench/results/prepare.json`: {d['note']}. "
+        + measured_on(f"{m['processor']}, {m['cpu_count']} cores", m.get("polars_threads"),
+                      [m["load_average_1m_at_start"], m["load_average_1m"]] if "load_average_1m" in m else None,
+                      "1 minute, at start / end"),
+        "",
+    ]
+    lines += table(["job", "events", "wall time (median)", "runs", "own peak MB", "peak in copies of the raw log"],
+                   "lrrrrr", rows)
+    return lines
+
+
+def block_encoders() -> list[str]:
+    d = load("encoders.json")
+    m = d["machine"]
+    names = ("lru", "mamba", "sasrec")
+    rows = []
+    for r in d["rows"]:
+        row = [str(r["batch"]), str(r["length"]), str(r["width"])]
+        row += [f"{ms(r[e]['step_ms'])} / {r[e]['peak_mib']:,.0f}" for e in names]
+        rows.append(row)
+    scan = d["selective_scan"]
+    lines = [
+        f"`python bench/encoders.py` → `bench/results/encoders.json`: one training step, median of {d['repeats']}; "
+        f"peak memory is {d['peak_memory']}. "
+        + measured_on(f"{m['device']}, {m['cpu_count']} cores", m.get("threads"), m.get("load_average")),
+        "",
+    ]
+    lines += table(["batch", "length", "width", "LRU ms / MiB", "Mamba ms / MiB", "SASRec ms / MiB"], "rrrrrr", rows)
+    lines += [
+        "",
+        f"Selective scan (batch {scan['batch']}, length {scan['length']}, {scan['channels']} channels, state "
+        f"{scan['d_state']}, {scan['groups']} groups): our chunked scan {ms(scan['chunked_ms'])} ms against "
+        f"{ms(scan['step_by_step_ms'])} ms step by step, {ratio(scan['step_by_step_ms'] / scan['chunked_ms'], 1)} faster, "
+        f"outputs equal to {scan['max_abs_diff']:.0e}.",
+    ]
+    if d.get("not_measured"):
+        lines.append("Not measured: " + ", ".join(map(str, d["not_measured"])) + ".")
+    return lines
+
+
+def block_nested_linear() -> list[str]:
+    d = load("nested_linear.json")
+    m = d["machine"]
+    rows = [[f"{c['rows']:,}", ", ".join(map(str, c["sizes"])), f"{c['out_mult']}", ms(c["masked_ms"]), ms(c["blocks_ms"]),
+             ratio(c["blocks_over_masked"])] for c in d["cases"]]
+    lines = [
+        f"`python bench/nested_linear.py` → `bench/results/nested_linear.json`: forward and backward, median of "
+        f"{d['repeats']}, on {d['device']}. "
+        + measured_on(f"{m['cpu_count']} cores", d.get("threads"), m.get("load_average_1m"), "1 minute"),
+        "",
+    ]
+    lines += table(["rows", "sizes", "expansion", "one masked product ms", "per-chunk products ms", "per-chunk / masked"],
+                   "rlrrrr", rows)
+    over = [c["blocks_over_masked"] for c in d["cases"]]
+    lines += ["", f"One masked product is {span(over, lambda x: ratio(x, 1))} faster than per-chunk products "
+                  f"({'in every case' if min(over) > 1 else 'not in every case'}), so it is the default."]
+    return lines
+
+
+def block_machines() -> list[str]:
+    rows = []
+    for name in ("accuracy_ml-1m-40ep.json", "accuracy_lastfm.json"):
+        r = load(name)
+        rows.append([f"`{name}`", r["machine"], str(r.get("threads", "")), "not recorded", r.get("date", "")])
+    loss = load("loss.json")
+    rows.append(["`loss.json`", f"{loss['machine']['cpu']}, {loss['machine']['cores']} cores", str(loss["spec"]["threads"]),
+                 load_avg(loss.get("load_average_before")), ""])
+    ret = load("retrieval.json")
+    rows.append(["`retrieval.json`", platform_machine(ret["machine"]), str(ret["machine"]["threads"]),
+                 load_avg(ret["machine"].get("load_average_1m")), ""])
+    cand = load("candidates.json")
+    rows.append(["`candidates.json`", platform_machine(cand["machine"]), str(cand["machine"]["torch_threads"]),
+                 load_avg(cand["machine"].get("load_average")), ""])
+    prep = load("prepare.json")
+    rows.append(["`prepare.json`", f"{prep['machine']['processor']}, {prep['machine']['cpu_count']} cores",
+                 str(prep["machine"]["polars_threads"]), load_avg(prep["machine"].get("load_average_1m_at_start")), ""])
+    enc = load("encoders.json")
+    rows.append(["`encoders.json`", f"{enc['machine']['device']}, {enc['machine']['cpu_count']} cores",
+                 str(enc["machine"]["threads"]), load_avg(enc["machine"].get("load_average")), ""])
+    nl = load("nested_linear.json")
+    rows.append(["`nested_linear.json`", f"{nl['device']}, {nl['machine']['cpu_count']} cores", str(nl["threads"]),
+                 load_avg(nl["machine"].get("load_average_1m")), ""])
+    return table(["results", "machine", "threads", "load average at start", "date"], "llrll", rows)
+
+
+BLOCKS: dict[str, Callable[[], list[str]]] = {
+    "machines": block_machines,
+    "accuracy-ml-1m": block_accuracy_ml1m,
+    "accuracy-lastfm": block_accuracy_lastfm,
+    "loss": block_loss,
+    "retrieval": block_retrieval,
+    "encoders": block_encoders,
+    "candidates": block_candidates,
+    "prepare": block_prepare,
+    "nested-linear": block_nested_linear,
+}
+
+
+# -- the README ------------------------------------------------------------------------------------
+
+
+def section_bounds(readme: str) -> tuple[int, int]:
+    """Start and end offsets of the Measured results section (up to the next ``## `` heading)."""
+    start = readme.find(SECTION + "\n")
+    if start < 0:
+        raise SystemExit(f"README.md has no '{SECTION}' section")
+    end = readme.find("\n## ", start + len(SECTION))
+    return start, len(readme) if end < 0 else end + 1
+
+
+def render(readme: str) -> str:
+    """``readme`` with every generated block of the Measured results section rewritten."""
+    start, end = section_bounds(readme)
+    section = readme[start:end]
+    for name, build in BLOCKS.items():
+        begin, finish = start_marker(name), end_marker(name)
+        if section.count(begin) != 1 or section.count(finish) != 1:
+            raise SystemExit(f"README.md's '{SECTION}' section needs exactly one {begin} ... {finish} pair")
+        before, rest = section.split(begin, 1)
+        _, after = rest.split(finish, 1)
+        section = f"{before}{begin}\n" + "\n".join(build()) + f"\n{finish}{after}"
+    return readme[:start] + section + readme[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the README differs")
+    parser.add_argument("--readme", type=Path, default=README, help="the README to rewrite or check")
+    args = parser.parse_args(argv)
+    readme = args.readme.read_text(encoding="utf-8")
+    updated = render(readme)
+    if args.check:
+        if updated != readme:
+            print(f"{args.readme}: the measured results are out of date: run python tools/results_tables.py",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.readme}: the measured results are up to date")
+        return 0
+    if updated != readme:
+        args.readme.write_text(updated, encoding="utf-8")
+        print(f"rewrote {len(BLOCKS)} blocks in {args.readme}")
+    else:
+        print(f"{args.readme}: already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
