@@ -544,6 +544,7 @@ def block_machines() -> list[str]:
     nl = load("nested_linear.json")
     rows.append(["`nested_linear.json`", f"{nl['device']}, {nl['machine']['cpu_count']} cores", str(nl["threads"]),
                  load_avg(nl["machine"].get("load_average_1m")), ""])
+    rows = [[cell or "not recorded" for cell in row] for row in rows]
     return table(["results", "machine", "threads", "load average at start", "date"], "llrll", rows)
 
 
