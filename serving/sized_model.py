@@ -2,11 +2,12 @@
 
 An export directory holds (see ``serving/export.py``):
 
-- ``manifest.json``: size, encoder name and options, parameter count, source, data stats, index
-  settings, and the sha256 of every other file;
+- ``manifest.json``: size, encoder name and options, parameter count, source, data stats, the
+  retriever and its settings, and the sha256 of every other file;
 - ``model.safetensors``: the encoder cut to the size, and the item matrix ``Z[:, :size]``;
 - ``items.parquet``: ``row`` (1..N), ``item_id`` (the catalogue's original ids), ``popularity``;
-- ``index.faiss``: the retrieval index over ``Z[1:, :size]`` (row r of the index is item row r+1).
+- ``index.faiss``: the faiss index of the retriever the manifest names (``"retriever"``, see
+  ``serving/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1).
 
 Every file is checked against the manifest's checksums before anything is used.
 """
@@ -93,9 +94,14 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
 
 
 class SizedRecommender:
-    """The size-``s`` model: encodes histories and recommends from the item matrix ``Z[:, :s]``."""
+    """The size-``s`` model: encodes histories and recommends from the item matrix ``Z[:, :s]``.
+
+    ``retriever`` (a :class:`serving.retrieval.Retriever`, the one the manifest names) searches
+    ``Z[1:, :s]``; its row ``r`` is item row ``r + 1``.
+    """
 
     def __init__(self, directory: str | Path, device: str | torch.device = "cpu", use_index: bool = True):
+        """Load an export; ``use_index=False`` searches exactly with torch instead of its retriever."""
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         m = self.manifest
@@ -115,17 +121,11 @@ class SizedRecommender:
         self.item_ids: list[Hashable] = items["item_id"].to_list()
         self.popularity = torch.from_numpy(items["popularity"].to_numpy().astype(np.float32))
         self._row_of = {item: row for row, item in enumerate(self.item_ids, start=1)}
-        self.index = None
-        if use_index and (self.directory / "index.faiss").is_file():
-            from serving.index import FunnelSearch, FunnelSpec, IndexSpec, load_index
+        from serving.retrieval import ExactRetriever, load_retriever, retriever_entry
 
-            spec = IndexSpec.from_dict(m["index"])
-            funnel = FunnelSpec.from_dict(m["funnel"]) if m.get("funnel") else None
-            dim = funnel.prefix if funnel else self.size
-            self.index = load_index(self.directory / "index.faiss", spec, num_items=m["num_items"], dim=dim)
-            if funnel is not None:  # shortlist with the prefix index, re-rank exactly at this size
-                vectors = self.item_matrix[1:].cpu().numpy()
-                self.index = FunnelSearch(vectors, spec=funnel, prefix_index=self.index)
+        entry = retriever_entry(m) if use_index else {"kind": ExactRetriever.kind}
+        # rows 0..N-1 of the retriever are item rows 1..N (row 0 is padding)
+        self.retriever = load_retriever(self.directory, entry, self.item_matrix[1:])
 
     @property
     def num_parameters(self) -> int:
@@ -185,22 +185,8 @@ class SizedRecommender:
         users = self.encode_rows(rows)
         empty = torch.tensor([len(r) == 0 for r in rows], device=self.device)
         exclude = [np.asarray(r, dtype=np.int64) - 1 for r in rows] if exclude_seen else None
-        if self.index is not None:
-            from serving.index import FunnelSearch, search
-
-            queries = users.cpu().numpy().astype(np.float32)
-            if isinstance(self.index, FunnelSearch):
-                scores, idx = self.index.search(queries, k, exclude=exclude)
-            else:
-                scores, idx = search(self.index, queries, k, exclude=exclude)
-            top_rows = idx + 1
-        else:
-            logits = users @ self.item_matrix[1:].T
-            if exclude is not None:
-                for i, r in enumerate(exclude):
-                    logits[i, torch.as_tensor(r, dtype=torch.long, device=self.device)] = -torch.inf
-            s, i = logits.topk(k, dim=1)
-            scores, top_rows = s.cpu().numpy(), i.cpu().numpy() + 1
+        scores, idx = self.retriever.search(users, k, exclude=exclude)
+        top_rows = idx + 1  # a -1 (no result) becomes 0, which recommend() drops
         if bool(empty.any()):
             popular = torch.topk(self.popularity, k)
             for i in torch.nonzero(empty).flatten().tolist():
