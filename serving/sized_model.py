@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -98,7 +99,14 @@ class SizedRecommender:
 
     ``retriever`` (a :class:`serving.retrieval.Retriever`, the one the manifest names) searches
     ``Z[1:, :s]``; its row ``r`` is item row ``r + 1``.
+
+    ``stage_seconds`` adds up the wall time :meth:`recommend_rows` spends encoding histories
+    (``"encode"``) and searching (``"search"``), for instrumentation; :attr:`on_load` lists
+    callables run with every recommender once it is loaded (empty unless a caller, e.g. a benchmark
+    that only gets to name an export directory, appends one to reach the instance).
     """
+
+    on_load: ClassVar[list[Callable[[SizedRecommender], None]]] = []
 
     def __init__(self, directory: str | Path, device: str | torch.device = "cpu", use_index: bool = True):
         """Load an export; ``use_index=False`` searches exactly with torch instead of its retriever."""
@@ -126,6 +134,9 @@ class SizedRecommender:
         entry = retriever_entry(m) if use_index else {"kind": ExactRetriever.kind}
         # rows 0..N-1 of the retriever are item rows 1..N (row 0 is padding)
         self.retriever = load_retriever(self.directory, entry, self.item_matrix[1:])
+        self.stage_seconds = {"encode": 0.0, "search": 0.0}
+        for hook in list(self.on_load):
+            hook(self)
 
     @property
     def num_parameters(self) -> int:
@@ -182,10 +193,15 @@ class SizedRecommender:
         """Top-``k`` item rows and scores; histories with no known item get the most popular items."""
         if k < 1 or k > len(self.item_ids):
             raise ValueError(f"k must be between 1 and the catalogue size {len(self.item_ids)}, got {k}")
+        started = time.perf_counter()
         users = self.encode_rows(rows)
+        encoded = time.perf_counter()
         empty = torch.tensor([len(r) == 0 for r in rows], device=self.device)
         exclude = [np.asarray(r, dtype=np.int64) - 1 for r in rows] if exclude_seen else None
+        searching = time.perf_counter()
         scores, idx = self.retriever.search(users, k, exclude=exclude)
+        self.stage_seconds["encode"] += encoded - started
+        self.stage_seconds["search"] += time.perf_counter() - searching
         top_rows = idx + 1  # a -1 (no result) becomes 0, which recommend() drops
         if bool(empty.any()):
             popular = torch.topk(self.popularity, k)
