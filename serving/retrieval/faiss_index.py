@@ -297,9 +297,9 @@ def _apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
 def build_index(vectors: np.ndarray, spec: IndexSpec | None = None) -> faiss.Index:
     """A CPU faiss inner-product index over the rows of ``vectors`` (float32 ``(N, s)``).
 
-    Row ``r`` of ``vectors`` is result row ``r`` (see the module docstring). IVF kinds train
-    k-means (and PQ codebooks) on ``spec.train_size`` rows sampled with ``spec.seed``, so the same
-    inputs give the same index. Catalogues of 10^6 rows or more show a progress bar while adding.
+    Row ``r`` of ``vectors`` is result row ``r`` (the row convention of :mod:`serving.retrieval`).
+    IVF kinds train k-means (and PQ codebooks) on ``spec.train_size`` rows sampled with
+    ``spec.seed``, so the same inputs give the same index. Catalogues of 10^6 rows or more show a progress bar while adding.
     """
     spec = spec or IndexSpec()
     x = as_matrix("vectors", vectors)
