@@ -5,7 +5,7 @@ For each catalogue size (10^5 and 10^6 items) and each Matryoshka size ``s``, th
 interaction log, and its users per second are set against the floor set by arithmetic: exact
 top-k over ``N`` items costs at least ``2 * N * s`` flops per user, so at the machine's float32
 matrix-product rate ``R`` (measured in the same run, a square torch matmul) no job can do more than
-``R / (2 N s)`` users per second. Alongside, ``search only`` times the faiss flat search alone on
+``R / (2 N s)`` users per second. Alongside, ``search only`` times the export's retriever (faiss flat) alone on
 random user vectors (k=100, no exclusion), to show how much of the job is the search itself.
 
 Each run is checked complete: every input user exactly once in the output, with k rows each.
@@ -51,10 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsys.data.item_features import ItemFeatures  # noqa: E402
 from recsys.model import MatryoshkaRecommender  # noqa: E402
-import serving.index  # noqa: E402
 from serving.candidates import generate_candidates  # noqa: E402
 from serving.export import export_size  # noqa: E402
-from serving.index import search  # noqa: E402
 from serving.sized_model import SizedRecommender, load  # noqa: E402
 from results_file import write_json  # bench/results_file.py (the script directory is on sys.path)
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
@@ -106,49 +104,42 @@ def make_exports(num_items: int, sizes: tuple[int, ...], out: Path, seed: int = 
 
 
 def search_only_users_per_s(export: Path, k: int, batch: int, repeats: int = 3) -> float:
-    """faiss flat search alone: random user vectors, batches of ``batch``, no exclusion."""
-    model = load(export)
-    queries = np.random.default_rng(0).standard_normal((batch, model.size)).astype(np.float32)
-    search(model.index, queries, k)
+    """The export's retriever (faiss flat) alone: random user vectors, batches of ``batch``, no exclusion."""
+    retriever = load(export).retriever
+    queries = np.random.default_rng(0).standard_normal((batch, retriever.dim)).astype(np.float32)
+    retriever.search(queries, k)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        search(model.index, queries, k)
+        retriever.search(queries, k)
         times.append(time.perf_counter() - start)
     return batch / statistics.median(times)
 
 
 class StageTimer:
-    """Adds up the time the job spends encoding histories and searching the index.
+    """Adds up the time the job spends encoding histories and searching, over a ``with`` block.
 
-    Wraps ``SizedRecommender.encode_rows`` and ``serving.index.search`` (which ``recommend_rows``
-    looks up at each call) for the duration of a ``with`` block; the rest of the job's time is
-    reading, grouping, fallback, exclusion bookkeeping and writing.
+    The job loads its own ``SizedRecommender``; :attr:`SizedRecommender.on_load` hands it to us, and
+    its ``stage_seconds`` count the two stages of ``recommend_rows``. The rest of the job's time
+    is reading, grouping, fallback, exclusion bookkeeping and writing.
     """
 
     def __enter__(self) -> "StageTimer":
-        self.encode_s = self.search_s = 0.0
-        self._encode, self._search = SizedRecommender.encode_rows, serving.index.search
-
-        def encode_rows(model, rows):
-            start = time.perf_counter()
-            try:
-                return self._encode(model, rows)
-            finally:
-                self.encode_s += time.perf_counter() - start
-
-        def timed_search(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return self._search(*args, **kwargs)
-            finally:
-                self.search_s += time.perf_counter() - start
-
-        SizedRecommender.encode_rows, serving.index.search = encode_rows, timed_search
+        self.models: list[SizedRecommender] = []
+        self._hook = self.models.append
+        SizedRecommender.on_load.append(self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
-        SizedRecommender.encode_rows, serving.index.search = self._encode, self._search
+        SizedRecommender.on_load.remove(self._hook)
+
+    @property
+    def encode_s(self) -> float:
+        return sum(m.stage_seconds["encode"] for m in self.models)
+
+    @property
+    def search_s(self) -> float:
+        return sum(m.stage_seconds["search"] for m in self.models)
 
 
 def check_complete(out: Path, num_users: int, k: int) -> dict:

@@ -2,7 +2,7 @@
 
 For catalogues of 10^4, 10^5 and 10^6 items and each size ``s`` in (32, 64, 128, 256):
 
-- per index kind (flat, ivf_flat, hnsw, ivf_pq, default settings of ``serving.index.IndexSpec``):
+- per index kind (flat, ivf_flat, hnsw, ivf_pq, default settings of ``serving.retrieval.IndexSpec``):
   build time, latency per batch of 256 queries at k=100 (median over repeats), recall@100 of the
   exact *full-size* top-100 (what the size-s model loses, truncation plus index) and of the exact
   size-s top-100 (what the index alone loses);
@@ -47,13 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_file import write_json  # bench/results_file.py (the script directory is on sys.path)
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
-from serving.index import (  # noqa: E402
+from serving.retrieval import (  # noqa: E402
     KINDS,
-    FunnelSearch,
+    FaissRetriever,
+    FunnelRetriever,
+    FunnelSpec,
     IndexSpec,
-    build_index,
     recall_at_k,
-    search,
     torch_topk,
 )
 
@@ -183,8 +183,9 @@ def hnsw_allowed(n: int, size: int, args) -> bool:
     return n < 1_000_000 or size in args.hnsw_sizes_at_1m
 
 
-def sweep(index, spec: IndexSpec, queries, k, repeats, truth_full, truth_same, n) -> list[dict]:
+def sweep(retriever: FaissRetriever, queries, k, repeats, truth_full, truth_same, n) -> list[dict]:
     """Recall and latency of an approximate index over its search-time knob (nprobe, ef_search)."""
+    index, spec = retriever.index, retriever.spec
     if spec.kind in ("ivf_flat", "ivf_pq"):
         name, values = "nprobe", sorted({max(1, spec.nlist // f) for f in (32, 16, 8, 4)})
     elif spec.kind == "hnsw":
@@ -198,8 +199,8 @@ def sweep(index, spec: IndexSpec, queries, k, repeats, truth_full, truth_same, n
             index.nprobe = value
         else:
             index.hnsw.efSearch = value
-        latency = median_time(lambda: search(index, queries, k), repeats)
-        _, rows = search(index, queries, k)
+        latency = median_time(lambda: retriever.search(queries, k), repeats)
+        _, rows = retriever.search(queries, k)
         rows_out.append({
             "size": queries.shape[1], "kind": spec.kind, "param": name, "value": value,
             "default": value == default, "latency_ms": 1e3 * latency,
@@ -236,10 +237,10 @@ def bench_catalogue(n: int, args) -> dict:
                 continue
             spec = IndexSpec(kind).resolve(n, s)
             start = time.perf_counter()
-            index = build_index(zs, spec)
+            index = FaissRetriever.build(zs, spec)
             build_s = time.perf_counter() - start
-            latency = median_time(lambda: search(index, qs, k), repeats)
-            _, rows = search(index, qs, k)
+            latency = median_time(lambda: index.search(qs, k), repeats)
+            _, rows = index.search(qs, k)
             row = {
                 "size": s,
                 "kind": kind,
@@ -250,7 +251,7 @@ def bench_catalogue(n: int, args) -> dict:
                 "recall_same_size": recall_at_k(rows, truth_s),
             }
             result["indexes"].append(row)
-            result["sweeps"].extend(sweep(index, spec, qs, k, repeats, truth_full, truth_s, n))
+            result["sweeps"].extend(sweep(index, qs, k, repeats, truth_full, truth_s, n))
             if s in args.funnel_prefixes and kind in args.funnel_index_kinds:
                 prefix_indexes[s, kind] = (index, build_s)  # the funnel's stage 0 is this very index
             logger.info("N=%d s=%d %-8s build %.1fs latency %.1fms recall full %.3f same-size %.3f",
@@ -268,10 +269,10 @@ def bench_catalogue(n: int, args) -> dict:
             del index
 
     if exact_index is None:  # flat at full size was not in the run: build it for the funnel
-        exact_index = build_index(z, IndexSpec("flat"))
+        exact_index = FaissRetriever.build(z, IndexSpec("flat"))
 
     def time_exact() -> tuple[float, float]:
-        return (median_time(lambda: search(exact_index, queries, k), repeats),
+        return (median_time(lambda: exact_index.search(queries, k), repeats),
                 median_time(lambda: torch_topk(queries, z, k), repeats))
 
     # Exact full-size search is timed right before and right after the funnel runs, so that the
@@ -285,11 +286,11 @@ def bench_catalogue(n: int, args) -> dict:
                 continue
             if (prefix, prefix_kind) not in prefix_indexes:
                 start = time.perf_counter()
-                index = build_index(np.ascontiguousarray(z[:, :prefix]), prefix_spec)
+                index = FaissRetriever.build(np.ascontiguousarray(z[:, :prefix]), prefix_spec)
                 prefix_indexes[prefix, prefix_kind] = (index, time.perf_counter() - start)
             prefix_index, build_s = prefix_indexes.pop((prefix, prefix_kind))
             for shortlist in args.funnel_shortlists:
-                funnel = FunnelSearch(z, prefix, shortlist, WIDTH, index=prefix_spec, prefix_index=prefix_index)
+                funnel = FunnelRetriever(z, FunnelSpec(prefix, shortlist, WIDTH, index=prefix_spec), prefix_index)
                 latency = median_time(lambda: funnel.search(queries, k), repeats)
                 _, rows = funnel.search(queries, k)
                 row = {

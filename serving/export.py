@@ -102,7 +102,7 @@ def export_size(
         raise ExportError(f"item_dtype must be float32 or float16, got {item_dtype!r}")
     from recsys.nn.item_tower import FixedItemMatrix
     from recsys.nn.recommender import SequentialRecommender
-    from serving.index import FunnelSpec, IndexSpec, build_index, save_index
+    from serving.retrieval import build_retriever
 
     items = model.net.item_matrix()
     full = SequentialRecommender(FixedItemMatrix(items, model.sizes), model.net.encoder)
@@ -124,13 +124,9 @@ def export_size(
             }
         ).write_parquet(tmp / "items.parquet")
         vectors = small.items.matrix[1:].float().numpy()
-        indexed = vectors if funnel_prefix is None else np.ascontiguousarray(vectors[:, :funnel_prefix])
-        spec = IndexSpec(kind=index).resolve(len(indexed), indexed.shape[1])
-        save_index(build_index(indexed, spec), tmp / "index.faiss")
-        funnel = None
-        if funnel_prefix is not None:
-            shortlist = min(funnel_shortlist, len(vectors))
-            funnel = FunnelSpec(prefix=funnel_prefix, shortlist=shortlist, rerank_dims=(size,), index=spec).to_dict()
+        retriever = build_retriever(vectors, _retriever_settings(index, size, len(vectors), funnel_prefix, funnel_shortlist))
+        retriever.save(tmp)
+        entry = retriever.to_dict()
         manifest = {
             "format_version": FORMAT_VERSION,
             "size": size,
@@ -142,8 +138,10 @@ def export_size(
             "num_parameters": nested_parameter_count(small.encoder),
             "num_items": len(item_ids),
             "item_dtype": item_dtype,
-            "index": spec.to_dict(),
-            "funnel": funnel,
+            "retriever": entry,
+            # the same settings under the keys that readers from before "retriever" use
+            "index": entry.get("index"),
+            "funnel": {key: v for key, v in entry.items() if key != "kind"} if entry["kind"] == "funnel" else None,
             "source": source,
             "data_stats": catalogue.get("stats", {}),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -159,11 +157,23 @@ def export_size(
     return path
 
 
+def _retriever_settings(
+    index: str, size: int, num_items: int, funnel_prefix: int | None, funnel_shortlist: int
+) -> dict[str, Any]:
+    """The manifest entry to build: a faiss index of kind ``index`` at ``size``, or a funnel
+    shortlisting ``funnel_shortlist`` items (at most all) with one over the first ``funnel_prefix`` dims."""
+    faiss_index = {"kind": index}
+    if funnel_prefix is None:
+        return {"kind": "faiss", "index": faiss_index}
+    shortlist = min(funnel_shortlist, num_items)
+    return {"kind": "funnel", "prefix": funnel_prefix, "shortlist": shortlist, "rerank_dims": [size], "index": faiss_index}
+
+
 def export_sizes(
     checkpoint: str | Path, dims: list[int], out: str | Path, source: dict[str, Any] | None = None, **options: Any
 ) -> list[Path]:
     """Export every size in ``dims`` from a checkpoint into ``out/d<size>``."""
-    from serving.index import IndexSpec
+    from serving.retrieval import IndexSpec
 
     IndexSpec(kind=options.get("index", "flat"))  # an unknown kind fails here, before anything is read or written
     model, catalogue = load_trained(checkpoint)

@@ -2,11 +2,12 @@
 
 An export directory holds (see ``serving/export.py``):
 
-- ``manifest.json``: size, encoder name and options, parameter count, source, data stats, index
-  settings, and the sha256 of every other file;
+- ``manifest.json``: size, encoder name and options, parameter count, source, data stats, the
+  retriever and its settings, and the sha256 of every other file;
 - ``model.safetensors``: the encoder cut to the size, and the item matrix ``Z[:, :size]``;
 - ``items.parquet``: ``row`` (1..N), ``item_id`` (the catalogue's original ids), ``popularity``;
-- ``index.faiss``: the retrieval index over ``Z[1:, :size]`` (row r of the index is item row r+1).
+- ``index.faiss``: the faiss index of the retriever the manifest names (``"retriever"``, see
+  ``serving/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1).
 
 Every file is checked against the manifest's checksums before anything is used.
 """
@@ -16,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -93,9 +95,21 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
 
 
 class SizedRecommender:
-    """The size-``s`` model: encodes histories and recommends from the item matrix ``Z[:, :s]``."""
+    """The size-``s`` model: encodes histories and recommends from the item matrix ``Z[:, :s]``.
+
+    ``retriever`` (a :class:`serving.retrieval.Retriever`, the one the manifest names) searches
+    ``Z[1:, :s]``; its row ``r`` is item row ``r + 1``.
+
+    ``stage_seconds`` adds up the wall time :meth:`recommend_rows` spends encoding histories
+    (``"encode"``) and searching (``"search"``), for instrumentation; :attr:`on_load` lists
+    callables run with every recommender once it is loaded (empty unless a caller, e.g. a benchmark
+    that only gets to name an export directory, appends one to reach the instance).
+    """
+
+    on_load: ClassVar[list[Callable[[SizedRecommender], None]]] = []
 
     def __init__(self, directory: str | Path, device: str | torch.device = "cpu", use_index: bool = True):
+        """Load an export; ``use_index=False`` searches exactly with torch instead of its retriever."""
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         m = self.manifest
@@ -115,17 +129,14 @@ class SizedRecommender:
         self.item_ids: list[Hashable] = items["item_id"].to_list()
         self.popularity = torch.from_numpy(items["popularity"].to_numpy().astype(np.float32))
         self._row_of = {item: row for row, item in enumerate(self.item_ids, start=1)}
-        self.index = None
-        if use_index and (self.directory / "index.faiss").is_file():
-            from serving.index import FunnelSearch, FunnelSpec, IndexSpec, load_index
+        from serving.retrieval import ExactRetriever, load_retriever, retriever_entry
 
-            spec = IndexSpec.from_dict(m["index"])
-            funnel = FunnelSpec.from_dict(m["funnel"]) if m.get("funnel") else None
-            dim = funnel.prefix if funnel else self.size
-            self.index = load_index(self.directory / "index.faiss", spec, num_items=m["num_items"], dim=dim)
-            if funnel is not None:  # shortlist with the prefix index, re-rank exactly at this size
-                vectors = self.item_matrix[1:].cpu().numpy()
-                self.index = FunnelSearch(vectors, spec=funnel, prefix_index=self.index)
+        entry = retriever_entry(m) if use_index else {"kind": ExactRetriever.kind}
+        # rows 0..N-1 of the retriever are item rows 1..N (row 0 is padding)
+        self.retriever = load_retriever(self.directory, entry, self.item_matrix[1:])
+        self.stage_seconds = {"encode": 0.0, "search": 0.0}
+        for hook in list(self.on_load):
+            hook(self)
 
     @property
     def num_parameters(self) -> int:
@@ -182,25 +193,16 @@ class SizedRecommender:
         """Top-``k`` item rows and scores; histories with no known item get the most popular items."""
         if k < 1 or k > len(self.item_ids):
             raise ValueError(f"k must be between 1 and the catalogue size {len(self.item_ids)}, got {k}")
+        started = time.perf_counter()
         users = self.encode_rows(rows)
+        encoded = time.perf_counter()
         empty = torch.tensor([len(r) == 0 for r in rows], device=self.device)
         exclude = [np.asarray(r, dtype=np.int64) - 1 for r in rows] if exclude_seen else None
-        if self.index is not None:
-            from serving.index import FunnelSearch, search
-
-            queries = users.cpu().numpy().astype(np.float32)
-            if isinstance(self.index, FunnelSearch):
-                scores, idx = self.index.search(queries, k, exclude=exclude)
-            else:
-                scores, idx = search(self.index, queries, k, exclude=exclude)
-            top_rows = idx + 1
-        else:
-            logits = users @ self.item_matrix[1:].T
-            if exclude is not None:
-                for i, r in enumerate(exclude):
-                    logits[i, torch.as_tensor(r, dtype=torch.long, device=self.device)] = -torch.inf
-            s, i = logits.topk(k, dim=1)
-            scores, top_rows = s.cpu().numpy(), i.cpu().numpy() + 1
+        searching = time.perf_counter()
+        scores, idx = self.retriever.search(users, k, exclude=exclude)
+        self.stage_seconds["encode"] += encoded - started
+        self.stage_seconds["search"] += time.perf_counter() - searching
+        top_rows = idx + 1  # a -1 (no result) becomes 0, which recommend() drops
         if bool(empty.any()):
             popular = torch.topk(self.popularity, k)
             for i in torch.nonzero(empty).flatten().tolist():

@@ -134,3 +134,91 @@ def test_funnel_export_with_a_generous_shortlist_equals_exact_search(checkpoint,
     assert all(len(r) == 10 and not set(h) & {i for i, _ in r} for r, h in zip(recs, histories))
     with pytest.raises(ExportError, match="funnel prefix must be between 1 and the size 32"):
         export_sizes(path, [32], tmp_path / "bad", funnel_prefix=32)
+
+
+def _rewrite_manifest(directory, change) -> None:
+    """Edit an export's manifest in place (it is not among its own checksums)."""
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def test_manifest_names_the_retriever(checkpoint, tmp_path):
+    path, _, _ = checkpoint
+    (flat,) = export_sizes(path, [16], tmp_path / "flat", index="hnsw")
+    manifest = json.loads((flat / "manifest.json").read_text())
+    assert manifest["retriever"] == {"kind": "faiss", "index": manifest["index"]}
+    assert manifest["index"]["kind"] == "hnsw" and manifest["index"]["ef_search"] == 256  # resolved settings
+    assert manifest["funnel"] is None and "index.faiss" in manifest["checksums"]
+    (funnel,) = export_sizes(path, [32], tmp_path / "funnel", funnel_prefix=8, funnel_shortlist=15)
+    manifest = json.loads((funnel / "manifest.json").read_text())
+    assert manifest["retriever"] == {
+        "kind": "funnel", "prefix": 8, "shortlist": 15, "rerank_dims": [32], "keep": [], "index": {"kind": "flat", "seed": 0},
+    }
+    assert manifest["funnel"] == {k: v for k, v in manifest["retriever"].items() if k != "kind"}
+    assert type(serving.load(funnel).retriever).__name__ == "FunnelRetriever"
+
+
+@pytest.mark.parametrize("funnel_prefix", [None, 8])
+def test_exports_from_before_the_retriever_entry_still_load(checkpoint, tmp_path, funnel_prefix):
+    path, _, item_ids = checkpoint
+    (d,) = export_sizes(path, [32], tmp_path, funnel_prefix=funnel_prefix, funnel_shortlist=N)
+    histories = [item_ids[:5], item_ids[20:23], []]
+    new = serving.load(d)
+    expected = new.recommend(histories, k=10)
+    _rewrite_manifest(d, lambda m: m.pop("retriever"))  # the manifest the old export code wrote
+    old = serving.load(d)
+    assert type(old.retriever) is type(new.retriever) and old.retriever.to_dict() == new.retriever.to_dict()
+    assert old.recommend(histories, k=10) == expected
+
+
+def test_every_retriever_kind_recommends_the_exact_top_k(checkpoint, tmp_path):
+    path, _, item_ids = checkpoint
+    (faiss_dir,) = export_sizes(path, [32], tmp_path / "faiss")
+    (funnel_dir,) = export_sizes(path, [32], tmp_path / "funnel", funnel_prefix=8, funnel_shortlist=N)
+    (exact_dir,) = export_sizes(path, [32], tmp_path / "exact")
+
+    def exact_only(manifest):  # an export whose manifest names exact search (no index file)
+        manifest["retriever"] = {"kind": "exact"}
+        del manifest["checksums"]["index.faiss"]
+
+    _rewrite_manifest(exact_dir, exact_only)
+    (exact_dir / "index.faiss").unlink()
+    histories = [item_ids[:6], item_ids[10:12], [item_ids[3]], item_ids[:N - 4]]
+    models = {
+        "faiss": serving.load(faiss_dir),
+        "funnel": serving.load(funnel_dir),
+        "exact": serving.load(exact_dir),
+        "use_index=False": serving.SizedRecommender(faiss_dir, use_index=False),
+    }
+    assert {name: type(m.retriever).__name__ for name, m in models.items()} == {
+        "faiss": "FaissRetriever", "funnel": "FunnelRetriever", "exact": "ExactRetriever", "use_index=False": "ExactRetriever",
+    }
+    m = models["faiss"]
+    users = torch.from_numpy(m.encode(histories))
+    for name, model in models.items():
+        got = model.recommend(histories, k=8)
+        for b, history in enumerate(histories):
+            scores = users[b] @ m.item_matrix[1:].T
+            scores[[item_ids.index(i) for i in history]] = -torch.inf
+            allowed = min(8, N - len(history))  # the last history leaves only 4 unseen items
+            want = scores.topk(allowed)
+            assert [i for i, _ in got[b]] == [item_ids[j] for j in want.indices.tolist()], name
+            np.testing.assert_allclose([s for _, s in got[b]], want.values.numpy(), rtol=1e-5, err_msg=name)
+
+
+def test_on_load_hook_reaches_each_recommender_and_stages_are_timed(checkpoint, tmp_path):
+    path, _, item_ids = checkpoint
+    (d,) = export_sizes(path, [8], tmp_path)
+    loaded = []
+    serving.SizedRecommender.on_load.append(loaded.append)
+    try:
+        m = serving.load(d)
+    finally:
+        serving.SizedRecommender.on_load.remove(loaded.append)
+    assert loaded == [m] and m.stage_seconds == {"encode": 0.0, "search": 0.0}
+    m.recommend([item_ids[:3]], k=5)
+    assert m.stage_seconds["encode"] > 0 and m.stage_seconds["search"] > 0
+    serving.load(d)
+    assert loaded == [m]  # the hook is gone

@@ -1,5 +1,5 @@
-"""Tests of serving.index: exactness against torch.topk, recall of approximate kinds, exclusion,
-funnel search, save/load, and clear errors for bad specs and inputs."""
+"""Tests of serving.retrieval.faiss_index: faiss exact search against torch.topk, recall of the
+approximate kinds, exclusion, save/load, GPU placement, and clear errors for bad specs and inputs."""
 
 from __future__ import annotations
 
@@ -8,23 +8,22 @@ import json
 import faiss
 import numpy as np
 import pytest
-import torch
 
-from serving.index import (
+from retrieval_data import brute_force, clustered_data as make_clustered, min_gap, standard_data
+from serving.retrieval.exact import torch_topk
+from serving.retrieval.faiss_index import (
     KINDS,
-    FunnelSearch,
-    FunnelSpec,
+    FaissRetriever,
     IndexSpec,
     build_index,
     gpu_available,
     index_kind,
     is_gpu_index,
     load_index,
-    recall_at_k,
     save_index,
-    search,
-    torch_topk,
 )
+from serving.retrieval.funnel import FunnelSpec
+from serving.retrieval.recall import recall_at_k
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,47 +36,14 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(before)
 
 
-def gaussian(n: int, d: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
-
-
-def clustered(n: int, d: int, num_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Items around 40 centres with a decaying spectrum (informative prefixes), and queries near them."""
-    rng = np.random.default_rng(seed)
-    scale = (1.0 + np.arange(d)) ** -0.5
-    centres = rng.standard_normal((40, d)) * 3.0
-    items = centres[rng.integers(0, 40, n)] + rng.standard_normal((n, d))
-    queries = centres[rng.integers(0, 40, num_queries)] + rng.standard_normal((num_queries, d))
-    return (items * scale).astype(np.float32), (queries * scale).astype(np.float32)
-
-
-def min_gap(scores: np.ndarray) -> float:
-    """Smallest distance between consecutive sorted scores: ranks are unambiguous above it."""
-    return float(np.diff(-scores, axis=1).min())
-
-
-def brute_force(queries: np.ndarray, items: np.ndarray, k: int, exclude=None) -> np.ndarray:
-    """Reference rows by float64 scores with excluded rows masked."""
-    scores = queries.astype(np.float64) @ items.astype(np.float64).T
-    if exclude is not None:
-        for b, rows in enumerate(exclude):
-            scores[b, np.asarray(rows, dtype=np.int64)] = -np.inf
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    valid = np.take_along_axis(scores, order, axis=1) > -np.inf
-    return np.where(valid, order, -1)
-
-
 @pytest.fixture(scope="module")
 def data():
-    # seeds chosen so that the exact top-50 has no near-ties (gaps > 1e-4, asserted below)
-    items = gaussian(2000, 48, seed=4)
-    queries = gaussian(40, 48, seed=5)
-    return items, queries
+    return standard_data()
 
 
 @pytest.fixture(scope="module")
 def clustered_data():
-    return clustered(6000, 32, 60)
+    return make_clustered()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,25 +57,17 @@ def test_flat_equals_torch_topk(data, num_queries):
     queries = queries[:num_queries]
     ref_scores, ref_rows = torch_topk(queries, items, 50)
     assert min_gap(ref_scores) > 1e-4  # no near-ties: the ranking is unambiguous
-    scores, rows = search(build_index(items, IndexSpec("flat")), queries, 50)
+    scores, rows = FaissRetriever.build(items, IndexSpec("flat")).search(queries, 50)
     assert scores.dtype == np.float32 and rows.dtype == np.int64
     np.testing.assert_array_equal(rows, ref_rows)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(rows, brute_force(queries, items, 50))
 
 
-def test_torch_topk_blocked_equals_unblocked(data):
-    items, queries = data
-    one_block = torch_topk(queries, items, 30)
-    blocked = torch_topk(torch.from_numpy(queries), torch.from_numpy(items), 30, block_rows=128)
-    np.testing.assert_array_equal(blocked[1], one_block[1])
-    np.testing.assert_allclose(blocked[0], one_block[0], rtol=1e-6)
-
-
 def test_k_larger_than_catalogue_pads(data):
     items, queries = data
     small = items[:7]
-    scores, rows = search(build_index(small), queries, 10)
+    scores, rows = FaissRetriever.build(small).search(queries, 10)
     assert rows.shape == (len(queries), 10)
     np.testing.assert_array_equal(rows[:, :7], brute_force(queries, small, 7))
     assert (rows[:, 7:] == -1).all() and np.isneginf(scores[:, 7:]).all()
@@ -136,9 +94,10 @@ def test_approximate_kinds_recall(clustered_data, spec, min_recall):
     items, queries = clustered_data
     k = 20
     _, truth = torch_topk(queries, items, k)
-    index = build_index(items, spec)
+    retriever = FaissRetriever.build(items, spec)
+    index = retriever.index
     assert index_kind(index) == spec.kind and index.ntotal == len(items)
-    scores, rows = search(index, queries, k)
+    scores, rows = retriever.search(queries, k)
     assert rows.shape == (len(queries), k)
     assert ((rows >= 0) & (rows < len(items))).all()
     assert all(len(set(r)) == k for r in rows.tolist())  # no duplicates
@@ -152,14 +111,14 @@ def test_approximate_kinds_recall(clustered_data, spec, min_recall):
 def test_ivf_build_is_deterministic(clustered_data):
     items, queries = clustered_data
     spec = IndexSpec("ivf_flat", nlist=32, nprobe=2, seed=3)
-    first = search(build_index(items, spec), queries, 10)
-    second = search(build_index(items, spec), queries, 10)
+    first = FaissRetriever.build(items, spec).search(queries, 10)
+    second = FaissRetriever.build(items, spec).search(queries, 10)
     np.testing.assert_array_equal(first[1], second[1])
 
 
 def test_nprobe_all_lists_is_exact(clustered_data):
     items, queries = clustered_data
-    _, rows = search(build_index(items, IndexSpec("ivf_flat", nlist=16, nprobe=16)), queries, 20)
+    _, rows = FaissRetriever.build(items, IndexSpec("ivf_flat", nlist=16, nprobe=16)).search(queries, 20)
     np.testing.assert_array_equal(rows, brute_force(queries, items, 20))
 
 
@@ -178,13 +137,13 @@ def test_exclusion_removes_exactly_the_given_rows(data):
         rows = np.concatenate([top[b, rng.choice(30, size=b % 12, replace=False)], rng.integers(0, 2000, 3)])
         exclude.append(np.concatenate([rows, rows[:1]]) if len(rows) else rows)
     exclude[0] = np.array([], dtype=np.int64)
-    scores, rows = search(build_index(items), queries, 20, exclude=exclude)
+    scores, rows = FaissRetriever.build(items).search(queries, 20, exclude=exclude)
     for b in range(len(queries)):
         assert not set(rows[b].tolist()) & set(exclude[b].tolist())
     np.testing.assert_array_equal(rows, brute_force(queries, items, 20, exclude))
     assert np.isfinite(scores).all()
     # without exclusion the same call finds the excluded top rows again
-    _, plain = search(build_index(items), queries, 20)
+    _, plain = FaissRetriever.build(items).search(queries, 20)
     assert any(set(plain[b].tolist()) & set(exclude[b].tolist()) for b in range(len(queries)))
 
 
@@ -192,96 +151,22 @@ def test_exclusion_of_almost_everything_pads(data):
     items, queries = data
     small = items[:12]
     exclude = [np.arange(10)] * 2
-    scores, rows = search(build_index(small), queries[:2], 5, exclude=exclude)
+    scores, rows = FaissRetriever.build(small).search(queries[:2], 5, exclude=exclude)
     assert set(rows[0, :2].tolist()) == {10, 11} and (rows[:, 2:] == -1).all()
     assert np.isneginf(scores[:, 2:]).all() and np.isfinite(scores[:, :2]).all()
 
 
 def test_exclusion_errors_name_the_value(data):
     items, queries = data
-    index = build_index(items[:100])
+    index = FaissRetriever.build(items[:100])
     with pytest.raises(ValueError, match="exclude has 1 entries for 2 queries"):
-        search(index, queries[:2], 5, exclude=[np.array([1])])
+        index.search(queries[:2], 5, exclude=[np.array([1])])
     with pytest.raises(ValueError, match="exclude\\[1\\] holds row 100"):
-        search(index, queries[:2], 5, exclude=[np.array([1]), np.array([3, 100])])
+        index.search(queries[:2], 5, exclude=[np.array([1]), np.array([3, 100])])
     with pytest.raises(ValueError, match="exclude\\[0\\] holds row -1"):
-        search(index, queries[:2], 5, exclude=[[-1], []])
+        index.search(queries[:2], 5, exclude=[[-1], []])
     with pytest.raises(ValueError, match="integer rows"):
-        search(index, queries[:2], 5, exclude=[np.array([1.5]), []])
-
-
-# ---------------------------------------------------------------------------------------------
-# Funnel search
-# ---------------------------------------------------------------------------------------------
-
-
-def test_funnel_with_full_shortlist_equals_exact_search(data):
-    items, queries = data
-    ref_scores, ref_rows = torch_topk(queries, items, 25)
-    assert min_gap(ref_scores) > 1e-4
-    funnel = FunnelSearch(items, prefix=8, shortlist=len(items), rerank_dims=48)
-    scores, rows = funnel.search(queries, 25)
-    np.testing.assert_array_equal(rows, ref_rows)
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
-    # two re-rank stages, keeping everything after the first, are exact too
-    two_stage = FunnelSearch(items, prefix=8, shortlist=len(items), rerank_dims=[16, 48], keep=[len(items)])
-    np.testing.assert_array_equal(two_stage.search(queries, 25)[1], ref_rows)
-
-
-def test_funnel_reranks_at_a_prefix_of_wider_vectors(data):
-    items, queries = data
-    ref_scores, ref_rows = torch_topk(queries[:, :32], items[:, :32], 10)
-    funnel = FunnelSearch(items, prefix=8, shortlist=len(items), rerank_dims=32)
-    scores, rows = funnel.search(queries, 10)
-    np.testing.assert_array_equal(rows, ref_rows)
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
-
-
-def test_funnel_generous_shortlist_on_matryoshka_like_data(clustered_data):
-    items, queries = clustered_data
-    _, truth = torch_topk(queries, items, 10)
-    funnel = FunnelSearch(items, prefix=8, shortlist=1500, rerank_dims=[16, 32], keep=[400])
-    _, rows = funnel.search(queries, 10)
-    assert recall_at_k(rows, truth) == 1.0
-    # an approximate prefix index still gives high recall (an exact one gets 0.94 here)
-    funnel_hnsw = FunnelSearch(items, prefix=8, shortlist=300, rerank_dims=32, index=IndexSpec("hnsw"))
-    assert recall_at_k(funnel_hnsw.search(queries, 10)[1], truth) >= 0.8
-
-
-def test_funnel_with_exclusion_equals_exact_filtered(data):
-    items, queries = data
-    _, top = torch_topk(queries, items, 5)
-    exclude = [top[b, : b % 5] for b in range(len(queries))]
-    funnel = FunnelSearch(items, prefix=8, shortlist=len(items), rerank_dims=48)
-    _, rows = funnel.search(queries, 10, exclude=exclude)
-    np.testing.assert_array_equal(rows, brute_force(queries, items, 10, exclude))
-
-
-def test_funnel_settings_round_trip_through_json(data):
-    items, queries = data
-    funnel = FunnelSearch(items, 8, 200, [16, 48], keep=[100], index=IndexSpec("hnsw", ef_search=64))
-    text = json.dumps(funnel.to_dict())
-    again = FunnelSearch.from_dict(items, json.loads(text), prefix_index=funnel.index)
-    assert again.spec == funnel.spec
-    np.testing.assert_array_equal(again.search(queries, 10)[1], funnel.search(queries, 10)[1])
-    assert FunnelSpec.from_dict(json.loads(FunnelSpec(16, 100, 32).to_json())).keep == ()
-
-
-def test_funnel_bad_settings():
-    with pytest.raises(ValueError, match="rerank_dims must increase and exceed prefix=32"):
-        FunnelSpec(32, 100, [32])
-    with pytest.raises(ValueError, match="rerank_dims must increase"):
-        FunnelSpec(16, 100, [64, 32])
-    with pytest.raises(ValueError, match="keep must not grow"):
-        FunnelSpec(16, 100, [32, 64], keep=[200])
-    with pytest.raises(ValueError, match="keep needs 1 entries"):
-        FunnelSpec(16, 100, [32, 64], keep=[50, 20])
-    with pytest.raises(ValueError, match="shortlist must be an integer >= 1"):
-        FunnelSpec(16, 0, 32)
-    with pytest.raises(ValueError, match="unknown funnel spec keys \\['depth'\\]"):
-        FunnelSpec.from_dict({"prefix": 16, "shortlist": 10, "rerank_dims": [32], "depth": 2})
-    with pytest.raises(ValueError, match="exceed the vectors' width 48"):
-        FunnelSearch(gaussian(50, 48, 0), 16, 10, 64)
+        index.search(queries[:2], 5, exclude=[np.array([1.5]), []])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +185,7 @@ def test_save_load_round_trip(clustered_data, tmp_path, kind):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
     loaded = load_index(path, IndexSpec.from_dict(json.loads(json.dumps(spec.to_dict()))), num_items=6000, dim=32)
     assert index_kind(loaded) == kind and not is_gpu_index(loaded)
-    before, after = search(index, queries, 15), search(loaded, queries, 15)
+    before, after = FaissRetriever(index, spec).search(queries, 15), FaissRetriever(loaded, spec).search(queries, 15)
     np.testing.assert_array_equal(after[1], before[1])
     np.testing.assert_array_equal(after[0], before[0])
 
@@ -309,9 +194,10 @@ def test_load_applies_search_settings_from_spec(clustered_data, tmp_path):
     items, queries = clustered_data
     path = tmp_path / "ivf.faiss"
     save_index(build_index(items, IndexSpec("ivf_flat", nlist=16, nprobe=1)), path)
-    loaded = load_index(path, IndexSpec("ivf_flat", nlist=16, nprobe=16))
+    spec = IndexSpec("ivf_flat", nlist=16, nprobe=16)
+    loaded = load_index(path, spec)
     assert loaded.nprobe == 16
-    np.testing.assert_array_equal(search(loaded, queries, 10)[1], brute_force(queries, items, 10))
+    np.testing.assert_array_equal(FaissRetriever(loaded, spec).search(queries, 10)[1], brute_force(queries, items, 10))
 
 
 def test_load_refuses_mismatches(data, tmp_path):
@@ -419,17 +305,11 @@ def test_bad_vectors_and_queries(data):
         build_index(items[0])
     with pytest.raises(ValueError, match="must hold floats"):
         build_index(np.ones((4, 4), dtype=np.int64))
-    index = build_index(items)
+    index = FaissRetriever.build(items)
     with pytest.raises(ValueError, match="queries must have 48 columns, got shape \\(2, 32\\)"):
-        search(index, queries[:2, :32], 5)
+        index.search(queries[:2, :32], 5)
     with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
-        search(index, queries, 0)
-
-
-def test_recall_at_k():
-    truth = np.array([[1, 2, 3, 4], [5, 6, 7, -1]])
-    found = np.array([[4, 9, 1, 8], [7, -1, -1, 0]])
-    assert recall_at_k(found, truth) == pytest.approx((2 / 4 + 1 / 3) / 2)
+        index.search(queries, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,12 +327,13 @@ def test_gpu_exact_search_equals_cpu(data, tmp_path):
     save_index(cpu_index, path)
     gpu_index = load_index(path, IndexSpec("flat"), device="gpu")
     assert is_gpu_index(gpu_index)
-    cpu_scores, cpu_rows = search(cpu_index, queries, 50)
-    gpu_scores, gpu_rows = search(gpu_index, queries, 50)
+    flat = IndexSpec("flat")
+    cpu_scores, cpu_rows = FaissRetriever(cpu_index, flat).search(queries, 50)
+    gpu_scores, gpu_rows = FaissRetriever(gpu_index, flat).search(queries, 50)
     np.testing.assert_array_equal(gpu_rows, cpu_rows)
     np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=1e-5, atol=1e-5)
     exclude = [cpu_rows[b, : b % 7] for b in range(len(queries))]
-    np.testing.assert_array_equal(search(gpu_index, queries, 20, exclude)[1], brute_force(queries, items, 20, exclude))
+    np.testing.assert_array_equal(FaissRetriever(gpu_index, flat).search(queries, 20, exclude)[1], brute_force(queries, items, 20, exclude))
     # saving a GPU index writes its CPU form
     save_index(gpu_index, tmp_path / "again.faiss")
     assert not is_gpu_index(load_index(tmp_path / "again.faiss", IndexSpec("flat"), device="cpu"))
@@ -464,7 +345,8 @@ def test_gpu_ivf_and_hnsw_placement(clustered_data, tmp_path):
     ivf_path, hnsw_path = tmp_path / "ivf.faiss", tmp_path / "hnsw.faiss"
     save_index(build_index(items, IndexSpec("ivf_flat", nlist=16, nprobe=16)), ivf_path)
     save_index(build_index(items, IndexSpec("hnsw")), hnsw_path)
-    ivf = load_index(ivf_path, IndexSpec("ivf_flat", nlist=16, nprobe=16), device="gpu")
+    ivf_spec = IndexSpec("ivf_flat", nlist=16, nprobe=16)
+    ivf = load_index(ivf_path, ivf_spec, device="gpu")
     assert is_gpu_index(ivf)
-    np.testing.assert_array_equal(search(ivf, queries, 20)[1], brute_force(queries, items, 20))
+    np.testing.assert_array_equal(FaissRetriever(ivf, ivf_spec).search(queries, 20)[1], brute_force(queries, items, 20))
     assert not is_gpu_index(load_index(hnsw_path, IndexSpec("hnsw"), device="gpu"))  # no GPU HNSW
