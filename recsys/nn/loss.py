@@ -325,6 +325,8 @@ def naive_matryoshka_cross_entropy(
 
     Same arguments and result as :func:`matryoshka_cross_entropy` (``block_rows`` is accepted
     and unused). Autograd keeps M ``P x N`` logit tensors: the reference for tests and benchmarks.
+    The logits come from :func:`~recsys.nn.nested.prefix_scores`, with the same precision as the
+    memory-flat loss: products in the (autocast) input dtype, the sums and softmax in float32.
     """
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
     user, items = _autocast_inputs(user, items)
