@@ -18,13 +18,12 @@ the count, except the target itself. Whether masking was on is the caller's to r
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from recsys.nn.nested import check_sizes, chunk_bounds
+from recsys.nn.nested import check_sizes, prefix_scores
 
 __all__ = ["target_ranks", "popularity_scores_ranks", "RankingMetrics"]
 
@@ -46,23 +45,6 @@ def _check_targets_and_seen(targets: Tensor, seen_ids: Tensor | None, batch: int
         if seen_ids.ndim != 2 or seen_ids.shape[0] != batch:
             raise ValueError(f"seen_ids must have shape ({batch}, H), got {tuple(seen_ids.shape)}")
         _check_ids("seen_ids", seen_ids, 0, num_items)
-
-
-def _block_scores(user: Tensor, cand: Tensor, bounds: list[tuple[int, int]], mask: Tensor | None) -> Iterator[Tensor]:
-    """Yield the scores of one item block at each size, smallest first, in one reused buffer.
-
-    The target's score is read from these same products (never from a separate dot product, whose
-    rounding could differ and let the target outscore itself or its duplicates). ``mask`` (a
-    boolean ``users x block`` matrix) sets masked scores to -inf; the sums keep them there.
-    """
-    a, b = bounds[0]
-    scores = user[:, a:b] @ cand[:, a:b].t()
-    if mask is not None:
-        scores.masked_fill_(mask, -math.inf)
-    yield scores
-    for a, b in bounds[1:]:
-        scores.addmm_(user[:, a:b], cand[:, a:b].t())
-        yield scores
 
 
 def _seen_mask(seen_ids: Tensor, targets: Tensor, start: int, stop: int) -> Tensor:
@@ -123,10 +105,13 @@ def target_ranks(
     # Comparisons in at least float32, in one dtype for users and items.
     dtype = torch.promote_types(torch.promote_types(user.dtype, items.dtype), torch.float32)
     user, cand = user.to(dtype), items[1:].to(dtype)
-    bounds = chunk_bounds(sizes)
     local_targets = (targets.long() - 1).unsqueeze(1)
     blocks = [(j, min(j + item_block, num_items)) for j in range(0, num_items, item_block)]
 
+    # Every score comes from nested.prefix_scores on one item block, one buffer updated in place:
+    # the target's score is read from these same products (never from a separate dot product, whose
+    # rounding could differ and let the target outscore itself or its duplicates), and masked
+    # (seen) items are set to -inf after the first chunk's product, where the sums keep them.
     # With several blocks the targets' scores are needed before counting starts: read them from
     # the very same block computation, so that they compare exactly with the other items' scores.
     target_scores = None
@@ -135,13 +120,13 @@ def target_ranks(
         for start, stop in blocks:
             inside = ((local_targets >= start) & (local_targets < stop)).squeeze(1)
             cols = (local_targets - start).clamp(0, stop - start - 1)
-            for m, scores in enumerate(_block_scores(user, cand[start:stop], bounds, None)):
+            for m, scores in enumerate(prefix_scores(user, cand[start:stop], sizes, inplace=True)):
                 target_scores[m] = torch.where(inside, scores.gather(1, cols).squeeze(1), target_scores[m])
 
     higher = torch.zeros(len(sizes), batch, dtype=torch.long, device=user.device)
     for start, stop in blocks:
         mask = None if seen_ids is None else _seen_mask(seen_ids, targets, start, stop)
-        for m, scores in enumerate(_block_scores(user, cand[start:stop], bounds, mask)):
+        for m, scores in enumerate(prefix_scores(user, cand[start:stop], sizes, inplace=True, mask=mask)):
             own = scores.gather(1, local_targets) if target_scores is None else target_scores[m].unsqueeze(1)
             higher[m] += (scores > own).sum(dim=1)
     return higher + 1

@@ -8,6 +8,8 @@ from recsys.nn.nested import (
     NestedLinear,
     PrefixProjection,
     check_sizes,
+    chunk_bounds,
+    chunk_widths,
     cut_to_size,
     nested_parameter_count,
     prefix_scores,
@@ -120,3 +122,40 @@ def test_prefix_scores_sum_in_the_requested_dtype():
     for s, scores in zip(SIZES, prefix_scores(user, items, SIZES, dtype=torch.float32)):
         assert scores.dtype == torch.float32
         torch.testing.assert_close(scores, (user[:, :s].float() @ items[:, :s].float().T), atol=0.1, rtol=0.05)
+
+
+def test_chunk_bounds_and_widths():
+    assert chunk_bounds(SIZES) == [(0, 4), (4, 8), (8, 16), (16, 32)]
+    assert chunk_bounds((2, 6), mult=3) == [(0, 6), (6, 18)]
+    assert chunk_widths(SIZES) == (4, 4, 8, 16)
+    assert chunk_widths((2, 6), mult=3) == (6, 12)
+    assert chunk_widths((5,)) == (5,)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_prefix_scores_mask_stays_minus_infinity_at_every_size(inplace):
+    g = torch.Generator().manual_seed(1)
+    user, items = torch.randn(5, 32, generator=g), torch.randn(7, 32, generator=g)
+    mask = torch.rand(5, 7, generator=g) < 0.3
+    for s, scores in zip(SIZES, prefix_scores(user, items, SIZES, inplace=inplace, mask=mask)):
+        expected = (user[:, :s] @ items[:, :s].T).masked_fill(mask, -torch.inf)
+        torch.testing.assert_close(scores, expected)
+    per_row, row_mask = torch.randn(5, 3, 32, generator=g), torch.tensor([True, False, False])
+    for s, scores in zip(SIZES, prefix_scores(user, per_row, SIZES, inplace=inplace, mask=row_mask)):
+        expected = torch.einsum("bd,bld->bl", user[:, :s], per_row[:, :, :s]).masked_fill(row_mask, -torch.inf)
+        torch.testing.assert_close(scores, expected)
+
+
+def test_prefix_scores_differentiate_like_separate_products():
+    g = torch.Generator().manual_seed(2)
+    user = torch.randn(4, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(6, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(len(SIZES), 4, 6, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(
+        sum((w * s).sum() for w, s in zip(weights, prefix_scores(user, items, SIZES))), (user, items)
+    )
+    want = torch.autograd.grad(
+        sum((w * (user[:, :s] @ items[:, :s].T)).sum() for w, s in zip(weights, SIZES)), (user, items)
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recsys.nn.nested import check_sizes, chunk_bounds
+from recsys.nn.nested import check_sizes, chunk_bounds, chunk_widths, prefix_scores
 
 __all__ = [
     "MatryoshkaLoss",
@@ -141,13 +141,6 @@ def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return out if out.dtype == dtype else out.to(dtype)
 
 
-def _add_product(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``c + a @ b`` as a new tensor in ``c``'s dtype (one fused product when the dtypes agree)."""
-    if c.dtype == a.dtype:
-        return torch.addmm(c, a, b)
-    return c + (a @ b).to(c.dtype)
-
-
 def _add_product_(out: Tensor, a: Tensor, b: Tensor) -> None:
     """``out += a @ b`` in place (no temporary when the dtypes agree)."""
     if out.dtype == a.dtype:
@@ -190,7 +183,7 @@ def _blocked_forward(
 
     # Row 0 (padding) is simply left out of the candidates, so no -inf column is needed.
     cand = items[1:]
-    chunks = [cand[:, a:b] for a, b in bounds]  # strided views: the products take them as they are
+    chunks = [cand[:, a:b] for a, b in bounds]  # strided views for the gradient products
     u_valid = user if all_valid else user[rows]
     t_valid = (targets if all_valid else targets[rows]).long() - 1  # index into the candidates
     # per size and row: maximum logit, largest softmax probability, target logit
@@ -198,7 +191,8 @@ def _blocked_forward(
     top_prob = torch.empty_like(row_max)
     target_logit = torch.empty(num_sizes, n_valid, 1, dtype=dtype, device=device)
     # chunk m of the user gradient's softmax part, one contiguous (n_valid, chunk width) matrix each
-    d_chunks = [torch.empty(n_valid, b - a, dtype=dtype, device=device) for a, b in bounds] if with_grads else None
+    widths = chunk_widths(sizes)
+    d_chunks = [torch.empty(n_valid, w, dtype=dtype, device=device) for w in widths] if with_grads else None
     # M logit buffers and one spare per block: block_rows rows in all, and never more than the
     # three positions x items buffers that the plain single-size loss holds at its peak
     positions = max(1, min(block_rows, 3 * n_valid) // (num_sizes + 1))
@@ -206,11 +200,8 @@ def _blocked_forward(
     for r0 in range(0, n_valid, positions):
         r1 = min(r0 + positions, n_valid)
         u, t = u_valid[r0:r1], t_valid[r0:r1].unsqueeze(1)
-        # upward: every size's logits, each the previous size's plus chunk m's product
-        levels = [_product(u[:, : sizes[0]], chunks[0].t(), dtype)]
-        for m in range(1, num_sizes):
-            a, b = bounds[m]
-            levels.append(_add_product(levels[-1], u[:, a:b], chunks[m].t()))
+        # upward: every size's logits, each the previous size's plus chunk m's product (M buffers)
+        levels = list(prefix_scores(u, cand, sizes, dtype=dtype))
         # downward: soft accumulates sum_{m' >= m} w_m' softmax_m' / n, the softmax part of G_m
         spare, soft = torch.empty_like(levels[0]), None
         for m in range(num_sizes - 1, -1, -1):
@@ -243,7 +234,7 @@ def _blocked_forward(
         return ce_sums, None, None
     # one-hot part: column j of chunk c carries sum_{m >= c} w_m / n
     tail = torch.tensor(weights, dtype=torch.float64).flip(0).cumsum(0).flip(0) / n_valid
-    col_scale = torch.cat([tail[m].expand(b - a) for m, (a, b) in enumerate(bounds)]).to(device, dtype)
+    col_scale = tail.repeat_interleave(torch.tensor(widths)).to(device, dtype)
     d_valid = torch.cat(d_chunks, dim=1)
     d_valid -= cand[t_valid].to(dtype) * col_scale
     d_items.index_add_(0, t_valid + 1, u_valid.to(dtype) * col_scale, alpha=-1.0)
@@ -334,15 +325,18 @@ def naive_matryoshka_cross_entropy(
 
     Same arguments and result as :func:`matryoshka_cross_entropy` (``block_rows`` is accepted
     and unused). Autograd keeps M ``P x N`` logit tensors: the reference for tests and benchmarks.
+    The logits come from :func:`~recsys.nn.nested.prefix_scores`, with the same precision as the
+    memory-flat loss: products in the (autocast) input dtype, the sums and softmax in float32.
     """
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
+    user, items = _autocast_inputs(user, items)
+    dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
     n_valid = int((targets > 0).sum())
     per_size = []
-    for s in sizes:
-        logits = user[:, :s] @ items[1:, :s].t()
-        ce = F.cross_entropy(logits.float() if logits.dtype in _LOW_PRECISION else logits,
-                             targets.long() - 1, ignore_index=-1, reduction="sum")
-        per_size.append(ce / max(n_valid, 1))
+    with torch.autocast(user.device.type, enabled=False):
+        for logits in prefix_scores(user, items[1:], sizes, dtype=dtype):
+            ce = F.cross_entropy(logits, targets.long() - 1, ignore_index=-1, reduction="sum")
+            per_size.append(ce / max(n_valid, 1))
     stacked = torch.stack(per_size)
     total = sum(w * ce for w, ce in zip(weights, per_size))
     return MatryoshkaLoss(total, stacked.detach())
@@ -400,14 +394,12 @@ def sampled_matryoshka_cross_entropy(
     u, t, negatives = user[valid], targets[valid].long(), negatives.long()
     pos, neg = items[t], items[negatives]
     hit = negatives.unsqueeze(0) == t.unsqueeze(1)  # (n, K) accidental hits
-    pos_logit = torch.zeros(n_valid, dtype=dtype, device=user.device)
-    neg_logit = torch.zeros(n_valid, negatives.shape[0], dtype=dtype, device=user.device)
     per_size = []
     with torch.autocast(user.device.type, enabled=False):
-        for a, b in chunk_bounds(sizes):
-            pos_logit = pos_logit + (u[:, a:b] * pos[:, a:b]).sum(dim=1, dtype=dtype)
-            neg_logit = neg_logit + _product(u[:, a:b], neg[:, a:b].t(), dtype)
-            p, n = pos_logit, neg_logit
+        # each position against its own target (a one-candidate list) and against the shared negatives
+        levels = zip(prefix_scores(u, pos.unsqueeze(1), sizes, dtype=dtype), prefix_scores(u, neg, sizes, dtype=dtype))
+        for pos_logit, neg_logit in levels:
+            p, n = pos_logit.squeeze(1), neg_logit
             if log_q is not None:
                 p = p - log_q[t].to(dtype)
                 n = n - log_q[negatives].to(dtype)

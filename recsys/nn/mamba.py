@@ -35,7 +35,7 @@ from recsys.nn.nested import (
     NestedLinear,
     NestedModule,
     check_sizes,
-    chunk_bounds,
+    chunk_widths,
     shrink_parameter_,
 )
 from recsys.nn.selective_scan import causal_depthwise_conv1d, dispatch_selective_scan
@@ -47,12 +47,12 @@ def check_group_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
     """How many smallest chunks each chunk spans; raises if a chunk is not a whole number of them."""
     sizes = check_sizes(sizes)
     smallest = sizes[0]
-    widths = [b - a for a, b in chunk_bounds(sizes)]
+    widths = chunk_widths(sizes)
     bad = [w for w in widths if w % smallest]
     if bad:
         raise ValueError(
             f"nested Mamba needs every chunk width to be a multiple of the smallest size {smallest} (its B/C "
-            f"groups are that wide), but sizes {list(sizes)} give chunk widths {widths}; use e.g. doubling sizes"
+            f"groups are that wide), but sizes {list(sizes)} give chunk widths {list(widths)}; use e.g. doubling sizes"
         )
     return tuple(w // smallest for w in widths)
 

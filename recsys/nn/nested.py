@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "check_sizes",
     "chunk_bounds",
+    "chunk_widths",
     "prefix_scores",
     "NestedModule",
     "NestedLinear",
@@ -67,6 +68,11 @@ def chunk_bounds(sizes: Sequence[int], mult: int = 1) -> list[tuple[int, int]]:
     return [(mult * a, mult * b) for a, b in zip(starts, sizes)]
 
 
+def chunk_widths(sizes: Sequence[int], mult: int = 1) -> tuple[int, ...]:
+    """The width of every chunk, ``s_m - s_{m-1}``, multiplied by ``mult`` (what ``split`` takes)."""
+    return tuple(b - a for a, b in chunk_bounds(sizes, mult))
+
+
 def prefix_scores(
     user: torch.Tensor,
     items: torch.Tensor,
@@ -74,6 +80,7 @@ def prefix_scores(
     *,
     inplace: bool = False,
     dtype: torch.dtype | None = None,
+    mask: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """The scores at every size, smallest first: ``user[..., :s_m]`` against ``items[..., :s_m]``.
 
@@ -82,7 +89,10 @@ def prefix_scores(
     ``items (N, D)`` gives ``(P, N)``; ``user (B, D)`` with per-row candidates ``items (B, L, D)``
     gives ``(B, L)``. Products run in the inputs' dtype, the running sums in ``dtype`` (default
     the inputs'). ``inplace=True`` yields one buffer updated in place (read or copy each yield
-    before the next; a ``-inf`` written into it stays ``-inf``); otherwise every size is a new tensor.
+    before the next); otherwise every size is a new tensor, and autograd can differentiate them.
+    ``mask``, a boolean tensor broadcastable to the scores, sets those scores to ``-inf`` at every
+    size: it is applied to the first chunk's product, and the sums keep ``-inf`` there (so does
+    a ``-inf`` the caller writes into the in-place buffer).
     """
     batched = items.ndim == 3
     if batched and user.ndim == 2:
@@ -94,6 +104,8 @@ def prefix_scores(
             total = u @ z.transpose(-1, -2)
             if dtype is not None and total.dtype != dtype:
                 total = total.to(dtype)
+            if mask is not None:
+                (total.squeeze(1) if batched else total).masked_fill_(mask, -math.inf)
         elif total.dtype != u.dtype:
             part = (u @ z.transpose(-1, -2)).to(total.dtype)
             total = total.add_(part) if inplace else total + part
@@ -295,7 +307,7 @@ class NestedLayerNorm(NestedModule):
         self.bias = nn.Parameter(torch.zeros(mult * self.sizes[-1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        widths = [b - a for a, b in chunk_bounds(self.sizes, self.mult)]
+        widths = chunk_widths(self.sizes, self.mult)
         parts = zip(x.split(widths, dim=-1), self.weight.split(widths), self.bias.split(widths))
         return torch.cat([F.layer_norm(p, (p.shape[-1],), w, b, self.eps) for p, w, b in parts], dim=-1)
 
