@@ -299,10 +299,12 @@ class AtomicDirectory:
         except BaseException:
             self.abort()
             raise
-        if self.durable:
-            _fsync_dir(final.parent)
-        _step("deleting", tmp)  # after a swap, tmp holds the old directory
-        self.abort()
+        try:
+            if self.durable:
+                _fsync_dir(final.parent)
+            _step("deleting", tmp)  # after a swap, tmp holds the old directory
+        finally:
+            self.abort()
         return final
 
     def _replace_with_backup(self) -> None:
@@ -316,11 +318,13 @@ class AtomicDirectory:
             if not os.path.lexists(final):
                 os.rename(backup, final)
             raise
-        _step("swapped", final)
-        if self.durable:
-            _fsync_dir(final.parent)
-        _step("deleting", backup)
-        _remove(backup)
+        try:
+            _step("swapped", final)
+            if self.durable:
+                _fsync_dir(final.parent)
+            _step("deleting", backup)
+        finally:
+            _remove(backup)
 
     def abort(self) -> None:
         _remove(self.path)

@@ -179,6 +179,27 @@ def test_a_replace_killed_at_any_step_leaves_the_old_or_the_new_directory(tmp_pa
     assert _contents(final) == {"old": OLD, "new": NEW}[expected]
 
 
+@pytest.mark.parametrize(("kill_at", "fallback"), [k for k in KILLS if k[0] != "writing"],
+                         ids=[f"{'fallback' if f else 'swap'}-{k}" for k, f in KILLS if k != "writing"])
+def test_an_exception_at_any_step_leaves_no_leftover(tmp_path, monkeypatch, kill_at, fallback):
+    """Ctrl-C (an exception) at a step: the same old-or-new directory, and nothing else left."""
+
+    def after_step(step, path):
+        if step == kill_at:
+            raise KeyboardInterrupt
+
+    if fallback:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_after_step", after_step)
+    final = tmp_path / "out"
+    _fill(final, OLD)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(final) as tmp:
+            _fill(tmp, NEW)
+    assert _contents(final) == (NEW if KILLS[kill_at, fallback] == "new" else OLD)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 @needs_sigkill
 def test_a_file_write_killed_before_the_rename_keeps_the_old_file(tmp_path):
     path = tmp_path / "part.parquet"

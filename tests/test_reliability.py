@@ -4,7 +4,9 @@ Faults
 - a training run killed mid-epoch resumes from its last checkpoint to exactly the weights and test
   metrics of an uninterrupted run with the same seed (deterministic mode, CPU);
 - an export or a prepare killed midway (an exception raised inside a writer, or a real SIGKILL)
-  leaves no directory that looks complete and nothing loadable;
+  leaves no directory that looks complete and nothing loadable; a re-export killed (SIGKILL) at any
+  step of its commit leaves the old or the new export, whole, and the next run cleans the leftovers
+  (the same for any directory: ``tests/test_atomic.py``);
 - a candidate job killed midway resumes with every user exactly once: tested in
   ``tests/test_candidates.py::test_killed_job_resumes_with_every_user_exactly_once``.
 
