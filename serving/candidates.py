@@ -93,7 +93,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import sys
@@ -107,6 +106,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys.atomic import atomic_directory, atomic_file, write_json_atomically
 from recsys.data.errors import DataValidationError
 from recsys.data.readers import ROW, first_row_where, scan_table
 from recsys.data.time_order import parse_order_key
@@ -324,10 +324,9 @@ def _item_key(column: pl.Expr, source: pl.DataType, catalogue: pl.DataType) -> p
 
 
 def _write_part(frame: pl.DataFrame, counts: dict[str, int], path: Path) -> None:
-    """Write a part under a temporary name, then rename it: a part file is always complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.write_parquet(tmp, metadata={PART_METADATA_KEY: json.dumps(counts, sort_keys=True)})
-    os.replace(tmp, path)
+    """Write a part under a temporary name, then rename it (``recsys.atomic``): a part file is always complete."""
+    with atomic_file(path) as tmp:
+        frame.write_parquet(tmp, metadata={PART_METADATA_KEY: json.dumps(counts, sort_keys=True)})
 
 
 def _part_counts(path: Path) -> dict[str, int]:
@@ -487,9 +486,7 @@ def _check_out_dir(out: Path, job_path: Path, job: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomically(path, data, indent=2, sort_keys=True, default=str)
 
 
 def _complete(manifest_path: Path, out: Path) -> bool:
@@ -626,10 +623,10 @@ def generate_candidates(
 
 def _stage(shard_frame: pl.LazyFrame, staging: Path) -> None:
     """Split this shard's rows by part into ``staging`` with one streaming pass (hive partitions)."""
-    tmp = staging.with_name(staging.name + ".tmp")
     log.info("splitting the input by part into %s", staging)
-    shard_frame.sink_parquet(pl.PartitionBy(tmp, key=_PART_COLUMN, include_key=False), mkdir=True)
-    os.replace(tmp, staging)
+    # siblings=False: other shards, maybe on other hosts, write into the same directory
+    with atomic_directory(staging, siblings=False) as tmp:
+        shard_frame.sink_parquet(pl.PartitionBy(tmp, key=_PART_COLUMN, include_key=False), mkdir=True)
 
 
 def _manifest(runner: _Job, job: dict, recommender: SizedRecommender, spec: InputSpec, counts: dict, num_parts: int) -> dict:

@@ -6,8 +6,9 @@
 
 ``DIR/d<size>/`` gets the encoder cut to that size and the item matrix ``Z[:, :size]`` as
 safetensors, the item vocabulary, a faiss index and a manifest with checksums (format in
-``serving/sized_model.py``). Each directory is written under a temporary name and renamed when
-complete, so an interrupted export never leaves a directory that looks finished.
+``serving/sized_model.py``). Each directory is written under a temporary name and swapped in when
+complete (``recsys.atomic``), so an interrupted export never leaves a directory that looks finished,
+and a re-export keeps the previous one whole and loadable until the new one is in place.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import polars as pl
 import torch
 from safetensors.torch import save_file
 
+from recsys.atomic import AtomicDirectory
 from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
 from serving.sized_model import FORMAT_VERSION, MANIFEST, ExportError, read_manifest, sha256_of
 
@@ -55,20 +57,10 @@ def load_trained(checkpoint: str | Path):
 
 
 def _atomic_dir(final: Path):
-    """A temporary directory beside ``final``; call ``commit()`` to rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-
-    def commit() -> Path:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
-
-    def abort() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    return tmp, commit, abort
+    """A temporary directory beside ``final``; ``commit()`` puts it in place of ``final`` (the old
+    export stays whole and loadable until then: ``recsys.atomic``), ``abort()`` removes it."""
+    directory = AtomicDirectory(final)
+    return directory.path, directory.commit, directory.abort
 
 
 @torch.no_grad()

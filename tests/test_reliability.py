@@ -4,7 +4,9 @@ Faults
 - a training run killed mid-epoch resumes from its last checkpoint to exactly the weights and test
   metrics of an uninterrupted run with the same seed (deterministic mode, CPU);
 - an export or a prepare killed midway (an exception raised inside a writer, or a real SIGKILL)
-  leaves no directory that looks complete and nothing loadable;
+  leaves no directory that looks complete and nothing loadable; a re-export killed (SIGKILL) at any
+  step of its commit leaves the old or the new export, whole, and the next run cleans the leftovers
+  (the same for any directory: ``tests/test_atomic.py``);
 - a candidate job killed midway resumes with every user exactly once: tested in
   ``tests/test_candidates.py::test_killed_job_resumes_with_every_user_exactly_once``.
 
@@ -331,6 +333,79 @@ def test_export_and_prepare_killed_with_sigkill_leave_nothing_loadable(checkpoin
     assert len(leftovers) == 1
     with pytest.raises(DataValidationError, match="not a prepared dataset"):
         load_prepared(leftovers[0])
+    # the next run into the same place removes what the killed one left (its pid is not alive)
+    export_sizes(checkpoint, [8], tmp_path / "exports")
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["d8"] and _loadable(tmp_path / "exports" / "d8")
+    prepare(out=tmp_path / "prepared", cache_dir=None, **synthetic_files.prepare_kwargs())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "prepared"]
+
+
+# Where a re-export over an existing d16 is killed, and which export d16 then is. "deleting": killed
+# while the old export (swapped out, under the temporary name) is being removed. "fallback-*": the
+# same without RENAME_EXCHANGE (old export renamed to a backup, new one renamed in); killed between
+# the two renames, d16 is missing until the next writer restores the backup.
+REEXPORT_KILLS = {
+    "before the swap": "old", "after the swap": "new", "deleting": "new",
+    "fallback-moved aside": "restored", "fallback-after the swap": "new", "fallback-deleting": "new",
+}
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_reexport_killed_with_sigkill_at_the_commit_keeps_a_whole_export(checkpoint, tmp_path):
+    """``d16`` exists; a re-export is killed (SIGKILL) at each step of putting the new ``d16`` in
+    place. ``d16`` is always a whole, loadable export, the old or the new one (in the fallback
+    killed between its two renames: the old one, once the next writer into the directory restores
+    it), and the next export into the directory cleans what the killed one left."""
+    from recsys.atomic import clean_leftovers
+
+    script = _kill_script(
+        """
+        import recsys.atomic as atomic, serving.export as export
+        checkpoint, out, where = sys.argv[1:]
+        step = {"before the swap": "written", "after the swap": "swapped", "moved aside": "moved_aside"}
+        fallback = where.startswith("fallback-")
+        where = where.removeprefix("fallback-")
+        if fallback:
+            atomic._exchange = lambda a, b: False
+        unlink = os.unlink
+        def die_in_the_middle(*args, **kwargs):  # rmtree of the old export: one file removed, then killed
+            unlink(*args, **kwargs)
+            die()
+        def after_step(name, path):
+            if name == step.get(where, where) and path.parent.name == "exports":
+                if where == "deleting":
+                    os.unlink = die_in_the_middle
+                else:
+                    die()
+        atomic._after_step = after_step
+        export.export_sizes(checkpoint, [16], out, source={"export": "new"})
+        """
+    )
+    outs = {}
+    for i, where in enumerate(REEXPORT_KILLS):
+        outs[where] = tmp_path / str(i) / "exports"
+        export_sizes(checkpoint, [16], outs[where], source={"export": "old"})
+    processes = {  # all at once: most of their time is importing torch
+        where: subprocess.Popen([sys.executable, "-c", script, str(checkpoint), str(out), where], stderr=subprocess.PIPE)
+        for where, out in outs.items()
+    }
+    for where, process in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == -signal.SIGKILL, f"{where}: {stderr.decode()[-2000:]}"
+    for where, expected in REEXPORT_KILLS.items():
+        out = outs[where]
+        assert len(list(out.iterdir())) == 2, where  # d16 (or its backup) and one leftover
+        if where.endswith("deleting"):  # the old export, half removed, is under the temporary name only
+            (leftover,) = (p for p in out.iterdir() if p.name != "d16")
+            assert 0 < len(list(leftover.iterdir())) < len(list((out / "d16").iterdir())), where
+        if expected == "restored":
+            assert not (out / "d16").exists()
+            clean_leftovers(out)  # what the next writer does first
+            expected = "old"
+        assert serving.load(out / "d16").manifest["source"] == {"export": expected}, where
+        export_sizes(checkpoint, [16], out, source={"export": "again"})
+        assert [p.name for p in out.iterdir()] == ["d16"], where
+        assert serving.load(out / "d16").manifest["source"] == {"export": "again"}
 
 
 def _good_log(directory: Path) -> Path:
@@ -359,15 +434,14 @@ def _kill_prepare_at(step: str, monkeypatch) -> None:
             return written
 
         monkeypatch.setattr(Path, "write_text", write_text)
-    else:  # "renaming": the temporary directory is about to become the output
-        real_rename = Path.rename
+    else:  # "renaming": the temporary directory is complete and about to become the output
+        import recsys.atomic as atomic
 
-        def rename(self, target):
-            if ".partial-" in self.name:
+        def before_the_swap(step, path):
+            if step == "written" and ".partial-" in path.name:
                 raise Killed("simulated kill")
-            return real_rename(self, target)
 
-        monkeypatch.setattr(Path, "rename", rename)
+        monkeypatch.setattr(atomic, "_after_step", before_the_swap)
 
 
 @pytest.mark.parametrize("step", ["reading", "cleaning", "features", "writing features", "writing stats", "renaming"])

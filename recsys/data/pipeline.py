@@ -4,8 +4,9 @@ Steps, in order: check the options and every input file's columns (before any he
 log and the item table; match their id types; clean the log (exact duplicates, repeat policy,
 iterated k-core, time order); build the user and item vocabularies (0 = padding); mark each user's
 training part (leave-one-out: the last event is test, the one before validation); build the item
-features; write everything into a temporary directory next to the output and rename it at the end,
-so that an error never leaves a partial output behind. ``data/README.md`` documents the layout.
+features; write everything into a temporary directory next to the output and put it in place at
+the end (``recsys.atomic``), so that an error or a kill never leaves a partial output behind and an
+overwritten output stays whole until the new one replaces it. ``data/README.md`` documents the layout.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from recsys.atomic import TargetExists, atomic_directory
 from recsys.data.cleaning import REPEAT_POLICIES, TIE_BREAK, CleanLog, RepeatPolicy, clean_log
 from recsys.data.errors import DataValidationError
 from recsys.data.features import build_item_features
@@ -344,29 +343,16 @@ def _describe_file(path: Path) -> dict:
 
 
 def _write_atomically(out: Path, overwrite: bool, interactions, users, items, features, bag_vocabularies, stats) -> None:
-    """Write into a temporary sibling directory, then rename it to ``out``; clean up on any error."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    replaced = None
+    """Write into a temporary sibling directory, then put it in place of ``out`` (``recsys.atomic``:
+    an existing ``out`` stays whole until the new one replaces it); clean up on any error."""
     try:
-        partial.mkdir()
-        interactions.write_parquet(partial / "interactions.parquet")
-        users.write_parquet(partial / "users.parquet")
-        items.write_parquet(partial / "items.parquet")
-        features.save(partial / "features")
-        for name, vocabulary in bag_vocabularies.items():
-            (partial / "features" / f"bag_{name}_vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False), encoding="utf-8")
-        (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
-        if out.exists():
-            if not overwrite:
-                raise DataValidationError(out, "the output directory already exists; remove it or pass --overwrite")
-            replaced = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-            out.rename(replaced)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if replaced is not None and not out.exists():
-            replaced.rename(out)
-        raise
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
+        with atomic_directory(out, overwrite=overwrite) as partial:
+            interactions.write_parquet(partial / "interactions.parquet")
+            users.write_parquet(partial / "users.parquet")
+            items.write_parquet(partial / "items.parquet")
+            features.save(partial / "features")
+            for name, vocabulary in bag_vocabularies.items():
+                (partial / "features" / f"bag_{name}_vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False), encoding="utf-8")
+            (partial / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    except TargetExists:
+        raise DataValidationError(out, "the output directory already exists; remove it or pass --overwrite") from None

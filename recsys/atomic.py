@@ -1,0 +1,350 @@
+"""Atomic writes: a file or a directory is either the old one or the complete new one, never partial.
+
+Standard library only (``serving`` and ``bench`` import it without torch or polars).
+
+- ``atomic_file(path)``: a context manager yielding a temporary path in the same directory; the
+  caller writes it by any means (``write_parquet``, ``faiss.write_index``, ...). On success its
+  contents are fsynced, it is renamed onto ``path`` (``os.replace``) and the directory is fsynced;
+  on an error it is removed and ``path`` is untouched. ``write_text_atomically`` and
+  ``write_json_atomically`` are the usual one-liners on top of it.
+- ``atomic_directory(final)``: a context manager yielding a fresh empty directory beside
+  ``final``; on success it replaces ``final`` so that the old directory stays complete and
+  loadable until the new one is in place (``AtomicDirectory`` is the same with explicit
+  ``commit()`` / ``abort()``).
+
+How a directory is replaced
+---------------------------
+On Linux the new directory and ``final`` are swapped in one step with ``renameat2(...,
+RENAME_EXCHANGE)`` (through ctypes: libc's ``renameat2``, else the raw system call), so a reader
+of ``final`` sees the complete old directory or the complete new one, at every instant. The old
+one, now under the temporary name, is then deleted. Where the swap is unavailable (another OS,
+a file system without it, a libc without the call), the fallback renames the old directory to a
+backup name, renames the new one in and deletes the backup. Between those two renames -- a
+window of two system calls -- ``final`` does not exist: a reader then finds nothing, and a run
+killed exactly there leaves only the backup, which the next run into the same parent renames
+back to ``final`` (the old, complete directory).
+
+Leftovers
+---------
+Temporary names are ``.NAME.partial-PID-RANDOM.tmp`` (new files and directories, and, after a
+swap, the old directory being deleted) and ``.NAME.backup-PID-RANDOM.tmp`` (the fallback's old
+directory). A run killed (SIGKILL, power loss) leaves them behind. Each ``atomic_file`` /
+``atomic_directory`` first removes the leftovers of processes that are no longer alive: those of
+the same name (``atomic_file``), or every leftover in the parent directory (``atomic_directory``,
+unless ``siblings=False``); a backup whose ``final`` is missing is restored rather than removed.
+Leftovers of a live process are never touched. Liveness is checked with ``os.kill(pid, 0)``, so
+this assumes every writer into a directory runs on this host (in this pid namespace): writers on
+other machines sharing the directory over a network file system must write different names and
+pass ``siblings=False`` (their leftovers are then only cleaned by the next writer of that name).
+A pid reused by an unrelated process only delays the cleaning of its leftovers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AtomicDirectory",
+    "TargetExists",
+    "atomic_directory",
+    "atomic_file",
+    "clean_leftovers",
+    "write_json_atomically",
+    "write_text_atomically",
+]
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|backup)-(?P<pid>\d+)-[0-9a-f]{8}(\.tmp)?")
+
+# Test hook: called as ``_after_step(step, path)`` at the steps of a directory commit ("written":
+# the new directory is complete and synced; "moved_aside": fallback only, the old one is under its
+# backup name; "swapped": the new one is ``final``; "deleting": the old one is about to be removed).
+_after_step: Callable[[str, Path], None] | None = None
+
+
+class TargetExists(FileExistsError):
+    """``atomic_directory(final, overwrite=False)`` found ``final`` already there at the commit."""
+
+
+def _step(step: str, path: Path) -> None:
+    if _after_step is not None:
+        _after_step(step, path)
+
+
+def _temporary(path: Path, kind: str = "partial") -> Path:
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":
+        return True  # no cheap liveness check: never remove
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def clean_leftovers(parent: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporary and backup names left in ``parent`` by processes no longer alive.
+
+    Only those of target ``name`` when given. A backup whose target is missing is renamed back
+    to it (the fallback was killed between its two renames). Returns what was removed or restored.
+    """
+    parent = Path(parent)
+    try:
+        entries = list(os.scandir(parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for entry in entries:
+        match = _LEFTOVER.fullmatch(entry.name)
+        if match is None or (name is not None and match["name"] != name) or _alive(int(match["pid"])):
+            continue
+        path = parent / entry.name
+        if match["kind"] == "backup":
+            target = parent / match["name"]
+            if not os.path.lexists(target):
+                try:
+                    os.rename(path, target)
+                    _fsync_dir(parent)
+                    found.append(path)
+                    continue
+                except OSError:  # another cleaner got there first, or the target appeared
+                    if not os.path.lexists(path):
+                        continue
+        _remove(path)
+        found.append(path)
+    return found
+
+
+# -- durability ---------------------------------------------------------------------------------------
+
+
+def _fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames and new entries in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                _fsync_file(path)
+        _fsync_dir(directory)
+
+
+# -- the swap -----------------------------------------------------------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276}
+_renameat2: Callable[..., int] | None | bool = False  # False: not looked up yet; None: unavailable
+
+
+def _load_renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the running program, libc included
+    except OSError:
+        return None
+    function = getattr(libc, "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        function.restype = ctypes.c_int
+        return function
+    number = _SYS_RENAMEAT2.get(platform.machine().lower())
+    syscall = getattr(libc, "syscall", None)
+    if number is None or syscall is None:
+        return None
+    syscall.restype = ctypes.c_long
+
+    def via_syscall(olddirfd, oldpath, newdirfd, newpath, flags):
+        return syscall(ctypes.c_long(number), ctypes.c_int(olddirfd), ctypes.c_char_p(oldpath),
+                       ctypes.c_int(newdirfd), ctypes.c_char_p(newpath), ctypes.c_uint(flags))
+
+    return via_syscall
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` in one step; False where the system cannot."""
+    global _renameat2
+    if _renameat2 is False:
+        _renameat2 = _load_renameat2()
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False  # no such call, or a file system without RENAME_EXCHANGE
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
+# -- files --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; renamed onto ``path`` on success, removed on error.
+
+    The parent directory must exist. With ``durable`` the contents are fsynced before the rename
+    and the directory after it.
+    """
+    path = Path(path)
+    clean_leftovers(path.parent, path.name)
+    tmp = _temporary(path)
+    try:
+        yield tmp
+        if durable:
+            _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str, *, encoding: str = "utf-8", durable: bool = True) -> Path:
+    """Write ``text`` to ``path`` whole or not at all (creating the parent directories)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, durable=durable) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return path
+
+
+def write_json_atomically(path: str | os.PathLike, data: Any, *, durable: bool = True, **dumps: Any) -> Path:
+    """``json.dumps(data, **dumps)`` plus a newline, written with ``write_text_atomically``."""
+    return write_text_atomically(path, json.dumps(data, **dumps) + "\n", durable=durable)
+
+
+# -- directories --------------------------------------------------------------------------------------
+
+
+class AtomicDirectory:
+    """A fresh temporary directory ``.path`` beside ``final``; ``commit()`` puts it in place of
+    ``final``, ``abort()`` removes it. ``atomic_directory`` is the context-manager form."""
+
+    def __init__(self, final: str | os.PathLike, *, overwrite: bool = True, durable: bool = True, siblings: bool = True):
+        self.final = Path(final)
+        self.overwrite = overwrite
+        self.durable = durable
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.final.parent, None if siblings else self.final.name)
+        self.path = _temporary(self.final)
+        self.path.mkdir()
+
+    def commit(self) -> Path:
+        final, tmp = self.final, self.path
+        try:
+            if self.durable:
+                _fsync_tree(tmp)
+            _step("written", tmp)
+            if not os.path.lexists(final):
+                os.replace(tmp, final)
+                _step("swapped", final)
+            elif not self.overwrite:
+                raise TargetExists(errno.EEXIST, "already exists", str(final))
+            elif _exchange(tmp, final):
+                _step("swapped", final)
+            else:
+                self._replace_with_backup()
+                return final
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            if self.durable:
+                _fsync_dir(final.parent)
+            _step("deleting", tmp)  # after a swap, tmp holds the old directory
+        finally:
+            self.abort()
+        return final
+
+    def _replace_with_backup(self) -> None:
+        final, tmp = self.final, self.path
+        backup = _temporary(final, "backup")
+        os.rename(final, backup)
+        try:
+            _step("moved_aside", backup)
+            os.rename(tmp, final)
+        except BaseException:
+            if not os.path.lexists(final):
+                os.rename(backup, final)
+            raise
+        try:
+            _step("swapped", final)
+            if self.durable:
+                _fsync_dir(final.parent)
+            _step("deleting", backup)
+        finally:
+            _remove(backup)
+
+    def abort(self) -> None:
+        _remove(self.path)
+
+
+@contextmanager
+def atomic_directory(
+    final: str | os.PathLike, *, overwrite: bool = True, durable: bool = True, siblings: bool = True
+) -> Iterator[Path]:
+    """Yield a fresh empty directory beside ``final``; on success it replaces ``final`` (the old
+    directory stays whole until the new one is in place), on an error it is removed.
+
+    ``overwrite=False`` raises ``TargetExists`` at the commit if ``final`` exists. With ``durable``
+    every file of the new directory is fsynced before it goes in place and the parent after.
+    ``siblings=False`` cleans only the leftovers of ``final``'s own name (see the module docstring).
+    """
+    directory = AtomicDirectory(final, overwrite=overwrite, durable=durable, siblings=siblings)
+    try:
+        yield directory.path
+    except BaseException:
+        directory.abort()
+        raise
+    directory.commit()
