@@ -1,6 +1,6 @@
 """Serving: size-specific exports, retrieval indexes and batch candidate generation.
 
-``serving.load`` and friends are imported on first use, so that ``import serving.index`` does not
+``serving.load`` and friends are imported on first use, so that ``import serving.retrieval`` does not
 pull in the model code (torch, torchrec, Lightning).
 """
 

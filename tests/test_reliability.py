@@ -256,7 +256,7 @@ def _loadable(directory: Path) -> bool:
 @pytest.mark.parametrize("where", ["weights", "index", "manifest", "rename"])
 def test_export_killed_midway_leaves_nothing_that_looks_complete(checkpoint, tmp_path, monkeypatch, where):
     import serving.export as export
-    import serving.index as index
+    import serving.retrieval.faiss_index as index
 
     target = {"weights": (export, "save_file"), "index": (index, "save_index"),
               "manifest": (export, "read_manifest"), "rename": (export.os, "replace")}[where]
@@ -269,7 +269,7 @@ def test_export_killed_midway_leaves_nothing_that_looks_complete(checkpoint, tmp
 
 
 def test_export_killed_during_the_second_size_keeps_the_first_whole(checkpoint, tmp_path, monkeypatch):
-    import serving.index as index
+    import serving.retrieval.faiss_index as index
 
     real, calls = index.save_index, []
 
@@ -307,7 +307,7 @@ def test_export_and_prepare_killed_with_sigkill_leave_nothing_loadable(checkpoin
         which, checkpoint, out, files = sys.argv[1:]
         if which == "export":
             import serving.export as export
-            import serving.index as index
+            import serving.retrieval.faiss_index as index
             index.save_index = die
             export.export_sizes(checkpoint, [8], out)
         else:

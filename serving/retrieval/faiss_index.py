@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from recsys.atomic import atomic_file
 from serving.retrieval.base import Retriever
 from serving.retrieval.checks import as_matrix, check_int, check_k, check_spec_keys
 from serving.retrieval.exclusion import check_exclude, drop_excluded, pad
@@ -365,14 +365,8 @@ def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"directory {path.parent} does not exist (saving index to {path})")
     cpu_index = faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        faiss.write_index(cpu_index, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        faiss.write_index(cpu_index, str(tmp))
 
 
 def load_index(
