@@ -327,7 +327,7 @@ def print_tables(results: list[dict], k: int) -> None:
         for r in res["indexes"]:
             print(f"{r['size']:>5} {r['kind']:>9} {r['build_s']:>9.2f} {r['latency_ms']:>10.1f} "
                   f"{r['recall_full']:>9.3f} {r['recall_same_size']:>11.3f}")
-        print(f"\nsearch-time knob sweep (default marked *)")
+        print("\nsearch-time knob sweep (default marked *)")
         print(f"{'size':>5} {'index':>9} {'knob':>14} {'ms/batch':>10} {'R@k full':>9} {'R@k same-s':>11}")
         for r in res["sweeps"]:
             knob = f"{r['param']}={r['value']}" + ("*" if r["default"] else "")

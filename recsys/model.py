@@ -14,7 +14,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from recsys.data.item_features import ItemFeatures
+from recsys.item_features import ItemFeatures
 from recsys.metrics import RankingMetrics, target_ranks
 from recsys.nn.encoders import ENCODERS, build_encoder
 from recsys.nn.item_tower import ItemTower

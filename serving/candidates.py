@@ -23,10 +23,11 @@ Input
 CSV and TSV are read as text, like ``prepare`` reads them (TSV with quoting off): user ids that are
 all canonical integers become integers, others stay strings; item ids are matched to the export's
 catalogue by value (the text ``"7"`` matches the integer item ``7``, ``"007"`` does not). Ids the
-catalogue lacks are skipped and counted (``unknown_items_skipped``), never fatal. Null user or item
-ids, an unparsable time, a user listed twice in a history table, a missing column, an empty file,
-an unknown export directory or ``k`` above the catalogue size are errors, reported (file, column,
-row or value) before anything is written.
+catalogue lacks are skipped and counted (``unknown_items_skipped``), never fatal. Null or blank user
+or item ids, an unparsable time, a repeated header line, a user listed twice in a history table, a
+missing column, an empty file, an unknown export directory or ``k`` above the catalogue size are
+errors, reported (file, column, row or value) before anything is written. The input is read and
+checked by ``recsys/data/readers.py``, as ``prepare`` reads its log, with the same messages.
 
 Output
 ------
@@ -107,8 +108,14 @@ import numpy as np
 import polars as pl
 
 from recsys.atomic import atomic_directory, atomic_file, write_json_atomically
-from recsys.data.errors import DataValidationError
-from recsys.data.readers import ROW, first_row_where, scan_table
+from recsys.data.readers import (
+    ROW,
+    check_input_schema,
+    checked_chunks,
+    input_files,
+    reject_repeated_users,
+    scan_input,
+)
 from recsys.data.time_order import parse_order_key
 from serving.sized_model import MANIFEST, SizedRecommender, sha256_of
 
@@ -148,6 +155,18 @@ class InputSpec:
     @property
     def kind(self) -> str:
         return "histories" if self.history_col else "log"
+
+    @property
+    def what(self) -> str:
+        """The table's name in error messages (as ``prepare`` names its interaction log)."""
+        return "the history table" if self.history_col else "the interaction log"
+
+    def id_columns(self) -> dict[str, str]:
+        """Id column -> its role, for the readers' checks."""
+        return {self.user_col: "user"} if self.history_col else {self.user_col: "user", self.item_col: "item"}
+
+    def list_columns(self) -> dict[str, str]:
+        return {self.history_col: "history"} if self.history_col else {}
 
     def columns(self) -> dict[str, str | None]:
         if self.history_col:
@@ -195,77 +214,20 @@ def _assign(users: pl.Series, shard: tuple[int, int], users_per_part: int) -> tu
 # ---------------------------------------------------------------------------------------------
 
 
-def _scan(path: Path) -> pl.LazyFrame:
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-        if not files:
-            raise DataValidationError(path, "directory holds no .parquet files")
-        return pl.scan_parquet(files)
-    if not path.exists():
-        raise DataValidationError(path, "file not found")
-    return scan_table(path)
-
-
 def _input_sha256(path: Path) -> str:
     """sha256 of the file, or of the names and contents of a directory's parquet files in order."""
     if path.is_file():
         return sha256_of(path)
     digest = hashlib.sha256()
-    for file in sorted(path.glob("*.parquet")):
+    for file in input_files(path):
         digest.update(file.name.encode() + b"\0" + sha256_of(file).encode())
     return digest.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _check_schema(spec: InputSpec, frame: pl.LazyFrame) -> pl.Schema:
-    try:
-        schema = frame.collect_schema()
-    except pl.exceptions.NoDataError:
-        raise DataValidationError(spec.path, "the file is empty") from None
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataValidationError(spec.path, f"cannot read the file: {_first_line(exc)}") from None
     options = {"user": "--user-col", "item": "--item-col", "time": "--time-col", "history": "--history-col"}
-    for role, column in spec.columns().items():
-        if column is not None and column not in schema:
-            raise DataValidationError(
-                spec.path,
-                f"no column {column!r} (given by {options[role]}); available columns: {', '.join(schema.names())}",
-            )
-    user_type = schema[spec.user_col]
-    if not (user_type.is_integer() or user_type == pl.String):
-        raise DataValidationError(
-            spec.path, f"user column {spec.user_col!r} has type {user_type}; ids must be integers or strings"
-        )
-    if spec.history_col:
-        history_type = schema[spec.history_col]
-        if not isinstance(history_type, pl.List):
-            raise DataValidationError(
-                spec.path, f"history column {spec.history_col!r} has type {history_type}; it must be a list of item ids"
-            )
-    return schema
-
-
-def _check_chunk(spec: InputSpec, chunk: pl.DataFrame) -> None:
-    """Null ids and unparsable times in one chunk, reported with their file row (1-based)."""
-    bad = first_row_where(chunk, pl.col(spec.user_col).is_null())
-    if bad is not None:
-        raise DataValidationError(spec.path, f"user column {spec.user_col!r} is empty (null id) at row {bad[ROW] + 1}")
-    if spec.history_col:
-        bad = first_row_where(chunk, pl.col(spec.history_col).list.eval(pl.element().is_null()).list.any())
-        if bad is not None:
-            raise DataValidationError(
-                spec.path, f"history column {spec.history_col!r} holds a null item id at row {bad[ROW] + 1}"
-            )
-        return
-    bad = first_row_where(chunk, pl.col(spec.item_col).is_null())
-    if bad is not None:
-        raise DataValidationError(spec.path, f"item column {spec.item_col!r} is empty (null id) at row {bad[ROW] + 1}")
-    if spec.time_col is not None:
-        parse_order_key(spec.path, chunk, spec.time_col)  # raises on the first bad value
+    columns = [(options[role], column) for role, column in spec.columns().items()]
+    return check_input_schema(spec.path, frame, columns, spec.what, spec.id_columns(), spec.list_columns())
 
 
 def _canonical_ints(ids: pl.Series) -> bool:
@@ -277,32 +239,20 @@ def _canonical_ints(ids: pl.Series) -> bool:
 def _distinct_users(spec: InputSpec, frame: pl.LazyFrame) -> tuple[pl.Series, int]:
     """Validate the whole input in streaming chunks; return its distinct users and its row count."""
     columns = [c for c in spec.columns().values() if c is not None]
+    time_col = None if spec.history_col else spec.time_col
+    chunks = checked_chunks(
+        spec.path, frame, columns, spec.what, spec.id_columns(), spec.list_columns(), time_col, chunk_rows=_CHUNK_ROWS
+    )
     parts: list[pl.Series] = []
     rows = 0
-    try:
-        for chunk in frame.select(columns).with_row_index(ROW).collect_batches(chunk_size=_CHUNK_ROWS):
-            _check_chunk(spec, chunk)
-            rows += chunk.height
-            parts.append(chunk[spec.user_col].unique())
-            if len(parts) > 16:  # keep the list of distinct users compact as we go
-                parts = [pl.concat(parts).unique()]
-    except DataValidationError:
-        raise
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataValidationError(spec.path, f"cannot read the file: {_first_line(exc)}") from None
-    if rows == 0:
-        raise DataValidationError(spec.path, "the input has no rows")
+    for chunk in chunks:
+        rows += chunk.height
+        parts.append(chunk[spec.user_col].unique())
+        if len(parts) > 16:  # keep the list of distinct users compact as we go
+            parts = [pl.concat(parts).unique()]
     users = pl.concat(parts).unique().sort()
     if spec.history_col and len(users) < rows:
-        dup = (
-            frame.select(spec.user_col).with_row_index(ROW)
-            .filter(pl.col(spec.user_col).is_duplicated()).sort(ROW).head(2).collect()
-        )
-        raise DataValidationError(
-            spec.path,
-            f"user {dup[spec.user_col][0]!r} has more than one row in the history table "
-            f"(rows {dup[ROW][0] + 1} and {dup[ROW][1] + 1}); give each user one history",
-        )
+        reject_repeated_users(spec.path, frame, spec.user_col)
     return users, rows
 
 
@@ -550,7 +500,7 @@ def generate_candidates(
         raise CandidatesError(f"k={k} exceeds the catalogue of {model_dir} ({len(recommender.item_ids)} items)")
     spec = InputSpec(Path(input_path), user_col, item_col, time_col, history_col)
 
-    frame = _scan(spec.path)
+    frame = scan_input(spec.path)
     schema = _check_schema(spec, frame)
     log.info("reading %s to validate it and list its users", spec.path)
     users, num_rows = _distinct_users(spec, frame)

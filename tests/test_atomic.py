@@ -11,7 +11,6 @@ the leftovers, but never those of a process still running. The same through ``se
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

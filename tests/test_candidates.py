@@ -307,3 +307,80 @@ def test_module_runs_with_a_progress_bar_and_an_info_summary(export_dir, log, tm
     assert done.returncode == 0, done.stderr
     assert "users/s" in done.stderr and "INFO serving.candidates: candidates:" in done.stderr
     assert done.stdout.startswith(f"{frame['user_id'].n_unique()} users")
+
+
+# -- the input is read by recsys/data/readers.py, as prepare reads its log ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("directory without parquet files", r"in: directory holds no \.parquet files$"),
+        ("repeated header line", r"in\.csv: row 2 repeats the header line \(user_id, item_id, timestamp\)"),
+        ("blank user id", r"in\.csv: user column 'user_id' has an empty id ' ' at row 2$"),
+        ("null item id", r"in\.csv: item column 'item_id' is empty \(null id\) at row 2$"),
+        ("null item in a history", r"in\.parquet: history column 'h' holds a null item id at row 2$"),
+        ("float user ids", r"in\.parquet: user column 'user_id' has type Float64; ids must be integers or strings$"),
+        ("header only history table", r"in\.parquet: the history table has no rows$"),
+        ("interleaved repeated users", r"in\.parquet: user 1 has more than one row in the history table \(rows 1 and 5\)"),
+    ],
+)
+def test_bad_input_messages_come_from_the_shared_readers(export_dir, tmp_path, case, message):
+    options = {}
+    if case.startswith("directory"):
+        path = tmp_path / "in"
+        path.mkdir()
+        (path / "notes.txt").write_text("not parquet")
+    elif case == "repeated header line":
+        path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n1,i01,5\nuser_id,item_id,timestamp\n1,i02,6\n")
+    elif case == "blank user id":
+        path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n1,i01,5\n ,i02,6\n")
+    elif case == "null item id":
+        path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n1,i01,5\n1,,6\n")
+    elif case == "float user ids":
+        path = tmp_path / "in.parquet"
+        pl.DataFrame({"user_id": [1.0], "item_id": ["i01"], "timestamp": [1]}).write_parquet(path)
+    else:
+        path = tmp_path / "in.parquet"
+        options = {"history_col": "h"}
+        users, lists = {
+            "null item in a history": ([1, 2], [["i01"], ["i02", None]]),
+            "header only history table": ([], []),
+            "interleaved repeated users": ([1, 2, 3, 2, 1], [["i01"]] * 5),
+        }[case]
+        pl.DataFrame({"user_id": users, "h": lists}, schema={"user_id": pl.Int64, "h": pl.List(pl.String)}).write_parquet(path)
+    out = tmp_path / "out"
+    with pytest.raises(DataValidationError, match=message):
+        generate_candidates(export_dir, path, out, K, progress=False, **options)
+    assert not out.exists()
+
+
+def test_rows_are_counted_over_the_whole_input_when_streamed_in_chunks(export_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(candidates, "_CHUNK_ROWS", 2)
+    rows = ["1,i01,5", "1,i02,6", "2,i03,7", "2,i04,8", "3,i05,soon"]
+    path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataValidationError, match=r"'soon' at row 5, which is neither a number nor a date/time$"):
+        generate_candidates(export_dir, path, tmp_path / "out", K, progress=False)
+    path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n" + "\n".join([*rows[:4], ",i05,9"]) + "\n")
+    with pytest.raises(DataValidationError, match=r"user column 'user_id' is empty \(null id\) at row 5$"):
+        generate_candidates(export_dir, path, tmp_path / "out", K, progress=False)
+
+
+def test_prepare_and_candidates_report_a_bad_log_with_the_same_message(export_dir, tmp_path):
+    from recsys.data import prepare
+
+    bad_logs = {
+        "empty file": "",
+        "header only": "user_id,item_id,timestamp\n",
+        "missing column": "user,item_id,timestamp\nu1,i01,1\n",
+        "null user": "user_id,item_id,timestamp\nu1,i01,1\n,i02,2\n",
+        "bad time": "user_id,item_id,timestamp\nu1,i01,1\nu1,i02,later\n",
+        "repeated header": "user_id,item_id,timestamp\nu1,i01,1\nuser_id,item_id,timestamp\n",
+    }
+    for case, content in bad_logs.items():
+        path = _write(tmp_path / "log.csv", content)
+        with pytest.raises(DataValidationError) as from_prepare:
+            prepare(path, tmp_path / "prepared", min_count=1, cache_dir=None)
+        with pytest.raises(DataValidationError) as from_candidates:
+            generate_candidates(export_dir, path, tmp_path / "out", K, progress=False)
+        assert str(from_candidates.value) == str(from_prepare.value), case

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 from mlflow.tracking import MlflowClient
 
-from recsys.data import SequenceDataModule, SyntheticConfig
+from recsys.data import SequenceDataModule
 from recsys.model import MatryoshkaRecommender
 
 SIZES = [8, 16]

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -724,10 +723,10 @@ BAD_INPUTS = [
              good_log),
     BadInput("recsys.data prepare", "column name with a trailing space", PREPARE,
              r"^log\.csv: .*no column 'user_id' .*available columns: 'user_id ', item_id", _text("log.csv", LOG.replace("user_id", "user_id ", 1))),
-    BadInput("recsys.data prepare", "empty file", PREPARE, r"^log\.csv: cannot read the file: empty CSV$", _text("log.csv", "")),
+    BadInput("recsys.data prepare", "empty file", PREPARE, r"^log\.csv: the file is empty$", _text("log.csv", "")),
     BadInput("recsys.data prepare", "header only", PREPARE, r"^log\.csv: the interaction log has no rows$",
              _text("log.csv", "user_id,item_id,timestamp\n")),
-    BadInput("recsys.data prepare", "empty user id", PREPARE, r"^log\.csv: column 'user_id' is empty \(null id\) at row 2$",
+    BadInput("recsys.data prepare", "empty user id", PREPARE, r"^log\.csv: user column 'user_id' is empty \(null id\) at row 2$",
              _text("log.csv", LOG.replace("\nu0,i1,1\n", "\n,i1,1\n"))),
     BadInput("recsys.data prepare", "unparsable time", PREPARE,
              r"^log\.csv: time column 'timestamp' has the value 'soon' at row 2, which is not a number$",
@@ -810,7 +809,7 @@ BAD_INPUTS = [
     BadInput("serving.candidates", "export changed after export", CANDIDATES, r"^export/items\.parquet: checksum mismatch",
              _all(histories, _flip_byte("items.parquet"))),
     BadInput("serving.candidates", "missing user column (`--user-col who`)", (*CANDIDATES, "--user-col", "who"),
-             r"^histories\.csv: no column 'who' \(given by --user-col\); available columns: user_id, item_id, timestamp$", histories),
+             r"^histories\.csv: the interaction log has no column 'who' \(given by --user-col\); available columns: user_id, item_id, timestamp$", histories),
     BadInput("serving.candidates", "empty input file", CANDIDATES, r"^histories\.csv: the file is empty$",
              _all(_copy_export, _text("histories.csv", ""))),
     BadInput("serving.candidates", "empty user id", CANDIDATES, r"^histories\.csv: .*null id\) at row 2",

@@ -9,7 +9,6 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import serving
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.nested import cut_to_size
 from recsys.train import main, run

@@ -18,8 +18,7 @@ from typing import Literal
 from jsonargparse import ArgumentParser
 
 from recsys.data.errors import DataValidationError
-from recsys.data.pipeline import prepare
-from recsys.data.synthetic import SyntheticConfig, write_synthetic
+from recsys.data.synthetic import SyntheticConfig, write_synthetic  # its fields are the synthetic command's options
 
 log = logging.getLogger("recsys.data")
 
@@ -79,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_subcommand("prepare", prepare_parser(), help="prepare a dataset directory")
     commands.add_subcommand("synthetic", synthetic_parser(), help="write the synthetic log as files")
     args = parser.parse_args(argv)
+    from recsys.data.pipeline import prepare  # after parsing: --help and bad options need none of it (torch)
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         if args.command == "prepare":

@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 
 from recsys.data.batches import HeldOutTargets, TrainWindows, pass_through
-from recsys.data.item_features import ItemFeatures
 from recsys.data.prepared import PreparedDataset, load_prepared
 from recsys.data.resumable import ResumableBatchSampler, ResumableDataLoader
 from recsys.data.synthetic import SyntheticConfig, prepared_synthetic
+from recsys.item_features import ItemFeatures
 
 __all__ = ["SequenceDataModule"]
 

@@ -14,9 +14,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.data.item_features import CategoricalBag, ItemFeatures
 from recsys.data.text_encoding import encode_texts
 from recsys.data.vectors import ItemVectors
+from recsys.item_features import CategoricalBag, ItemFeatures
 
 __all__ = ["build_item_features", "item_texts", "category_bag", "vector_feature"]
 

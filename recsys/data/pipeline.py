@@ -305,8 +305,8 @@ def _item_table_columns(id_col, text_cols, category_cols) -> list[tuple[str, str
 def _read_log(path: Path, user_col: str, item_col: str, time_col: str | None, weight_col: str | None) -> pl.DataFrame:
     """The log as ``user_id, item_id, __time, __row, __row_hash[, weight]``, every value checked."""
     table = read_columns(path, _log_columns(user_col, item_col, time_col, weight_col), "the interaction log", row_hash=True)
-    check_id_column(path, table, user_col)
-    check_id_column(path, table, item_col)
+    check_id_column(path, table, user_col, "user")
+    check_id_column(path, table, item_col, "item")
     time_key = table[ROW].cast(pl.Int64).alias("__time") if time_col is None else parse_order_key(path, table, time_col)
     columns = [table[user_col].alias("user_id"), table[item_col].alias("item_id"), time_key, table[ROW], table[ROW_HASH]]
     if weight_col is not None:
@@ -317,7 +317,7 @@ def _read_log(path: Path, user_col: str, item_col: str, time_col: str | None, we
 def _read_item_table(path: Path, id_col: str, text_cols: list[str], category_cols: list[str]) -> pl.DataFrame:
     """The item table as ``item_id, __row``, the text and category columns; ids unique."""
     table = read_columns(path, _item_table_columns(id_col, text_cols, category_cols), "the item table")
-    check_id_column(path, table, id_col)
+    check_id_column(path, table, id_col, "item")
     duplicated = table.filter(pl.col(id_col).is_duplicated())
     if duplicated.height:
         first = duplicated[id_col][0]

@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 
 from recsys.data.errors import DataValidationError
-from recsys.data.item_features import ItemFeatures
 from recsys.data.pipeline import FORMAT_VERSION
+from recsys.item_features import ItemFeatures
 
 __all__ = ["PreparedDataset", "load_prepared"]
 

@@ -4,10 +4,17 @@ CSV and TSV files are read with every column as a string: ids keep their exact s
 stays ``"007"``), and the columns that carry numbers (times, weights) are parsed afterwards by code
 that can say which row failed. TSV is read with quoting off, because names in real TSV dumps (Last.fm
 artists) contain bare quote characters. Parquet files keep their own types.
+
+Both commands that read user tables use this module, so that one fault gets one message:
+``python -m recsys.data prepare`` reads whole tables (:func:`read_columns`), ``python -m
+serving.candidates`` streams an interaction log or a history table of any size in chunks
+(:func:`scan_input`, :func:`check_input_schema`, :func:`checked_chunks`). Rows are reported 1-based,
+counted over the whole input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -15,7 +22,8 @@ import polars as pl
 from recsys.data.errors import DataValidationError
 
 __all__ = [
-    "ROW", "ROW_HASH", "TABLE_EXTENSIONS", "scan_table", "check_columns", "column_list", "read_columns", "check_id_column",
+    "ROW", "ROW_HASH", "TABLE_EXTENSIONS", "scan_table", "scan_input", "input_files", "check_columns", "column_list",
+    "read_columns", "check_id_column", "check_id_type", "check_input_schema", "checked_chunks", "reject_repeated_users",
     "unify_id_dtype",
 ]
 
@@ -30,6 +38,8 @@ def existing_file(path: str | Path, extensions: tuple[str, ...], what: str = "fi
     """``(path, lower-case suffix)`` of an existing file with one of ``extensions``, else a clear error."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if not path.exists():  # first: a mistyped name is the likelier fault than a wrong format
+        raise DataValidationError(path, "file not found")
     if suffix not in extensions:
         raise DataValidationError(path, f"unknown {what} extension {suffix!r}; expected one of {', '.join(extensions)}")
     if not path.is_file():
@@ -47,22 +57,48 @@ def scan_table(path: str | Path) -> pl.LazyFrame:
     return pl.scan_csv(path, separator=separator, quote_char=quote, infer_schema=False)
 
 
-def available_columns(path: str | Path, frame: pl.LazyFrame) -> list[str]:
-    """The table's column names; a file polars cannot parse becomes a :class:`DataValidationError`."""
+def input_files(path: str | Path) -> list[Path]:
+    """The ``.parquet`` files of a directory given as one input, in file-name order (the reading order)."""
+    files = sorted(Path(path).glob("*.parquet"))
+    if not files:
+        raise DataValidationError(path, "directory holds no .parquet files")
+    return files
+
+
+def scan_input(path: str | Path) -> pl.LazyFrame:
+    """:func:`scan_table`, or one lazy scan over a directory of ``.parquet`` files (:func:`input_files`)."""
+    if Path(path).is_dir():
+        return pl.scan_parquet(input_files(path))
+    return scan_table(path)
+
+
+def table_schema(path: str | Path, frame: pl.LazyFrame) -> pl.Schema:
+    """The table's schema; an empty file or one polars cannot parse becomes a :class:`DataValidationError`."""
     try:
-        return frame.collect_schema().names()
+        return frame.collect_schema()
+    except pl.exceptions.NoDataError:
+        raise DataValidationError(path, "the file is empty") from None
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise DataValidationError(path, f"cannot read the file: {_first_line(exc)}") from None
 
 
-def check_columns(path: str | Path, frame: pl.LazyFrame, columns: list[tuple[str, str | None]], what: str) -> None:
-    """Every named column exists; ``columns`` pairs the option that named a column with the name."""
-    names = available_columns(path, frame)
+def available_columns(path: str | Path, frame: pl.LazyFrame) -> list[str]:
+    """The table's column names (see :func:`table_schema`)."""
+    return table_schema(path, frame).names()
+
+
+def check_columns(path: str | Path, frame: pl.LazyFrame, columns: list[tuple[str, str | None]], what: str) -> pl.Schema:
+    """Every named column exists; ``columns`` pairs the option that named a column with the name.
+
+    Returns the table's schema."""
+    schema = table_schema(path, frame)
+    names = schema.names()
     for option, column in columns:
         if column is not None and column not in names:
             raise DataValidationError(
                 path, f"{what} has no column {column!r} (given by {option}); available columns: {column_list(names)}"
             )
+    return schema
 
 
 def column_list(names: list[str], limit: int = 20) -> str:
@@ -93,12 +129,17 @@ def read_columns(path: str | Path, columns: list[tuple[str, str | None]], what: 
         raise DataValidationError(path, f"cannot read the file: {_first_line(exc)}") from None
     if table.height == 0:
         raise DataValidationError(path, f"{what} has no rows")
-    if Path(path).suffix.lower() != ".parquet":
-        _reject_repeated_header(path, table, [c for c in table.columns if c not in (ROW, ROW_HASH)])
+    if _is_text(path):
+        reject_repeated_header(path, table, [c for c in table.columns if c not in (ROW, ROW_HASH)])
     return table
 
 
-def _reject_repeated_header(path: str | Path, table: pl.DataFrame, columns: list[str]) -> None:
+def _is_text(path: str | Path) -> bool:
+    """CSV or TSV: read as text, where a repeated header line is a row of strings."""
+    return Path(path).suffix.lower() in (".csv", ".tsv")
+
+
+def reject_repeated_header(path: str | Path, table: pl.DataFrame, columns: list[str]) -> None:
     """A text row that spells the column names again (files concatenated with their headers) is an error,
     not data: in an item table it would otherwise become an item called like the id column."""
     bad = first_row_where(table, pl.all_horizontal(pl.col(c) == c for c in columns))
@@ -112,18 +153,105 @@ def first_row_where(table: pl.DataFrame, condition: pl.Expr) -> dict | None:
     return None if hit.height == 0 else hit.row(0, named=True)
 
 
-def check_id_column(path: str | Path, table: pl.DataFrame, column: str) -> None:
-    """Ids must be integers or strings and never null."""
-    dtype = table.schema[column]
+def check_id_type(path: str | Path, dtype: pl.DataType, column: str, role: str | None = None) -> None:
+    """Ids must be integers or strings; ``role`` ("user", "item") names the column in the message."""
     if not (dtype.is_integer() or dtype == pl.String):
-        raise DataValidationError(path, f"id column {column!r} has type {dtype}; ids must be integers or strings")
+        raise DataValidationError(path, f"{role or 'id'} column {column!r} has type {dtype}; ids must be integers or strings")
+
+
+def check_id_column(path: str | Path, table: pl.DataFrame, column: str, role: str | None = None) -> None:
+    """Ids must be integers or strings and never null (nor blank text); ``role`` as in :func:`check_id_type`."""
+    dtype = table.schema[column]
+    check_id_type(path, dtype, column, role)
+    named = f"{role} column" if role else "column"
     bad = first_row_where(table, pl.col(column).is_null())
     if bad is not None:
-        raise DataValidationError(path, f"column {column!r} is empty (null id) at row {bad[ROW] + 1}")
+        raise DataValidationError(path, f"{named} {column!r} is empty (null id) at row {bad[ROW] + 1}")
     if dtype == pl.String:
         bad = first_row_where(table, pl.col(column).str.strip_chars() == "")
         if bad is not None:
-            raise DataValidationError(path, f"column {column!r} has an empty id {bad[column]!r} at row {bad[ROW] + 1}")
+            raise DataValidationError(path, f"{named} {column!r} has an empty id {bad[column]!r} at row {bad[ROW] + 1}")
+
+
+# -- streaming an interaction log or a history table (serving.candidates) ---------------------------
+
+
+def check_input_schema(
+    path: str | Path,
+    frame: pl.LazyFrame,
+    columns: list[tuple[str, str | None]],
+    what: str,
+    ids: dict[str, str],
+    lists: dict[str, str] | None = None,
+) -> pl.Schema:
+    """The checks a table's schema allows before any row is read; returns the schema.
+
+    ``columns`` as in :func:`check_columns`; ``ids`` maps id columns to their role (``{"user_id":
+    "user"}``), ``lists`` list columns of item ids to theirs (``{"history": "history"}``).
+    """
+    schema = check_columns(path, frame, columns, what)
+    for column, role in ids.items():
+        check_id_type(path, schema[column], column, role)
+    for column, role in (lists or {}).items():
+        if not isinstance(schema[column], pl.List):
+            raise DataValidationError(path, f"{role} column {column!r} has type {schema[column]}; it must be a list of item ids")
+    return schema
+
+
+def checked_chunks(
+    path: str | Path,
+    frame: pl.LazyFrame,
+    columns: list[str],
+    what: str,
+    ids: dict[str, str],
+    lists: dict[str, str] | None = None,
+    time_col: str | None = None,
+    chunk_rows: int = 1_000_000,
+) -> Iterator[pl.DataFrame]:
+    """The named columns plus :data:`ROW` (0-based over the whole input), in validated chunks.
+
+    Every row is checked as :func:`read_columns` and the interaction-log reader of ``prepare`` check
+    it: a repeated header line (text files), null or blank ids (``ids``, as in
+    :func:`check_id_column`), null item ids inside list columns (``lists``), an unparsable time; an
+    input without rows is an error. Only one chunk is in memory at a time.
+    """
+    from recsys.data.time_order import parse_order_key  # time_order imports this module
+
+    rows = 0
+    try:
+        for chunk in frame.select(columns).with_row_index(ROW).collect_batches(chunk_size=chunk_rows):
+            if _is_text(path):
+                reject_repeated_header(path, chunk, columns)
+            for column, role in ids.items():
+                check_id_column(path, chunk, column, role)
+            for column, role in (lists or {}).items():
+                bad = first_row_where(chunk, pl.col(column).list.eval(pl.element().is_null()).list.any())
+                if bad is not None:
+                    raise DataValidationError(path, f"{role} column {column!r} holds a null item id at row {bad[ROW] + 1}")
+            if time_col is not None:
+                parse_order_key(path, chunk, time_col)  # raises on the first bad value
+            rows += chunk.height
+            yield chunk
+    except DataValidationError:
+        raise
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataValidationError(path, f"cannot read the file: {_first_line(exc)}") from None
+    if rows == 0:
+        raise DataValidationError(path, f"{what} has no rows")
+
+
+def reject_repeated_users(path: str | Path, frame: pl.LazyFrame, user_col: str) -> None:
+    """A history table gives each user one row: report the first user with two, and both rows."""
+    repeated = frame.select(user_col).with_row_index(ROW).filter(pl.col(user_col).is_duplicated())
+    first = repeated.sort(ROW).head(1).collect()
+    if first.height:
+        user = first[user_col][0]
+        rows = repeated.filter(pl.col(user_col) == user).sort(ROW).head(2).collect()[ROW]
+        raise DataValidationError(
+            path,
+            f"user {user!r} has more than one row in the history table "
+            f"(rows {rows[0] + 1} and {rows[1] + 1}); give each user one history",
+        )
 
 
 def unify_id_dtype(id_columns: list[pl.Series]) -> pl.DataType:

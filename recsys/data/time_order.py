@@ -77,8 +77,9 @@ def _parse_strings(path: str | Path, table: pl.DataFrame, column: str) -> pl.Ser
         except pl.exceptions.PolarsError:
             parsed = pl.Series([None] * len(text), dtype=pl.Datetime("us"))
         if parsed[0] is None:
+            row = table[ROW][0] + 1 if ROW in table.columns else 1  # a chunk of a streamed input starts past row 1
             raise DataValidationError(
-                path, f"time column {column!r} has the value {table[column][0]!r} at row 1, which is neither a number nor a date/time"
+                path, f"time column {column!r} has the value {table[column][0]!r} at row {row}, which is neither a number nor a date/time"
             )
         what = f"a date/time like {first!r}"
     checked = table.with_columns(parsed.alias("__parsed"))

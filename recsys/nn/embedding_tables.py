@@ -9,6 +9,9 @@ between the two and give the same numbers (tests/test_item_tower.py compares the
 
 ``pool_bags`` mean-pools every item's bag for each bag feature; ``all_id_vectors`` returns every
 row of the ID table, in row order.
+
+torchrec is imported when the first table is built (it takes seconds): a served model, whose item
+matrix is fixed, never imports it. ``TORCHREC`` says whether it imports (computed on first access).
 """
 
 from __future__ import annotations
@@ -19,20 +22,34 @@ import math
 import torch
 from torch import nn
 
-try:
-    from torchrec import (
-        EmbeddingBagCollection,
-        EmbeddingBagConfig,
-        EmbeddingCollection,
-        EmbeddingConfig,
-        KeyedJaggedTensor,
-        PoolingType,
-    )
+_torchrec = None  # the torchrec module once imported (see _load_torchrec); importing it takes seconds
 
-    TORCHREC = True
-except (ImportError, OSError) as exc:  # no fbgemm build for this torch: fbgemm raises OSError on a bad .so
-    logging.getLogger(__name__).info("torchrec unavailable (%s); plain torch embedding tables are used", exc)
-    TORCHREC = False
+
+def _load_torchrec() -> bool:
+    """Import torchrec on first need: serving a model with a fixed item matrix never builds a table."""
+    global _torchrec
+    try:
+        import torchrec
+
+        _torchrec = torchrec
+        return True
+    except (ImportError, OSError) as exc:  # no fbgemm build for this torch: fbgemm raises OSError on a bad .so
+        logging.getLogger(__name__).info("torchrec unavailable (%s); plain torch embedding tables are used", exc)
+        return False
+
+
+def __getattr__(name: str):
+    # ``TORCHREC`` (whether torchrec imports) is computed on first access and then kept as a global,
+    # which tests may set to False to force the plain tables.
+    if name == "TORCHREC":
+        globals()["TORCHREC"] = available = _load_torchrec()
+        return available
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _use_torchrec() -> bool:
+    return globals()["TORCHREC"] if "TORCHREC" in globals() else __getattr__("TORCHREC")
+
 
 __all__ = ["TORCHREC", "ID_FEATURE", "ID_TABLE", "bag_table_name", "bag_tables", "id_table", "pool_bags", "all_id_vectors"]
 
@@ -77,12 +94,13 @@ class PlainIdTable(nn.Module):
 
 def bag_tables(bags: dict[str, int], dim: int) -> nn.Module:
     """One ``dim``-wide mean-pooled table per bag feature (``{feature: vocabulary size}``)."""
-    if not TORCHREC:
+    if not _use_torchrec():
         return PlainBagTables(bags, dim)
-    return EmbeddingBagCollection(
+    tr = _torchrec
+    return tr.EmbeddingBagCollection(
         tables=[
-            EmbeddingBagConfig(
-                name=bag_table_name(name), embedding_dim=dim, num_embeddings=vocab, feature_names=[name], pooling=PoolingType.MEAN
+            tr.EmbeddingBagConfig(
+                name=bag_table_name(name), embedding_dim=dim, num_embeddings=vocab, feature_names=[name], pooling=tr.PoolingType.MEAN
             )
             for name, vocab in bags.items()
         ]
@@ -90,9 +108,10 @@ def bag_tables(bags: dict[str, int], dim: int) -> nn.Module:
 
 
 def id_table(rows: int, dim: int) -> nn.Module:
-    if not TORCHREC:
+    if not _use_torchrec():
         return PlainIdTable(rows, dim)
-    return EmbeddingCollection(tables=[EmbeddingConfig(name=ID_TABLE, embedding_dim=dim, num_embeddings=rows, feature_names=[ID_FEATURE])])
+    tr = _torchrec
+    return tr.EmbeddingCollection(tables=[tr.EmbeddingConfig(name=ID_TABLE, embedding_dim=dim, num_embeddings=rows, feature_names=[ID_FEATURE])])
 
 
 def pool_bags(tables: nn.Module, bags: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -100,7 +119,7 @@ def pool_bags(tables: nn.Module, bags: dict[str, tuple[torch.Tensor, torch.Tenso
     if isinstance(tables, PlainBagTables):
         return {name: tables.embedding_bags[bag_table_name(name)](values, offsets) for name, (values, offsets) in bags.items()}
     names = list(bags)
-    kjt = KeyedJaggedTensor.from_lengths_sync(
+    kjt = _torchrec.KeyedJaggedTensor.from_lengths_sync(
         keys=names,
         values=torch.cat([bags[n][0] for n in names]),
         lengths=torch.cat([bags[n][1].diff() for n in names]),
@@ -115,5 +134,5 @@ def all_id_vectors(table: nn.Module) -> torch.Tensor:
         return table.embeddings[ID_TABLE].weight
     weight = table.embeddings[ID_TABLE].weight
     ids = torch.arange(weight.shape[0], device=weight.device)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[ID_FEATURE], values=ids, lengths=torch.ones_like(ids))
+    kjt = _torchrec.KeyedJaggedTensor.from_lengths_sync(keys=[ID_FEATURE], values=ids, lengths=torch.ones_like(ids))
     return table(kjt)[ID_FEATURE].values()

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from recsys.data.item_features import CategoricalBag, ItemFeatures
+from recsys.item_features import CategoricalBag, ItemFeatures
 from recsys.nn.embedding_tables import ID_TABLE, all_id_vectors, bag_table_name, bag_tables, id_table, pool_bags
 from recsys.nn.nested import NestedLayerNorm, NestedModule, PrefixProjection, check_sizes, shrink_parameter_
 

@@ -169,7 +169,7 @@ def _blocked_forward(
     Returns ``(ce_sums (M,), d_user or None, d_items or None)``.
     """
     dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
-    num_sizes, width, device = len(sizes), user.shape[1], user.device
+    num_sizes, device = len(sizes), user.device
     bounds = chunk_bounds(sizes)
     valid = targets > 0
     n_valid = int(valid.sum())
