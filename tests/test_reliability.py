@@ -258,7 +258,7 @@ def test_export_killed_midway_leaves_nothing_that_looks_complete(checkpoint, tmp
     import serving.retrieval.faiss_index as index
 
     target = {"weights": (export, "save_file"), "index": (index, "save_index"),
-              "manifest": (export, "read_manifest"), "rename": (export.os, "replace")}[where]
+              "manifest": (export, "read_manifest"), "rename": (os, "replace")}[where]
     monkeypatch.setattr(*target, _dies_after(getattr(*target)) if where in ("weights", "index") else _dies)
     out = tmp_path / "exports"
     with pytest.raises(Killed):
