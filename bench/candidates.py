@@ -1,4 +1,4 @@
-"""Batch candidate generation benchmark (BENCHMARKS.md §4): users per second per size.
+"""Batch candidate generation benchmark (bench/README.md §4): users per second per size.
 
 For each catalogue size (10^5 and 10^6 items) and each Matryoshka size ``s``, the whole job
 (``serving.candidates.generate_candidates``, k=100, seen items excluded) runs over a synthetic
@@ -264,7 +264,7 @@ def main() -> None:
     print_table(rate, rows)
     print(f"(matmul rate re-measured at the end: {rate_after:.1f} GFLOP/s; the machine is shared)")
     result = {
-        "benchmark": "batch candidate generation (BENCHMARKS.md §4)",
+        "benchmark": "batch candidate generation (bench/README.md §4)",
         "machine": machine_info(),
         "matmul_gflops": rate,
         "matmul_gflops_at_end": rate_after,

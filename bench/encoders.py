@@ -1,4 +1,4 @@
-"""Train-step time and peak memory of the sequence encoders at equal size and length (BENCHMARKS.md §5).
+"""Train-step time and peak memory of the sequence encoders at equal size and length (bench/README.md §5).
 
 For every (length, width) setting, each encoder (nested LRU, nested Mamba, SASRec) runs forward +
 backward of the encoder alone under a dummy loss on left-padded random input. Step time: the median

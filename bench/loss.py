@@ -1,5 +1,5 @@
 """Cost of "all sizes at once" in the loss: the memory-flat Matryoshka loss against the naive one
-and against the largest size alone (METHOD.md §4, BENCHMARKS.md §2).
+and against the largest size alone (docs/method.md §4, bench/README.md §2).
 
 One train step of the loss = forward + backward of the logits' matrix products and the softmax
 cross-entropy, from the user states ``U (P, D)`` and the item matrix ``Z (N+1, D)`` (both leaves
@@ -26,7 +26,7 @@ is reset (``/proc/self/clear_refs``), and the figure is ``VmHWM`` during one ste
 just before it: bytes really touched by the step, gradients included. Without ``clear_refs`` the
 child skips the warm-up and uses ``ru_maxrss`` instead (the JSON names the method).
 
-    python bench/loss.py                        # METHOD.md scale, 2 threads, writes bench/results/loss.json
+    python bench/loss.py                        # the scale of docs/method.md §4, 2 threads, writes bench/results/loss.json
     python bench/loss.py --block-rows 1024 2048 4096 --threads 2 1 --repeats 9
 """
 

@@ -1,4 +1,4 @@
-"""Nested linear: one masked dense product against one product per chunk (METHOD.md §1).
+"""Nested linear: one masked dense product against one product per chunk (docs/method.md §1).
 
     .venv/bin/python bench/nested_linear.py
 

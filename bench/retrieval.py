@@ -1,4 +1,4 @@
-"""Retrieval benchmark (BENCHMARKS.md §3): faiss indexes and funnel search per Matryoshka size.
+"""Retrieval benchmark (bench/README.md §3): faiss indexes and funnel search per Matryoshka size.
 
 For catalogues of 10^4, 10^5 and 10^6 items and each size ``s`` in (32, 64, 128, 256):
 

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation per nested size (METHOD.md §5).
+"""Full-ranking evaluation per nested size (docs/method.md §5).
 
 Every user is ranked against the whole catalogue, never a sampled set of negatives. The rank of
 the target is ``1 + the number of items scoring strictly higher``; ties therefore favour the

@@ -78,7 +78,7 @@ def export_size(
 
     With ``funnel_prefix`` the index covers only the first ``funnel_prefix`` dimensions and
     serving runs a funnel search: shortlist ``funnel_shortlist`` items with it, then re-rank them
-    exactly at ``size`` (METHOD.md §6).
+    exactly at ``size`` (docs/method.md §6).
     """
     if size not in model.sizes:
         raise ExportError(f"size {size} is not one of the model's sizes {list(model.sizes)}")

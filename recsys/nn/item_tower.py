@@ -1,4 +1,4 @@
-"""The Matryoshka item tower: every item modality projected into one nested space (METHOD.md §2).
+"""The Matryoshka item tower: every item modality projected into one nested space (docs/method.md §2).
 
 ``Z = NestedLN( sum over modalities of (that modality's vector for the item) )`` with
 

@@ -1,4 +1,4 @@
-"""The Matryoshka cross-entropy: one softmax loss per nested size, summed (METHOD.md §4).
+"""The Matryoshka cross-entropy: one softmax loss per nested size, summed (docs/method.md §4).
 
 For every position ``t`` with target item ``y_t`` and every size ``s_m``::
 

@@ -1,4 +1,4 @@
-"""Nested Linear Recurrent Unit encoder (the fMRLRec / LRURec sequence model, METHOD.md §3).
+"""Nested Linear Recurrent Unit encoder (the fMRLRec / LRURec sequence model, docs/method.md §3).
 
 Each channel carries one complex state with a learned, time-invariant decay ``lambda``:
 

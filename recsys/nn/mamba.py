@@ -1,4 +1,4 @@
-"""Nested Mamba encoder (METHOD.md §3, beyond the paper).
+"""Nested Mamba encoder (docs/method.md §3, beyond the paper).
 
 A Mamba block projects the input into an expanded branch ``x`` and a gate ``z``, runs a causal
 depth-wise convolution and SiLU over ``x``, then a selective scan whose step ``dt``, input map

@@ -1,4 +1,4 @@
-"""SASRec (Kang & McAuley, 2018): the causal self-attention baseline (METHOD.md §3).
+"""SASRec (Kang & McAuley, 2018): the causal self-attention baseline (docs/method.md §3).
 
 Not nested: attention mixes all dimensions, so a prefix of its output is not a smaller SASRec.
 It still carries ``sizes`` so the model can score and report each size by the prefix of the full

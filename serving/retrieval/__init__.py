@@ -9,7 +9,7 @@ Every way of doing it is a :class:`Retriever` with ``search(queries, k, exclude=
 - :class:`FaissRetriever` (``"faiss"``, :mod:`.faiss_index`): a faiss index (flat, IVF-flat, HNSW,
   IVF-PQ; :class:`IndexSpec`), on the GPU when the GPU build of faiss and a GPU are present;
 - :class:`FunnelRetriever` (``"funnel"``, :mod:`.funnel`): any retriever over a prefix of the
-  vectors shortlists, exact re-ranking at larger prefixes finishes (METHOD.md §6).
+  vectors shortlists, exact re-ranking at larger prefixes finishes (docs/method.md §6).
 
 Row convention
 --------------

@@ -1,4 +1,4 @@
-"""Funnel search (METHOD.md §6, after AdANNS): shortlist with a prefix retriever, re-rank exactly.
+"""Funnel search (docs/method.md §6, after AdANNS): shortlist with a prefix retriever, re-rank exactly.
 
 Stage 0 is any retriever over the first ``prefix`` columns of the item matrix (normally a faiss
 index, :class:`~serving.retrieval.faiss_index.FaissRetriever`); it returns ``shortlist`` rows per
@@ -36,7 +36,7 @@ __all__ = ["FunnelSpec", "FunnelRetriever"]
 
 @dataclass(frozen=True)
 class FunnelSpec:
-    """Settings of a funnel search (METHOD.md §6, after AdANNS), JSON-able for a manifest.
+    """Settings of a funnel search (docs/method.md §6, after AdANNS), JSON-able for a manifest.
 
     Stage 0: an index of kind ``index`` over ``vectors[:, :prefix]`` returns ``shortlist`` rows.
     Then for each ``d`` in ``rerank_dims`` (increasing, each > ``prefix``) the surviving rows are
