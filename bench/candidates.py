@@ -116,32 +116,6 @@ def search_only_users_per_s(export: Path, k: int, batch: int, repeats: int = 3) 
     return batch / statistics.median(times)
 
 
-class StageTimer:
-    """Adds up the time the job spends encoding histories and searching, over a ``with`` block.
-
-    The job loads its own ``SizedRecommender``; :attr:`SizedRecommender.on_load` hands it to us, and
-    its ``stage_seconds`` count the two stages of ``recommend_rows``. The rest of the job's time
-    is reading, grouping, fallback, exclusion bookkeeping and writing.
-    """
-
-    def __enter__(self) -> "StageTimer":
-        self.models: list[SizedRecommender] = []
-        self._hook = self.models.append
-        SizedRecommender.on_load.append(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        SizedRecommender.on_load.remove(self._hook)
-
-    @property
-    def encode_s(self) -> float:
-        return sum(m.stage_seconds["encode"] for m in self.models)
-
-    @property
-    def search_s(self) -> float:
-        return sum(m.stage_seconds["search"] for m in self.models)
-
-
 def check_complete(out: Path, num_users: int, k: int) -> dict:
     """Every input user exactly once, ranks 1..k each (the log leaves k unseen items for everybody)."""
     per_user = (
@@ -168,11 +142,11 @@ def bench_catalogue(num_items: int, num_users: int, rate: float, args, work: Pat
     rows = []
     for s in args.sizes:
         out = work / f"out-{num_items}-d{s}"
-        with StageTimer() as stages:
-            manifest = generate_candidates(
-                exports[s], log_path, out, args.k, batch_size=args.batch_size, users_per_part=args.users_per_part,
-                progress=False,
-            )
+        model = SizedRecommender(exports[s])  # loaded here so that its stage timings can be read
+        manifest = generate_candidates(
+            model, log_path, out, args.k, batch_size=args.batch_size, users_per_part=args.users_per_part,
+            progress=False,
+        )
         elapsed = manifest["elapsed_s"]
         floor = rate * 1e9 / (2 * num_items * s)
         row = {
@@ -186,8 +160,8 @@ def bench_catalogue(num_items: int, num_users: int, rate: float, args, work: Pat
             "users_per_s": num_users / elapsed,
             "floor_users_per_s": floor,
             "fraction_of_floor": num_users / elapsed / floor,
-            "encode_share": stages.encode_s / elapsed,
-            "search_share": stages.search_s / elapsed,
+            "encode_share": model.stage_seconds["encode"] / elapsed,
+            "search_share": model.stage_seconds["search"] / elapsed,
             "search_only_users_per_s": search_only_users_per_s(exports[s], args.k, args.batch_size),
             **check_complete(out, num_users, args.k),
         }

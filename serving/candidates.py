@@ -463,7 +463,7 @@ def _resolve_device(device: str) -> str:
 
 
 def generate_candidates(
-    model: str | Path,
+    model: str | Path | SizedRecommender,
     input_path: str | Path,
     out: str | Path,
     k: int = 100,
@@ -481,7 +481,8 @@ def generate_candidates(
 ) -> dict[str, Any]:
     """Write the top-``k`` candidates of every user of ``input_path`` (in ``shard``) to ``out``.
 
-    Returns the manifest written to ``out``, plus ``elapsed_s`` (the file itself holds no timings,
+    ``model`` is an export directory, or one already loaded with :func:`serving.load` (then
+    ``device`` is the one it was loaded on). Returns the manifest written to ``out``, plus ``elapsed_s`` (the file itself holds no timings,
     so that reruns give identical files). See the module docstring for the formats, resuming and
     sharding. Everything that can be checked before writing is checked first (the whole input is
     read once for that), so bad input leaves ``out`` untouched.
@@ -494,8 +495,11 @@ def generate_candidates(
     for name, value in (("k", k), ("batch_size", batch_size), ("users_per_part", users_per_part)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CandidatesError(f"{name} must be a positive integer, got {value!r}")
-    model_dir, out = Path(model), Path(out)
-    recommender = SizedRecommender(model_dir, device=_resolve_device(device))
+    if isinstance(model, SizedRecommender):
+        recommender = model
+    else:
+        recommender = SizedRecommender(model, device=_resolve_device(device))
+    model_dir, out = recommender.directory, Path(out)
     if k > len(recommender.item_ids):
         raise CandidatesError(f"k={k} exceeds the catalogue of {model_dir} ({len(recommender.item_ids)} items)")
     spec = InputSpec(Path(input_path), user_col, item_col, time_col, history_col)

@@ -18,9 +18,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -101,12 +101,8 @@ class SizedRecommender:
     ``Z[1:, :s]``; its row ``r`` is item row ``r + 1``.
 
     ``stage_seconds`` adds up the wall time :meth:`recommend_rows` spends encoding histories
-    (``"encode"``) and searching (``"search"``), for instrumentation; :attr:`on_load` lists
-    callables run with every recommender once it is loaded (empty unless a caller, e.g. a benchmark
-    that only gets to name an export directory, appends one to reach the instance).
+    (``"encode"``) and searching (``"search"``), for instrumentation.
     """
-
-    on_load: ClassVar[list[Callable[[SizedRecommender], None]]] = []
 
     def __init__(self, directory: str | Path, device: str | torch.device = "cpu", use_index: bool = True):
         """Load an export; ``use_index=False`` searches exactly with torch instead of its retriever."""
@@ -135,8 +131,6 @@ class SizedRecommender:
         # rows 0..N-1 of the retriever are item rows 1..N (row 0 is padding)
         self.retriever = load_retriever(self.directory, entry, self.item_matrix[1:])
         self.stage_seconds = {"encode": 0.0, "search": 0.0}
-        for hook in list(self.on_load):
-            hook(self)
 
     @property
     def num_parameters(self) -> int:
