@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_data import brute_force, standard_data
+from retrieval_data import brute_force
 from serving.retrieval.exact import ExactRetriever, torch_topk
-
-
-@pytest.fixture(scope="module")
-def data():
-    return standard_data()
 
 
 def test_torch_topk_blocked_equals_unblocked(data):

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval_data import brute_force, clustered_data as make_clustered, min_gap, standard_data
+from retrieval_data import brute_force, min_gap
 from serving.retrieval.exact import torch_topk
 from serving.retrieval.faiss_index import (
     KINDS,
@@ -24,26 +24,6 @@ from serving.retrieval.faiss_index import (
 )
 from serving.retrieval.funnel import FunnelSpec
 from serving.retrieval.recall import recall_at_k
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Behaviour tests need no parallelism, and on a busy 2-core machine faiss' OpenMP threads
-    spin against other processes: these tests took 10x longer with 2 threads than with 1."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return standard_data()
-
-
-@pytest.fixture(scope="module")
-def clustered_data():
-    return make_clustered()
 
 
 # ---------------------------------------------------------------------------------------------

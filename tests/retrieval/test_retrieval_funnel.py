@@ -5,34 +5,15 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 
-from retrieval_data import brute_force, clustered_data as make_clustered, gaussian, min_gap, standard_data
+from retrieval_data import brute_force, gaussian, min_gap
 from serving.retrieval import build_retriever
 from serving.retrieval.exact import ExactRetriever, torch_topk
 from serving.retrieval.faiss_index import FaissRetriever, IndexSpec
 from serving.retrieval.funnel import FunnelRetriever, FunnelSpec
 from serving.retrieval.recall import recall_at_k
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return standard_data()
-
-
-@pytest.fixture(scope="module")
-def clustered_data():
-    return make_clustered()
 
 
 def test_funnel_with_full_shortlist_equals_exact_search(data):

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 
-from retrieval_data import brute_force, min_gap, standard_data
+from retrieval_data import brute_force, min_gap
 from serving.retrieval import (
     RETRIEVERS,
     ExactRetriever,
@@ -34,19 +33,6 @@ ENTRIES = {
     "funnel_over_exact": {"kind": "funnel", "prefix": 8, "shortlist": 2000, "rerank_dims": [48],
                           "prefix_retriever": {"kind": "exact"}},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return standard_data()
 
 
 @pytest.fixture(scope="module", params=list(ENTRIES))
