@@ -19,20 +19,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from encoder_inputs import left_padded
 from recsys.nn.encoders import ENCODERS, build_encoder
 from recsys.nn.nested import NestedModule, cut_sizes, cut_to_size, nested_parameter_count
 
 SIZES = (4, 8, 16)
-LENGTHS = (4, 1, 9)  # real items per row: a short row, a single item, a full row
-
-
-def left_padded(lengths=LENGTHS, length=9, width=SIZES[-1], seed=0):
-    """Random item vectors, left-padded to ``length``, with large garbage under the padding."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(lengths), length, width, generator=g)
-    mask = torch.arange(length) >= (length - torch.tensor(lengths))[:, None]
-    x[~mask] = torch.randn(int((~mask).sum()), width, generator=g) * 100
-    return x, mask
 
 
 def make(name: str, train: bool = False) -> torch.nn.Module:

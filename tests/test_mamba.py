@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from encoder_inputs import left_padded
 from recsys.nn.mamba import ChunkwiseProjection, NestedMambaEncoder, NestedMambaMixer, check_group_sizes
 from recsys.nn.nested import cut_to_size
 from recsys.nn.selective_scan import (
@@ -42,15 +43,6 @@ def scan_inputs(batch=2, dim=12, length=23, n_state=5, groups=3, dtype=torch.flo
         z=randn(batch, dim, length),
         delta_bias=randn(dim),
     )
-
-
-def left_padded(batch=3, length=9, width=16, seed=0):
-    """Random item vectors and a mask with rows of 4, 1 and all 9 real items (left padding)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, length, width, generator=g)
-    lengths = torch.tensor([4, 1, length])[:batch]
-    mask = torch.arange(length) >= (length - lengths)[:, None]
-    return x, mask
 
 
 # --- selective scan ---------------------------------------------------------------------------

@@ -9,21 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from encoder_inputs import left_padded
 from recsys.nn.item_tower import FixedItemMatrix
 from recsys.nn.nested import cut_sizes, cut_to_size
 from recsys.nn.recommender import SequentialRecommender
 from recsys.nn.sasrec import SASRecEncoder
 
 SIZES = (8, 16)
-
-
-def left_padded(batch=3, length=9, width=16, seed=0):
-    """Random item vectors and a mask with rows of 4, 1 and all 9 real items (left padding)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, length, width, generator=g)
-    lengths = torch.tensor([4, 1, length])[:batch]
-    mask = torch.arange(length) >= (length - lengths)[:, None]
-    return x, mask
 
 
 @pytest.fixture(scope="module")
