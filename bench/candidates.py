@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recsys.data.item_features import ItemFeatures  # noqa: E402
+from recsys.item_features import ItemFeatures  # noqa: E402
 from recsys.model import MatryoshkaRecommender  # noqa: E402
 from serving.candidates import generate_candidates  # noqa: E402
 from serving.export import export_size  # noqa: E402

@@ -7,7 +7,7 @@ A leaf module shared by the data pipeline (which builds and writes the features)
 (which read the tensors): it imports only torch, numpy and the standard library, so that
 ``recsys.nn`` and ``serving`` use it without importing ``recsys.data`` (polars, Lightning).
 The ``.npy`` persistence is the containers' own format (plain arrays and a JSON index, no polars);
-only the data side calls it. ``recsys.data.item_features`` re-exports both classes.
+only the data side calls it. ``recsys.data`` re-exports both classes.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 import serving
 import serving.candidates as candidates
 from recsys.data.errors import DataValidationError
-from recsys.data.item_features import ItemFeatures
+from recsys.item_features import ItemFeatures
 from recsys.model import MatryoshkaRecommender
 from serving.candidates import CandidatesError, generate_candidates, main, stable_user_hash
 from serving.export import export_sizes

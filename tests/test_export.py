@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import serving
-from recsys.data.item_features import CategoricalBag, ItemFeatures
+from recsys.item_features import CategoricalBag, ItemFeatures
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.nested import cut_to_size, nested_parameter_count
 from serving.export import export_sizes, main as export_main

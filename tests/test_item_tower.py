@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recsys.data.item_features import CategoricalBag, ItemFeatures
+from recsys.item_features import CategoricalBag, ItemFeatures
 from recsys.nn.item_tower import FixedItemMatrix, ItemTower
 from recsys.nn.lru import NestedLRUEncoder
 from recsys.nn.nested import cut_to_size, nested_parameter_count

@@ -118,15 +118,14 @@ def test_prepare_help_imports_neither_torch_nor_the_pipeline():
     assert _imported(script, watch=["torch", "lightning", "recsys.data.pipeline"]) == []
 
 
-def test_the_old_import_paths_name_the_same_classes():
+def test_the_data_package_names_the_leaf_classes():
     import recsys.data
-    import recsys.data.item_features as old
     import recsys.item_features as leaf
     from recsys.data import CategoricalBag as Bag
     from recsys.data import ItemFeatures as Features
 
-    assert Features is old.ItemFeatures is leaf.ItemFeatures
-    assert Bag is old.CategoricalBag is leaf.CategoricalBag
+    assert Features is leaf.ItemFeatures
+    assert Bag is leaf.CategoricalBag
     assert set(recsys.data.__all__) <= set(dir(recsys.data))
     for name in recsys.data.__all__:
         assert getattr(recsys.data, name) is not None
