@@ -3,7 +3,7 @@
     python -m recsys.train                                   # built-in synthetic log, a few minutes on CPU
     python -m recsys.train --config configs/ml-1m.yaml --trainer.max_epochs 50
     python -m recsys.train --config configs/lastfm.yaml --model.encoder mamba
-    python -m recsys.train --tracking csv --run_dir runs/first   # no MLflow needed
+    python -m recsys.train --tracking csv                    # no MLflow: files in lightning_logs/version_<n>
     python -m recsys.train --print_config                    # every option with its default
 
 This is the one way a model is trained. At the end it tests the best checkpoint (by
@@ -16,7 +16,7 @@ Tracking (``--tracking``), the same metric names either way (``train/loss``, ``v
 * ``mlflow`` (default): params, tags, metrics, the config, the best checkpoint, the per-size
   results and one logged model per size go to MLflow (``--mlflow.*``; see ``recsys/tracking.py``).
 * ``csv``: for machines where MLflow cannot be installed; ``mlflow`` is never imported. The run
-  directory (``--run_dir``, default ``runs/version_<n>``, the next free one) gets ``metrics.csv``
+  directory (``--run_dir``, default ``lightning_logs/version_<n>``, the next free one) gets ``metrics.csv``
   (Lightning's CSVLogger), ``config.yaml``, ``run.json`` (data stats, git commit), ``results.md``,
   ``results.json``, ``accuracy_vs_size.png`` and, unless ``--checkpoint.dirpath`` says otherwise,
   ``checkpoints/``. ``--mlflow.*`` settings are accepted and ignored; no models are logged.
@@ -63,7 +63,7 @@ from recsys.tracking import MLflowSettings, TrackingUnavailableError
 log = logging.getLogger("recsys.train")
 
 TRACKING = ("mlflow", "csv")
-DEFAULT_RUNS_DIR = "runs"
+DEFAULT_RUNS_DIR = "lightning_logs"  # already ignored by git; Lightning's own default
 
 
 class ConfigError(ValueError):
@@ -185,12 +185,28 @@ class CSVRun:
 
         if run_dir is None and resume_from:
             run_dir = read_checkpoint(resume_from).get("run_dir")  # the same directory
-        if run_dir is None:  # runs/version_<n>, the next free one
+        if run_dir is None:  # lightning_logs/version_<n>, the next free one
             self.logger = CSVLogger(DEFAULT_RUNS_DIR, name="")
         else:
             self.logger = CSVLogger(run_dir, name="", version="")
         self.run_dir = Path(self.logger.log_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self._start(keep_curves=bool(resume_from))
+
+    def _start(self, keep_curves: bool) -> None:
+        """Open ``metrics.csv`` before anything else is written to the directory. Lightning's writer
+        drops an existing one; a resumed run keeps its earlier curves, written back first."""
+        import csv
+        import warnings
+
+        path = self.run_dir / "metrics.csv"
+        earlier = list(csv.DictReader(path.open(newline=""))) if keep_curves and path.is_file() else []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            writer = self.logger.experiment  # on rank zero; a no-op stand-in elsewhere
+        for row in earlier:
+            values = {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}
+            writer.log_metrics(values, step=int(row["step"]))
 
     def record(self) -> dict[str, Any]:
         return {"run_id": None, "tracking_uri": None, "run_dir": str(self.run_dir)}
@@ -228,7 +244,7 @@ class TrainCLI(LightningCLI):
         parser.add_argument("--tracking", type=Literal["mlflow", "csv"], default="mlflow",
                             help="where the run is recorded: mlflow, or csv (a run directory; no MLflow needed)")
         parser.add_argument("--run_dir", type=str | None, default=None,
-                            help="--tracking csv: the run directory (default: runs/version_<n>, the next free one)")
+                            help="--tracking csv: the run directory (default: lightning_logs/version_<n>, the next free one)")
         parser.add_class_arguments(MLflowSettings, "mlflow")
         parser.add_argument("--float32_matmul_precision", type=Literal["highest", "high", "medium"], default="high",
                             help="torch.set_float32_matmul_precision: high = TF32 matrix products on CUDA GPUs "

@@ -179,6 +179,20 @@ def test_csv_tracking_records_the_same_metrics_as_mlflow_without_importing_it(tr
         assert mine["parameters"] == theirs["parameters"]
 
 
+def test_csv_run_directory_defaults_to_the_next_version_and_resume_continues_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in _args(tmp_path) if a not in ("--checkpoint.dirpath", str(tmp_path / "ckpt"))]
+    first = run([*args, "--tracking", "csv", "--mlflow.log_models", "true"])
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    assert Path(first["run_dir"]).resolve() == run_dir.resolve() and first["run_id"] is None
+    assert Path(first["best"]).resolve() == (run_dir / "checkpoints" / "best.ckpt").resolve()
+    assert "model_uris" not in first  # no logged models without MLflow
+    second = run([*args, "--tracking", "csv", "--trainer.max_epochs", "2", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    assert Path(second["run_dir"]).resolve() == run_dir.resolve()  # the same directory, not version_1
+    curves = pd.read_csv(run_dir / "metrics.csv")
+    assert curves["val/monitor"].notna().sum() == 2 and not (tmp_path / "lightning_logs" / "version_1").exists()
+
+
 def test_flat_encoder_options_still_accepted_on_the_command_line_and_in_config_files(tmp_path, capsys):
     """--model.r_min (and r_min: under model: in a config file) mean --model.lru.r_min."""
     old = tmp_path / "old.yaml"
