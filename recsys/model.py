@@ -179,11 +179,11 @@ class MatryoshkaRecommender(L.LightningModule):
         monitor_size: int | Literal["mean"] | None = None,
     ) -> None:
         super().__init__()
-        self.sizes, self.monitor_size, self.options = check_options(
+        self.sizes, self.monitor_size, self.encoder_configs = check_options(
             sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec
         )
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
-        lru, mamba, sasrec = (asdict(self.options[name]) for name in ("lru", "mamba", "sasrec"))
+        lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
         self.save_hyperparameters(ignore=["item_features"], logger=False)  # the CLI logs the whole config
         if item_features is None:
             raise ValueError("item_features is required (the training CLI links it from the data module)")
@@ -201,7 +201,7 @@ class MatryoshkaRecommender(L.LightningModule):
     def encoder_options(self) -> dict[str, Any]:
         """The constructor options of the chosen encoder (also written into exports)."""
         h = self.hparams
-        specific = asdict(self.options[h.encoder])
+        specific = asdict(self.encoder_configs[h.encoder])
         if h.encoder == "sasrec":
             specific["max_len"] = h.max_len
         return {"n_blocks": h.n_blocks, "dropout": h.dropout, **specific}
