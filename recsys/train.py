@@ -140,8 +140,11 @@ class MLflowRun:
         run_id = read_checkpoint(resume_from).get("mlflow_run_id") if resume_from else None  # same run
         self.settings = settings
         self.logger = make_logger(settings, run_id=run_id)
-        self.run_id = self.logger.run_id
-        self.checkpoint_dir = Path("checkpoints") / self.run_id
+        self.run_id = self.logger.run_id  # None on the other ranks of a distributed run
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path("checkpoints") / str(self.run_id)
 
     def record(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "tracking_uri": self.settings.resolved_uri(), "run_dir": None}
