@@ -3,8 +3,8 @@
     .venv/bin/python bench/accuracy.py --config configs/lastfm.yaml
     .venv/bin/python bench/accuracy.py --config configs/ml-1m.yaml --epochs 10 --max-len 50 --label reduced
     .venv/bin/python bench/accuracy.py --config configs/ml-1m.yaml --set model.use_id_embedding=false
-    python bench/accuracy.py --config configs/ml-1m.yaml --runner plain --parallel 4 --separate-sizes 16,256
-        # on a GPU machine without MLflow: bench/plain_train.py, four runs sharing the GPU
+    python bench/accuracy.py --config configs/ml-1m.yaml --parallel 4 --separate-sizes 16,256
+        # four runs sharing a GPU; on a machine without MLflow the runs use --tracking csv
 
 For a dataset recipe it trains, each in its own process (so wall time and peak memory are per run):
 the Matryoshka model over all sizes, one model per size trained alone, and SASRec at the full size.
@@ -13,11 +13,16 @@ the sizes) on the held-out last items, full ranking. It prints and writes ``benc
 protocol (history masking, max length, epochs), epochs and best validation score per run, the cost
 table (wall time and peak RSS of the one Matryoshka run against the sum of the separate runs), the
 machine, and ``accuracy_<name>.png``: NDCG@10 against size with the published numbers.
+
+Every run is ``python -m recsys.train`` (its ``run``, so that the child can report the rows), with
+``--tracking mlflow`` into a store in the work directory, or ``--tracking csv`` (a run directory per
+run) where MLflow is not installed (``--tracking auto``, the default, picks).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -35,18 +40,13 @@ RESULTS = ROOT / "bench" / "results"
 # Published full-size NDCG@10 (BENCHMARKS.md), drawn on the plot for the dataset of that name.
 PUBLISHED = {"ml-1m": {"SASRec": 0.1902, "LRURec": 0.1930}}
 
-# Runs recsys.train (or, with --runner plain, bench/plain_train.py) in this child process and
-# reports its rows, best validation score, epochs, wall time and peak RSS as JSON.
+# Runs recsys.train in this child process and reports its rows, best validation score, epochs,
+# wall time and peak RSS as JSON.
 CHILD = """
 import json, resource, sys, time
-runner = sys.argv[1]
-if runner == "plain":
-    sys.path.insert(0, "bench")
-    from plain_train import run
-else:
-    from recsys.train import run
+from recsys.train import run
 start = time.perf_counter()
-result = run(sys.argv[2:])
+result = run(sys.argv[1:])
 print("BENCH-RESULT " + json.dumps({
     "rows": result["rows"], "run_id": result["run_id"],
     "best_val": result.get("best_val"), "epochs": result.get("epochs"),
@@ -59,8 +59,8 @@ print("BENCH-RESULT " + json.dumps({
 class Runs:
     """Training runs in child processes, at most ``parallel`` at a time, each with its own log file."""
 
-    def __init__(self, config: Path, workdir: Path, runner: str, parallel: int):
-        self.config, self.workdir, self.runner, self.parallel = config, workdir, runner, parallel
+    def __init__(self, config: Path, workdir: Path, tracking: str, parallel: int):
+        self.config, self.workdir, self.tracking, self.parallel = config, workdir, tracking, parallel
         self.pending: list[tuple[str, list[str]]] = []
 
     def add(self, name: str, overrides: list[str]) -> None:
@@ -73,8 +73,11 @@ class Runs:
             "--trainer.enable_model_summary", "false",
             "--checkpoint.dirpath", str(Path(tempfile.mkdtemp(dir=self.workdir))),
         ]
-        if self.runner == "cli":
+        if self.tracking == "csv":
+            args += ["--tracking", "csv", "--run_dir", str(self.workdir / "runs" / name)]
+        else:
             args += [
+                "--tracking", "mlflow",
                 "--mlflow.tracking_uri", f"sqlite:///{self.workdir}/mlflow.db",
                 "--mlflow.artifact_location", str(self.workdir / "artifacts"),
                 "--mlflow.experiment", "bench-accuracy",
@@ -85,7 +88,7 @@ class Runs:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))
         log = open(self.workdir / f"{name}.log", "w")
         print(f"  started {name} (log {log.name})", flush=True)
-        return subprocess.Popen([sys.executable, "-c", CHILD, self.runner, *args], cwd=ROOT, env=env,
+        return subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
 
     def finish(self) -> dict[str, dict]:
@@ -208,8 +211,10 @@ def main() -> None:
     parser.add_argument("--separate-sizes", default=None, help="sizes to train separately (default: every size)")
     parser.add_argument("--skip-separate", action="store_true")
     parser.add_argument("--skip-sasrec", action="store_true")
-    parser.add_argument("--runner", choices=["cli", "plain"], default="cli",
-                        help="cli: python -m recsys.train with MLflow; plain: bench/plain_train.py (no MLflow needed)")
+    parser.add_argument("--tracking", choices=["auto", "mlflow", "csv"], default="auto",
+                        help="recsys.train's --tracking for every run; auto: mlflow where it imports, else csv")
+    parser.add_argument("--runner", choices=["cli"], default="cli",
+                        help="accepted for older command lines: every run is python -m recsys.train")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (a GPU has room for several)")
     parser.add_argument("--label", default="", help="a note on the protocol, e.g. 'reduced: 10 epochs, length 50'")
     args = parser.parse_args()
@@ -231,7 +236,10 @@ def main() -> None:
     def sized(s: list[int], *extra: str) -> list[str]:
         return [*overrides, "--model.sizes", json.dumps(s), *extra]
 
-    runs = Runs(args.config, workdir, args.runner, args.parallel)
+    tracking = args.tracking
+    if tracking == "auto":
+        tracking = "mlflow" if importlib.util.find_spec("mlflow") is not None else "csv"
+    runs = Runs(args.config, workdir, tracking, args.parallel)
     # the one run stops when no size improves any more, not when the largest does
     runs.add("matryoshka", sized(sizes, "--model.monitor_size", "mean"))
     if not args.skip_separate:
@@ -239,9 +247,10 @@ def main() -> None:
             runs.add(f"separate-d{s}", sized([s]))
     if not args.skip_sasrec:
         runs.add("sasrec", sized(sizes[-1:], "--model.encoder", "sasrec"))
-    print(f"[{name}] {len(runs.pending)} runs, {args.parallel} at a time, sizes {sizes}", flush=True)
+    print(f"[{name}] {len(runs.pending)} runs, {args.parallel} at a time, sizes {sizes}, tracking {tracking} "
+          f"in {workdir}", flush=True)
     results = runs.finish()
-    report: dict = {"name": name, "overrides": overrides, "runner": args.runner, "parallel": args.parallel,
+    report: dict = {"name": name, "overrides": overrides, "runner": "cli", "tracking": tracking, "parallel": args.parallel,
                     "matryoshka": results["matryoshka"]}
     report["separate"] = [
         {**one["rows"][0], **{k: one[k] for k in ("wall_s", "peak_rss_mb", "best_val", "epochs")}}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +17,16 @@ import torch
 
 from recsys.item_features import ItemFeatures
 from recsys.metrics import RankingMetrics, target_ranks
-from recsys.nn.encoders import ENCODERS, build_encoder
-from recsys.nn.item_tower import ItemTower
+from recsys.nn.encoders import (
+    ENCODERS,
+    LRUOptions,
+    MambaOptions,
+    OptionError,
+    SASRecOptions,
+    build_encoder,
+    nest_flat_options,
+    options_of,
+)
 from recsys.nn.loss import matryoshka_cross_entropy
 from recsys.nn.nested import check_sizes, cut_sizes, cut_to_size, nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
@@ -34,7 +43,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 CHECKPOINT_DEFAULTS: dict[str, Any] = {"monitor": "val/monitor", "mode": "max", "filename": "best"}
 EARLY_STOPPING_DEFAULTS: dict[str, Any] = {"monitor": "val/monitor", "mode": "max", "patience": 3}
 
-__all__ = ["CheckpointError", "MatryoshkaRecommender", "catalogue_of", "read_checkpoint"]
+__all__ = ["CheckpointError", "MatryoshkaRecommender", "OptionError", "catalogue_of", "check_options", "read_checkpoint"]
 
 
 class CheckpointError(ValueError):
@@ -85,6 +94,37 @@ def catalogue_of(dataset) -> dict[str, Any]:
     }
 
 
+def check_options(
+    sizes: Any,
+    encoder: str,
+    monitor_size: Any = None,
+    loss_weights: Any = None,
+    lru: Any = None,
+    mamba: Any = None,
+    sasrec: Any = None,
+) -> tuple[tuple[int, ...], int | str, dict[str, Any]]:
+    """The model's checks of its settings, in one place: the constructor runs them, and the
+    training CLI runs them before it reads any data. Returns the sizes, the monitored size and
+    each encoder's typed options; raises :class:`OptionError` (settings named ``{name}``)."""
+    try:
+        sizes = check_sizes(sizes)
+    except ValueError as exc:
+        raise OptionError("{sizes}: " + str(exc)) from None
+    if encoder not in ENCODERS:
+        raise OptionError(f"{{encoder}}: unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+    if monitor_size not in (None, "mean", *sizes):
+        raise OptionError(f"{{monitor_size}} {monitor_size} is neither one of {{sizes}} {list(sizes)} nor 'mean'")
+    if loss_weights is not None and len(loss_weights) != len(sizes):
+        raise OptionError(f"{{loss_weights}} has {len(loss_weights)} entries for {len(sizes)} sizes {list(sizes)}")
+    options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
+    if encoder == "sasrec":
+        try:
+            options["sasrec"].check_width(sizes[-1])
+        except OptionError as exc:
+            raise exc.within("sasrec") from None
+    return sizes, sizes[-1] if monitor_size is None else monitor_size, options
+
+
 class MatryoshkaRecommender(L.LightningModule):
     """Item tower + sequence encoder trained with the Matryoshka loss over ``sizes``.
 
@@ -95,12 +135,11 @@ class MatryoshkaRecommender(L.LightningModule):
         n_blocks: encoder blocks.
         dropout: dropout inside the encoder.
         input_dropout: dropout on the item vectors fed to the encoder.
-        r_min: LRU only: smallest initial ``|lambda|``.
-        r_max: LRU only: largest initial ``|lambda|``.
-        d_state: Mamba only: state size per channel.
-        expand: Mamba only: channel expansion factor.
-        n_heads: SASRec only: attention heads.
-        max_len: SASRec only: number of learned positions (the data module's ``max_len``).
+        lru: LRU's own options (``r_min``, ``r_max``); used when ``encoder`` is ``lru``.
+        mamba: Mamba's own options (``d_state``, ``expand``); used when ``encoder`` is ``mamba``.
+        sasrec: SASRec's own options (``n_heads``); used when ``encoder`` is ``sasrec``.
+        max_len: the input length (the data module's ``max_len``, linked by the CLI); SASRec
+            learns this many positions.
         use_id_embedding: add a learned item-ID embedding to the item features.
         modalities: item features to use (default: all the dataset has).
         loss_weights: weight of each size in the loss (default: 1 each).
@@ -112,6 +151,9 @@ class MatryoshkaRecommender(L.LightningModule):
         monitor_size: the size whose validation NDCG@10 is logged as ``val/monitor`` for early
             stopping and best-checkpoint selection (default: the largest); ``"mean"``: the mean
             over all sizes, so training goes on while any size still improves.
+
+    The encoder options may also be given as plain mappings of their fields; they are stored in
+    ``hparams`` (and checkpoints) as such, so that a checkpoint loads with ``weights_only``.
     """
 
     def __init__(
@@ -122,11 +164,9 @@ class MatryoshkaRecommender(L.LightningModule):
         n_blocks: int = 2,
         dropout: float = 0.1,
         input_dropout: float = 0.1,
-        r_min: float = 0.0,
-        r_max: float = 0.1,
-        d_state: int = 16,
-        expand: int = 2,
-        n_heads: int = 2,
+        lru: LRUOptions = LRUOptions(),  # noqa: B008 - frozen, so a shared default is safe
+        mamba: MambaOptions = MambaOptions(),  # noqa: B008
+        sasrec: SASRecOptions = SASRecOptions(),  # noqa: B008
         max_len: int = 50,
         use_id_embedding: bool = False,
         modalities: list[str] | None = None,
@@ -139,17 +179,16 @@ class MatryoshkaRecommender(L.LightningModule):
         monitor_size: int | Literal["mean"] | None = None,
     ) -> None:
         super().__init__()
+        self.sizes, self.monitor_size, self.encoder_configs = check_options(
+            sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec
+        )
+        # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
+        lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
         self.save_hyperparameters(ignore=["item_features"], logger=False)  # the CLI logs the whole config
-        self.sizes = check_sizes(sizes)
-        if encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
-        if loss_weights is not None and len(loss_weights) != len(self.sizes):
-            raise ValueError(f"loss_weights has {len(loss_weights)} entries but there are {len(self.sizes)} sizes")
-        self.monitor_size = self.sizes[-1] if monitor_size is None else monitor_size
-        if self.monitor_size != "mean" and self.monitor_size not in self.sizes:
-            raise ValueError(f"monitor_size {monitor_size} is not one of the sizes {list(self.sizes)}")
         if item_features is None:
             raise ValueError("item_features is required (the training CLI links it from the data module)")
+        from recsys.nn.item_tower import ItemTower  # torchrec: not imported until a model is built
+
         self.net = SequentialRecommender(
             ItemTower(self.sizes, item_features, use_id_embedding=use_id_embedding, modalities=modalities),
             build_encoder(encoder, self.sizes, **self.encoder_options()),
@@ -162,13 +201,10 @@ class MatryoshkaRecommender(L.LightningModule):
     def encoder_options(self) -> dict[str, Any]:
         """The constructor options of the chosen encoder (also written into exports)."""
         h = self.hparams
-        common = {"n_blocks": h.n_blocks, "dropout": h.dropout}
-        specific = {
-            "lru": {"r_min": h.r_min, "r_max": h.r_max},
-            "mamba": {"d_state": h.d_state, "expand": h.expand},
-            "sasrec": {"n_heads": h.n_heads, "max_len": h.max_len},
-        }[h.encoder]
-        return {**common, **specific}
+        specific = asdict(self.encoder_configs[h.encoder])
+        if h.encoder == "sasrec":
+            specific["max_len"] = h.max_len
+        return {"n_blocks": h.n_blocks, "dropout": h.dropout, **specific}
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -177,12 +213,16 @@ class MatryoshkaRecommender(L.LightningModule):
         """Load a checkpoint without the data module: the item features come from its buffers.
 
         Loads with ``weights_only=True`` (no pickle code runs); see :func:`read_checkpoint`.
+        Checkpoints written before the encoder options were grouped (flat ``r_min``, ``d_state``,
+        ``n_heads``, ... in ``hyper_parameters``) load too.
         """
+        from recsys.nn.item_tower import ItemTower
+
         ckpt = read_checkpoint(path, map_location)
         state = ckpt["state_dict"]
         features = ItemTower.features_from_state_dict(state, prefix="net.items.")
         options = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # CLI bookkeeping
-        model = cls(item_features=features, **options)
+        model = cls(item_features=features, **nest_flat_options(options))
         model.load_state_dict(state)
         model.catalogue = ckpt.get("catalogue")
         return model
@@ -195,9 +235,12 @@ class MatryoshkaRecommender(L.LightningModule):
             self.catalogue = catalogue_of(datamodule.dataset)
         if getattr(self, "catalogue", None) is not None:
             checkpoint["catalogue"] = self.catalogue
-        run_id = getattr(self.logger, "run_id", None) if self._trainer is not None else None
+        logger = self.logger if self._trainer is not None else None
+        run_id = getattr(logger, "run_id", None)
         if run_id:
             checkpoint["mlflow_run_id"] = run_id  # so that a resumed training continues the same run
+        elif type(logger).__name__ == "CSVLogger":
+            checkpoint["run_dir"] = str(logger.log_dir)  # ... or the same run directory
 
     # -- training -----------------------------------------------------------------------------
 

@@ -1,5 +1,9 @@
 """MLflow: where a person compares the sizes of one training run and picks one to ship.
 
+Only the MLflow side lives here (settings, the store lock, the logger, params and tags, logged
+models); the tables, plot and per-size rows themselves are :mod:`recsys.reporting`. Nothing here
+imports ``mlflow`` until a run starts.
+
 One run per training holds: the flattened config as params; data stats and the git commit as
 tags; validation metrics per epoch and test metrics for every size (``test/ndcg_10/d64``); the
 resolved config, the best checkpoint, a per-size results table and a plot of accuracy against size;
@@ -13,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,9 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from recsys.nn.nested import cut_sizes, cut_to_size
+from recsys.reporting import git_commit, write_results
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +140,6 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip()
-    except Exception:
-        return None
-
-
 def log_config(client, run_id: str, config: dict[str, Any], config_yaml: str, stats: dict[str, Any]) -> None:
     """Params (flattened config), tags (data stats, git commit) and the resolved config file."""
     from mlflow.entities import Param, RunTag
@@ -162,85 +155,11 @@ def log_config(client, run_id: str, config: dict[str, Any], config_yaml: str, st
     client.log_text(run_id, config_yaml, "config.yaml")
 
 
-def results_table(rows: list[dict[str, Any]]) -> str:
-    """The per-size table, as markdown (printed at the end of training and logged)."""
-    header = "| size | parameters | NDCG@10 | Recall@10 | MRR | encode ms / 1k users |"
-    lines = [header, "|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['size']} | {r['parameters']:,} | {r['ndcg_10']:.4f} | {r['recall_10']:.4f} | {r['mrr']:.4f} "
-            f"| {r['encode_ms_per_1k']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def accuracy_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """NDCG@10 and Recall@10 against size (log2 axis), annotated with parameter counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [r["size"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    ax.plot(sizes, [r["ndcg_10"] for r in rows], "o-", label="NDCG@10")
-    ax.plot(sizes, [r["recall_10"] for r in rows], "s--", label="Recall@10")
-    for r in rows:
-        ax.annotate(f"{r['parameters'] / 1e3:.0f}k params", (r["size"], r["ndcg_10"]), textcoords="offset points",
-                    xytext=(0, -14), ha="center", fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("size (dimensions of user and item vectors)")
-    ax.set_ylabel("test metric")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _encode_ms_per_1k(net, datamodule, size: int) -> float:
-    """Wall time to encode test users with the network cut to ``size`` (median of 3), per 1,000 users."""
-    batch = next(iter(datamodule.test_dataloader()))
-    small = cut_to_size(net, size) if size in cut_sizes(net) else net
-    small.eval()
-    with torch.no_grad():
-        items = small.item_matrix()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            small.user_vectors(batch["input_ids"], items)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[1] / len(batch["input_ids"]) * 1e6
-
-
-def summarise(model, datamodule, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
-    params = model.parameters_per_size()
-    rows = []
-    for s in model.sizes:
-        rows.append(
-            {
-                "size": s,
-                "parameters": params[s],
-                "ndcg_10": test_metrics[f"ndcg_10/d{s}"],
-                "recall_10": test_metrics[f"recall_10/d{s}"],
-                "ndcg_20": test_metrics[f"ndcg_20/d{s}"],
-                "recall_20": test_metrics[f"recall_20/d{s}"],
-                "mrr": test_metrics[f"mrr/d{s}"],
-                "encode_ms_per_1k": _encode_ms_per_1k(model.net.cpu(), datamodule, s),
-            }
-        )
-    return rows
-
-
 def log_results(client, run_id: str, rows: list[dict[str, Any]], title: str) -> None:
+    """The per-size table, rows and plot (:func:`recsys.reporting.write_results`) as run artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "results.md").write_text(results_table(rows) + "\n")
-        (Path(tmp) / "results.json").write_text(json.dumps(rows, indent=2))
-        accuracy_plot(rows, Path(tmp) / "accuracy_vs_size.png", title)
-        for name in ("results.md", "results.json", "accuracy_vs_size.png"):
-            client.log_artifact(run_id, str(Path(tmp) / name))
+        for path in write_results(Path(tmp), rows, title):
+            client.log_artifact(run_id, str(path))
 
 
 def log_size_models(

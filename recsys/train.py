@@ -1,23 +1,47 @@
-"""``python -m recsys.train``: train every size at once and record them in MLflow.
+"""``python -m recsys.train``: train every size at once, test the best checkpoint, record the run.
 
     python -m recsys.train                                   # built-in synthetic log, a few minutes on CPU
     python -m recsys.train --config configs/ml-1m.yaml --trainer.max_epochs 50
     python -m recsys.train --config configs/lastfm.yaml --model.encoder mamba
+    python -m recsys.train --tracking csv                    # no MLflow: files in lightning_logs/version_<n>
     python -m recsys.train --print_config                    # every option with its default
 
-At the end it tests the best checkpoint (by ``val/monitor``: NDCG@10 of ``--model.monitor_size``, or its mean),
-prints one line per size, and logs everything a person needs to pick a size to MLflow (see
-``recsys/tracking.py``). ``--ckpt_path`` resumes an interrupted run, in the same MLflow run.
+This is the one way a model is trained. At the end it tests the best checkpoint (by
+``val/monitor``: NDCG@10 of ``--model.monitor_size``, or its mean), prints one line per size, and
+records the run. ``--ckpt_path`` resumes an interrupted run, in the same MLflow run or run directory.
+
+Tracking (``--tracking``), the same metric names either way (``train/loss``, ``val/ndcg_10/d64``,
+``test/ndcg_10/d64``, ``val/monitor``, ...):
+
+* ``mlflow`` (default): params, tags, metrics, the config, the best checkpoint, the per-size
+  results and one logged model per size go to MLflow (``--mlflow.*``; see ``recsys/tracking.py``).
+* ``csv``: for machines where MLflow cannot be installed; ``mlflow`` is never imported. The run
+  directory (``--run_dir``, default ``lightning_logs/version_<n>``, the next free one) gets ``metrics.csv``
+  (Lightning's CSVLogger), ``config.yaml``, ``run.json`` (data stats, git commit), ``results.md``,
+  ``results.json``, ``accuracy_vs_size.png`` and, unless ``--checkpoint.dirpath`` says otherwise,
+  ``checkpoints/``. ``--mlflow.*`` settings are accepted and ignored; no models are logged.
+
+``--float32_matmul_precision highest|high|medium`` (default ``high``) is passed to
+``torch.set_float32_matmul_precision``: ``high`` lets CUDA GPUs multiply float32 matrices in TF32,
+as the MovieLens-1M results were trained; it changes nothing on CPU. ``highest`` is exact float32.
+
+Encoder options are grouped per encoder: ``--model.lru.r_min``, ``--model.lru.r_max``,
+``--model.mamba.d_state``, ``--model.mamba.expand``, ``--model.sasrec.n_heads``. The older flat
+spellings (``--model.r_min 0.8``, and ``r_min:`` directly under ``model:`` in a config file) are
+still accepted and mean the same.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -29,46 +53,187 @@ from recsys.model import (
     TRAINER_DEFAULTS,
     CheckpointError,
     MatryoshkaRecommender,
+    check_options,
     read_checkpoint,
 )
-from recsys.nn.encoders import ENCODERS
-from recsys.nn.nested import check_sizes, cut_sizes
-from recsys.tracking import (
-    MLflowSettings,
-    TrackingUnavailableError,
-    log_config,
-    log_results,
-    log_size_models,
-    make_logger,
-    results_table,
-    summarise,
-)
+from recsys.nn.encoders import FLAT_OPTION_GROUPS, OptionError, nest_flat_options
+from recsys.reporting import git_commit, results_table, summarise, write_results
+from recsys.tracking import MLflowSettings, TrackingUnavailableError
 
 log = logging.getLogger("recsys.train")
+
+TRACKING = ("mlflow", "csv")
+DEFAULT_RUNS_DIR = "lightning_logs"  # already ignored by git; Lightning's own default
+
 
 class ConfigError(ValueError):
     """An invalid setting, found before any data is read or any step is trained."""
 
 
 def validate_config(config) -> None:
+    """The model's own checks (:func:`recsys.model.check_options`) and the data directory's, named
+    as flags, before anything is read or trained."""
     model, data = config.model, config.data
     try:
-        check_sizes(model.sizes)
-    except ValueError as exc:
-        raise ConfigError(f"--model.sizes: {exc}") from None
-    if model.encoder not in ENCODERS:
-        raise ConfigError(f"--model.encoder: unknown encoder {model.encoder!r}; choose one of {', '.join(ENCODERS)}")
-    if model.monitor_size not in (None, "mean", *model.sizes):
-        raise ConfigError(f"--model.monitor_size {model.monitor_size} is neither one of --model.sizes {list(model.sizes)} nor 'mean'")
-    if model.loss_weights is not None and len(model.loss_weights) != len(model.sizes):
-        raise ConfigError(
-            f"--model.loss_weights has {len(model.loss_weights)} entries for {len(model.sizes)} sizes {list(model.sizes)}"
-        )
+        check_options(model.sizes, model.encoder, model.monitor_size, model.loss_weights,
+                      model.lru, model.mamba, model.sasrec)
+    except OptionError as exc:
+        raise ConfigError(exc.render("--model.")) from None
     if data.data_dir is not None and not Path(data.data_dir).is_dir():
         raise ConfigError(
             f"--data.data_dir {data.data_dir}: no such directory; prepare one with "
             "`python -m recsys.data prepare --interactions FILE --items FILE --out DIR`"
         )
+    if config.run_dir is not None and config.tracking != "csv":
+        raise ConfigError(f"--run_dir {config.run_dir}: only used with --tracking csv")
+
+
+# -- the older flat encoder options ------------------------------------------------------------------
+
+
+def _flat_flag(arg: str) -> str:
+    name, eq, value = arg.partition("=")
+    key = name[len("--model."):] if name.startswith("--model.") else None
+    if key in FLAT_OPTION_GROUPS:
+        return f"--model.{FLAT_OPTION_GROUPS[key]}.{key}{eq}{value}"
+    return arg
+
+
+def _config_with_groups(path: str) -> str:
+    """A config file whose ``model:`` has flat encoder options, as YAML text with them grouped
+    (jsonargparse's ``--config`` takes a file or its text); any other config: the path itself."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return path  # let the parser report it
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not set(model) & set(FLAT_OPTION_GROUPS):
+        return path
+    return yaml.safe_dump({**config, "model": nest_flat_options(model)}, sort_keys=False)
+
+
+def nest_flat_args(args: list[str]) -> list[str]:
+    """Command-line arguments with the flat encoder options (``--model.r_min 0.8``, also inside a
+    ``--config`` file) rewritten to their groups (``--model.lru.r_min 0.8``)."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if i > 0 and args[i - 1] == "--config":
+            out.append(_config_with_groups(arg))
+        elif arg.startswith("--config="):
+            out.append("--config=" + _config_with_groups(arg[len("--config="):]))
+        else:
+            out.append(_flat_flag(arg))
+    return out
+
+
+# -- tracking ----------------------------------------------------------------------------------------
+
+
+class MLflowRun:
+    """One MLflow run: the logger, and what is logged beside the metrics."""
+
+    def __init__(self, settings: MLflowSettings, resume_from: str | None) -> None:
+        from recsys.tracking import make_logger
+
+        run_id = read_checkpoint(resume_from).get("mlflow_run_id") if resume_from else None  # same run
+        self.settings = settings
+        self.logger = make_logger(settings, run_id=run_id)
+        self.run_id = self.logger.run_id  # None on the other ranks of a distributed run
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path("checkpoints") / str(self.run_id)
+
+    def record(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "tracking_uri": self.settings.resolved_uri(), "run_dir": None}
+
+    def log_config(self, config: dict[str, Any], config_yaml: str, stats: dict[str, Any]) -> None:
+        from recsys.tracking import log_config
+
+        log_config(self.logger.experiment, self.run_id, config, config_yaml, stats)
+
+    def log_results(self, rows: list[dict[str, Any]], title: str, best: str | None) -> None:
+        from recsys.tracking import log_results
+
+        log_results(self.logger.experiment, self.run_id, rows, title)
+        if best:
+            self.logger.experiment.log_artifact(self.run_id, best, "checkpoints")
+
+    def log_models(self, best: str | None, model: MatryoshkaRecommender, rows: list[dict[str, Any]]) -> dict[int, str] | None:
+        if not (self.settings.log_models and best):
+            return None
+        from recsys.nn.nested import cut_sizes
+        from recsys.tracking import log_size_models
+        from serving.export import export_sizes
+
+        sizes = list(cut_sizes(model.net))
+        with tempfile.TemporaryDirectory() as tmp:
+            dirs = export_sizes(best, sizes, tmp, source={"mlflow_run_id": self.run_id})
+            return log_size_models(self.run_id, dict(zip(sizes, dirs)), rows, self.settings.register_as)
+
+    def where(self) -> str:
+        return f"MLflow run {self.run_id} in {self.settings.resolved_uri()}  (open it with `make ui`)"
+
+    def export_hint(self, best: str, dims: int) -> str:
+        return f"python -m serving.export --run-id {self.run_id} --dims {dims} --out exports/"
+
+
+class CSVRun:
+    """A run directory: Lightning's ``metrics.csv`` and the same reports as files. No MLflow."""
+
+    def __init__(self, run_dir: str | None, resume_from: str | None) -> None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        if run_dir is None and resume_from:
+            run_dir = read_checkpoint(resume_from).get("run_dir")  # the same directory
+        if run_dir is None:  # lightning_logs/version_<n>, the next free one
+            self.logger = CSVLogger(DEFAULT_RUNS_DIR, name="")
+        else:
+            self.logger = CSVLogger(run_dir, name="", version="")
+        self.run_dir = Path(self.logger.log_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self._start(keep_curves=bool(resume_from))
+
+    def _start(self, keep_curves: bool) -> None:
+        """Open ``metrics.csv`` before anything else is written to the directory. Lightning's writer
+        drops an existing one; a resumed run keeps its earlier curves, written back first."""
+        import csv
+        import warnings
+
+        path = self.run_dir / "metrics.csv"
+        earlier = list(csv.DictReader(path.open(newline=""))) if keep_curves and path.is_file() else []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            writer = self.logger.experiment  # on rank zero; a no-op stand-in elsewhere
+        for row in earlier:
+            values = {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}
+            writer.log_metrics(values, step=int(row["step"]))
+
+    def record(self) -> dict[str, Any]:
+        return {"run_id": None, "tracking_uri": None, "run_dir": str(self.run_dir)}
+
+    def log_config(self, config: dict[str, Any], config_yaml: str, stats: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(config_yaml)
+        info = {"git_commit": git_commit(), "data": stats}
+        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+
+    def log_results(self, rows: list[dict[str, Any]], title: str, best: str | None) -> None:
+        write_results(self.run_dir, rows, title)
+
+    def log_models(self, best, model, rows) -> None:
+        return None  # logged models are MLflow's; export a size with serving.export --checkpoint
+
+    def where(self) -> str:
+        return f"run directory {self.run_dir} (metrics.csv, results.md, results.json, accuracy_vs_size.png)"
+
+    def export_hint(self, best: str, dims: int) -> str:
+        return f"python -m serving.export --checkpoint {best} --dims {dims} --out exports/"
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
 
 
 class TrainCLI(LightningCLI):
@@ -79,28 +244,66 @@ class TrainCLI(LightningCLI):
         parser.set_defaults({**{f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()}, "checkpoint.save_last": True})
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({f"early_stopping.{k}": v for k, v in EARLY_STOPPING_DEFAULTS.items()})
+        parser.add_argument("--tracking", type=Literal["mlflow", "csv"], default="mlflow",
+                            help="where the run is recorded: mlflow, or csv (a run directory; no MLflow needed)")
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="--tracking csv: the run directory (default: lightning_logs/version_<n>, the next free one)")
         parser.add_class_arguments(MLflowSettings, "mlflow")
+        parser.add_argument("--float32_matmul_precision", type=Literal["highest", "high", "medium"], default="high",
+                            help="torch.set_float32_matmul_precision: high = TF32 matrix products on CUDA GPUs "
+                                 "(no change on CPU); highest = exact float32")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
+
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(nest_flat_args(list(sys.argv[1:] if args is None else args)))
 
     def before_instantiate_classes(self) -> None:
         validate_config(self.config)
         if self.config.ckpt_path and not Path(self.config.ckpt_path).is_file():
             raise ConfigError(f"--ckpt_path {self.config.ckpt_path}: no such checkpoint file")
+        import torch
+
+        torch.set_float32_matmul_precision(self.config.float32_matmul_precision)
 
     def instantiate_trainer(self, **kwargs: Any):
-        settings: MLflowSettings = self.config_init.mlflow
-        run_id = None
-        if self.config.ckpt_path:  # resume in the same MLflow run
-            run_id = read_checkpoint(self.config.ckpt_path).get("mlflow_run_id")
-        logger = make_logger(settings, run_id=run_id)
+        if self.config.tracking == "csv":
+            self.run = CSVRun(self.config.run_dir, self.config.ckpt_path)
+        else:
+            self.run = MLflowRun(self.config_init.mlflow, self.config.ckpt_path)
         checkpoint: ModelCheckpoint = self.config_init.checkpoint
         if checkpoint.dirpath is None:
-            checkpoint.dirpath = str(Path("checkpoints") / logger.run_id)
-        return super().instantiate_trainer(logger=logger, **kwargs)
+            checkpoint.dirpath = str(self.run.checkpoint_dir)
+        return super().instantiate_trainer(logger=self.run.logger, **kwargs)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_and_test` found: the best checkpoint and its validation score, the epochs
+    trained, the test metrics of the best checkpoint and its per-size rows (rank zero only)."""
+
+    best: str | None
+    best_val: float | None
+    epochs: int
+    test_metrics: dict[str, float]
+    rows: list[dict[str, Any]] | None
+
+
+def fit_and_test(trainer, model: MatryoshkaRecommender, datamodule, ckpt_path: str | None = None) -> FitResult:
+    """Fit (resuming from ``ckpt_path``), then test the best checkpoint by ``val/monitor``."""
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    best = trainer.checkpoint_callback.best_model_path or None
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+    score = trainer.checkpoint_callback.best_model_score
+    metrics = dict(model.last_test_metrics)
+    rows = summarise(model, datamodule, metrics) if trainer.is_global_zero else None
+    return FitResult(best, None if score is None else float(score), trainer.current_epoch, metrics, rows)
 
 
 def run(args: list[str] | None = None) -> dict[str, Any]:
-    """Train, test the best checkpoint, log everything; returns what was recorded (for tests)."""
+    """Train, test the best checkpoint, record everything; returns what was recorded (for tests)."""
     cli = TrainCLI(
         MatryoshkaRecommender,
         SequenceDataModule,
@@ -111,45 +314,29 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         seed_everything_default=0,
         auto_configure_optimizers=False,
     )
-    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    logger = trainer.logger
-    resuming = bool(cli.config.ckpt_path)
-    if trainer.is_global_zero and not resuming:
-        config = cli.parser.dump(cli.config, skip_none=False)
+    trainer, model, datamodule, tracked = cli.trainer, cli.model, cli.datamodule, cli.run
+    if trainer.is_global_zero and not cli.config.ckpt_path:
         import yaml
 
-        log_config(logger.experiment, logger.run_id, yaml.safe_load(config), config, datamodule.dataset.stats)
+        config = cli.parser.dump(cli.config, skip_none=False)
+        tracked.log_config(yaml.safe_load(config), config, datamodule.dataset.stats)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
-    best = trainer.checkpoint_callback.best_model_path or None
-    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
-    best_score = trainer.checkpoint_callback.best_model_score
-    result: dict[str, Any] = {
-        "run_id": logger.run_id, "tracking_uri": cli.config_init.mlflow.resolved_uri(), "best": best,
-        "best_val": None if best_score is None else float(best_score), "epochs": trainer.current_epoch,
-    }
+    fitted = fit_and_test(trainer, model, datamodule, ckpt_path=cli.config.ckpt_path)
+    result: dict[str, Any] = {**tracked.record(), "best": fitted.best, "best_val": fitted.best_val, "epochs": fitted.epochs}
     if not trainer.is_global_zero:
         return result
 
-    rows = summarise(model, datamodule, model.last_test_metrics)
-    client = logger.experiment
     title = f"{model.hparams.encoder} on {Path(cli.config.data.data_dir or 'synthetic').name}"
-    log_results(client, logger.run_id, rows, title)
-    if best:
-        client.log_artifact(logger.run_id, best, "checkpoints")
-    settings: MLflowSettings = cli.config_init.mlflow
-    if settings.log_models and best:
-        from serving.export import export_sizes
-
-        sizes = list(cut_sizes(model.net))
-        with tempfile.TemporaryDirectory() as tmp:
-            dirs = export_sizes(best, sizes, tmp, source={"mlflow_run_id": logger.run_id})
-            result["model_uris"] = log_size_models(logger.run_id, dict(zip(sizes, dirs)), rows, settings.register_as)
-    print("\n" + results_table(rows))
-    print(f"\nMLflow run {logger.run_id} in {result['tracking_uri']}  (open it with `make ui`)")
-    if best:
-        print(f"best checkpoint: {best}\nexport a size: python -m serving.export --run-id {logger.run_id} --dims {model.sizes[-1]} --out exports/")
-    result["rows"] = rows
+    tracked.log_results(fitted.rows, title, fitted.best)
+    model_uris = tracked.log_models(fitted.best, model, fitted.rows)
+    if model_uris is not None:
+        result["model_uris"] = model_uris
+    print("\n" + results_table(fitted.rows))
+    print(f"\n{tracked.where()}")
+    if fitted.best:
+        print(f"best checkpoint: {fitted.best}\nexport a size: {tracked.export_hint(fitted.best, model.sizes[-1])}")
+    result["rows"] = fitted.rows
+    result["test_metrics"] = fitted.test_metrics
     return result
 
 

@@ -1,17 +1,25 @@
-"""`python -m recsys.train` end to end into a temporary MLflow store."""
+"""`python -m recsys.train` end to end: into a temporary MLflow store, and with --tracking csv."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from recsys.model import MatryoshkaRecommender
+from recsys.nn.encoders import MambaOptions, OptionError
 from recsys.nn.nested import cut_to_size
 from recsys.train import main, run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZES = [8, 16, 32]
 
@@ -36,7 +44,8 @@ def _args(tmp_path, *extra):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
-    result = run(_args(tmp, "--model.monitor_size", "mean"))
+    # train/loss is logged once, at step 1 (a step-0 metric would be linked to every logged model)
+    result = run(_args(tmp, "--model.monitor_size", "mean", "--trainer.log_every_n_steps", "2"))
     return tmp, result
 
 
@@ -113,6 +122,9 @@ def test_resume_continues_the_same_run_and_step_count(trained, tmp_path):
         (["--model.monitor_size", "12"], "--model.monitor_size 12 is neither one of --model.sizes"),
         (["--model.loss_weights", "[1.0]"], "--model.loss_weights has 1 entries for 3 sizes"),
         (["--mlflow.tracking_uri", "http://127.0.0.1:9"], "does not answer"),
+        (["--model.r_min", "0.5", "--model.r_max", "0.2"], "--model.lru.r_min 0.5, --model.lru.r_max 0.2: need 0 <= r_min"),
+        (["--model.encoder", "sasrec", "--model.sasrec.n_heads", "3"], "--model.sasrec.n_heads 3 must divide the width 32"),
+        (["--run_dir", "runs/x"], "--run_dir runs/x: only used with --tracking csv"),
     ],
 )
 def test_invalid_settings_fail_before_training(tmp_path, capsys, extra, message):
@@ -122,21 +134,124 @@ def test_invalid_settings_fail_before_training(tmp_path, capsys, extra, message)
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_plain_runner_trains_without_mlflow_like_the_cli(tmp_path):
-    """bench/plain_train.py (for machines without MLflow) reads the same settings and reports every size."""
-    import sys
-    from pathlib import Path
+# Runs recsys.train with MLflow made unimportable: any `import mlflow` fails the run.
+WITHOUT_MLFLOW = "import sys; sys.modules['mlflow'] = None; from recsys.train import main; sys.exit(main(sys.argv[1:]))"
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from plain_train import run as plain_run
 
-    result = plain_run(_args(tmp_path, "--model.monitor_size", "mean"))
-    assert [r["size"] for r in result["rows"]] == SIZES
-    assert result["epochs"] == 1 and 0 < result["best_val"] < 1
-    curves = pd.read_csv(tmp_path / "ckpt" / "metrics.csv")
+def test_csv_tracking_records_the_same_metrics_as_mlflow_without_importing_it(trained, tmp_path):
+    """--tracking csv (for machines without MLflow): the same settings (--mlflow.* accepted and
+    ignored), the same metric names in metrics.csv, and for the same seed the same numbers as the
+    MLflow run of the same settings; results, config and checkpoints go to the run directory."""
+    mlflow_tmp, mlflow_result = trained
+    run_dir = tmp_path / "run"
+    args = _args(tmp_path, "--model.monitor_size", "mean", "--trainer.log_every_n_steps", "2",
+                 "--tracking", "csv", "--run_dir", str(run_dir))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_MLFLOW, *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert {"metrics.csv", "config.yaml", "run.json", "results.md", "results.json", "accuracy_vs_size.png"} <= {
+        p.name for p in run_dir.iterdir()}
+    assert (tmp_path / "ckpt" / "best.ckpt").is_file()  # --checkpoint.dirpath still decides
+
+    curves = pd.read_csv(run_dir / "metrics.csv")
     val = curves.dropna(subset=["val/monitor"]).iloc[-1]
     assert val["val/monitor"] == pytest.approx(np.mean([val[f"val/ndcg_10/d{s}"] for s in SIZES]), abs=1e-6)
-    assert not (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{mlflow_tmp}/mlflow.db")
+    logged = client.get_run(mlflow_result["run_id"]).data.metrics
+    # the logged models link each size's encode time too; everything else is the training's own
+    lightning_names = {k for k in logged if not k.startswith("test/encode_ms_per_1k/")}
+    assert set(curves.columns) - {"step"} == lightning_names
+    assert {"train/loss", "val/ndcg_10/d32", "test/ndcg_10/d32", "test/mrr/d8"} <= lightning_names
+    test = curves.dropna(subset=["test/ndcg_10/d8"]).iloc[-1]
+    for key, value in mlflow_result["test_metrics"].items():  # what the MLflow run tested (before any resume)
+        if key != "count":
+            assert test[f"test/{key}"] == pytest.approx(value, abs=1e-6), key
+    for key in (k for k in lightning_names if k.startswith("val/")):  # its first epoch
+        first = min(client.get_metric_history(mlflow_result["run_id"], key), key=lambda m: m.step)
+        assert val[key] == pytest.approx(first.value, abs=1e-6), key
+    rows = json.loads((run_dir / "results.json").read_text())
+    assert [r["size"] for r in rows] == SIZES
+    for mine, theirs in zip(rows, mlflow_result["rows"]):
+        assert mine["ndcg_10"] == pytest.approx(theirs["ndcg_10"], abs=1e-6)
+        assert mine["parameters"] == theirs["parameters"]
+
+
+def test_csv_run_directory_defaults_to_the_next_version_and_resume_continues_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in _args(tmp_path) if a not in ("--checkpoint.dirpath", str(tmp_path / "ckpt"))]
+    first = run([*args, "--tracking", "csv", "--mlflow.log_models", "true"])
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    assert Path(first["run_dir"]).resolve() == run_dir.resolve() and first["run_id"] is None
+    assert Path(first["best"]).resolve() == (run_dir / "checkpoints" / "best.ckpt").resolve()
+    assert "model_uris" not in first  # no logged models without MLflow
+    second = run([*args, "--tracking", "csv", "--trainer.max_epochs", "2", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    assert Path(second["run_dir"]).resolve() == run_dir.resolve()  # the same directory, not version_1
+    curves = pd.read_csv(run_dir / "metrics.csv")
+    assert curves["val/monitor"].notna().sum() == 2 and not (tmp_path / "lightning_logs" / "version_1").exists()
+
+
+def test_flat_encoder_options_still_accepted_on_the_command_line_and_in_config_files(tmp_path, capsys):
+    """--model.r_min (and r_min: under model: in a config file) mean --model.lru.r_min."""
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  encoder: lru\n  r_min: 0.7\n  r_max: 0.9\n  n_heads: 4\n")
+    with pytest.raises(SystemExit) as exit_:
+        run(["--config", str(old), "--model.r_max=0.95", "--model.d_state", "8", "--print_config"])
+    assert exit_.value.code == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["lru"] == {"r_min": 0.7, "r_max": 0.95}
+    assert model["mamba"]["d_state"] == 8 and model["sasrec"] == {"n_heads": 4}
+    assert not set(model) & {"r_min", "r_max", "d_state", "n_heads"}
+
+
+def test_checkpoint_with_flat_encoder_options_loads(trained, tmp_path):
+    """Checkpoints written before the options were grouped (flat r_min, d_state, n_heads, ... in
+    hyper_parameters) load through from_checkpoint, to the same network and export options."""
+    _, result = trained
+    ckpt = torch.load(result["best"], weights_only=True)
+    hparams = dict(ckpt["hyper_parameters"])
+    assert hparams["lru"] == {"r_min": 0.0, "r_max": 0.1}  # the new form: plain dicts
+    for group in ("lru", "mamba", "sasrec"):
+        hparams.update(hparams.pop(group))
+    ckpt["hyper_parameters"] = hparams
+    assert {"r_min", "r_max", "d_state", "expand", "n_heads", "max_len"} <= set(hparams)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    new, old = MatryoshkaRecommender.from_checkpoint(result["best"]), MatryoshkaRecommender.from_checkpoint(tmp_path / "old.ckpt")
+    assert old.encoder_options() == new.encoder_options() == {"n_blocks": 2, "dropout": 0.1, "r_min": 0.0, "r_max": 0.1}
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "encoder,options,expected",
+    [
+        ("lru", {"lru": {"r_min": 0.5, "r_max": 0.9}}, {"r_min": 0.5, "r_max": 0.9}),
+        ("mamba", {"mamba": MambaOptions(d_state=4)}, {"d_state": 4, "expand": 2}),
+        ("sasrec", {"sasrec": {"n_heads": 4}}, {"n_heads": 4, "max_len": 12}),
+    ],
+)
+def test_encoder_options_are_typed_and_exported_flat(encoder, options, expected):
+    from tests.test_item_tower import _features
+
+    model = MatryoshkaRecommender(item_features=_features(), sizes=[8, 16], encoder=encoder, max_len=12, **options)
+    assert model.encoder_options() == {"n_blocks": 2, "dropout": 0.1, **expected}  # the manifest's format
+    assert all(isinstance(model.hparams[g], dict) for g in ("lru", "mamba", "sasrec"))  # weights_only-loadable
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"sizes": [32, 16]}, "sizes: sizes must be strictly increasing, got [32, 16]"),
+        ({"lru": {"r_min": 0.5, "r_max": 0.2}}, "lru.r_min 0.5, lru.r_max 0.2: need 0 <= r_min < r_max <= 1"),
+        ({"mamba": {"d_state": 0}}, "mamba.d_state must be a positive integer, got 0"),
+        ({"encoder": "sasrec", "sasrec": {"n_heads": 3}}, "sasrec.n_heads 3 must divide the width 16"),
+        ({"lru": {"radius": 1}}, "lru.radius: unknown option of the lru encoder"),
+    ],
+)
+def test_invalid_model_options_are_checked_once_in_the_model(kwargs, message):
+    with pytest.raises(OptionError) as error:
+        MatryoshkaRecommender(item_features=None, **{"sizes": [8, 16], **kwargs})
+    assert str(error.value).startswith(message)
 
 
 def _start_run_at_the_barrier(uri, barrier, skip_prepare):
