@@ -37,7 +37,7 @@ from results_file import write_json, write_text  # noqa: E402  (bench/results_fi
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-# Published full-size NDCG@10 (BENCHMARKS.md), drawn on the plot for the dataset of that name.
+# Published full-size NDCG@10 (bench/README.md §1), drawn on the plot for the dataset of that name.
 PUBLISHED = {"ml-1m": {"SASRec": 0.1902, "LRURec": 0.1930}}
 
 # Runs recsys.train in this child process and reports its rows, best validation score, epochs,

@@ -1,7 +1,7 @@
 """The LightningModule: one training run that learns every size at once.
 
 Training minimises the Matryoshka cross-entropy (every size's full softmax over the catalogue);
-validation and test rank every catalogue item for every size (METHOD.md §4-5).
+validation and test rank every catalogue item for every size (docs/method.md §4-5).
 """
 
 from __future__ import annotations

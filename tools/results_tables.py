@@ -161,8 +161,6 @@ def accuracy_command(report: dict) -> str:
     args = [f"python bench/accuracy.py --config configs/{config}.yaml"]
     if report["name"] != config:
         args.append(f"--name {report['name']}")
-    if report.get("runner", "cli") != "cli":
-        args.append(f"--runner {report['runner']}")
     if report.get("parallel", 1) != 1:
         args.append(f"--parallel {report['parallel']}")
     sizes = [r["size"] for r in report["matryoshka"]["rows"]]
@@ -194,9 +192,14 @@ def protocol_line(report: dict) -> str:
 
 
 def source_line(report: dict) -> str:
+    runner = ""
+    if report.get("runner", "cli") == "plain":
+        runner = (" These runs trained through the former `bench/plain_train.py` (TF32 matrix products on the GPU);"
+                  " the same settings now train through `python -m recsys.train --tracking csv`"
+                  " (`--float32_matmul_precision high`, the default, is the same TF32 setting).")
     return (
         f"`{accuracy_command(report)}` → `bench/results/accuracy_{report['name']}.json` "
-        f"({report['date']}). {measured_on(report['machine'], report.get('threads'), None)}"
+        f"({report['date']}). {measured_on(report['machine'], report.get('threads'), None)}{runner}"
     )
 
 
