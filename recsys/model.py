@@ -43,11 +43,15 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 CHECKPOINT_DEFAULTS: dict[str, Any] = {"monitor": "val/monitor", "mode": "max", "filename": "best"}
 EARLY_STOPPING_DEFAULTS: dict[str, Any] = {"monitor": "val/monitor", "mode": "max", "patience": 3}
 
-__all__ = ["CheckpointError", "MatryoshkaRecommender", "OptionError", "catalogue_of", "check_options", "read_checkpoint"]
+__all__ = ["CheckpointError", "DivergedError", "MatryoshkaRecommender", "OptionError", "catalogue_of", "check_options", "read_checkpoint"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, or holds pickled objects (refused, never run)."""
+
+
+class DivergedError(FloatingPointError):
+    """The training loss is not finite: training stops at once instead of training on NaN."""
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -257,6 +261,12 @@ class MatryoshkaRecommender(L.LightningModule):
             weights=self.hparams.loss_weights,
             block_rows=self.hparams.loss_block_rows,
         )
+        if not torch.isfinite(loss.total):
+            raise DivergedError(
+                f"the training loss is {float(loss.total)} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(per size: {[round(float(v), 4) for v in loss.per_size]}): NaN or infinite values in the item "
+                "features, or a learning rate too high (--model.lr); training stopped"
+            )
         n = int(valid.sum())
         self.log("train/loss", loss.total, prog_bar=True, batch_size=n)
         for size, value in zip(self.sizes, loss.per_size):

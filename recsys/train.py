@@ -52,6 +52,7 @@ from recsys.model import (
     EARLY_STOPPING_DEFAULTS,
     TRAINER_DEFAULTS,
     CheckpointError,
+    DivergedError,
     MatryoshkaRecommender,
     check_options,
     read_checkpoint,
@@ -344,7 +345,7 @@ def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         run(args)
-    except (ConfigError, DataValidationError, TrackingUnavailableError, CheckpointError) as exc:
+    except (ConfigError, DataValidationError, TrackingUnavailableError, CheckpointError, DivergedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -301,3 +301,23 @@ def test_ranking_metrics_two_gloo_processes(tmp_path):
         _distributed_worker, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True
     )
     assert torch.load(out_file, weights_only=True) == pytest.approx(_hand_computed(), abs=1e-12)
+
+
+@pytest.mark.parametrize("item_block", [7, 65536])
+def test_a_nan_score_never_wins(item_block):
+    """A diverged model (NaN vectors) ranks its targets last, never first; a NaN item beats the target."""
+    user, items, targets, _ = _integer_case()
+    sizes, n = (4, 8), items.shape[0] - 1
+    nan_user = user.clone()
+    nan_user[0] = math.nan
+    ranks = target_ranks(nan_user, items, targets, sizes, item_block=item_block)
+    assert (ranks[:, 0] == n).all()
+    torch.testing.assert_close(ranks[:, 1:], target_ranks(user, items, targets, sizes, item_block=item_block)[:, 1:])
+    # one item other than user 1's target turns NaN: it counts as higher for everybody else
+    other = next(j for j in range(1, n + 1) if j != int(targets[1]) and (targets != j).all())
+    nan_items = items.clone()
+    nan_items[other, 5] = math.nan
+    before = target_ranks(user, items, targets, sizes, item_block=item_block)
+    after = target_ranks(user, nan_items, targets, sizes, item_block=item_block)
+    assert torch.equal(after[0], before[0])  # size 4 does not read dimension 5
+    assert (after[1] >= before[1]).all() and (after[1] == before[1] + 1).any()

@@ -285,3 +285,17 @@ def test_runs_started_together_on_a_new_store_all_start(tmp_path):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("together")
     assert len(client.search_runs([experiment.experiment_id])) == 4
+
+
+def test_a_non_finite_loss_stops_training_with_one_clear_error():
+    """NaN in the item features (e.g. a tampered prepared file) must not train on as if nothing happened."""
+    from recsys.item_features import ItemFeatures
+    from recsys.model import DivergedError
+
+    text = torch.randn(9, 6)
+    text[0] = 0.0
+    text[3, 2] = float("nan")
+    model = MatryoshkaRecommender(item_features=ItemFeatures(num_items=8, dense={"text": text}), sizes=[4, 8])
+    batch = {"input_ids": torch.tensor([[0, 1, 3, 5]]), "target_ids": torch.tensor([[0, 3, 5, 2]])}
+    with pytest.raises(DivergedError, match=r"the training loss is nan at epoch 0, step 0 .*training stopped"):
+        model.training_step(batch, 0)
