@@ -18,7 +18,6 @@ the count, except the target itself. Whether masking was on is the caller's to r
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
@@ -129,11 +128,12 @@ def target_ranks(
         mask = None if seen_ids is None else _seen_mask(seen_ids, targets, start, stop)
         for m, scores in enumerate(prefix_scores(user, cand[start:stop], sizes, inplace=True, mask=mask)):
             own = scores.gather(1, local_targets) if target_scores is None else target_scores[m].unsqueeze(1)
-            # a NaN score never wins: another item's NaN counts as higher, the target's own NaN
-            # as lower than everything (a diverged model ranks last, not first)
-            higher[m] += ((scores > own.nan_to_num(nan=-math.inf)) | scores.isnan()).sum(dim=1)
-            if target_scores is None or start == blocks[0][0]:
-                higher[m] -= own.squeeze(1).isnan().long()  # the target's NaN was counted above
+            # "not lower or equal" is "higher" for numbers, and also holds for a NaN: another item's
+            # NaN counts as higher, and a NaN target is below every item (a diverged model ranks
+            # last, never first); its own NaN, counted too, is taken off once
+            higher[m] += (stop - start) - (scores <= own).sum(dim=1)
+            if start == 0:
+                higher[m] -= own.squeeze(1).isnan().long()
     return higher + 1
 
 
