@@ -11,6 +11,9 @@ processed in blocks, so a ``users x items`` score matrix exists only one block a
 scores of all sizes are built from one product per block (size ``s_m``'s scores are size
 ``s_{m-1}``'s plus chunk ``m``'s product).
 
+A NaN score never wins: an item scoring NaN counts as higher than the target, and a target
+scoring NaN ranks below every item, so a diverged model gets the worst metrics, not perfect ones.
+
 History masking (the LRURec/RecBole protocol): items the user has already seen are left out of
 the count, except the target itself. Whether masking was on is the caller's to record.
 """
