@@ -70,6 +70,13 @@ def _plain(value: Any) -> Hashable:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _exact_key(value: Any) -> Hashable | None:
+    """The id as a dictionary key, or None for values that only compare equal to an id: ``True``
+    and ``1.0`` equal ``1`` in Python, but neither is the catalogue's item ``1``."""
+    value = _plain(value)
+    return None if isinstance(value, (bool, float)) else value
+
+
 def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
     """The manifest of an export directory, after checking every file's checksum."""
     d = Path(directory)
@@ -151,7 +158,8 @@ class SizedRecommender:
                 raise TypeError("a history is a list of item ids, not a string")
             mapped = []
             for item in history:
-                row = self._row_of.get(_plain(item))
+                key = _exact_key(item)
+                row = None if key is None else self._row_of.get(key)
                 if row is None:
                     unknown.append(item)
                 else:

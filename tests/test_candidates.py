@@ -228,6 +228,10 @@ def _write(path, text):
         ("bad time", DataValidationError, "'yesterday' at row 2"),
         ("duplicate user in history table", DataValidationError, "user 1 has more than one row"),
         ("history not a list", DataValidationError, "must be a list of item ids"),
+        ("history of float ids", DataValidationError, r"has type List\(Float64\); it must be a list of item ids"),
+        ("history of lists", DataValidationError, r"has type List\(List\(String\)\); it must be a list"),
+        ("float item ids", DataValidationError, "item column 'item_id' has type Float64; ids must be integers or strings"),
+        ("boolean item ids", DataValidationError, "item column 'item_id' has type Boolean; ids must be integers or strings"),
         ("unknown export dir", ExportError, "no such export directory"),
         ("k above the catalogue", CandidatesError, "k=41 exceeds the catalogue"),
     ],
@@ -248,10 +252,16 @@ def test_bad_input_is_reported_and_writes_nothing(export_dir, tmp_path, case, er
         path = tmp_path / "in.parquet"
         pl.DataFrame({"user_id": [1, 2, 1], "h": [["i01"], ["i02"], ["i03"]]}).write_parquet(path)
         options = {"history_col": "h"}
-    elif case == "history not a list":
+    elif case.startswith("history"):
+        history = {"history not a list": ["i01 i02"], "history of float ids": [[2.0, 2.5]],
+                   "history of lists": [[["i01"], ["i02"]]]}[case]
         path = tmp_path / "in.parquet"
-        pl.DataFrame({"user_id": [1], "h": ["i01 i02"]}).write_parquet(path)
+        pl.DataFrame({"user_id": [1], "h": history}).write_parquet(path)
         options = {"history_col": "h"}
+    elif case.endswith("item ids"):  # ids that are not exactly the catalogue's are never coerced
+        item = [2.5, 1.0] if case.startswith("float") else [True, False]
+        path = tmp_path / "in.parquet"
+        pl.DataFrame({"user_id": [1, 1], "item_id": item, "timestamp": [5, 6]}).write_parquet(path)
     else:
         path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n1,i01,5\n")
         if case == "unknown export dir":

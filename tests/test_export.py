@@ -215,3 +215,18 @@ def test_recommend_times_its_encode_and_search_stages(checkpoint, tmp_path):
     assert m.stage_seconds == {"encode": 0.0, "search": 0.0}
     m.recommend([item_ids[:3]], k=5)
     assert m.stage_seconds["encode"] > 0 and m.stage_seconds["search"] > 0
+
+
+def test_ids_that_only_compare_equal_to_catalogue_ids_are_unknown(tmp_path):
+    """``True == 1`` and ``1.0 == 1`` in Python, yet neither names item 1 of an integer catalogue."""
+    torch.manual_seed(0)
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12).eval()
+    path = tmp_path / "model.ckpt"
+    catalogue = {"item_ids": list(range(1, N + 1)), "popularity": list(range(N, 0, -1)), "stats": {}}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "catalogue": catalogue}, path)
+    (d,) = export_sizes(path, [SIZES[0]], tmp_path / "exports")
+    m = serving.load(d)
+    assert m.rows([[1, np.int64(2)]]) == [[1, 2]]
+    for history in ([True], [1.0], [2.5]):
+        with pytest.raises(serving.UnknownItemsError):
+            m.rows([history])

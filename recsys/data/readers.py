@@ -193,8 +193,12 @@ def check_input_schema(
     for column, role in ids.items():
         check_id_type(path, schema[column], column, role)
     for column, role in (lists or {}).items():
-        if not isinstance(schema[column], pl.List):
-            raise DataValidationError(path, f"{role} column {column!r} has type {schema[column]}; it must be a list of item ids")
+        dtype = schema[column]
+        if not isinstance(dtype, pl.List) or not (dtype.inner.is_integer() or dtype.inner == pl.String):
+            # floats, booleans or nested lists are never ids: no cast may turn 2.5 into item 2
+            raise DataValidationError(
+                path, f"{role} column {column!r} has type {dtype}; it must be a list of item ids (integers or strings)"
+            )
     return schema
 
 
