@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import yaml
-from results_file import write_json, write_text  # noqa: E402  (bench/results_file.py)
+from recsys.atomic import write_json_atomically, write_text_atomically  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -284,8 +284,8 @@ def main() -> None:
     }
     report["date"] = time.strftime("%Y-%m-%d")
     text = markdown(report)
-    write_json(RESULTS / f"accuracy_{name}.json", report)
-    write_text(RESULTS / f"accuracy_{name}.md", text)
+    write_json_atomically(RESULTS / f"accuracy_{name}.json", report, indent=2)
+    write_text_atomically(RESULTS / f"accuracy_{name}.md", text)
     plot(report, RESULTS / f"accuracy_{name}.png", PUBLISHED.get(Path(config["data"]["data_dir"]).name, {}))
     print(text)
 

@@ -54,7 +54,7 @@ from recsys.model import MatryoshkaRecommender  # noqa: E402
 from serving.candidates import generate_candidates  # noqa: E402
 from serving.export import export_size  # noqa: E402
 from serving.sized_model import SizedRecommender, load  # noqa: E402
-from results_file import write_json  # bench/results_file.py (the script directory is on sys.path)
+from recsys.atomic import write_json_atomically  # noqa: E402
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
 
 logger = logging.getLogger("bench.candidates")
@@ -250,7 +250,7 @@ def main() -> None:
         "use a subsample of users; floor = matmul rate / (2 * items * size)",
         "rows": rows,
     }
-    out = write_json(args.out, result)
+    out = write_json_atomically(args.out, result, indent=2)
     print(f"wrote {out}")
 
 

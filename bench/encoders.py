@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_file import write_json  # noqa: E402  (bench/results_file.py)
+from recsys.atomic import write_json_atomically  # noqa: E402
 
 logger = logging.getLogger("bench.encoders")
 
@@ -292,7 +292,7 @@ def main() -> None:
         "selective_scan": scan,
         "not_measured": skipped,
     }
-    write_json(args.out, result)
+    write_json_atomically(args.out, result, indent=2)
     print(f"wrote {args.out}")
 
 

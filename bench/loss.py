@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsys.nn.loss import matryoshka_cross_entropy, naive_matryoshka_cross_entropy  # noqa: E402
-from results_file import write_json  # noqa: E402  (bench/results_file.py)
+from recsys.atomic import write_json_atomically  # noqa: E402
 
 logger = logging.getLogger("bench.loss")
 
@@ -284,7 +284,7 @@ def main() -> None:
         "timings_by_threads": timings,
         "flat_vs_naive": agreement,
     }
-    write_json(args.out, result)
+    write_json_atomically(args.out, result, indent=2)
     logger.info("wrote %s", args.out)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from recsys.nn.nested import NestedLinear
-from results_file import write_json  # noqa: E402  (bench/results_file.py)
+from recsys.atomic import write_json_atomically  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "nested_linear.json"
 
@@ -50,11 +50,11 @@ def main(repeats: int = 15) -> None:
                           "blocks_ms": med["blocks"], "blocks_over_masked": med["blocks"] / med["masked"]})
             print(f"D={width:5d} out x{mult} rows={rows}: masked {med['masked']:7.2f} ms  blocks {med['blocks']:7.2f} ms"
                   f"  blocks/masked {med['blocks'] / med['masked']:.2f}", flush=True)
-    write_json(OUT, {
+    write_json_atomically(OUT, {
         "benchmark": "nested_linear", "device": "cpu", "threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
         "repeats": repeats, "cases": cases,
-    })
+    }, indent=2)
 
 
 if __name__ == "__main__":

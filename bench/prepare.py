@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from results_file import write_json  # noqa: E402  (bench/results_file.py)
+from recsys.atomic import write_json_atomically  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -165,7 +165,7 @@ def main() -> None:
               "results": results,
               "note": "wall time of prepare() only (imports excluded); peak RSS of the child process; "
                       "own = peak minus RSS right before the work; one copy = the raw log as 3 int64 columns"}
-    write_json(RESULTS, report)
+    write_json_atomically(RESULTS, report, indent=2)
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results_file import write_json  # bench/results_file.py (the script directory is on sys.path)
+from recsys.atomic import write_json_atomically  # noqa: E402
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
 from serving.retrieval import (  # noqa: E402
     KINDS,
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
     }
-    write_json(args.out, report)
+    write_json_atomically(args.out, report, indent=2)
     print(f"\nwrote {args.out}")
 
 

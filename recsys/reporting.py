@@ -7,7 +7,6 @@ MRR, encode time); :func:`write_results` writes the rows as ``results.md`` (the 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from recsys.atomic import write_json_atomically, write_text_atomically
 from recsys.nn.nested import cut_sizes, cut_to_size
 
 RESULT_FILES = ("results.md", "results.json", "accuracy_vs_size.png")
@@ -96,8 +96,8 @@ def write_results(directory: Path, rows: list[dict[str, Any]], title: str) -> li
     """``results.md``, ``results.json`` and ``accuracy_vs_size.png`` in ``directory``; returns their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "results.md").write_text(results_table(rows) + "\n")
-    (directory / "results.json").write_text(json.dumps(rows, indent=2))
+    write_text_atomically(directory / "results.md", results_table(rows) + "\n")
+    write_json_atomically(directory / "results.json", rows, indent=2)
     accuracy_plot(rows, directory / "accuracy_vs_size.png", title)
     return [directory / name for name in RESULT_FILES]
 

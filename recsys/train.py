@@ -33,7 +33,6 @@ still accepted and mean the same.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from recsys.atomic import write_json_atomically, write_text_atomically
 from recsys.data import SequenceDataModule
 from recsys.data.errors import DataValidationError
 from recsys.model import (
@@ -217,9 +217,9 @@ class CSVRun:
 
     def log_config(self, config: dict[str, Any], config_yaml: str, stats: dict[str, Any]) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_yaml)
+        write_text_atomically(self.run_dir / "config.yaml", config_yaml)
         info = {"git_commit": git_commit(), "data": stats}
-        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+        write_json_atomically(self.run_dir / "run.json", info, indent=2, default=str)
 
     def log_results(self, rows: list[dict[str, Any]], title: str, best: str | None) -> None:
         write_results(self.run_dir, rows, title)
