@@ -63,7 +63,6 @@ from recsys.tracking import MLflowSettings, TrackingUnavailableError
 
 log = logging.getLogger("recsys.train")
 
-TRACKING = ("mlflow", "csv")
 DEFAULT_RUNS_DIR = "lightning_logs"  # already ignored by git; Lightning's own default
 
 
