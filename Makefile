@@ -36,12 +36,17 @@ ui: install
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Real datasets from ../shared/datasets, prepared into data/ (see configs/ml-1m.yaml, configs/lastfm.yaml)
+# Real datasets from ../shared/datasets, prepared into data/ (see configs/ml-1m.yaml, configs/lastfm.yaml, configs/sports.yaml)
 SHARED ?= ../shared/datasets
 data/ml-1m: install
 	$(PY) -m recsys.data prepare --interactions $(SHARED)/ml-1m/interactions.parquet \
 	    --items $(SHARED)/ml-1m/items.csv --out $@ --user-col user_id --item-col item_id --time-col seq \
 	    --text-cols title genres --category-cols genres --min-count 5 --cold-items false
+
+data/sports: install
+	$(PY) -m recsys.data prepare --interactions $(SHARED)/sports/interactions.csv \
+	    --items $(SHARED)/sports/items.csv --out $@ --user-col user_id --item-col item_id --time-col seq \
+	    --category-cols attributes --min-count 5
 
 data/lastfm: install
 	$(PY) -m recsys.data prepare --interactions $(SHARED)/lastfm/interactions.tsv \
