@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from recsys.nn.nested import check_sizes, prefix_scores
 
-__all__ = ["target_ranks", "popularity_scores_ranks", "RankingMetrics"]
+__all__ = ["target_ranks", "popularity_scores_ranks", "RankingMetrics", "ndcg_of_ranks"]
 
 log = logging.getLogger(__name__)
 
@@ -180,15 +181,24 @@ def popularity_scores_ranks(
     return (higher + 1).unsqueeze(0).repeat(num_sizes, 1)
 
 
+def ndcg_of_ranks(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per-user NDCG@k of target ranks (1 = best): ``1/log2(rank + 1)`` if ``rank <= k``, else 0."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
+
+
 class RankingMetrics:
     """Accumulates NDCG@K, Recall@K and MRR per size from target ranks, batch by batch.
 
     Sums are float64 and live on the CPU. :meth:`compute` adds them up across processes when
     ``torch.distributed`` is initialised with more than one process: each process evaluates a
     disjoint set of users, so the sum covers every user exactly once.
+
+    With ``keep_ranks`` every user's ranks are kept too (``update`` then needs the users' ids), for
+    per-user analyses such as a paired bootstrap between two models: :meth:`per_user_ranks`.
     """
 
-    def __init__(self, sizes: Sequence[int], ks: Sequence[int] = (5, 10, 20)) -> None:
+    def __init__(self, sizes: Sequence[int], ks: Sequence[int] = (5, 10, 20), keep_ranks: bool = False) -> None:
         self.sizes = check_sizes(sizes)
         ks = tuple(ks)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k <= 0 for k in ks):
@@ -196,6 +206,7 @@ class RankingMetrics:
         if len(set(ks)) != len(ks):
             raise ValueError(f"ks must not repeat, got {list(ks)}")
         self.ks = ks
+        self.keep_ranks = keep_ranks
         self.reset()
 
     def reset(self) -> None:
@@ -205,18 +216,27 @@ class RankingMetrics:
         self._recall = torch.zeros(m, k, dtype=torch.float64)
         self._mrr = torch.zeros(m, dtype=torch.float64)
         self._count = torch.zeros((), dtype=torch.float64)
+        self._users: list[np.ndarray] = []
+        self._ranks: list[np.ndarray] = []
 
-    def update(self, ranks: Tensor) -> None:
-        """Add a batch of ``(M, B)`` target ranks (1 = best), one row per size."""
+    def update(self, ranks: Tensor, users: Tensor | None = None) -> None:
+        """Add a batch of ``(M, B)`` target ranks (1 = best), one row per size, and with
+        ``keep_ranks`` the ``(B,)`` ids of the batch's users."""
         if ranks.ndim != 2 or ranks.shape[0] != len(self.sizes):
             raise ValueError(f"ranks must have shape ({len(self.sizes)}, B), got {tuple(ranks.shape)}")
         if ranks.is_floating_point() or ranks.is_complex() or ranks.dtype == torch.bool:
             raise ValueError(f"ranks must be an integer tensor, got {ranks.dtype}")
+        if self.keep_ranks and (users is None or tuple(users.shape) != (ranks.shape[1],)):
+            got = "none" if users is None else f"shape {tuple(users.shape)}"
+            raise ValueError(f"keep_ranks needs the users' ids, shape ({ranks.shape[1]},), got {got}")
         if ranks.numel() == 0:
             return
         r = ranks.detach().to("cpu", torch.float64)
         if float(r.min()) < 1:
             raise ValueError(f"ranks start at 1, got a rank of {int(r.min())}")
+        if self.keep_ranks:
+            self._users.append(users.detach().cpu().numpy().astype(np.int64))
+            self._ranks.append(ranks.detach().cpu().numpy().astype(np.int64))
         ks = torch.tensor(self.ks, dtype=torch.float64)
         hit = (r.unsqueeze(1) <= ks.view(1, -1, 1)).to(torch.float64)  # (M, K, B)
         gain = 1.0 / torch.log2(r + 1.0)
@@ -236,6 +256,24 @@ class RankingMetrics:
             packed = packed.cpu()
         ndcg, recall = packed[: m * k].view(m, k), packed[m * k : 2 * m * k].view(m, k)
         return ndcg, recall, packed[2 * m * k : 2 * m * k + m], float(packed[-1])
+
+    def per_user_ranks(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(users (U,), ranks (M, U))`` of every user added (on every process), sorted by user id.
+
+        Needs ``keep_ranks``. Collective when distributed: every process must call it.
+        """
+        if not self.keep_ranks:
+            raise RuntimeError("per_user_ranks() needs RankingMetrics(..., keep_ranks=True)")
+        users = np.concatenate([np.empty(0, np.int64), *self._users])
+        ranks = np.concatenate([np.empty((len(self.sizes), 0), np.int64), *self._ranks], axis=1)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (users, ranks))
+            users = np.concatenate([u for u, _ in parts])
+            ranks = np.concatenate([r for _, r in parts], axis=1)
+        order = np.argsort(users, kind="stable")
+        return users[order], ranks[:, order]
 
     def compute(self) -> dict[str, float]:
         """Averages over all users seen (on every process): ``ndcg_{k}/d{s}``, ``recall_{k}/d{s}``,

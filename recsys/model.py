@@ -199,7 +199,7 @@ class MatryoshkaRecommender(L.LightningModule):
             input_dropout=input_dropout,
         )
         self.val_metrics = RankingMetrics(self.sizes)
-        self.test_metrics = RankingMetrics(self.sizes)
+        self.test_metrics = RankingMetrics(self.sizes, keep_ranks=True)  # per-user ranks for significance tests
         self._eval_items: torch.Tensor | None = None
 
     def encoder_options(self) -> dict[str, Any]:
@@ -303,7 +303,8 @@ class MatryoshkaRecommender(L.LightningModule):
             self._eval_items = self.net.item_matrix()
         users = self.net.user_vectors(batch["input_ids"], self._eval_items)
         seen = batch["seen_ids"] if self.hparams.mask_seen else None
-        metrics.update(target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen))
+        ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
+        metrics.update(ranks, batch["user"] if metrics.keep_ranks else None)
 
     def _log_metrics(self, prefix: str, metrics: RankingMetrics) -> dict[str, float]:
         values = metrics.compute()
@@ -337,6 +338,8 @@ class MatryoshkaRecommender(L.LightningModule):
         self._eval_step(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
+        # (users, ranks (M, users)): every test user's target rank at each size
+        self.last_test_ranks = self.test_metrics.per_user_ranks()
         self.last_test_metrics = self._log_metrics("test", self.test_metrics)
 
     # -- reporting ----------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 :func:`summarise` turns the test metrics into one row per size (parameters, NDCG/Recall@10 and @20,
 MRR, encode time); :func:`write_results` writes the rows as ``results.md`` (the table
-:func:`results_table` prints), ``results.json`` and ``accuracy_vs_size.png`` into a directory.
+:func:`results_table` prints), ``results.json`` and ``accuracy_vs_size.png`` into a directory, and
+``test_ranks.parquet``: every test user's target rank at each size (``user`` is the prepared
+dataset's user index, ``rank_d{s}`` the rank at size ``s``, 1 = best), for per-user comparisons of
+two runs (``recsys.significance.paired_bootstrap``).
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import polars as pl
 import torch
 
-from recsys.atomic import write_json_atomically, write_text_atomically
+from recsys.atomic import atomic_file, write_json_atomically, write_text_atomically
 from recsys.nn.nested import cut_sizes, cut_to_size
 
 RESULT_FILES = ("results.md", "results.json", "accuracy_vs_size.png")
+RANKS_FILE = "test_ranks.parquet"
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
@@ -92,14 +98,28 @@ def summarise(model, datamodule, test_metrics: dict[str, float]) -> list[dict[st
     return rows
 
 
-def write_results(directory: Path, rows: list[dict[str, Any]], title: str) -> list[Path]:
-    """``results.md``, ``results.json`` and ``accuracy_vs_size.png`` in ``directory``; returns their paths."""
+def test_ranks_table(test_ranks: tuple[np.ndarray, np.ndarray] | None, sizes) -> pl.DataFrame | None:
+    """``(users, ranks (M, users))`` as a table: ``user`` and one ``rank_d{s}`` column per size."""
+    if test_ranks is None:
+        return None
+    users, ranks = test_ranks
+    return pl.DataFrame({"user": users, **{f"rank_d{s}": ranks[m] for m, s in enumerate(sizes)}})
+
+
+def write_results(directory: Path, rows: list[dict[str, Any]], title: str, ranks: pl.DataFrame | None = None) -> list[Path]:
+    """``results.md``, ``results.json``, ``accuracy_vs_size.png`` and (given ``ranks``)
+    ``test_ranks.parquet`` in ``directory``; returns their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomically(directory / "results.md", results_table(rows) + "\n")
     write_json_atomically(directory / "results.json", rows, indent=2)
     accuracy_plot(rows, directory / "accuracy_vs_size.png", title)
-    return [directory / name for name in RESULT_FILES]
+    paths = [directory / name for name in RESULT_FILES]
+    if ranks is not None:
+        with atomic_file(directory / RANKS_FILE) as tmp:
+            ranks.write_parquet(tmp)
+        paths.append(directory / RANKS_FILE)
+    return paths
 
 
 def git_commit() -> str | None:

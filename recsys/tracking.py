@@ -155,10 +155,11 @@ def log_config(client, run_id: str, config: dict[str, Any], config_yaml: str, st
     client.log_text(run_id, config_yaml, "config.yaml")
 
 
-def log_results(client, run_id: str, rows: list[dict[str, Any]], title: str) -> None:
-    """The per-size table, rows and plot (:func:`recsys.reporting.write_results`) as run artifacts."""
+def log_results(client, run_id: str, rows: list[dict[str, Any]], title: str, ranks=None) -> None:
+    """The per-size table, rows, plot and per-user test ranks (:func:`recsys.reporting.write_results`)
+    as run artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
-        for path in write_results(Path(tmp), rows, title):
+        for path in write_results(Path(tmp), rows, title, ranks):
             client.log_artifact(run_id, str(path))
 
 

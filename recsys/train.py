@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -58,7 +60,7 @@ from recsys.model import (
     read_checkpoint,
 )
 from recsys.nn.encoders import FLAT_OPTION_GROUPS, OptionError, nest_flat_options
-from recsys.reporting import git_commit, results_table, summarise, write_results
+from recsys.reporting import git_commit, results_table, summarise, test_ranks_table, write_results
 from recsys.tracking import MLflowSettings, TrackingUnavailableError
 
 log = logging.getLogger("recsys.train")
@@ -154,10 +156,10 @@ class MLflowRun:
 
         log_config(self.logger.experiment, self.run_id, config, config_yaml, stats)
 
-    def log_results(self, rows: list[dict[str, Any]], title: str, best: str | None) -> None:
+    def log_results(self, rows: list[dict[str, Any]], title: str, best: str | None, ranks=None) -> None:
         from recsys.tracking import log_results
 
-        log_results(self.logger.experiment, self.run_id, rows, title)
+        log_results(self.logger.experiment, self.run_id, rows, title, ranks)
         if best:
             self.logger.experiment.log_artifact(self.run_id, best, "checkpoints")
 
@@ -220,14 +222,14 @@ class CSVRun:
         info = {"git_commit": git_commit(), "data": stats}
         write_json_atomically(self.run_dir / "run.json", info, indent=2, default=str)
 
-    def log_results(self, rows: list[dict[str, Any]], title: str, best: str | None) -> None:
-        write_results(self.run_dir, rows, title)
+    def log_results(self, rows: list[dict[str, Any]], title: str, best: str | None, ranks=None) -> None:
+        write_results(self.run_dir, rows, title, ranks)
 
     def log_models(self, best, model, rows) -> None:
         return None  # logged models are MLflow's; export a size with serving.export --checkpoint
 
     def where(self) -> str:
-        return f"run directory {self.run_dir} (metrics.csv, results.md, results.json, accuracy_vs_size.png)"
+        return f"run directory {self.run_dir} (metrics.csv, results.md, results.json, accuracy_vs_size.png, test_ranks.parquet)"
 
     def export_hint(self, best: str, dims: int) -> str:
         return f"python -m serving.export --checkpoint {best} --dims {dims} --out exports/"
@@ -289,6 +291,7 @@ class FitResult:
     epochs: int
     test_metrics: dict[str, float]
     rows: list[dict[str, Any]] | None
+    test_ranks: tuple[np.ndarray, np.ndarray] | None = None  # (users, ranks (M, users)), rank zero only
 
 
 def fit_and_test(trainer, model: MatryoshkaRecommender, datamodule, ckpt_path: str | None = None) -> FitResult:
@@ -299,7 +302,8 @@ def fit_and_test(trainer, model: MatryoshkaRecommender, datamodule, ckpt_path: s
     score = trainer.checkpoint_callback.best_model_score
     metrics = dict(model.last_test_metrics)
     rows = summarise(model, datamodule, metrics) if trainer.is_global_zero else None
-    return FitResult(best, None if score is None else float(score), trainer.current_epoch, metrics, rows)
+    ranks = model.last_test_ranks if trainer.is_global_zero else None
+    return FitResult(best, None if score is None else float(score), trainer.current_epoch, metrics, rows, ranks)
 
 
 def run(args: list[str] | None = None) -> dict[str, Any]:
@@ -327,7 +331,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         return result
 
     title = f"{model.hparams.encoder} on {Path(cli.config.data.data_dir or 'synthetic').name}"
-    tracked.log_results(fitted.rows, title, fitted.best)
+    tracked.log_results(fitted.rows, title, fitted.best, test_ranks_table(fitted.test_ranks, model.sizes))
     model_uris = tracked.log_models(fitted.best, model, fitted.rows)
     if model_uris is not None:
         result["model_uris"] = model_uris
@@ -337,6 +341,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         print(f"best checkpoint: {fitted.best}\nexport a size: {tracked.export_hint(fitted.best, model.sizes[-1])}")
     result["rows"] = fitted.rows
     result["test_metrics"] = fitted.test_metrics
+    result["test_ranks"] = fitted.test_ranks
     return result
 
 

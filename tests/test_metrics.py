@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from recsys.metrics import RankingMetrics, popularity_scores_ranks, target_ranks
+from recsys.metrics import RankingMetrics, ndcg_of_ranks, popularity_scores_ranks, target_ranks
 
 
 def exact_scores(user, items, size):
@@ -282,12 +283,33 @@ def test_ranking_metrics_reduce_across_processes(monkeypatch):
     assert values == pytest.approx(expected, abs=1e-12)
 
 
+def test_ranking_metrics_keep_every_users_ranks_sorted_by_user():
+    metrics = RankingMetrics((4, 8), ks=(1, 3), keep_ranks=True)
+    metrics.update(RANKS[:, 1:], users=torch.tensor([9, 2]))
+    metrics.update(RANKS[:, :1], users=torch.tensor([5]))
+    users, ranks = metrics.per_user_ranks()
+    assert users.tolist() == [2, 5, 9]
+    np.testing.assert_array_equal(ranks, RANKS[:, [2, 0, 1]].numpy())
+    # the per-user ranks give back the averaged metrics
+    assert ndcg_of_ranks(ranks[1], k=3).mean() == pytest.approx(metrics.compute()["ndcg_3/d8"], abs=1e-12)
+    with pytest.raises(ValueError, match="users' ids"):
+        metrics.update(RANKS)
+    metrics.reset()
+    assert metrics.per_user_ranks()[0].size == 0
+    with pytest.raises(RuntimeError, match="keep_ranks=True"):
+        RankingMetrics((4, 8)).per_user_ranks()
+
+
 def _distributed_worker(rank, world_size, init_file, out_file):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        metrics = RankingMetrics((4, 8), ks=(1, 3))
-        metrics.update(RANKS[:, :1] if rank == 0 else RANKS[:, 1:])  # disjoint users
+        metrics = RankingMetrics((4, 8), ks=(1, 3), keep_ranks=True)
+        # disjoint users
+        metrics.update(RANKS[:, :1], torch.tensor([3])) if rank == 0 else metrics.update(RANKS[:, 1:], torch.tensor([1, 2]))
         values = metrics.compute()
+        users, ranks = metrics.per_user_ranks()
+        assert users.tolist() == [1, 2, 3]  # every process gets every user's ranks
+        np.testing.assert_array_equal(ranks, RANKS[:, [1, 2, 0]].numpy())
         if rank == 0:
             torch.save(values, out_file)
     finally:

@@ -14,6 +14,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from recsys.metrics import ndcg_of_ranks
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.encoders import MambaOptions, OptionError
 from recsys.nn.nested import cut_to_size
@@ -66,7 +67,7 @@ def test_run_records_every_size_and_one_model_per_size(trained):
     (stats_file,) = (tmp / "synthetic").rglob("stats.json")
     assert int(r.data.tags["data.users"]) == json.loads(stats_file.read_text())["users"]
     artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
-    assert {"accuracy_vs_size.png", "results.md", "results.json", "config.yaml", "checkpoints"} <= artifacts
+    assert {"accuracy_vs_size.png", "results.md", "results.json", "test_ranks.parquet", "config.yaml", "checkpoints"} <= artifacts
     models = mlflow.search_logged_models(experiment_ids=[r.info.experiment_id], output_format="list")
     by_name = {m.name: m for m in models}
     assert set(by_name) == {f"d{s}" for s in SIZES}
@@ -151,8 +152,8 @@ def test_csv_tracking_records_the_same_metrics_as_mlflow_without_importing_it(tr
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
-    assert {"metrics.csv", "config.yaml", "run.json", "results.md", "results.json", "accuracy_vs_size.png"} <= {
-        p.name for p in run_dir.iterdir()}
+    assert {"metrics.csv", "config.yaml", "run.json", "results.md", "results.json", "accuracy_vs_size.png",
+            "test_ranks.parquet"} <= {p.name for p in run_dir.iterdir()}
     assert (tmp_path / "ckpt" / "best.ckpt").is_file()  # --checkpoint.dirpath still decides
 
     curves = pd.read_csv(run_dir / "metrics.csv")
@@ -171,6 +172,12 @@ def test_csv_tracking_records_the_same_metrics_as_mlflow_without_importing_it(tr
     for key in (k for k in lightning_names if k.startswith("val/")):  # its first epoch
         first = min(client.get_metric_history(mlflow_result["run_id"], key), key=lambda m: m.step)
         assert val[key] == pytest.approx(first.value, abs=1e-6), key
+    # every test user once, and the per-user ranks give back the test metrics
+    ranks = pd.read_parquet(run_dir / "test_ranks.parquet")
+    assert list(ranks.columns) == ["user", *[f"rank_d{s}" for s in SIZES]]
+    assert ranks["user"].is_unique and len(ranks) == int(mlflow_result["test_metrics"]["count"])
+    for s in SIZES:
+        assert ndcg_of_ranks(ranks[f"rank_d{s}"].to_numpy()).mean() == pytest.approx(test[f"test/ndcg_10/d{s}"], abs=1e-6)
     rows = json.loads((run_dir / "results.json").read_text())
     assert [r["size"] for r in rows] == SIZES
     for mine, theirs in zip(rows, mlflow_result["rows"]):
