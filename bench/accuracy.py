@@ -14,6 +14,12 @@ protocol (history masking, max length, epochs), epochs and best validation score
 table (wall time and peak RSS of the one Matryoshka run against the sum of the separate runs), the
 machine, and ``accuracy_<name>.png``: NDCG@10 against size with the published numbers.
 
+Significance (``--seeds 0 1 2`` trains every run once per seed; the rows are means over the seeds,
+with the standard deviation of NDCG@10 and Recall@10): for each size trained alone, a paired
+bootstrap over the test users (``recsys.significance``) of the one run's NDCG@10 minus the twin's,
+each user's NDCG@10 averaged over the seeds first, from the runs' per-user test ranks. The report's
+``significance`` holds the mean difference and its 95% interval per size.
+
 Every run is ``python -m recsys.train`` (its ``run``, so that the child can report the rows), with
 ``--tracking mlflow`` into a store in the work directory, or ``--tracking csv`` (a run directory per
 run) where MLflow is not installed (``--tracking auto``, the default, picks).
@@ -32,8 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
+
 from recsys.atomic import write_json_atomically, write_text_atomically  # noqa: E402
+from recsys.metrics import ndcg_of_ranks  # noqa: E402
+from recsys.significance import BootstrapInterval, paired_bootstrap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -43,10 +53,13 @@ PUBLISHED = {"ml-1m": {"SASRec": 0.1902, "LRURec": 0.1930}}
 # Runs recsys.train in this child process and reports its rows, best validation score, epochs,
 # wall time and peak RSS as JSON.
 CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, time
+import numpy as np
 from recsys.train import run
 start = time.perf_counter()
 result = run(sys.argv[1:])
+users, ranks = result["test_ranks"]
+np.savez(os.environ["BENCH_RANKS_FILE"], users=users, ranks=ranks)
 print("BENCH-RESULT " + json.dumps({
     "rows": result["rows"], "run_id": result["run_id"],
     "best_val": result.get("best_val"), "epochs": result.get("epochs"),
@@ -62,6 +75,14 @@ class Runs:
     def __init__(self, config: Path, workdir: Path, tracking: str, parallel: int):
         self.config, self.workdir, self.tracking, self.parallel = config, workdir, tracking, parallel
         self.pending: list[tuple[str, list[str]]] = []
+
+    def ranks_file(self, name: str) -> Path:
+        """Where run ``name`` leaves every test user's rank per size (users, ranks (M, users))."""
+        return self.workdir / f"{name}.ranks.npz"
+
+    def ranks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self.ranks_file(name)) as f:
+            return f["users"], f["ranks"]
 
     def add(self, name: str, overrides: list[str]) -> None:
         self.pending.append((name, overrides))
@@ -83,7 +104,7 @@ class Runs:
                 "--mlflow.experiment", "bench-accuracy",
                 "--mlflow.log_models", "false",
             ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "BENCH_RANKS_FILE": str(self.ranks_file(name))}
         if self.parallel > 1:  # share the cores instead of every run using all of them
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))
         log = open(self.workdir / f"{name}.log", "w")
@@ -116,6 +137,48 @@ class Runs:
         return results
 
 
+RUN_KEYS = ("wall_s", "peak_rss_mb", "best_val", "epochs")
+
+
+def over_seeds(seeded: list[dict]) -> dict:
+    """One run's result averaged over its seeds: every metric of every row, the run keys; the
+    standard deviation of NDCG@10 and Recall@10 over seeds beside their means (0 for one seed)."""
+    rows = []
+    for by_size in zip(*(r["rows"] for r in seeded)):
+        row = dict(by_size[0])
+        for key, value in list(row.items()):
+            if key != "size" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values = [r[key] for r in by_size]
+                row[key] = float(np.mean(values)) if isinstance(value, float) else value
+                if key in ("ndcg_10", "recall_10"):
+                    row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    out = {"rows": rows, "seeds": len(seeded)}
+    for key in RUN_KEYS:
+        values = [r[key] for r in seeded if r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    out["wall_s_total"] = sum(r["wall_s"] for r in seeded)
+    return out
+
+
+def one_run_vs_alone(runs: Runs, sizes: list[int], size: int, seeds: list[int], resamples: int) -> BootstrapInterval:
+    """Paired bootstrap over test users of (one Matryoshka run - the size trained alone) NDCG@10,
+    each user's NDCG@10 averaged over the seeds first."""
+    def per_user(name: str, column: int) -> tuple[np.ndarray, np.ndarray]:
+        users, ranks = runs.ranks(name)
+        return users, ndcg_of_ranks(ranks[column], k=10)
+
+    one, alone = [], []
+    for n in seeds:
+        users_m, m = per_user(f"matryoshka-seed{n}", sizes.index(size))
+        users_a, a = per_user(f"separate-d{size}-seed{n}", 0)
+        if not np.array_equal(users_m, users_a):
+            raise RuntimeError(f"the one run and the size-{size} run (seed {n}) tested different users")
+        one.append(m)
+        alone.append(a)
+    return paired_bootstrap(np.mean(one, axis=0), np.mean(alone, axis=0), resamples=resamples)
+
+
 def fmt(x: float) -> str:
     return f"{x:.4f}"
 
@@ -131,17 +194,23 @@ def markdown(report: dict) -> str:
         f"test metrics of the best checkpoint. {p['label']}",
         f"Machine: {report['machine']}, {report['threads']} threads. Overrides: `{' '.join(report['overrides']) or 'none'}`.",
         "",
+        f"Seeds: {report.get('seeds', [0])} (every figure a mean over them); M - sep: the paired bootstrap over "
+        "test users of the one run's NDCG@10 minus the size trained alone, with its 95% interval.",
+        "",
         "| size | params (Matryoshka) | NDCG@10 M | Recall@10 M | NDCG@20 M | Recall@20 M "
-        "| NDCG@10 sep | Recall@10 sep | NDCG@20 sep | Recall@20 sep |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| NDCG@10 sep | Recall@10 sep | NDCG@20 sep | Recall@20 sep | M - sep NDCG@10 [95%] |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     separate = {r["size"]: r for r in report["separate"]}
+    significance = {r["size"]: r for r in report.get("significance", [])}
     for r in report["matryoshka"]["rows"]:
         s = separate.get(r["size"])
         sep = [fmt(s[k]) for k in ("ndcg_10", "recall_10", "ndcg_20", "recall_20")] if s else ["-"] * 4
+        b = significance.get(r["size"])
+        diff = f"{b['mean']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]" if b else "-"
         lines.append(
             f"| {r['size']} | {r['parameters']:,} | {fmt(r['ndcg_10'])} | {fmt(r['recall_10'])} | {fmt(r['ndcg_20'])} "
-            f"| {fmt(r['recall_20'])} | " + " | ".join(sep) + " |"
+            f"| {fmt(r['recall_20'])} | " + " | ".join(sep) + f" | {diff} |"
         )
     if report.get("sasrec"):
         r = report["sasrec"]["rows"][-1]
@@ -153,7 +222,7 @@ def markdown(report: dict) -> str:
     runs += [("SASRec", report["sasrec"])] if report.get("sasrec") else []
     for label, r in runs:
         val = "-" if r.get("best_val") is None else fmt(r["best_val"])
-        epochs = "-" if r.get("epochs") is None else r["epochs"]
+        epochs = "-" if r.get("epochs") is None else f"{r['epochs']:g}"
         lines.append(f"| {label} | {epochs} | {val} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     c = report["cost"]
     lines += [
@@ -217,6 +286,9 @@ def main() -> None:
                         help="accepted for older command lines: every run is python -m recsys.train")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (a GPU has room for several)")
     parser.add_argument("--label", default="", help="a note on the protocol, e.g. 'reduced: 10 epochs, length 50'")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="train every run once per seed (--seed_everything); rows are means over seeds")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test users")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.config.read_text())
@@ -240,24 +312,32 @@ def main() -> None:
     if tracking == "auto":
         tracking = "mlflow" if importlib.util.find_spec("mlflow") is not None else "csv"
     runs = Runs(args.config, workdir, tracking, args.parallel)
-    # the one run stops when no size improves any more, not when the largest does
-    runs.add("matryoshka", sized(sizes, "--model.monitor_size", "mean"))
-    if not args.skip_separate:
-        for s in [int(x) for x in args.separate_sizes.split(",")] if args.separate_sizes else sizes:
-            runs.add(f"separate-d{s}", sized([s]))
-    if not args.skip_sasrec:
-        runs.add("sasrec", sized(sizes[-1:], "--model.encoder", "sasrec"))
-    print(f"[{name}] {len(runs.pending)} runs, {args.parallel} at a time, sizes {sizes}, tracking {tracking} "
-          f"in {workdir}", flush=True)
+    separate_sizes = [] if args.skip_separate else (
+        [int(x) for x in args.separate_sizes.split(",")] if args.separate_sizes else sizes)
+    for seed in args.seeds:
+        seeded = ["--seed_everything", str(seed)]
+        # the one run stops when no size improves any more, not when the largest does
+        runs.add(f"matryoshka-seed{seed}", sized(sizes, "--model.monitor_size", "mean", *seeded))
+        for s in separate_sizes:
+            runs.add(f"separate-d{s}-seed{seed}", sized([s], *seeded))
+        if not args.skip_sasrec:
+            runs.add(f"sasrec-seed{seed}", sized(sizes[-1:], "--model.encoder", "sasrec", *seeded))
+    print(f"[{name}] {len(runs.pending)} runs, {args.parallel} at a time, sizes {sizes}, seeds {args.seeds}, "
+          f"tracking {tracking} in {workdir}", flush=True)
     results = runs.finish()
     report: dict = {"name": name, "overrides": overrides, "runner": "cli", "tracking": tracking, "parallel": args.parallel,
-                    "matryoshka": results["matryoshka"]}
-    report["separate"] = [
-        {**one["rows"][0], **{k: one[k] for k in ("wall_s", "peak_rss_mb", "best_val", "epochs")}}
-        for key, one in results.items() if key.startswith("separate-")
+                    "seeds": args.seeds, "matryoshka": over_seeds([results[f"matryoshka-seed{n}"] for n in args.seeds])}
+    report["separate"] = []
+    for s in separate_sizes:
+        one = over_seeds([results[f"separate-d{s}-seed{n}"] for n in args.seeds])
+        report["separate"].append({**one["rows"][0], **{k: one[k] for k in RUN_KEYS}})
+    if not args.skip_sasrec:
+        report["sasrec"] = over_seeds([results[f"sasrec-seed{n}"] for n in args.seeds])
+    report["significance"] = [
+        {"size": s, "metric": "ndcg_10", **one_run_vs_alone(runs, sizes, s, args.seeds, args.resamples).to_dict()}
+        for s in separate_sizes
     ]
-    if "sasrec" in results:
-        report["sasrec"] = results["sasrec"]
+    report["per_seed"] = {key: {k: v for k, v in one.items() if k != "test_ranks"} for key, one in results.items()}
 
     import torch
 

@@ -205,20 +205,25 @@ def source_line(report: dict) -> str:
 
 def accuracy_table(report: dict) -> list[str]:
     alone = {r["size"]: r for r in report.get("separate", [])}
+    significance = {r["size"]: r for r in report.get("significance", [])}
+    header = ["size", "params", "NDCG@10 one Matryoshka run", "NDCG@10 size trained alone",
+              "Recall@10 Matryoshka", "Recall@10 alone", "NDCG@10 Matryoshka vs alone"]
+    if significance:  # reports from before the per-user ranks have no interval
+        header.append("one run - alone, paired bootstrap 95%")
     rows = []
     for r in report["matryoshka"]["rows"]:
         s = alone.get(r["size"])
-        rows.append([
+        row = [
             str(r["size"]), count(r["parameters"]),
             f4(r["ndcg_10"]), f4(s["ndcg_10"]) if s else "",
             f4(r["recall_10"]), f4(s["recall_10"]) if s else "",
             signed_percent(r["ndcg_10"] / s["ndcg_10"] - 1) if s else "",
-        ])
-    return table(
-        ["size", "params", "NDCG@10 one Matryoshka run", "NDCG@10 size trained alone",
-         "Recall@10 Matryoshka", "Recall@10 alone", "NDCG@10 Matryoshka vs alone"],
-        "rrrrrrr", rows,
-    )
+        ]
+        if significance:
+            b = significance.get(r["size"])
+            row.append(f"{b['mean']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]" if b else "")
+        rows.append(row)
+    return table(header, "r" * len(header), rows)
 
 
 def sasrec_line(report: dict) -> str:
