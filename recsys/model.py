@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 
 from recsys.item_features import ItemFeatures
@@ -163,6 +164,7 @@ class MatryoshkaRecommender(L.LightningModule):
     def __init__(
         self,
         item_features: ItemFeatures | None = None,
+        cold_start_items: list[int] | None = None,
         sizes: list[int] = [16, 32, 64, 128],
         encoder: str = "lru",
         n_blocks: int = 2,
@@ -188,9 +190,11 @@ class MatryoshkaRecommender(L.LightningModule):
         )
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
         lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
-        self.save_hyperparameters(ignore=["item_features"], logger=False)  # the CLI logs the whole config
+        # the CLI logs the whole config; the item features and cold-start items come from the data
+        self.save_hyperparameters(ignore=["item_features", "cold_start_items"], logger=False)
         if item_features is None:
             raise ValueError("item_features is required (the training CLI links it from the data module)")
+        self._set_training_candidates(item_features.num_items, cold_start_items)
         from recsys.nn.item_tower import ItemTower  # torchrec: not imported until a model is built
 
         self.net = SequentialRecommender(
@@ -201,6 +205,24 @@ class MatryoshkaRecommender(L.LightningModule):
         self.val_metrics = RankingMetrics(self.sizes)
         self.test_metrics = RankingMetrics(self.sizes, keep_ranks=True)  # per-user ranks for significance tests
         self._eval_items: torch.Tensor | None = None
+
+    def _set_training_candidates(self, num_items: int, cold_start_items) -> None:
+        """The cold-start protocol: items held out of training are no candidates in the training
+        loss, which runs over the other rows of the item matrix (``_train_rows``, row 0 first;
+        ``_train_row_of`` maps an item to its row there). Validation and test rank every item."""
+        cold = torch.as_tensor(np.asarray([] if cold_start_items is None else cold_start_items, dtype=np.int64))
+        if not len(cold):
+            self._train_rows = self._train_row_of = None
+            return
+        if int(cold.min()) < 1 or int(cold.max()) > num_items:
+            raise ValueError(f"cold_start_items must be item indices in [1, {num_items}]")
+        keep = torch.ones(num_items + 1, dtype=torch.bool)
+        keep[cold] = False
+        rows = keep.nonzero().squeeze(1)
+        row_of = torch.zeros(num_items + 1, dtype=torch.long)  # a cold item maps to 0: never a target
+        row_of[rows] = torch.arange(len(rows))
+        self.register_buffer("_train_rows", rows, persistent=False)
+        self.register_buffer("_train_row_of", row_of, persistent=False)
 
     def encoder_options(self) -> dict[str, Any]:
         """The constructor options of the chosen encoder (also written into exports)."""
@@ -252,10 +274,13 @@ class MatryoshkaRecommender(L.LightningModule):
         items = self.net.item_matrix()
         states = self.net.sequence_states(batch["input_ids"], items)
         targets = batch["target_ids"]
+        candidates = items
+        if self._train_rows is not None:  # cold-start items are no candidates in training
+            candidates, targets = items[self._train_rows], self._train_row_of[targets]
         valid = targets > 0
         loss = matryoshka_cross_entropy(
             states[valid],
-            items,
+            candidates,
             targets[valid],
             self.sizes,
             weights=self.hparams.loss_weights,

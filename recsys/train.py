@@ -241,6 +241,7 @@ class CSVRun:
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.item_features", "model.item_features", apply_on="instantiate")
+        parser.link_arguments("data.cold_start_items", "model.cold_start_items", apply_on="instantiate")
         parser.link_arguments("data.max_len", "model.max_len")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({**{f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()}, "checkpoint.save_last": True})

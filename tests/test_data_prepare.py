@@ -247,6 +247,40 @@ def test_item_table_cold_items_bags_and_vectors(tmp_path):
 # -- output directory and CLI -------------------------------------------------------------------------
 
 
+def test_cold_start_items_appear_only_as_test_targets(synthetic_files, tmp_path):
+    """--cold-start-fraction: a tenth of the items leave training entirely, are kept in the
+    catalogue and marked, and remain only as users' last (test) events; the draw is seeded."""
+    files = synthetic_files
+    common = dict(items=files.items, time_col="timestamp", category_cols=["tags"], cache_dir=None)
+    plain = load_prepared(prepare(files.interactions, tmp_path / "plain", **common))
+    out = prepare(files.interactions, tmp_path / "cold", cold_start_fraction=0.1, cold_start_seed=3, **common)
+    data = load_prepared(out)
+    stats = json.loads((out / "stats.json").read_text())["cold_start"]
+    cold = data.cold_start_items
+    assert len(cold) == stats["items"] == round(0.1 * plain.stats["interacted_items"])
+    assert set(data.item_ids[cold]) <= set(plain.item_ids[1:])  # the same catalogue, a tenth of it marked
+    assert data.num_items == plain.num_items
+    targets = data.test_targets
+    for u in range(1, data.num_users + 1):
+        history = data.history(u)
+        assert not data.cold_start[history[:-1]].any(), u  # never in a training part or a validation target
+        assert len(history) >= 3
+    assert stats["test_users"] == int(data.cold_start[targets[1:]].sum()) > 0
+    assert data.train_counts[cold].sum() == 0
+    assert stats["events_removed"] > 0
+    assert pl.read_parquet(out / "items.parquet")["cold_start"].sum() == len(cold)
+    again = load_prepared(prepare(files.interactions, tmp_path / "again", cold_start_fraction=0.1, cold_start_seed=3, **common))
+    np.testing.assert_array_equal(again.cold_start_items, cold)
+    assert not plain.cold_start.any() and len(plain.cold_start) == plain.num_items + 1
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, True, "0.1"])
+def test_cold_start_fraction_must_be_in_zero_one(tmp_path, fraction):
+    log = write_log(tmp_path / "log.csv", [("u", "a", 1), ("u", "b", 2), ("u", "c", 3)])
+    with pytest.raises(DataValidationError, match="--cold-start-fraction"):
+        prep(tmp_path, log, cold_start_fraction=fraction)
+
+
 def test_existing_output_needs_overwrite(tmp_path):
     log = write_log(tmp_path / "log.csv", [("u", i, t) for t, i in enumerate("abc")])
     out = prep(tmp_path, log)

@@ -47,3 +47,32 @@ def test_every_size_beats_popularity(datamodule, encoder, options):
     for s in SIZES:
         ndcg = model.last_test_metrics[f"ndcg_10/d{s}"]
         assert ndcg > 1.5 * baseline, f"{encoder} d{s}: NDCG@10 {ndcg:.4f} vs popularity {baseline:.4f}"
+
+
+def test_cold_start_items_are_no_candidates_in_training(datamodule):
+    """With cold-start items the training loss is the loss over the catalogue without their rows
+    (they are no negatives, and a window targeting one is ignored there), unlike the plain loss."""
+    from recsys.nn.loss import matryoshka_cross_entropy
+
+    cold = [3, 5, 7, 11]
+    batch = datamodule.train_windows.__getitems__(list(range(32)))
+    keep = [i for i in range(datamodule.num_items + 1) if i not in cold]
+    targets = batch["target_ids"]
+    L.seed_everything(0)
+    model = MatryoshkaRecommender(item_features=datamodule.item_features, sizes=SIZES, dropout=0.0, input_dropout=0.0,
+                                  cold_start_items=cold, max_len=datamodule.max_len)
+    loss = model.training_step(batch, 0)
+    items = model.net.item_matrix()
+    states = model.net.sequence_states(batch["input_ids"], items)
+    remap = torch.zeros(datamodule.num_items + 1, dtype=torch.long)
+    remap[keep] = torch.arange(len(keep))
+    t = remap[targets]
+    valid = t > 0
+    expected = matryoshka_cross_entropy(states[valid], items[keep], t[valid], SIZES).total
+    torch.testing.assert_close(loss, expected)
+    plain = MatryoshkaRecommender(item_features=datamodule.item_features, sizes=SIZES, dropout=0.0, input_dropout=0.0,
+                                  max_len=datamodule.max_len)
+    plain.load_state_dict(model.state_dict())  # the cold-start rows are no state: same weights
+    assert not torch.allclose(plain.training_step(batch, 0), loss)
+    with pytest.raises(ValueError, match="cold_start_items"):
+        MatryoshkaRecommender(item_features=datamodule.item_features, sizes=SIZES, cold_start_items=[0])

@@ -46,6 +46,10 @@ def prepare_parser() -> ArgumentParser:
     p.add_argument("--min-count", type=int, default=5, help="k-core threshold for users and items (users need at least 3)")
     p.add_argument("--repeats", type=Literal["keep", "drop", "collapse"], default="drop",
                    help="repeated (user, item) events: keep all, drop all but the first, or collapse consecutive runs")
+    p.add_argument("--cold-start-fraction", type=float, default=0.0,
+                   help="hold this fraction of the interacted items out of training (their events kept only as test targets), "
+                        "for the cold-start protocol; 0 = off")
+    p.add_argument("--cold-start-seed", type=int, default=0, help="seed of the draw of the cold-start items")
     p.add_argument("--cache-dir", type=typing.Optional[str], default="data/.cache", help="text-vector cache (null = none)")
     p.add_argument("--overwrite", type=bool, default=False, help="replace an existing output directory")
     return p

@@ -91,6 +91,11 @@ class SequenceDataModule(L.LightningDataModule):
     def item_features(self) -> ItemFeatures:
         return self.dataset.item_features
 
+    @property
+    def cold_start_items(self) -> list[int]:
+        """Items the cold-start protocol keeps out of training (none unless prepared with it)."""
+        return self.dataset.cold_start_items.tolist()
+
     # -- loaders ------------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:

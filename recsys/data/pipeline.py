@@ -11,6 +11,7 @@ overwritten output stays whole until the new one replaces it. ``data/README.md``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -60,6 +61,8 @@ def prepare(
     cold_items: bool = True,
     min_count: int = 5,
     repeats: RepeatPolicy = "drop",
+    cold_start_fraction: float = 0.0,
+    cold_start_seed: int = 0,
     cache_dir: str | Path | None = "data/.cache",
     overwrite: bool = False,
 ) -> Path:
@@ -87,6 +90,12 @@ def prepare(
             need at least 3 events (train, validation, test).
         repeats: ``drop`` (default) keeps a user's first event with an item, ``collapse`` merges
             consecutive repeats, ``keep`` keeps all.
+        cold_start_fraction: the cold-start protocol: this fraction of the interacted items (drawn
+            with ``cold_start_seed``) is kept out of training entirely. Their events are removed
+            from every history except where one is a user's last event, the test target; users
+            left with fewer than 3 events are dropped. They stay in the catalogue, marked
+            ``cold_start`` in ``items.parquet``, so the test ranks them among all items and the
+            training never sees them, as candidates or targets. 0 = off.
         cache_dir: where text vectors are cached (None = no cache).
         overwrite: replace an existing ``out``.
 
@@ -100,6 +109,8 @@ def prepare(
     text_cols, category_cols = list(text_cols or []), list(category_cols or [])
     vector_files = {name: Path(p) for name, p in (vectors or {}).items()}
     _check_options(out, items, user_col, item_col, text_cols, category_cols, category_sep, vector_files, min_count, repeats, overwrite)
+    if isinstance(cold_start_fraction, bool) or not isinstance(cold_start_fraction, (int, float)) or not 0 <= cold_start_fraction < 1:
+        raise DataValidationError("--cold-start-fraction", f"must be a number in [0, 1), got {cold_start_fraction!r}")
     # a misnamed column fails here, before anything big is read
     check_columns(interactions, scan_table(interactions), _log_columns(user_col, item_col, time_col, weight_col), "the interaction log")
     if items is not None:
@@ -136,15 +147,29 @@ def prepare(
                 interactions, f"no events left after cleaning: no user has {min_user_events} events with items of {min_count}+ events"
             )
 
+        cold_start = None
+        if cold_start_fraction > 0:
+            cleaned, cold_start = _hold_out_cold_start_items(cleaned, cold_start_fraction, cold_start_seed, min_user_events)
+            if len(cleaned.users) == 0:
+                raise DataValidationError("--cold-start-fraction", f"{cold_start_fraction} leaves no user with {MIN_HISTORY} events")
+
         progress.update()
         progress.set_postfix_str("vocabularies and split")
-        indexed = _index_events(cleaned, item_table["item_id"] if item_table is not None and cold_items else None)
+        indexed = _index_events(
+            cleaned,
+            item_table["item_id"] if item_table is not None and cold_items else None,
+            keep_codes=None if cold_start is None else cold_start["codes"],
+        )
         user_ids, catalogue_ids = indexed.user_ids, indexed.catalogue_ids
         history_lengths, train_counts, event_counts = indexed.history_lengths, indexed.train_counts, indexed.event_counts
         users = pl.DataFrame({"user": np.arange(1, len(user_ids) + 1, dtype=np.int32), "user_id": user_ids})
         catalogue = pl.DataFrame({"item": np.arange(1, len(catalogue_ids) + 1, dtype=np.int32), "item_id": catalogue_ids})
         interactions_out = indexed.events
-        items_out = catalogue.with_columns(pl.Series("train_count", train_counts[1:].astype(np.int64)))
+        cold_start_mask = indexed.cold_start
+        items_out = catalogue.with_columns(
+            pl.Series("train_count", train_counts[1:].astype(np.int64)),
+            pl.Series("cold_start", cold_start_mask[1:]),
+        )
         del cleaned, indexed
 
         progress.update()
@@ -201,6 +226,7 @@ def prepare(
                 "category_cols": category_cols, "category_sep": category_sep,
                 "vectors": {name: p.name for name, p in vector_files.items()},
                 "cold_items": cold_items, "min_count": min_count, "repeats": repeats,
+                "cold_start_fraction": cold_start_fraction, "cold_start_seed": cold_start_seed,
             },
             "sources": {
                 "interactions": _describe_file(interactions),
@@ -209,6 +235,13 @@ def prepare(
             },
             "features": feature_summary,
         }
+        if cold_start is not None:
+            test_items = interactions_out.group_by("user").agg(pl.col("item").last())["item"].to_numpy()
+            stats["cold_start"] = {
+                "fraction": cold_start_fraction, "seed": cold_start_seed, "items": int(cold_start_mask.sum()),
+                "test_users": int(cold_start_mask[test_items].sum()),
+                "events_removed": cold_start["events_removed"], "users_dropped": cold_start["users_dropped"],
+            }
 
         progress.update()
         progress.set_postfix_str("writing")
@@ -228,18 +261,52 @@ class _IndexedLog:
     history_lengths: np.ndarray  # (U,)
     train_counts: np.ndarray  # (N + 1,) events per item in the training parts
     event_counts: np.ndarray  # (N + 1,) events per item
+    cold_start: np.ndarray  # (N + 1,) bool, the items held out of training (cold_start_fraction)
 
 
-def _index_events(cleaned: CleanLog, item_table_ids: pl.Series | None) -> _IndexedLog:
+def _hold_out_cold_start_items(cleaned: CleanLog, fraction: float, seed: int, min_user_events: int) -> tuple[CleanLog, dict]:
+    """Remove a random ``fraction`` of the interacted items from the log but for users' last events.
+
+    Returns the log left (users with fewer than ``min_user_events`` events dropped whole) and
+    ``{"codes": the held-out item codes, "events_removed", "users_dropped"}``.
+    """
+    interacted = np.flatnonzero(np.bincount(cleaned.items, minlength=len(cleaned.item_vocab)))
+    rng = np.random.default_rng(seed)
+    codes = np.sort(rng.choice(interacted, size=int(round(fraction * len(interacted))), replace=False))
+    held = np.zeros(len(cleaned.item_vocab), dtype=bool)
+    held[codes] = True
+    last = np.ones(len(cleaned.users), dtype=bool)  # events are grouped by user in time order
+    last[:-1] = cleaned.users[1:] != cleaned.users[:-1]
+    keep = ~held[cleaned.items] | last
+    enough = np.bincount(cleaned.users[keep], minlength=len(cleaned.user_vocab)) >= min_user_events
+    users_before = int((np.bincount(cleaned.users, minlength=len(cleaned.user_vocab)) > 0).sum())
+    kept = keep & enough[cleaned.users]
+    left = dataclasses.replace(
+        cleaned,
+        users=cleaned.users[kept],
+        items=cleaned.items[kept],
+        weight=None if cleaned.weight is None else cleaned.weight[kept],
+    )
+    return left, {
+        "codes": codes,
+        "events_removed": int(len(kept) - kept.sum()),
+        "users_dropped": users_before - int(enough.sum()),
+    }
+
+
+def _index_events(cleaned: CleanLog, item_table_ids: pl.Series | None, keep_codes: np.ndarray | None = None) -> _IndexedLog:
     """Vocabularies (sorted original ids, 0 = padding), positions and the leave-one-out split.
 
     Cleaning codes are positions in the sorted vocabularies of the raw log, so renumbering the kept
-    codes keeps the sorted order. The catalogue is the kept items plus every item-table item.
+    codes keeps the sorted order. The catalogue is the kept items, the cold-start items
+    ``keep_codes`` (whether or not a test event of theirs is left) and every item-table item.
     """
     user_kept = np.bincount(cleaned.users, minlength=len(cleaned.user_vocab)) > 0
     user_ids = cleaned.user_vocab.filter(pl.Series(user_kept))
     user_index = np.cumsum(user_kept)[cleaned.users]
     item_kept = np.bincount(cleaned.items, minlength=len(cleaned.item_vocab)) > 0
+    if keep_codes is not None:
+        item_kept[keep_codes] = True
     interacted_ids = cleaned.item_vocab.filter(pl.Series(item_kept))
     catalogue_ids = interacted_ids
     if item_table_ids is not None:
@@ -259,7 +326,11 @@ def _index_events(cleaned: CleanLog, item_table_ids: pl.Series | None) -> _Index
         "pos": position.astype(np.int32),
         **({} if cleaned.weight is None else {"weight": cleaned.weight}),
     })
+    cold_start = np.zeros(len(catalogue_ids) + 1, dtype=bool)
+    if keep_codes is not None:
+        cold_start[item_of_code[keep_codes]] = True
     return _IndexedLog(
+        cold_start=cold_start,
         events=events,
         user_ids=user_ids,
         catalogue_ids=catalogue_ids,

@@ -38,6 +38,8 @@ class PreparedDataset:
         item_ids, user_ids: original ids by index, as object arrays with ``None`` at index 0.
         train_counts: int64 ``(num_items + 1,)``, events per item in the training parts (popularity).
         stats: the contents of ``stats.json``.
+        cold_start: bool ``(num_items + 1,)``, the items held out of training by the cold-start
+            protocol (``prepare --cold-start-fraction``); all False without it.
     """
 
     path: Path
@@ -47,6 +49,7 @@ class PreparedDataset:
     user_ids: np.ndarray
     train_counts: np.ndarray
     stats: dict
+    cold_start: np.ndarray
     _item_lookup: pl.DataFrame = field(repr=False)
     _user_lookup: pl.DataFrame = field(repr=False)
 
@@ -63,6 +66,18 @@ class PreparedDataset:
     def history_lengths(self) -> np.ndarray:
         """int64 ``(num_users + 1,)``, events per user (0 for the padding user)."""
         return np.diff(self.seq_offsets)
+
+    @property
+    def cold_start_items(self) -> np.ndarray:
+        """int64 indices of the cold-start items (empty without the cold-start protocol)."""
+        return np.flatnonzero(self.cold_start)
+
+    @property
+    def test_targets(self) -> np.ndarray:
+        """int64 ``(num_users + 1,)``: each user's test item, their last event (0 for the padding user)."""
+        targets = np.zeros(self.num_users + 1, dtype=np.int64)
+        targets[1:] = self.seq_items[self.seq_offsets[2:] - 1]
+        return targets
 
     @cached_property
     def item_features(self) -> ItemFeatures:
@@ -108,6 +123,8 @@ def load_prepared(directory: str | Path) -> PreparedDataset:
         user_ids=_with_padding(users["user_id"]),
         train_counts=np.concatenate([[0], items["train_count"].to_numpy()]).astype(np.int64),
         stats=stats,
+        # datasets prepared before the cold-start protocol have no such column
+        cold_start=np.concatenate([[False], items["cold_start"].to_numpy() if "cold_start" in items.columns else np.zeros(items.height, bool)]),
         _item_lookup=items.select(pl.col("item_id").alias("id"), pl.col("item").alias("index")),
         _user_lookup=users.select(pl.col("user_id").alias("id"), pl.col("user").alias("index")),
     )
