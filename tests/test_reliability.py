@@ -749,6 +749,8 @@ BAD_INPUTS = [
              r"^--vectors: expected NAME=FILE, got 'vectors\.parquet'$", good_log),
     BadInput("recsys.data prepare", "nothing survives the k-core (`--min-count 50`)", (*PREPARE, "--min-count", "50"),
              r"^log\.csv: no events left after cleaning: no user has 50 events with items of 50\+ events$", good_log),
+    BadInput("recsys.data prepare", "cold-start fraction of 1 (`--cold-start-fraction 1`)", (*PREPARE, "--cold-start-fraction", "1"),
+             r"^--cold-start-fraction: must be a number in \[0, 1\), got 1\.0$", good_log),
     BadInput("recsys.data prepare", "output directory exists", PREPARE,
              r"^out: the output directory already exists; remove it or pass --overwrite$", _all(good_log, _mkdir("out", "keep.txt"))),
     # -- python -m recsys.train -----------------------------------------------------------------------------
