@@ -112,8 +112,10 @@ class Runs:
         return subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
 
-    def finish(self) -> dict[str, dict]:
-        """Runs everything added; returns each run's result by name (stops at the first failed run)."""
+    def finish(self, on_done=None, keep_going: bool = False) -> dict[str, dict]:
+        """Runs everything added; returns each run's result by name. A failed run stops everything,
+        or with ``keep_going`` its result is ``{"failed": the end of its log}``. ``on_done(name,
+        result)`` is called as each run ends (to save results as they come)."""
         results: dict[str, dict] = {}
         running: dict[str, subprocess.Popen] = {}
         pending = list(self.pending)
@@ -127,12 +129,20 @@ class Runs:
                     continue
                 del running[name]
                 output = (self.workdir / f"{name}.log").read_text()
+                if proc.returncode != 0 and keep_going:
+                    results[name] = {"failed": output[-2000:]}
+                    print(f"  FAILED {name} (log {self.workdir / f'{name}.log'})", flush=True)
+                    if on_done is not None:
+                        on_done(name, results[name])
+                    continue
                 if proc.returncode != 0:
                     for other in running.values():
                         other.kill()
                     raise RuntimeError(f"training run {name} failed:\n{output[-4000:]}")
                 line = next(x for x in output.splitlines() if x.startswith("BENCH-RESULT "))
                 results[name] = json.loads(line[len("BENCH-RESULT "):])
+                if on_done is not None:
+                    on_done(name, results[name])
                 print(f"  finished {name}: {results[name]['wall_s']:.0f} s, {results[name]['epochs']} epochs", flush=True)
         return results
 

@@ -1,0 +1,202 @@
+"""Recipe search on validation, reported on test (bench/README.md §1): the one run and its twins alike.
+
+    .venv/bin/python bench/search.py --config configs/lastfm.yaml --space bench/search_spaces/lastfm.yaml \
+        --trials 8 --twins 16,128 --parallel 2
+
+A trial is one setting of the options in ``--space`` (a YAML mapping ``option: [values]``, options
+spelled as ``python -m recsys.train`` flags without the dashes, e.g. ``model.dropout``), drawn at
+random from their product with ``--seed``. Every trial is trained as the one Matryoshka run (all
+sizes of the config, early stopping on the mean validation NDCG@10 over sizes) and as each twin
+(``--twins``: one size trained alone), so the twins get exactly the search budget of the one run.
+Each run is ``python -m recsys.train`` through ``bench/accuracy.py``'s runner.
+
+The winner of each kind is its trial with the best validation score (for the one run the mean over
+sizes, for a twin its size's); its test metrics are the reported ones, and the paired bootstrap over
+test users compares the one run's winner with each twin's winner per size.
+
+Results go to ``bench/results/search_<name>.json``, rewritten whole after every finished run: the
+space, the trials with their validation and test figures (or the failure), and the winners. A rerun
+with the same arguments skips the runs already recorded (resumable); the per-user test ranks stay in
+``--workdir`` (default ``data/search-<name>``), which a resumed run reuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from accuracy import Runs  # noqa: E402  (bench/ is the script's directory)
+from recsys.atomic import write_json_atomically  # noqa: E402
+from recsys.metrics import ndcg_of_ranks  # noqa: E402
+from recsys.significance import paired_bootstrap  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def read_space(path: Path) -> dict[str, list]:
+    """The search space: option -> non-empty list of values, checked."""
+    space = yaml.safe_load(path.read_text())
+    if not isinstance(space, dict) or not space:
+        raise SystemExit(f"error: {path}: expected a mapping of options to lists of values")
+    for option, values in space.items():
+        if not isinstance(values, list) or not values:
+            raise SystemExit(f"error: {path}: option {option!r} needs a non-empty list of values, got {values!r}")
+    return space
+
+
+def draw_trials(space: dict[str, list], trials: int, seed: int) -> list[dict]:
+    """``trials`` distinct settings drawn uniformly from the product of the space (all if fewer)."""
+    options = list(space)
+    total = int(np.prod([len(space[o]) for o in options]))
+    rng = np.random.default_rng(seed)
+    if trials >= total:
+        picks = range(total)
+    else:
+        picks = sorted(rng.choice(total, size=trials, replace=False).tolist())
+    product = list(itertools.product(*(space[o] for o in options))) if total <= 10**6 else None
+    settings = []
+    for pick in picks:
+        if product is not None:
+            values = product[pick]
+        else:  # mixed-radix decoding of the pick, without listing the product
+            values, rest = [], pick
+            for o in reversed(options):
+                rest, i = divmod(rest, len(space[o]))
+                values.insert(0, space[o][i])
+        settings.append(dict(zip(options, values)))
+    return settings
+
+
+def trial_id(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def flags(params: dict) -> list[str]:
+    """``--option value`` pairs, values as the CLI reads them (YAML/JSON spelling)."""
+    out = []
+    for option, value in params.items():
+        out += [f"--{option}", value if isinstance(value, str) else json.dumps(value)]
+    return out
+
+
+def winners(report: dict, sizes: list[int], twins: list[int]) -> dict[str, dict]:
+    """The trial of each kind with the best validation score."""
+    best: dict[str, dict] = {}
+    for kind in ["matryoshka", *[f"alone-d{s}" for s in twins]]:
+        done = [t for t in report["trials"] if t["kind"] == kind and "failed" not in t and t.get("best_val") is not None]
+        if done:
+            best[kind] = max(done, key=lambda t: t["best_val"])
+    return best
+
+
+def compare(runs: Runs, best: dict[str, dict], sizes: list[int], twins: list[int], resamples: int) -> list[dict]:
+    """Per twin size: both winners' test NDCG@10 and the paired bootstrap of their difference."""
+    rows = []
+    for s in twins:
+        one, alone = best.get("matryoshka"), best.get(f"alone-d{s}")
+        if one is None or alone is None:
+            continue
+        m_users, m_ranks = runs.ranks(one["run"])
+        a_users, a_ranks = runs.ranks(alone["run"])
+        row = {"size": s,
+               "one_run_ndcg_10": next(r["ndcg_10"] for r in one["rows"] if r["size"] == s),
+               "alone_ndcg_10": alone["rows"][0]["ndcg_10"],
+               "one_run_trial": one["id"], "alone_trial": alone["id"]}
+        if np.array_equal(m_users, a_users):
+            diff = paired_bootstrap(ndcg_of_ranks(m_ranks[sizes.index(s)]), ndcg_of_ranks(a_ranks[0]), resamples=resamples)
+            row["bootstrap"] = diff.to_dict()
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="the dataset's training config")
+    parser.add_argument("--space", type=Path, required=True, help="YAML: option -> list of values")
+    parser.add_argument("--trials", type=int, default=8, help="settings drawn from the space")
+    parser.add_argument("--twins", default=None, help="sizes also trained alone, e.g. 16,128 (default: every size)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw (the runs train with seed 0)")
+    parser.add_argument("--set", action="append", default=[], help="an override for every run, KEY=VALUE")
+    parser.add_argument("--name", default=None, help="results name (default: the config's name)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where runs keep logs and ranks (default data/search-NAME)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test users")
+    args = parser.parse_args()
+    if args.trials < 1 or args.parallel < 1:
+        parser.error("--trials and --parallel must be at least 1")
+
+    config = yaml.safe_load(args.config.read_text())
+    space = read_space(args.space)
+    fixed = dict(item.partition("=")[::2] for item in args.set)
+    if "model.sizes" in space:
+        parser.error("model.sizes cannot be searched: the one run and the twins fix it (--set model.sizes=[...])")
+    if set(fixed) & set(space):
+        parser.error(f"--set {sorted(set(fixed) & set(space))}: also in the search space")
+    sizes = list(yaml.safe_load(fixed.pop("model.sizes")) if "model.sizes" in fixed else config["model"]["sizes"])
+    twins = [int(x) for x in args.twins.split(",")] if args.twins else sizes
+    if not set(twins) <= set(sizes):
+        parser.error(f"--twins {twins} must be sizes of the config {sizes}")
+    common = [arg for key, value in fixed.items() for arg in (f"--{key}", value)]
+    name = args.name or args.config.stem
+    workdir = args.workdir or ROOT / "data" / f"search-{name}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"search_{name}.json"
+
+    report = json.loads(out.read_text()) if out.exists() else {"trials": []}
+    same = {"config": str(args.config), "space": space, "seed": args.seed, "sizes": sizes, "overrides": common}
+    if report["trials"] and any(report.get(k) != v for k, v in same.items()):
+        raise SystemExit(f"error: {out} holds a search with other settings; use another --name")
+    report.update(same)
+    done = {(t["id"], t["kind"]) for t in report["trials"]}
+
+    runs = Runs(args.config, workdir, "csv", args.parallel)
+    pending: dict[str, dict] = {}
+    for params in draw_trials(space, args.trials, args.seed):
+        tid = trial_id(params)
+        kinds = [("matryoshka", ["--model.sizes", json.dumps(sizes), "--model.monitor_size", "mean"])]
+        kinds += [(f"alone-d{s}", ["--model.sizes", json.dumps([s])]) for s in twins]
+        for kind, extra in kinds:
+            if (tid, kind) in done:
+                continue
+            run = f"{tid}-{kind}"
+            runs.add(run, [*common, *flags(params), *extra])
+            pending[run] = {"id": tid, "kind": kind, "run": run, "params": params}
+
+    def save() -> None:
+        best = winners(report, sizes, twins)
+        report["winners"] = {k: {"id": t["id"], "params": t["params"], "best_val": t["best_val"]} for k, t in best.items()}
+        report["comparison"] = compare(runs, best, sizes, twins, args.resamples)
+        report["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
+        report["date"] = time.strftime("%Y-%m-%d")
+        write_json_atomically(out, report, indent=2)
+
+    def on_done(run: str, result: dict) -> None:
+        entry = dict(pending[run])
+        if "failed" in result:
+            entry["failed"] = result["failed"]
+        else:
+            entry.update({k: result[k] for k in ("best_val", "epochs", "wall_s", "rows")})
+        report["trials"].append(entry)
+        save()
+
+    print(f"[{name}] {len(pending)} runs to go ({len(done)} recorded), {args.parallel} at a time, in {workdir}", flush=True)
+    runs.finish(on_done=on_done, keep_going=True)
+    save()
+    print(json.dumps({"winners": report["winners"], "comparison": report["comparison"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
