@@ -28,7 +28,7 @@ from recsys.nn.encoders import (
     nest_flat_options,
     options_of,
 )
-from recsys.nn.loss import matryoshka_cross_entropy
+from recsys.nn.loss import matryoshka_cross_entropy, sampled_matryoshka_cross_entropy
 from recsys.nn.nested import check_sizes, cut_sizes, cut_to_size, nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
 
@@ -99,6 +99,13 @@ def catalogue_of(dataset) -> dict[str, Any]:
     }
 
 
+#: the training losses: the full softmax over the catalogue, or a sampled softmax (docs/method.md §4)
+LOSSES = ("full", "sampled")
+#: how the sampled softmax draws its shared negatives: uniformly over the training items, or in
+#: proportion to their training counts with the log-Q correction
+NEGATIVE_SAMPLING = ("uniform", "popularity")
+
+
 def check_options(
     sizes: Any,
     encoder: str,
@@ -107,6 +114,9 @@ def check_options(
     lru: Any = None,
     mamba: Any = None,
     sasrec: Any = None,
+    loss: str = "full",
+    negatives: Any = 1024,
+    negative_sampling: str = "popularity",
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any]]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
     training CLI runs them before it reads any data. Returns the sizes, the monitored size and
@@ -121,6 +131,14 @@ def check_options(
         raise OptionError(f"{{monitor_size}} {monitor_size} is neither one of {{sizes}} {list(sizes)} nor 'mean'")
     if loss_weights is not None and len(loss_weights) != len(sizes):
         raise OptionError(f"{{loss_weights}} has {len(loss_weights)} entries for {len(sizes)} sizes {list(sizes)}")
+    if loss not in LOSSES:
+        raise OptionError(f"{{loss}}: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 1:
+        raise OptionError(f"{{negatives}} must be a positive integer, got {negatives!r}")
+    if negative_sampling not in NEGATIVE_SAMPLING:
+        raise OptionError(
+            f"{{negative_sampling}}: unknown sampling {negative_sampling!r}; choose one of {', '.join(NEGATIVE_SAMPLING)}"
+        )
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     if encoder == "sasrec":
         try:
@@ -135,6 +153,9 @@ class MatryoshkaRecommender(L.LightningModule):
 
     Args:
         item_features: the dataset's item features (linked from the data module by the CLI).
+        cold_start_items: items the cold-start protocol holds out of training: no candidates in
+            the training loss (linked from the data; none unless prepared so).
+        item_counts: training events per item (linked from the data), for popularity sampling.
         sizes: nested sizes, strictly increasing; the last is the model width.
         encoder: ``lru`` (nested LRU, the fMRLRec encoder), ``mamba`` (nested Mamba) or ``sasrec``.
         n_blocks: encoder blocks.
@@ -156,6 +177,12 @@ class MatryoshkaRecommender(L.LightningModule):
         monitor_size: the size whose validation NDCG@10 is logged as ``val/monitor`` for early
             stopping and best-checkpoint selection (default: the largest); ``"mean"``: the mean
             over all sizes, so training goes on while any size still improves.
+        loss: ``full`` (softmax over the whole catalogue, memory flat in the number of sizes) or
+            ``sampled`` (``negatives`` shared negatives per step, for catalogues too large for a
+            full softmax per step).
+        negatives: the sampled loss's negatives per step.
+        negative_sampling: ``popularity`` (drawn by training count, logits corrected by
+            ``-log q``) or ``uniform`` over the items that occur in training.
 
     The encoder options may also be given as plain mappings of their fields; they are stored in
     ``hparams`` (and checkpoints) as such, so that a checkpoint loads with ``weights_only``.
@@ -165,6 +192,7 @@ class MatryoshkaRecommender(L.LightningModule):
         self,
         item_features: ItemFeatures | None = None,
         cold_start_items: list[int] | None = None,
+        item_counts: list[int] | None = None,
         sizes: list[int] = [16, 32, 64, 128],
         encoder: str = "lru",
         n_blocks: int = 2,
@@ -183,18 +211,22 @@ class MatryoshkaRecommender(L.LightningModule):
         mask_seen: bool = True,
         loss_block_rows: int = 2048,
         monitor_size: int | Literal["mean"] | None = None,
+        loss: Literal["full", "sampled"] = "full",
+        negatives: int = 1024,
+        negative_sampling: Literal["uniform", "popularity"] = "popularity",
     ) -> None:
         super().__init__()
         self.sizes, self.monitor_size, self.encoder_configs = check_options(
-            sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec
+            sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling
         )
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
         lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
         # the CLI logs the whole config; the item features and cold-start items come from the data
-        self.save_hyperparameters(ignore=["item_features", "cold_start_items"], logger=False)
+        self.save_hyperparameters(ignore=["item_features", "cold_start_items", "item_counts"], logger=False)
         if item_features is None:
             raise ValueError("item_features is required (the training CLI links it from the data module)")
         self._set_training_candidates(item_features.num_items, cold_start_items)
+        self._set_negative_sampling(item_features, item_counts)
         from recsys.nn.item_tower import ItemTower  # torchrec: not imported until a model is built
 
         self.net = SequentialRecommender(
@@ -211,8 +243,9 @@ class MatryoshkaRecommender(L.LightningModule):
         loss, which runs over the other rows of the item matrix (``_train_rows``, row 0 first;
         ``_train_row_of`` maps an item to its row there). Validation and test rank every item."""
         cold = torch.as_tensor(np.asarray([] if cold_start_items is None else cold_start_items, dtype=np.int64))
+        self.register_buffer("_train_rows", None, persistent=False)
+        self.register_buffer("_train_row_of", None, persistent=False)
         if not len(cold):
-            self._train_rows = self._train_row_of = None
             return
         if int(cold.min()) < 1 or int(cold.max()) > num_items:
             raise ValueError(f"cold_start_items must be item indices in [1, {num_items}]")
@@ -221,8 +254,28 @@ class MatryoshkaRecommender(L.LightningModule):
         rows = keep.nonzero().squeeze(1)
         row_of = torch.zeros(num_items + 1, dtype=torch.long)  # a cold item maps to 0: never a target
         row_of[rows] = torch.arange(len(rows))
-        self.register_buffer("_train_rows", rows, persistent=False)
-        self.register_buffer("_train_row_of", row_of, persistent=False)
+        self._train_rows, self._train_row_of = rows, row_of
+
+    def _set_negative_sampling(self, item_features: ItemFeatures, item_counts) -> None:
+        """The sampled loss's log sampling probability of each training-candidate row (``_log_q``):
+        uniform over the items that occur in training, or proportional to their training counts
+        (``item_counts``, linked from the data). Rows never drawn have ``-inf``."""
+        self.register_buffer("_log_q", None, persistent=False)
+        if self.hparams.loss != "sampled":
+            return
+        if self.hparams.negative_sampling == "popularity":
+            if item_counts is None:  # a model loaded for export or evaluation: no training steps
+                return
+            weight = torch.as_tensor(np.asarray(item_counts, dtype=np.float64))
+        else:
+            weight = item_features.in_training.to(torch.float64)
+        weight = weight.clone()
+        weight[0] = 0.0  # the padding row is never a candidate
+        if self._train_rows is not None:
+            weight = weight[self._train_rows]
+        if not (weight > 0).any():
+            raise ValueError("the sampled loss has no item to draw negatives from (no item occurs in training)")
+        self._log_q = (weight / weight.sum()).log().float()
 
     def encoder_options(self) -> dict[str, Any]:
         """The constructor options of the chosen encoder (also written into exports)."""
@@ -278,14 +331,20 @@ class MatryoshkaRecommender(L.LightningModule):
         if self._train_rows is not None:  # cold-start items are no candidates in training
             candidates, targets = items[self._train_rows], self._train_row_of[targets]
         valid = targets > 0
-        loss = matryoshka_cross_entropy(
-            states[valid],
-            candidates,
-            targets[valid],
-            self.sizes,
-            weights=self.hparams.loss_weights,
-            block_rows=self.hparams.loss_block_rows,
-        )
+        if self.hparams.loss == "sampled" and self._log_q is None:
+            raise ValueError("negative_sampling 'popularity' needs item_counts (the training CLI links them from the data)")
+        if self.hparams.loss == "full":
+            loss = matryoshka_cross_entropy(
+                states[valid], candidates, targets[valid], self.sizes,
+                weights=self.hparams.loss_weights, block_rows=self.hparams.loss_block_rows,
+            )
+        else:  # shared negatives drawn from q, every logit corrected by -log q (unbiased as K grows)
+            negatives = torch.multinomial(self._log_q.exp(), self.hparams.negatives, replacement=True)
+            loss = sampled_matryoshka_cross_entropy(
+                states[valid], candidates, targets[valid], self.sizes, negatives,
+                log_q=self._log_q if self.hparams.negative_sampling == "popularity" else None,
+                weights=self.hparams.loss_weights,
+            )
         if not torch.isfinite(loss.total):
             raise DivergedError(
                 f"the training loss is {float(loss.total)} at epoch {self.current_epoch}, step {self.global_step} "

@@ -78,7 +78,7 @@ def validate_config(config) -> None:
     model, data = config.model, config.data
     try:
         check_options(model.sizes, model.encoder, model.monitor_size, model.loss_weights,
-                      model.lru, model.mamba, model.sasrec)
+                      model.lru, model.mamba, model.sasrec, model.loss, model.negatives, model.negative_sampling)
     except OptionError as exc:
         raise ConfigError(exc.render("--model.")) from None
     if data.data_dir is not None and not Path(data.data_dir).is_dir():
@@ -242,6 +242,7 @@ class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.item_features", "model.item_features", apply_on="instantiate")
         parser.link_arguments("data.cold_start_items", "model.cold_start_items", apply_on="instantiate")
+        parser.link_arguments("data.item_counts", "model.item_counts", apply_on="instantiate")
         parser.link_arguments("data.max_len", "model.max_len")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({**{f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()}, "checkpoint.save_last": True})

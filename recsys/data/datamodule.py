@@ -92,6 +92,11 @@ class SequenceDataModule(L.LightningDataModule):
         return self.dataset.item_features
 
     @property
+    def item_counts(self) -> list[int]:
+        """Each item's events in the training parts, index 0 = padding (for popularity sampling)."""
+        return self.dataset.train_counts.tolist()
+
+    @property
     def cold_start_items(self) -> list[int]:
         """Items the cold-start protocol keeps out of training (none unless prepared with it)."""
         return self.dataset.cold_start_items.tolist()
