@@ -464,6 +464,16 @@ class FaissRetriever(Retriever):
         num_items, dim = vectors.shape
         return cls(load_index(Path(directory) / INDEX_FILE, spec, device, num_items=num_items, dim=dim), spec)
 
+    def with_search_settings(self, nprobe: int | None = None, ef_search: int | None = None) -> FaissRetriever:
+        """A retriever over the same faiss index that searches with other search-time settings.
+
+        ``nprobe`` applies to IVF kinds, ``ef_search`` to HNSW (a setting of another kind is an
+        error, as in :class:`IndexSpec`). Both retrievers share the index, not copied: each applies
+        its own settings before every search, so a sweep over ``nprobe`` builds the index once.
+        """
+        values = {name: value for name, value in (("nprobe", nprobe), ("ef_search", ef_search)) if value is not None}
+        return FaissRetriever(self.index, replace(self.spec, **values))
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "index": self.spec.to_dict()}
 
@@ -489,6 +499,7 @@ class FaissRetriever(Retriever):
         if n == 0:
             raise ValueError("the index is empty")
         checked = check_exclude(exclude, len(q), n) if exclude is not None else None
+        _apply_search_params(index, self.spec)  # the index may be shared (with_search_settings)
         extra = max((len(e) for e in checked), default=0) if checked else 0
         wanted = min(n, k + extra)
         fetch = min(wanted, _max_k(index))
