@@ -41,6 +41,7 @@ __all__ = [
     "build_index",
     "save_index",
     "load_index",
+    "place_index",
     "index_kind",
     "is_gpu_index",
 ]
@@ -407,9 +408,17 @@ def load_index(
     if kind in ("ivf_flat", "ivf_pq") and index.nlist != resolved.nlist:
         raise ValueError(f"{path} has nlist={index.nlist}, the spec says nlist={resolved.nlist}")
     _apply_search_params(index, resolved)
+    return place_index(index, device)
+
+
+def place_index(index: faiss.Index, device: str = "auto") -> faiss.Index:
+    """``index`` on ``device``: ``"auto"`` (GPU 0 when :func:`gpu_available`, else the CPU), ``"cpu"``
+    (as it is) or ``"gpu"`` (an error when no GPU is usable). HNSW stays on the CPU."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
     if device == "gpu" and not gpu_available():
         raise RuntimeError("device='gpu' but the GPU build of faiss or a GPU is missing")
-    if device != "cpu" and gpu_available():
+    if device != "cpu" and gpu_available() and not is_gpu_index(index):
         index = _to_gpu(index)
     return index
 
@@ -463,6 +472,11 @@ class FaissRetriever(Retriever):
         spec = _spec_of_entry(entry)
         num_items, dim = vectors.shape
         return cls(load_index(Path(directory) / INDEX_FILE, spec, device, num_items=num_items, dim=dim), spec)
+
+    def on_device(self, device: str = "auto") -> FaissRetriever:
+        """This retriever with its index placed by :func:`place_index` (itself when nothing moves)."""
+        index = place_index(self.index, device)
+        return self if index is self.index else FaissRetriever(index, self.spec)
 
     def with_search_settings(self, nprobe: int | None = None, ef_search: int | None = None) -> FaissRetriever:
         """A retriever over the same faiss index that searches with other search-time settings.
