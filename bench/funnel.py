@@ -197,13 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=1024, help="real users in the query batch")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--prefixes", type=int_list, default=[16, 32, 64])
-    parser.add_argument("--shortlists", type=int_list, default=[400, 800, 1600, 3200])
-    parser.add_argument("--prefix-kinds", type=lambda t: t.split(","), default=["exact", "ivf_flat"],
+    parser.add_argument("--shortlists", type=int_list, default=[400, 1600])
+    parser.add_argument("--prefix-kinds", type=lambda t: t.split(","), default=["flat", "ivf_flat"],
                         help="stage-0 searches over the prefix: exact (torch.topk), flat (faiss), ivf_flat (faiss)")
-    parser.add_argument("--nlist", type=int, default=4096, help="IVF lists of the IVF funnel's prefix index")
-    parser.add_argument("--nprobes", type=int_list, default=[16, 32, 64, 128, 256])
-    parser.add_argument("--threads", type=int_list, default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists of the IVF funnel's prefix index")
+    parser.add_argument("--nprobes", type=int_list, default=[32, 64, 128, 256, 512])
+    parser.add_argument("--threads", type=int_list, default=[2, 1])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed calls after the warm-up (median); at 10^6 items one call takes seconds")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="where the faiss indexes search (auto: the GPU when faiss sees one); re-ranking stays on the CPU")
     parser.add_argument("--seed", type=int, default=0)
