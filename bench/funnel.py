@@ -11,6 +11,9 @@ full-size top-``k`` it measures, per thread count and side by side in one run:
 - the IVF funnel (AdANNS-IVF): an IVF-flat index clustered, probed and scanned on the prefix
   shortlists, re-rank at the full size; per prefix, ``nprobe`` and shortlist.
 
+Each funnel setting is also timed without its re-ranking (the first stage alone), with the share
+of the exact top-``k`` its shortlist holds.
+
 Recall@k is of the exact full-size top-``k``; speed-ups are against the faster exact search,
 timed right before and right after the funnels (their mean). Run, e.g.::
 
@@ -148,6 +151,7 @@ def run_threads(threads: int, z, queries, truth, indexes, exact_flat, args) -> d
         return {"torch_topk_ms": 1e3 * timed(lambda: exact_torch.search(queries_on_device, k), repeats)[0],
                 "faiss_flat_ms": 1e3 * timed(lambda: exact_flat.search(queries, k), repeats)[0]}
 
+    prefixes = {p: np.ascontiguousarray(queries[:, :p]) for p in args.prefixes}
     before = time_exact()
     load_before = os.getloadavg()[0]
     logger.info("%d threads, exact before: %s", threads, before)
@@ -160,9 +164,12 @@ def run_threads(threads: int, z, queries, truth, indexes, exact_flat, args) -> d
                 spec = FunnelSpec(prefix, shortlist, z.shape[1], **({"index": stage0.spec} if kind != "exact" else {}))
                 funnel = FunnelRetriever(z, spec, stage0)
                 seconds, (_, found) = timed(lambda: funnel.search(queries, k), repeats)
+                # the first stage alone (the funnel passes it the queries' prefix and the shortlist)
+                stage0_s, (_, shortlisted) = timed(lambda: stage0.search(prefixes[prefix], max(shortlist, k)), repeats)
                 row = {"prefix": prefix, "prefix_index": kind, "nprobe": nprobe, "shortlist": shortlist,
                        "settings": funnel.to_dict(), "prefix_index_build_s": build_s,
-                       "latency_ms": 1e3 * seconds, "recall": recall_at_k(found, truth)}
+                       "latency_ms": 1e3 * seconds, "stage0_ms": 1e3 * stage0_s,
+                       "recall": recall_at_k(found, truth), "shortlist_recall": recall_at_k(shortlisted, truth)}
                 rows.append(row)
                 logger.info("%d threads: prefix %d %s nprobe %s shortlist %d: %.1f ms recall %.4f", threads, prefix,
                             kind, nprobe, shortlist, row["latency_ms"], row["recall"])

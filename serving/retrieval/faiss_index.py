@@ -7,8 +7,9 @@ sets, so :meth:`FaissRetriever.search` fetches more results and filters them
 
 Devices
 -------
-Indexes are always built and saved on the CPU. :func:`load_index` moves flat, IVF-flat and IVF-PQ
-indexes to GPU 0 when :func:`gpu_available`; HNSW always stays on the CPU, because faiss has no GPU
+Indexes are always built and saved on the CPU. :func:`load_index` (and, for an index just built,
+:func:`place_index` / :meth:`FaissRetriever.on_device`) moves flat, IVF-flat and IVF-PQ indexes to
+GPU 0 when :func:`gpu_available`; HNSW always stays on the CPU, because faiss has no GPU
 version of its HNSW graph (its GPU graph index, CAGRA, is a different structure built on the GPU).
 The GPU path is written to the faiss GPU API but has not been run on a GPU in this project yet.
 """
