@@ -33,6 +33,9 @@ LOSS_MEMORY_GOAL = 1.2
 LOSS_TIME_GOAL = 1.5
 # The funnel figure quoted in the text: the fastest setting reaching this recall at the largest catalogue.
 FUNNEL_RECALL_TARGET = 0.95
+# issue 14's goal for the funnel on a trained tower's item matrix (bench/funnel.py)
+FUNNEL_TRAINED_RECALL_GOAL = 0.99
+FUNNEL_SPEEDUP_GOAL = 8
 
 
 def start_marker(name: str) -> str:
@@ -436,6 +439,145 @@ def block_retrieval() -> list[str]:
     return lines
 
 
+# -- the funnel on a trained tower ----------------------------------------------------------------
+
+
+def funnel_command(d: dict) -> str:
+    s = d["settings"]
+    joined = lambda values: ",".join(str(v) for v in values)  # noqa: E731
+    return (f"python bench/funnel.py --checkpoint {d['model']['checkpoint']} --data-dir {s['data_dir']} "
+            f"--items {s['items']} --queries {s['queries']} --prefixes {joined(s['prefixes'])} "
+            f"--prefix-kinds {joined(s['prefix_kinds'])} --shortlists {joined(s['shortlists'])} --nlist {s['nlist']} "
+            f"--nprobes {joined(s['nprobes'])} --threads {joined(s['threads'])} --repeats {s['repeats']}")
+
+
+def funnel_stage0(row: dict) -> str:
+    if row["prefix_index"] == "ivf_flat":
+        return f"IVF-flat, nprobe {row['nprobe']} of {row['settings']['index']['nlist']:,}"
+    return {"exact": "exact (torch.topk)", "flat": "faiss flat"}[row["prefix_index"]]
+
+
+def funnel_work_bound(row: dict, width: int) -> float:
+    """How many times fewer multiply-adds than exact search the first stage does at best: the
+    prefix's share of the width, times the share of the lists an IVF index probes."""
+    share = row["prefix"] / width
+    if row["prefix_index"] == "ivf_flat":
+        share *= row["nprobe"] / row["settings"]["index"]["nlist"]
+    return 1 / share
+
+
+def threads_text(threads: int) -> str:
+    return f"{threads} thread{'s' if threads != 1 else ''}"
+
+
+def funnel_goal_line(res: dict, k: int) -> str:
+    """Goal of issue 14 at one thread count: recall ≥ the goal at ≥ the speed-up goal."""
+    rows = res["funnel"]
+    fastest = {"torch_topk_ms": "`torch.topk`", "faiss_flat_ms": "faiss flat"}[res["fastest_exact"]]
+    head = (f"**{threads_text(res['threads'])}** (exact search of the batch: `torch.topk` "
+            f"{ms(res['exact_ms']['torch_topk_ms'])} ms, faiss flat {ms(res['exact_ms']['faiss_flat_ms'])} ms; "
+            f"speed-ups against {fastest}, the faster; load average {load_avg(res['load_average_1m_before'])} / "
+            f"{load_avg(res['load_average_1m_after'])}): ")
+    reaching = [r for r in rows if r["recall"] >= FUNNEL_TRAINED_RECALL_GOAL]
+    fast = [r for r in rows if r["speedup_vs_fastest_exact"] >= FUNNEL_SPEEDUP_GOAL]
+    parts = []
+    if reaching:
+        best = max(reaching, key=lambda r: r["speedup_vs_fastest_exact"])
+        parts.append(f"the fastest setting with recall@{k} ≥ {FUNNEL_TRAINED_RECALL_GOAL} is a shortlist of "
+                     f"{best['shortlist']:,} from the {best['prefix']}-dim prefix ({funnel_stage0(best)}): recall "
+                     f"{f4(best['recall'])} at **{ratio(best['speedup_vs_fastest_exact'], 1)}**")
+    else:
+        parts.append(f"no setting reached recall@{k} ≥ {FUNNEL_TRAINED_RECALL_GOAL}")
+    if fast:
+        best = max(fast, key=lambda r: r["recall"])
+        parts.append(f"the best recall at ≥ {FUNNEL_SPEEDUP_GOAL}x is {f4(best['recall'])} ({best['prefix']}-dim "
+                     f"{funnel_stage0(best)}, shortlist {best['shortlist']:,}, {ratio(best['speedup_vs_fastest_exact'], 1)})")
+    else:
+        parts.append(f"no setting reached {FUNNEL_SPEEDUP_GOAL}x")
+    met = any(r["recall"] >= FUNNEL_TRAINED_RECALL_GOAL and r["speedup_vs_fastest_exact"] >= FUNNEL_SPEEDUP_GOAL for r in rows)
+    return head + "; ".join(parts) + f". Goal {'met' if met else 'not met'}."
+
+
+def block_funnel() -> list[str]:
+    d = load("funnel.json")
+    s, m, model, cat = d["settings"], d["machine"], d["model"], d["catalogue"]
+    k = s["k"]
+    features = cat["features"]
+    dense = "; ".join(f"{name} ({f['dim']}-d): {f['method']}" for name, f in features["dense"].items())
+    bags = "; ".join(f"{name}: {f['method']}" for name, f in features["bags"].items())
+    trained = model["training"]
+    lines = [
+        f"`{funnel_command(d)}` → `bench/results/funnel.json`. The item matrix of a trained tower: "
+        f"{model['encoder']} with sizes {', '.join(str(x) for x in model['sizes'])}, "
+        f"{'with' if model['use_id_embedding'] else 'no'} ID embedding"
+        + f", trained {trained['epochs']} epochs on `{s['data_dir']}`"
+        + (f" (test NDCG@10 at the full size {f4(trained['test_ndcg_10_full'])})" if "test_ndcg_10_full" in trained else "")
+        + f"; {cat['real_items']:,} real items and {cat['synthetic_items']:,} synthetic ones with features drawn like "
+        f"the real ones ({dense}{'; ' + bags if bags else ''}; {features['id_embedding']}). Queries: one batch of "
+        f"{d['queries']['users']:,} real users' vectors ({d['queries']['history']}). Recall@{k} of the exact full-size "
+        f"top-{k}; re-ranking at {model['sizes'][-1]}. "
+        + measured_on(f"{m['cpu']}, {m['cpu_count']} cores, {m.get('faiss_gpus', 0)} GPUs",
+                      load=[d["load_average_1m_at_start"], d["load_average_1m_at_end"]], load_note="1 minute, at start / end"),
+        "",
+        f"Goal (issue 14): at {power_of_ten(s['items'])} items recall@{k} ≥ {FUNNEL_TRAINED_RECALL_GOAL} at ≥ "
+        f"{FUNNEL_SPEEDUP_GOAL}x the speed of the fastest exact search.",
+        "",
+    ]
+    for res in d["results"]:
+        lines += [funnel_goal_line(res, k), ""]
+    trunc = d["recall_of_exact_prefix_search"]
+    width = model["sizes"][-1]
+    first = d["results"][0]
+    lines += [f"What limits them: exact search at a prefix alone finds, of the full-size top-{k}, "
+              + ", ".join(f"{f3(r)} at {p} dims" for p, r in trunc.items())
+              + ", so the prefix must shortlist many times k."]
+    for goal in (FUNNEL_TRAINED_RECALL_GOAL, max(r["recall"] for r in first["funnel"] if r["prefix_index"] == "ivf_flat")):
+        ivf = [r for r in first["funnel"] if r["prefix_index"] == "ivf_flat" and r["recall"] >= goal]
+        if ivf:
+            cheapest = max(ivf, key=lambda r: funnel_work_bound(r, width))
+            lines[-1] += (f" The IVF funnel reaches recall {f4(cheapest['recall'])} only probing {cheapest['nprobe']} of "
+                          f"{cheapest['settings']['index']['nlist']:,} lists at {cheapest['prefix']} of {width} dims: at best "
+                          f"{ratio(funnel_work_bound(cheapest, width), 1)} fewer multiply-adds than exact search, before "
+                          f"selecting the shortlist.")
+            break
+    flat = [r for r in first["funnel"] if r["prefix_index"] == "flat"]
+    if flat:
+        slowest = min(flat, key=lambda r: (r["prefix"], r["shortlist"]))  # the least arithmetic
+        exact_ms = first["exact_ms"]["faiss_flat_ms"]
+        share = slowest["latency_ms"] / exact_ms
+        lines[-1] += (f" The flat prefix: at {threads_text(first['threads'])} faiss flat search of the {slowest['prefix']}-dim "
+                      f"prefix for {slowest['shortlist']:,} rows took {ms(slowest['latency_ms'])} ms, {ratio(share, 1)} the "
+                      f"time of the full-size exact search for {k} ({ms(exact_ms)} ms) with "
+                      f"{ratio(width / slowest['prefix'], 0)} fewer multiply-adds"
+                      + (": selecting the long shortlist, not the product, dominates." if share > 2 * slowest["prefix"] / width
+                         else "."))
+    if "stage0_ms" in first["funnel"][0]:
+        shares = sorted(r["stage0_ms"] / r["latency_ms"] for r in first["funnel"])
+        lines[-1] += (f" The first stage (the shortlist's search at the prefix, timed alone) takes a median "
+                      f"{percent(shares[len(shares) // 2])} of a funnel's time at {threads_text(first['threads'])} "
+                      f"(from {percent(shares[0])} to {percent(shares[-1])}; separate timings on a loaded machine), "
+                      f"the re-ranking at {width} dims the rest.")
+    lines += [""]
+    by_threads = d["results"]
+    split = "stage0_ms" in by_threads[0]["funnel"][0]
+    if split:
+        lines += ["Each time is the whole funnel's, with its first stage alone (the shortlist's search at the "
+                  "prefix) in brackets; the rest is the re-ranking.", ""]
+    header = ["prefix", "stage 0", "shortlist", f"recall@{k}"]
+    for res in by_threads:
+        header += [f"ms, {res['threads']} thr.", f"speed-up, {res['threads']} thr."]
+    rows = []
+    for i, r in enumerate(by_threads[0]["funnel"]):
+        row = [str(r["prefix"]), funnel_stage0(r), f"{r['shortlist']:,}", f4(r["recall"])]
+        for res in by_threads:
+            other = res["funnel"][i]
+            row += [ms(other["latency_ms"]) + (f" ({ms(other['stage0_ms'])})" if split else ""),
+                    ratio(other["speedup_vs_fastest_exact"], 1)]
+        rows.append(row)
+    lines += table(header, "rlrr" + "rr" * len(by_threads), rows)
+    return lines
+
+
 # -- the other benchmarks --------------------------------------------------------------------------
 
 
@@ -540,6 +682,9 @@ def block_machines() -> list[str]:
     ret = load("retrieval.json")
     rows.append(["`retrieval.json`", platform_machine(ret["machine"]), str(ret["machine"]["threads"]),
                  load_avg(ret["machine"].get("load_average_1m")), ""])
+    fun = load("funnel.json")
+    rows.append(["`funnel.json`", platform_machine(fun["machine"]), ", ".join(str(r["threads"]) for r in fun["results"]),
+                 load_avg(fun.get("load_average_1m_at_start")), ""])
     cand = load("candidates.json")
     rows.append(["`candidates.json`", platform_machine(cand["machine"]), str(cand["machine"]["torch_threads"]),
                  load_avg(cand["machine"].get("load_average")), ""])
@@ -562,6 +707,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "accuracy-lastfm": block_accuracy_lastfm,
     "loss": block_loss,
     "retrieval": block_retrieval,
+    "funnel": block_funnel,
     "encoders": block_encoders,
     "candidates": block_candidates,
     "prepare": block_prepare,

@@ -7,8 +7,9 @@ sets, so :meth:`FaissRetriever.search` fetches more results and filters them
 
 Devices
 -------
-Indexes are always built and saved on the CPU. :func:`load_index` moves flat, IVF-flat and IVF-PQ
-indexes to GPU 0 when :func:`gpu_available`; HNSW always stays on the CPU, because faiss has no GPU
+Indexes are always built and saved on the CPU. :func:`load_index` (and, for an index just built,
+:func:`place_index` / :meth:`FaissRetriever.on_device`) moves flat, IVF-flat and IVF-PQ indexes to
+GPU 0 when :func:`gpu_available`; HNSW always stays on the CPU, because faiss has no GPU
 version of its HNSW graph (its GPU graph index, CAGRA, is a different structure built on the GPU).
 The GPU path is written to the faiss GPU API but has not been run on a GPU in this project yet.
 """
@@ -41,6 +42,7 @@ __all__ = [
     "build_index",
     "save_index",
     "load_index",
+    "place_index",
     "index_kind",
     "is_gpu_index",
 ]
@@ -407,9 +409,17 @@ def load_index(
     if kind in ("ivf_flat", "ivf_pq") and index.nlist != resolved.nlist:
         raise ValueError(f"{path} has nlist={index.nlist}, the spec says nlist={resolved.nlist}")
     _apply_search_params(index, resolved)
+    return place_index(index, device)
+
+
+def place_index(index: faiss.Index, device: str = "auto") -> faiss.Index:
+    """``index`` on ``device``: ``"auto"`` (GPU 0 when :func:`gpu_available`, else the CPU), ``"cpu"``
+    (as it is) or ``"gpu"`` (an error when no GPU is usable). HNSW stays on the CPU."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
     if device == "gpu" and not gpu_available():
         raise RuntimeError("device='gpu' but the GPU build of faiss or a GPU is missing")
-    if device != "cpu" and gpu_available():
+    if device != "cpu" and gpu_available() and not is_gpu_index(index):
         index = _to_gpu(index)
     return index
 
@@ -464,6 +474,21 @@ class FaissRetriever(Retriever):
         num_items, dim = vectors.shape
         return cls(load_index(Path(directory) / INDEX_FILE, spec, device, num_items=num_items, dim=dim), spec)
 
+    def on_device(self, device: str = "auto") -> FaissRetriever:
+        """This retriever with its index placed by :func:`place_index` (itself when nothing moves)."""
+        index = place_index(self.index, device)
+        return self if index is self.index else FaissRetriever(index, self.spec)
+
+    def with_search_settings(self, nprobe: int | None = None, ef_search: int | None = None) -> FaissRetriever:
+        """A retriever over the same faiss index that searches with other search-time settings.
+
+        ``nprobe`` applies to IVF kinds, ``ef_search`` to HNSW (a setting of another kind is an
+        error, as in :class:`IndexSpec`). Both retrievers share the index, not copied: each applies
+        its own settings before every search, so a sweep over ``nprobe`` builds the index once.
+        """
+        values = {name: value for name, value in (("nprobe", nprobe), ("ef_search", ef_search)) if value is not None}
+        return FaissRetriever(self.index, replace(self.spec, **values))
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "index": self.spec.to_dict()}
 
@@ -489,6 +514,7 @@ class FaissRetriever(Retriever):
         if n == 0:
             raise ValueError("the index is empty")
         checked = check_exclude(exclude, len(q), n) if exclude is not None else None
+        _apply_search_params(index, self.spec)  # the index may be shared (with_search_settings)
         extra = max((len(e) for e in checked), default=0) if checked else 0
         wanted = min(n, k + extra)
         fetch = min(wanted, _max_k(index))

@@ -215,6 +215,17 @@ def test_device_choice_without_gpu(data, tmp_path):
         load_index(path, IndexSpec("flat"), device="gpu")
 
 
+def test_on_device_without_gpu(data):
+    if gpu_available():
+        pytest.skip("this machine has a GPU")
+    retriever = FaissRetriever.build(data[0], IndexSpec("flat"))
+    assert retriever.on_device("auto") is retriever and retriever.on_device("cpu") is retriever
+    with pytest.raises(RuntimeError, match="device='gpu' but the GPU build of faiss or a GPU is missing"):
+        retriever.on_device("gpu")
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'gpu', got 'tpu'"):
+        retriever.on_device("tpu")
+
+
 def test_save_into_missing_directory(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_index(build_index(data[0][:10]), tmp_path / "nope" / "x.faiss")
@@ -317,6 +328,20 @@ def test_gpu_exact_search_equals_cpu(data, tmp_path):
     # saving a GPU index writes its CPU form
     save_index(gpu_index, tmp_path / "again.faiss")
     assert not is_gpu_index(load_index(tmp_path / "again.faiss", IndexSpec("flat"), device="cpu"))
+
+
+@needs_gpu
+def test_on_device_moves_a_built_ivf_index_and_keeps_its_nprobe(clustered_data):
+    items, queries = clustered_data
+    cpu = FaissRetriever.build(items, IndexSpec("ivf_flat", nlist=32, nprobe=32))
+    gpu = cpu.on_device("gpu")
+    assert is_gpu_index(gpu.index) and gpu.spec == cpu.spec
+    # float rounding may swap near-ties between the devices, nothing more
+    assert recall_at_k(gpu.search(queries, 10)[1], cpu.search(queries, 10)[1]) >= 0.99  # every list probed: exact
+    assert gpu.on_device("auto") is gpu
+    fewer = gpu.with_search_settings(nprobe=4)
+    assert fewer.index is gpu.index
+    assert recall_at_k(fewer.search(queries, 10)[1], cpu.with_search_settings(nprobe=4).search(queries, 10)[1]) >= 0.99
 
 
 @needs_gpu

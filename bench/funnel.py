@@ -1,0 +1,281 @@
+"""Funnel search on a trained tower's item matrix (bench/README.md §3, docs/method.md §6).
+
+A checkpoint trained by ``python -m recsys.train`` (e.g. Last.fm without ID embeddings) embeds
+``--items`` items: its real items, then synthetic items with features drawn like the real ones
+(``bench/trained_catalogue.py``). The queries are user vectors of real users. Against the exact
+full-size top-``k`` it measures, per thread count and side by side in one run:
+
+- exact search: ``torch.topk(q @ Z.T)`` over item blocks (``ExactRetriever``) and faiss flat;
+- the flat funnel: exact search over a prefix (``torch.topk`` blocks, or faiss flat) shortlists,
+  re-rank at the full size;
+- the IVF funnel (AdANNS-IVF): an IVF-flat index clustered, probed and scanned on the prefix
+  shortlists, re-rank at the full size; per prefix, ``nprobe`` and shortlist.
+
+Each funnel setting is also timed without its re-ranking (the first stage alone), with the share
+of the exact top-``k`` its shortlist holds.
+
+Recall@k is of the exact full-size top-``k``; speed-ups are against the faster exact search,
+timed right before and right after the funnels (their mean). Run, e.g.::
+
+    python bench/funnel.py --checkpoint lightning_logs/funnel-lastfm/checkpoints/best.ckpt --data-dir data/lastfm
+"""
+
+from __future__ import annotations
+
+import os
+
+# Shared machines: OpenMP threads that spin instead of sleeping slow faiss down under load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import hashlib
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from machine import cpu_model  # noqa: E402  (bench/machine.py: the script directory is on sys.path)
+from recsys.atomic import write_json_atomically  # noqa: E402
+from recsys.model import read_checkpoint  # noqa: E402
+from serving.retrieval import (  # noqa: E402
+    ExactRetriever,
+    FaissRetriever,
+    FunnelRetriever,
+    FunnelSpec,
+    IndexSpec,
+    gpu_available,
+    recall_at_k,
+    torch_topk,
+)
+from trained_catalogue import item_matrix, load_model, user_vectors  # noqa: E402
+
+logger = logging.getLogger("bench.funnel")
+
+
+def timed(fn, repeats: int):
+    """Median seconds of ``repeats`` calls after one warm-up call, and the warm-up's result."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def shown_path(path: Path) -> str:
+    """A path as the README should show it: relative to the repository, else its last two parts."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(Path(*path.parts[-2:]))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def training_record(checkpoint: Path) -> dict:
+    """The checkpoint (its epoch) and, when its run directory (``recsys.train --tracking csv``) has
+    ``results.json``, the test metrics per size."""
+    out = {"checkpoint": shown_path(checkpoint), "checkpoint_sha256": sha256(checkpoint)}
+    training = {"epochs": int(read_checkpoint(checkpoint)["epoch"]) + 1}
+    results = checkpoint.resolve().parent.parent / "results.json"
+    if results.is_file():
+        rows = json.loads(results.read_text())
+        training["test_by_size"] = rows
+        training["test_ndcg_10_full"] = max(rows, key=lambda r: r["size"])["ndcg_10"]
+    return {**out, "training": training}
+
+
+def machine_info() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "faiss_gpus": faiss.get_num_gpus(),
+        "faiss_gpu_available": gpu_available(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def build_prefix_indexes(z: np.ndarray, args) -> dict:
+    """Stage-0 indexes per (prefix, kind), built once (with all threads) and reused at every thread count."""
+    indexes = {}
+    for prefix in args.prefixes:
+        zp = np.ascontiguousarray(z[:, :prefix])
+        for kind in args.prefix_kinds:
+            start = time.perf_counter()
+            if kind == "exact":
+                retriever = ExactRetriever(zp)
+            else:
+                spec = IndexSpec(kind) if kind == "flat" else IndexSpec(kind, nlist=args.nlist)
+                retriever = FaissRetriever.build(zp, spec).on_device(args.device)
+            indexes[prefix, kind] = (retriever, time.perf_counter() - start)
+            logger.info("prefix %d %s index built in %.1fs", prefix, kind, indexes[prefix, kind][1])
+    return indexes
+
+
+def run_threads(threads: int, z, queries, truth, indexes, exact_flat, args) -> dict:
+    set_threads(threads)
+    k, repeats = args.k, args.repeats
+    # exact torch search runs where the item matrix is: the GPU when faiss may use one too
+    device = "cuda" if args.device != "cpu" and gpu_available() and torch.cuda.is_available() else "cpu"
+    exact_torch = ExactRetriever(torch.from_numpy(z).to(device))
+    queries_on_device = torch.from_numpy(queries).to(device)
+
+    def time_exact() -> dict:
+        return {"torch_topk_ms": 1e3 * timed(lambda: exact_torch.search(queries_on_device, k), repeats)[0],
+                "faiss_flat_ms": 1e3 * timed(lambda: exact_flat.search(queries, k), repeats)[0]}
+
+    prefixes = {p: np.ascontiguousarray(queries[:, :p]) for p in args.prefixes}
+    before = time_exact()
+    load_before = os.getloadavg()[0]
+    logger.info("%d threads, exact before: %s", threads, before)
+    rows = []
+    for (prefix, kind), (prefix_index, build_s) in indexes.items():
+        probes = args.nprobes if kind == "ivf_flat" else [None]
+        for nprobe in probes:
+            stage0 = prefix_index if nprobe is None else prefix_index.with_search_settings(nprobe=nprobe)
+            for shortlist in args.shortlists:
+                spec = FunnelSpec(prefix, shortlist, z.shape[1], **({"index": stage0.spec} if kind != "exact" else {}))
+                funnel = FunnelRetriever(z, spec, stage0)
+                seconds, (_, found) = timed(lambda: funnel.search(queries, k), repeats)
+                # the first stage alone (the funnel passes it the queries' prefix and the shortlist)
+                stage0_s, (_, shortlisted) = timed(lambda: stage0.search(prefixes[prefix], max(shortlist, k)), repeats)
+                row = {"prefix": prefix, "prefix_index": kind, "nprobe": nprobe, "shortlist": shortlist,
+                       "settings": funnel.to_dict(), "prefix_index_build_s": build_s,
+                       "latency_ms": 1e3 * seconds, "stage0_ms": 1e3 * stage0_s,
+                       "recall": recall_at_k(found, truth), "shortlist_recall": recall_at_k(shortlisted, truth)}
+                rows.append(row)
+                logger.info("%d threads: prefix %d %s nprobe %s shortlist %d: %.1f ms recall %.4f", threads, prefix,
+                            kind, nprobe, shortlist, row["latency_ms"], row["recall"])
+    after = time_exact()
+    logger.info("%d threads, exact after: %s", threads, after)
+    exact = {name: (before[name] + after[name]) / 2 for name in before}
+    fastest = min(exact, key=exact.get)
+    for row in rows:
+        row["speedup_vs_fastest_exact"] = exact[fastest] / row["latency_ms"]
+        row["speedup_vs_torch_topk"] = exact["torch_topk_ms"] / row["latency_ms"]
+        row["speedup_vs_faiss_flat"] = exact["faiss_flat_ms"] / row["latency_ms"]
+    return {"threads": threads, "torch_device": device, "exact_ms": exact, "exact_ms_before": before, "exact_ms_after": after,
+            "fastest_exact": fastest, "load_average_1m_before": load_before,
+            "load_average_1m_after": os.getloadavg()[0], "funnel": rows}
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by recsys.train")
+    parser.add_argument("--data-dir", type=Path, required=True, help="the prepared dataset it was trained on (its users)")
+    parser.add_argument("--items", type=int, default=1_000_000, help="catalogue size: real items plus synthetic ones")
+    parser.add_argument("--queries", type=int, default=1024, help="real users in the query batch")
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--prefixes", type=int_list, default=[16, 32, 64])
+    parser.add_argument("--shortlists", type=int_list, default=[400, 1600])
+    parser.add_argument("--prefix-kinds", type=lambda t: t.split(","), default=["flat", "ivf_flat"],
+                        help="stage-0 searches over the prefix: exact (torch.topk), flat (faiss), ivf_flat (faiss)")
+    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists of the IVF funnel's prefix index")
+    parser.add_argument("--nprobes", type=int_list, default=[32, 64, 128, 256, 512])
+    parser.add_argument("--threads", type=int_list, default=[2, 1])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed calls after the warm-up (median); at 10^6 items one call takes seconds")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="where the faiss indexes search (auto: the GPU when faiss sees one); re-ranking stays on the CPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "funnel.json")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint} is not a file")
+    if not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir} is not a directory")
+    unknown = sorted(set(args.prefix_kinds) - {"exact", "flat", "ivf_flat"})
+    if unknown or not args.prefix_kinds:
+        parser.error(f"--prefix-kinds takes exact, flat and ivf_flat, got {args.prefix_kinds}")
+    if max(args.nprobes) > args.nlist:
+        parser.error(f"--nprobes must not exceed --nlist={args.nlist}, got {args.nprobes}")
+    for name in ("items", "queries", "k", "nlist", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
+    set_threads(max(args.threads))
+    machine = machine_info()
+    load_at_start = os.getloadavg()[0]
+
+    model = load_model(args.checkpoint)
+    width = model.net.width
+    if any(p >= width for p in args.prefixes):
+        parser.error(f"--prefixes must be below the model width {width}, got {args.prefixes}")
+    start = time.perf_counter()
+    z, catalogue = item_matrix(model, args.items, seed=args.seed)
+    queries, query_info = user_vectors(model, args.data_dir, args.queries, seed=args.seed)
+    logger.info("item matrix %s and %d queries in %.1fs", z.shape, len(queries), time.perf_counter() - start)
+    _, truth = torch_topk(queries, z, args.k)
+    truncation = {p: recall_at_k(torch_topk(queries[:, :p], z[:, :p], args.k)[1], truth) for p in args.prefixes}
+    logger.info("exact top-%d at each prefix, recall of the full-size one: %s", args.k, truncation)
+
+    start = time.perf_counter()
+    exact_flat = FaissRetriever.build(z, IndexSpec("flat")).on_device(args.device)
+    indexes = build_prefix_indexes(z, args)
+    logger.info("indexes built in %.1fs", time.perf_counter() - start)
+    per_threads = [run_threads(t, z, queries, truth, indexes, exact_flat, args) for t in args.threads]
+
+    report = {
+        "benchmark": "funnel",
+        "machine": machine,
+        "load_average_1m_at_start": load_at_start,
+        "load_average_1m_at_end": os.getloadavg()[0],
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "checkpoint", "data_dir")},
+                     "data_dir": shown_path(args.data_dir)},
+        "model": {**training_record(args.checkpoint), "sizes": list(model.sizes), "encoder": model.hparams.encoder,
+                  "use_id_embedding": bool(model.hparams.use_id_embedding)},
+        "catalogue": catalogue,
+        "queries": query_info,
+        "recall_of_exact_prefix_search": {str(p): r for p, r in truncation.items()},
+        "results": per_threads,
+    }
+    write_json_atomically(args.out, report, indent=2)
+    for res in per_threads:
+        print(f"\n== {res['threads']} threads: exact {res['exact_ms']} (fastest {res['fastest_exact']}) ==")
+        print(f"{'prefix':>6} {'index':>9} {'nprobe':>6} {'shortlist':>9} {'ms':>9} {'recall':>7} {'x fastest':>9}")
+        for r in res["funnel"]:
+            print(f"{r['prefix']:>6} {r['prefix_index']:>9} {str(r['nprobe'] or ''):>6} {r['shortlist']:>9} "
+                  f"{r['latency_ms']:>9.1f} {r['recall']:>7.4f} {r['speedup_vs_fastest_exact']:>8.2f}x")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
