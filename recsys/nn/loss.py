@@ -143,7 +143,12 @@ def _product_into(out: Tensor, a: Tensor, b: Tensor, add_to: Tensor | None = Non
     writes it in place, so no temporary and no later copy is needed.
     """
     if out.dtype == a.dtype:
-        torch.addmm(out if add_to is None else add_to, a, b, beta=0.0 if add_to is None else 1.0, out=out)
+        if add_to is None:  # beta=0: out's old contents are ignored (torch.mm would copy a strided out)
+            torch.addmm(out, a, b, beta=0.0, out=out)
+        elif add_to is out:
+            out.addmm_(a, b)
+        else:
+            torch.addmm(add_to, a, b, out=out)
     elif add_to is None:
         out.copy_(a @ b)
     else:
@@ -221,7 +226,8 @@ def _blocked_forward(
         for m, (a, b) in enumerate(bounds):
             s = levels[m] if levels.dtype == u.dtype else levels[m].to(u.dtype)
             _product_into(d_valid[r0:r1, a:b], s, chunks[m])
-            _product_into(d_items[1:, a:b], s.t(), u[:, a:b], add_to=d_items[1:, a:b])
+            d_chunk = d_items[1:, a:b]
+            _product_into(d_chunk, s.t(), u[:, a:b], add_to=d_chunk)
     del buffer
 
     ce_sums = _cross_entropy_from_probs(target_prob, u_valid, cand, t_valid, sizes).sum(dim=1)
