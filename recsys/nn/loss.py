@@ -13,15 +13,32 @@ grow with the number of sizes. But the logits at size ``s_m`` are the running su
 ``c <= m`` of ``u[chunk c] @ Z[:, chunk c]^T``, and the gradient of chunk ``c``'s product is
 ``G_c = sum_{m >= c} w_m (softmax_m - onehot) / n_valid``. So for one block of positions we build
 the logits of every size from the previous size's plus one chunk product (one full product in all),
-then walk the sizes from largest to smallest, adding size ``m``'s softmax to an accumulator that
-then gives chunk ``m``'s gradients. Each size's logits are dropped once used, and their buffer
-takes the next softmax. A block covers ``block_rows // (M + 1)`` positions, so the logits held at
-once are about ``block_rows x items`` floats whatever M is, and nothing that large outlives its block.
+then replace them by their softmax, then walk the sizes from largest to smallest turning size
+``m``'s softmax into the running sum ``S_m = sum_{m' >= m} w_m' softmax_m' / n`` that gives chunk
+``m``'s gradients. A block covers ``block_rows // M`` positions, so the logits held at once are
+about ``block_rows x items`` floats whatever M is, and nothing that large outlives its block.
+
+Why it is written this way (each choice measured, docs/method.md §4). What all sizes cost beyond
+the largest alone is the elementwise work on the ``positions x items`` buffers, and on a busy
+machine also the number of operations (every multi-threaded operation waits for all its threads).
+So the code makes few passes over those buffers and few, large operations:
+
+- all sizes' logits live in one ``(M, rows, N)`` buffer, and one in-place ``softmax`` over it
+  handles every size at once (no separate buffer for the probabilities);
+- the cross-entropy is ``-log`` of the target's probability, gathered from that softmax, so no
+  pass looks for the row maxima or the log-sum-exp. That is exact while the probability is a
+  normal float; rows whose target probability underflowed (a target logit some 87 below the
+  row's top in float32) are recomputed exactly after the blocks;
+- the running sum ``S_m`` is built in place, one ``add`` per size, and each chunk's gradient
+  products write straight into their column slice of ``dU`` and ``dZ`` (no concatenation);
+- the blocks are made equal in size, so there is no small last block.
 
 (The other exact order, computing only the full-size logits and subtracting chunk ``m``'s product
 to step down a size, holds fewer buffers per position but computes every chunk product twice; on
-CPU it was about a fifth slower at equal memory. A ``torch.compile``-fused softmax pass was tried
-too and gave no measurable gain over the in-place eager passes used here.)
+CPU it was about a fifth slower at equal memory. Summing the chunk products with one ``cumsum``
+over the buffer instead of ``addmm`` onto a copy of the previous size was not consistently faster. A
+``torch.compile``-fused softmax pass was tried too and gave no measurable gain over the eager
+softmax.)
 
 Why the gradients are computed in the forward pass. The loss is a scalar, so its backward only
 scales the gradients by the incoming scalar. Computing them while the block's logits are at hand
@@ -310,9 +327,10 @@ def matryoshka_cross_entropy(
         targets: ``(P,)`` target item indices in ``[0, N]``; 0 marks an ignored position.
         sizes: the nested sizes, strictly increasing, the largest equal to ``D``.
         weights: weight ``w_m`` of each size (default 1.0 each), finite and non-negative.
-        block_rows: logit rows held at once, over all sizes: each block covers
-            ``block_rows // (M + 1)`` positions (at least one) and holds their logits at every
-            size plus one spare, about ``block_rows * N`` floats whatever the number of sizes.
+        block_rows: logit rows held at once, over all sizes: each block covers about
+            ``block_rows // M`` positions (at least one; the blocks are made equal) and holds
+            their logits at every size, about ``block_rows * N`` floats whatever the number of
+            sizes. Larger blocks mean fewer operations, hence faster steps on a busy machine.
             Small batches are split too, so that at most ``3 * P * N`` floats are held, what
             plain autograd cross-entropy at one size holds at its peak.
 
