@@ -375,8 +375,10 @@ def block_loss() -> list[str]:
         goal = LOSS_TIME_GOAL_BUSY if busy else LOSS_TIME_GOAL_QUIET
         verdict = "met" if best <= goal else f"not met by {ratio(best - goal)}"
         state = "held to the quiet goal" if t == "1" else ("busy machine, goal" if busy else "quiet machine, goal")
-        time_parts.append(f"{t} thread{'s' if t != '1' else ''} ({state} {ratio(goal)}): best {ratio(best)} "
-                          f"with blocks of {block_rows[best_v]} rows ({verdict})")
+        best_min = min(timings[t]["variants"][v]["time_ratio_of_minima"] for v in flat)
+        time_parts.append(f"{t} thread{'s' if t != '1' else ''} ({state} {ratio(goal)}): best median {ratio(best)} "
+                          f"with blocks of {block_rows[best_v]} rows ({verdict}; best ratio of the fastest steps "
+                          f"{ratio(best_min)})")
     lines.append(f"{memory_text}. Step time: " + "; ".join(time_parts) + ".")
     per_thread_load = [f"{t}: {load_avg(timings[t].get('load_average_before'))}" for t in threads]
     lines.append("Load average before the timings, by threads (1 / 5 / 15 minutes): " + "; ".join(per_thread_load) + ".")
