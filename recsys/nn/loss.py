@@ -330,7 +330,7 @@ def matryoshka_cross_entropy(
         block_rows: logit rows held at once, over all sizes: each block covers about
             ``block_rows // M`` positions (at least one; the blocks are made equal) and holds
             their logits at every size, about ``block_rows * N`` floats whatever the number of
-            sizes. Larger blocks mean fewer operations, hence faster steps on a busy machine.
+            sizes. Larger blocks mean fewer operations but more memory touched per step.
             Small batches are split too, so that at most ``3 * P * N`` floats are held, what
             plain autograd cross-entropy at one size holds at its peak.
 
