@@ -374,6 +374,9 @@ def block_loss() -> list[str]:
         busy = t != "1" and (before is None or before[0] > m["cores"])
         goal = LOSS_TIME_GOAL_BUSY if busy else LOSS_TIME_GOAL_QUIET
         verdict = "met" if best <= goal else f"not met by {ratio(best - goal)}"
+        missed = [f"{block_rows[v]} rows at {ratio(timings[t]['variants'][v]['time_ratio'])}" for v in flat
+                  if timings[t]["variants"][v]["time_ratio"] > goal]
+        verdict += f", not with {', '.join(missed)}" if missed and best <= goal else ""
         state = "held to the quiet goal" if t == "1" else ("busy machine, goal" if busy else "quiet machine, goal")
         best_min = min(timings[t]["variants"][v]["time_ratio_of_minima"] for v in flat)
         time_parts.append(f"{t} thread{'s' if t != '1' else ''} ({state} {ratio(goal)}): best median {ratio(best)} "
