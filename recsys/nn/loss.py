@@ -247,7 +247,7 @@ def _blocked_forward(
             _product_into(d_chunk, s.t(), u[:, a:b], add_to=d_chunk)
     del buffer
 
-    ce_sums = _cross_entropy_from_probs(target_prob, u_valid, cand, t_valid, sizes).sum(dim=1)
+    ce_sums = _cross_entropy_from_probs(target_prob, u_valid, cand, t_valid, sizes, positions).sum(dim=1)
     if not with_grads:
         return ce_sums, None, None
     # one-hot part: column j of chunk c carries sum_{m >= c} w_m / n
@@ -264,18 +264,20 @@ def _blocked_forward(
 
 
 def _cross_entropy_from_probs(
-    target_prob: Tensor, user: Tensor, cand: Tensor, targets: Tensor, sizes: tuple[int, ...]
+    target_prob: Tensor, user: Tensor, cand: Tensor, targets: Tensor, sizes: tuple[int, ...], positions: int
 ) -> Tensor:
     """``CE[m, r] = -log softmax_m[r, target]`` from the target probabilities ``(M, n)``.
 
     That is exact while the probability is a normal float. Where it underflowed (a target logit
-    some 87 below the row's largest in float32), those rows' logits are recomputed and their CE
-    taken as ``logsumexp - target logit``: rare, and few rows.
+    some 87 below the row's largest in float32), those rows' logits are recomputed, ``positions``
+    rows at a time, and their CE taken as ``logsumexp - target logit``: rare, and few rows.
     """
     ce = target_prob.log().neg_()
     far = target_prob < torch.finfo(target_prob.dtype).tiny
-    if bool(far.any()):
-        rows = far.any(dim=0).nonzero().squeeze(1)
+    if not bool(far.any()):
+        return ce
+    far_rows = far.any(dim=0).nonzero().squeeze(1)
+    for rows in far_rows.split(positions):
         t = targets[rows].unsqueeze(1)
         for m, logits in enumerate(prefix_scores(user[rows], cand, sizes, dtype=target_prob.dtype)):
             exact = torch.logsumexp(logits, dim=1) - logits.gather(1, t).squeeze(1)
