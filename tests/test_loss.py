@@ -73,6 +73,26 @@ def test_equals_naive_float32():
     torch.testing.assert_close(dz, dz_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype, spread", [(torch.float32, 40.0), (torch.float64, 400.0)])
+def test_target_probability_underflow_is_exact(dtype, spread):
+    """Logits so spread that some targets' softmax probability underflows to 0: the CE of those
+    rows comes from their recomputed logits and still equals the naive loss (gradients too)."""
+    sizes = (2, 4, 8, 16)
+    user, items, targets = _case(positions=30, items=40, sizes=sizes, dtype=dtype, ignored=4)
+    user = user * spread
+    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=8)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes)
+    logits = user[targets > 0] @ items[1:].t()
+    gap = logits.amax(dim=1) - logits.gather(1, targets[targets > 0, None] - 1).squeeze(1)
+    assert gap.max() > -math.log(torch.finfo(dtype).tiny)  # some target probability is below the tiniest float
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(flat.per_size, ref.per_size, rtol=tol, atol=0)
+    # logits in the hundreds: float32 rounding of a logit moves its probability by about 1e-5
+    grad_tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(du, du_ref, rtol=grad_tol, atol=grad_tol)
+    torch.testing.assert_close(dz, dz_ref, rtol=grad_tol, atol=grad_tol)
+
+
 def test_total_is_weighted_sum_of_per_size():
     sizes, weights = (2, 4, 8, 16), (0.5, 1.0, 2.0, 0.25)
     user, items, targets = _case(sizes=sizes)

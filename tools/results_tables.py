@@ -29,8 +29,11 @@ README = ROOT / "README.md"
 SECTION = "## Measured results"
 
 # Goals of the memory-flat loss (docs/method.md §4): ratios to the largest size trained alone.
+# Step time: 1.25x at 2 threads on a quiet machine (1-minute load average at most the core count),
+# 1.5x on a busy one; a 1-thread run, closest to the arithmetic cost, is held to the quiet goal.
 LOSS_MEMORY_GOAL = 1.2
-LOSS_TIME_GOAL = 1.5
+LOSS_TIME_GOAL_QUIET = 1.25
+LOSS_TIME_GOAL_BUSY = 1.5
 # The funnel figure quoted in the text: the fastest setting reaching this recall at the largest catalogue.
 FUNNEL_RECALL_TARGET = 0.95
 # issue 14's goal for the funnel on a trained tower's item matrix (bench/funnel.py)
@@ -373,10 +376,21 @@ def block_loss() -> list[str]:
     memory_text += f", not with {', '.join(missed_memory)}" if met_memory and missed_memory else ""
     time_parts = []
     for t in threads:
-        best = min(timings[t]["variants"][v]["time_ratio"] for v in flat)
-        verdict = "met" if best <= LOSS_TIME_GOAL else "not met"
-        time_parts.append(f"{t} thread{'s' if t != '1' else ''} best {ratio(best)} ({verdict})")
-    lines.append(f"{memory_text}. Goal step time ≤ {LOSS_TIME_GOAL}x: " + "; ".join(time_parts) + ".")
+        best_v = min(flat, key=lambda v: timings[t]["variants"][v]["time_ratio"])
+        best = timings[t]["variants"][best_v]["time_ratio"]
+        before = timings[t].get("load_average_before")
+        busy = t != "1" and (before is None or before[0] > m["cores"])
+        goal = LOSS_TIME_GOAL_BUSY if busy else LOSS_TIME_GOAL_QUIET
+        verdict = "met" if best <= goal else f"not met by {ratio(best - goal)}"
+        missed = [f"{block_rows[v]} rows at {ratio(timings[t]['variants'][v]['time_ratio'])}" for v in flat
+                  if timings[t]["variants"][v]["time_ratio"] > goal]
+        verdict += f", not with {', '.join(missed)}" if missed and best <= goal else ""
+        state = "held to the quiet goal" if t == "1" else ("busy machine, goal" if busy else "quiet machine, goal")
+        best_min = min(timings[t]["variants"][v]["time_ratio_of_minima"] for v in flat)
+        time_parts.append(f"{t} thread{'s' if t != '1' else ''} ({state} {ratio(goal)}): best median {ratio(best)} "
+                          f"with blocks of {block_rows[best_v]} rows ({verdict}; best ratio of the fastest steps "
+                          f"{ratio(best_min)})")
+    lines.append(f"{memory_text}. Step time: " + "; ".join(time_parts) + ".")
     per_thread_load = [f"{t}: {load_avg(timings[t].get('load_average_before'))}" for t in threads]
     lines.append("Load average before the timings, by threads (1 / 5 / 15 minutes): " + "; ".join(per_thread_load) + ".")
     return lines

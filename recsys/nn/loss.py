@@ -13,15 +13,32 @@ grow with the number of sizes. But the logits at size ``s_m`` are the running su
 ``c <= m`` of ``u[chunk c] @ Z[:, chunk c]^T``, and the gradient of chunk ``c``'s product is
 ``G_c = sum_{m >= c} w_m (softmax_m - onehot) / n_valid``. So for one block of positions we build
 the logits of every size from the previous size's plus one chunk product (one full product in all),
-then walk the sizes from largest to smallest, adding size ``m``'s softmax to an accumulator that
-then gives chunk ``m``'s gradients. Each size's logits are dropped once used, and their buffer
-takes the next softmax. A block covers ``block_rows // (M + 1)`` positions, so the logits held at
-once are about ``block_rows x items`` floats whatever M is, and nothing that large outlives its block.
+then replace them by their softmax, then walk the sizes from largest to smallest turning size
+``m``'s softmax into the running sum ``S_m = sum_{m' >= m} w_m' softmax_m' / n`` that gives chunk
+``m``'s gradients. A block covers ``block_rows // M`` positions, so the logits held at once are
+about ``block_rows x items`` floats whatever M is, and nothing that large outlives its block.
+
+Why it is written this way (each choice measured, docs/method.md §4). What all sizes cost beyond
+the largest alone is the elementwise work on the ``positions x items`` buffers, and on a busy
+machine also the number of operations (every multi-threaded operation waits for all its threads).
+So the code makes few passes over those buffers and few, large operations:
+
+- all sizes' logits live in one ``(M, rows, N)`` buffer, and one in-place ``softmax`` over it
+  handles every size at once (no separate buffer for the probabilities);
+- the cross-entropy is ``-log`` of the target's probability, gathered from that softmax, so no
+  pass looks for the row maxima or the log-sum-exp. That is exact while the probability is a
+  normal float; rows whose target probability underflowed (a target logit some 87 below the
+  row's top in float32) are recomputed exactly after the blocks;
+- the running sum ``S_m`` is built in place, one ``add`` per size, and each chunk's gradient
+  products write straight into their column slice of ``dU`` and ``dZ`` (no concatenation);
+- the blocks are made equal in size, so there is no small last block.
 
 (The other exact order, computing only the full-size logits and subtracting chunk ``m``'s product
 to step down a size, holds fewer buffers per position but computes every chunk product twice; on
-CPU it was about a fifth slower at equal memory. A ``torch.compile``-fused softmax pass was tried
-too and gave no measurable gain over the in-place eager passes used here.)
+CPU it was about a fifth slower at equal memory. Summing the chunk products with one ``cumsum``
+over the buffer instead of ``addmm`` onto a copy of the previous size was not consistently faster. A
+``torch.compile``-fused softmax pass was tried too and gave no measurable gain over the eager
+softmax.)
 
 Why the gradients are computed in the forward pass. The loss is a scalar, so its backward only
 scales the gradients by the incoming scalar. Computing them while the block's logits are at hand
@@ -135,18 +152,24 @@ def _autocast_inputs(user: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
 # -- the memory-flat loss -------------------------------------------------------------------------
 
 
-def _product(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-    """``a @ b`` in the inputs' dtype, returned in ``dtype`` (the softmax precision)."""
-    out = a @ b
-    return out if out.dtype == dtype else out.to(dtype)
+def _product_into(out: Tensor, a: Tensor, b: Tensor, add_to: Tensor | None = None) -> None:
+    """``out = add_to + a @ b`` (``out = a @ b`` without ``add_to``; ``add_to`` may be ``out``).
 
-
-def _add_product_(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out += a @ b`` in place (no temporary when the dtypes agree)."""
+    The product runs in the inputs' dtype and lands in ``out``'s (the softmax precision). ``out``
+    may be a strided view whose rows are contiguous, such as a column slice of a gradient: BLAS
+    writes it in place, so no temporary and no later copy is needed.
+    """
     if out.dtype == a.dtype:
-        out.addmm_(a, b)
+        if add_to is None:  # beta=0: out's old contents are ignored (torch.mm would copy a strided out)
+            torch.addmm(out, a, b, beta=0.0, out=out)
+        elif add_to is out:
+            out.addmm_(a, b)
+        else:
+            torch.addmm(add_to, a, b, out=out)
+    elif add_to is None:
+        out.copy_(a @ b)
     else:
-        out.add_(a @ b)
+        torch.add(add_to, a @ b, out=out)
 
 
 def _blocked_forward(
@@ -183,59 +206,53 @@ def _blocked_forward(
 
     # Row 0 (padding) is simply left out of the candidates, so no -inf column is needed.
     cand = items[1:]
-    chunks = [cand[:, a:b] for a, b in bounds]  # strided views for the gradient products
+    num_cand = cand.shape[0]
+    chunks = [cand[:, a:b] for a, b in bounds]  # strided views for the products
     u_valid = user if all_valid else user[rows]
     t_valid = (targets if all_valid else targets[rows]).long() - 1  # index into the candidates
-    # per size and row: maximum logit, largest softmax probability, target logit
-    row_max = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
-    top_prob = torch.empty_like(row_max)
-    target_logit = torch.empty(num_sizes, n_valid, 1, dtype=dtype, device=device)
-    # chunk m of the user gradient's softmax part, one contiguous (n_valid, chunk width) matrix each
-    widths = chunk_widths(sizes)
-    d_chunks = [torch.empty(n_valid, w, dtype=dtype, device=device) for w in widths] if with_grads else None
-    # M logit buffers and one spare per block: block_rows rows in all, and never more than the
-    # three positions x items buffers that the plain single-size loss holds at its peak
-    positions = max(1, min(block_rows, 3 * n_valid) // (num_sizes + 1))
+    # c_m = w_m / n: the weight of size m's softmax in the gradient of the mean loss
+    scale = [w / n_valid for w in weights]
+    # the softmax probability of every row's target at every size (its CE is -log of it)
+    target_prob = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
+    # the softmax part of the user gradient, written chunk by chunk in place
+    d_valid = torch.empty(n_valid, user.shape[1], dtype=dtype, device=device) if with_grads else None
+    # One block holds the logits of all M sizes for its positions, block_rows rows in all, and
+    # never more than the three positions x items buffers the plain single-size loss holds at its
+    # peak. The blocks are made equal, so that the last one is not a sliver.
+    positions = max(1, min(block_rows, 3 * n_valid) // num_sizes)
+    positions = -(-n_valid // -(-n_valid // positions))
+    buffer = torch.empty(num_sizes * positions * num_cand, dtype=dtype, device=device)
 
     for r0 in range(0, n_valid, positions):
         r1 = min(r0 + positions, n_valid)
-        u, t = u_valid[r0:r1], t_valid[r0:r1].unsqueeze(1)
-        # upward: every size's logits, each the previous size's plus chunk m's product (M buffers)
-        levels = list(prefix_scores(u, cand, sizes, dtype=dtype))
-        # downward: soft accumulates sum_{m' >= m} w_m' softmax_m' / n, the softmax part of G_m
-        spare, soft = torch.empty_like(levels[0]), None
-        for m in range(num_sizes - 1, -1, -1):
-            a, b = bounds[m]
-            logits = levels.pop()
-            torch.gather(logits, 1, t, out=target_logit[m, r0:r1])
-            torch.amax(logits, dim=1, out=row_max[m, r0:r1])
-            torch.softmax(logits, dim=1, out=spare)
-            # logsumexp = max - log(largest probability); that probability is >= 1/N, never 0
-            torch.amax(spare, dim=1, out=top_prob[m, r0:r1])
-            if not with_grads:
-                del logits
-                continue
-            if soft is None:  # the largest size: the spare becomes the accumulator
-                soft, spare = spare.mul_(weights[m] / n_valid), logits
-            else:
-                soft.add_(spare, alpha=weights[m] / n_valid)
-            del logits
-            # chunk m's gradients from the softmax part of G_m
-            g = soft if soft.dtype == u.dtype else soft.to(u.dtype)
-            if g.dtype == dtype:
-                torch.mm(g, chunks[m], out=d_chunks[m][r0:r1])
-            else:
-                d_chunks[m][r0:r1] = _product(g, chunks[m], dtype)
-            _add_product_(d_items[1:, a:b], g.t(), u[:, a:b])
-        del soft, spare
+        u, t = u_valid[r0:r1], t_valid[r0:r1]
+        levels = buffer[: num_sizes * (r1 - r0) * num_cand].view(num_sizes, r1 - r0, num_cand)
+        # upward: size m's logits are size m-1's plus chunk m's product
+        for m, (a, b) in enumerate(bounds):
+            _product_into(levels[m], u[:, a:b], chunks[m].t(), add_to=levels[m - 1] if m else None)
+        # every size's softmax in one operation, in place: the logits are not needed any more
+        torch.softmax(levels, dim=2, out=levels)
+        target_prob[:, r0:r1] = levels.gather(2, t.view(1, -1, 1).expand(num_sizes, -1, 1)).squeeze(2)
+        if not with_grads:
+            continue
+        # downward: levels[m] becomes S_m = c_m softmax_m + S_{m+1}, in place
+        levels[-1].mul_(scale[-1])
+        for m in range(num_sizes - 2, -1, -1):
+            torch.add(levels[m + 1], levels[m], alpha=scale[m], out=levels[m])
+        # chunk m's gradients from S_m
+        for m, (a, b) in enumerate(bounds):
+            s = levels[m] if levels.dtype == u.dtype else levels[m].to(u.dtype)
+            _product_into(d_valid[r0:r1, a:b], s, chunks[m])
+            d_chunk = d_items[1:, a:b]
+            _product_into(d_chunk, s.t(), u[:, a:b], add_to=d_chunk)
+    del buffer
 
-    ce_sums = (row_max - top_prob.log() - target_logit.squeeze(2)).sum(dim=1)
+    ce_sums = _cross_entropy_from_probs(target_prob, u_valid, cand, t_valid, sizes, positions).sum(dim=1)
     if not with_grads:
         return ce_sums, None, None
     # one-hot part: column j of chunk c carries sum_{m >= c} w_m / n
     tail = torch.tensor(weights, dtype=torch.float64).flip(0).cumsum(0).flip(0) / n_valid
-    col_scale = tail.repeat_interleave(torch.tensor(widths)).to(device, dtype)
-    d_valid = torch.cat(d_chunks, dim=1)
+    col_scale = tail.repeat_interleave(torch.tensor(chunk_widths(sizes))).to(device, dtype)
     d_valid -= cand[t_valid].to(dtype) * col_scale
     d_items.index_add_(0, t_valid + 1, u_valid.to(dtype) * col_scale, alpha=-1.0)
     if all_valid:
@@ -244,6 +261,28 @@ def _blocked_forward(
         d_user = torch.zeros_like(user, dtype=dtype)
         d_user[rows] = d_valid
     return ce_sums, d_user, d_items
+
+
+def _cross_entropy_from_probs(
+    target_prob: Tensor, user: Tensor, cand: Tensor, targets: Tensor, sizes: tuple[int, ...], positions: int
+) -> Tensor:
+    """``CE[m, r] = -log softmax_m[r, target]`` from the target probabilities ``(M, n)``.
+
+    That is exact while the probability is a normal float. Where it underflowed (a target logit
+    some 87 below the row's largest in float32), those rows' logits are recomputed, ``positions``
+    rows at a time, and their CE taken as ``logsumexp - target logit``: rare, and few rows.
+    """
+    ce = target_prob.log().neg_()
+    far = target_prob < torch.finfo(target_prob.dtype).tiny
+    if not bool(far.any()):
+        return ce
+    far_rows = far.any(dim=0).nonzero().squeeze(1)
+    for rows in far_rows.split(positions):
+        t = targets[rows].unsqueeze(1)
+        for m, logits in enumerate(prefix_scores(user[rows], cand, sizes, dtype=target_prob.dtype)):
+            exact = torch.logsumexp(logits, dim=1) - logits.gather(1, t).squeeze(1)
+            ce[m, rows] = torch.where(far[m, rows], exact, ce[m, rows])
+    return ce
 
 
 class _MatryoshkaCrossEntropy(torch.autograd.Function):
@@ -290,9 +329,10 @@ def matryoshka_cross_entropy(
         targets: ``(P,)`` target item indices in ``[0, N]``; 0 marks an ignored position.
         sizes: the nested sizes, strictly increasing, the largest equal to ``D``.
         weights: weight ``w_m`` of each size (default 1.0 each), finite and non-negative.
-        block_rows: logit rows held at once, over all sizes: each block covers
-            ``block_rows // (M + 1)`` positions (at least one) and holds their logits at every
-            size plus one spare, about ``block_rows * N`` floats whatever the number of sizes.
+        block_rows: logit rows held at once, over all sizes: each block covers about
+            ``block_rows // M`` positions (at least one; the blocks are made equal) and holds
+            their logits at every size, about ``block_rows * N`` floats whatever the number of
+            sizes. Larger blocks mean fewer operations but more memory touched per step.
             Small batches are split too, so that at most ``3 * P * N`` floats are held, what
             plain autograd cross-entropy at one size holds at its peak.
 
