@@ -209,7 +209,7 @@ class MatryoshkaRecommender(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         mask_seen: bool = True,
-        loss_block_rows: int = 2048,
+        loss_block_rows: int = 1024,
         monitor_size: int | Literal["mean"] | None = None,
         loss: Literal["full", "sampled"] = "full",
         negatives: int = 1024,

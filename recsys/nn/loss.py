@@ -319,7 +319,7 @@ def matryoshka_cross_entropy(
     targets: Tensor,
     sizes: Sequence[int],
     weights: Sequence[float] | None = None,
-    block_rows: int = 2048,
+    block_rows: int = 1024,
 ) -> MatryoshkaLoss:
     """Matryoshka cross-entropy over all ``sizes`` with memory that does not grow with their number.
 
@@ -359,7 +359,7 @@ def naive_matryoshka_cross_entropy(
     targets: Tensor,
     sizes: Sequence[int],
     weights: Sequence[float] | None = None,
-    block_rows: int = 2048,
+    block_rows: int = 1024,
 ) -> MatryoshkaLoss:
     """The obvious implementation: one ``F.cross_entropy`` per size over its own logit tensor.
 
