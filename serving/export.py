@@ -77,8 +77,8 @@ def export_size(
 ) -> Path:
     """Write ``out`` for the model cut to ``size`` and return it.
 
-    ``index`` is ``"exact"`` (the default: exact torch search, no index file; on CPUs and GPUs it is
-    faster than a faiss flat index, ``bench/results/candidates.json``) or a faiss index kind. With
+    ``index`` is ``"exact"`` (the default: exact torch search, no index file; its speed against a
+    faiss flat index, per device, is in ``bench/results/candidates.json``) or a faiss index kind. With
     ``funnel_prefix`` the index covers only the first ``funnel_prefix`` dimensions and
     serving runs a funnel search: shortlist ``funnel_shortlist`` items with it, then re-rank them
     exactly at ``size`` (docs/method.md §6).
