@@ -1,12 +1,21 @@
-"""Batch candidate generation benchmark (bench/README.md §4): users per second per size.
+"""Batch candidate generation benchmark (bench/README.md §4): users per second per size, against the floor.
 
 For each catalogue size (10^5 and 10^6 items) and each Matryoshka size ``s``, the whole job
-(``serving.candidates.generate_candidates``, k=100, seen items excluded) runs over a synthetic
-interaction log, and its users per second are set against the floor set by arithmetic: exact
-top-k over ``N`` items costs at least ``2 * N * s`` flops per user, so at the machine's float32
-matrix-product rate ``R`` (measured in the same run, a square torch matmul) no job can do more than
-``R / (2 N s)`` users per second. Alongside, ``search only`` times the export's retriever (faiss flat) alone on
-random user vectors (k=100, no exclusion), to show how much of the job is the search itself.
+(``serving.candidates.generate_candidates``, k=100, seen items excluded, the export's default
+retriever: exact torch search) runs over a synthetic interaction log, and its users per second are
+set against the floor set by arithmetic: exact top-k over ``N`` items costs at least ``2 * N * s``
+flops per user, so at the machine's float32 matrix-product rate ``R`` (measured in the same run, a
+square torch matmul) no job can do more than ``R / (2 N s)`` users per second. The floor counts
+search flops only: encoding the histories (a 2-block LRU, about ``40 s^2`` flops per position) is
+extra work of the same order at 10^5 items.
+
+Each row records the split of the job's wall time: ``read`` (reading each part into histories),
+``encode`` and ``search`` (inside the model), ``write`` (part files, in the writer thread that
+overlaps the next part) and ``other`` (the rest: validating the input, listing users, the manifest).
+Beside the job, ``search only`` times the two exact retrievers on the same random user vectors
+(``--search-queries`` of them, k=100, no exclusion, median of ``--repeats``): torch exact
+(``serving/retrieval/exact.py``) and faiss flat (``IndexFlatIP``), and names the faster one, on
+the device the job ran on.
 
 Each run is checked complete: every input user exactly once in the output, with k rows each.
 
@@ -15,18 +24,12 @@ untrained model (nested LRU encoder, max_len 50, sizes 32..256) whose item tower
 32-d features: an untrained model costs the same as a trained one. The log: users with 1 + a
 geometric number of events (mean about 20, at most 200) over Zipf-popular items.
 
-On a 2-core CPU the 10^6-item catalogue is run on a subsample of users (``--users-large``,
-default 10^4; the table says how many): the floor per user is 10 times that of 10^5 items.
+Users are subsampled (``--users`` for 10^5 items, ``--users-large`` for 10^6; the JSON records
+both): the floor per user at 10^6 items is 10 times that at 10^5.
 
-The job's time splits into encoding the histories (the nested LRU over ``max_len`` positions,
-which ``serving.load`` pads every history to), searching the index, and the rest (reading,
-grouping, writing: a few per cent); the table gives the first two as shares of the job's time.
-
-Machines here are shared and noisy: compare figures within one run. Run:
-``python bench/candidates.py`` (both catalogues at 10^5 / 10^4 users: about half an hour on a quiet
-2-core machine, several times that on a loaded one) or, as for the recorded results,
-``python bench/candidates.py --users 10000 --users-large 2000``; ``--items 100000 --sizes 32,256``
-gives a quick look.
+Machines here are shared and noisy: compare figures within one run, and read the load average
+recorded with each row. Run: ``python bench/candidates.py`` (about 10 minutes on a quiet 2-core
+machine); ``--items 100000 --sizes 32,256 --users 1000`` gives a quick look.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from recsys.item_features import ItemFeatures  # noqa: E402
 from recsys.model import MatryoshkaRecommender  # noqa: E402
 from serving.candidates import generate_candidates  # noqa: E402
 from serving.export import export_size  # noqa: E402
-from serving.sized_model import SizedRecommender, load  # noqa: E402
+from serving.sized_model import SizedRecommender  # noqa: E402
 from recsys.atomic import write_json_atomically  # noqa: E402
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
 
@@ -103,17 +106,37 @@ def make_exports(num_items: int, sizes: tuple[int, ...], out: Path, seed: int = 
     return dirs
 
 
-def search_only_users_per_s(export: Path, k: int, batch: int, repeats: int = 3) -> float:
-    """The export's retriever (faiss flat) alone: random user vectors, batches of ``batch``, no exclusion."""
-    retriever = load(export).retriever
-    queries = np.random.default_rng(0).standard_normal((batch, retriever.dim)).astype(np.float32)
-    retriever.search(queries, k)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        retriever.search(queries, k)
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+def search_only(export: Path, k: int, num_queries: int, repeats: int, device: str) -> dict:
+    """Users per second of torch exact search and of a faiss flat index over the export's item
+    matrix, on the same random user vectors (median of ``repeats`` after a warm-up)."""
+    from serving.retrieval import ExactRetriever
+
+    model = SizedRecommender(export, device=device)
+    items = model.item_matrix[1:]
+    queries = torch.from_numpy(np.random.default_rng(0).standard_normal((num_queries, items.shape[1])).astype(np.float32))
+    exact = ExactRetriever(items)
+    flat = faiss.IndexFlatIP(items.shape[1])
+    flat.add(items.cpu().numpy())
+    if device == "cuda" and hasattr(faiss, "StandardGpuResources"):
+        flat = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, flat)
+    runs = {
+        "torch_exact": lambda: exact.search(queries.to(items.device), k),
+        "faiss_flat": lambda: flat.search(queries.numpy(), k),
+    }
+    rates = {}
+    for name, run in runs.items():
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        rates[name] = num_queries / statistics.median(times)
+    return {
+        "search_only_torch_exact_users_per_s": rates["torch_exact"],
+        "search_only_faiss_flat_users_per_s": rates["faiss_flat"],
+        "faster_exact_retriever": max(rates, key=rates.get),
+    }
 
 
 def check_complete(out: Path, num_users: int, k: int) -> dict:
@@ -142,13 +165,23 @@ def bench_catalogue(num_items: int, num_users: int, rate: float, args, work: Pat
     rows = []
     for s in args.sizes:
         out = work / f"out-{num_items}-d{s}"
-        model = SizedRecommender(exports[s])  # loaded here so that its stage timings can be read
+        model = SizedRecommender(exports[s], device=args.device)  # loaded here so that its stage timings can be read
+        assert type(model.retriever).__name__ == "ExactRetriever", "the export's default retriever"
+        stages: dict[str, float] = {}
+        load_before = os.getloadavg()
         manifest = generate_candidates(
             model, log_path, out, args.k, batch_size=args.batch_size, users_per_part=args.users_per_part,
-            progress=False,
+            progress=False, stage_seconds=stages,
         )
         elapsed = manifest["elapsed_s"]
         floor = rate * 1e9 / (2 * num_items * s)
+        split = {
+            "read_s": stages["read"],
+            "encode_s": model.stage_seconds["encode"],
+            "search_s": model.stage_seconds["search"],
+            "write_s": stages["write"],
+        }
+        split["other_s"] = elapsed - split["read_s"] - split["encode_s"] - split["search_s"]  # write overlaps
         row = {
             "num_items": num_items,
             "size": s,
@@ -160,17 +193,22 @@ def bench_catalogue(num_items: int, num_users: int, rate: float, args, work: Pat
             "users_per_s": num_users / elapsed,
             "floor_users_per_s": floor,
             "fraction_of_floor": num_users / elapsed / floor,
-            "encode_share": model.stage_seconds["encode"] / elapsed,
-            "search_share": model.stage_seconds["search"] / elapsed,
-            "search_only_users_per_s": search_only_users_per_s(exports[s], args.k, args.batch_size),
+            "search_fraction_of_floor": num_users / split["search_s"] / floor,
+            **split,
+            "encode_share": split["encode_s"] / elapsed,
+            "search_share": split["search_s"] / elapsed,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
             **check_complete(out, num_users, args.k),
+            **search_only(exports[s], args.k, args.search_queries, args.repeats, args.device),
         }
         rows.append(row)
         logger.info(
-            "N=%d s=%d: %.0f users/s (floor %.0f, %.0f%%; encode %.0f%%, search %.0f%% of the time), "
-            "search only %.0f users/s, complete=%s",
-            num_items, s, row["users_per_s"], floor, 100 * row["fraction_of_floor"], 100 * row["encode_share"],
-            100 * row["search_share"], row["search_only_users_per_s"], row["complete"],
+            "N=%d s=%d: %.0f users/s (floor %.0f, %.0f%%; read %.1fs encode %.1fs search %.1fs write %.1fs other %.1fs), "
+            "search only: torch %.0f, faiss flat %.0f users/s, complete=%s",
+            num_items, s, row["users_per_s"], floor, 100 * row["fraction_of_floor"], split["read_s"], split["encode_s"],
+            split["search_s"], split["write_s"], split["other_s"], row["search_only_torch_exact_users_per_s"],
+            row["search_only_faiss_flat_users_per_s"], row["complete"],
         )
         shutil.rmtree(out)
         shutil.rmtree(exports[s])
@@ -194,18 +232,19 @@ def machine_info() -> dict:
 
 def print_table(rate: float, rows: list[dict]) -> None:
     print(f"\nfloat32 matmul rate: {rate:.1f} GFLOP/s (floor = rate / (2 * items * size) users/s)")
-    print("encode / search: share of the job's time spent encoding histories / searching the index")
+    print("seconds of the job: read, encode, search, write (overlapped), other; search only: torch exact / faiss flat users/s")
     header = (
-        f"{'items':>9} {'size':>5} {'users':>7} {'users/s':>9} {'floor':>9} {'of floor':>9} "
-        f"{'encode':>7} {'search':>7} {'search only':>12} {'complete':>9}"
+        f"{'items':>9} {'size':>5} {'users':>6} {'users/s':>8} {'floor':>7} {'of floor':>8} "
+        f"{'read':>5} {'encode':>6} {'search':>6} {'write':>5} {'other':>5} {'torch':>7} {'faiss':>7} {'complete':>8}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['num_items']:>9} {r['size']:>5} {r['users']:>7} {r['users_per_s']:>9.0f} {r['floor_users_per_s']:>9.0f} "
-            f"{100 * r['fraction_of_floor']:>8.0f}% {100 * r['encode_share']:>6.0f}% {100 * r['search_share']:>6.0f}% "
-            f"{r['search_only_users_per_s']:>12.0f} {str(r['complete']):>9}"
+            f"{r['num_items']:>9} {r['size']:>5} {r['users']:>6} {r['users_per_s']:>8.0f} {r['floor_users_per_s']:>7.0f} "
+            f"{100 * r['fraction_of_floor']:>7.0f}% {r['read_s']:>5.1f} {r['encode_s']:>6.1f} {r['search_s']:>6.1f} "
+            f"{r['write_s']:>5.1f} {r['other_s']:>5.1f} {r['search_only_torch_exact_users_per_s']:>7.0f} "
+            f"{r['search_only_faiss_flat_users_per_s']:>7.0f} {str(r['complete']):>8}"
         )
 
 
@@ -213,15 +252,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", default="100000,1000000", help="catalogue sizes, comma-separated")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="Matryoshka sizes to export and run")
-    parser.add_argument("--users", type=int, default=100_000, help="users for catalogues below 10^6 items")
-    parser.add_argument("--users-large", type=int, default=10_000, help="users for catalogues of 10^6 items or more")
+    parser.add_argument("--users", type=int, default=2000, help="users (a subsample) for catalogues below 10^6 items")
+    parser.add_argument("--users-large", type=int, default=500, help="users (a subsample) for catalogues of 10^6 items or more")
+    parser.add_argument("--search-queries", type=int, default=128, help="random user vectors for the search-only timings")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats of each search-only measurement (median)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--users-per-part", type=int, default=25_000, help="so that the job writes several parts")
+    parser.add_argument("--users-per-part", type=int, default=1000, help="so that the job writes several parts (its writer thread overlaps them)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "candidates.json"))
     args = parser.parse_args()
     args.items = [int(x) for x in args.items.split(",")]
     args.sizes = [int(x) for x in args.sizes.split(",")]
+    for name in ("users", "users_large", "search_queries", "repeats", "k", "batch_size", "users_per_part"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.device not in ("auto", "cpu", "cuda"):
+        parser.error(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     # force: an import (fbgemm_gpu, via torchrec) already called logging.info, which installs a
     # WARNING-level root handler that would swallow our INFO lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -242,12 +290,18 @@ def main() -> None:
         "machine": machine_info(),
         "matmul_gflops": rate,
         "matmul_gflops_at_end": rate_after,
+        "device": args.device,
         "k": args.k,
         "batch_size": args.batch_size,
+        "users_subsample": {"below_10^6_items": args.users, "10^6_items_or_more": args.users_large},
+        "search_queries": args.search_queries,
+        "repeats": args.repeats,
         "users_per_part": args.users_per_part,
         "argv": sys.argv[1:],
-        "note": "users/s of the whole job (read, validate, split, encode, search, write); the 10^6-item rows "
-        "use a subsample of users; floor = matmul rate / (2 * items * size)",
+        "note": "users/s of the whole job (read, validate, split, encode, search, write), each job run once; "
+        "users are a subsample (users_subsample); floor = matmul rate / (2 * items * size); write_s overlaps "
+        "the next part in a writer thread; search-only rates are medians of `repeats` over `search_queries` "
+        "random user vectors",
         "rows": rows,
     }
     out = write_json_atomically(args.out, result, indent=2)

@@ -55,7 +55,9 @@ the file for the manifest. When there is more than one part, one streaming polar
 with the user-to-part table, sunk with ``PartitionBy``) splits this shard's rows into a staging
 directory ``OUT_DIR/.staging-SSSSS`` with one hive partition per part, deleted at the end. Each
 part is then read alone, turned into histories, scored in batches of ``--batch-size`` users (users
-of similar history length together) and written.
+of similar history length together: each batch is encoded over its real positions only, then
+searched exactly with blocked matrix products and a streaming top-k, ``serving/retrieval/exact.py``)
+and handed to a writer thread, which writes it while the next part is read and scored.
 
 Resuming and idempotence
 ------------------------
@@ -100,6 +102,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,6 +313,8 @@ class _Job:
         catalogue = pl.Series("item_id", model.item_ids)
         self.item_ids = catalogue
         self.rows_of = pl.DataFrame({"__item": catalogue, "__item_row": np.arange(1, len(catalogue) + 1, dtype=np.int64)})
+        #: wall time reading parts into histories and writing part files (the writer thread's, overlapped)
+        self.stage_seconds = {"read": 0.0, "write": 0.0}
 
     def part_path(self, part: int) -> Path:
         return self.out / f"part-{self.tag}-{part:05d}.parquet"
@@ -386,8 +391,12 @@ class _Job:
             }
         )
 
-    def run_part(self, part: int, users: pl.Series, source: pl.DataFrame, schema: pl.Schema, bar) -> dict[str, int]:
-        histories, unknown = self._histories(users, source, schema)
+    def run_part(self, part: int, users: pl.Series, source: pl.LazyFrame, schema: pl.Schema, bar, writer) -> Future:
+        """Compute one part's candidates here; hand the file to ``writer`` (one thread), so that it
+        is written while the next part is read and scored. The future gives the part's counts."""
+        started = time.perf_counter()
+        histories, unknown = self._histories(users, source.collect(), schema)
+        self.stage_seconds["read"] += time.perf_counter() - started
         frame = self._candidates(users, histories, bar)
         counts = {
             "users": len(users),
@@ -395,7 +404,12 @@ class _Job:
             "unknown_items_skipped": unknown,
             "rows": frame.height,
         }
-        _write_part(frame, counts, self.part_path(part))
+        return writer.submit(self._write, frame, counts, self.part_path(part))
+
+    def _write(self, frame: pl.DataFrame, counts: dict[str, int], path: Path) -> dict[str, int]:
+        started = time.perf_counter()
+        _write_part(frame, counts, path)
+        self.stage_seconds["write"] += time.perf_counter() - started
         return counts
 
 
@@ -478,6 +492,7 @@ def generate_candidates(
     users_per_part: int = 100_000,
     device: str = "auto",
     progress: bool = True,
+    stage_seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write the top-``k`` candidates of every user of ``input_path`` (in ``shard``) to ``out``.
 
@@ -485,7 +500,10 @@ def generate_candidates(
     ``device`` is the one it was loaded on). Returns the manifest written to ``out``, plus ``elapsed_s`` (the file itself holds no timings,
     so that reruns give identical files). See the module docstring for the formats, resuming and
     sharding. Everything that can be checked before writing is checked first (the whole input is
-    read once for that), so bad input leaves ``out`` untouched.
+    read once for that), so bad input leaves ``out`` untouched. ``stage_seconds``, when given, receives
+    the wall time spent reading parts into histories (``"read"``) and writing part files
+    (``"write"``, in a thread overlapping the next part); the model's own ``stage_seconds`` hold
+    encoding and search.
     """
     from tqdm.auto import tqdm
 
@@ -553,13 +571,22 @@ def generate_candidates(
     with tqdm(
         total=len(assign), initial=done_users, unit="users", desc=f"candidates {shard[0]}/{shard[1]}", disable=not progress
     ) as bar:
-        for p in todo:
-            part_users = assign.filter(pl.col(_PART_COLUMN) == p)[user_col].sort()
-            if num_parts > 1:
-                source = pl.scan_parquet(runner.staging, hive_partitioning=True).filter(pl.col(_PART_COLUMN) == p)
-            else:
-                source = shard_frame
-            counts[p] = runner.run_part(p, part_users, source.collect(), schema, bar)
+        # one writer thread: part p is written while part p + 1 is computed; each part file is still
+        # written whole under a temporary name, and the manifest only after every write has finished
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="candidates-writer") as writer:
+            written = {}
+            for p in todo:
+                part_users = assign.filter(pl.col(_PART_COLUMN) == p)[user_col].sort()
+                if num_parts > 1:
+                    source = pl.scan_parquet(runner.staging, hive_partitioning=True).filter(pl.col(_PART_COLUMN) == p)
+                else:
+                    source = shard_frame
+                written[p] = runner.run_part(p, part_users, source, schema, bar, writer)
+                for done in [q for q, future in written.items() if future.done()]:
+                    counts[done] = written.pop(done).result()  # a failed write stops the job here
+            counts.update({q: future.result() for q, future in written.items()})
+        if stage_seconds is not None:
+            stage_seconds.update(runner.stage_seconds)
     manifest = _manifest(runner, job, recommender, spec, counts, num_parts)
     _write_json(runner.manifest_path, manifest)
     shutil.rmtree(runner.staging, ignore_errors=True)

@@ -5,7 +5,8 @@
     python -m serving.export --model-uri models:/NAME-d64@champion --out DIR   # a registered size
 
 ``DIR/d<size>/`` gets the encoder cut to that size and the item matrix ``Z[:, :size]`` as
-safetensors, the item vocabulary, a faiss index and a manifest with checksums (format in
+safetensors, the item vocabulary, the retriever's files (none for the default exact search; a
+faiss index with ``--index flat|ivf_flat|hnsw|ivf_pq``) and a manifest with checksums (format in
 ``serving/sized_model.py``). Each directory is written under a temporary name and swapped in when
 complete (``recsys.atomic``), so an interrupted export never leaves a directory that looks finished,
 and a re-export keeps the previous one whole and loadable until the new one is in place.
@@ -69,14 +70,16 @@ def export_size(
     size: int,
     out: str | Path,
     source: dict[str, Any],
-    index: str = "flat",
+    index: str = "exact",
     item_dtype: str = "float32",
     funnel_prefix: int | None = None,
     funnel_shortlist: int = 1000,
 ) -> Path:
     """Write ``out`` for the model cut to ``size`` and return it.
 
-    With ``funnel_prefix`` the index covers only the first ``funnel_prefix`` dimensions and
+    ``index`` is ``"exact"`` (the default: exact torch search, no index file; its speed against a
+    faiss flat index, per device, is in ``bench/results/candidates.json``) or a faiss index kind. With
+    ``funnel_prefix`` the index covers only the first ``funnel_prefix`` dimensions and
     serving runs a funnel search: shortlist ``funnel_shortlist`` items with it, then re-rank them
     exactly at ``size`` (docs/method.md §6).
     """
@@ -151,13 +154,15 @@ def export_size(
 def _retriever_settings(
     index: str, size: int, num_items: int, funnel_prefix: int | None, funnel_shortlist: int
 ) -> dict[str, Any]:
-    """The manifest entry to build: a faiss index of kind ``index`` at ``size``, or a funnel
-    shortlisting ``funnel_shortlist`` items (at most all) with one over the first ``funnel_prefix`` dims."""
-    faiss_index = {"kind": index}
+    """The manifest entry to build: exact search or a faiss index of kind ``index`` at ``size``, or a
+    funnel shortlisting ``funnel_shortlist`` items (at most all) with one over the first ``funnel_prefix`` dims."""
     if funnel_prefix is None:
-        return {"kind": "faiss", "index": faiss_index}
+        return {"kind": "exact"} if index == "exact" else {"kind": "faiss", "index": {"kind": index}}
     shortlist = min(funnel_shortlist, num_items)
-    return {"kind": "funnel", "prefix": funnel_prefix, "shortlist": shortlist, "rerank_dims": [size], "index": faiss_index}
+    funnel = {"kind": "funnel", "prefix": funnel_prefix, "shortlist": shortlist, "rerank_dims": [size]}
+    if index == "exact":
+        return {**funnel, "prefix_retriever": {"kind": "exact"}}
+    return {**funnel, "index": {"kind": index}}
 
 
 def export_sizes(
@@ -166,7 +171,8 @@ def export_sizes(
     """Export every size in ``dims`` from a checkpoint into ``out/d<size>``."""
     from serving.retrieval import IndexSpec
 
-    IndexSpec(kind=options.get("index", "flat"))  # an unknown kind fails here, before anything is read or written
+    if options.get("index", "exact") != "exact":
+        IndexSpec(kind=options["index"])  # an unknown kind fails here, before anything is read or written
     model, catalogue = load_trained(checkpoint)
     bad = [d for d in dims if d not in model.sizes]
     if bad:
@@ -222,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-uri", type=str | None, default=None, help="a logged size, e.g. models:/NAME-d64@champion")
     parser.add_argument("--dims", type=str | None, default=None, help="comma-separated sizes, e.g. 64,128 (default: all)")
     parser.add_argument("--out", type=str, required=True, help="output directory; each size goes to OUT/d<size>")
-    parser.add_argument("--index", type=str, default="flat", help="faiss index: flat, ivf_flat, hnsw or ivf_pq")
+    parser.add_argument("--index", type=str, default="exact",
+                        help="exact (torch search, no index file) or a faiss index: flat, ivf_flat, hnsw or ivf_pq")
     parser.add_argument("--item-dtype", type=str, default="float32", help="float32 or float16 item matrix")
     parser.add_argument("--funnel-prefix", type=int | None, default=None,
                         help="serve with a funnel: shortlist with this many dimensions, re-rank at the full size")

@@ -2,6 +2,7 @@
 (after a kill, across shards), identical reruns, and clear errors that leave no output behind."""
 
 import json
+import threading
 
 import numpy as np
 import polars as pl
@@ -394,3 +395,30 @@ def test_prepare_and_candidates_report_a_bad_log_with_the_same_message(export_di
         with pytest.raises(DataValidationError) as from_candidates:
             generate_candidates(export_dir, path, tmp_path / "out", K, progress=False)
         assert str(from_candidates.value) == str(from_prepare.value), case
+
+
+def test_parts_are_written_by_the_writer_thread_and_a_failed_write_stops_the_job(export_dir, log, tmp_path, monkeypatch):
+    """Writing overlaps computing (one writer thread), with the same guarantees: a failed write
+    stops the job with its error and no manifest; the rerun gives the parts of a clean run, byte for byte."""
+    path, frame = log
+    real_write = candidates._write_part
+    threads = []
+
+    def fails_third(frame, counts, target):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 3:
+            raise OSError("disk full (simulated)")
+        real_write(frame, counts, target)
+
+    monkeypatch.setattr(candidates, "_write_part", fails_third)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
+    assert threads and all(name.startswith("candidates-writer") for name in threads)
+    assert not (out / "manifest.json").exists() and len(list(out.glob("part-*.parquet"))) < 5
+    monkeypatch.setattr(candidates, "_write_part", real_write)
+    stages = {}
+    manifest = generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False, stage_seconds=stages)
+    clean = generate_candidates(export_dir, path, tmp_path / "clean", K, users_per_part=7, progress=False)
+    assert [p["sha256"] for p in manifest["parts"]] == [p["sha256"] for p in clean["parts"]]
+    assert set(stages) == {"read", "write"} and all(v >= 0 for v in stages.values())

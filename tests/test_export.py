@@ -128,7 +128,9 @@ def test_funnel_export_with_a_generous_shortlist_equals_exact_search(checkpoint,
     manifest = json.loads((funnel / "manifest.json").read_text())
     assert manifest["funnel"]["prefix"] == 8 and manifest["funnel"]["rerank_dims"] == [32]
     histories = [item_ids[:5], item_ids[20:23]]
-    assert serving.load(funnel).recommend(histories, k=10) == serving.load(exact).recommend(histories, k=10)
+    got, want = serving.load(funnel).recommend(histories, k=10), serving.load(exact).recommend(histories, k=10)
+    assert [[i for i, _ in r] for r in got] == [[i for i, _ in r] for r in want]
+    np.testing.assert_allclose([[s for _, s in r] for r in got], [[s for _, s in r] for r in want], rtol=1e-5)
     (small,) = export_sizes(path, [32], tmp_path / "small", funnel_prefix=8, funnel_shortlist=15)
     recs = serving.load(small).recommend(histories, k=10)
     assert all(len(r) == 10 and not set(h) & {i for i, _ in r} for r, h in zip(recs, histories))
@@ -151,13 +153,25 @@ def test_manifest_names_the_retriever(checkpoint, tmp_path):
     assert manifest["retriever"] == {"kind": "faiss", "index": manifest["index"]}
     assert manifest["index"]["kind"] == "hnsw" and manifest["index"]["ef_search"] == 256  # resolved settings
     assert manifest["funnel"] is None and "index.faiss" in manifest["checksums"]
-    (funnel,) = export_sizes(path, [32], tmp_path / "funnel", funnel_prefix=8, funnel_shortlist=15)
+    (funnel,) = export_sizes(path, [32], tmp_path / "funnel", funnel_prefix=8, funnel_shortlist=15, index="flat")
     manifest = json.loads((funnel / "manifest.json").read_text())
     assert manifest["retriever"] == {
         "kind": "funnel", "prefix": 8, "shortlist": 15, "rerank_dims": [32], "keep": [], "index": {"kind": "flat", "seed": 0},
     }
     assert manifest["funnel"] == {k: v for k, v in manifest["retriever"].items() if k != "kind"}
     assert type(serving.load(funnel).retriever).__name__ == "FunnelRetriever"
+
+
+def test_the_default_retriever_is_exact_torch_search(checkpoint, tmp_path):
+    path, _, _ = checkpoint
+    (d,) = export_sizes(path, [16], tmp_path / "default")
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["retriever"] == {"kind": "exact"} and manifest["index"] is None
+    assert "index.faiss" not in manifest["checksums"] and not (d / "index.faiss").exists()
+    assert type(serving.load(d).retriever).__name__ == "ExactRetriever"
+    (funnel,) = export_sizes(path, [32], tmp_path / "funnel", funnel_prefix=8, funnel_shortlist=15)
+    entry = json.loads((funnel / "manifest.json").read_text())["retriever"]
+    assert entry["kind"] == "funnel" and entry["prefix_retriever"] == {"kind": "exact"} and "index" not in entry
 
 
 @pytest.mark.parametrize("funnel_prefix", [None, 8])
@@ -175,16 +189,9 @@ def test_exports_from_before_the_retriever_entry_still_load(checkpoint, tmp_path
 
 def test_every_retriever_kind_recommends_the_exact_top_k(checkpoint, tmp_path):
     path, _, item_ids = checkpoint
-    (faiss_dir,) = export_sizes(path, [32], tmp_path / "faiss")
-    (funnel_dir,) = export_sizes(path, [32], tmp_path / "funnel", funnel_prefix=8, funnel_shortlist=N)
-    (exact_dir,) = export_sizes(path, [32], tmp_path / "exact")
-
-    def exact_only(manifest):  # an export whose manifest names exact search (no index file)
-        manifest["retriever"] = {"kind": "exact"}
-        del manifest["checksums"]["index.faiss"]
-
-    _rewrite_manifest(exact_dir, exact_only)
-    (exact_dir / "index.faiss").unlink()
+    (faiss_dir,) = export_sizes(path, [32], tmp_path / "faiss", index="flat")
+    (funnel_dir,) = export_sizes(path, [32], tmp_path / "funnel", funnel_prefix=8, funnel_shortlist=N, index="flat")
+    (exact_dir,) = export_sizes(path, [32], tmp_path / "exact")  # the default: exact search, no index file
     histories = [item_ids[:6], item_ids[10:12], [item_ids[3]], item_ids[:N - 4]]
     models = {
         "faiss": serving.load(faiss_dir),

@@ -262,7 +262,7 @@ def test_export_killed_midway_leaves_nothing_that_looks_complete(checkpoint, tmp
     monkeypatch.setattr(*target, _dies_after(getattr(*target)) if where in ("weights", "index") else _dies)
     out = tmp_path / "exports"
     with pytest.raises(Killed):
-        export_sizes(checkpoint, [8], out)
+        export_sizes(checkpoint, [8], out, index="flat")
     assert not (out / "d8").exists() and not _loadable(out / "d8")
     assert list(out.iterdir()) == []  # no temporary directory either
 
@@ -280,7 +280,7 @@ def test_export_killed_during_the_second_size_keeps_the_first_whole(checkpoint, 
 
     monkeypatch.setattr(index, "save_index", dies_second_time)
     with pytest.raises(Killed):
-        export_sizes(checkpoint, [8, 16], tmp_path)
+        export_sizes(checkpoint, [8, 16], tmp_path, index="flat")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d8"]
     assert serving.load(tmp_path / "d8").size == 8
 
@@ -308,7 +308,7 @@ def test_export_and_prepare_killed_with_sigkill_leave_nothing_loadable(checkpoin
             import serving.export as export
             import serving.retrieval.faiss_index as index
             index.save_index = die
-            export.export_sizes(checkpoint, [8], out)
+            export.export_sizes(checkpoint, [8], out, index="flat")
         else:
             import json
             from recsys.data import ItemFeatures, prepare
@@ -570,7 +570,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_and_never_run(tmp_path, c
 
 @pytest.mark.parametrize("name,change", [("items.parquet", "flip"), ("index.faiss", "flip"), ("index.faiss", "delete")])
 def test_a_changed_export_file_is_refused(checkpoint, tmp_path, name, change):
-    (directory,) = export_sizes(checkpoint, [8], tmp_path)
+    (directory,) = export_sizes(checkpoint, [8], tmp_path, index="flat")  # with an index file
     file = directory / name
     if change == "delete":
         file.unlink()
@@ -600,7 +600,7 @@ class Resources:
 def build_resources(directory: Path) -> Resources:
     directory.mkdir(parents=True, exist_ok=True)
     checkpoint = write_checkpoint(directory / "model.ckpt")
-    (export,) = export_sizes(checkpoint, [16], directory / "exports")
+    (export,) = export_sizes(checkpoint, [16], directory / "exports", index="flat")  # with an index file
     return Resources(checkpoint, export)
 
 

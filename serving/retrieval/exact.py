@@ -1,7 +1,21 @@
-"""Exact search with torch: ``topk(q @ Z.T)`` over blocks of item rows, with exclusion.
+"""Exact search with torch: blocked ``q @ Z.T`` and a streaming top-k, with exclusion.
 
-The reference every approximate retriever is measured against, and the retriever of an export
-without an index (``SizedRecommender(..., use_index=False)``). Runs on the device of the item matrix.
+The reference every approximate retriever is measured against, and the default retriever of an
+export (``serving/export.py``). Runs on the device of the item matrix: torch's CPU or CUDA matrix
+product and top-k, chosen at run time by where the tensors are.
+
+How it works (docs/method.md §6)
+--------------------------------
+Item rows are scored block by block into one reused buffer (``scores = q @ Z[block].T``, at most
+``BLOCK_ELEMENTS`` floats, never the whole ``B x N`` matrix; a fresh buffer per block costs more in
+page faults than the product), and each query keeps its best ``k`` so far: the block's top-k is
+merged with it by another top-k over ``2k`` candidates.
+
+Ties: the result is exactly the top-``k`` of ``q @ Z.T`` with equal scores ordered by row, lower
+first (what a stable descending sort of the whole score matrix gives). ``torch.topk`` is free to
+choose among equal scores, so every top-k takes ``k + 1`` entries: where the ``k``-th and the
+``(k+1)``-th are equal, the choice could matter, and those lines (rare: exactly equal scores at
+the cut) are redone with a stable sort by score then row.
 """
 
 from __future__ import annotations
@@ -15,31 +29,56 @@ import torch
 
 from serving.retrieval.base import Retriever
 from serving.retrieval.checks import as_matrix, check_k
-from serving.retrieval.exclusion import check_exclude, pad
+from serving.retrieval.exclusion import check_exclude
 
-__all__ = ["BLOCK_ROWS", "ExactRetriever", "torch_topk"]
+__all__ = ["BLOCK_ELEMENTS", "ExactRetriever", "torch_topk"]
 
-# Item rows scored per matrix product: memory stays B * BLOCK_ROWS floats however large N is.
-BLOCK_ROWS = 262_144
+#: the most scores held at once (256 MiB of float32): a block has ``BLOCK_ELEMENTS // B`` item rows
+BLOCK_ELEMENTS = 1 << 26
 
 
 def _as_tensor(name: str, array: Any) -> torch.Tensor:
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(as_matrix(name, array))
 
 
+def _by_score_then_row(scores: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each line sorted by score descending, equal scores by row ascending (``-1`` rows last)."""
+    by_row = torch.sort(torch.where(rows < 0, torch.iinfo(torch.int64).max, rows), dim=1, stable=True).indices
+    scores, rows = torch.gather(scores, 1, by_row), torch.gather(rows, 1, by_row)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return torch.gather(scores, 1, order), torch.gather(rows, 1, order)
+
+
+def _top(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``min(k, width)`` of each line of ``scores`` (``rows`` names its columns), equal scores by row."""
+    width = scores.shape[1]
+    top, order = torch.topk(scores, min(k + 1, width), dim=1)
+    if width > k:
+        tied = torch.nonzero((top[:, k - 1] == top[:, k]) & (top[:, k - 1] > -torch.inf)).view(-1)
+        top, order = top[:, :k], order[:, :k]
+    else:
+        tied = torch.empty(0, dtype=torch.int64, device=scores.device)
+    best_rows = torch.gather(rows, 1, order)
+    if len(tied):
+        fixed_scores, fixed_rows = _by_score_then_row(scores[tied], rows[tied])
+        top[tied], best_rows[tied] = fixed_scores[:, :k], fixed_rows[:, :k]
+    return top, best_rows
+
+
 def torch_topk(
     queries: np.ndarray | torch.Tensor,
     vectors: np.ndarray | torch.Tensor,
     k: int,
-    block_rows: int = BLOCK_ROWS,
+    block_rows: int | None = None,
     exclude: Sequence[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` rows of ``vectors`` by inner product with each query, excluded rows masked.
+    """Exact top-``k`` rows of ``vectors`` by inner product with each query, excluded rows left out.
 
-    Works over blocks of ``block_rows`` item rows and merges the running top-``k``. Excluded rows
-    are set to ``-inf`` inside each block before its top-``k``, so the result is exactly the
-    top-``k`` of the rows left. Runs on the device of ``queries`` when it is a tensor. Returns numpy
-    float32 scores and int64 rows, padded with ``-inf`` / ``-1`` when fewer than ``k`` rows remain.
+    Scores blocks of ``block_rows`` item rows (default: as many as ``BLOCK_ELEMENTS`` scores allow)
+    into one reused buffer and keeps a streaming top-``k`` (module docstring). Excluded rows are set
+    to ``-inf`` inside each block. Runs on the device of ``queries`` when it is a tensor. Returns
+    numpy float32 scores, descending (equal scores by row), and int64 rows, padded with ``-inf`` /
+    ``-1`` when fewer than ``k`` rows remain.
     """
     k = check_k(k)
     q = _as_tensor("queries", queries)
@@ -48,29 +87,37 @@ def torch_topk(
         raise ValueError(f"queries {tuple(q.shape)} and vectors {tuple(z.shape)} must be 2-D with equal widths")
     q = q.float()
     z = z.to(device=q.device, dtype=torch.float32)
-    n = z.shape[0]
+    b, n, device = q.shape[0], z.shape[0], q.device
+    block_rows = max(1, BLOCK_ELEMENTS // max(1, b) if block_rows is None else block_rows)
     masked_query = masked_row = None
     if exclude is not None:
-        checked = check_exclude(exclude, q.shape[0], n)
-        masked_query = torch.from_numpy(np.repeat(np.arange(len(checked)), [len(e) for e in checked])).to(q.device)
-        masked_row = torch.from_numpy(np.concatenate([np.empty(0, np.int64), *checked])).to(q.device)
-    best_scores = torch.empty(q.shape[0], 0, device=q.device)
-    best_rows = torch.empty(q.shape[0], 0, dtype=torch.int64, device=q.device)
+        checked = check_exclude(exclude, b, n)
+        masked_query = torch.from_numpy(np.repeat(np.arange(b), [len(e) for e in checked])).to(device)
+        masked_row = torch.from_numpy(np.concatenate([np.empty(0, np.int64), *checked])).to(device)
+    best_scores = torch.full((b, k), -torch.inf, device=device)
+    best_rows = torch.full((b, k), -1, dtype=torch.int64, device=device)
+    buffer = torch.empty(b * min(block_rows, n), device=device)
     with torch.no_grad():
         for start in range(0, n, block_rows):
-            block = q @ z[start : start + block_rows].T
+            stop = min(n, start + block_rows)
+            scores = buffer[: b * (stop - start)].view(b, stop - start)  # reused: no fresh allocation per block
+            torch.matmul(q, z[start:stop].T, out=scores)
             if masked_row is not None and len(masked_row):
-                inside = (masked_row >= start) & (masked_row < start + block.shape[1])
-                block[masked_query[inside], masked_row[inside] - start] = -torch.inf
-            s, i = torch.topk(block, min(k, block.shape[1]), dim=1)
-            cand_scores = torch.cat([best_scores, s], dim=1)
-            cand_rows = torch.cat([best_rows, i + start], dim=1)
-            best_scores, pos = torch.topk(cand_scores, min(k, cand_scores.shape[1]), dim=1)
-            best_rows = torch.gather(cand_rows, 1, pos)
-    scores = best_scores.cpu().numpy().astype(np.float32)
-    rows = best_rows.cpu().numpy()
+                inside = (masked_row >= start) & (masked_row < stop)
+                scores[masked_query[inside], masked_row[inside] - start] = -torch.inf
+            block_scores, block_rows_found = _top(scores, torch.arange(start, stop, device=device).expand(b, -1), k)
+            # earlier blocks hold lower rows: listed first, they win ties in the merge
+            best_scores, best_rows = _top(
+                torch.cat([best_scores, block_scores], dim=1), torch.cat([best_rows, block_rows_found], dim=1), k
+            )
+        # topk lists equal scores in any order: put them in row order (only lines with a tie need it)
+        equal = (best_scores[:, 1:] == best_scores[:, :-1]) & (best_scores[:, 1:] > -torch.inf)
+        tied = torch.nonzero(equal.any(dim=1)).view(-1)
+        if len(tied):
+            best_scores[tied], best_rows[tied] = _by_score_then_row(best_scores[tied], best_rows[tied])
+    scores, rows = best_scores.cpu().numpy().astype(np.float32, copy=False), best_rows.cpu().numpy()
     rows[np.isneginf(scores)] = -1  # only excluded rows score -inf: the vectors are finite
-    return pad(scores, rows, k)
+    return scores, rows
 
 
 class ExactRetriever(Retriever):
@@ -78,11 +125,11 @@ class ExactRetriever(Retriever):
 
     kind = "exact"
 
-    def __init__(self, vectors: np.ndarray | torch.Tensor, block_rows: int = BLOCK_ROWS) -> None:
+    def __init__(self, vectors: np.ndarray | torch.Tensor, block_rows: int | None = None) -> None:
         z = _as_tensor("vectors", vectors)
         if z.ndim != 2:
             raise ValueError(f"vectors must be 2-D (rows, dim), got shape {tuple(z.shape)}")
-        self.vectors = z.detach().float()
+        self.vectors = z.detach().float().contiguous()
         self.block_rows = block_rows
 
     @property

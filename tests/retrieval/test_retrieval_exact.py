@@ -50,3 +50,47 @@ def test_retriever_on_a_tensor_equals_numpy(data):
         retriever.search(queries[:, :32], 10)
     with pytest.raises(ValueError, match="unknown exact retriever settings \\['block_rows'\\]"):
         ExactRetriever.build(items, {"kind": "exact", "block_rows": 5})
+
+
+def _full_topk(queries, items, k, exclude=None):
+    """The plain reference: the whole score matrix, excluded rows -inf, a stable descending sort
+    (equal scores by row), -1 where the score is -inf, padded to k."""
+    scores = torch.from_numpy(queries) @ torch.from_numpy(items).T
+    for b, rows in enumerate(exclude or []):
+        scores[b, torch.as_tensor(np.asarray(rows, dtype=np.int64))] = -torch.inf
+    values, rows = torch.sort(scores, dim=1, descending=True, stable=True)
+    values, rows = values[:, :k].numpy(), rows[:, :k].numpy()
+    rows = np.where(np.isneginf(values), -1, rows)
+    missing = k - values.shape[1]
+    return (np.pad(values, ((0, 0), (0, missing)), constant_values=-np.inf),
+            np.pad(rows, ((0, 0), (0, missing)), constant_values=-1))
+
+
+@pytest.mark.parametrize(
+    "n, k, block_rows",
+    [(3000, 10, 256), (3000, 100, 100), (50, 60, 32), (1000, 999, 64), (70, 7, 1), (300, 5, None), (64, 64, 7)],
+)
+def test_streaming_topk_equals_the_full_topk_with_ties_and_exclusion(n, k, block_rows):
+    """Half-integer vectors: sums are exact in float32 whatever the blocking, and scores tie often
+    (also across blocks and at the k-th place): the rows must be exactly the reference's."""
+    rng = np.random.default_rng(n + k)
+    items = (np.round(rng.standard_normal((n, 4)) * 2) / 2).astype(np.float32)
+    queries = (np.round(rng.standard_normal((23, 4)) * 2) / 2).astype(np.float32)
+    exclude = [rng.integers(0, n, int(rng.integers(0, n // 2 + 1))) for _ in range(len(queries))]
+    exclude[0] = np.arange(n)  # nothing left
+    exclude[1] = np.arange(1, n)  # one row left
+    for ex in (None, exclude):
+        scores, rows = torch_topk(queries, items, k, block_rows, exclude=ex)
+        want_scores, want_rows = _full_topk(queries, items, k, ex)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_array_equal(scores, want_scores)
+    assert (rows[0] == -1).all() and (rows[1, 1:] == -1).all() and rows[1, 0] == 0
+
+
+def test_equal_scores_at_the_cut_keep_the_lower_rows():
+    # 40 identical items: whatever block they fall in, the k kept are the lowest rows, in order
+    items = np.ones((40, 3), dtype=np.float32)
+    items[25] = 2.0  # one better item, in a later block
+    scores, rows = torch_topk(np.ones((2, 3), dtype=np.float32), items, 6, block_rows=8)
+    np.testing.assert_array_equal(rows, [[25, 0, 1, 2, 3, 4]] * 2)
+    np.testing.assert_array_equal(scores, [[6, 3, 3, 3, 3, 3]] * 2)
