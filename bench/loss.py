@@ -10,6 +10,7 @@ that need gradients) to their gradients. Variants:
   rows held at once over all sizes; one entry per ``--block-rows``);
 - ``naive_all``: :func:`naive_matryoshka_cross_entropy` over all sizes (M logit tensors);
 - ``flat_largest@R``: the memory-flat loss with the largest size only (its overhead at M = 1);
+- ``flat_distill@R`` (``--distill``): all sizes with in-place self-distillation from the largest;
 - ``flat_top{k}@R`` (``--sweep-sizes``): the memory-flat loss over the ``k`` largest sizes, to show
   how time and memory go with the number of sizes at a fixed ``block_rows``.
 
@@ -85,6 +86,8 @@ def loss_fn(variant: str, spec: dict):
         return lambda u, z, t: matryoshka_cross_entropy(u, z, t, top, block_rows=block_rows).total
     if name == "flat_largest":
         return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes[-1:], block_rows=block_rows).total
+    if name == "flat_distill":
+        return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes, block_rows=block_rows, distill=1.0).total
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -203,10 +206,11 @@ def main() -> None:
     parser.add_argument("--positions", type=int, default=1600)
     parser.add_argument("--items", type=int, default=12101, help="catalogue size N (the item matrix has N+1 rows)")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32, 64, 128, 256])
-    parser.add_argument("--block-rows", type=int, nargs="+", default=[2048])
+    parser.add_argument("--block-rows", type=int, nargs="+", default=[1024])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one timing run per count")
     parser.add_argument("--sweep-sizes", action="store_true", help="also the k largest sizes, k = 2..M-1")
+    parser.add_argument("--distill", action="store_true", help="also all sizes with self-distillation from the largest")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loss.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -231,6 +235,8 @@ def main() -> None:
     }
     variants = ["largest_alone", *(f"flat_all@{b}" for b in args.block_rows), "naive_all",
                 f"flat_largest@{args.block_rows[0]}"]
+    if args.distill:
+        variants.append(f"flat_distill@{args.block_rows[0]}")
     if args.sweep_sizes:
         variants += [f"flat_top{k}@{args.block_rows[0]}" for k in range(2, len(args.sizes))]
     load_before = os.getloadavg()

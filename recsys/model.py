@@ -28,7 +28,7 @@ from recsys.nn.encoders import (
     nest_flat_options,
     options_of,
 )
-from recsys.nn.loss import matryoshka_cross_entropy, sampled_matryoshka_cross_entropy
+from recsys.nn.loss import TEACHERS, matryoshka_cross_entropy, sampled_matryoshka_cross_entropy
 from recsys.nn.nested import check_sizes, cut_sizes, cut_to_size, nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
 
@@ -117,6 +117,8 @@ def check_options(
     loss: str = "full",
     negatives: Any = 1024,
     negative_sampling: str = "popularity",
+    distill: Any = 0.0,
+    distill_teacher: str = "largest",
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any]]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
     training CLI runs them before it reads any data. Returns the sizes, the monitored size and
@@ -139,6 +141,12 @@ def check_options(
         raise OptionError(
             f"{{negative_sampling}}: unknown sampling {negative_sampling!r}; choose one of {', '.join(NEGATIVE_SAMPLING)}"
         )
+    if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not math.isfinite(distill) or distill < 0:
+        raise OptionError(f"{{distill}} must be a finite non-negative number, got {distill!r}")
+    if distill_teacher not in TEACHERS:
+        raise OptionError(f"{{distill_teacher}}: unknown teacher {distill_teacher!r}; choose one of {', '.join(TEACHERS)}")
+    if distill > 0 and loss != "full":
+        raise OptionError(f"{{distill}} works with the full softmax only; {{loss}} is {loss!r}")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     if encoder == "sasrec":
         try:
@@ -183,6 +191,10 @@ class MatryoshkaRecommender(L.LightningModule):
         negatives: the sampled loss's negatives per step.
         negative_sampling: ``popularity`` (drawn by training count, logits corrected by
             ``-log q``) or ``uniform`` over the items that occur in training.
+        distill: in-place self-distillation (full loss only): every size but the largest also
+            learns the detached softmax of ``distill_teacher`` with this weight (0 = off).
+        distill_teacher: ``largest`` (every smaller size learns from the largest) or ``next``
+            (each size from the next larger one, a cascade).
 
     The encoder options may also be given as plain mappings of their fields; they are stored in
     ``hparams`` (and checkpoints) as such, so that a checkpoint loads with ``weights_only``.
@@ -214,10 +226,13 @@ class MatryoshkaRecommender(L.LightningModule):
         loss: Literal["full", "sampled"] = "full",
         negatives: int = 1024,
         negative_sampling: Literal["uniform", "popularity"] = "popularity",
+        distill: float = 0.0,
+        distill_teacher: Literal["largest", "next"] = "largest",
     ) -> None:
         super().__init__()
         self.sizes, self.monitor_size, self.encoder_configs = check_options(
-            sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling
+            sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
+            distill, distill_teacher,
         )
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
         lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
@@ -337,6 +352,7 @@ class MatryoshkaRecommender(L.LightningModule):
             loss = matryoshka_cross_entropy(
                 states[valid], candidates, targets[valid], self.sizes,
                 weights=self.hparams.loss_weights, block_rows=self.hparams.loss_block_rows,
+                distill=self.hparams.distill, teacher=self.hparams.distill_teacher,
             )
         else:  # shared negatives drawn from q, every logit corrected by -log q (unbiased as K grows)
             negatives = torch.multinomial(self._log_q.exp(), self.hparams.negatives, replacement=True)
@@ -355,6 +371,9 @@ class MatryoshkaRecommender(L.LightningModule):
         self.log("train/loss", loss.total, prog_bar=True, batch_size=n)
         for size, value in zip(self.sizes, loss.per_size):
             self.log(f"train/ce/d{size}", value, batch_size=n)
+        if self.hparams.distill > 0:
+            for size, value in zip(self.sizes[:-1], loss.distill[:-1]):
+                self.log(f"train/distill/d{size}", value, batch_size=n)
         return loss.total
 
     def configure_optimizers(self):

@@ -78,7 +78,8 @@ def validate_config(config) -> None:
     model, data = config.model, config.data
     try:
         check_options(model.sizes, model.encoder, model.monitor_size, model.loss_weights,
-                      model.lru, model.mamba, model.sasrec, model.loss, model.negatives, model.negative_sampling)
+                      model.lru, model.mamba, model.sasrec, model.loss, model.negatives, model.negative_sampling,
+                      model.distill, model.distill_teacher)
     except OptionError as exc:
         raise ConfigError(exc.render("--model.")) from None
     if data.data_dir is not None and not Path(data.data_dir).is_dir():

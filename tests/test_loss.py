@@ -59,6 +59,53 @@ def test_equals_naive_float64(sizes, weights, block_rows):
     torch.testing.assert_close(dz, dz_ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("teacher", ["largest", "next"])
+@pytest.mark.parametrize(
+    "sizes, weights, block_rows",
+    [
+        ((2, 4, 8, 16), None, 28),
+        ((1, 3, 6, 10, 16), (1.0, 0.0, 3.0, 1.0, 0.5), 15),  # a zero weight: distillation still acts
+        ((4, 16), None, 1),
+        ((16,), None, 16),  # one size: nothing to distil
+    ],
+)
+def test_self_distillation_equals_naive(sizes, weights, block_rows, teacher):
+    """In-place self-distillation: every smaller size also learns the detached softmax of its
+    teacher (the largest, or the next larger size); loss, per-size KL and gradients equal the
+    naive F.kl_div reference, in the same block pass."""
+    user, items, targets = _case(sizes=sizes)
+    kw = dict(weights=weights, distill=0.7, teacher=teacher)
+    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=block_rows, **kw)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes, **kw)
+    torch.testing.assert_close(flat.total, ref.total, rtol=0, atol=1e-10)
+    torch.testing.assert_close(flat.per_size, ref.per_size, rtol=0, atol=1e-10)
+    torch.testing.assert_close(flat.distill, ref.distill, rtol=0, atol=1e-10)
+    torch.testing.assert_close(du, du_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(dz, dz_ref, rtol=0, atol=1e-10)
+    assert flat.distill[-1] == 0 and (len(sizes) == 1 or (flat.distill[:-1] > 0).all())
+    plain = matryoshka_cross_entropy(user, items, targets, sizes, weights=weights)
+    torch.testing.assert_close(flat.total, plain.total + 0.7 * flat.distill.sum(), rtol=0, atol=1e-10)
+
+
+def test_distillation_gradient_leaves_the_largest_size_alone():
+    """The teacher is detached: the largest size's chunk gets no gradient from distillation."""
+    user, items, targets = _case()
+    sizes = (2, 4, 8, 16)
+    _, du_plain, dz_plain = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes)
+    _, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, distill=2.0)
+    torch.testing.assert_close(du[:, 8:], du_plain[:, 8:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(dz[:, 8:], dz_plain[:, 8:], rtol=0, atol=1e-12)
+    assert not torch.allclose(du[:, :8], du_plain[:, :8])
+
+
+@pytest.mark.parametrize("kw, message", [({"distill": -1.0}, "distill"), ({"distill": float("nan")}, "distill"),
+                                         ({"distill": 1.0, "teacher": "smallest"}, "teacher")])
+def test_distillation_settings_are_checked(kw, message):
+    user, items, targets = _case()
+    with pytest.raises(ValueError, match=message):
+        matryoshka_cross_entropy(user, items, targets, (2, 4, 8, 16), **kw)
+
+
 def test_equals_naive_float32():
     sizes = (8, 16, 32, 64)
     user, items, targets = _case(positions=70, items=300, sizes=sizes, dtype=torch.float32, ignored=9)

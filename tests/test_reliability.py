@@ -758,6 +758,8 @@ BAD_INPUTS = [
              r"^--model\.sizes: sizes must be strictly increasing"),
     BadInput("recsys.train", "unknown encoder (`--model.encoder gru`)", (*TRAIN, "--model.encoder", "gru"),
              r"^--model\.encoder: unknown encoder 'gru'; choose one of lru, mamba, sasrec$"),
+    BadInput("recsys.train", "negative distillation weight (`--model.distill -1`)", (*TRAIN, "--model.distill", "-1"),
+             r"^--model\.distill must be a finite non-negative number, got -1\.0$"),
     BadInput("recsys.train", "no negatives for the sampled loss (`--model.negatives 0`)",
              (*TRAIN, "--model.loss", "sampled", "--model.negatives", "0"),
              r"^--model\.negatives must be a positive integer, got 0$"),

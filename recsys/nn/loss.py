@@ -7,6 +7,10 @@ For every position ``t`` with target item ``y_t`` and every size ``s_m``::
 Row 0 of the item matrix is the padding item: it is never a candidate, and positions whose target
 is 0 are ignored (left out of the mean).
 
+With ``distill > 0`` every size but the largest also learns the detached softmax of a teacher
+(the largest size, or the next larger one): ``total += distill * sum_{m < M} KL(p_teacher || p_m)``,
+computed in the same block pass (docs/method.md §4).
+
 Why a custom autograd function. The obvious implementation (:func:`naive_matryoshka_cross_entropy`)
 builds M logit tensors of ``positions x items`` and autograd keeps all of them, so memory and time
 grow with the number of sizes. But the logits at size ``s_m`` are the running sum over chunks
@@ -78,10 +82,13 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 class MatryoshkaLoss(NamedTuple):
     """``total``: the weighted sum over sizes (a scalar that carries gradients).
-    ``per_size``: the mean cross-entropy at each size, shape ``(M,)``, detached (for logging)."""
+    ``per_size``: the mean cross-entropy at each size, shape ``(M,)``, detached (for logging).
+    ``distill``: the mean self-distillation KL at each size, ``(M,)``, detached (0 for the
+    largest size and without distillation)."""
 
     total: Tensor
     per_size: Tensor
+    distill: Tensor | None = None
 
 
 # -- input checks ---------------------------------------------------------------------------------
@@ -133,6 +140,22 @@ def _check_inputs(
     return sizes, weights
 
 
+TEACHERS = ("largest", "next")
+
+
+def _check_distill(distill: float, teacher: str) -> float:
+    if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not math.isfinite(distill) or distill < 0:
+        raise ValueError(f"distill must be a finite non-negative number, got {distill!r}")
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got {teacher!r}")
+    return float(distill)
+
+
+def _teacher_of(m: int, num_sizes: int, teacher: str) -> int:
+    """The size whose softmax size ``m`` learns from: the largest, or the next larger one."""
+    return num_sizes - 1 if teacher == "largest" else m + 1
+
+
 def _describe(x: object) -> str:
     if isinstance(x, Tensor):
         return f"a {x.ndim}-D {x.dtype} tensor of shape {tuple(x.shape)}"
@@ -180,16 +203,21 @@ def _blocked_forward(
     weights: tuple[float, ...],
     block_rows: int,
     with_grads: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Per-size cross-entropy sums over the valid rows and, if asked, the gradients of
-    ``sum_m w_m * CE_m`` (mean over valid rows) w.r.t. ``user`` and ``items``.
+    distill: float = 0.0,
+    teacher: str = "largest",
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Per-size cross-entropy and distillation sums over the valid rows and, if asked, the
+    gradients of ``sum_m w_m * CE_m + distill * sum_{m < M-1} KL_m`` (means over valid rows)
+    w.r.t. ``user`` and ``items``.
 
     The gradient of chunk ``c``'s product is ``G_c = S_c - Y_c`` with the softmax part
-    ``S_c = sum_{m >= c} w_m softmax_m / n`` and the one-hot part ``Y_c = (sum_{m >= c} w_m / n) onehot``.
-    ``S_c`` needs the logits and is built block by block; ``Y_c`` touches only the targets' rows
+    ``S_c = sum_{m >= c} (c_m + a_m) softmax_m - a_m softmax_{T(m)}`` (``c_m = w_m / n``, the
+    distillation weight ``a_m = distill / n`` for every size but the largest, ``T(m)`` its teacher,
+    whose softmax is a constant: detached) and the one-hot part ``Y_c = (sum_{m >= c} c_m) onehot``.
+    ``S_c`` needs the softmaxes and is built block by block; ``Y_c`` touches only the targets' rows
     and is applied once at the end, outside the blocks.
 
-    Returns ``(ce_sums (M,), d_user or None, d_items or None)``.
+    Returns ``(ce_sums (M,), kl_sums (M,), d_user or None, d_items or None)``.
     """
     dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
     num_sizes, device = len(sizes), user.device
@@ -202,7 +230,8 @@ def _blocked_forward(
     d_items = torch.zeros(items.shape, dtype=dtype, device=device) if with_grads else None
     if n_valid == 0:
         d_user = torch.zeros_like(user, dtype=dtype) if with_grads else None
-        return torch.zeros(num_sizes, dtype=dtype, device=device), d_user, d_items
+        zeros = torch.zeros(num_sizes, dtype=dtype, device=device)
+        return zeros, zeros.clone(), d_user, d_items
 
     # Row 0 (padding) is simply left out of the candidates, so no -inf column is needed.
     cand = items[1:]
@@ -210,10 +239,14 @@ def _blocked_forward(
     chunks = [cand[:, a:b] for a, b in bounds]  # strided views for the products
     u_valid = user if all_valid else user[rows]
     t_valid = (targets if all_valid else targets[rows]).long() - 1  # index into the candidates
-    # c_m = w_m / n: the weight of size m's softmax in the gradient of the mean loss
+    # c_m = w_m / n: the weight of size m's softmax in the gradient of the mean loss; a_m the
+    # distillation's (none for the largest size, which is every other size's teacher or theirs)
     scale = [w / n_valid for w in weights]
+    distilled = range(num_sizes - 1) if distill > 0 else range(0)
+    alpha = distill / n_valid
     # the softmax probability of every row's target at every size (its CE is -log of it)
     target_prob = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
+    kl_sums = torch.zeros(num_sizes, dtype=dtype, device=device)
     # the softmax part of the user gradient, written chunk by chunk in place
     d_valid = torch.empty(n_valid, user.shape[1], dtype=dtype, device=device) if with_grads else None
     # One block holds the logits of all M sizes for its positions, block_rows rows in all, and
@@ -222,6 +255,10 @@ def _blocked_forward(
     positions = max(1, min(block_rows, 3 * n_valid) // num_sizes)
     positions = -(-n_valid // -(-n_valid // positions))
     buffer = torch.empty(num_sizes * positions * num_cand, dtype=dtype, device=device)
+    # distillation needs every size's softmax intact while the running sum is built: one more
+    # positions x items buffer (also the scratch of the KL values), 1/M more memory
+    spare = torch.empty(positions * num_cand, dtype=dtype, device=device) if distilled else None
+    tiny = torch.finfo(dtype).tiny
 
     for r0 in range(0, n_valid, positions):
         r1 = min(r0 + positions, n_valid)
@@ -233,23 +270,38 @@ def _blocked_forward(
         # every size's softmax in one operation, in place: the logits are not needed any more
         torch.softmax(levels, dim=2, out=levels)
         target_prob[:, r0:r1] = levels.gather(2, t.view(1, -1, 1).expand(num_sizes, -1, 1)).squeeze(2)
+        if distilled:
+            work = spare[: (r1 - r0) * num_cand].view(r1 - r0, num_cand)
+            for m in distilled:  # KL(p_T || p_m) = sum p_T log p_T - sum p_T log p_m
+                p_t = levels[_teacher_of(m, num_sizes, teacher)]
+                torch.xlogy(p_t, p_t, out=work)
+                kl = work.sum()
+                # an underflowed student probability counts as the smallest normal float
+                torch.clamp(levels[m], min=tiny, out=work)
+                torch.xlogy(p_t, work, out=work)
+                kl_sums[m] += kl - work.sum()
         if not with_grads:
             continue
-        # downward: levels[m] becomes S_m = c_m softmax_m + S_{m+1}, in place
-        levels[-1].mul_(scale[-1])
-        for m in range(num_sizes - 2, -1, -1):
-            torch.add(levels[m + 1], levels[m], alpha=scale[m], out=levels[m])
-        # chunk m's gradients from S_m
-        for m, (a, b) in enumerate(bounds):
-            s = levels[m] if levels.dtype == u.dtype else levels[m].to(u.dtype)
-            _product_into(d_valid[r0:r1, a:b], s, chunks[m])
+        # downward: S accumulates S_m = S_{m+1} + (c_m + a_m) softmax_m - a_m softmax_T(m); chunk
+        # m's gradients come from it. Without distillation it lives in the largest size's buffer.
+        S = work if distilled else levels[-1]
+        torch.mul(levels[-1], scale[-1], out=S)
+        for m in range(num_sizes - 1, -1, -1):
+            a, b = bounds[m]
+            if m < num_sizes - 1:
+                if distilled:
+                    S.add_(levels[m], alpha=scale[m] + alpha).sub_(levels[_teacher_of(m, num_sizes, teacher)], alpha=alpha)
+                else:
+                    S.add_(levels[m], alpha=scale[m])
+            g = S if S.dtype == u.dtype else S.to(u.dtype)
+            _product_into(d_valid[r0:r1, a:b], g, chunks[m])
             d_chunk = d_items[1:, a:b]
-            _product_into(d_chunk, s.t(), u[:, a:b], add_to=d_chunk)
-    del buffer
+            _product_into(d_chunk, g.t(), u[:, a:b], add_to=d_chunk)
+    del buffer, spare
 
     ce_sums = _cross_entropy_from_probs(target_prob, u_valid, cand, t_valid, sizes, positions).sum(dim=1)
     if not with_grads:
-        return ce_sums, None, None
+        return ce_sums, kl_sums, None, None
     # one-hot part: column j of chunk c carries sum_{m >= c} w_m / n
     tail = torch.tensor(weights, dtype=torch.float64).flip(0).cumsum(0).flip(0) / n_valid
     col_scale = tail.repeat_interleave(torch.tensor(chunk_widths(sizes))).to(device, dtype)
@@ -260,7 +312,7 @@ def _blocked_forward(
     else:
         d_user = torch.zeros_like(user, dtype=dtype)
         d_user[rows] = d_valid
-    return ce_sums, d_user, d_items
+    return ce_sums, kl_sums, d_user, d_items
 
 
 def _cross_entropy_from_probs(
@@ -289,20 +341,22 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
     """Autograd wrapper around :func:`_blocked_forward`; backward scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads):  # noqa: D102
-        ce_sums, d_user, d_items = _blocked_forward(user, items, targets, sizes, weights, block_rows, with_grads)
-        n_valid = int((targets > 0).sum())
-        per_size = ce_sums / max(n_valid, 1)
-        total = (per_size * per_size.new_tensor(weights)).sum()
-        ctx.mark_non_differentiable(per_size)
+    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher):  # noqa: D102
+        ce_sums, kl_sums, d_user, d_items = _blocked_forward(
+            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher
+        )
+        n_valid = max(int((targets > 0).sum()), 1)
+        per_size, per_size_kl = ce_sums / n_valid, kl_sums / n_valid
+        total = (per_size * per_size.new_tensor(weights)).sum() + distill * per_size_kl.sum()
+        ctx.mark_non_differentiable(per_size, per_size_kl)
         if with_grads:
             ctx.save_for_backward(d_user.to(user.dtype), d_items.to(items.dtype))
         ctx.with_grads = with_grads
-        return total, per_size
+        return total, per_size, per_size_kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total, grad_per_size):  # noqa: D102
+    def backward(ctx, grad_total, grad_per_size, grad_kl):  # noqa: D102
         if not ctx.with_grads:
             raise RuntimeError("matryoshka_cross_entropy was computed without gradients")
         d_user, d_items = ctx.saved_tensors
@@ -310,7 +364,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
             scale = grad_total.to(d_user.dtype)
             d_user, d_items = d_user * scale, d_items * scale
         return (d_user if ctx.needs_input_grad[0] else None, d_items if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def matryoshka_cross_entropy(
@@ -320,6 +374,8 @@ def matryoshka_cross_entropy(
     sizes: Sequence[int],
     weights: Sequence[float] | None = None,
     block_rows: int = 1024,
+    distill: float = 0.0,
+    teacher: str = "largest",
 ) -> MatryoshkaLoss:
     """Matryoshka cross-entropy over all ``sizes`` with memory that does not grow with their number.
 
@@ -335,19 +391,27 @@ def matryoshka_cross_entropy(
             sizes. Larger blocks mean fewer operations but more memory touched per step.
             Small batches are split too, so that at most ``3 * P * N`` floats are held, what
             plain autograd cross-entropy at one size holds at its peak.
+        distill: in-place self-distillation: every size but the largest also learns the softmax
+            of its ``teacher`` (detached), adding ``distill * KL(p_teacher || p_m)`` (mean over
+            valid positions) per size; computed in the same block pass, with one more
+            ``positions x items`` buffer (memory ``1 + 1/M`` times). 0 = off.
+        teacher: ``largest`` (every smaller size learns from the largest) or ``next`` (a cascade:
+            each size learns from the next larger one).
 
     Returns:
-        ``MatryoshkaLoss(total, per_size)``; ``per_size[m]`` is ``CE_m`` (mean over valid
-        positions), ``total = sum_m w_m * CE_m``. With no valid position both are 0.
+        ``MatryoshkaLoss(total, per_size, distill)``; ``per_size[m]`` is ``CE_m`` and
+        ``distill[m]`` is ``KL_m`` (means over valid positions, ``KL`` 0 for the largest size),
+        ``total = sum_m w_m * CE_m + distill * sum_m KL_m``. With no valid position all are 0.
     """
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
+    distill = _check_distill(distill, teacher)
     user, items = _autocast_inputs(user, items)
     with_grads = torch.is_grad_enabled() and (user.requires_grad or items.requires_grad)
     with torch.autocast(user.device.type, enabled=False):
-        total, per_size = _MatryoshkaCrossEntropy.apply(
-            user, items, targets, sizes, weights, block_rows, with_grads
+        total, per_size, per_size_kl = _MatryoshkaCrossEntropy.apply(
+            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher
         )
-    return MatryoshkaLoss(total, per_size)
+    return MatryoshkaLoss(total, per_size, per_size_kl)
 
 
 # -- the reference ----------------------------------------------------------------------------------
@@ -360,8 +424,11 @@ def naive_matryoshka_cross_entropy(
     sizes: Sequence[int],
     weights: Sequence[float] | None = None,
     block_rows: int = 1024,
+    distill: float = 0.0,
+    teacher: str = "largest",
 ) -> MatryoshkaLoss:
-    """The obvious implementation: one ``F.cross_entropy`` per size over its own logit tensor.
+    """The obvious implementation: one ``F.cross_entropy`` (and ``F.kl_div``) per size over its
+    own logit tensor.
 
     Same arguments and result as :func:`matryoshka_cross_entropy` (``block_rows`` is accepted
     and unused). Autograd keeps M ``P x N`` logit tensors: the reference for tests and benchmarks.
@@ -369,17 +436,23 @@ def naive_matryoshka_cross_entropy(
     memory-flat loss: products in the (autocast) input dtype, the sums and softmax in float32.
     """
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
+    distill = _check_distill(distill, teacher)
     user, items = _autocast_inputs(user, items)
     dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
-    n_valid = int((targets > 0).sum())
-    per_size = []
+    valid = targets > 0
+    n_valid = max(int(valid.sum()), 1)
+    per_size, per_size_kl = [], []
     with torch.autocast(user.device.type, enabled=False):
-        for logits in prefix_scores(user, items[1:], sizes, dtype=dtype):
-            ce = F.cross_entropy(logits, targets.long() - 1, ignore_index=-1, reduction="sum")
-            per_size.append(ce / max(n_valid, 1))
-    stacked = torch.stack(per_size)
-    total = sum(w * ce for w, ce in zip(weights, per_size))
-    return MatryoshkaLoss(total, stacked.detach())
+        logits = list(prefix_scores(user, items[1:], sizes, dtype=dtype))
+        for m, z in enumerate(logits):
+            per_size.append(F.cross_entropy(z, targets.long() - 1, ignore_index=-1, reduction="sum") / n_valid)
+            if distill > 0 and m < len(sizes) - 1:
+                p_teacher = F.softmax(logits[_teacher_of(m, len(sizes), teacher)][valid], dim=1).detach()
+                per_size_kl.append(F.kl_div(F.log_softmax(z[valid], dim=1), p_teacher, reduction="sum") / n_valid)
+            else:
+                per_size_kl.append(z.new_zeros(()))
+    total = sum(w * ce for w, ce in zip(weights, per_size)) + distill * sum(per_size_kl)
+    return MatryoshkaLoss(total, torch.stack(per_size).detach(), torch.stack(per_size_kl).detach())
 
 
 
