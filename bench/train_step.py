@@ -3,7 +3,8 @@
 For each dataset (a prepared directory, trained with ``configs/<name>.yaml``'s model and data
 settings) and each encoder (LRU, Mamba, SASRec), the whole training step of
 :class:`~recsys.model.MatryoshkaRecommender` runs on the data module's own batches: item tower,
-encoder, Matryoshka loss, backward, gradient clipping and the AdamW update. Two batchings:
+encoder, Matryoshka loss (the forward as ``training_step`` computes it, each part timed), backward,
+gradient clipping and the AdamW update. Two batchings:
 
 - ``padded``: random batches (``--data.length_batching false``, the order before issue 14), each
   padded to its longest window;
@@ -38,7 +39,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ from recsys.atomic import write_json_atomically  # noqa: E402
 from recsys.data.datamodule import SequenceDataModule  # noqa: E402
 from recsys.data.length_batching import real_fraction  # noqa: E402
 from recsys.model import MatryoshkaRecommender  # noqa: E402
+from recsys.nn.loss import matryoshka_cross_entropy  # noqa: E402
 
 logger = logging.getLogger("bench.train_step")
 
@@ -93,21 +94,35 @@ def spread_sample(widths: np.ndarray, steps: int) -> list[int]:
     return [int(s[np.argmin(np.abs(widths[s] - widths[s].mean()))]) for s in slices]
 
 
+PHASES = ("tower", "encoder", "loss", "backward", "update")
+
+
 class Step:
-    """One training step of a model: forward through ``training_step``, backward, clipping, AdamW."""
+    """One training step of a model, timed by phase: the item tower, the encoder and the loss
+    forward (as ``MatryoshkaRecommender.training_step`` computes them), backward, clipping and AdamW."""
 
     def __init__(self, model: MatryoshkaRecommender) -> None:
         self.model = model.train()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=model.hparams.lr)
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> None:
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Runs the step; returns the seconds of each of ``PHASES``."""
+        model, marks = self.model, [time.perf_counter()]
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # self.log without a Trainer warns and does nothing
-            warnings.simplefilter("ignore")
-            loss = self.model.training_step(batch, 0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+        items = model.net.item_matrix()
+        marks.append(time.perf_counter())
+        states = model.net.sequence_states(batch["input_ids"], items)
+        marks.append(time.perf_counter())
+        valid = batch["target_ids"] > 0
+        loss = matryoshka_cross_entropy(states[valid], items, batch["target_ids"][valid], model.sizes,
+                                        weights=model.hparams.loss_weights, block_rows=model.hparams.loss_block_rows)
+        marks.append(time.perf_counter())
+        loss.total.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         self.optimizer.step()
+        marks.append(time.perf_counter())
+        return {phase: b - a for phase, a, b in zip(PHASES, marks, marks[1:])}
 
     def flops(self, batch: dict[str, torch.Tensor]) -> int:
         counter = FlopCounterMode(display=False)
@@ -135,11 +150,14 @@ def bench_encoder(encoder: str, modules: dict, samples: dict, epoch_batches: int
     rate = matmul_gflops()
     step(batches["padded"][0])  # warm-up
     times: dict[str, list[float]] = {b: [] for b in BATCHINGS}
+    phases: dict[str, dict[str, float]] = {b: dict.fromkeys(PHASES, 0.0) for b in BATCHINGS}
     for k in range(len(samples["padded"])):
         for b in BATCHINGS:
             start = time.perf_counter()
-            step(batches[b][k])
+            split = step(batches[b][k])
             times[b].append(time.perf_counter() - start)
+            for phase, seconds in split.items():
+                phases[b][phase] += seconds
     result: dict = {"matmul_gflops": rate, "parameters": sum(p.numel() for p in model.parameters())}
     for b in BATCHINGS:
         flops = [step.flops(batch) for batch in batches[b]]
@@ -157,6 +175,7 @@ def bench_encoder(encoder: str, modules: dict, samples: dict, epoch_batches: int
             "real_positions_per_s": sum(real) / sum(times[b]),
             "floor_fraction": (sum(flops) / (rate * 1e9)) / sum(times[b]),
             "epoch_s_extrapolated": mean * epoch_batches,
+            "phase_shares": {phase: t / sum(times[b]) for phase, t in phases[b].items()},
         }
     result["epoch_speedup"] = result["padded"]["mean_step_s"] / result["length"]["mean_step_s"]
     return result
@@ -264,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
         "sampling": "per dataset, encoder and batching: the timed batches are spread over epoch 0's batch widths "
         "(one per equal slice of the batches sorted by width, nearest the slice's mean width); epoch times are the mean step time times the epoch's batch count (extrapolated, not timed whole); "
         "real fractions are over the whole epoch",
-        "step": "MatryoshkaRecommender.training_step (item tower, encoder, loss) + backward + gradient clipping + AdamW",
+        "step": "the training step of MatryoshkaRecommender (item tower, encoder, loss) + backward + gradient clipping + AdamW",
+        "phases": "phase_shares: each phase's share of the step time: item tower forward, encoder forward, loss forward, "
+        "backward (all of it), gradient clipping + AdamW",
         "datasets": datasets,
     }
     write_json_atomically(args.out, report, indent=2)
