@@ -540,14 +540,18 @@ def block_train_step() -> list[str]:
     d = load("train_step.json")
     m = d["machine"]
     rows, floors, speedups = [], [], {}
+    rates = [d["matmul_gflops_start"], d["matmul_gflops_end"]]
+    rates += [r["matmul_gflops"] for data in d["datasets"].values() for r in data["encoders"].values()]
+    highest = max(rates)  # the conservative floor on a shared machine (bench/train_step.py)
     for name, data in d["datasets"].items():
         for encoder, r in data["encoders"].items():
             for batching, label in (("padded", "random (padded)"), ("length", "length-aware")):
                 b = r[batching]
-                floors.append((b["floor_fraction"], name, encoder, batching))
+                fraction = sum(b["flops"]) / (highest * 1e9) / sum(b["step_s"])
+                floors.append((fraction, name, encoder, batching))
                 rows.append([TRAIN_NAMES.get(name, name), TRAIN_NAMES.get(encoder, encoder), label,
                              percent(data["epoch"][batching]["real_fraction"]), f"{b['mean_step_s']:.2f}",
-                             f"{b['real_positions_per_s']:,.0f}", percent(b["floor_fraction"]),
+                             f"{b['real_positions_per_s']:,.0f}", percent(fraction),
                              seconds(b["epoch_s_extrapolated"]),
                              " / ".join(f"{100 * b['phase_shares'][p]:.0f}" for p in TRAIN_PHASES)
                              if "phase_shares" in b else "not recorded"])
@@ -556,7 +560,8 @@ def block_train_step() -> list[str]:
     lines = [
         f"`{d['command']}` → `bench/results/train_step.json`: {d['step']}; configs' model and data settings "
         f"(batch {first['batch_size']}, sizes {', '.join(map(str, first['model']['sizes']))}); {d['sampling']}; "
-        "floor = the step's flops counted by `FlopCounterMode` at the matrix-product rate measured before each encoder's steps. "
+        f"floor = the step's flops counted by `FlopCounterMode` at the highest matrix-product rate measured in the run "
+        f"({highest:.1f} GFLOP/s; measured before each encoder's steps: {span(rates[2:], lambda x: f'{x:.0f}')} GFLOP/s). "
         + measured_on(platform_machine(m), m.get("threads"), [d["load_average_start"][0], d["load_average_end"][0]],
                       "1 minute, at start / end")
         + f" Matrix-product rate {d['matmul_gflops_start']:.1f} GFLOP/s at the start, {d['matmul_gflops_end']:.1f} at the end.",
