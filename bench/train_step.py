@@ -26,7 +26,7 @@ fraction = floor / measured step time; also at the highest rate measured in the 
 end and before each encoder), the conservative figure on a shared machine, which the README reports.
 
     python bench/train_step.py --data sports=data/sports ml-1m=data/ml-1m     # writes bench/results/train_step.json
-    python bench/train_step.py --data sports=data/sports --encoders lru --steps 4 --out /tmp/t.json
+    python bench/train_step.py --data sports=data/sports --encoders lru --steps 4 --out lru_sports.json
 
 Machines here are shared and noisy: compare the batchings by the ratios within one run.
 """
