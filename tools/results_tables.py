@@ -705,6 +705,105 @@ def block_nested_linear() -> list[str]:
     return lines
 
 
+# Goals of issue 14 for the training step (bench/README.md §6).
+TRAIN_REAL_GOAL = 0.75
+TRAIN_FLOOR_GOAL = 0.40
+TRAIN_SPEEDUP_GOAL = 4.0
+TRAIN_PHASES = ("tower", "encoder", "loss", "backward", "update")
+TRAIN_NAMES = {"lru": "LRU", "mamba": "Mamba", "sasrec": "SASRec", "sports": "Sports", "ml-1m": "MovieLens-1M"}
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def block_train_step() -> list[str]:
+    d = load("train_step.json")
+    m = d["machine"]
+    rows, floors, speedups = [], [], {}
+    rates = [d["matmul_gflops_start"], d["matmul_gflops_end"]]
+    rates += [r["matmul_gflops"] for data in d["datasets"].values() for r in data["encoders"].values()]
+    highest = max(rates)  # the conservative floor on a shared machine (bench/train_step.py)
+    for name, data in d["datasets"].items():
+        for encoder, r in data["encoders"].items():
+            for batching, label in (("padded", "random (padded)"), ("length", "length-aware")):
+                b = r[batching]
+                fraction = sum(b["flops"]) / (highest * 1e9) / sum(b["step_s"])
+                floors.append((fraction, name, encoder, batching))
+                rows.append([TRAIN_NAMES.get(name, name), TRAIN_NAMES.get(encoder, encoder), label,
+                             percent(data["epoch"][batching]["real_fraction"]), f"{b['mean_step_s']:.2f}",
+                             f"{b['real_positions_per_s']:,.0f}", percent(fraction),
+                             seconds(b["epoch_s_extrapolated"]),
+                             " / ".join(f"{100 * b['phase_shares'][p]:.0f}" for p in TRAIN_PHASES)
+                             if "phase_shares" in b else "not recorded"])
+            speedups[(name, encoder)] = r["epoch_speedup"]
+    first = next(iter(d["datasets"].values()))
+    lines = [
+        f"`{d['command']}` → `bench/results/train_step.json`: {d['step']}; configs' model and data settings "
+        f"(batch {first['batch_size']}, sizes {', '.join(map(str, first['model']['sizes']))}); {d['sampling']}; "
+        f"floor = the step's flops counted by `FlopCounterMode` at the highest matrix-product rate measured in the run "
+        f"({highest:.1f} GFLOP/s; measured before each encoder's steps: {span(rates[2:], lambda x: f'{x:.0f}')} GFLOP/s). "
+        + measured_on(platform_machine(m), m.get("threads"), [d["load_average_start"][0], d["load_average_end"][0]],
+                      "1 minute, at start / end")
+        + f" Matrix-product rate {d['matmul_gflops_start']:.1f} GFLOP/s at the start, {d['matmul_gflops_end']:.1f} at the end.",
+        "",
+    ]
+    lines += table(["data", "encoder", "batching", "real positions (epoch)", "step s", "real positions/s", "of floor",
+                    "epoch (extrapolated)", "% of step: tower / encoder / loss / backward / update"], "lllrrrrrr", rows)
+    lines.append("")
+    real = {name: data["epoch"]["length"]["real_fraction"] for name, data in d["datasets"].items()}
+    lines.append(f"- Real positions at least {percent(TRAIN_REAL_GOAL)}: "
+                 + ", ".join(f"{TRAIN_NAMES.get(n, n)} {percent(v)} (random batches "
+                             f"{percent(d['datasets'][n]['epoch']['padded']['real_fraction'])})" for n, v in real.items())
+                 + f" ({met(min(real.values()) >= TRAIN_REAL_GOAL)}).")
+    for name in d["datasets"]:
+        these = {e: v for (n, e), v in speedups.items() if n == name}
+        fast = [TRAIN_NAMES.get(e, e) for e, v in these.items() if v >= TRAIN_SPEEDUP_GOAL]
+        goal = (f" (goal {ratio(TRAIN_SPEEDUP_GOAL, 0)} on Sports: met by {len(fast)} of {len(these)}"
+                + (f", {', '.join(fast)}" if fast else "") + ")") if name == "sports" else ""
+        lines.append(f"- Epoch speed-up of length-aware over random batches, {TRAIN_NAMES.get(name, name)}: "
+                     + ", ".join(f"{TRAIN_NAMES.get(e, e)} {ratio(v)}" for e, v in these.items()) + goal + ".")
+    length_floors = sorted((f for f in floors if f[3] == "length"), reverse=True)
+    reached = [f"{TRAIN_NAMES.get(e, e)} on {TRAIN_NAMES.get(n, n)}" for v, n, e, _ in length_floors if v >= TRAIN_FLOOR_GOAL]
+    lines.append(f"- Fraction of the arithmetic floor, length-aware batches: {span([f[0] for f in length_floors], percent)}; "
+                 f"goal {percent(TRAIN_FLOOR_GOAL)} on CPU: met by {len(reached)} of {len(length_floors)}"
+                 + (f" ({', '.join(reached)})" if reached else "") + ".")
+    if (RESULTS / "length_batching_metrics.json").is_file():
+        lines += ["", *length_batching_metrics_lines(load("length_batching_metrics.json"))]
+    return lines
+
+
+def length_batching_metrics_lines(d: dict) -> list[str]:
+    """The short real trainings with and without length-aware batching (bench/length_batching_metrics.py)."""
+    names = {"length": "length-aware", "padded": "random"}
+    rows = []
+    for run in d["runs"]:
+        top = run["rows"][-1]
+        rows.append([str(run["seed"]), names[run["batching"]], str(top["size"]), f4(top["ndcg_10"]), f4(top["recall_10"]),
+                     f4(top["mrr"])])
+    recall = [run["rows"][-1]["recall_10"] for run in d["runs"]]
+    mean = sum(recall) / len(recall)
+    error = math.sqrt(mean * (1 - mean) / d["test_users"])
+    gaps = []
+    for seed in d["seeds"]:
+        by = {r["batching"]: r["rows"][-1]["recall_10"] for r in d["runs"] if r["seed"] == seed}
+        gaps.append(by["length"] - by["padded"])
+    lines = [
+        f"Metrics kept: `{d['command']}` → `bench/results/length_batching_metrics.json`, `{d['config']}` trained "
+        f"{d['epochs']} epochs both ways per seed through `python -m recsys.train --tracking csv`, test metrics of the best "
+        "checkpoint at the largest size (the runs' wall times are in the JSON; speed is the table above). "
+        + measured_on(platform_machine(d["machine"]), None, [d["load_average_start"][0], d["load_average_end"][0]],
+                      "1 minute, at start / end"),
+        "",
+    ]
+    lines += table(["seed", "batching", "size", "NDCG@10", "Recall@10", "MRR"], "rlrrrr", rows)
+    within = all(abs(g) <= 2 * error for g in gaps)
+    lines += ["", f"Recall@10 length-aware minus random, per seed: {', '.join(f'{g:+.4f}' for g in gaps)}; the standard "
+                  f"error of Recall@10 here is {error:.4f} ({d['test_users']:,} test users): "
+                  f"{'within' if within else 'not within'} two standard errors."]
+    return lines
+
+
 def block_machines() -> list[str]:
     rows = []
     for name in ("accuracy_ml-1m-40ep.json", "accuracy_lastfm.json"):
@@ -731,6 +830,9 @@ def block_machines() -> list[str]:
     nl = load("nested_linear.json")
     rows.append(["`nested_linear.json`", f"{nl['device']}, {nl['machine']['cpu_count']} cores", str(nl["threads"]),
                  load_avg(nl["machine"].get("load_average_1m")), ""])
+    ts = load("train_step.json")
+    rows.append(["`train_step.json`", platform_machine(ts["machine"]), str(ts["machine"]["threads"]),
+                 load_avg(ts.get("load_average_start")), ""])
     rows = [[cell or "not recorded" for cell in row] for row in rows]
     return table(["results", "machine", "threads", "load average at start", "date"], "llrll", rows)
 
@@ -746,6 +848,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "candidates": block_candidates,
     "prepare": block_prepare,
     "nested-linear": block_nested_linear,
+    "train-step": block_train_step,
 }
 
 

@@ -66,6 +66,11 @@ class TrainWindows:
     def __len__(self) -> int:
         return len(self.end)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Input positions of each window (its batch is as wide as its longest window)."""
+        return np.minimum(self.end - self.start, self.max_len + 1) - 1
+
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         index = np.asarray(indices, dtype=np.int64)
         ends = self.end[index]
@@ -112,6 +117,11 @@ class HeldOutTargets:
 
     def __len__(self) -> int:
         return len(self.users)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Each user's history before the target (a batch's ``seen_ids`` are as wide as its longest)."""
+        return self.end - self.start
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         index = np.asarray(indices, dtype=np.int64)

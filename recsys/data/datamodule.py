@@ -7,9 +7,16 @@ directory (keyed by its config) and reused afterwards.
 
 Multi-process training: the training CLI runs the Trainer with ``use_distributed_sampler=False``,
 so this module shards itself when ``torch.distributed`` is initialised with more than one process.
-Training windows go through a seeded, shuffling ``DistributedSampler`` (Lightning calls its
-``set_epoch``); validation and test users are split into contiguous, disjoint blocks with no
-padding and no duplicates, so metrics summed over ranks count every user exactly once.
+Training windows go through a seeded, shuffling sampler (Lightning calls its ``set_epoch``) that
+gives every rank the same number of windows; validation and test users are split into contiguous,
+disjoint blocks with no padding and no duplicates, so metrics summed over ranks count every user
+exactly once.
+
+Length-aware batching (``length_batching``, the default): training batches hold windows of similar
+length (:class:`~recsys.data.length_batching.LengthGroupedSampler`), and each rank's validation and
+test users are ordered by history length before they are cut into batches, so that few encoded
+positions are padding. Metrics are sums over users, so the evaluation order does not change them;
+``length_batching=False`` gives the plain shuffled order (``DistributedSampler``) and users in id order.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 
 from recsys.data.batches import HeldOutTargets, TrainWindows, pass_through
+from recsys.data.length_batching import LengthGroupedSampler
 from recsys.data.prepared import PreparedDataset, load_prepared
 from recsys.data.resumable import ResumableBatchSampler, ResumableDataLoader
 from recsys.data.synthetic import SyntheticConfig, prepared_synthetic
@@ -47,6 +55,8 @@ class SequenceDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (batches are cheap to build; 0 is usually fine).
         seed: seed of the training shuffle (combined with the epoch).
         pad_to_max_len: always ``max_len`` columns instead of the batch's longest input.
+        length_batching: batch windows (and evaluation users) of similar length together, so that
+            batches are mostly real positions; False: random batches, users in id order.
     """
 
     def __init__(
@@ -60,10 +70,14 @@ class SequenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pad_to_max_len: bool = False,
+        length_batching: bool = True,
     ) -> None:
         super().__init__()
         if max_len < 1 or batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
             raise ValueError("max_len, batch_size and eval_batch_size must be positive and num_workers non-negative")
+        if not isinstance(length_batching, bool):
+            raise ValueError(f"length_batching must be true or false, got {length_batching!r}")
+        self.length_batching = length_batching
         self.max_len = max_len
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -105,9 +119,12 @@ class SequenceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world_size, rank = _distributed_world()
-        sampler = DistributedSampler(
-            self.train_windows, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=False
-        )
+        if self.length_batching:
+            sampler = LengthGroupedSampler(self.train_windows.lengths, self.batch_size, world_size, rank, self.seed)
+        else:
+            sampler = DistributedSampler(
+                self.train_windows, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=False
+            )
         loader = self._loader(self.train_windows, ResumableBatchSampler(sampler, self.batch_size, drop_last=False))
         if self._resume_state is not None:
             loader.load_state_dict(self._resume_state)
@@ -136,6 +153,9 @@ class SequenceDataModule(L.LightningDataModule):
 
     def _held_out_loader(self, holdout: str) -> DataLoader:
         users = self.held_out_users(*_distributed_world())
+        if self.length_batching:  # this rank's users by history length (stable: ties in id order)
+            offsets = self.dataset.seq_offsets
+            users = users[np.argsort(offsets[users + 1] - offsets[users], kind="stable")]
         dataset = HeldOutTargets(self.dataset.seq_items, self.dataset.seq_offsets, users, holdout, self.max_len, self.pad_to_max_len)
         return self._loader(dataset, BatchSampler(SequentialSampler(range(len(dataset))), self.eval_batch_size, drop_last=False))
 

@@ -1,0 +1,306 @@
+"""Training-step throughput against the arithmetic floor, random against length-aware batches (bench/README.md §6).
+
+For each dataset (a prepared directory, trained with ``configs/<name>.yaml``'s model and data
+settings) and each encoder (LRU, Mamba, SASRec), the whole training step of
+:class:`~recsys.model.MatryoshkaRecommender` runs on the data module's own batches: item tower,
+encoder, Matryoshka loss (the forward as ``training_step`` computes it, each part timed), backward,
+gradient clipping and the AdamW update. Two batchings:
+
+- ``padded``: random batches (``--data.length_batching false``, the order before issue 14), each
+  padded to its longest window;
+- ``length``: length-aware batches (``recsys/data/length_batching.py``, the default).
+
+Which steps: ``--steps`` batches of each batching's epoch 0, spread over the epoch's batch widths
+(the batches sorted by width and cut into ``--steps`` equal slices, from each the batch nearest the
+slice's mean width), so that their mean step time estimates the epoch's; the two batchings take turns step by step, so
+load on a shared machine hits both alike. The epoch time is that mean times the epoch's number of
+batches (the same for both): extrapolated, not timed whole; the JSON says so.
+
+Figures per (dataset, encoder, batching): median and mean step time; real positions per second
+(real input positions over step time); the real fraction of encoded positions over the whole epoch
+(every batch, not a sample); and the fraction of the arithmetic floor: each timed batch's step is
+run once more under ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions
+and attention, forward and backward; element-wise work such as the LRU's scan counts nothing), and
+floor = counted flops / the float32 matrix-product rate measured just before that encoder's steps,
+fraction = floor / measured step time; also at the highest rate measured in the run (the start, the
+end and before each encoder), the conservative figure on a shared machine, which the README reports.
+
+    python bench/train_step.py --data sports=data/sports ml-1m=data/ml-1m     # writes bench/results/train_step.json
+    python bench/train_step.py --data sports=data/sports --encoders lru --steps 4 --out lru_sports.json
+
+Machines here are shared and noisy: compare the batchings by the ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from machine import cpu_model  # noqa: E402  bench/machine.py (the script directory is on sys.path)
+from recsys.atomic import write_json_atomically  # noqa: E402
+from recsys.data.datamodule import SequenceDataModule  # noqa: E402
+from recsys.data.length_batching import real_fraction  # noqa: E402
+from recsys.model import MatryoshkaRecommender  # noqa: E402
+from recsys.nn.loss import matryoshka_cross_entropy  # noqa: E402
+
+logger = logging.getLogger("bench.train_step")
+
+ENCODERS = ("lru", "mamba", "sasrec")
+BATCHINGS = ("padded", "length")
+# the model settings read from a dataset's config (the rest keep the model's defaults)
+MODEL_KEYS = ("sizes", "n_blocks", "dropout", "input_dropout", "use_id_embedding", "lru", "mamba", "sasrec", "loss_block_rows")
+# the Trainer's gradient clipping (recsys.model.TRAINER_DEFAULTS) is part of the step
+CLIP = 1.0
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Median float32 GFLOP/s of an ``n x n`` by ``n x n`` torch matmul on this machine now."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def dataset_settings(name: str) -> tuple[dict, dict]:
+    """``(model settings, data settings)`` of ``configs/<name>.yaml``."""
+    config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    model = {k: v for k, v in (config.get("model") or {}).items() if k in MODEL_KEYS}
+    data = config.get("data") or {}
+    return model, {"max_len": int(data.get("max_len", 50)), "batch_size": int(data.get("batch_size", 128))}
+
+
+def spread_sample(widths: np.ndarray, steps: int) -> list[int]:
+    """Indices of ``steps`` batches spread over the sorted ``widths``: the batches sorted by width are
+    cut into ``steps`` equal slices, and from each the batch whose width is nearest the slice's mean
+    (a step's time grows with its width, so the sample's mean time tracks the epoch's)."""
+    slices = np.array_split(np.argsort(widths, kind="stable"), min(steps, len(widths)))
+    return [int(s[np.argmin(np.abs(widths[s] - widths[s].mean()))]) for s in slices]
+
+
+PHASES = ("tower", "encoder", "loss", "backward", "update")
+
+
+class Step:
+    """One training step of a model, timed by phase: the item tower, the encoder and the loss
+    forward (as ``MatryoshkaRecommender.training_step`` computes them), backward, clipping and AdamW."""
+
+    def __init__(self, model: MatryoshkaRecommender) -> None:
+        self.model = model.train()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=model.hparams.lr)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Runs the step; returns the seconds of each of ``PHASES``."""
+        model, marks = self.model, [time.perf_counter()]
+        self.optimizer.zero_grad(set_to_none=True)
+        items = model.net.item_matrix()
+        marks.append(time.perf_counter())
+        states = model.net.sequence_states(batch["input_ids"], items)
+        marks.append(time.perf_counter())
+        valid = batch["target_ids"] > 0
+        loss = matryoshka_cross_entropy(states[valid], items, batch["target_ids"][valid], model.sizes,
+                                        weights=model.hparams.loss_weights, block_rows=model.hparams.loss_block_rows)
+        marks.append(time.perf_counter())
+        loss.total.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        self.optimizer.step()
+        marks.append(time.perf_counter())
+        return {phase: b - a for phase, a, b in zip(PHASES, marks, marks[1:])}
+
+    def flops(self, batch: dict[str, torch.Tensor]) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self(batch)
+        return int(counter.get_total_flops())
+
+
+def epoch_order(module: SequenceDataModule) -> list[list[int]]:
+    """Epoch 0's batches (window indices) as the module's train loader hands them out."""
+    loader = module.train_dataloader()
+    loader.batch_sampler.sampler.set_epoch(0)
+    return list(loader.batch_sampler)
+
+
+def bench_encoder(encoder: str, modules: dict, samples: dict, epoch_batches: int, model_settings: dict, max_len: int) -> dict:
+    """Both batchings of one encoder on one dataset, taking turns step by step."""
+    torch.manual_seed(0)
+    any_module = modules["length"]
+    model = MatryoshkaRecommender(
+        item_features=any_module.item_features, encoder=encoder, max_len=max_len, **model_settings
+    )
+    step = Step(model)
+    batches = {b: [modules[b].train_windows.__getitems__(i) for i in samples[b]] for b in BATCHINGS}
+    rate = matmul_gflops()
+    step(batches["padded"][0])  # warm-up
+    times: dict[str, list[float]] = {b: [] for b in BATCHINGS}
+    phases: dict[str, dict[str, float]] = {b: dict.fromkeys(PHASES, 0.0) for b in BATCHINGS}
+    for k in range(len(samples["padded"])):
+        for b in BATCHINGS:
+            start = time.perf_counter()
+            split = step(batches[b][k])
+            times[b].append(time.perf_counter() - start)
+            for phase, seconds in split.items():
+                phases[b][phase] += seconds
+    result: dict = {"matmul_gflops": rate, "parameters": sum(p.numel() for p in model.parameters())}
+    for b in BATCHINGS:
+        flops = [step.flops(batch) for batch in batches[b]]
+        real = [int((batch["input_ids"] > 0).sum()) for batch in batches[b]]
+        encoded = [batch["input_ids"].numel() for batch in batches[b]]
+        mean = statistics.fmean(times[b])
+        result[b] = {
+            "step_s": times[b],
+            "median_step_s": statistics.median(times[b]),
+            "mean_step_s": mean,
+            "widths": [int(batch["input_ids"].shape[1]) for batch in batches[b]],
+            "real_positions": real,
+            "encoded_positions": encoded,
+            "flops": flops,
+            "real_positions_per_s": sum(real) / sum(times[b]),
+            "floor_fraction": (sum(flops) / (rate * 1e9)) / sum(times[b]),
+            "epoch_s_extrapolated": mean * epoch_batches,
+            "phase_shares": {phase: t / sum(times[b]) for phase, t in phases[b].items()},
+        }
+    result["epoch_speedup"] = result["padded"]["mean_step_s"] / result["length"]["mean_step_s"]
+    return result
+
+
+def parse_data(values: list[str], parser: argparse.ArgumentParser) -> dict[str, Path]:
+    data = {}
+    for value in values:
+        name, eq, directory = value.partition("=")
+        if not eq or not name or not directory:
+            parser.error(f"--data: expected NAME=DIR, got {value!r}")
+        if not (ROOT / "configs" / f"{name}.yaml").is_file():
+            parser.error(f"--data {value}: no configs/{name}.yaml to read the dataset's settings from")
+        if not Path(directory).is_dir():
+            parser.error(f"--data {value}: no such directory (prepare it with `make data/{name}`)")
+        data[name] = Path(directory)
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", required=True, metavar="NAME=DIR", help="prepared datasets; NAME picks configs/NAME.yaml")
+    parser.add_argument("--encoders", nargs="+", choices=ENCODERS, default=list(ENCODERS))
+    parser.add_argument("--steps", type=int, default=4, help="timed batches per batching, dataset and encoder")
+    parser.add_argument("--steps-for", nargs="*", default=[], metavar="NAME:ENCODER=STEPS", help="fewer steps where a step is slow")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_step.json")
+    args = parser.parse_args(argv)
+    data = parse_data(args.data, parser)
+    if args.steps < 1 or args.threads < 1:
+        parser.error(f"--steps and --threads must be positive, got {args.steps} and {args.threads}")
+    steps_for = {}
+    for value in args.steps_for:
+        key, eq, n = value.partition("=")
+        if not eq or not n.isdigit() or int(n) < 1 or key.partition(":")[0] not in data or key.partition(":")[2] not in ENCODERS:
+            parser.error(f"--steps-for: expected NAME:ENCODER=STEPS with NAME one of --data and a positive STEPS, got {value!r}")
+        steps_for[key] = int(n)
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    rate_start = matmul_gflops()
+    logger.info("load %s, float32 matmul %.1f GFLOP/s", load_start, rate_start)
+
+    datasets = {}
+    for name, directory in data.items():
+        model_settings, data_settings = dataset_settings(name)
+        modules, orders, epoch = {}, {}, {}
+        for b in BATCHINGS:
+            modules[b] = SequenceDataModule(data_dir=str(directory), seed=args.seed, length_batching=b == "length", **data_settings)
+            orders[b] = epoch_order(modules[b])
+            epoch[b] = {"batches": len(orders[b]), "real_fraction": real_fraction(modules[b].train_windows.lengths, orders[b])}
+        windows = modules["length"].train_windows
+        row = {
+            "config": f"configs/{name}.yaml",
+            "model": model_settings,
+            **data_settings,
+            "windows": len(windows),
+            "median_window_length": float(np.median(windows.lengths)),
+            "epoch": epoch,
+            "encoders": {},
+        }
+        logger.info("%s: %s windows, real fraction padded %.3f, length-aware %.3f", name, len(windows),
+                    epoch["padded"]["real_fraction"], epoch["length"]["real_fraction"])
+        for encoder in args.encoders:
+            n = steps_for.get(f"{name}:{encoder}", args.steps)
+            samples = {}
+            for b in BATCHINGS:
+                widths = np.array([int(windows.lengths[np.asarray(i)].max()) for i in orders[b]])
+                samples[b] = [orders[b][i] for i in spread_sample(widths, n)]
+            started = time.perf_counter()
+            result = bench_encoder(encoder, modules, samples, len(orders["length"]), model_settings, data_settings["max_len"])
+            result["steps"] = n
+            result["load_average_before"] = os.getloadavg()
+            row["encoders"][encoder] = result
+            logger.info(
+                "%s %s (%d steps, %.0f s): padded %.2f s/step, length-aware %.2f s/step (%.2fx); floor %.1f%% / %.1f%%; "
+                "real positions/s %.0f / %.0f", name, encoder, n, time.perf_counter() - started,
+                result["padded"]["mean_step_s"], result["length"]["mean_step_s"], result["epoch_speedup"],
+                100 * result["padded"]["floor_fraction"], 100 * result["length"]["floor_fraction"],
+                result["padded"]["real_positions_per_s"], result["length"]["real_positions_per_s"],
+            )
+        datasets[name] = row
+
+    report = {
+        "machine": {
+            "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "gpu": None,
+        },
+        "command": "python bench/train_step.py " + " ".join(
+            [f"--data {' '.join(f'{k}=data/{k}' for k in data)}", f"--steps {args.steps}"]
+            + ([f"--steps-for {' '.join(args.steps_for)}"] if args.steps_for else [])
+            + ([f"--encoders {' '.join(args.encoders)}"] if args.encoders != list(ENCODERS) else [])
+        ),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "matmul_gflops_start": rate_start,
+        "matmul_gflops_end": matmul_gflops(),
+        "sampling": "per dataset, encoder and batching: the timed batches are spread over epoch 0's batch widths "
+        "(one per equal slice of the batches sorted by width, nearest the slice's mean width); epoch times are the mean step time times the epoch's batch count (extrapolated, not timed whole); "
+        "real fractions are over the whole epoch",
+        "step": "the training step of MatryoshkaRecommender (item tower, encoder, loss) + backward + gradient clipping + AdamW",
+        "phases": "phase_shares: each phase's share of the step time: item tower forward, encoder forward, loss forward, "
+        "backward (all of it), gradient clipping + AdamW",
+        "datasets": datasets,
+    }
+    # On a shared machine the rate measured before one encoder's steps may be depressed by load;
+    # the highest rate of the run gives the conservative floor (the smallest fraction).
+    rates = [report["matmul_gflops_start"], report["matmul_gflops_end"]]
+    rates += [r["matmul_gflops"] for data in datasets.values() for r in data["encoders"].values()]
+    report["matmul_gflops_highest"] = max(rates)
+    for data in datasets.values():
+        for r in data["encoders"].values():
+            for b in BATCHINGS:
+                r[b]["floor_fraction_at_highest_rate"] = sum(r[b]["flops"]) / (max(rates) * 1e9) / sum(r[b]["step_s"])
+    write_json_atomically(args.out, report, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
