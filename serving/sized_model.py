@@ -15,7 +15,6 @@ Every file is checked against the manifest's checksums before anything is used.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import time
@@ -139,7 +138,6 @@ class SizedRecommender:
         # rows 0..N-1 of the retriever are item rows 1..N (row 0 is padding)
         self.retriever = load_retriever(self.directory, entry, self.item_matrix[1:])
         self.stage_seconds = {"encode": 0.0, "search": 0.0}
-        self._step_by_step = "sequential" in inspect.signature(self.net.encoder.forward).parameters
 
     @property
     def num_parameters(self) -> int:
@@ -189,18 +187,9 @@ class SizedRecommender:
 
     @torch.no_grad()
     def encode_rows(self, rows: list[list[int]]) -> torch.Tensor:
-        """User vectors of item-row histories: one forward pass over the real positions of the batch.
-
-        An encoder that can run its recurrence step by step (the LRU's ``sequential=True``, the
-        same function: the states agree to float rounding) does so: over the few positions of a
-        serving batch the loop is cheaper than the log-depth scan training uses.
-        """
-        input_ids = self._padded(rows)
-        if not self._step_by_step:
-            return self.net.user_vectors(input_ids, self.item_matrix)
-        mask = input_ids > 0
-        x = self.item_matrix[input_ids] * mask.unsqueeze(-1)
-        return self.net.encoder(x, mask, sequential=True)[:, -1]
+        """User vectors of item-row histories: one pass over the real positions of the batch,
+        computing the last position's state alone where the encoder can (``user_vectors``)."""
+        return self.net.user_vectors(self._padded(rows), self.item_matrix)
 
     def encode(self, histories: Sequence[Sequence[Hashable]], on_unknown: str = "error") -> np.ndarray:
         """One ``size``-float vector per history (a list of original item ids, oldest first)."""

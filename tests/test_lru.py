@@ -6,6 +6,7 @@ The encoder contract (causal, padding-independent, finite, exactly nested) is te
 import torch
 
 from recsys.nn.lru import LRULayer, NestedLRUEncoder, linear_recurrence_loop, linear_recurrence_scan
+from recsys.nn.nested import cut_to_size
 
 SIZES = (4, 8, 16)
 
@@ -38,6 +39,24 @@ def test_encoder_scan_equals_sequential_with_left_padding():
     torch.testing.assert_close(scan[mask], loop[mask], rtol=1e-5, atol=1e-5)
     unpadded = enc(seq, torch.ones(2, 12, dtype=torch.bool))
     torch.testing.assert_close(scan[:, 5:], unpadded, rtol=1e-5, atol=1e-5)
+
+
+def test_final_state_equals_the_last_output_of_the_whole_pass():
+    """The serving pass (the last block computes its last position only, its recurrence as one
+    weighted sum) gives the whole forward's last output; so does user_vectors, and every cut size."""
+    from recsys.nn.lru import linear_recurrence_last
+
+    torch.manual_seed(2)
+    decay = torch.polar(torch.rand(16) * 0.99, torch.rand(16) * 6)
+    inputs = torch.randn(3, 30, 16, dtype=torch.complex64)
+    torch.testing.assert_close(linear_recurrence_last(decay, inputs), linear_recurrence_loop(decay, inputs)[:, -1:],
+                               rtol=1e-4, atol=1e-4)
+    enc = NestedLRUEncoder(SIZES, n_blocks=3, r_min=0.8, r_max=0.99).eval()
+    x, mask = _left_padded(torch.randn(4, 12, 16), pad=5)
+    torch.testing.assert_close(enc.final_state(x, mask), enc(x, mask)[:, -1], rtol=1e-5, atol=1e-5)
+    for s in SIZES[:-1]:
+        small = cut_to_size(enc, s)
+        torch.testing.assert_close(small.final_state(x[..., :s], mask), enc(x, mask)[:, -1, :s], rtol=1e-5, atol=1e-5)
 
 
 def test_lru_decay_magnitude_starts_in_the_configured_ring():

@@ -38,9 +38,17 @@ class SequentialRecommender(NestedModule):
         return self.encoder(x, mask)
 
     def user_vectors(self, input_ids: torch.Tensor, item_matrix: torch.Tensor | None = None) -> torch.Tensor:
-        """One vector ``(B, width)`` per left-padded history: the state after its last item."""
+        """One vector ``(B, width)`` per left-padded history: the state after its last item.
+
+        An encoder with a ``final_state(x, mask)`` (the LRU) computes that state alone, without
+        the other positions' outputs; the others run whole and keep the last position.
+        """
         z = self.item_matrix() if item_matrix is None else item_matrix
-        return self.sequence_states(input_ids, z)[:, -1]
+        final_state = getattr(self.encoder, "final_state", None)
+        if final_state is None:
+            return self.sequence_states(input_ids, z)[:, -1]
+        mask = input_ids > 0
+        return final_state(self.input_dropout(z[input_ids]) * mask.unsqueeze(-1), mask)
 
     @property
     def cut_sizes(self) -> tuple[int, ...]:
