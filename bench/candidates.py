@@ -58,25 +58,13 @@ from serving.candidates import generate_candidates  # noqa: E402
 from serving.export import export_size  # noqa: E402
 from serving.sized_model import SizedRecommender  # noqa: E402
 from recsys.atomic import write_json_atomically  # noqa: E402
-from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
+from machine import cpu_model, matmul_gflops  # bench/machine.py (the script directory is on sys.path)
 
 logger = logging.getLogger("bench.candidates")
 
 SIZES = (32, 64, 128, 256)
 FEATURE_DIM = 32
 MAX_LEN = 50
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Median float32 GFLOP/s of an ``n x n`` by ``n x n`` torch matmul on this machine now."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def write_log(path: Path, num_users: int, num_items: int, seed: int = 0) -> int:

@@ -28,7 +28,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import hashlib
 import json
 import logging
 import platform
@@ -47,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from machine import cpu_model  # noqa: E402  (bench/machine.py: the script directory is on sys.path)
 from recsys.atomic import write_json_atomically  # noqa: E402
 from recsys.model import read_checkpoint  # noqa: E402
+from serving.sized_model import sha256_of  # noqa: E402
 from serving.retrieval import (  # noqa: E402
     ExactRetriever,
     FaissRetriever,
@@ -82,18 +82,10 @@ def shown_path(path: Path) -> str:
         return str(Path(*path.parts[-2:]))
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def training_record(checkpoint: Path) -> dict:
     """The checkpoint (its epoch) and, when its run directory (``recsys.train --tracking csv``) has
     ``results.json``, the test metrics per size."""
-    out = {"checkpoint": shown_path(checkpoint), "checkpoint_sha256": sha256(checkpoint)}
+    out = {"checkpoint": shown_path(checkpoint), "checkpoint_sha256": sha256_of(checkpoint)}
     training = {"epochs": int(read_checkpoint(checkpoint)["epoch"]) + 1}
     results = checkpoint.resolve().parent.parent / "results.json"
     if results.is_file():

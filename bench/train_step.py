@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import cpu_model  # noqa: E402  bench/machine.py (the script directory is on sys.path)
+from machine import cpu_model, matmul_gflops  # noqa: E402  bench/machine.py (the script directory is on sys.path)
 from recsys.atomic import write_json_atomically  # noqa: E402
 from recsys.data.datamodule import SequenceDataModule  # noqa: E402
 from recsys.data.length_batching import real_fraction  # noqa: E402
@@ -65,18 +65,6 @@ BATCHINGS = ("padded", "length")
 MODEL_KEYS = ("sizes", "n_blocks", "dropout", "input_dropout", "use_id_embedding", "lru", "mamba", "sasrec", "loss_block_rows")
 # the Trainer's gradient clipping (recsys.model.TRAINER_DEFAULTS) is part of the step
 CLIP = 1.0
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Median float32 GFLOP/s of an ``n x n`` by ``n x n`` torch matmul on this machine now."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def dataset_settings(name: str) -> tuple[dict, dict]:

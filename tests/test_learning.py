@@ -37,6 +37,11 @@ def test_every_size_beats_popularity(datamodule, encoder, options):
         item_features=datamodule.item_features, sizes=SIZES, encoder=encoder, max_len=datamodule.max_len,
         lr=3e-3, warmup_steps=10, **options,
     )
+    _assert_training_beats_popularity(model, datamodule, encoder)
+
+
+def _assert_training_beats_popularity(model, datamodule, label: str) -> None:
+    """Six epochs, then NDCG@10 at every size above 1.5x the popularity baseline."""
     trainer = L.Trainer(
         max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -46,7 +51,7 @@ def test_every_size_beats_popularity(datamodule, encoder, options):
     baseline = _popularity_ndcg(datamodule)
     for s in SIZES:
         ndcg = model.last_test_metrics[f"ndcg_10/d{s}"]
-        assert ndcg > 1.5 * baseline, f"{encoder} d{s}: NDCG@10 {ndcg:.4f} vs popularity {baseline:.4f}"
+        assert ndcg > 1.5 * baseline, f"{label} d{s}: NDCG@10 {ndcg:.4f} vs popularity {baseline:.4f}"
 
 
 def test_cold_start_items_are_no_candidates_in_training(datamodule):
@@ -92,15 +97,7 @@ def test_sampled_loss_trains_and_beats_popularity(datamodule, sampling):
     if sampling == "uniform":
         in_training = datamodule.item_features.in_training
         assert torch.allclose(q[in_training], q[in_training][0].expand(int(in_training.sum())))
-    trainer = L.Trainer(
-        max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=datamodule)
-    trainer.test(model, datamodule=datamodule, verbose=False)
-    baseline = _popularity_ndcg(datamodule)
-    for s in SIZES:
-        assert model.last_test_metrics[f"ndcg_10/d{s}"] > 1.5 * baseline, s
+    _assert_training_beats_popularity(model, datamodule, f"sampled ({sampling})")
 
 
 def test_sampled_loss_options_are_checked(datamodule):
