@@ -340,7 +340,8 @@ def block_loss() -> list[str]:
     def label(v: str) -> str:
         name, _, rows = v.partition("@")
         text = {"naive_all": "naive, all sizes", "flat_all": "memory-flat, all sizes",
-                "flat_largest": "memory-flat, largest size only"}.get(name)
+                "flat_largest": "memory-flat, largest size only",
+                "flat_distill": "memory-flat, all sizes, with self-distillation from the largest"}.get(name)
         if text is None and name.startswith("flat_top"):
             text = f"memory-flat, largest {name[len('flat_top'):]} sizes"
         text = text or name

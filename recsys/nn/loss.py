@@ -272,14 +272,15 @@ def _blocked_forward(
         target_prob[:, r0:r1] = levels.gather(2, t.view(1, -1, 1).expand(num_sizes, -1, 1)).squeeze(2)
         if distilled:
             work = spare[: (r1 - r0) * num_cand].view(r1 - r0, num_cand)
+            entropy: dict[int, Tensor] = {}  # sum p_T log p_T, once per teacher
             for m in distilled:  # KL(p_T || p_m) = sum p_T log p_T - sum p_T log p_m
-                p_t = levels[_teacher_of(m, num_sizes, teacher)]
-                torch.xlogy(p_t, p_t, out=work)
-                kl = work.sum()
+                k = _teacher_of(m, num_sizes, teacher)
+                p_t = levels[k].view(-1)
+                if k not in entropy:
+                    entropy[k] = torch.xlogy(p_t, p_t, out=work.view(-1)).sum()
                 # an underflowed student probability counts as the smallest normal float
-                torch.clamp(levels[m], min=tiny, out=work)
-                torch.xlogy(p_t, work, out=work)
-                kl_sums[m] += kl - work.sum()
+                log_p = torch.clamp(levels[m], min=tiny, out=work).log_().view(-1)
+                kl_sums[m] += entropy[k] - torch.dot(p_t, log_p)
         if not with_grads:
             continue
         # downward: S accumulates S_m = S_{m+1} + (c_m + a_m) softmax_m - a_m softmax_T(m); chunk
