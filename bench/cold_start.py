@@ -98,6 +98,7 @@ def main() -> None:
         key, _, value = item.partition("=")
         overrides += [f"--{key}", value]
     name = args.name or args.data_dir.name
+    load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix=f"cold-start-{name}-"))
     runs = Runs(args.config, workdir, "csv", args.parallel)
     for model in args.models:
@@ -113,6 +114,8 @@ def main() -> None:
     mask_seen = bool(yaml.safe_load(args.config.read_text())["model"].get("mask_seen", True))
     report: dict = {
         "name": name,
+        "command": "python bench/cold_start.py " + " ".join(sys.argv[1:]),
+        "config": str(args.config),
         "data": data.stats["cold_start"] | {"catalogue_items": data.num_items, "users": data.num_users},
         "mask_seen": mask_seen,
         "overrides": overrides,
@@ -129,6 +132,7 @@ def main() -> None:
             "by_size": {str(s): summary(ranks[m], groups) for m, s in enumerate(sizes)},
         }
     report["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
+    report["load_average"] = {"start": load_before, "end": os.getloadavg()}
     report["date"] = time.strftime("%Y-%m-%d")
     write_json_atomically(RESULTS / f"cold_start_{name}.json", report, indent=2)
     print(f"\ncold-start test users: {int(cold.sum())} of {len(users)}")

@@ -838,6 +838,30 @@ def block_machines() -> list[str]:
     return table(["results", "machine", "threads", "load average at start", "date"], "llrll", rows)
 
 
+def block_cold_start() -> list[str]:
+    d = load("cold_start_lastfm.json")
+    c = d["data"]
+    pop = d["popularity"]
+    rows = [["popularity", "", f4(pop["cold"]["ndcg_10"]), f4(pop["cold"]["recall_10"]), f4(pop["warm"]["ndcg_10"]),
+             f4(pop["all"]["ndcg_10"])]]
+    for model, r in d["models"].items():
+        for size, g in r["by_size"].items():
+            rows.append([model, size, f4(g["cold"]["ndcg_10"]), f4(g["cold"]["recall_10"]), f4(g["warm"]["ndcg_10"]),
+                         f4(g["all"]["ndcg_10"])])
+    load_start, load_end = d["load_average"]["start"][0], d["load_average"]["end"][0]
+    lines = [
+        f"`{d['command']}` → `bench/results/cold_start_{d['name']}.json` ({d['date']}): {c['items']:,} of "
+        f"{c['catalogue_items']:,} items held out of training (`prepare --cold-start-fraction {c['fraction']}`, seed "
+        f"{c['seed']}; {c['events_removed']:,} events removed, {c['users_dropped']:,} users dropped); "
+        f"{c['test_users']:,} of {c['users']:,} test users have a held-out target (cold), the others are warm; "
+        f"full ranking, history {'masked' if d['mask_seen'] else 'not masked'}; settings of `{d['config']}`. "
+        + measured_on(d["machine"], None, [load_start, load_end], "1 minute, at start / end"),
+        "",
+    ]
+    lines += table(["model", "size", "cold NDCG@10", "cold Recall@10", "warm NDCG@10", "all NDCG@10"], "lrrrrr", rows)
+    return lines
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "machines": block_machines,
     "accuracy-ml-1m": block_accuracy_ml1m,
@@ -850,6 +874,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "prepare": block_prepare,
     "nested-linear": block_nested_linear,
     "train-step": block_train_step,
+    "cold-start": block_cold_start,
 }
 
 
