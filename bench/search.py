@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import os
 import platform
@@ -58,24 +57,26 @@ def read_space(path: Path) -> dict[str, list]:
 
 
 def draw_trials(space: dict[str, list], trials: int, seed: int) -> list[dict]:
-    """``trials`` distinct settings drawn uniformly from the product of the space (all if fewer)."""
+    """``trials`` distinct settings drawn uniformly from the product of the space (all if fewer).
+
+    Drawn one after another from one seeded stream, so a longer search with the same seed starts
+    with the settings of a shorter one (a resumed search with more ``--trials`` reuses their runs).
+    """
     options = list(space)
-    total = int(np.prod([len(space[o]) for o in options]))
+    radices = [len(space[o]) for o in options]
+    total = int(np.prod(radices))
     rng = np.random.default_rng(seed)
-    if trials >= total:
-        picks = range(total)
-    else:
-        picks = sorted(rng.choice(total, size=trials, replace=False).tolist())
-    product = list(itertools.product(*(space[o] for o in options))) if total <= 10**6 else None
+    picks: list[int] = []
+    while len(picks) < min(trials, total):
+        pick = int(rng.integers(total))
+        if pick not in picks:
+            picks.append(pick)
     settings = []
-    for pick in picks:
-        if product is not None:
-            values = product[pick]
-        else:  # mixed-radix decoding of the pick, without listing the product
-            values, rest = [], pick
-            for o in reversed(options):
-                rest, i = divmod(rest, len(space[o]))
-                values.insert(0, space[o][i])
+    for pick in picks:  # mixed-radix decoding of the pick into one value per option
+        values, rest = [], pick
+        for o, radix in zip(reversed(options), reversed(radices)):
+            rest, i = divmod(rest, radix)
+            values.insert(0, space[o][i])
         settings.append(dict(zip(options, values)))
     return settings
 
