@@ -180,6 +180,7 @@ def main() -> None:
         best = winners(report, sizes, twins)
         report["winners"] = {k: {"id": t["id"], "params": t["params"], "best_val": t["best_val"]} for k, t in best.items()}
         report["comparison"] = compare(runs, best, sizes, twins, args.resamples)
+        report["command"] = "python bench/search.py " + " ".join(sys.argv[1:])
         report["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
         report["date"] = time.strftime("%Y-%m-%d")
         write_json_atomically(out, report, indent=2)

@@ -862,6 +862,29 @@ def block_cold_start() -> list[str]:
     return lines
 
 
+def block_search_lastfm() -> list[str]:
+    d = load("search_lastfm.json")
+    done = [t for t in d["trials"] if "failed" not in t]
+    settings = len({t["id"] for t in d["trials"]})
+    rows = []
+    for c in d["comparison"]:
+        b = c.get("bootstrap")
+        rows.append([str(c["size"]), f4(c["one_run_ndcg_10"]), f4(c["alone_ndcg_10"]),
+                     signed_percent(c["one_run_ndcg_10"] / c["alone_ndcg_10"] - 1),
+                     f"{b['mean']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]" if b else "",
+                     f"`{c['one_run_trial']}` / `{c['alone_trial']}`"])
+    lines = [
+        f"`{d['command']}` → `bench/results/search_lastfm.json` ({d['date']}): {settings} settings drawn from "
+        f"{len(d['space'])} options (`{d['config']}` otherwise; the space and every trial are in the JSON), each "
+        f"trained as the one run and as each twin ({len(done)} of {len(d['trials'])} runs finished); winners "
+        f"picked on validation, figures on test. Measured on {d['machine']}.",
+        "",
+    ]
+    lines += table(["size", "NDCG@10 one run (its winner)", "NDCG@10 alone (its winner)", "one run vs alone",
+                    "paired bootstrap 95%", "winning trials"], "rrrrrl", rows)
+    return lines
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "machines": block_machines,
     "accuracy-ml-1m": block_accuracy_ml1m,
@@ -875,6 +898,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "nested-linear": block_nested_linear,
     "train-step": block_train_step,
     "cold-start": block_cold_start,
+    "search-lastfm": block_search_lastfm,
 }
 
 
