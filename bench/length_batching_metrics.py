@@ -1,8 +1,8 @@
 """Does length-aware batching keep the metrics? Short real trainings both ways (bench/README.md §6).
 
-Trains a dataset's config through ``python -m recsys.train --tracking csv`` a few epochs with
-length-aware batches (``--data.length_batching true``, the default) and with random batches
-(``false``), for each seed, and records the test metrics of each run's best checkpoint and its
+Trains a dataset's config through ``python -m recsys.train --tracking csv`` (``bench/accuracy.py``'s
+runner) a few epochs with length-aware batches (``--data.length_batching true``, the default) and
+with random batches (``false``), for each seed, and records the test metrics of each run's best checkpoint and its
 training time. The runs go one after another, so their times compare.
 
     python bench/length_batching_metrics.py --config configs/lastfm.yaml --data-dir data/lastfm --epochs 4 --seeds 0 1
@@ -14,41 +14,22 @@ spread between seeds and the standard error of a per-user hit rate (printed with
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from accuracy import Runs  # noqa: E402  bench/accuracy.py's runner of python -m recsys.train
 from machine import cpu_model  # noqa: E402  bench/machine.py (the script directory is on sys.path)
 from recsys.atomic import write_json_atomically  # noqa: E402
 from recsys.data.prepared import load_prepared  # noqa: E402
 
 BATCHINGS = {"length": "true", "padded": "false"}
-
-
-def train(config: Path, data_dir: Path, batching: str, seed: int, epochs: int, run_dir: Path) -> dict:
-    """One ``recsys.train`` run; its per-size test rows, epochs and wall time."""
-    cmd = [
-        sys.executable, "-m", "recsys.train", "--config", str(config), "--data.data_dir", str(data_dir),
-        "--tracking", "csv", "--run_dir", str(run_dir), "--seed_everything", str(seed), "--data.seed", str(seed),
-        "--data.length_batching", BATCHINGS[batching], "--trainer.max_epochs", str(epochs),
-        "--trainer.enable_progress_bar", "false",
-    ]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    rows = json.loads((run_dir / "results.json").read_text())
-    return {"batching": batching, "seed": seed, "seconds": seconds, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,9 +51,18 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()
     runs = []
     with tempfile.TemporaryDirectory() as work:
+        trainings = Runs(args.config, Path(work), "csv", parallel=1)  # one after another: times compare
+        for seed in args.seeds:
+            for batching, flag in BATCHINGS.items():
+                trainings.add(f"{batching}-{seed}", [
+                    "--data.data_dir", str(args.data_dir), "--seed_everything", str(seed), "--data.seed", str(seed),
+                    "--data.length_batching", flag, "--trainer.max_epochs", str(args.epochs),
+                ])
+        done = trainings.finish()
         for seed in args.seeds:
             for batching in BATCHINGS:
-                run = train(args.config, args.data_dir, batching, seed, args.epochs, Path(work) / f"{batching}-{seed}")
+                result = done[f"{batching}-{seed}"]
+                run = {"batching": batching, "seed": seed, "seconds": result["wall_s"], "rows": result["rows"]}
                 top = run["rows"][-1]
                 print(f"seed {seed} {batching:>6}: {run['seconds']:.0f} s, size {top['size']} "
                       f"NDCG@10 {top['ndcg_10']:.4f} Recall@10 {top['recall_10']:.4f}", flush=True)
