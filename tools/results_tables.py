@@ -100,6 +100,11 @@ def signed_percent(x: float) -> str:
     return f"{100 * x:+.1f}%".replace("-", "−")
 
 
+def interval(bootstrap: dict) -> str:
+    """A paired bootstrap's mean difference and 95% interval: ``+0.0012 [-0.0003, +0.0027]``."""
+    return f"{bootstrap['mean']:+.4f} [{bootstrap['low']:+.4f}, {bootstrap['high']:+.4f}]"
+
+
 def power_of_ten(n: int) -> str:
     exponent = round(math.log10(n))
     return f"10^{exponent}" if 10**exponent == n else f"{n:,}"
@@ -227,7 +232,7 @@ def accuracy_table(report: dict) -> list[str]:
         ]
         if significance:
             b = significance.get(r["size"])
-            row.append(f"{b['mean']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]" if b else "")
+            row.append(interval(b) if b else "")
         rows.append(row)
     return table(header, "r" * len(header), rows)
 
@@ -871,7 +876,7 @@ def block_search_lastfm() -> list[str]:
         b = c.get("bootstrap")
         rows.append([str(c["size"]), f4(c["one_run_ndcg_10"]), f4(c["alone_ndcg_10"]),
                      signed_percent(c["one_run_ndcg_10"] / c["alone_ndcg_10"] - 1),
-                     f"{b['mean']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]" if b else "",
+                     interval(b) if b else "",
                      f"`{c['one_run_trial']}` / `{c['alone_trial']}`"])
     lines = [
         f"`{d['command']}` → `bench/results/search_lastfm.json` ({d['date']}): {settings} settings drawn from "
