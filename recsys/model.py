@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from recsys.errors import UserError
 from recsys.item_features import ItemFeatures
 from recsys.metrics import RankingMetrics, target_ranks
 from recsys.nn.encoders import (
@@ -28,7 +29,11 @@ from recsys.nn.encoders import (
     nest_flat_options,
     options_of,
 )
-from recsys.nn.loss import TEACHERS, matryoshka_cross_entropy, sampled_matryoshka_cross_entropy
+from recsys.nn.loss import (
+    TEACHERS,
+    matryoshka_cross_entropy,
+    sampled_matryoshka_cross_entropy,
+)
 from recsys.nn.nested import check_sizes, cut_sizes, cut_to_size, nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
 
@@ -47,11 +52,11 @@ EARLY_STOPPING_DEFAULTS: dict[str, Any] = {"monitor": "val/monitor", "mode": "ma
 __all__ = ["CheckpointError", "DivergedError", "MatryoshkaRecommender", "OptionError", "catalogue_of", "check_options", "read_checkpoint"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, unreadable, or holds pickled objects (refused, never run)."""
 
 
-class DivergedError(FloatingPointError):
+class DivergedError(UserError, FloatingPointError):
     """The training loss is not finite: training stops at once instead of training on NaN."""
 
 
@@ -242,7 +247,9 @@ class MatryoshkaRecommender(L.LightningModule):
             raise ValueError("item_features is required (the training CLI links it from the data module)")
         self._set_training_candidates(item_features.num_items, cold_start_items)
         self._set_negative_sampling(item_features, item_counts)
-        from recsys.nn.item_tower import ItemTower  # torchrec: not imported until a model is built
+        from recsys.nn.item_tower import (
+            ItemTower,  # torchrec: not imported until a model is built
+        )
 
         self.net = SequentialRecommender(
             ItemTower(self.sizes, item_features, use_id_embedding=use_id_embedding, modalities=modalities),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recsys.errors import UserError
 from recsys.reporting import git_commit, write_results
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class MLflowSettings:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError, RuntimeError):
     """The tracking server cannot be reached: training stops before spending compute."""
 
 

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -49,6 +48,7 @@ from lightning.pytorch.cli import LightningCLI
 from recsys.atomic import write_json_atomically, write_text_atomically
 from recsys.data import SequenceDataModule
 from recsys.data.errors import DataValidationError
+from recsys.errors import UserError
 from recsys.model import (
     CHECKPOINT_DEFAULTS,
     EARLY_STOPPING_DEFAULTS,
@@ -60,7 +60,13 @@ from recsys.model import (
     read_checkpoint,
 )
 from recsys.nn.encoders import FLAT_OPTION_GROUPS, OptionError, nest_flat_options
-from recsys.reporting import git_commit, results_table, summarise, test_ranks_table, write_results
+from recsys.reporting import (
+    git_commit,
+    results_table,
+    summarise,
+    test_ranks_table,
+    write_results,
+)
 from recsys.tracking import MLflowSettings, TrackingUnavailableError
 
 log = logging.getLogger("recsys.train")
@@ -68,7 +74,7 @@ log = logging.getLogger("recsys.train")
 DEFAULT_RUNS_DIR = "lightning_logs"  # already ignored by git; Lightning's own default
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid setting, found before any data is read or any step is trained."""
 
 

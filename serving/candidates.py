@@ -120,6 +120,7 @@ from recsys.data.readers import (
     scan_input,
 )
 from recsys.data.time_order import parse_order_key
+from recsys.errors import UserError
 from serving.sized_model import MANIFEST, SizedRecommender, sha256_of
 
 __all__ = ["CandidatesError", "InputSpec", "generate_candidates", "stable_user_hash", "parse_shard", "main"]
@@ -136,7 +137,7 @@ _PART_COLUMN = "__part"
 _ORDER = "__order"
 
 
-class CandidatesError(ValueError):
+class CandidatesError(UserError, ValueError):
     """Bad options or an output directory the job cannot use (bad input files raise
     :class:`recsys.data.errors.DataValidationError`; a bad export, :class:`serving.ExportError`)."""
 

@@ -27,6 +27,7 @@ import polars as pl
 import torch
 from safetensors.torch import load_file
 
+from recsys.errors import UserError
 from recsys.nn.encoders import build_encoder
 from recsys.nn.item_tower import FixedItemMatrix
 from recsys.nn.nested import nested_parameter_count
@@ -40,7 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export directory that is missing, incomplete, corrupted or of another format."""
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recsys.errors import UserError
 
-class DataValidationError(ValueError):
+
+class DataValidationError(UserError, ValueError):
     """Bad input data or options: a missing column, a null id, an unparsable time, ...
 
     ``source`` is the file (or option) at fault; it is put in front of the message.

@@ -19,10 +19,12 @@ from typing import Any
 
 from torch import nn
 
+from recsys.errors import UserError
+
 ENCODERS = ("lru", "mamba", "sasrec")
 
 
-class OptionError(ValueError):
+class OptionError(UserError, ValueError):
     """An invalid setting, with the settings it names written ``{name}`` in ``template``.
 
     ``str()`` names them plainly (``r_min``); :meth:`render` with a prefix names them as the flags a
