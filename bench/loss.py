@@ -37,6 +37,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -50,7 +51,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recsys.nn.loss import matryoshka_cross_entropy, naive_matryoshka_cross_entropy  # noqa: E402
+from recsys.nn.loss import (  # noqa: E402
+    matryoshka_cross_entropy,
+    naive_matryoshka_cross_entropy,
+    sampled_matryoshka_cross_entropy,
+)
 from recsys.atomic import write_json_atomically  # noqa: E402
 
 logger = logging.getLogger("bench.loss")
@@ -88,6 +93,11 @@ def loss_fn(variant: str, spec: dict):
         return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes[-1:], block_rows=block_rows).total
     if name == "flat_distill":
         return lambda u, z, t: matryoshka_cross_entropy(u, z, t, sizes, block_rows=block_rows, distill=1.0).total
+    if name == "sampled":  # sampled@K: K uniform negatives shared by the batch, with the log-Q correction
+        k = int(block)
+        negatives = torch.randint(1, spec["items"] + 1, (k,), generator=torch.Generator().manual_seed(1))
+        log_q = torch.full((spec["items"] + 1,), -math.log(spec["items"]))
+        return lambda u, z, t: sampled_matryoshka_cross_entropy(u, z, t, sizes, negatives, log_q).total
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -211,6 +221,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="one timing run per count")
     parser.add_argument("--sweep-sizes", action="store_true", help="also the k largest sizes, k = 2..M-1")
     parser.add_argument("--distill", action="store_true", help="also all sizes with self-distillation from the largest")
+    parser.add_argument("--negatives", type=int, nargs="*", default=[],
+                        help="also the sampled softmax over all sizes with K uniform shared negatives, per K")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "loss.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -237,6 +249,7 @@ def main() -> None:
                 f"flat_largest@{args.block_rows[0]}"]
     if args.distill:
         variants.append(f"flat_distill@{args.block_rows[0]}")
+    variants += [f"sampled@{k}" for k in args.negatives]
     if args.sweep_sizes:
         variants += [f"flat_top{k}@{args.block_rows[0]}" for k in range(2, len(args.sizes))]
     load_before = os.getloadavg()

@@ -14,6 +14,15 @@ The winner of each kind is its trial with the best validation score (for the one
 sizes, for a twin its size's); its test metrics are the reported ones, and the paired bootstrap over
 test users compares the one run's winner with each twin's winner per size.
 
+Seeds (``--confirm-seeds 1 2``): the search trains with seed 0; each winner is then trained again
+with every confirmation seed, and the comparison uses each kind's mean over its seeds (test NDCG@10
+with its standard deviation; the bootstrap over each user's NDCG@10 averaged over the seeds first).
+
+Variants of the one run alone (``--one-run-set model.distill=0.5``): options that mean nothing to a
+single size (self-distillation) are added to the one run's trials only; they are part of those
+trials' settings and ids, and the twins' runs are shared with the plain one run's. Each such call
+adds trials to the one run only, so its budget grows: the report counts each kind's trials.
+
 Results go to ``bench/results/search_<name>.json``, rewritten whole after every finished run: the
 space, the trials with their validation and test figures (or the failure), and the winners. A rerun
 with the same arguments skips the runs already recorded (resumable); the per-user test ranks stay in
@@ -103,22 +112,35 @@ def winners(report: dict, sizes: list[int], twins: list[int]) -> dict[str, dict]
     return best
 
 
-def compare(runs: Runs, best: dict[str, dict], sizes: list[int], twins: list[int], resamples: int) -> list[dict]:
-    """Per twin size: both winners' test NDCG@10 and the paired bootstrap of their difference."""
+def seeded_runs(winner: dict, report: dict) -> list[dict]:
+    """The winner's seed-0 trial and its finished confirmation runs."""
+    again = [c for c in report.get("confirmations", []) if c["run"].startswith(winner["run"] + "-seed") and "failed" not in c]
+    return [winner, *again]
+
+
+def compare(runs: Runs, best: dict[str, dict], report: dict, sizes: list[int], twins: list[int], resamples: int) -> list[dict]:
+    """Per twin size: both winners' test NDCG@10 (mean and standard deviation over their seeds) and
+    the paired bootstrap of their difference (each user's NDCG@10 averaged over the seeds first)."""
     rows = []
     for s in twins:
         one, alone = best.get("matryoshka"), best.get(f"alone-d{s}")
         if one is None or alone is None:
             continue
-        m_users, m_ranks = runs.ranks(one["run"])
-        a_users, a_ranks = runs.ranks(alone["run"])
-        row = {"size": s,
-               "one_run_ndcg_10": next(r["ndcg_10"] for r in one["rows"] if r["size"] == s),
-               "alone_ndcg_10": alone["rows"][0]["ndcg_10"],
-               "one_run_trial": one["id"], "alone_trial": alone["id"]}
-        if np.array_equal(m_users, a_users):
-            diff = paired_bootstrap(ndcg_of_ranks(m_ranks[sizes.index(s)]), ndcg_of_ranks(a_ranks[0]), resamples=resamples)
-            row["bootstrap"] = diff.to_dict()
+        kinds = {"one_run": (seeded_runs(one, report), sizes.index(s)), "alone": (seeded_runs(alone, report), 0)}
+        row: dict = {"size": s, "one_run_trial": one["id"], "alone_trial": alone["id"]}
+        per_user: dict[str, np.ndarray] = {}
+        users: list[np.ndarray] = []
+        for kind, (seeded, column) in kinds.items():
+            ndcg = [next(r["ndcg_10"] for r in t["rows"] if r["size"] == s) for t in seeded]
+            row[f"{kind}_ndcg_10"] = float(np.mean(ndcg))
+            row[f"{kind}_ndcg_10_std"] = float(np.std(ndcg, ddof=1)) if len(ndcg) > 1 else 0.0
+            row[f"{kind}_seeds"] = len(ndcg)
+            if all(runs.ranks_file(t["run"]).exists() for t in seeded):
+                loaded = [runs.ranks(t["run"]) for t in seeded]
+                users += [u for u, _ in loaded]
+                per_user[kind] = np.mean([ndcg_of_ranks(r[column]) for _, r in loaded], axis=0)
+        if len(per_user) == 2 and all(np.array_equal(users[0], u) for u in users):
+            row["bootstrap"] = paired_bootstrap(per_user["one_run"], per_user["alone"], resamples=resamples).to_dict()
         rows.append(row)
     return rows
 
@@ -135,6 +157,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where runs keep logs and ranks (default data/search-NAME)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test users")
+    parser.add_argument("--confirm-seeds", type=int, nargs="*", default=[],
+                        help="train each winner again with these seeds; the comparison averages over seeds")
+    parser.add_argument("--one-run-set", action="append", default=[],
+                        help="an option of the one run's trials only, KEY=VALUE (e.g. model.distill=0.5)")
     args = parser.parse_args()
     if args.trials < 1 or args.parallel < 1:
         parser.error("--trials and --parallel must be at least 1")
@@ -151,6 +177,9 @@ def main() -> None:
     if not set(twins) <= set(sizes):
         parser.error(f"--twins {twins} must be sizes of the config {sizes}")
     common = [arg for key, value in fixed.items() for arg in (f"--{key}", value)]
+    one_run_only = {k: yaml.safe_load(v) for k, v in (item.partition("=")[::2] for item in args.one_run_set)}
+    if set(one_run_only) & (set(space) | set(fixed)):
+        parser.error(f"--one-run-set {sorted(set(one_run_only) & (set(space) | set(fixed)))}: also searched or set for every run")
     name = args.name or args.config.stem
     workdir = args.workdir or ROOT / "data" / f"search-{name}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -166,36 +195,66 @@ def main() -> None:
     runs = Runs(args.config, workdir, "csv", args.parallel)
     pending: dict[str, dict] = {}
     for params in draw_trials(space, args.trials, args.seed):
-        tid = trial_id(params)
-        kinds = [("matryoshka", ["--model.sizes", json.dumps(sizes), "--model.monitor_size", "mean"])]
-        kinds += [(f"alone-d{s}", ["--model.sizes", json.dumps([s])]) for s in twins]
-        for kind, extra in kinds:
+        one_run_params = {**params, **one_run_only}
+        kinds = [("matryoshka", one_run_params, ["--model.sizes", json.dumps(sizes), "--model.monitor_size", "mean"])]
+        kinds += [(f"alone-d{s}", params, ["--model.sizes", json.dumps([s])]) for s in twins]
+        for kind, kind_params, extra in kinds:
+            tid = trial_id(kind_params)
             if (tid, kind) in done:
                 continue
             run = f"{tid}-{kind}"
-            runs.add(run, [*common, *flags(params), *extra])
-            pending[run] = {"id": tid, "kind": kind, "run": run, "params": params}
+            runs.add(run, [*common, *flags(kind_params), *extra])
+            pending[run] = {"id": tid, "kind": kind, "run": run, "params": kind_params}
 
     def save() -> None:
         best = winners(report, sizes, twins)
         report["winners"] = {k: {"id": t["id"], "params": t["params"], "best_val": t["best_val"]} for k, t in best.items()}
-        report["comparison"] = compare(runs, best, sizes, twins, args.resamples)
+        report["trials_per_kind"] = {k: sum(t["kind"] == k for t in report["trials"]) for k in ["matryoshka", *[f"alone-d{s}" for s in twins]]}
+        report["comparison"] = compare(runs, best, report, sizes, twins, args.resamples)
         report["command"] = "python bench/search.py " + " ".join(sys.argv[1:])
         report["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
         report["date"] = time.strftime("%Y-%m-%d")
         write_json_atomically(out, report, indent=2)
 
     def on_done(run: str, result: dict) -> None:
-        entry = dict(pending[run])
+        entry = dict(pending.pop(run))
         if "failed" in result:
             entry["failed"] = result["failed"]
         else:
             entry.update({k: result[k] for k in ("best_val", "epochs", "wall_s", "rows")})
-        report["trials"].append(entry)
+        report.setdefault("confirmations" if "seed" in entry else "trials", []).append(entry)
         save()
 
     print(f"[{name}] {len(pending)} runs to go ({len(done)} recorded), {args.parallel} at a time, in {workdir}", flush=True)
     runs.finish(on_done=on_done, keep_going=True)
+
+    # Confirmation: each winner again per seed; a winner whose seed-0 ranks are gone (another
+    # workdir) is trained again too, under its own name, so the bootstrap can pair users.
+    runs.pending = []
+    confirmed = {c["run"] for c in report.get("confirmations", []) if "failed" not in c}
+    for kind, winner in winners(report, sizes, twins).items():
+        base = next(t for t in report["trials"] if t["run"] == winner["run"])
+        extra = ["--model.sizes", json.dumps(sizes), "--model.monitor_size", "mean"] if kind == "matryoshka" else \
+            ["--model.sizes", json.dumps([int(kind.removeprefix("alone-d"))])]
+        if args.confirm_seeds and not runs.ranks_file(base["run"]).exists():
+            runs.add(base["run"], [*common, *flags(base["params"]), *extra])
+            pending[base["run"]] = {"rerun": True}
+        for n in args.confirm_seeds:
+            run = f"{base['run']}-seed{n}"
+            if run not in confirmed:
+                runs.add(run, [*common, *flags(base["params"]), *extra, "--seed_everything", str(n)])
+                pending[run] = {"id": base["id"], "kind": kind, "run": run, "params": base["params"], "seed": n}
+
+    def on_confirmed(run: str, result: dict) -> None:
+        if pending.get(run, {}).get("rerun"):  # only its ranks were needed; its figures are recorded
+            pending.pop(run)
+            save()
+        else:
+            on_done(run, result)
+
+    if runs.pending:
+        print(f"[{name}] {len(runs.pending)} confirmation runs, seeds {args.confirm_seeds}", flush=True)
+        runs.finish(on_done=on_confirmed, keep_going=True)
     save()
     print(json.dumps({"winners": report["winners"], "comparison": report["comparison"]}, indent=2))
 
