@@ -48,7 +48,10 @@ from recsys.significance import BootstrapInterval, paired_bootstrap  # noqa: E40
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 # Published full-size NDCG@10 (bench/README.md §1), drawn on the plot for the dataset of that name.
-PUBLISHED = {"ml-1m": {"SASRec": 0.1902, "LRURec": 0.1930}}
+PUBLISHED = {
+    "ml-1m": {"SASRec": 0.1902, "LRURec": 0.1930},
+    "sports": {"SASRec": 0.0210, "LRURec": 0.0266, "fMRLRec": 0.0284},
+}
 
 # Runs recsys.train in this child process and reports its rows, best validation score, epochs,
 # wall time and peak RSS as JSON.
@@ -263,7 +266,7 @@ def plot(report: dict, path: Path, published: dict[str, float]) -> None:
     if report.get("sasrec"):
         r = report["sasrec"]["rows"][-1]
         ax.plot([r["size"]], [r["ndcg_10"]], "^", color="black", label=f"SASRec d{r['size']} (ours)")
-    for (label, value), style in zip(published.items(), (":", "-.")):
+    for (label, value), style in zip(published.items(), (":", "-.", "--")):
         ax.axhline(value, linestyle=style, color="gray", linewidth=1)
         ax.annotate(f"{label} (published) {value:.4f}", (m[0]["size"], value), textcoords="offset points",
                     xytext=(0, 3), fontsize=7, color="gray")
@@ -299,9 +302,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="train every run once per seed (--seed_everything); rows are means over seeds")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test users")
+    parser.add_argument("--replot", action="store_true", help="only redraw accuracy_<name>.png from its JSON")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.config.read_text())
+    published = PUBLISHED.get(Path(config["data"]["data_dir"]).name, {})
+    if args.replot:
+        name = args.name or args.config.stem
+        plot(json.loads((RESULTS / f"accuracy_{name}.json").read_text()), RESULTS / f"accuracy_{name}.png", published)
+        return
     overrides: list[str] = []
     if args.epochs:
         overrides += ["--trainer.max_epochs", str(args.epochs)]
@@ -376,7 +385,7 @@ def main() -> None:
     text = markdown(report)
     write_json_atomically(RESULTS / f"accuracy_{name}.json", report, indent=2)
     write_text_atomically(RESULTS / f"accuracy_{name}.md", text)
-    plot(report, RESULTS / f"accuracy_{name}.png", PUBLISHED.get(Path(config["data"]["data_dir"]).name, {}))
+    plot(report, RESULTS / f"accuracy_{name}.png", published)
     print(text)
 
 
