@@ -24,7 +24,8 @@ trials' settings and ids, and the twins' runs are shared with the plain one run'
 adds trials to the one run only, so its budget grows: the report counts each kind's trials.
 
 Results go to ``bench/results/search_<name>.json``, rewritten whole after every finished run: the
-space, the trials with their validation and test figures (or the failure), and the winners. A rerun
+space, the trials with their validation and test figures (or the failure), and the winners; at the
+end ``search_<name>.png`` plots the winners' test NDCG@10 against size. A rerun
 with the same arguments skips the runs already recorded (resumable); the per-user test ranks stay in
 ``--workdir`` (default ``data/search-<name>``), which a resumed run reuses.
 """
@@ -145,6 +146,41 @@ def compare(runs: Runs, best: dict[str, dict], report: dict, sizes: list[int], t
     return rows
 
 
+def plot(report: dict, sizes: list[int], path: Path) -> None:
+    """Test NDCG@10 against size: the one run's winner at every size, each twin's winner at its size,
+    means over their seeds with one standard deviation as the bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = winners(report, sizes, [int(k.removeprefix("alone-d")) for k in report["winners"] if k != "matryoshka"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if "matryoshka" in best:
+        seeded = seeded_runs(best["matryoshka"], report)
+        by_size = np.array([[next(r["ndcg_10"] for r in t["rows"] if r["size"] == s) for s in sizes] for t in seeded])
+        ax.errorbar(sizes, by_size.mean(0), yerr=by_size.std(0, ddof=1) if len(seeded) > 1 else None, fmt="o-",
+                    capsize=3, label=f"one run (its winner, {len(seeded)} seeds)")
+    twins = sorted((int(k.removeprefix("alone-d")), t) for k, t in best.items() if k != "matryoshka")
+    if twins:
+        means, stds = [], []
+        for _, winner in twins:
+            values = [t["rows"][0]["ndcg_10"] for t in seeded_runs(winner, report)]
+            means.append(np.mean(values))
+            stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+        ax.errorbar([s for s, _ in twins], means, yerr=stds, fmt="s", capsize=3, label="trained alone (each its winner)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("size (dimensions)")
+    ax.set_ylabel("test NDCG@10")
+    ax.set_title(f"{path.stem.removeprefix('search_')}: search winners against size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="the dataset's training config")
@@ -256,6 +292,7 @@ def main() -> None:
         print(f"[{name}] {len(runs.pending)} confirmation runs, seeds {args.confirm_seeds}", flush=True)
         runs.finish(on_done=on_confirmed, keep_going=True)
     save()
+    plot(report, sizes, out.with_suffix(".png"))
     print(json.dumps({"winners": report["winners"], "comparison": report["comparison"]}, indent=2))
 
 
