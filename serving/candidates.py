@@ -121,7 +121,8 @@ from recsys.data.readers import (
 )
 from recsys.data.time_order import parse_order_key
 from recsys.errors import UserError
-from serving.sized_model import MANIFEST, SizedRecommender, sha256_of
+from serving.export_dir import MANIFEST, sha256_of
+from serving.sized_model import SizedRecommender
 
 __all__ = ["CandidatesError", "InputSpec", "generate_candidates", "stable_user_hash", "parse_shard", "main"]
 

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from recsys.atomic import AtomicDirectory
 from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
-from serving.sized_model import FORMAT_VERSION, MANIFEST, ExportError, read_manifest, sha256_of
+from serving.export_dir import FORMAT_VERSION, MANIFEST, ExportError, read_manifest, sha256_of
 
 __all__ = ["export_sizes", "export_size", "load_trained", "main"]
 
