@@ -1,12 +1,17 @@
 """Atomic writes: a file or a directory is either the old one or the complete new one, never partial.
 
-Standard library only (``serving`` and ``bench`` import it without torch or polars).
+Standard library only, and ``recsys.errors`` (``serving`` and ``bench`` import it without torch or polars).
 
 - ``atomic_file(path)``: a context manager yielding a temporary path in the same directory; the
   caller writes it by any means (``write_parquet``, ``faiss.write_index``, ...). On success its
   contents are fsynced, it is renamed onto ``path`` (``os.replace``) and the directory is fsynced;
   on an error it is removed and ``path`` is untouched. ``write_text_atomically`` and
   ``write_json_atomically`` are the usual one-liners on top of it.
+- ``check_writable(directory)``: before a long job, fail at once (one line, :class:`NotWritable`)
+  unless ``directory`` is, or can be created as, a directory this process can write into.
+- ``reported_write_failures(place)``: a context manager turning a failure of the system to write
+  (disk full, quota, read-only, no permission: an ``OSError``, or a library's error naming one,
+  such as polars' ``(os error 28)``) into one :class:`NotWritable` line naming ``place``.
 - ``atomic_directory(final)``: a context manager yielding a fresh empty directory beside
   ``final``; on success it replaces ``final`` so that the old directory stays complete and
   loadable until the new one is in place (``AtomicDirectory`` is the same with explicit
@@ -59,17 +64,23 @@ import re
 import secrets
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from recsys.errors import UserError
+
 __all__ = [
     "AtomicDirectory",
+    "NotWritable",
     "TargetExists",
     "atomic_directory",
     "atomic_file",
+    "check_writable",
     "clean_leftovers",
+    "reported_write_failures",
     "write_json_atomically",
     "write_text_atomically",
 ]
@@ -88,6 +99,57 @@ _after_step: Callable[[str, Path], None] | None = None
 
 class TargetExists(FileExistsError):
     """``atomic_directory(final, overwrite=False)`` found ``final`` already there at the commit."""
+
+
+class NotWritable(UserError):
+    """An output place that is a file, or a directory this process cannot write into."""
+
+
+def check_writable(directory: str | os.PathLike, option: str = "--out") -> None:
+    """Raise :class:`NotWritable` (its message starts with ``option`` and the path) unless
+    ``directory`` is a directory this process can write into, or can be created as one: then
+    its nearest existing ancestor must be such a directory. Writes nothing that stays."""
+    directory = Path(directory)
+    place = directory
+    while not os.path.lexists(place) and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        where = "" if place == directory else f": {place}"
+        raise NotWritable(f"{option} {directory}{where} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=place):  # unnamed where the system allows (O_TMPFILE)
+            pass
+    except OSError as exc:
+        raise NotWritable(f"{option} {directory}: cannot write in {place} ({exc.strerror or exc})") from None
+
+
+#: the errors of a system that cannot write (as opposed to a wrong path, which is a defect)
+_WRITE_FAILURES = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "EFBIG")
+                   if hasattr(errno, name)}
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (polars, safetensors) name one
+
+
+def _write_failure(exc: BaseException) -> int | None:
+    """The errno of ``exc`` when it says the system could not write, else None."""
+    if isinstance(exc, OSError):
+        code = exc.errno
+    else:
+        found = _OS_ERROR_IN_TEXT.search(str(exc))
+        code = int(found[1]) if found else None
+    return code if code in _WRITE_FAILURES else None
+
+
+@contextmanager
+def reported_write_failures(place: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """Inside the block, a failure of the system to write becomes :class:`NotWritable` naming
+    ``option`` (may be empty) and ``place``."""
+    try:
+        yield
+    except Exception as exc:
+        code = _write_failure(exc)
+        if code is None:
+            raise
+        raise NotWritable(f"{option} {place}".strip() + f": cannot write there: {os.strerror(code)}") from exc
 
 
 def _step(step: str, path: Path) -> None:
