@@ -106,6 +106,13 @@ def export_size(
     if item_dtype == "float16":
         state["items.matrix"] = state["items.matrix"].half()
 
+    vectors = small.items.matrix[1:].float().numpy()
+    settings = _retriever_settings(index, size, len(vectors), funnel_prefix, funnel_shortlist)
+    try:
+        retriever = build_retriever(vectors, settings)  # before anything is written
+    except ValueError as exc:  # settings that do not fit this model (e.g. too few items for ivf_pq)
+        raise ExportError(f"size {size}: cannot build the retriever {settings}: {exc}") from None
+
     final = Path(out)
     tmp, commit, abort = _atomic_dir(final)
     try:
@@ -118,12 +125,6 @@ def export_size(
                 "popularity": np.asarray(catalogue["popularity"], dtype=np.int64),
             }
         ).write_parquet(tmp / "items.parquet")
-        vectors = small.items.matrix[1:].float().numpy()
-        settings = _retriever_settings(index, size, len(vectors), funnel_prefix, funnel_shortlist)
-        try:
-            retriever = build_retriever(vectors, settings)
-        except ValueError as exc:  # settings that do not fit this model (e.g. too few items for ivf_pq)
-            raise ExportError(f"size {size}: cannot build the retriever {settings}: {exc}") from None
         retriever.save(tmp)
         entry = retriever.to_dict()
         manifest = {
