@@ -53,7 +53,9 @@ list of distinct user ids and the model. The job first streams over the input in
 rows (polars ``collect_batches``) to validate every row and list the distinct users, and hashes
 the file for the manifest. When there is more than one part, one streaming polars pass (a join
 with the user-to-part table, sunk with ``PartitionBy``) splits this shard's rows into a staging
-directory ``OUT_DIR/.staging-SSSSS`` with one hive partition per part, deleted at the end. Each
+directory ``OUT_DIR/.staging-SSSSS`` with one hive partition per part (its record
+``.staging-SSSSS.json``, the job it was split for, is written once it is complete and removed
+before it is deleted), deleted at the end. Each
 part is then read alone, turned into histories, scored in batches of ``--batch-size`` users (users
 of similar history length together: each batch is encoded over its real positions only, then
 searched exactly with blocked matrix products and a streaming top-k, ``serving/retrieval/exact.py``)
@@ -71,7 +73,18 @@ float bits, and with them the order of near-tied items; never which users are th
 ``OUT_DIR/.job-SSSSS-of-NNNNN.json`` records the model, input checksum and options: a rerun with a
 different model, input, ``k`` or part size into the same ``OUT_DIR`` is refused (use a new
 ``--out``). Running again after completion checks the parts against the manifest and does nothing
-(a part deleted since is written again). Run each shard in one process at a time.
+(a part deleted since is written again). A rerun trusts nothing unfinished: a staging directory
+without its record, or with another job's, is split again; a part file or manifest that cannot be
+read is written again.
+
+One run per shard at a time: while it writes, a run holds ``OUT_DIR/.lock-SSSSS-of-NNNNN`` with
+``fcntl.flock``; a second run of the same shard into the same ``OUT_DIR`` stops at once with one
+line (before reading its input when the first already holds the lock). The system releases the
+lock when the process ends, killed or not, so a lock file is never stale and is left in place. (On
+a network file system, Linux's NFS client implements ``flock`` with NFS locks, which work across
+machines.) ``--out`` is checked first: a file, a place inside a file, or a directory this process
+cannot write into stops the job before the input is read; a disk that fills up midway stops it
+with one line (``cannot write there: No space left on device``), and the rerun resumes.
 
 Many machines, many GPUs
 ------------------------

@@ -7,9 +7,12 @@
 ``DIR/d<size>/`` gets the encoder cut to that size and the item matrix ``Z[:, :size]`` as
 safetensors, the item vocabulary, the retriever's files (none for the default exact search; a
 faiss index with ``--index flat|ivf_flat|hnsw|ivf_pq``) and a manifest with checksums (format in
-``serving/sized_model.py``). Each directory is written under a temporary name and swapped in when
+``serving/export_dir.py``). Each directory is written under a temporary name and swapped in when
 complete (``recsys.atomic``), so an interrupted export never leaves a directory that looks finished,
-and a re-export keeps the previous one whole and loadable until the new one is in place.
+a re-export keeps the previous one whole and loadable until the new one is in place, and exports
+racing into one place each succeed (the directory is the last one's, whole). ``--out`` is checked
+first (a file, or a place this process cannot write into, is one line before anything is read), and
+a disk that fills up is one line too; the previous export stays whole.
 """
 
 from __future__ import annotations
