@@ -271,7 +271,7 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(directory)
 
 
-# -- renames in one step -----------------------------------------------------------------------------------------
+# -- renames in one step ----------------------------------------------------------------------------------
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1

@@ -42,7 +42,9 @@ from safetensors.torch import load_file
 
 from recsys.errors import UserError
 
-__all__ = ["ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "WEIGHTS", "read_items", "read_manifest", "read_weights", "sha256_of"]
+__all__ = [
+    "ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "WEIGHTS", "read_items", "read_manifest", "read_weights", "sha256_of",
+]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
