@@ -542,10 +542,15 @@ def _complete(manifest_path: Path, out: Path) -> bool:
 
 
 def _resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; ``cpu`` and ``cuda[:N]`` as given."""
+    import torch
 
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise CandidatesError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise CandidatesError(f"--device {device}: no CUDA GPU is usable here (use auto or cpu)")
     return device
 
 

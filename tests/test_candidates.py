@@ -609,3 +609,13 @@ def test_the_command_catches_user_errors_only(export_dir, log, tmp_path, monkeyp
     monkeypatch.setattr(candidates, "_assign", defect)
     with pytest.raises(ValueError, match="a defect in the job"):
         main(["--model", str(export_dir), "--input", str(path), "--k", str(K), "--out", str(tmp_path / "out")])
+
+
+def test_a_device_that_is_not_there_is_one_line(export_dir, log, tmp_path):
+    path, _ = log
+    with pytest.raises(CandidatesError, match=r"^--device must be auto, cpu or cuda\[:N\], got 'tpu'$"):
+        generate_candidates(export_dir, path, tmp_path / "out", K, device="tpu", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(CandidatesError, match=r"^--device cuda: no CUDA GPU is usable here \(use auto or cpu\)$"):
+            generate_candidates(export_dir, path, tmp_path / "out", K, device="cuda", progress=False)
+    assert not (tmp_path / "out").exists()

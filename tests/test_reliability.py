@@ -894,6 +894,8 @@ BAD_INPUTS = [
     BadInput("serving.candidates", "another run is writing into `--out`", CANDIDATES,
              r"^--out cands: another run is writing there \(it holds \.lock-00000-of-00001\); wait for it to end or use another --out$",
              _all(histories, _running_job)),
+    BadInput("serving.candidates", "unknown device (`--device tpu`)", (*CANDIDATES, "--device", "tpu"),
+             r"^--device must be auto, cpu or cuda\[:N\], got 'tpu'$", histories),
     BadInput("serving.candidates", "history column of lists of lists",
              ("--model", "export", "--input", "histories.parquet", "--k", "5", "--out", "cands", "--history-col", "history"),
              r"^histories\.parquet: history column 'history' has type List\(List\(String\)\); it must be a list of item ids",
