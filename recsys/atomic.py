@@ -1,12 +1,17 @@
 """Atomic writes: a file or a directory is either the old one or the complete new one, never partial.
 
-Standard library only (``serving`` and ``bench`` import it without torch or polars).
+Standard library only, and ``recsys.errors`` (``serving`` and ``bench`` import it without torch or polars).
 
 - ``atomic_file(path)``: a context manager yielding a temporary path in the same directory; the
   caller writes it by any means (``write_parquet``, ``faiss.write_index``, ...). On success its
   contents are fsynced, it is renamed onto ``path`` (``os.replace``) and the directory is fsynced;
   on an error it is removed and ``path`` is untouched. ``write_text_atomically`` and
   ``write_json_atomically`` are the usual one-liners on top of it.
+- ``check_writable(directory)``: before a long job, fail at once (one line, :class:`NotWritable`)
+  unless ``directory`` is, or can be created as, a directory this process can write into.
+- ``reported_write_failures(place)``: a context manager turning a failure of the system to write
+  (disk full, quota, read-only, no permission: an ``OSError``, or a library's error naming one,
+  such as polars' ``(os error 28)``) into one :class:`NotWritable` line naming ``place``.
 - ``atomic_directory(final)``: a context manager yielding a fresh empty directory beside
   ``final``; on success it replaces ``final`` so that the old directory stays complete and
   loadable until the new one is in place (``AtomicDirectory`` is the same with explicit
@@ -24,19 +29,28 @@ window of two system calls -- ``final`` does not exist: a reader then finds noth
 killed exactly there leaves only the backup, which the next run into the same parent renames
 back to ``final`` (the old, complete directory).
 
+Concurrent writers
+------------------
+Two writers of the same ``final`` at once (two exports racing) both succeed, and ``final`` is
+the complete directory of one of them, whichever committed last: a commit that finds ``final``
+appearing or disappearing under it (another writer's rename) tries again.
+
 Leftovers
 ---------
-Temporary names are ``.NAME.partial-PID-RANDOM.tmp`` (new files and directories, and, after a
-swap, the old directory being deleted) and ``.NAME.backup-PID-RANDOM.tmp`` (the fallback's old
-directory). A run killed (SIGKILL, power loss) leaves them behind. Each ``atomic_file`` /
-``atomic_directory`` first removes the leftovers of processes that are no longer alive: those of
-the same name (``atomic_file``), or every leftover in the parent directory (``atomic_directory``,
-unless ``siblings=False``); a backup whose ``final`` is missing is restored rather than removed.
-Leftovers of a live process are never touched. Liveness is checked with ``os.kill(pid, 0)``, so
-this assumes every writer into a directory runs on this host (in this pid namespace): writers on
-other machines sharing the directory over a network file system must write different names and
-pass ``siblings=False`` (their leftovers are then only cleaned by the next writer of that name).
-A pid reused by an unrelated process only delays the cleaning of its leftovers.
+Temporary names are ``.NAME.partial-OWNER-RANDOM.tmp`` (new files and directories, and, after a
+swap, the old directory being deleted) and ``.NAME.backup-OWNER-RANDOM.tmp`` (the fallback's old
+directory), where ``OWNER`` is the writer's pid and, where ``/proc`` tells it, the time that process
+started (``PID-START``). A run killed (SIGKILL, power loss) leaves them behind. Each
+``atomic_file`` / ``atomic_directory`` first removes the leftovers of processes that are no longer
+alive: those of the same name (``atomic_file``), or every leftover in the parent directory
+(``atomic_directory``, unless ``siblings=False``); a backup whose ``final`` is missing is restored
+rather than removed. Leftovers of a live process are never touched. A process is the same one
+when a process of that pid runs and started at ``START``: so a pid used again (a container whose
+job is always pid 1, restarted after a kill) does not keep a killed run's leftovers forever.
+Without a start time (no ``/proc``), a pid that runs counts as alive (``os.kill(pid, 0)``). This
+assumes every writer into a directory runs on this host (in this pid namespace): writers on other
+machines sharing the directory over a network file system must write different names and pass
+``siblings=False`` (their leftovers are then only cleaned by the next writer of that name).
 """
 
 from __future__ import annotations
@@ -50,22 +64,32 @@ import re
 import secrets
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from recsys.errors import UserError
+
 __all__ = [
     "AtomicDirectory",
+    "NotWritable",
     "TargetExists",
     "atomic_directory",
     "atomic_file",
+    "check_writable",
     "clean_leftovers",
+    "reported_write_failures",
     "write_json_atomically",
     "write_text_atomically",
 ]
 
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|backup)-(?P<pid>\d+)-[0-9a-f]{8}(\.tmp)?")
+_LEFTOVER = re.compile(
+    r"\.(?P<name>.+)\.(?P<kind>partial|backup)-(?P<pid>\d+)(-(?P<start>\d+))?-[0-9a-f]{8}(\.tmp)?"
+)
+#: how often a commit tries again when other writers keep renaming ``final`` under it
+_ATTEMPTS = 100
 
 # Test hook: called as ``_after_step(step, path)`` at the steps of a directory commit ("written":
 # the new directory is complete and synced; "moved_aside": fallback only, the old one is under its
@@ -77,20 +101,88 @@ class TargetExists(FileExistsError):
     """``atomic_directory(final, overwrite=False)`` found ``final`` already there at the commit."""
 
 
+class NotWritable(UserError):
+    """An output place that is a file, or a directory this process cannot write into."""
+
+
+def check_writable(directory: str | os.PathLike, option: str = "--out") -> None:
+    """Raise :class:`NotWritable` (its message starts with ``option`` and the path) unless
+    ``directory`` is a directory this process can write into, or can be created as one: then
+    its nearest existing ancestor must be such a directory. Writes nothing that stays."""
+    directory = Path(directory)
+    place = directory
+    while not os.path.lexists(place) and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        where = "" if place == directory else f": {place}"
+        raise NotWritable(f"{option} {directory}{where} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=place):  # unnamed where the system allows (O_TMPFILE)
+            pass
+    except OSError as exc:
+        raise NotWritable(f"{option} {directory}: cannot write in {place} ({exc.strerror or exc})") from None
+
+
+#: the errors of a system that cannot write (as opposed to a wrong path, which is a defect)
+_WRITE_FAILURES = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "EFBIG")
+                   if hasattr(errno, name)}
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (polars, safetensors) name one
+
+
+def _write_failure(exc: BaseException) -> int | None:
+    """The errno of ``exc`` when it says the system could not write, else None."""
+    if isinstance(exc, OSError):
+        code = exc.errno
+    else:
+        found = _OS_ERROR_IN_TEXT.search(str(exc))
+        code = int(found[1]) if found else None
+    return code if code in _WRITE_FAILURES else None
+
+
+@contextmanager
+def reported_write_failures(place: str | os.PathLike, option: str = "--out") -> Iterator[None]:
+    """Inside the block, a failure of the system to write becomes :class:`NotWritable` naming
+    ``option`` (may be empty) and ``place``."""
+    try:
+        yield
+    except Exception as exc:
+        code = _write_failure(exc)
+        if code is None:
+            raise
+        raise NotWritable(f"{option} {place}".strip() + f": cannot write there: {os.strerror(code)}") from exc
+
+
 def _step(step: str, path: Path) -> None:
     if _after_step is not None:
         _after_step(step, path)
 
 
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, from ``/proc``); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat.rsplit(b")", 1)[1].split()[19])  # field 22, counted after "(name)"
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _temporary(path: Path, kind: str = "partial") -> Path:
-    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    pid = os.getpid()
+    start = _start_time(pid)
+    owner = f"{pid}" if start is None else f"{pid}-{start}"
+    return path.with_name(f".{path.name}.{kind}-{owner}-{secrets.token_hex(4)}.tmp")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether the writer ``pid`` (started at ``start``, when known) still runs."""
     if os.name != "posix":
         return True  # no cheap liveness check: never remove
+    running_since = None if start is None else _start_time(pid)
+    if running_since is not None:
+        return running_since == start  # another start time: the pid was used again
+    if pid == os.getpid():
+        return start is None  # this process, unless the name says it started at another time
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,7 +216,9 @@ def clean_leftovers(parent: str | os.PathLike, name: str | None = None) -> list[
     found = []
     for entry in entries:
         match = _LEFTOVER.fullmatch(entry.name)
-        if match is None or (name is not None and match["name"] != name) or _alive(int(match["pid"])):
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        if _alive(int(match["pid"]), None if match["start"] is None else int(match["start"])):
             continue
         path = parent / entry.name
         if match["kind"] == "backup":
@@ -177,9 +271,10 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(directory)
 
 
-# -- the swap -----------------------------------------------------------------------------------------
+# -- renames in one step ----------------------------------------------------------------------------------
 
 _AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276}
 _renameat2: Callable[..., int] | None | bool = False  # False: not looked up yet; None: unavailable
@@ -210,19 +305,39 @@ def _load_renameat2():
     return via_syscall
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the names ``a`` and ``b`` in one step; False where the system cannot."""
+def _rename2(a: Path, b: Path, flags: int) -> bool:
+    """``renameat2(a, b, flags)``; False where the system or the file system cannot."""
     global _renameat2
     if _renameat2 is False:
         _renameat2 = _load_renameat2()
     if _renameat2 is None:
         return False
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
-        return False  # no such call, or a file system without RENAME_EXCHANGE
-    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+        return False  # no such call, or a file system without this flag
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` in one step; False where the system cannot."""
+    return _rename2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_noreplace(a: Path, b: Path) -> bool:
+    """Rename ``a`` to ``b`` unless ``b`` exists; False when it does (another writer was first)."""
+    try:
+        if _rename2(a, b, _RENAME_NOREPLACE):
+            return True
+        if os.path.lexists(b):
+            return False
+        os.rename(a, b)  # without RENAME_NOREPLACE: fails on a non-empty directory b that appeared just now
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
 
 
 # -- files --------------------------------------------------------------------------------------------
@@ -279,55 +394,54 @@ class AtomicDirectory:
         clean_leftovers(self.final.parent, None if siblings else self.final.name)
         self.path = _temporary(self.final)
         self.path.mkdir()
+        self._backups: list[Path] = []  # the fallback's old directories, deleted with ``path``
 
     def commit(self) -> Path:
-        final, tmp = self.final, self.path
+        """Put the directory in place of ``final``, then delete the old one (also on an error)."""
         try:
             if self.durable:
-                _fsync_tree(tmp)
-            _step("written", tmp)
-            if not os.path.lexists(final):
-                os.replace(tmp, final)
-                _step("swapped", final)
-            elif not self.overwrite:
-                raise TargetExists(errno.EEXIST, "already exists", str(final))
-            elif _exchange(tmp, final):
-                _step("swapped", final)
-            else:
-                self._replace_with_backup()
-                return final
-        except BaseException:
-            self.abort()
-            raise
-        try:
+                _fsync_tree(self.path)
+            _step("written", self.path)
+            self._put_in_place()
             if self.durable:
-                _fsync_dir(final.parent)
-            _step("deleting", tmp)  # after a swap, tmp holds the old directory
+                _fsync_dir(self.final.parent)
+            # after a swap, path holds the old directory; after the fallback, the backup does
+            _step("deleting", self._backups[-1] if self._backups else self.path)
         finally:
             self.abort()
-        return final
+        return self.final
 
-    def _replace_with_backup(self) -> None:
+    def _put_in_place(self) -> None:
         final, tmp = self.final, self.path
-        backup = _temporary(final, "backup")
-        os.rename(final, backup)
         try:
-            _step("moved_aside", backup)
-            os.rename(tmp, final)
+            for _ in range(_ATTEMPTS):
+                if not os.path.lexists(final):
+                    if _rename_noreplace(tmp, final):
+                        _step("swapped", final)
+                        return
+                    continue  # another writer's directory went in meanwhile
+                if not self.overwrite:
+                    raise TargetExists(errno.EEXIST, "already exists", str(final))
+                try:
+                    if _exchange(tmp, final):
+                        _step("swapped", final)
+                        return
+                    backup = _temporary(final, "backup")
+                    os.rename(final, backup)
+                except FileNotFoundError:
+                    continue  # another writer moved final away meanwhile
+                self._backups.append(backup)
+                _step("moved_aside", backup)
+            raise OSError(errno.EBUSY, f"other writers kept replacing it ({_ATTEMPTS} attempts)", str(final))
         except BaseException:
-            if not os.path.lexists(final):
-                os.rename(backup, final)
+            if self._backups and not os.path.lexists(final):
+                os.rename(self._backups.pop(), final)  # the old directory back in place
             raise
-        try:
-            _step("swapped", final)
-            if self.durable:
-                _fsync_dir(final.parent)
-            _step("deleting", backup)
-        finally:
-            _remove(backup)
 
     def abort(self) -> None:
-        _remove(self.path)
+        """Remove the temporary directory (and old directories moved aside)."""
+        for path in [self.path, *self._backups]:
+            _remove(path)
 
 
 @contextmanager

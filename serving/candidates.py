@@ -53,7 +53,9 @@ list of distinct user ids and the model. The job first streams over the input in
 rows (polars ``collect_batches``) to validate every row and list the distinct users, and hashes
 the file for the manifest. When there is more than one part, one streaming polars pass (a join
 with the user-to-part table, sunk with ``PartitionBy``) splits this shard's rows into a staging
-directory ``OUT_DIR/.staging-SSSSS`` with one hive partition per part, deleted at the end. Each
+directory ``OUT_DIR/.staging-SSSSS`` with one hive partition per part (its record
+``.staging-SSSSS.json``, the job it was split for, is written once it is complete and removed
+before it is deleted), deleted at the end. Each
 part is then read alone, turned into histories, scored in batches of ``--batch-size`` users (users
 of similar history length together: each batch is encoded over its real positions only, then
 searched exactly with blocked matrix products and a streaming top-k, ``serving/retrieval/exact.py``)
@@ -71,7 +73,18 @@ float bits, and with them the order of near-tied items; never which users are th
 ``OUT_DIR/.job-SSSSS-of-NNNNN.json`` records the model, input checksum and options: a rerun with a
 different model, input, ``k`` or part size into the same ``OUT_DIR`` is refused (use a new
 ``--out``). Running again after completion checks the parts against the manifest and does nothing
-(a part deleted since is written again). Run each shard in one process at a time.
+(a part deleted since is written again). A rerun trusts nothing unfinished: a staging directory
+without its record, or with another job's, is split again; a part file or manifest that cannot be
+read is written again.
+
+One run per shard at a time: while it writes, a run holds ``OUT_DIR/.lock-SSSSS-of-NNNNN`` with
+``fcntl.flock``; a second run of the same shard into the same ``OUT_DIR`` stops at once with one
+line (before reading its input when the first already holds the lock). The system releases the
+lock when the process ends, killed or not, so a lock file is never stale and is left in place. (On
+a network file system, Linux's NFS client implements ``flock`` with NFS locks, which work across
+machines.) ``--out`` is checked first: a file, a place inside a file, or a directory this process
+cannot write into stops the job before the input is read; a disk that fills up midway stops it
+with one line (``cannot write there: No space left on device``), and the rerun resumes.
 
 Many machines, many GPUs
 ------------------------
@@ -101,8 +114,9 @@ import shutil
 import sys
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,7 +124,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from recsys.atomic import atomic_directory, atomic_file, write_json_atomically
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock; run each shard in one process at a time
+    fcntl = None
+
+from recsys.atomic import atomic_directory, atomic_file, check_writable, reported_write_failures, write_json_atomically
 from recsys.data.readers import (
     ROW,
     check_input_schema,
@@ -120,8 +139,9 @@ from recsys.data.readers import (
     scan_input,
 )
 from recsys.data.time_order import parse_order_key
-from recsys.errors import UserError
-from serving.sized_model import MANIFEST, SizedRecommender, sha256_of
+from recsys.errors import UserError, exit_code_of
+from serving.export_dir import MANIFEST, sha256_of
+from serving.sized_model import SizedRecommender
 
 __all__ = ["CandidatesError", "InputSpec", "generate_candidates", "stable_user_hash", "parse_shard", "main"]
 
@@ -283,11 +303,17 @@ def _write_part(frame: pl.DataFrame, counts: dict[str, int], path: Path) -> None
         frame.write_parquet(tmp, metadata={PART_METADATA_KEY: json.dumps(counts, sort_keys=True)})
 
 
-def _part_counts(path: Path) -> dict[str, int]:
+def _part_counts(path: Path) -> dict[str, int] | None:
+    """The counts a finished part file holds in its metadata; None when there is no part, or one
+    that cannot be read (it is removed, to be written again)."""
+    if not path.is_file():
+        return None
     try:
         return json.loads(pl.read_parquet_metadata(path)[PART_METADATA_KEY])
     except (KeyError, ValueError, pl.exceptions.PolarsError, OSError):
-        raise CandidatesError(f"{path}: not a part written by this job (no counts in its metadata); remove it") from None
+        log.warning("%s is not a whole part written by this job: writing it again", path)
+        path.unlink()
+        return None
 
 
 class _Job:
@@ -311,6 +337,7 @@ class _Job:
         self.manifest_path = out / (MANIFEST if n == 1 else f"manifest-{i:05d}-of-{n:05d}.json")
         self.job_path = out / f".job-{i:05d}-of-{n:05d}.json"
         self.staging = out / f".staging-{self.tag}"
+        self.staged = out / f".staging-{self.tag}.json"  # the job the staging directory was split for
         catalogue = pl.Series("item_id", model.item_ids)
         self.item_ids = catalogue
         self.rows_of = pl.DataFrame({"__item": catalogue, "__item_row": np.arange(1, len(catalogue) + 1, dtype=np.int64)})
@@ -419,15 +446,52 @@ class _Job:
 # ---------------------------------------------------------------------------------------------
 
 _OWN_NAME = re.compile(
-    r"part-\d{5}-\d{5}\.parquet|manifest(-\d{5}-of-\d{5})?\.json|\.job-\d{5}-of-\d{5}\.json"
-    r"|\.staging-\d{5}(\.tmp)?|\..+\.tmp"
+    r"part-\d{5}-\d{5}\.parquet|manifest(-\d{5}-of-\d{5})?\.json|\.(job|lock)-\d{5}-of-\d{5}(\.json)?"
+    r"|\.staging-\d{5}(\.tmp|\.json)?|\..+\.tmp"
 )
+
+
+def _lock_path(out: Path, shard: tuple[int, int]) -> Path:
+    return out / f".lock-{shard[0]:05d}-of-{shard[1]:05d}"
+
+
+def _running(out: Path, shard: tuple[int, int]) -> CandidatesError:
+    which = "" if shard[1] == 1 else f" of shard {shard[0]}/{shard[1]}"
+    return CandidatesError(
+        f"--out {out}: another run{which} is writing there (it holds {_lock_path(out, shard).name}); "
+        "wait for it to end or use another --out"
+    )
+
+
+def _refuse_if_running(out: Path, shard: tuple[int, int]) -> None:
+    """Fail at once, before the input is read, when another run of this shard writes into ``out``."""
+    lock = _lock_path(out, shard)
+    if fcntl is None or not lock.is_file():
+        return
+    with open(lock, "rb") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _running(out, shard) from None
+
+
+@contextmanager
+def _one_run_at_a_time(out: Path, shard: tuple[int, int]) -> Iterator[None]:
+    """Hold the lock file of this shard while writing (``fcntl.flock``: the system releases it when
+    the process ends, killed or not, so a lock is never stale); a second run fails at once."""
+    if fcntl is None:
+        yield
+        return
+    with open(_lock_path(out, shard), "ab") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _running(out, shard) from None
+        yield
 
 
 def _check_out_dir(out: Path, job_path: Path, job: dict[str, Any]) -> None:
     """Refuse a directory that holds other files, another sharding, or this shard of another job."""
-    if out.exists() and not out.is_dir():
-        raise CandidatesError(f"--out {out} is a file, not a directory")
     if not out.is_dir():
         return
     foreign = sorted(p.name for p in out.iterdir() if not _OWN_NAME.fullmatch(p.name))
@@ -440,7 +504,10 @@ def _check_out_dir(out: Path, job_path: Path, job: dict[str, Any]) -> None:
     if others:
         raise CandidatesError(f"--out {out} holds output split into another number of shards ({others[0]}); use a new --out")
     if job_path.is_file():
-        previous = json.loads(job_path.read_text())
+        try:
+            previous = json.loads(job_path.read_text())
+        except ValueError:
+            raise CandidatesError(f"{job_path}: not readable, so the output there cannot be resumed; use a new --out") from None
         changed = [key for key in job if previous.get(key) != job[key]]
         if changed:
             key = changed[0]
@@ -455,13 +522,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _complete(manifest_path: Path, out: Path) -> bool:
-    """True when the manifest exists and every part it lists is there, unchanged."""
+    """True when the manifest exists and every part it lists is there, unchanged (else the
+    manifest is removed, and so is a changed part, to be written again)."""
     if not manifest_path.is_file():
         return False
-    manifest = json.loads(manifest_path.read_text())
-    for entry in manifest["parts"]:
-        path = out / entry["file"]
-        if not path.is_file() or sha256_of(path) != entry["sha256"]:
+    try:
+        parts = [(out / entry["file"], entry["sha256"]) for entry in json.loads(manifest_path.read_text())["parts"]]
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s cannot be read: writing the output again", manifest_path)
+        manifest_path.unlink()
+        return False
+    for path, sha256 in parts:
+        if not path.is_file() or sha256_of(path) != sha256:
             log.warning("%s is missing or changed since the manifest was written: regenerating it", path)
             path.unlink(missing_ok=True)
             manifest_path.unlink()
@@ -470,10 +542,15 @@ def _complete(manifest_path: Path, out: Path) -> bool:
 
 
 def _resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; ``cpu`` and ``cuda[:N]`` as given."""
+    import torch
 
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise CandidatesError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise CandidatesError(f"--device {device}: no CUDA GPU is usable here (use auto or cpu)")
     return device
 
 
@@ -506,19 +583,20 @@ def generate_candidates(
     (``"write"``, in a thread overlapping the next part); the model's own ``stage_seconds`` hold
     encoding and search.
     """
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
     parse_shard(f"{shard[0]}/{shard[1]}")
     for name, value in (("k", k), ("batch_size", batch_size), ("users_per_part", users_per_part)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CandidatesError(f"{name} must be a positive integer, got {value!r}")
+    out = Path(out)
+    check_writable(out)  # before the model is loaded and the whole input read
+    _refuse_if_running(out, shard)
     if isinstance(model, SizedRecommender):
         recommender = model
     else:
         recommender = SizedRecommender(model, device=_resolve_device(device))
-    model_dir, out = recommender.directory, Path(out)
+    model_dir = recommender.directory
     if k > len(recommender.item_ids):
         raise CandidatesError(f"k={k} exceeds the catalogue of {model_dir} ({len(recommender.item_ids)} items)")
     spec = InputSpec(Path(input_path), user_col, item_col, time_col, history_col)
@@ -544,30 +622,59 @@ def generate_candidates(
     runner = _Job(recommender, spec, out, k, shard, batch_size, exclude_seen, users_per_part)
     _check_out_dir(out, runner.job_path, job)
 
-    # Past this point the input and options are valid: output may be written.
+    # Past this point the input and options are valid: output may be written, by one run at a time.
     out.mkdir(parents=True, exist_ok=True)
-    if _complete(runner.manifest_path, out):
-        shutil.rmtree(runner.staging, ignore_errors=True)
-        log.info("%s: already complete, nothing to do", runner.manifest_path)
-        return {**json.loads(runner.manifest_path.read_text()), "elapsed_s": time.perf_counter() - started}
+    with _one_run_at_a_time(out, shard), reported_write_failures(out):
+        if _complete(runner.manifest_path, out):
+            _discard_staging(runner)
+            log.info("%s: already complete, nothing to do", runner.manifest_path)
+            return {**json.loads(runner.manifest_path.read_text()), "elapsed_s": time.perf_counter() - started}
+        manifest = _write_candidates(runner, job, frame, users, assign, num_parts, num_rows, schema, progress)
+    if stage_seconds is not None:
+        stage_seconds.update(runner.stage_seconds)
+    elapsed = time.perf_counter() - started
+    c = manifest["counts"]
+    log.info(
+        "candidates: %d users (%d with the popular fallback, %d unknown item ids skipped), k=%d, %d rows in %d parts, "
+        "%.1f s (%.0f users/s) -> %s",
+        c["users"], c["fallback_users"], c["unknown_items_skipped"], k, c["rows"], c["parts"], elapsed,
+        c["users"] / max(elapsed, 1e-9), runner.manifest_path,
+    )
+    manifest["elapsed_s"] = elapsed  # for the caller only; the file stays free of timings
+    return manifest
+
+
+def _write_candidates(
+    runner: _Job, job: dict, frame: pl.LazyFrame, users: pl.Series, assign: pl.DataFrame, num_parts: int, num_rows: int,
+    schema: pl.Schema, progress: bool,
+) -> dict[str, Any]:
+    """Write the parts not yet written (whole files only), then the manifest; return the manifest."""
+    from tqdm.auto import tqdm
+
+    out, shard, user_col = runner.out, runner.shard, runner.spec.user_col
     _write_json(runner.job_path, job)
     for leftover in out.glob(f".part-{runner.tag}-*.tmp"):
         leftover.unlink()
     shutil.rmtree(out / f".staging-{runner.tag}.tmp", ignore_errors=True)
 
-    columns = [c for c in spec.columns().values() if c is not None]
+    columns = [c for c in runner.spec.columns().values() if c is not None]
     frame = frame.select(columns).with_row_index(ROW).with_columns(pl.col(user_col).cast(users.dtype))
     shard_frame = frame.join(assign.lazy(), on=user_col, how="inner")
-    finished = [p for p in range(num_parts) if runner.part_path(p).is_file()]
-    counts: dict[int, dict[str, int]] = {p: _part_counts(runner.part_path(p)) for p in finished}
+    counts: dict[int, dict[str, int]] = {}
+    for p in range(num_parts):
+        part_counts = _part_counts(runner.part_path(p))
+        if part_counts is not None:
+            counts[p] = part_counts
     todo = [p for p in range(num_parts) if p not in counts]
     if todo:
         log.info(
             "%d users in shard %d/%d (of %d users, %d rows): %d of %d parts to write",
             len(assign), *shard, len(users), num_rows, len(todo), num_parts,
         )
-    if todo and num_parts > 1 and not runner.staging.is_dir():
+    if todo and num_parts > 1 and not _staged_for(runner, job):  # a staging directory is trusted or discarded
+        _discard_staging(runner)
         _stage(shard_frame, runner.staging)
+        _write_json(runner.staged, job)
     done_users = sum(c["users"] for c in counts.values())
     with tqdm(
         total=len(assign), initial=done_users, unit="users", desc=f"candidates {shard[0]}/{shard[1]}", disable=not progress
@@ -586,21 +693,26 @@ def generate_candidates(
                 for done in [q for q, future in written.items() if future.done()]:
                     counts[done] = written.pop(done).result()  # a failed write stops the job here
             counts.update({q: future.result() for q, future in written.items()})
-        if stage_seconds is not None:
-            stage_seconds.update(runner.stage_seconds)
-    manifest = _manifest(runner, job, recommender, spec, counts, num_parts)
+    manifest = _manifest(runner, job, runner.model, runner.spec, counts, num_parts)
     _write_json(runner.manifest_path, manifest)
-    shutil.rmtree(runner.staging, ignore_errors=True)
-    elapsed = time.perf_counter() - started
-    c = manifest["counts"]
-    log.info(
-        "candidates: %d users (%d with the popular fallback, %d unknown item ids skipped), k=%d, %d rows in %d parts, "
-        "%.1f s (%.0f users/s) -> %s",
-        c["users"], c["fallback_users"], c["unknown_items_skipped"], k, c["rows"], c["parts"], elapsed,
-        c["users"] / max(elapsed, 1e-9), runner.manifest_path,
-    )
-    manifest["elapsed_s"] = elapsed  # for the caller only; the file stays free of timings
+    _discard_staging(runner)
     return manifest
+
+
+def _staged_for(runner: _Job, job: dict[str, Any]) -> bool:
+    """Whether the staging directory is there, whole, and was split for this job: its record
+    ``.staging-SSSSS.json`` is written only after it is complete, and removed before it is deleted."""
+    if not (runner.staging.is_dir() and runner.staged.is_file()):
+        return False
+    try:
+        return json.loads(runner.staged.read_text()) == json.loads(json.dumps(job, default=str))
+    except ValueError:
+        return False
+
+
+def _discard_staging(runner: _Job) -> None:
+    runner.staged.unlink(missing_ok=True)  # first: a half-deleted staging directory is never trusted
+    shutil.rmtree(runner.staging, ignore_errors=True)
 
 
 def _stage(shard_frame: pl.LazyFrame, staging: Path) -> None:
@@ -670,22 +782,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", type=str, default="auto", help="auto (GPU when present), cpu or cuda")
     args = parser.parse_args(argv)
     time_col = None if args.time_col in (None, "", "none", "None") else args.time_col
-    try:
+
+    def run() -> None:
         manifest = generate_candidates(
             args.model, args.input, args.out, args.k,
             user_col=args.user_col, item_col=args.item_col, time_col=time_col, history_col=args.history_col,
             shard=args.shard, batch_size=args.batch_size, exclude_seen=args.exclude_seen,
             users_per_part=args.users_per_part, device=args.device,
         )
-    except ValueError as exc:  # CandidatesError, DataValidationError, ExportError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    c = manifest["counts"]
-    print(
-        f"{c['users']} users, {c['fallback_users']} with the popular fallback, {c['unknown_items_skipped']} unknown item ids "
-        f"skipped, {c['rows']} rows in {c['parts']} parts, {manifest.get('elapsed_s', 0):.1f} s -> {args.out}"
-    )
-    return 0
+        c = manifest["counts"]
+        print(
+            f"{c['users']} users, {c['fallback_users']} with the popular fallback, {c['unknown_items_skipped']} unknown "
+            f"item ids skipped, {c['rows']} rows in {c['parts']} parts, {manifest.get('elapsed_s', 0):.1f} s -> {args.out}"
+        )
+
+    return exit_code_of(run)
 
 
 if __name__ == "__main__":

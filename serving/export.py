@@ -7,9 +7,12 @@
 ``DIR/d<size>/`` gets the encoder cut to that size and the item matrix ``Z[:, :size]`` as
 safetensors, the item vocabulary, the retriever's files (none for the default exact search; a
 faiss index with ``--index flat|ivf_flat|hnsw|ivf_pq``) and a manifest with checksums (format in
-``serving/sized_model.py``). Each directory is written under a temporary name and swapped in when
+``serving/export_dir.py``). Each directory is written under a temporary name and swapped in when
 complete (``recsys.atomic``), so an interrupted export never leaves a directory that looks finished,
-and a re-export keeps the previous one whole and loadable until the new one is in place.
+a re-export keeps the previous one whole and loadable until the new one is in place, and exports
+racing into one place each succeed (the directory is the last one's, whole). ``--out`` is checked
+first (a file, or a place this process cannot write into, is one line before anything is read), and
+a disk that fills up is one line too; the previous export stays whole.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import polars as pl
 import torch
 from safetensors.torch import save_file
 
-from recsys.atomic import AtomicDirectory
+from recsys.atomic import AtomicDirectory, check_writable, reported_write_failures
+from recsys.errors import exit_code_of
 from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
-from serving.sized_model import FORMAT_VERSION, MANIFEST, ExportError, read_manifest, sha256_of
+from serving.export_dir import FORMAT_VERSION, MANIFEST, ExportError, read_manifest, sha256_of
 
 __all__ = ["export_sizes", "export_size", "load_trained", "main"]
 
@@ -105,6 +109,13 @@ def export_size(
     if item_dtype == "float16":
         state["items.matrix"] = state["items.matrix"].half()
 
+    vectors = small.items.matrix[1:].float().numpy()
+    settings = _retriever_settings(index, size, len(vectors), funnel_prefix, funnel_shortlist)
+    try:
+        retriever = build_retriever(vectors, settings)  # before anything is written
+    except ValueError as exc:  # settings that do not fit this model (e.g. too few items for ivf_pq)
+        raise ExportError(f"size {size}: cannot build the retriever {settings}: {exc}") from None
+
     final = Path(out)
     tmp, commit, abort = _atomic_dir(final)
     try:
@@ -117,8 +128,6 @@ def export_size(
                 "popularity": np.asarray(catalogue["popularity"], dtype=np.int64),
             }
         ).write_parquet(tmp / "items.parquet")
-        vectors = small.items.matrix[1:].float().numpy()
-        retriever = build_retriever(vectors, _retriever_settings(index, size, len(vectors), funnel_prefix, funnel_shortlist))
         retriever.save(tmp)
         entry = retriever.to_dict()
         manifest = {
@@ -172,13 +181,18 @@ def export_sizes(
     from serving.retrieval import IndexSpec
 
     if options.get("index", "exact") != "exact":
-        IndexSpec(kind=options["index"])  # an unknown kind fails here, before anything is read or written
+        try:
+            IndexSpec(kind=options["index"])  # an unknown kind fails here, before anything is read or written
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+    check_writable(out)
     model, catalogue = load_trained(checkpoint)
     bad = [d for d in dims if d not in model.sizes]
     if bad:
         raise ExportError(f"size(s) {bad} are not sizes of this model; valid sizes: {list(model.sizes)}")
     source = source or {"checkpoint": Path(checkpoint).name}
-    return [export_size(model, catalogue, d, Path(out) / f"d{d}", source, **options) for d in dims]
+    with reported_write_failures(out, option=""):  # a full disk: one line; an old export stays whole
+        return [export_size(model, catalogue, d, Path(out) / f"d{d}", source, **options) for d in dims]
 
 
 def _checkpoint_of_run(run_id: str, workdir: Path) -> Path:
@@ -212,7 +226,8 @@ def _export_of_model_uri(model_uri: str, dims: list[int] | None, out: Path) -> l
         final = out / f"d{manifest['size']}"
         tmp, commit, abort = _atomic_dir(final)
         try:
-            shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
+            with reported_write_failures(out, option=""):
+                shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
             return [commit()]
         except BaseException:
             abort()
@@ -236,33 +251,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--funnel-shortlist", type=int, default=1000, help="items shortlisted by the funnel")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    return exit_code_of(lambda: _run(args))
+
+
+def _run(args) -> None:
+    chosen = [bool(args.checkpoint), bool(args.run_id), bool(args.model_uri)]
+    if sum(chosen) != 1:
+        raise ExportError("give exactly one of --checkpoint, --run-id or --model-uri")
     try:
-        chosen = [bool(args.checkpoint), bool(args.run_id), bool(args.model_uri)]
-        if sum(chosen) != 1:
-            raise ExportError("give exactly one of --checkpoint, --run-id or --model-uri")
-        try:
-            dims = [int(d) for d in args.dims.split(",")] if args.dims else None
-        except ValueError:
-            raise ExportError(f"--dims must be comma-separated integers, got {args.dims!r}") from None
-        out = Path(args.out)
-        options = {"index": args.index, "item_dtype": args.item_dtype,
-                   "funnel_prefix": args.funnel_prefix, "funnel_shortlist": args.funnel_shortlist}
-        if args.model_uri:
-            paths = _export_of_model_uri(args.model_uri, dims, out)
-        elif args.run_id:
-            with tempfile.TemporaryDirectory() as work:
-                ckpt = _checkpoint_of_run(args.run_id, Path(work))
-                dims = dims or load_trained(ckpt)[0].sizes
-                paths = export_sizes(ckpt, list(dims), out, source={"mlflow_run_id": args.run_id}, **options)
-        else:
-            dims = dims or load_trained(args.checkpoint)[0].sizes
-            paths = export_sizes(args.checkpoint, list(dims), out, **options)
-    except (ExportError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        dims = [int(d) for d in args.dims.split(",")] if args.dims else None
+    except ValueError:
+        raise ExportError(f"--dims must be comma-separated integers, got {args.dims!r}") from None
+    out = Path(args.out)
+    check_writable(out)  # before anything is downloaded or read
+    options = {"index": args.index, "item_dtype": args.item_dtype,
+               "funnel_prefix": args.funnel_prefix, "funnel_shortlist": args.funnel_shortlist}
+    if args.model_uri:
+        paths = _export_of_model_uri(args.model_uri, dims, out)
+    elif args.run_id:
+        with tempfile.TemporaryDirectory() as work:
+            ckpt = _checkpoint_of_run(args.run_id, Path(work))
+            dims = dims or load_trained(ckpt)[0].sizes
+            paths = export_sizes(ckpt, list(dims), out, source={"mlflow_run_id": args.run_id}, **options)
+    else:
+        dims = dims or load_trained(args.checkpoint)[0].sizes
+        paths = export_sizes(args.checkpoint, list(dims), out, **options)
     for p in paths:
         print(p)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,21 +1,11 @@
 """A model exported at one size, loaded without the training code: ``serving.load(DIR)``.
 
-An export directory holds (see ``serving/export.py``):
-
-- ``manifest.json``: size, encoder name and options, parameter count, source, data stats, the
-  retriever and its settings, and the sha256 of every other file;
-- ``model.safetensors``: the encoder cut to the size, and the item matrix ``Z[:, :size]``;
-- ``items.parquet``: ``row`` (1..N), ``item_id`` (the catalogue's original ids), ``popularity``;
-- ``index.faiss``: the faiss index of the retriever the manifest names (``"retriever"``, see
-  ``serving/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1).
-
-Every file is checked against the manifest's checksums before anything is used.
+The files of an export directory, and what is checked before any of them is used (every file the
+loader reads is listed in the manifest and verified), are described in ``serving/export_dir.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Hashable, Sequence
@@ -23,26 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
-from safetensors.torch import load_file
 
-from recsys.errors import UserError
 from recsys.nn.encoders import build_encoder
 from recsys.nn.item_tower import FixedItemMatrix
 from recsys.nn.nested import nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
+from serving.export_dir import FORMAT_VERSION, MANIFEST, WEIGHTS, ExportError, read_items, read_manifest, read_weights, sha256_of
 
 __all__ = ["ExportError", "UnknownItemsError", "SizedRecommender", "load", "sha256_of", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class ExportError(UserError, ValueError):
-    """An export directory that is missing, incomplete, corrupted or of another format."""
 
 
 class UnknownItemsError(KeyError):
@@ -58,14 +39,6 @@ class UnknownItemsError(KeyError):
         return self.args[0]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _plain(value: Any) -> Hashable:
     """Numpy scalars to Python values, so ``np.int64(7)`` and ``7`` name the same item."""
     return value.item() if isinstance(value, np.generic) else value
@@ -76,30 +49,6 @@ def _exact_key(value: Any) -> Hashable | None:
     and ``1.0`` equal ``1`` in Python, but neither is the catalogue's item ``1``."""
     value = _plain(value)
     return None if isinstance(value, (bool, float)) else value
-
-
-def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The manifest of an export directory, after checking every file's checksum."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise ExportError(f"{d}: no such export directory")
-    path = d / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{d}: not an export directory (no {MANIFEST}); export one with `python -m serving.export`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path}: manifest is not valid JSON ({exc})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: export format {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    if verify:
-        for name, expected in manifest["checksums"].items():
-            file = d / name
-            if not file.is_file():
-                raise ExportError(f"{d}: {name} is missing (listed in the manifest)")
-            if sha256_of(file) != expected:
-                raise ExportError(f"{file}: checksum mismatch: the file was changed or corrupted after export")
-    return manifest
 
 
 class SizedRecommender:
@@ -120,25 +69,42 @@ class SizedRecommender:
         self.size: int = m["size"]
         self.max_len: int = m["max_len"]
         self.device = torch.device(device)
-        state = load_file(self.directory / "model.safetensors", device="cpu")
-        matrix = state["items.matrix"].float()
-        self.net = SequentialRecommender(
-            FixedItemMatrix(torch.zeros_like(matrix), m["sizes"]),
-            build_encoder(m["encoder"], m["sizes"], **m["encoder_options"]),
-        )
-        state["items.matrix"] = matrix
-        self.net.load_state_dict(state)
+        self.net = self._network(read_weights(self.directory, m))
         self.net.eval().to(self.device)
-        items = pl.read_parquet(self.directory / "items.parquet")
+        items = read_items(self.directory, m["num_items"])
         self.item_ids: list[Hashable] = items["item_id"].to_list()
         self.popularity = torch.from_numpy(items["popularity"].to_numpy().astype(np.float32))
         self._row_of = {item: row for row, item in enumerate(self.item_ids, start=1)}
         from serving.retrieval import ExactRetriever, load_retriever, retriever_entry
 
-        entry = retriever_entry(m) if use_index else {"kind": ExactRetriever.kind}
-        # rows 0..N-1 of the retriever are item rows 1..N (row 0 is padding)
-        self.retriever = load_retriever(self.directory, entry, self.item_matrix[1:])
+        try:
+            entry = retriever_entry(m) if use_index else {"kind": ExactRetriever.kind}
+            # rows 0..N-1 of the retriever are item rows 1..N (row 0 is padding)
+            self.retriever = load_retriever(self.directory, entry, self.item_matrix[1:])
+        except (ValueError, TypeError, KeyError, OSError) as exc:  # the manifest's entry, or its files
+            raise ExportError(f"{self.directory / MANIFEST}: its retriever cannot be loaded ({exc})") from None
         self.stage_seconds = {"encode": 0.0, "search": 0.0}
+
+    def _network(self, state: dict[str, torch.Tensor]) -> SequentialRecommender:
+        """The encoder the manifest describes, with the exported weights (which must fit it)."""
+        m = self.manifest
+        matrix = state["items.matrix"].float()
+        try:
+            net = SequentialRecommender(
+                FixedItemMatrix(torch.zeros_like(matrix), m["sizes"]),
+                build_encoder(m["encoder"], m["sizes"], **m["encoder_options"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ExportError(
+                f"{self.directory / MANIFEST}: the encoder {m['encoder']!r} cannot be built from the manifest's "
+                f"sizes and encoder_options ({exc})"
+            ) from None
+        try:
+            net.load_state_dict({**state, "items.matrix": matrix})
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise ExportError(f"{self.directory / WEIGHTS}: the weights do not fit the encoder the manifest describes ({detail})") from None
+        return net
 
     @property
     def num_parameters(self) -> int:

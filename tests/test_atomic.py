@@ -11,6 +11,8 @@ the leftovers, but never those of a process still running. The same through ``se
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,3 +283,129 @@ def test_siblings_false_and_atomic_file_clean_only_their_own_name(tmp_path):
     write_text_atomically(tmp_path / "c", "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == [mine, other, "a", "c"]
     assert clean_leftovers(tmp_path, "b") == [tmp_path / other]
+
+
+# -- SIGKILL at the real system calls (strace -e inject) ----------------------------------------------
+
+STRACE_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import recsys.atomic as atomic
+    final, fallback, files = Path(sys.argv[1]), sys.argv[2] == "1", json.loads(sys.argv[3])
+    if fallback:
+        atomic._exchange = lambda a, b: False
+    with atomic.atomic_directory(final) as tmp:
+        for name, text in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text)
+    """
+)
+
+
+def _strace_works() -> bool:
+    if shutil.which("strace") is None or not sys.platform.startswith("linux"):
+        return False
+    return subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "true"], capture_output=True).returncode == 0
+
+
+needs_strace = pytest.mark.skipif(not _strace_works(), reason="needs strace (and ptrace permission)")
+
+# (system calls, which call, fallback) -> what ``final`` is right after the kill. The process dies
+# on entering the call, before it runs. Swap: the exchange, then the old directory's removal
+# (unlinkat per entry, rmdir of its top). Fallback: rename to the backup name, renameat2
+# RENAME_NOREPLACE of the new one into place, then the backup's removal.
+SYSCALL_KILLS = {
+    ("renameat2", 1, False): "old", ("unlinkat", 1, False): "new", ("unlinkat", 2, False): "new",
+    ("rmdir", 1, False): "new",
+    ("rename,renameat", 1, True): "old", ("renameat2", 1, True): "missing", ("unlinkat", 2, True): "new",
+    ("rmdir", 1, True): "new",
+}
+
+
+@needs_strace
+@pytest.mark.parametrize(("calls", "when", "fallback"), list(SYSCALL_KILLS),
+                         ids=[f"{'fallback' if f else 'swap'}-{c.split(',')[0]}#{w}" for c, w, f in SYSCALL_KILLS])
+def test_a_replace_killed_at_a_system_call_leaves_the_old_or_the_new_directory(tmp_path, calls, when, fallback):
+    final = tmp_path / "out"
+    _fill(final, OLD)
+    command = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={calls}", "-e", f"inject={calls}:signal=SIGKILL:when={when}",
+               sys.executable, "-c", STRACE_CHILD, str(final), "1" if fallback else "0", json.dumps(NEW)]
+    child = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert child.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), child.stderr
+    expected = SYSCALL_KILLS[calls, when, fallback]
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert leftovers and all(p.name.startswith(".out.") for p in leftovers)
+    if expected == "missing":
+        assert not final.exists()
+        expected = "old"  # the backup, whole, until the next writer restores it
+    else:
+        assert _contents(final) == {"old": OLD, "new": NEW}[expected]
+    with atomic_directory(tmp_path / "other") as tmp:  # the next writer into the directory cleans up
+        _fill(tmp, {"x": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
+    assert _contents(final) == {"old": OLD, "new": NEW}[expected]
+
+
+# -- writers racing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["swap", "fallback"])
+@pytest.mark.parametrize("meanwhile", ["another writer creates final", "another writer moves final away"])
+def test_a_commit_survives_another_writer_renaming_final_under_it(tmp_path, monkeypatch, fallback, meanwhile):
+    """Two exports racing: right after this commit has looked whether ``final`` exists, another
+    writer puts its own directory there (or moves the old one aside, as the fallback does). The
+    commit still succeeds, and ``final`` is the directory of whoever committed last, whole."""
+    if fallback:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    final = tmp_path / "out"
+    if meanwhile.endswith("moves final away"):
+        _fill(final, OLD)
+    lexists, armed, done = os.path.lexists, [], []
+
+    def other_writer():
+        if meanwhile.endswith("creates final"):
+            with atomic_directory(final) as tmp:
+                _fill(tmp, OLD)
+        else:
+            final.rename(tmp_path / "moved-away")
+
+    def looked(path):  # the answer is given, then the other writer acts
+        answer = lexists(path)
+        if armed and not done and Path(path) == final:
+            done.append(True)
+            other_writer()
+        return answer
+
+    monkeypatch.setattr(os.path, "lexists", looked)
+    monkeypatch.setattr(atomic, "_after_step", lambda step, path: step == "written" and armed.append(True))
+    with atomic_directory(final) as tmp:
+        _fill(tmp, NEW)
+    assert done and _contents(final) == NEW
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_commit_that_keeps_losing_the_race_gives_up_with_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_rename_noreplace", lambda a, b: False)  # someone is always first
+    with pytest.raises(OSError, match="other writers kept replacing it"):
+        with atomic_directory(tmp_path / "out") as tmp:
+            _fill(tmp, NEW)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- a pid used again ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(atomic._start_time(os.getpid()) is None, reason="needs /proc to tell when a process started")
+def test_leftovers_of_an_earlier_process_with_this_pid_are_removed(tmp_path):
+    """A job that is always pid 1 in its container, killed and started again: the killed run's
+    leftovers carry this pid but another start time, so they are removed; this process's own are kept."""
+    pid, start = os.getpid(), atomic._start_time(os.getpid())
+    earlier = [f".d16.partial-{pid}-{start - 1}-0123abcd.tmp", f".x.json.partial-{pid}-{start - 1}-89abcdef.tmp"]
+    mine = f".d16.partial-{pid}-{start}-00ff00ff.tmp"
+    for name in [*earlier, mine]:
+        _fill(tmp_path / name, {"f": "x"})
+    with atomic_directory(tmp_path / "d16") as tmp:
+        _fill(tmp, NEW)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine, "d16"])
+    assert atomic._temporary(tmp_path / "d16").name.startswith(f".d16.partial-{pid}-{start}-")

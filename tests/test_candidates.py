@@ -2,6 +2,7 @@
 (after a kill, across shards), identical reruns, and clear errors that leave no output behind."""
 
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 import serving
 import serving.candidates as candidates
+from recsys.atomic import NotWritable
 from recsys.data.errors import DataValidationError
 from recsys.item_features import ItemFeatures
 from recsys.model import MatryoshkaRecommender
@@ -422,3 +424,198 @@ def test_parts_are_written_by_the_writer_thread_and_a_failed_write_stops_the_job
     clean = generate_candidates(export_dir, path, tmp_path / "clean", K, users_per_part=7, progress=False)
     assert [p["sha256"] for p in manifest["parts"]] == [p["sha256"] for p in clean["parts"]]
     assert set(stages) == {"read", "write"} and all(v >= 0 for v in stages.values())
+
+
+# -- one run at a time, reruns that trust only whole files, and places that cannot be written ----------
+
+
+def test_a_second_run_into_the_same_out_refuses_at_once_and_the_first_finishes(export_dir, log, tmp_path, monkeypatch):
+    """Two runs of the same shard into one ``--out``: while the first is writing its parts, the
+    second refuses with one line, before reading its input (here a bad one), and writes nothing; the
+    first then ends exactly as a lone run would."""
+    path, _ = log
+    out = tmp_path / "out"
+    real_write, writing, go_on = candidates._write_part, threading.Event(), threading.Event()
+
+    def slow_write(frame, counts, target):
+        writing.set()
+        go_on.wait(60)
+        real_write(frame, counts, target)
+
+    monkeypatch.setattr(candidates, "_write_part", slow_write)
+    first: dict = {}
+    thread = threading.Thread(target=lambda: first.update(generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)))
+    thread.start()
+    try:
+        assert writing.wait(60)
+        before = sorted(p.name for p in out.iterdir())
+        bad_input = _write(tmp_path / "bad.csv", "user_id,item_id,timestamp\n1,i01,soon\n")
+        with pytest.raises(CandidatesError, match=r"another run is writing there \(it holds \.lock-00000-of-00001\)"):
+            generate_candidates(export_dir, bad_input, out, K, users_per_part=7, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        go_on.set()
+        thread.join(120)
+    clean = generate_candidates(export_dir, path, tmp_path / "clean", K, users_per_part=7, progress=False)
+    assert [p["sha256"] for p in first["parts"]] == [p["sha256"] for p in clean["parts"]]
+
+
+@pytest.mark.skipif(candidates.fcntl is None, reason="the lock needs fcntl.flock")
+def test_the_lock_of_a_killed_run_is_never_stale(export_dir, log, tmp_path):
+    """Another process holds the lock (a run in progress), is then SIGKILLed: the system releases
+    its lock, and the next run goes ahead without anyone deleting anything."""
+    import signal
+    import subprocess
+    import sys
+
+    path, _ = log
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'ab'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(600)", str(out / ".lock-00000-of-00001")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CandidatesError, match="another run is writing there"):
+            generate_candidates(export_dir, path, out, K, progress=False)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(60)
+    manifest = generate_candidates(export_dir, path, out, K, progress=False)
+    assert manifest["counts"]["users"] == log[1]["user_id"].n_unique()
+
+
+def _killed_after_two_parts(export_dir, path, out, monkeypatch) -> None:
+    real_write, written = candidates._write_part, []
+
+    def dies_after_two(frame, counts, target):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        real_write(frame, counts, target)
+        written.append(target.name)
+
+    monkeypatch.setattr(candidates, "_write_part", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
+    monkeypatch.setattr(candidates, "_write_part", real_write)
+    assert (out / ".staging-00000").is_dir() and len(list(out.glob("part-*.parquet"))) == 2
+
+
+@pytest.mark.parametrize("left", ["half-deleted staging", "staging of another job", "unreadable part", "unreadable manifest"])
+def test_a_rerun_never_trusts_an_unfinished_file(export_dir, log, tmp_path, monkeypatch, left):
+    """What a killed or disturbed run can leave: a staging directory whose removal was cut short
+    (its record goes first), a staging directory split for another input (the job file deleted by
+    hand), a part file that is not whole, a manifest that is not JSON. The rerun discards them and
+    gives the files of a clean run, byte for byte."""
+    path, frame = log
+    out = tmp_path / "out"
+    clean = generate_candidates(export_dir, path, tmp_path / "clean", K, users_per_part=7, progress=False)
+    if left == "unreadable manifest":
+        generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
+        (out / "manifest.json").write_text('{"parts": [')
+    else:
+        _killed_after_two_parts(export_dir, path, out, monkeypatch)
+    if left == "half-deleted staging":
+        (out / ".staging-00000.json").unlink(missing_ok=True)  # removed first, when ours
+        shutil.rmtree(sorted((out / ".staging-00000").iterdir())[-1])
+    elif left == "staging of another job":
+        other = tmp_path / "other.parquet"
+        frame.with_columns(pl.col("timestamp").reverse()).write_parquet(other)  # same users, other histories
+        (out / ".job-00000-of-00001.json").unlink()
+        for part in out.glob("part-*.parquet"):
+            part.unlink()
+        path = other
+        clean = generate_candidates(export_dir, other, tmp_path / "clean-other", K, users_per_part=7, progress=False)
+    elif left == "unreadable part":
+        part = sorted(out.glob("part-*.parquet"))[0]
+        part.write_bytes(part.read_bytes()[:50])
+    manifest = generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
+    assert [p["sha256"] for p in manifest["parts"]] == [p["sha256"] for p in clean["parts"]]
+    assert not list(out.glob(".staging*"))
+
+
+def test_out_that_cannot_be_written_is_reported_before_the_input_is_read(export_dir, tmp_path):
+    """``--out`` a file, or inside one: one line about ``--out``, though the input is bad too (it is
+    read only after the check)."""
+    bad_input = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n1,i01,soon\n")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotWritable, match=r"^--out .*afile is a file, not a directory$"):
+        generate_candidates(export_dir, bad_input, tmp_path / "afile", K, progress=False)
+    with pytest.raises(NotWritable, match=r"^--out .*afile/sub: .*afile is a file, not a directory$"):
+        generate_candidates(export_dir, bad_input, tmp_path / "afile" / "sub", K, progress=False)
+
+
+@pytest.fixture()
+def read_only_dir(tmp_path):
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    try:
+        (directory / "probe").write_text("")
+    except PermissionError:
+        yield directory
+    else:
+        pytest.skip("this user writes into read-only directories (root): run as another user")
+    finally:
+        directory.chmod(0o755)
+
+
+def test_a_read_only_out_is_reported_before_the_input_is_read(export_dir, tmp_path, read_only_dir):
+    bad_input = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n1,i01,soon\n")
+    for out in (read_only_dir, read_only_dir / "cands"):
+        with pytest.raises(NotWritable, match=r"^--out .*read-only.*: cannot write in .*read-only \(Permission denied\)$"):
+            generate_candidates(export_dir, bad_input, out, K, progress=False)
+    assert list(read_only_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", ["OSError", "polars"])
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(export_dir, log, tmp_path, monkeypatch, capsys, error):
+    """The disk fills up at the third part (an OSError, or polars' error naming one): exit status 2,
+    one line; once there is room, the rerun writes the rest."""
+    import errno
+
+    path, _ = log
+    out = tmp_path / "out"
+    real_write, calls = candidates._write_part, []
+
+    def fills_up(frame, counts, target):
+        calls.append(target)
+        if len(calls) == 3:
+            if error == "OSError":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise pl.exceptions.ComputeError("parquet: underlying IO error: No space left on device (os error 28)")
+        real_write(frame, counts, target)
+
+    monkeypatch.setattr(candidates, "_write_part", fills_up)
+    args = ["--model", str(export_dir), "--input", str(path), "--k", str(K), "--out", str(out), "--users-per-part", "7"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"error: --out {out}: cannot write there: No space left on device"
+    assert "Traceback" not in err
+    monkeypatch.setattr(candidates, "_write_part", real_write)
+    assert main(args) == 0
+    assert _read(out)["user_id"].n_unique() == log[1]["user_id"].n_unique()
+
+
+def test_the_command_catches_user_errors_only(export_dir, log, tmp_path, monkeypatch):
+    """A ValueError of our own (a defect) keeps its traceback; it is not shown as a user's error."""
+    path, _ = log
+
+    def defect(*args, **kwargs):
+        raise ValueError("a defect in the job")
+
+    monkeypatch.setattr(candidates, "_assign", defect)
+    with pytest.raises(ValueError, match="a defect in the job"):
+        main(["--model", str(export_dir), "--input", str(path), "--k", str(K), "--out", str(tmp_path / "out")])
+
+
+def test_a_device_that_is_not_there_is_one_line(export_dir, log, tmp_path):
+    path, _ = log
+    with pytest.raises(CandidatesError, match=r"^--device must be auto, cpu or cuda\[:N\], got 'tpu'$"):
+        generate_candidates(export_dir, path, tmp_path / "out", K, device="tpu", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(CandidatesError, match=r"^--device cuda: no CUDA GPU is usable here \(use auto or cpu\)$"):
+            generate_candidates(export_dir, path, tmp_path / "out", K, device="cuda", progress=False)
+    assert not (tmp_path / "out").exists()

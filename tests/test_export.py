@@ -237,3 +237,102 @@ def test_ids_that_only_compare_equal_to_catalogue_ids_are_unknown(tmp_path):
     for history in ([True], [1.0], [2.5]):
         with pytest.raises(serving.UnknownItemsError):
             m.rows([history])
+
+
+# -- places that cannot be written, a full disk, exports racing, and which errors are the user's ---------
+
+
+def test_out_that_is_a_file_is_one_line_before_the_checkpoint_is_read(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    missing = str(tmp_path / "no-such.ckpt")  # --out is checked first
+    assert export_main(["--checkpoint", missing, "--out", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'afile'} is a file, not a directory"
+    assert export_main(["--checkpoint", missing, "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a directory"
+
+
+def test_a_read_only_out_is_one_line(checkpoint, tmp_path, capsys):
+    path, _, _ = checkpoint
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    directory.chmod(0o555)
+    try:
+        try:
+            (directory / "probe").write_text("")
+            pytest.skip("this user writes into read-only directories (root): run as another user")
+        except PermissionError:
+            pass
+        assert export_main(["--checkpoint", str(path), "--dims", "8", "--out", str(directory / "exports")]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"cannot write in {directory} (Permission denied)")
+        assert list(directory.iterdir()) == []
+    finally:
+        directory.chmod(0o755)
+
+
+@pytest.mark.parametrize("error", ["OSError", "safetensors"])
+def test_a_full_disk_is_one_line_and_the_old_export_stays_whole(checkpoint, tmp_path, monkeypatch, capsys, error):
+    import errno
+
+    import serving.export as export
+    from safetensors import SafetensorError
+
+    path, _, _ = checkpoint
+    out = tmp_path / "exports"
+    export_sizes(path, [8], out, source={"export": "old"})
+
+    def disk_full(*args, **kwargs):
+        if error == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "save_file", disk_full)
+    assert export_main(["--checkpoint", str(path), "--dims", "8", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {out}: cannot write there: No space left on device"
+    assert [p.name for p in out.iterdir()] == ["d8"] and serving.load(out / "d8").manifest["source"] == {"export": "old"}
+
+
+def test_retriever_settings_that_do_not_fit_the_model_are_one_line(checkpoint, tmp_path, capsys):
+    path, _, _ = checkpoint
+    assert export_main(["--checkpoint", str(path), "--dims", "8", "--index", "ivf_pq", "--out", str(tmp_path / "x")]) == 2
+    assert "needs at least 256 items to train its codebooks, got 40" in capsys.readouterr().err
+    assert export_main(["--checkpoint", str(path), "--dims", "16", "--funnel-prefix", "8", "--funnel-shortlist", "0",
+                        "--out", str(tmp_path / "x")]) == 2
+    assert "shortlist must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_exports_racing_into_one_place_both_succeed_with_a_whole_export(checkpoint, tmp_path):
+    """Four processes export the same sizes into one new ``--out`` at once: every one exits 0, and
+    each ``d<size>`` is one whole export, with nothing else left."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _, _ = checkpoint
+    out = tmp_path / "exports"
+    root = Path(__file__).resolve().parents[1]
+    racers = [
+        subprocess.Popen([sys.executable, "-m", "serving.export", "--checkpoint", str(path), "--dims", "8,16", "--out", str(out)],
+                         cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    for racer in racers:
+        _, err = racer.communicate(timeout=600)
+        assert racer.returncode == 0, err[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["d16", "d8"]
+    assert [serving.load(out / d).size for d in ("d8", "d16")] == [8, 16]
+
+
+def test_the_command_catches_user_errors_only(checkpoint, tmp_path, monkeypatch):
+    """A ValueError of our own (a defect) keeps its traceback; it is not shown as a user's error."""
+    import serving.export as export
+
+    path, _, _ = checkpoint
+
+    def defect(*args, **kwargs):
+        raise ValueError("a defect in the export")
+
+    monkeypatch.setattr(export, "export_size", defect)
+    with pytest.raises(ValueError, match="a defect in the export"):
+        export_main(["--checkpoint", str(path), "--dims", "8", "--out", str(tmp_path / "out")])

@@ -663,6 +663,43 @@ def _edit_manifest(old: str, new: str) -> Callable[[Path, Resources], None]:
     return edit
 
 
+def _link_out(name: str) -> Callable[[Path, Resources], None]:
+    """The export's file replaced by a link to an identical copy outside the export."""
+    def link(workdir, resources):
+        shutil.move(workdir / "export" / name, workdir / name)
+        (workdir / "export" / name).symlink_to(workdir / name)
+    return link
+
+
+def _fewer_items(workdir, resources):
+    """The item table cut to 5 rows, its checksum in the manifest updated to match."""
+    from serving.export_dir import sha256_of
+
+    items = workdir / "export" / "items.parquet"
+    old = sha256_of(items)
+    pl.read_parquet(items).head(5).write_parquet(items)
+    _edit_manifest(old, sha256_of(items))(workdir, resources)
+
+
+_HELD_LOCKS = []  # open files holding a lock for as long as the tests run
+
+
+def _running_job(workdir, resources):
+    """A run of the job in progress: it holds the lock file of its shard in ``cands``."""
+    import fcntl
+
+    (workdir / "cands").mkdir()
+    lock = open(workdir / "cands" / ".lock-00000-of-00001", "ab")
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    _HELD_LOCKS.append(lock)
+
+
+def _parquet(name: str, data: dict) -> Callable[[Path, Resources], None]:
+    def write(workdir, resources):
+        pl.DataFrame(data).write_parquet(workdir / name)
+    return write
+
+
 def _mkdir(name: str, *files: str) -> Callable[[Path, Resources], None]:
     def make(workdir, resources):
         (workdir / name).mkdir()
@@ -829,6 +866,40 @@ BAD_INPUTS = [
              r"^--shard must be i/n with 0 <= i < n, e\.g\. 0/4; got '3/2'$", histories),
     BadInput("serving.candidates", "output directory holds other files", CANDIDATES, r"notes\.txt",
              _all(histories, _mkdir("cands", "notes.txt"))),
+    # -- export, loading and batch candidates: places that cannot be written, tampered exports, a second run --
+    BadInput("serving.export", "`--out` is a file", EXPORT, r"^--out exports is a file, not a directory$",
+             _all(_copy_checkpoint, _text("exports", "x"))),
+    BadInput("serving.export", "`--out` inside a file", (*EXPORT[:3], "exports/new"),
+             r"^--out exports/new: exports is a file, not a directory$", _all(_copy_checkpoint, _text("exports", "x"))),
+    BadInput("serving.export", "catalogue too small for the index (`--index ivf_pq`)", (*EXPORT, "--dims", "8", "--index", "ivf_pq"),
+             r"^size 8: cannot build the retriever .*needs at least 256 items to train its codebooks, got 20", _copy_checkpoint),
+    BadInput("serving.load", "weights changed and their checksum entry removed", ("export",),
+             r"^export/manifest\.json: 'checksums' does not list model\.safetensors; every file the loader reads must be listed$",
+             _all(_copy_export, _flip_byte("model.safetensors"), _edit_manifest('"model.safetensors": "', '"dropped": "'))),
+    BadInput("serving.load", "checksum entry outside the export (`../`)", ("export",),
+             r"^export/manifest\.json: the checksum entry '\.\./model\.ckpt' is not the name of a file inside the export$",
+             _all(_copy_export, _edit_manifest('"checksums": {', '"checksums": {"../model.ckpt": "' + "0" * 64 + '", '))),
+    BadInput("serving.load", "a file is a link out of the export", ("export",),
+             r"^export: items\.parquet is a symbolic link; an export holds plain files only$", _all(_copy_export, _link_out("items.parquet"))),
+    BadInput("serving.load", "a file the manifest does not list", ("export",),
+             r"^export: notes\.txt is not listed in the manifest's checksums; an export holds only the files its manifest lists$",
+             _all(_copy_export, _text("export/notes.txt", "mine"))),
+    BadInput("serving.load", "manifest edited: size as text", ("export",),
+             r"^export/manifest\.json: 'size' must be a positive integer, got '16'$",
+             _all(_copy_export, _edit_manifest('"size": 16', '"size": "16"'))),
+    BadInput("serving.load", "item table edited, its checksum too", ("export",),
+             r"^export/items\.parquet: the item table has 5 rows, the manifest says num_items 20$", _all(_copy_export, _fewer_items)),
+    BadInput("serving.candidates", "`--out` is a file", CANDIDATES, r"^--out cands is a file, not a directory$",
+             _all(histories, _text("cands", "x"))),
+    BadInput("serving.candidates", "another run is writing into `--out`", CANDIDATES,
+             r"^--out cands: another run is writing there \(it holds \.lock-00000-of-00001\); wait for it to end or use another --out$",
+             _all(histories, _running_job)),
+    BadInput("serving.candidates", "unknown device (`--device tpu`)", (*CANDIDATES, "--device", "tpu"),
+             r"^--device must be auto, cpu or cuda\[:N\], got 'tpu'$", histories),
+    BadInput("serving.candidates", "history column of lists of lists",
+             ("--model", "export", "--input", "histories.parquet", "--k", "5", "--out", "cands", "--history-col", "history"),
+             r"^histories\.parquet: history column 'history' has type List\(List\(String\)\); it must be a list of item ids",
+             _all(_copy_export, _parquet("histories.parquet", {"user_id": [1], "history": [[["i01"], ["i02"]]]}))),
 ]
 
 
