@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -158,6 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = socket.SOMAXCONN  # the default 5 resets clients that connect at once
 
     def __init__(self, address, model, limits: Limits, max_body_bytes: int):
         self.model, self.limits, self.max_body_bytes = model, limits, max_body_bytes
