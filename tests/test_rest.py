@@ -316,3 +316,36 @@ def test_the_command_serves_until_sigterm(text_server, text_ids):
         if process.poll() is None:
             process.kill()
         process.stderr.close()
+
+
+def test_the_logged_pyfunc_answers_like_the_endpoint_and_a_models_uri_serves(tmp_path, int_server):
+    """The MLflow pyfunc takes integer and text ids (its signature does not fix one type), reports unknown
+    ids, refuses bad parameters with the same one line; ``models:/NAME/VERSION`` resolves to the export."""
+    mlflow = pytest.importorskip("mlflow")
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from recsys.tracking import log_size_models
+    from serving.rest import resolve_model
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            pass
+        rows = [{"size": SIZE, "parameters": int_server.model.num_parameters, "ndcg_10": 0.5}]
+        uris = log_size_models(run.info.run_id, {SIZE: int_server.directory}, rows, register_as="shop")
+        pyfunc = mlflow.pyfunc.load_model(uris[SIZE])
+        histories = [[101, 102], ["103", "nope", 7.5]]
+        out = pyfunc.predict(pd.DataFrame({"history": histories}), params={"k": 3})
+        want = _expected(int_server.model, [[101, 102], [103]], 3)
+        assert [(list(i), list(s)) for i, s in zip(out["item_ids"], out["scores"])] == want
+        assert [list(u) for u in out["unknown"]] == [[], ["nope", 7.5]] and list(out["fallback"]) == [False, False]
+        with pytest.raises(MlflowException, match=r"k must be an integer from 1 to 30 \(the catalogue size\), got 0"):
+            pyfunc.predict(pd.DataFrame({"history": histories}), params={"k": 0})
+        with pytest.raises(MlflowException, match=r'unknown item id\(s\) \(strict\): histories\[1\]: "nope", 7.5'):
+            pyfunc.predict(pd.DataFrame({"history": histories}), params={"strict": True})
+        export_dir = resolve_model("models:/shop-d16/1", tmp_path / "work")
+        assert serving.load(export_dir).recommend([[101, 102]], k=3) == int_server.model.recommend([[101, 102]], k=3)
+    finally:
+        mlflow.set_tracking_uri(previous)
