@@ -50,10 +50,10 @@ def export(directory: Path, item_ids: list) -> Path:
 class Running:
     """A server answering in a thread, and a client for it."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, limits: Limits = LIMITS):
         self.directory = directory
         self.model = serving.load(directory)  # for comparisons: not the server's own instance
-        self.server = make_server(serving.load(directory), port=0, limits=LIMITS, max_body_bytes=MAX_BODY)
+        self.server = make_server(serving.load(directory), port=0, limits=limits, max_body_bytes=MAX_BODY)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -349,3 +349,78 @@ def test_the_logged_pyfunc_answers_like_the_endpoint_and_a_models_uri_serves(tmp
         assert serving.load(export_dir).recommend([[101, 102]], k=3) == int_server.model.recommend([[101, 102]], k=3)
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one id rule (serving/item_ids.py) in all three paths: serving.load, serving.candidates, REST
+# ---------------------------------------------------------------------------------------------
+
+#: ids as a client may send them (JSON values)
+SENT = [7, "7", "007", "+7", " 7", "7.0", 7.0, True, False, 2.5, None, "-0", 2**70, 1, "1", "a", "A", 2**40, str(2**40)]
+#: the item each id names, per catalogue (None: unknown)
+NAMED = {
+    "integer": ([1, 2, 7, 10, 2**40],
+                [7, 7, None, None, None, None, None, None, None, None, None, None, None, 1, 1, None, None, 2**40, 2**40]),
+    "text": (["1", "2", "7", "007", "2.5", "a"],
+             ["7", "7", "007", None, None, None, None, None, None, None, None, None, None, "1", "1", "a", None, None, None]),
+}
+
+
+def _named_by_exclusion(catalogue, recommended):
+    """The item a one-id history named: the one missing from a top-everything list that excludes seen items."""
+    missing = set(catalogue) - set(recommended)
+    assert len(missing) <= 1
+    return missing.pop() if missing else None
+
+
+@pytest.mark.parametrize("kind", NAMED)
+def test_every_path_names_the_same_items(tmp_path, kind):
+    catalogue, named = NAMED[kind]
+    directory = export(tmp_path, catalogue)
+    model = serving.load(directory)
+    assert list(zip(SENT, named)) == [
+        (sent, model.item_ids[rows[0] - 1] if rows else None) for sent, rows in zip(SENT, model.lookup([[s] for s in SENT])[0])
+    ], "serving.load"
+
+    running = Running(directory, Limits())
+    try:
+        status, got = running.post({"histories": [[s] for s in SENT], "k": len(catalogue)})
+    finally:
+        running.stop()
+    assert status == 200
+    assert [(s, _named_by_exclusion(catalogue, r["item_ids"])) for s, r in zip(SENT, got["results"])] == list(zip(SENT, named))
+    assert [r["unknown"] == [s] for s, r in zip(SENT, got["results"])] == [n is None for n in named], "REST"
+
+    # the batch job: files hold ids as text (CSV, or a list of strings) or integers; floats and
+    # booleans are refused as a column type before anything runs (tests/test_candidates.py)
+    import polars as pl
+
+    from serving.candidates import generate_candidates
+
+    for dtype, chosen in (
+        (pl.String, [i for i, s in enumerate(SENT) if isinstance(s, str)]),
+        (pl.Int64, [i for i, s in enumerate(SENT) if type(s) is int and s < 2**63]),
+    ):
+        table = tmp_path / f"histories-{dtype}.parquet"
+        pl.DataFrame({"user_id": chosen, "history": [[SENT[i]] for i in chosen]},
+                     schema={"user_id": pl.Int64, "history": pl.List(dtype)}).write_parquet(table)
+        out = tmp_path / f"out-{dtype}"
+        generate_candidates(directory, table, out, len(catalogue), history_col="history", progress=False)
+        parts = pl.read_parquet(out / "part-*.parquet")
+        by_user = {u: parts.filter(pl.col("user_id") == u)["item_id"].to_list() for u in chosen}
+        assert [(SENT[u], _named_by_exclusion(catalogue, by_user[u])) for u in chosen] == [(SENT[u], named[u]) for u in chosen], dtype
+
+
+def test_the_lookup_takes_any_integer_width_and_refuses_other_types():
+    import polars as pl
+
+    from serving.item_ids import ItemLookup
+
+    lookup = ItemLookup(pl.Series([30, 10, 20], dtype=pl.UInt16))
+    assert lookup.rows(pl.Series([10, 20, 30, 40], dtype=pl.Int32)).to_list() == [2, 3, 1, None]
+    assert lookup.rows(pl.Series(["20", "020"])).to_list() == [3, None]
+    assert lookup.rows(pl.Series([10.0, 20.0])).to_list() == [None, None]
+    assert lookup.rows(pl.Series([True, False])).to_list() == [None, None]
+    huge = ItemLookup(pl.Series([2**64 - 1, 5], dtype=pl.UInt64))  # beyond Int64: compared as text
+    assert huge.rows(pl.Series([2**64 - 1, 5], dtype=pl.UInt64)).to_list() == [1, 2]
+    assert huge.rows(pl.Series([str(2**64 - 1), "5", "05"])).to_list() == [1, 2, None]
