@@ -17,9 +17,10 @@ Errors are JSON ``{"error": "one line"}``: 400 for a bad request (malformed JSON
 unknown ids under ``strict``), 404 and 405 for a wrong path or method, 411 without a
 ``Content-Length``, 413 for a body over ``--max-body-bytes`` or more than ``--max-batch``
 histories, 500 ``"internal error"`` for a defect of ours, whose traceback goes to the server's log
-only: no client ever sees a trace or a server path. Requests are served by a thread each; the
-model answers one request at a time (it uses every core for one batch). docs/serving.md has the
-details, real requests and responses, and when to use ``mlflow models serve`` instead.
+only: no client ever sees a trace or a server path. Each connection has a thread; at most
+``--workers`` requests (default: one per core) are computed at once, each on ``--threads``
+threads (default 1). docs/serving.md has the details, real requests and responses, and when to use
+``mlflow models serve`` instead.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -45,6 +47,8 @@ __all__ = ["ServeError", "make_server", "resolve_model", "main"]
 log = logging.getLogger("serving.rest")  # not __name__: that is "__main__" under `python -m`
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+#: requests answered at once: one per core, each computing on one thread (``--threads``)
+DEFAULT_WORKERS = os.cpu_count() or 1
 #: seconds a connection may stay silent mid-request before it is dropped
 SOCKET_TIMEOUT_S = 30
 #: bytes of a refused (too large) body read and dropped before the connection is closed
@@ -74,6 +78,9 @@ def resolve_model(model: str, workdir: Path) -> Path:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connection
     timeout = SOCKET_TIMEOUT_S
+    # headers and body leave in two writes: with Nagle's algorithm the body would wait for the
+    # client's delayed acknowledgement of the headers (about 40 ms on Linux) on every answer
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
@@ -141,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(f"the body is not valid JSON ({exc})") from None
         model = self.server.model
         request = parse_request(body, len(model.item_ids), self.server.limits)
-        with self.server.model_lock:
+        with self.server.model_slots:
             return answer(model, request)
 
 
@@ -161,19 +168,25 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = socket.SOMAXCONN  # the default 5 resets clients that connect at once
 
-    def __init__(self, address, model, limits: Limits, max_body_bytes: int):
+    def __init__(self, address, model, limits: Limits, max_body_bytes: int, workers: int):
         self.model, self.limits, self.max_body_bytes = model, limits, max_body_bytes
-        self.model_lock = threading.Lock()
+        self.model_slots = threading.BoundedSemaphore(workers)  # requests the model answers at once
         super().__init__(address, _Handler)
 
 
 def make_server(
-    model, host: str = "127.0.0.1", port: int = 0, limits: Limits = Limits(), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    model,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    limits: Limits = Limits(),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    workers: int = DEFAULT_WORKERS,
 ) -> ThreadingHTTPServer:
     """A server for ``model`` (a loaded :class:`serving.SizedRecommender`), bound and ready for
-    ``serve_forever()``; ``port=0`` picks a free port (``server.server_address[1]``)."""
+    ``serve_forever()``; ``port=0`` picks a free port (``server.server_address[1]``). At most
+    ``workers`` requests are answered by the model at once; the others wait their turn."""
     try:
-        return _Server((host, port), model, limits, max_body_bytes)
+        return _Server((host, port), model, limits, max_body_bytes, workers)
     except OSError as exc:
         raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
@@ -190,6 +203,16 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _set_threads(threads: int) -> None:
+    """Threads of one request's computation. Several threads per small request lose more to
+    waiting for each other than they gain, and much more on a loaded machine (bench/README.md §7)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if "faiss" in sys.modules:  # imported by exports that search with a faiss index
+        sys.modules["faiss"].omp_set_num_threads(threads)
+
+
 def _stop(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -202,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
     parser.add_argument("--max-batch", type=_positive, default=Limits.max_batch, help="histories per request")
     parser.add_argument("--max-k", type=_positive, default=Limits.max_k, help="largest k a request may ask")
+    parser.add_argument("--workers", type=_positive, default=DEFAULT_WORKERS,
+                        help=f"requests the model answers at once (default: the {DEFAULT_WORKERS} cores)")
+    parser.add_argument("--threads", type=_positive, default=1,
+                        help="torch and faiss threads for each request (default 1: one request's work is small)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -211,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             import serving
 
             model = serving.load(resolve_model(args.model, Path(workdir)), device=args.device)
-            server = make_server(model, args.host, args.port, Limits(args.max_batch, args.max_k), args.max_body_bytes)
+            _set_threads(args.threads)
+            limits = Limits(args.max_batch, args.max_k)
+            server = make_server(model, args.host, args.port, limits, args.max_body_bytes, args.workers)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
