@@ -261,6 +261,25 @@ def test_an_internal_error_shows_no_trace_or_path_to_the_client(text_server, tex
     assert text_server.post({"histories": [[text_ids[0]]], "k": 2})[0] == 200
 
 
+def test_answers_leave_without_waiting_for_an_acknowledgement(text_server, text_ids, monkeypatch):
+    """Headers and body are two writes; with Nagle's algorithm on, the body of every answer on a
+    kept-alive connection waited for the client's delayed ACK (about 40 ms on Linux)."""
+    import socket
+
+    from serving import rest
+
+    seen = []
+    setup = rest._Handler.setup
+
+    def recording(handler):
+        setup(handler)
+        seen.append(handler.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(rest._Handler, "setup", recording)
+    assert text_server.post({"histories": [[text_ids[0]]], "k": 2})[0] == 200
+    assert seen and all(seen)
+
+
 def test_concurrent_clients_get_their_own_answers(text_server, text_ids):
     """64 clients connecting at once: none is reset (the listen backlog), each gets its own answer."""
     clients = 64
