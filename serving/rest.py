@@ -71,6 +71,7 @@ def resolve_model(model: str, workdir: Path) -> Path:
         raise ServeError(f"--model {model}: an MLflow URI needs MLflow, which is not installed; give an export directory") from None
     from serving.export import _export_of_model_uri
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
     (export_dir,) = _export_of_model_uri(model, None, workdir)
     return export_dir
 

@@ -337,6 +337,26 @@ def test_the_command_serves_until_sigterm(text_server, text_ids):
         process.stderr.close()
 
 
+def test_the_endpoint_imports_no_training_code(text_server, text_ids):
+    """An export directory is served without Lightning, MLflow, the data pipeline or torchrec."""
+    script = f"""
+import json, sys, threading, urllib.request
+import serving
+from serving.rest import make_server
+server = make_server(serving.load({str(text_server.directory)!r}))
+threading.Thread(target=server.serve_forever, daemon=True).start()
+body = json.dumps({{"histories": [{text_ids[:3]!r}], "k": 2}}).encode()
+with urllib.request.urlopen(f"http://127.0.0.1:{{server.server_address[1]}}/recommend", body) as answer:
+    assert len(json.load(answer)["results"][0]["item_ids"]) == 2
+watch = ["lightning", "mlflow", "recsys.data", "transformers", "sentence_transformers", "torchrec"]
+print(json.dumps(sorted(w for w in watch if any(m == w or m.startswith(w + ".") for m in sys.modules))))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
 def test_the_logged_pyfunc_answers_like_the_endpoint_and_a_models_uri_serves(tmp_path, int_server):
     """The MLflow pyfunc takes integer and text ids (its signature does not fix one type), reports unknown
     ids, refuses bad parameters with the same one line; ``models:/NAME/VERSION`` resolves to the export."""
