@@ -4,9 +4,8 @@
     python -m serving.rest --model models:/NAME-d64@champion --port 8000
 
 ``--model`` is an export directory (``python -m serving.export``) or an MLflow model URI of a
-size logged by ``recsys.train`` (``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/...``),
-which is then downloaded once into a temporary directory; MLflow is imported in that case only.
-The server listens on 127.0.0.1 (``--host`` to change it) and answers
+size logged by ``recsys.train`` (``models:/NAME@alias``, ``models:/NAME/VERSION``), which is then
+downloaded once into a temporary directory; MLflow is imported in that case only. The server listens on 127.0.0.1 (``--host`` to change it) and answers
 
 - ``GET /health``: ``{"status": "ok", "size": ..., "num_items": ..., "encoder": ...}``;
 - ``POST /recommend``: a JSON request as ``serving/online.py`` describes (histories, ``k``,
