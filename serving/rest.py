@@ -107,6 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
         if ROUTES.get(path) == method:
             return True
         known = ", ".join(f"{m} {p}" for p, m in ROUTES.items())
+        self.close_connection = True  # a body sent along is not read: the connection cannot be reused
         if path in ROUTES:
             self._send(405, {"error": f"{path} takes {ROUTES[path]}, not {method}"})
         else:
@@ -141,7 +142,11 @@ class _Handler(BaseHTTPRequestHandler):
         if int(length) > self.server.max_body_bytes:
             self._discard(int(length))
             raise RequestError(f"the body is {int(length)} bytes; the limit is {self.server.max_body_bytes}", status=413)
-        raw = self.rfile.read(int(length))
+        try:
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestError(f"the body did not arrive within {self.timeout} s", status=408) from None
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

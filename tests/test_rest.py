@@ -245,6 +245,37 @@ def test_wrong_paths_and_methods(text_server):
     assert status == 501 and set(json.loads(raw)) == {"error"}
 
 
+def test_a_refused_body_never_becomes_the_next_request(text_server, text_ids):
+    """A body sent to a wrong path is not read; answering on the same connection would parse it
+    as the next request. The server closes the connection instead."""
+    conn = http.client.HTTPConnection("127.0.0.1", text_server.port, timeout=30)
+    try:
+        conn.request("POST", "/health", body=b'{"histories": [["item-1"]]}')
+        response = conn.getresponse()
+        assert response.status == 405 and response.getheader("Connection") == "close"
+        response.read()
+        conn.request("POST", "/recommend", body=json.dumps({"histories": [[text_ids[0]]], "k": 2}).encode())
+        assert conn.getresponse().status == 200  # on a new connection: http.client reconnects
+    finally:
+        conn.close()
+
+
+def test_a_body_that_stops_arriving_gets_408(text_server, monkeypatch):
+    from serving import rest
+
+    monkeypatch.setattr(rest._Handler, "timeout", 0.5)
+    conn = http.client.HTTPConnection("127.0.0.1", text_server.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/recommend")
+        conn.putheader("Content-Length", "100")
+        conn.endheaders(b'{"histories": ')
+        response = conn.getresponse()
+        assert response.status == 408
+        assert json.loads(response.read()) == {"error": "the body did not arrive within 0.5 s"}
+    finally:
+        conn.close()
+
+
 def test_an_internal_error_shows_no_trace_or_path_to_the_client(text_server, text_ids, monkeypatch, caplog):
     secret = str(text_server.directory / "model.safetensors")
 
