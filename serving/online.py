@@ -101,9 +101,7 @@ def _refuse_unknown(unknown: list[list[Any]]) -> None:
     total = sum(len(ids) for _, ids in named)
     shown = "; ".join(f"histories[{i}]: {', '.join(_shown(v) for v in ids[:5])}" for i, ids in named[:5])
     more = " ..." if len(named) > 5 or any(len(ids) > 5 for _, ids in named[:5]) else ""
-    raise RequestError(
-        f"{total} unknown item id(s) (strict): {shown}{more}", details={"unknown": unknown}
-    )
+    raise RequestError(f"{total} unknown item id(s) (strict): {shown}{more}", details={"unknown": unknown})
 
 
 def answer(model, request: Request) -> dict[str, Any]:

@@ -13,10 +13,10 @@ downloaded once into a temporary directory; MLflow is imported in that case only
   whether the popular fallback was used.
 
 Errors are JSON ``{"error": "one line"}``: 400 for a bad request (malformed JSON, a bad field,
-unknown ids under ``strict``), 404 and 405 for a wrong path or method, 411 without a
-``Content-Length``, 413 for a body over ``--max-body-bytes`` or more than ``--max-batch``
-histories, 500 ``"internal error"`` for a defect of ours, whose traceback goes to the server's log
-only: no client ever sees a trace or a server path. Each connection has a thread; at most
+unknown ids under ``strict``), 404 and 405 for a wrong path or method, 408 for a body that stops
+arriving, 411 without a ``Content-Length``, 413 for a body over ``--max-body-bytes`` or more than
+``--max-batch`` histories, 500 ``"internal error"`` for a defect of ours, whose traceback goes to
+the server's log only: no client ever sees a trace or a server path. Each connection has a thread; at most
 ``--workers`` requests (default: one per core) are computed at once, each on ``--threads``
 threads (default 1). docs/serving.md has the details, real requests and responses, and when to use
 ``mlflow models serve`` instead.
