@@ -83,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     def _send(self, status: int, payload: dict[str, Any]) -> None:
@@ -114,12 +114,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no such path; the paths are {known}"})
         return False
 
-    def do_GET(self) -> None:  # noqa: N802 (the base class's naming)
+    def do_GET(self) -> None:
         if self._route("GET"):
             m = self.server.model
             self._send(200, {"status": "ok", "size": m.size, "num_items": len(m.item_ids), "encoder": m.manifest["encoder"]})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if not self._route("POST"):
             return
         try:

@@ -14,7 +14,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -284,7 +283,7 @@ def test_an_internal_error_shows_no_trace_or_path_to_the_client(text_server, tex
 
     monkeypatch.setattr(text_server.server.model, "recommend_rows", broken)
     with caplog.at_level(logging.ERROR, logger="serving.rest"):
-        status, kind, raw = text_server.request("POST", "/recommend", json.dumps({"histories": [[text_ids[0]]]}).encode())
+        status, _, raw = text_server.request("POST", "/recommend", json.dumps({"histories": [[text_ids[0]]]}).encode())
     assert status == 500 and json.loads(raw) == {"error": "internal error (logged by the server)"}
     assert b"Traceback" not in raw and secret.encode() not in raw and b"/" not in raw
     assert "Traceback" in caplog.text and secret in caplog.text  # the server's log has it all
