@@ -62,20 +62,28 @@ class Running:
         self.server.server_close()
         self.thread.join(timeout=10)
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.getheader("Content-Type"), response.read()
-        finally:
-            conn.close()
+    def request(self, method: str, path: str, body: bytes | None = None):
+        return request(self.port, method, path, body)
 
     def post(self, body) -> tuple[int, dict]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        status, kind, raw = self.request("POST", "/recommend", data, {"Content-Type": "application/json"})
-        assert kind == "application/json"
-        return status, json.loads(raw)
+        return post(self.port, body)
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, str, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        conn.close()
+
+
+def post(port: int, body) -> tuple[int, dict]:
+    """POST /recommend; ``body`` is raw bytes or a value sent as JSON."""
+    status, kind, raw = request(port, "POST", "/recommend", body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert kind == "application/json"
+    return status, json.loads(raw)
 
 
 @pytest.fixture(scope="module")
@@ -353,9 +361,7 @@ def test_the_command_serves_until_sigterm(text_server, text_ids):
                 break
         assert found, "".join(lines)
         assert not any("faiss.loader" in line for line in lines), "third-party loader noise"
-        client = Running.__new__(Running)
-        client.port = int(found[1])
-        status, got = client.post({"histories": [text_ids[:3]], "k": 4})
+        status, got = post(int(found[1]), {"histories": [text_ids[:3]], "k": 4})
         assert status == 200 and [(r["item_ids"], r["scores"]) for r in got["results"]] == _expected(
             text_server.model, [text_ids[:3]], 4
         )
