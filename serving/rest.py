@@ -210,7 +210,7 @@ def _port(text: str) -> int:
 
 def _set_threads(threads: int) -> None:
     """Threads of one request's computation. Several threads per small request lose more to
-    waiting for each other than they gain, and much more on a loaded machine (bench/README.md §7)."""
+    waiting for each other than they gain, and much more on a loaded machine (docs/serving.md)."""
     import torch
 
     torch.set_num_threads(threads)
