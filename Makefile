@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 PROFILE ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(PROFILE)
 
-.PHONY: install train test test-slow bench ui clean
+.PHONY: install train test test-slow bench ui serve clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test-slow: install
 
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+# The REST endpoint of one size on 127.0.0.1 (docs/serving.md): MODEL=exports/d64 or MODEL=models:/NAME@alias
+PORT ?= 8000
+serve: install
+	@test -n "$(MODEL)" || { echo "error: give MODEL=DIR (an export, e.g. exports/d64) or MODEL=models:/NAME@alias" >&2; exit 2; }
+	$(PY) -m serving.rest --model "$(MODEL)" --port $(PORT) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

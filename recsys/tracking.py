@@ -171,7 +171,6 @@ def log_size_models(
     import mlflow
     import pandas as pd
     from mlflow.entities import Metric
-    from mlflow.models import infer_signature
 
     import serving
     from serving import pyfunc
@@ -184,8 +183,7 @@ def log_size_models(
             wrapper = pyfunc.SizedRecommenderPyfunc()
             wrapper.model = serving.load(directory)
             example = pd.DataFrame({"history": [wrapper.model.item_ids[:3]]})
-            signature = infer_signature(example, wrapper.predict(None, example, {"k": 5}),
-                                        params={"k": 10, "exclude_seen": True})
+            signature = pyfunc.signature()
             logged[size] = mlflow.pyfunc.log_model(
                 name=f"d{size}",
                 python_model=code,

@@ -21,8 +21,9 @@ Input
   user with no history.
 
 CSV and TSV are read as text, like ``prepare`` reads them (TSV with quoting off): user ids that are
-all canonical integers become integers, others stay strings; item ids are matched to the export's
-catalogue by value (the text ``"7"`` matches the integer item ``7``, ``"007"`` does not). Ids the
+all canonical integers become integers, others stay strings; item ids name the export's items by
+the one rule of ``serving/item_ids.py``, as in ``serving.load`` and the REST endpoint (the text
+``"7"`` is the integer item ``7``, ``"007"`` is not; the integer ``7`` is the text item ``"7"``). Ids the
 catalogue lacks are skipped and counted (``unknown_items_skipped``), never fatal. Null or blank user
 or item ids, an unparsable time, a repeated header line, a user listed twice in a history table, a
 missing column, an empty file, an unknown export directory or ``k`` above the catalogue size are
@@ -129,7 +130,13 @@ try:
 except ImportError:  # not POSIX: no lock; run each shard in one process at a time
     fcntl = None
 
-from recsys.atomic import atomic_directory, atomic_file, check_writable, reported_write_failures, write_json_atomically
+from recsys.atomic import (
+    atomic_directory,
+    atomic_file,
+    check_writable,
+    reported_write_failures,
+    write_json_atomically,
+)
 from recsys.data.readers import (
     ROW,
     check_input_schema,
@@ -285,18 +292,6 @@ def _distinct_users(spec: InputSpec, frame: pl.LazyFrame) -> tuple[pl.Series, in
 # ---------------------------------------------------------------------------------------------
 
 
-def _item_key(column: pl.Expr, source: pl.DataType, catalogue: pl.DataType) -> pl.Expr:
-    """Input item ids in the catalogue's id type; ids that cannot be one become null (unknown)."""
-    if source == catalogue:
-        return column
-    if catalogue == pl.String:
-        return column.cast(pl.String)
-    if source == pl.String:  # integer catalogue: only canonical spellings can match
-        as_int = column.cast(pl.Int64, strict=False)
-        return pl.when(as_int.cast(pl.String) == column).then(as_int).otherwise(None)
-    return column.cast(catalogue, strict=False)
-
-
 def _write_part(frame: pl.DataFrame, counts: dict[str, int], path: Path) -> None:
     """Write a part under a temporary name, then rename it (``recsys.atomic``): a part file is always complete."""
     with atomic_file(path) as tmp:
@@ -338,9 +333,7 @@ class _Job:
         self.job_path = out / f".job-{i:05d}-of-{n:05d}.json"
         self.staging = out / f".staging-{self.tag}"
         self.staged = out / f".staging-{self.tag}.json"  # the job the staging directory was split for
-        catalogue = pl.Series("item_id", model.item_ids)
-        self.item_ids = catalogue
-        self.rows_of = pl.DataFrame({"__item": catalogue, "__item_row": np.arange(1, len(catalogue) + 1, dtype=np.int64)})
+        self.item_ids = pl.Series("item_id", model.item_ids)
         #: wall time reading parts into histories and writing part files (the writer thread's, overlapped)
         self.stage_seconds = {"read": 0.0, "write": 0.0}
 
@@ -349,34 +342,31 @@ class _Job:
 
     # -- reading one part ---------------------------------------------------------------------
 
-    def _events(self, source: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
-        """(user, item row or null, order keys...) for the part's rows, oldest first per user."""
+    def _events(self, source: pl.DataFrame) -> pl.DataFrame:
+        """(user, item row or null, order keys...) for the part's rows, oldest first per user; item
+        ids name rows by the one rule of ``serving/item_ids.py``, as in ``serving.load``."""
         s = self.spec
-        catalogue = self.item_ids.dtype
         if s.history_col:
-            inner = schema[s.history_col].inner
             events = (
                 source.select(s.user_col, s.history_col)
                 .filter(pl.col(s.history_col).list.len() > 0)
                 .explode(s.history_col)
                 .with_row_index(_ORDER)
-                .select(s.user_col, _item_key(pl.col(s.history_col), inner, catalogue).alias("__item"), _ORDER)
+                .select(s.user_col, pl.col(s.history_col).alias("__item"), _ORDER)
             )
             order = [_ORDER]
         else:
-            events = source.select(
-                s.user_col, _item_key(pl.col(s.item_col), schema[s.item_col], catalogue).alias("__item"), ROW
-            )
+            events = source.select(s.user_col, pl.col(s.item_col).alias("__item"), ROW)
             order = [ROW]
             if s.time_col is not None and source.height:
                 events = events.with_columns(parse_order_key(s.path, source, s.time_col).alias(_ORDER))
                 order = [_ORDER, ROW]
-        events = events.join(self.rows_of, on="__item", how="left")
+        events = events.with_columns(self.model.item_lookup.rows(events["__item"]).alias("__item_row"))
         return events.sort([s.user_col, *order])
 
-    def _histories(self, users: pl.Series, source: pl.DataFrame, schema: pl.Schema) -> tuple[list[list[int]], int]:
+    def _histories(self, users: pl.Series, source: pl.DataFrame) -> tuple[list[list[int]], int]:
         """Item rows of each user's history (users in the given order) and the unknown-id count."""
-        events = self._events(source, schema)
+        events = self._events(source)
         unknown = int(events["__item_row"].null_count())
         grouped = (
             events.drop_nulls("__item_row")
@@ -419,11 +409,11 @@ class _Job:
             }
         )
 
-    def run_part(self, part: int, users: pl.Series, source: pl.LazyFrame, schema: pl.Schema, bar, writer) -> Future:
+    def run_part(self, part: int, users: pl.Series, source: pl.LazyFrame, bar, writer) -> Future:
         """Compute one part's candidates here; hand the file to ``writer`` (one thread), so that it
         is written while the next part is read and scored. The future gives the part's counts."""
         started = time.perf_counter()
-        histories, unknown = self._histories(users, source.collect(), schema)
+        histories, unknown = self._histories(users, source.collect())
         self.stage_seconds["read"] += time.perf_counter() - started
         frame = self._candidates(users, histories, bar)
         counts = {
@@ -602,7 +592,7 @@ def generate_candidates(
     spec = InputSpec(Path(input_path), user_col, item_col, time_col, history_col)
 
     frame = scan_input(spec.path)
-    schema = _check_schema(spec, frame)
+    _check_schema(spec, frame)
     log.info("reading %s to validate it and list its users", spec.path)
     users, num_rows = _distinct_users(spec, frame)
     if users.dtype == pl.String and _canonical_ints(users):
@@ -629,7 +619,7 @@ def generate_candidates(
             _discard_staging(runner)
             log.info("%s: already complete, nothing to do", runner.manifest_path)
             return {**json.loads(runner.manifest_path.read_text()), "elapsed_s": time.perf_counter() - started}
-        manifest = _write_candidates(runner, job, frame, users, assign, num_parts, num_rows, schema, progress)
+        manifest = _write_candidates(runner, job, frame, users, assign, num_parts, num_rows, progress)
     if stage_seconds is not None:
         stage_seconds.update(runner.stage_seconds)
     elapsed = time.perf_counter() - started
@@ -646,7 +636,7 @@ def generate_candidates(
 
 def _write_candidates(
     runner: _Job, job: dict, frame: pl.LazyFrame, users: pl.Series, assign: pl.DataFrame, num_parts: int, num_rows: int,
-    schema: pl.Schema, progress: bool,
+    progress: bool,
 ) -> dict[str, Any]:
     """Write the parts not yet written (whole files only), then the manifest; return the manifest."""
     from tqdm.auto import tqdm
@@ -689,7 +679,7 @@ def _write_candidates(
                     source = pl.scan_parquet(runner.staging, hive_partitioning=True).filter(pl.col(_PART_COLUMN) == p)
                 else:
                     source = shard_frame
-                written[p] = runner.run_part(p, part_users, source, schema, bar, writer)
+                written[p] = runner.run_part(p, part_users, source, bar, writer)
                 for done in [q for q, future in written.items() if future.done()]:
                     counts[done] = written.pop(done).result()  # a failed write stops the job here
             counts.update({q: future.result() for q, future in written.items()})

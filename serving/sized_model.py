@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +18,17 @@ from recsys.nn.encoders import build_encoder
 from recsys.nn.item_tower import FixedItemMatrix
 from recsys.nn.nested import nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
-from serving.export_dir import FORMAT_VERSION, MANIFEST, WEIGHTS, ExportError, read_items, read_manifest, read_weights, sha256_of
+from serving.export_dir import (
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    ExportError,
+    read_items,
+    read_manifest,
+    read_weights,
+    sha256_of,
+)
+from serving.item_ids import ItemLookup, id_column
 
 __all__ = ["ExportError", "UnknownItemsError", "SizedRecommender", "load", "sha256_of", "FORMAT_VERSION"]
 
@@ -39,16 +48,6 @@ class UnknownItemsError(KeyError):
         return self.args[0]
 
 
-def _plain(value: Any) -> Hashable:
-    """Numpy scalars to Python values, so ``np.int64(7)`` and ``7`` name the same item."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _exact_key(value: Any) -> Hashable | None:
-    """The id as a dictionary key, or None for values that only compare equal to an id: ``True``
-    and ``1.0`` equal ``1`` in Python, but neither is the catalogue's item ``1``."""
-    value = _plain(value)
-    return None if isinstance(value, (bool, float)) else value
 
 
 class SizedRecommender:
@@ -74,7 +73,7 @@ class SizedRecommender:
         items = read_items(self.directory, m["num_items"])
         self.item_ids: list[Hashable] = items["item_id"].to_list()
         self.popularity = torch.from_numpy(items["popularity"].to_numpy().astype(np.float32))
-        self._row_of = {item: row for row, item in enumerate(self.item_ids, start=1)}
+        self.item_lookup = ItemLookup(items["item_id"])
         from serving.retrieval import ExactRetriever, load_retriever, retriever_entry
 
         try:
@@ -115,23 +114,32 @@ class SizedRecommender:
     def item_matrix(self) -> torch.Tensor:
         return self.net.items.matrix
 
+    def lookup(self, histories: Sequence[Sequence[Hashable]]) -> tuple[list[list[int]], list[list[Hashable]]]:
+        """Item rows of each history, and beside them the ids that name no item, by the one rule
+        of ``serving/item_ids.py`` (``2.5``, ``True`` or ``"007"`` are never item ``2``, ``1`` or ``7``)."""
+        flat: list[Hashable] = []
+        lengths = []
+        for history in histories:
+            if isinstance(history, (str, bytes)):
+                raise TypeError("a history is a list of item ids, not a string")
+            history = list(history)
+            flat.extend(history)
+            lengths.append(len(history))
+        found = self.item_lookup.rows(id_column(flat)).to_list()
+        rows, unknown, start = [], [], 0
+        for length in lengths:
+            pairs = list(zip(flat[start : start + length], found[start : start + length]))
+            rows.append([row for _, row in pairs if row is not None])
+            unknown.append([item for item, row in pairs if row is None])
+            start += length
+        return rows, unknown
+
     def rows(self, histories: Sequence[Sequence[Hashable]], on_unknown: str = "error") -> list[list[int]]:
         """Item rows of each history; unknown ids raise :class:`UnknownItemsError` or are skipped."""
         if on_unknown not in ("error", "skip"):
             raise ValueError(f"on_unknown must be 'error' or 'skip', got {on_unknown!r}")
-        rows, unknown = [], []
-        for history in histories:
-            if isinstance(history, (str, bytes)):
-                raise TypeError("a history is a list of item ids, not a string")
-            mapped = []
-            for item in history:
-                key = _exact_key(item)
-                row = None if key is None else self._row_of.get(key)
-                if row is None:
-                    unknown.append(item)
-                else:
-                    mapped.append(row)
-            rows.append(mapped)
+        rows, unknown = self.lookup(histories)
+        unknown = [item for items in unknown for item in items]
         if unknown and on_unknown == "error":
             raise UnknownItemsError(unknown)
         if unknown:
@@ -190,7 +198,10 @@ class SizedRecommender:
         A history with no known item gets the most popular items of the training data (scored by
         their training counts).
         """
-        top_rows, scores = self.recommend_rows(self.rows(histories, on_unknown), k, exclude_seen)
+        return self.named(*self.recommend_rows(self.rows(histories, on_unknown), k, exclude_seen))
+
+    def named(self, top_rows: np.ndarray, scores: np.ndarray) -> list[list[tuple[Hashable, float]]]:
+        """:meth:`recommend_rows`'s rows as ``(item_id, score)`` lists (a row 0, no result, is dropped)."""
         return [
             [(self.item_ids[r - 1], float(s)) for r, s in zip(row, score) if r > 0]
             for row, score in zip(top_rows, scores)

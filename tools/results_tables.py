@@ -839,6 +839,9 @@ def block_machines() -> list[str]:
     ts = load("train_step.json")
     rows.append(["`train_step.json`", platform_machine(ts["machine"]), str(ts["machine"]["threads"]),
                  load_avg(ts.get("load_average_start")), ""])
+    srv = load("serve.json")
+    rows.append(["`serve.json`", f"{srv['machine']['cpu']}, {srv['machine']['cpu_count']} cores",
+                 str(srv["threads_per_request"]), load_avg(srv["load_average_start"][0]), srv["date"]])
     rows = [[cell or "not recorded" for cell in row] for row in rows]
     return table(["results", "machine", "threads", "load average at start", "date"], "llrll", rows)
 
@@ -890,6 +893,41 @@ def block_search_lastfm() -> list[str]:
     return lines
 
 
+def block_serve() -> list[str]:
+    d = load("serve.json")
+    m, model = d["machine"], d["model"]
+    trained = model["trained"]
+    source = (f"the built-in recipe (`{trained['config']}`) trained {trained['epochs']} epochs "
+              f"(test NDCG@10 {f4(trained['test']['ndcg_10'])} at size {model['size']})" if trained else "a given checkpoint")
+    local = d["in_process"]
+    rows = [["in-process `recommend`", "", f"{local['requests']:,}", f"{local['requests_per_s']:,.0f}",
+             f"{local['p50_ms']:.2f}", f"{local['p99_ms']:.2f}", "", ratio(1.0)]]
+    for name, r in (("endpoint, one client", d["single_client"]), ("endpoint, loaded", d["loaded"])):
+        rows.append([name, str(r["clients"]), f"{r['requests']:,}", f"{r['requests_per_s']:,.0f}", f"{r['p50_ms']:.2f}",
+                     f"{r['p99_ms']:.2f}", str(r["errors"]), ratio(r["p50_ms"] / local["p50_ms"])])
+    after, rss = d["after_load"], d["server_rss_mb"]
+    lines = [
+        f"`{d['command']}` → `bench/results/serve.json` ({d['date']}): {source}, exported at size {model['size']} "
+        f"({model['num_items']:,} items, {model['retriever']} search), served by `python -m serving.rest` in its own "
+        f"process ({d['server_workers']} workers, each request on {d['threads_per_request']} thread, as in process); "
+        f"each request one real user's history (mean length {d['history_length_mean']:.1f}), k={d['k']}; "
+        f"{local['seconds']:.0f} s in process, {d['single_client']['seconds']:.0f} s with one client, "
+        f"{d['loaded']['seconds']:.0f} s loaded; {d['note']}. "
+        + measured_on(f"{m['cpu']}, {m['cpu_count']} cores", None,
+                      [d["load_average_start"][0], d["load_average_end"][0]], "1 minute, at start / end"),
+        "",
+    ]
+    lines += table(["run", "clients", "requests", "requests/s", "p50 ms", "p99 ms", "errors", "p50 / in-process p50"],
+                   "lrrrrrrr", rows)
+    lines += [
+        "",
+        f"Afterwards {after['equal']} of {after['checked']} answers equalled in-process `recommend` exactly (ids and "
+        f"scores), `/health` answered {after['health_status']}; the server's resident memory was {rss['before']:,.0f} MB "
+        f"before the load and {rss['after']:,.0f} MB after; it exited with status {d['server_exit_code_on_sigterm']} on SIGTERM.",
+    ]
+    return lines
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "machines": block_machines,
     "accuracy-ml-1m": block_accuracy_ml1m,
@@ -904,6 +942,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "train-step": block_train_step,
     "cold-start": block_cold_start,
     "search-lastfm": block_search_lastfm,
+    "serve": block_serve,
 }
 
 
