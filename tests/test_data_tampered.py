@@ -4,8 +4,8 @@ Each case changes one thing in a copy of a good prepared directory (a count in `
 feature matrix's width or rows, an index out of range, item index 0, a NaN, a truncated or missing
 file, ...) and ``load_prepared`` must refuse it with a ``DataValidationError`` naming the file and
 what is wrong, before anything trains on it. Before these checks every case failed this test: 17
-loaded silently, 16 raised a bare ``ValueError``, ``TypeError``, ``FileNotFoundError``, JSON or
-polars error, and 2 named the wrong problem or only the directory.
+loaded silently, 17 raised a bare ``ValueError``, ``TypeError``, ``FileNotFoundError``, JSON or
+polars error, and one was refused for the wrong reason ("rows are not sorted by user").
 """
 
 from __future__ import annotations
