@@ -57,7 +57,8 @@ class CheckpointError(UserError, ValueError):
 
 
 class DivergedError(UserError, FloatingPointError):
-    """The training loss is not finite: training stops at once instead of training on NaN."""
+    """A training loss, a gradient or a user or item vector is not finite: training stops at once,
+    before a step or a checkpoint is taken from it, instead of training (or ranking) on NaN."""
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -102,6 +103,22 @@ def catalogue_of(dataset) -> dict[str, Any]:
         "popularity": [int(c) for c in list(dataset.train_counts)[1:]],
         "stats": json.loads(json.dumps(dataset.stats, default=str)),
     }
+
+
+#: what a DivergedError says may have caused it
+DIVERGED_CAUSES = "NaN or infinite values in the item features, or a learning rate too high (--model.lr)"
+
+def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(name, there, here)`` of each setting both mappings have and set differently; nested
+    mappings (the encoder options) by dotted name."""
+    out = []
+    for key in sorted(there.keys() & here.keys()):
+        a, b = there[key], here[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 #: the training losses: the full softmax over the catalogue, or a sampled softmax (docs/method.md §4)
@@ -328,12 +345,30 @@ class MatryoshkaRecommender(L.LightningModule):
         model.catalogue = ckpt.get("catalogue")
         return model
 
+    #: settings that change only speed or memory: a resumed run may change them
+    SPEED_SETTINGS = ("loss_block_rows",)
+
+    def resume_problems(self, checkpoint: dict[str, Any]) -> list[str]:
+        """The settings ``checkpoint`` was trained with that are set otherwise now (as ``--model.``
+        flags, with both values); empty when training can resume from it."""
+        recorded = nest_flat_options({k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
+        return [f"--model.{name} was {there!r}, now {here!r}"
+                for name, there, here in _differences(recorded, dict(self.hparams)) if name not in self.SPEED_SETTINGS]
+
+    def weight_problems(self, checkpoint: dict[str, Any]) -> list[str]:
+        """The first weight of ``checkpoint`` that this model lacks or has in another shape."""
+        here = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        there = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+        differ = [name for name in sorted(here.keys() | there.keys()) if here.get(name) != there.get(name)]
+        return [f"its weight {name} has shape {there.get(name)}, this model's {here.get(name)}" for name in differ[:1]]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the catalogue (original ids, popularity, data stats) with the weights, so that an
         export needs nothing but the checkpoint. Stored as plain lists: loadable with weights_only."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "dataset"):
             self.catalogue = catalogue_of(datamodule.dataset)
+            checkpoint["data"] = datamodule.fingerprint()  # checked before a resume (resume_problems)
         if getattr(self, "catalogue", None) is not None:
             checkpoint["catalogue"] = self.catalogue
         logger = self.logger if self._trainer is not None else None
@@ -370,9 +405,8 @@ class MatryoshkaRecommender(L.LightningModule):
             )
         if not torch.isfinite(loss.total):
             raise DivergedError(
-                f"the training loss is {float(loss.total)} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(per size: {[round(float(v), 4) for v in loss.per_size]}): NaN or infinite values in the item "
-                "features, or a learning rate too high (--model.lr); training stopped"
+                f"the training loss is {float(loss.total.detach())} at {self._where()} "
+                f"(per size: {[round(float(v), 4) for v in loss.per_size]}): {DIVERGED_CAUSES}; training stopped"
             )
         n = int(valid.sum())
         self.log("train/loss", loss.total, prog_bar=True, batch_size=n)
@@ -382,6 +416,20 @@ class MatryoshkaRecommender(L.LightningModule):
             for size, value in zip(self.sizes[:-1], loss.distill[:-1]):
                 self.log(f"train/distill/d{size}", value, batch_size=n)
         return loss.total
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled
+        loss): stop before the optimizer writes them into the weights."""
+        grads = {name: p.grad for name, p in self.named_parameters() if p.grad is not None}
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(list(grads.values()))):
+            bad = [name for name, g in grads.items() if not torch.isfinite(g).all()]
+            raise DivergedError(
+                f"the gradients are not finite at {self._where()} (in {', '.join(bad[:3])}"
+                f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): {DIVERGED_CAUSES}; training stopped"
+            )
+
+    def _where(self) -> str:
+        return f"epoch {self.current_epoch}, step {self.global_step}"
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -409,12 +457,24 @@ class MatryoshkaRecommender(L.LightningModule):
     # -- evaluation ---------------------------------------------------------------------------
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
+        stage = "validation" if metrics is self.val_metrics else "test"
         if self._eval_items is None:  # the item matrix is fixed during evaluation: compute it once
             self._eval_items = self.net.item_matrix()
+            self._check_finite("item vectors", self._eval_items, stage)
         users = self.net.user_vectors(batch["input_ids"], self._eval_items)
+        self._check_finite("user vectors", users, stage)
         seen = batch["seen_ids"] if self.hparams.mask_seen else None
         ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
         metrics.update(ranks, batch["user"] if metrics.keep_ranks else None)
+
+    def _check_finite(self, what: str, vectors: torch.Tensor, stage: str) -> None:
+        """Evaluation never ranks with non-finite vectors: the metrics would be meaningless, and the
+        checkpoint taken after validation would keep the diverged weights."""
+        bad = ~torch.isfinite(vectors).all(dim=1)
+        if bad.any():
+            raise DivergedError(
+                f"{int(bad.sum())} of {len(vectors)} {what} are not finite in {stage} at {self._where()}: {DIVERGED_CAUSES}; stopped"
+            )
 
     def _log_metrics(self, prefix: str, metrics: RankingMetrics) -> dict[str, float]:
         values = metrics.compute()

@@ -9,6 +9,7 @@ before the validation target, the rest is the training part.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,16 @@ class PreparedDataset:
         targets = np.zeros(self.num_users + 1, dtype=np.int64)
         targets[1:] = self.seq_items[self.seq_offsets[2:] - 1]
         return targets
+
+    @cached_property
+    def file_hashes(self) -> dict[str, str]:
+        """The sha256 of every file of the directory, by its path inside it (what a checkpoint
+        records of the data it was trained on, so that a resume on other data is refused)."""
+        hashes = {}
+        for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            with open(file, "rb") as f:
+                hashes[file.relative_to(self.path).as_posix()] = hashlib.file_digest(f, "sha256").hexdigest()
+        return hashes
 
     @cached_property
     def item_features(self) -> ItemFeatures:
