@@ -104,6 +104,10 @@ def validate_config(config) -> None:
                       model.distill, model.distill_teacher)
     except OptionError as exc:
         raise ConfigError(exc.render("--model.")) from None
+    if data.data_dir is None and data.synthetic is not None:
+        from recsys.data.synthetic import SyntheticConfig
+
+        SyntheticConfig(**data.synthetic.as_dict())  # its own checks, before the parser would wrap their error in its own
     if data.data_dir is not None and not Path(data.data_dir).is_dir():
         raise ConfigError(
             f"--data.data_dir {data.data_dir}: no such directory; prepare one with "
