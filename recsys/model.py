@@ -356,11 +356,16 @@ class MatryoshkaRecommender(L.LightningModule):
                 for name, there, here in _differences(recorded, dict(self.hparams)) if name not in self.SPEED_SETTINGS]
 
     def weight_problems(self, checkpoint: dict[str, Any]) -> list[str]:
-        """The first weight of ``checkpoint`` that this model lacks or has in another shape."""
+        """The first weight of ``checkpoint`` of another shape than this model's, or else the first
+        that only one of them has."""
         here = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         there = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
-        differ = [name for name in sorted(here.keys() | there.keys()) if here.get(name) != there.get(name)]
-        return [f"its weight {name} has shape {there.get(name)}, this model's {here.get(name)}" for name in differ[:1]]
+        for name in sorted(here.keys() & there.keys()):
+            if here[name] != there[name]:
+                return [f"its weight {name} has shape {there[name]}, this model's {here[name]}"]
+        for name in sorted(here.keys() ^ there.keys()):
+            return [f"it has no weight {name}, which this model has" if name in here else f"its weight {name} is not part of this model"]
+        return []
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the catalogue (original ids, popularity, data stats) with the weights, so that an
