@@ -408,7 +408,7 @@ class MatryoshkaRecommender(L.LightningModule):
                 log_q=self._log_q if self.hparams.negative_sampling == "popularity" else None,
                 weights=self.hparams.loss_weights,
             )
-        if not torch.isfinite(loss.total):
+        if self._summed_over_processes(~torch.isfinite(loss.total)):
             raise DivergedError(
                 f"the training loss is {float(loss.total.detach())} at {self._where()} "
                 f"(per size: {[round(float(v), 4) for v in loss.per_size]}): {DIVERGED_CAUSES}; training stopped"
@@ -435,6 +435,14 @@ class MatryoshkaRecommender(L.LightningModule):
 
     def _where(self) -> str:
         return f"epoch {self.current_epoch}, step {self.global_step}"
+
+    def _summed_over_processes(self, count: torch.Tensor) -> int:
+        """``count`` summed over the processes: a collective when distributed, so that a check on it
+        stops every process together (one that stopped alone would leave the others waiting for it)."""
+        count = count.detach().to(self.device, torch.float32)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        return int(count)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -467,21 +475,31 @@ class MatryoshkaRecommender(L.LightningModule):
             self._eval_items = self.net.item_matrix()
             self._check_finite("item vectors", self._eval_items, stage)
         users = self.net.user_vectors(batch["input_ids"], self._eval_items)
-        self._check_finite("user vectors", users, stage)
+        self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
         seen = batch["seen_ids"] if self.hparams.mask_seen else None
         ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
         metrics.update(ranks, batch["user"] if metrics.keep_ranks else None)
 
     def _check_finite(self, what: str, vectors: torch.Tensor, stage: str) -> None:
         """Evaluation never ranks with non-finite vectors: the metrics would be meaningless, and the
-        checkpoint taken after validation would keep the diverged weights."""
+        checkpoint taken after validation would keep the diverged weights. (The item matrix is the
+        same on every process, so every process stops here together.)"""
         bad = ~torch.isfinite(vectors).all(dim=1)
         if bad.any():
             raise DivergedError(
                 f"{int(bad.sum())} of {len(vectors)} {what} are not finite in {stage} at {self._where()}: {DIVERGED_CAUSES}; stopped"
             )
 
+    def _start_evaluation(self, metrics: RankingMetrics) -> None:
+        self._eval_items = None
+        self._non_finite_users = torch.zeros((), dtype=torch.long, device=self.device)
+        metrics.reset()
+
     def _log_metrics(self, prefix: str, metrics: RankingMetrics) -> dict[str, float]:
+        bad = self._summed_over_processes(self._non_finite_users)
+        if bad:
+            stage = "validation" if prefix == "val" else "test"
+            raise DivergedError(f"{bad} user vectors are not finite in {stage} at {self._where()}: {DIVERGED_CAUSES}; stopped")
         values = metrics.compute()
         metrics.reset()
         self._eval_items = None
@@ -491,8 +509,7 @@ class MatryoshkaRecommender(L.LightningModule):
         return values
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_items = None
-        self.val_metrics.reset()
+        self._start_evaluation(self.val_metrics)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
@@ -506,8 +523,7 @@ class MatryoshkaRecommender(L.LightningModule):
         self.log("val/monitor", monitor, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
-        self._eval_items = None
-        self.test_metrics.reset()
+        self._start_evaluation(self.test_metrics)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)
