@@ -195,6 +195,11 @@ def test_csv_run_directory_defaults_to_the_next_version_and_resume_continues_it(
     assert Path(first["run_dir"]).resolve() == run_dir.resolve() and first["run_id"] is None
     assert Path(first["best"]).resolve() == (run_dir / "checkpoints" / "best.ckpt").resolve()
     assert "model_uris" not in first  # no logged models without MLflow
+    last, curves_before = run_dir / "checkpoints" / "last.ckpt", (run_dir / "metrics.csv").read_bytes()
+    checkpoint_before = last.read_bytes()
+    # a refused resume (other settings) leaves the run directory as it was
+    assert main([*args, "--tracking", "csv", "--trainer.max_epochs", "2", "--ckpt_path", str(last), "--model.lr", "0.5"]) == 2
+    assert (run_dir / "metrics.csv").read_bytes() == curves_before and last.read_bytes() == checkpoint_before
     second = run([*args, "--tracking", "csv", "--trainer.max_epochs", "2", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     assert Path(second["run_dir"]).resolve() == run_dir.resolve()  # the same directory, not version_1
     curves = pd.read_csv(run_dir / "metrics.csv")
