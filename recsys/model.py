@@ -108,6 +108,7 @@ def catalogue_of(dataset) -> dict[str, Any]:
 #: what a DivergedError says may have caused it
 DIVERGED_CAUSES = "NaN or infinite values in the item features, or a learning rate too high (--model.lr)"
 
+
 def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(name, there, here)`` of each setting both mappings have and set differently; nested
     mappings (the encoder options) by dotted name."""
@@ -373,7 +374,7 @@ class MatryoshkaRecommender(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "dataset"):
             self.catalogue = catalogue_of(datamodule.dataset)
-            checkpoint["data"] = datamodule.fingerprint()  # checked before a resume (resume_problems)
+            checkpoint["data_fingerprint"] = datamodule.fingerprint()  # checked before a resume
         if getattr(self, "catalogue", None) is not None:
             checkpoint["catalogue"] = self.catalogue
         logger = self.logger if self._trainer is not None else None

@@ -84,7 +84,7 @@ def check_resume(ckpt_path: str, model: MatryoshkaRecommender, datamodule: Seque
     """Refuse to resume from a checkpoint of other data (its recorded fingerprint), other settings
     or other weight shapes, naming both sides."""
     checkpoint = read_checkpoint(ckpt_path)
-    problems = datamodule.resume_problems(checkpoint.get("data")) + model.resume_problems(checkpoint)
+    problems = datamodule.resume_problems(checkpoint.get("data_fingerprint")) + model.resume_problems(checkpoint)
     if not problems:  # also for a checkpoint that predates data fingerprints: its weights must fit
         problems = model.weight_problems(checkpoint)
     if problems:

@@ -773,7 +773,7 @@ def _checkpoint_of_other_data(workdir, resources):
     _tampered(lambda d: None)(workdir, resources)
     checkpoint = torch.load(write_checkpoint(workdir / "model.ckpt"), weights_only=True)
     files = {**load_prepared(workdir / "prepared").file_hashes, "interactions.parquet": "0" * 64}
-    checkpoint["data"] = {"data_dir": "data/a", "files": files, "settings": {"batch_size": 128, "seed": 0, "length_batching": True}}
+    checkpoint["data_fingerprint"] = {"data_dir": "data/a", "files": files, "settings": {"batch_size": 128, "seed": 0, "length_batching": True}}
     torch.save(checkpoint, workdir / "model.ckpt")
 
 
