@@ -11,8 +11,9 @@ processed in blocks, so a ``users x items`` score matrix exists only one block a
 scores of all sizes are built from one product per block (size ``s_m``'s scores are size
 ``s_{m-1}``'s plus chunk ``m``'s product).
 
-A NaN score never wins: an item scoring NaN counts as higher than the target, and a target
-scoring NaN ranks below every item, so a diverged model gets the worst metrics, not perfect ones.
+A non-finite score never wins: an item scoring NaN counts as higher than the target, and a target
+scoring NaN or an infinity ranks below every item, so a diverged model gets the worst metrics, not
+perfect ones (and the training loop stops before it ranks with non-finite vectors at all).
 
 History masking (the LRURec/RecBole protocol): items the user has already seen are left out of
 the count, except the target itself. Whether masking was on is the caller's to record.
@@ -132,9 +133,10 @@ def target_ranks(
         mask = None if seen_ids is None else _seen_mask(seen_ids, targets, start, stop)
         for m, scores in enumerate(prefix_scores(user, cand[start:stop], sizes, inplace=True, mask=mask)):
             own = scores.gather(1, local_targets) if target_scores is None else target_scores[m].unsqueeze(1)
+            own = own.where(own.isfinite(), torch.nan)  # an infinite target score is no win either
             # "not lower or equal" is "higher" for numbers, and also holds for a NaN: another item's
             # NaN counts as higher, and a NaN target is below every item (a diverged model ranks
-            # last, never first); its own NaN, counted too, is taken off once
+            # last, never first); the target itself, counted too, is taken off once
             higher[m] += (stop - start) - (scores <= own).sum(dim=1)
             if start == 0:
                 higher[m] -= own.squeeze(1).isnan().long()

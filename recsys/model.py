@@ -57,7 +57,8 @@ class CheckpointError(UserError, ValueError):
 
 
 class DivergedError(UserError, FloatingPointError):
-    """The training loss is not finite: training stops at once instead of training on NaN."""
+    """A training loss, a gradient or a user or item vector is not finite: training stops at once,
+    before a step or a checkpoint is taken from it, instead of training (or ranking) on NaN."""
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -102,6 +103,23 @@ def catalogue_of(dataset) -> dict[str, Any]:
         "popularity": [int(c) for c in list(dataset.train_counts)[1:]],
         "stats": json.loads(json.dumps(dataset.stats, default=str)),
     }
+
+
+#: what a DivergedError says may have caused it
+DIVERGED_CAUSES = "NaN or infinite values in the item features, or a learning rate too high (--model.lr)"
+
+
+def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(name, there, here)`` of each setting both mappings have and set differently; nested
+    mappings (the encoder options) by dotted name."""
+    out = []
+    for key in sorted(there.keys() & here.keys()):
+        a, b = there[key], here[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 #: the training losses: the full softmax over the catalogue, or a sampled softmax (docs/method.md §4)
@@ -328,12 +346,35 @@ class MatryoshkaRecommender(L.LightningModule):
         model.catalogue = ckpt.get("catalogue")
         return model
 
+    #: settings that change only speed or memory: a resumed run may change them
+    SPEED_SETTINGS = ("loss_block_rows",)
+
+    def resume_problems(self, checkpoint: dict[str, Any]) -> list[str]:
+        """The settings ``checkpoint`` was trained with that are set otherwise now (as ``--model.``
+        flags, with both values); empty when training can resume from it."""
+        recorded = nest_flat_options({k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
+        return [f"--model.{name} was {there!r}, now {here!r}"
+                for name, there, here in _differences(recorded, dict(self.hparams)) if name not in self.SPEED_SETTINGS]
+
+    def weight_problems(self, checkpoint: dict[str, Any]) -> list[str]:
+        """The first weight of ``checkpoint`` of another shape than this model's, or else the first
+        that only one of them has."""
+        here = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        there = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+        for name in sorted(here.keys() & there.keys()):
+            if here[name] != there[name]:
+                return [f"its weight {name} has shape {there[name]}, this model's {here[name]}"]
+        for name in sorted(here.keys() ^ there.keys()):
+            return [f"it has no weight {name}, which this model has" if name in here else f"its weight {name} is not part of this model"]
+        return []
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the catalogue (original ids, popularity, data stats) with the weights, so that an
         export needs nothing but the checkpoint. Stored as plain lists: loadable with weights_only."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "dataset"):
             self.catalogue = catalogue_of(datamodule.dataset)
+            checkpoint["data_fingerprint"] = datamodule.fingerprint()  # checked before a resume
         if getattr(self, "catalogue", None) is not None:
             checkpoint["catalogue"] = self.catalogue
         logger = self.logger if self._trainer is not None else None
@@ -368,11 +409,10 @@ class MatryoshkaRecommender(L.LightningModule):
                 log_q=self._log_q if self.hparams.negative_sampling == "popularity" else None,
                 weights=self.hparams.loss_weights,
             )
-        if not torch.isfinite(loss.total):
+        if self._summed_over_processes(~torch.isfinite(loss.total)):
             raise DivergedError(
-                f"the training loss is {float(loss.total)} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(per size: {[round(float(v), 4) for v in loss.per_size]}): NaN or infinite values in the item "
-                "features, or a learning rate too high (--model.lr); training stopped"
+                f"the training loss is {float(loss.total.detach())} at {self._where()} "
+                f"(per size: {[round(float(v), 4) for v in loss.per_size]}): {DIVERGED_CAUSES}; training stopped"
             )
         n = int(valid.sum())
         self.log("train/loss", loss.total, prog_bar=True, batch_size=n)
@@ -382,6 +422,28 @@ class MatryoshkaRecommender(L.LightningModule):
             for size, value in zip(self.sizes[:-1], loss.distill[:-1]):
                 self.log(f"train/distill/d{size}", value, batch_size=n)
         return loss.total
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled
+        loss): stop before the optimizer writes them into the weights."""
+        grads = {name: p.grad for name, p in self.named_parameters() if p.grad is not None}
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(list(grads.values()))):
+            bad = [name for name, g in grads.items() if not torch.isfinite(g).all()]
+            raise DivergedError(
+                f"the gradients are not finite at {self._where()} (in {', '.join(bad[:3])}"
+                f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): {DIVERGED_CAUSES}; training stopped"
+            )
+
+    def _where(self) -> str:
+        return f"epoch {self.current_epoch}, step {self.global_step}"
+
+    def _summed_over_processes(self, count: torch.Tensor) -> int:
+        """``count`` summed over the processes: a collective when distributed, so that a check on it
+        stops every process together (one that stopped alone would leave the others waiting for it)."""
+        count = count.detach().to(self.device, torch.float32)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        return int(count)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -409,14 +471,36 @@ class MatryoshkaRecommender(L.LightningModule):
     # -- evaluation ---------------------------------------------------------------------------
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
+        stage = "validation" if metrics is self.val_metrics else "test"
         if self._eval_items is None:  # the item matrix is fixed during evaluation: compute it once
             self._eval_items = self.net.item_matrix()
+            self._check_finite("item vectors", self._eval_items, stage)
         users = self.net.user_vectors(batch["input_ids"], self._eval_items)
+        self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
         seen = batch["seen_ids"] if self.hparams.mask_seen else None
         ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
         metrics.update(ranks, batch["user"] if metrics.keep_ranks else None)
 
+    def _check_finite(self, what: str, vectors: torch.Tensor, stage: str) -> None:
+        """Evaluation never ranks with non-finite vectors: the metrics would be meaningless, and the
+        checkpoint taken after validation would keep the diverged weights. (The item matrix is the
+        same on every process, so every process stops here together.)"""
+        bad = ~torch.isfinite(vectors).all(dim=1)
+        if bad.any():
+            raise DivergedError(
+                f"{int(bad.sum())} of {len(vectors)} {what} are not finite in {stage} at {self._where()}: {DIVERGED_CAUSES}; stopped"
+            )
+
+    def _start_evaluation(self, metrics: RankingMetrics) -> None:
+        self._eval_items = None
+        self._non_finite_users = torch.zeros((), dtype=torch.long, device=self.device)
+        metrics.reset()
+
     def _log_metrics(self, prefix: str, metrics: RankingMetrics) -> dict[str, float]:
+        bad = self._summed_over_processes(self._non_finite_users)
+        if bad:
+            stage = "validation" if prefix == "val" else "test"
+            raise DivergedError(f"{bad} user vectors are not finite in {stage} at {self._where()}: {DIVERGED_CAUSES}; stopped")
         values = metrics.compute()
         metrics.reset()
         self._eval_items = None
@@ -426,8 +510,7 @@ class MatryoshkaRecommender(L.LightningModule):
         return values
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_items = None
-        self.val_metrics.reset()
+        self._start_evaluation(self.val_metrics)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
@@ -441,8 +524,7 @@ class MatryoshkaRecommender(L.LightningModule):
         self.log("val/monitor", monitor, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
-        self._eval_items = None
-        self.test_metrics.reset()
+        self._start_evaluation(self.test_metrics)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)

@@ -47,14 +47,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from recsys.atomic import write_json_atomically, write_text_atomically
 from recsys.data import SequenceDataModule
-from recsys.data.errors import DataValidationError
-from recsys.errors import UserError
+from recsys.errors import UserError, exit_code_of
 from recsys.model import (
     CHECKPOINT_DEFAULTS,
     EARLY_STOPPING_DEFAULTS,
     TRAINER_DEFAULTS,
-    CheckpointError,
-    DivergedError,
     MatryoshkaRecommender,
     check_options,
     read_checkpoint,
@@ -67,7 +64,7 @@ from recsys.reporting import (
     test_ranks_table,
     write_results,
 )
-from recsys.tracking import MLflowSettings, TrackingUnavailableError
+from recsys.tracking import MLflowSettings
 
 log = logging.getLogger("recsys.train")
 
@@ -76,6 +73,25 @@ DEFAULT_RUNS_DIR = "lightning_logs"  # already ignored by git; Lightning's own d
 
 class ConfigError(UserError, ValueError):
     """An invalid setting, found before any data is read or any step is trained."""
+
+
+class ResumeError(UserError):
+    """``--ckpt_path`` holds a model trained on other data or with other settings than this run's:
+    refused before the run it belongs to is opened, so that run and its checkpoints stay as they were."""
+
+
+def check_resume(ckpt_path: str, model: MatryoshkaRecommender, datamodule: SequenceDataModule) -> None:
+    """Refuse to resume from a checkpoint of other data (its recorded fingerprint), other settings
+    or other weight shapes, naming both sides."""
+    checkpoint = read_checkpoint(ckpt_path)
+    problems = datamodule.resume_problems(checkpoint.get("data_fingerprint")) + model.resume_problems(checkpoint)
+    if not problems:  # also for a checkpoint that predates data fingerprints: its weights must fit
+        problems = model.weight_problems(checkpoint)
+    if problems:
+        raise ResumeError(
+            f"--ckpt_path {ckpt_path}: cannot resume from it: {'; '.join(problems)}. Resume with the data and settings "
+            "it was trained with, or start a new run without --ckpt_path"
+        )
 
 
 def validate_config(config) -> None:
@@ -88,6 +104,10 @@ def validate_config(config) -> None:
                       model.distill, model.distill_teacher)
     except OptionError as exc:
         raise ConfigError(exc.render("--model.")) from None
+    if data.data_dir is None and data.synthetic is not None:
+        from recsys.data.synthetic import SyntheticConfig
+
+        SyntheticConfig(**data.synthetic.as_dict())  # its own checks, before the parser would wrap their error in its own
     if data.data_dir is not None and not Path(data.data_dir).is_dir():
         raise ConfigError(
             f"--data.data_dir {data.data_dir}: no such directory; prepare one with "
@@ -280,6 +300,8 @@ class TrainCLI(LightningCLI):
         torch.set_float32_matmul_precision(self.config.float32_matmul_precision)
 
     def instantiate_trainer(self, **kwargs: Any):
+        if self.config.ckpt_path:  # before the run is opened: a refused resume leaves it, and its checkpoints, as they were
+            check_resume(self.config.ckpt_path, self.model, self.datamodule)
         if self.config.tracking == "csv":
             self.run = CSVRun(self.config.run_dir, self.config.ckpt_path)
         else:
@@ -356,12 +378,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
 
 def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    try:
-        run(args)
-    except (ConfigError, DataValidationError, TrackingUnavailableError, CheckpointError, DivergedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -343,3 +343,19 @@ def test_a_nan_score_never_wins(item_block):
     after = target_ranks(user, nan_items, targets, sizes, item_block=item_block)
     assert torch.equal(after[0], before[0])  # size 4 does not read dimension 5
     assert (after[1] >= before[1]).all() and (after[1] == before[1] + 1).any()
+
+
+@pytest.mark.parametrize("item_block", [7, 65536])
+@pytest.mark.parametrize("value", [math.inf, -math.inf], ids=["+inf", "-inf"])
+def test_an_infinite_target_score_ranks_last(item_block, value):
+    """A target scoring +inf (an overflowed vector) is not a win either: it ranks last, as NaN does,
+    with and without history masking (masked items score -inf inside the count)."""
+    user, items, targets, _ = _integer_case()
+    sizes, n = (4, 8), items.shape[0] - 1
+    big = items.clone()
+    big[int(targets[0]), 0] = value  # user 0's target scores +-inf (every user entry is positive)
+    seen = torch.zeros(len(targets), 2, dtype=torch.long)
+    seen[0] = torch.tensor([j for j in range(1, n + 1) if j != int(targets[0])][:2])
+    for mask in (None, seen):
+        ranks = target_ranks(user.abs() + 1, big, targets, sizes, seen_ids=mask, item_block=item_block)
+        assert (ranks[:, 0] == n).all(), ranks[:, 0]

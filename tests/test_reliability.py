@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -748,6 +749,72 @@ TRAIN_CREATES = ("syn", "mlflow.db")
 EXPORT = ("--checkpoint", "model.ckpt", "--out", "exports")
 CANDIDATES = ("--model", "export", "--input", "histories.csv", "--k", "5", "--out", "cands")
 good_log, good_items = _text("log.csv", LOG), _text("items.csv", ITEMS)
+
+
+# -- bad prepared data and refused resumes, for recsys.train -------------------------------------------------
+
+
+def _prepared(resources: Resources) -> Path:
+    """A small prepared dataset beside the other resources, prepared on first use."""
+    directory = resources.checkpoint.parent / "prepared"
+    if not directory.is_dir():
+        files = write_synthetic(SyntheticConfig(num_users=120, num_items=60, mean_history=12, vector_dim=8, seed=1),
+                                directory.parent / "prepared-raw")
+        prepare(out=directory, **files.prepare_kwargs(), cache_dir=None)
+    return directory
+
+
+def _tampered(change: Callable[[Path], None]) -> Callable[[Path, Resources], None]:
+    """A copy of the prepared dataset as ``prepared/`` in the working directory, changed by ``change``."""
+    def setup(workdir, resources):
+        shutil.copytree(_prepared(resources), workdir / "prepared")
+        change(workdir / "prepared")
+    return setup
+
+
+def _feature_row_nan(d: Path) -> None:
+    x = np.load(d / "features" / "dense_text.npy")
+    x[5, 0] = np.nan
+    np.save(d / "features" / "dense_text.npy", x)
+
+
+def _feature_wider(d: Path) -> None:
+    x = np.load(d / "features" / "dense_text.npy")
+    np.save(d / "features" / "dense_text.npy", np.concatenate([x, x[:, :1]], axis=1))
+
+
+def _interaction(column: str, row: int, value: int) -> Callable[[Path], None]:
+    def change(d: Path) -> None:
+        events = pl.read_parquet(d / "interactions.parquet")
+        values = events[column].to_numpy().copy()
+        values[row] = value
+        events.with_columns(pl.Series(column, values)).write_parquet(d / "interactions.parquet")
+    return change
+
+
+def _stats_says(**changes) -> Callable[[Path], None]:
+    def change(d: Path) -> None:
+        (d / "stats.json").write_text(json.dumps({**json.loads((d / "stats.json").read_text()), **changes}))
+    return change
+
+
+def _truncated(name: str) -> Callable[[Path], None]:
+    def change(d: Path) -> None:
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[: len(data) // 2])
+    return change
+
+
+def _checkpoint_of_other_data(workdir, resources):
+    """A checkpoint whose recorded data differs from ``prepared/`` in interactions.parquet."""
+    _tampered(lambda d: None)(workdir, resources)
+    checkpoint = torch.load(write_checkpoint(workdir / "model.ckpt"), weights_only=True)
+    files = {**load_prepared(workdir / "prepared").file_hashes, "interactions.parquet": "0" * 64}
+    checkpoint["data_fingerprint"] = {"data_dir": "data/a", "files": files, "settings": {"batch_size": 128, "seed": 0, "length_batching": True}}
+    torch.save(checkpoint, workdir / "model.ckpt")
+
+
+TRAIN_ON = (*TRAIN, "--data.data_dir", "prepared")
 histories = _all(_copy_export, _text("histories.csv", HISTORIES))
 
 BAD_INPUTS = [
@@ -816,6 +883,42 @@ BAD_INPUTS = [
     BadInput("recsys.train", "MLflow server does not answer", (*TRAIN, "--mlflow.tracking_uri", "http://127.0.0.1:9"),
              r"^the MLflow tracking server http://127\.0\.0\.1:9 does not answer \(.*\); start it, fix --mlflow\.tracking_uri",
              _nothing, TRAIN_CREATES),
+    # -- python -m recsys.train: bad prepared data, settings and resumes (issue 18) --------------------------
+    BadInput("recsys.train", "`--data.max_len 0`", (*TRAIN, "--data.max_len", "0"), r"^--data\.max_len must be an integer of at least 1, got 0$"),
+    BadInput("recsys.train", "`--data.synthetic.num_users 0`", (*TRAIN, "--data.synthetic.num_users", "0"),
+             r"^SyntheticConfig\.num_users must be at least 1, got 0$"),
+    BadInput("recsys.train", "NaN in a prepared feature file", TRAIN_ON,
+             r"^prepared/features/dense_text\.npy: the row of item 5 \(id \d+\) holds NaN or infinite values \(1 of \d+ rows do\)$",
+             _tampered(_feature_row_nan)),
+    BadInput("recsys.train", "feature matrix of the wrong width", TRAIN_ON,
+             r"^prepared/features/dense_text\.npy: has width 9, but stats\.json says the feature 'text' has dim 8$", _tampered(_feature_wider)),
+    BadInput("recsys.train", "wrong user count in `stats.json`", TRAIN_ON,
+             r"^prepared/stats\.json: says users = 999, but users\.parquet has \d+ rows; prepare the dataset again$",
+             _tampered(_stats_says(users=999))),
+    BadInput("recsys.train", "user index out of range", TRAIN_ON,
+             r"^prepared/interactions\.parquet: user index 100000 at row 11 is outside 1\.\.\d+: users\.parquet has \d+ users",
+             _tampered(_interaction("user", 10, 100_000))),
+    BadInput("recsys.train", "item index 0 (padding) in the interactions", TRAIN_ON,
+             r"^prepared/interactions\.parquet: item index 0 at row 4 is outside 1\.\.\d+ \(0 is the padding index\)",
+             _tampered(_interaction("item", 3, 0))),
+    BadInput("recsys.train", "truncated `interactions.parquet`", TRAIN_ON,
+             r"^prepared/interactions\.parquet: cannot read the file \(.*\); it may be truncated: prepare the dataset again$",
+             _tampered(_truncated("interactions.parquet"))),
+    BadInput("recsys.train", "missing feature file", TRAIN_ON,
+             r"^prepared/features/dense_text\.npy: is missing \(listed in features/features\.json\); prepare the dataset again$",
+             _tampered(lambda d: (d / "features" / "dense_text.npy").unlink())),
+    BadInput("recsys.train", "`--ckpt_path` trained on other data", (*TRAIN_ON, "--ckpt_path", "model.ckpt"),
+             r"^--ckpt_path model\.ckpt: cannot resume from it: it was trained on data/a, and --data\.data_dir prepared differs "
+             r"from it in interactions\.parquet\. Resume with the data and settings it was trained with, or start a new run",
+             _checkpoint_of_other_data),
+    BadInput("recsys.train", "`--ckpt_path` trained with other settings", (*TRAIN, "--ckpt_path", "model.ckpt", "--model.lr", "0.01"),
+             r"^--ckpt_path model\.ckpt: cannot resume from it: --model\.lr was 0\.001, now 0\.01\. Resume with", _copy_checkpoint,
+             TRAIN_CREATES),
+    BadInput("recsys.train", "`--ckpt_path` of another catalogue (no data fingerprint)", (*TRAIN, "--ckpt_path", "model.ckpt"),
+             r"^--ckpt_path model\.ckpt: cannot resume from it: its weight net\.items\.dense_mask_text has shape \(21,\), this model's \(41,\)",
+             _copy_checkpoint, TRAIN_CREATES),
+    BadInput("recsys.data synthetic", "`--num-users 0`", ("synthetic", "--out", "raw", "--num-users", "0"),
+             r"^SyntheticConfig\.num_users must be at least 1, got 0$"),
     # -- python -m serving.export ---------------------------------------------------------------------------
     BadInput("serving.export", "no source given", ("--out", "exports"),
              r"^give exactly one of --checkpoint, --run-id or --model-uri$"),
@@ -924,7 +1027,7 @@ def _mains() -> dict[str, Callable[[list[str]], int]]:
     from serving.candidates import main as candidates_main
     from serving.export import main as export_main
 
-    return {"recsys.data prepare": data_main, "recsys.train": train_main, "serving.export": export_main,
+    return {"recsys.data prepare": data_main, "recsys.data synthetic": data_main, "recsys.train": train_main, "serving.export": export_main,
             "serving.candidates": candidates_main}
 
 

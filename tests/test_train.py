@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ def test_resume_continues_the_same_run_and_step_count(trained, tmp_path):
     tmp, first = trained
     last = tmp / "ckpt" / "last.ckpt"
     step_before = torch.load(last, weights_only=True)["global_step"]
-    second = run(_args(tmp, "--trainer.max_epochs", "2", "--ckpt_path", str(last), "--mlflow.log_models", "false"))
+    second = run(_args(tmp, "--model.monitor_size", "mean", "--trainer.max_epochs", "2", "--ckpt_path", str(last),
+                       "--mlflow.log_models", "false"))
     assert second["run_id"] == first["run_id"]
     step_after = torch.load(tmp / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert step_after == 2 * step_before
@@ -193,6 +195,11 @@ def test_csv_run_directory_defaults_to_the_next_version_and_resume_continues_it(
     assert Path(first["run_dir"]).resolve() == run_dir.resolve() and first["run_id"] is None
     assert Path(first["best"]).resolve() == (run_dir / "checkpoints" / "best.ckpt").resolve()
     assert "model_uris" not in first  # no logged models without MLflow
+    last, curves_before = run_dir / "checkpoints" / "last.ckpt", (run_dir / "metrics.csv").read_bytes()
+    checkpoint_before = last.read_bytes()
+    # a refused resume (other settings) leaves the run directory as it was
+    assert main([*args, "--tracking", "csv", "--trainer.max_epochs", "2", "--ckpt_path", str(last), "--model.lr", "0.5"]) == 2
+    assert (run_dir / "metrics.csv").read_bytes() == curves_before and last.read_bytes() == checkpoint_before
     second = run([*args, "--tracking", "csv", "--trainer.max_epochs", "2", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     assert Path(second["run_dir"]).resolve() == run_dir.resolve()  # the same directory, not version_1
     curves = pd.read_csv(run_dir / "metrics.csv")
@@ -306,3 +313,99 @@ def test_a_non_finite_loss_stops_training_with_one_clear_error():
     batch = {"input_ids": torch.tensor([[0, 1, 3, 5]]), "target_ids": torch.tensor([[0, 3, 5, 2]])}
     with pytest.raises(DivergedError, match=r"the training loss is nan at epoch 0, step 0 .*training stopped"):
         model.training_step(batch, 0)
+
+
+def test_non_finite_gradients_stop_training_before_the_step(synthetic_prepared, tmp_path):
+    """A finite loss with NaN gradients: one NaN item row that the sampled loss never draws (a
+    cold item) still poisons the projection's gradient. Training stops before that step, so no
+    checkpoint of NaN weights is ever written (before, it trained a step, validated the NaN
+    weights, saved them as the best checkpoint, and only failed one step later)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from recsys.data import SequenceDataModule
+    from recsys.model import DivergedError
+
+    dm = SequenceDataModule(data_dir=str(synthetic_prepared), max_len=10, batch_size=32)
+    features = dm.item_features
+    cold = int(torch.nonzero(~features.in_training)[1])  # [0] is the padding row
+    features.dense["text"][cold, 0] = float("nan")  # after the checks of load_prepared, as a diverged tower would
+    model = MatryoshkaRecommender(item_features=features, item_counts=dm.item_counts, sizes=[8, 16], max_len=10,
+                                  loss="sampled", negatives=16)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, monitor="val/monitor", mode="max", save_last=True)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, callbacks=[checkpoints], enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(DivergedError, match=r"^the gradients are not finite at epoch 0, step 0 \(in net\.items\..*training stopped$"):
+        trainer.fit(model, datamodule=dm)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverging_run_stops_with_one_line_no_checkpoint_and_a_failed_mlflow_run(tmp_path, capsys):
+    """--model.lr 1e30, one step an epoch: the step's loss and gradients are finite, the weights it
+    writes are not. Validation refuses to rank with them, so no checkpoint is taken (before: the
+    NaN weights became best.ckpt with val/monitor 0.0, and the run failed one step later)."""
+    args = _args(tmp_path, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "1", "--model.lr", "1e30", "--model.warmup_steps", "0",
+                 "--trainer.gradient_clip_val", "0", "--mlflow.log_models", "false")
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.match(r"error: \d+ of \d+ item vectors are not finite in validation at epoch 0, step 1: "
+                                         r".*--model\.lr\); stopped$", errors[0]), errors
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (only,) = client.search_runs([client.get_experiment_by_name("recsys").experiment_id])
+    assert only.info.status == "FAILED" and "val/monitor" not in only.data.metrics
+
+
+def _other_data_of_the_same_shapes(prepared: Path, out: Path) -> Path:
+    """``prepared`` with its item indices permuted in the interactions (training counts following):
+    the same catalogue, features and shapes, other histories; a valid prepared directory."""
+    import shutil
+
+    import polars as pl
+
+    shutil.copytree(prepared, out)
+    items = pl.read_parquet(out / "items.parquet")
+    n = items.height
+    perm = np.concatenate([[0], np.random.default_rng(0).permutation(n) + 1])  # item i becomes perm[i]
+    events = pl.read_parquet(out / "interactions.parquet")
+    events.with_columns(pl.Series("item", perm[events["item"].to_numpy()].astype(np.int32))).write_parquet(out / "interactions.parquet")
+    inverse = np.argsort(perm)  # the old item that is now item j
+    for column in ("train_count", "cold_start"):
+        items = items.with_columns(pl.Series(column, items[column].to_numpy()[inverse[1:] - 1]))
+    items.write_parquet(out / "items.parquet")
+    in_training = np.load(out / "features" / "in_training.npy")
+    np.save(out / "features" / "in_training.npy", in_training[inverse])
+    return out
+
+
+def test_a_resume_on_other_data_or_settings_is_refused_and_leaves_the_run_as_it_was(tmp_path, capsys):
+    """The checkpoint records a fingerprint of its data and its settings; --ckpt_path checks them
+    before the run is opened. Before: other data of the same shapes resumed (exit 0) and overwrote
+    the run's last.ckpt; other sizes failed with a traceback and turned its FINISHED run FAILED."""
+    from recsys.data import load_prepared
+
+    first = run(_args(tmp_path, "--mlflow.log_models", "false"))
+    last = tmp_path / "ckpt" / "last.ckpt"
+    saved = last.read_bytes()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    before = client.get_run(first["run_id"])
+    (data_dir,) = (tmp_path / "synthetic").glob("synthetic-*")
+    other = _other_data_of_the_same_shapes(data_dir, tmp_path / "other")
+    assert load_prepared(other).item_features.dense["text"].shape == load_prepared(data_dir).item_features.dense["text"].shape
+    cases = [
+        (["--data.data_dir", str(other)],
+         rf"it was trained on {re.escape(str(data_dir))}, and --data\.data_dir {re.escape(str(other))} differs from it in "
+         r"interactions\.parquet, items\.parquet, features/in_training\.npy\. Resume with the data and settings"),
+        (["--data.synthetic.num_items", "100"], r"it was trained on .*synthetic-\w+, and --data\.data_dir .*synthetic-\w+ differs from it in "),
+        (["--model.lr", "0.01", "--model.lru.r_max", "0.2"], r"cannot resume from it: --model\.lr was 0\.001, now 0\.01; --model\.lru\.r_max was 0\.1, now 0\.2\."),
+        (["--data.batch_size", "64"], r"cannot resume from it: --data\.batch_size was 128, now 64\."),
+    ]
+    for extra, message in cases:
+        assert main(_args(tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", str(last), *extra)) == 2, extra
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: --ckpt_path {last}: cannot resume from it: "), errors
+        assert re.search(message, errors[0]), errors[0]
+        assert last.read_bytes() == saved
+        after = client.get_run(first["run_id"])
+        assert after.info.status == "FINISHED" and after.data.metrics == before.data.metrics
+        assert len(client.get_metric_history(first["run_id"], "val/monitor")) == 1

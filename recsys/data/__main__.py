@@ -19,6 +19,7 @@ from jsonargparse import ArgumentParser
 
 from recsys.data.errors import DataValidationError
 from recsys.data.synthetic import SyntheticConfig, write_synthetic  # its fields are the synthetic command's options
+from recsys.errors import exit_code_of
 
 log = logging.getLogger("recsys.data")
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from recsys.data.pipeline import prepare  # after parsing: --help and bad options need none of it (torch)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
-    try:
+
+    def command() -> None:
         if args.command == "prepare":
             a = args.prepare.as_dict()
             a["vectors"] = parse_vectors(a["vectors"])
@@ -98,10 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 "prepare it with: python -m recsys.data prepare --interactions %s --items %s --time-col timestamp "
                 "--category-cols tags --vectors text=%s --out DIR", files.interactions, files.items, files.vectors,
             )
-    except DataValidationError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    return 0
+
+    return exit_code_of(command)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, SequentialSampler
 
 from recsys.data.batches import HeldOutTargets, TrainWindows, pass_through
+from recsys.data.errors import DataValidationError
 from recsys.data.length_batching import LengthGroupedSampler
 from recsys.data.prepared import PreparedDataset, load_prepared
 from recsys.data.resumable import ResumableBatchSampler, ResumableDataLoader
@@ -73,10 +74,12 @@ class SequenceDataModule(L.LightningDataModule):
         length_batching: bool = True,
     ) -> None:
         super().__init__()
-        if max_len < 1 or batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
-            raise ValueError("max_len, batch_size and eval_batch_size must be positive and num_workers non-negative")
+        for name, value, least in (("max_len", max_len, 1), ("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                   ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DataValidationError(None, f"--data.{name} must be an integer of at least {least}, got {value!r}")
         if not isinstance(length_batching, bool):
-            raise ValueError(f"length_batching must be true or false, got {length_batching!r}")
+            raise DataValidationError(None, f"--data.length_batching must be true or false, got {length_batching!r}")
         self.length_batching = length_batching
         self.max_len = max_len
         self.batch_size = batch_size
@@ -114,6 +117,36 @@ class SequenceDataModule(L.LightningDataModule):
     def cold_start_items(self) -> list[int]:
         """Items the cold-start protocol keeps out of training (none unless prepared with it)."""
         return self.dataset.cold_start_items.tolist()
+
+    # -- what a checkpoint records of the data ---------------------------------------------------------
+
+    #: the settings that decide the training batches: a resumed run must keep them
+    BATCH_SETTINGS = ("batch_size", "seed", "length_batching")
+
+    def fingerprint(self) -> dict:
+        """The data a checkpoint is trained on: the prepared directory, the sha256 of each of its
+        files, and the settings that decide the training batches (``recsys.train`` compares them
+        before it resumes from a checkpoint)."""
+        return {"data_dir": str(self.data_dir), "files": self.dataset.file_hashes,
+                "settings": {name: getattr(self, name) for name in self.BATCH_SETTINGS}}
+
+    def resume_problems(self, recorded: dict | None) -> list[str]:
+        """How this data differs from the ``recorded`` fingerprint of a checkpoint (empty when it is
+        the same); a checkpoint written before fingerprints were recorded is not checked."""
+        if recorded is None:
+            log.warning("the checkpoint records no fingerprint of its data (it predates them): the data is not checked")
+            return []
+        problems = []
+        here, there = self.dataset.file_hashes, recorded.get("files", {})
+        changed = sorted((name for name in here.keys() | there.keys() if here.get(name) != there.get(name)),
+                         key=lambda name: (name.count("/"), name))  # the top-level files first
+        if changed:
+            shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            problems.append(f"it was trained on {recorded.get('data_dir')}, and --data.data_dir {self.data_dir} differs from it in {shown}")
+        for name, value in recorded.get("settings", {}).items():
+            if getattr(self, name, value) != value:
+                problems.append(f"--data.{name} was {value!r}, now {getattr(self, name)!r}")
+        return problems
 
     # -- loaders ------------------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from recsys.data.errors import DataValidationError
+
 __all__ = ["SyntheticConfig", "SyntheticCatalogue", "SyntheticFiles", "iter_interaction_chunks", "write_synthetic", "prepared_synthetic"]
 
 log = logging.getLogger(__name__)
@@ -85,18 +87,18 @@ class SyntheticConfig:
         positive = ("num_users", "num_items", "num_clusters", "min_history", "vector_dim", "tags_per_cluster", "clusters_per_user", "chunk_users")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"SyntheticConfig.{name} must be at least 1, got {getattr(self, name)}")
+                raise DataValidationError(None, f"SyntheticConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.num_clusters > self.num_items:
-            raise ValueError(f"SyntheticConfig.num_clusters ({self.num_clusters}) must not exceed num_items ({self.num_items})")
+            raise DataValidationError(None, f"SyntheticConfig.num_clusters ({self.num_clusters}) must not exceed num_items ({self.num_items})")
         if self.clusters_per_user > self.num_clusters:
-            raise ValueError(f"SyntheticConfig.clusters_per_user ({self.clusters_per_user}) must not exceed num_clusters")
+            raise DataValidationError(None, f"SyntheticConfig.clusters_per_user ({self.clusters_per_user}) must not exceed num_clusters")
         if self.mean_history < self.min_history:
-            raise ValueError(f"SyntheticConfig.mean_history ({self.mean_history}) must be at least min_history ({self.min_history})")
+            raise DataValidationError(None, f"SyntheticConfig.mean_history ({self.mean_history}) must be at least min_history ({self.min_history})")
         for name in ("successor_prob", "same_cluster_prob", "cold_fraction", "tag_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"SyntheticConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
+                raise DataValidationError(None, f"SyntheticConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.successor_prob + self.same_cluster_prob > 1.0:
-            raise ValueError("SyntheticConfig.successor_prob + same_cluster_prob must not exceed 1")
+            raise DataValidationError(None, "SyntheticConfig.successor_prob + same_cluster_prob must not exceed 1")
 
     @property
     def expected_events(self) -> int:
@@ -275,7 +277,6 @@ def prepared_synthetic(config: SyntheticConfig, cache_dir: str | Path) -> Path:
     Several processes (DDP ranks) may call this at once: each writes its own temporary files, the
     first finished ``prepare`` wins the rename and the others use its result (same seed, same data).
     """
-    from recsys.data.errors import DataValidationError
     from recsys.data.pipeline import FORMAT_VERSION, prepare
 
     key = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **asdict(config)}, sort_keys=True).encode()).hexdigest()[:16]
