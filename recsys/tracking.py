@@ -11,11 +11,12 @@ per-size results table and a plot of accuracy against size; and one logged model
 exported size-``s`` model as a pyfunc, with its size and parameter count as params), optionally
 registered as ``NAME-d<size>``.
 
-Choosing a size in the MLflow UI needs no setting there: the experiment is marked as one of model
-training (MLflow 3 otherwise opens its GenAI pages); the run's description is the per-size table
-and the plot; and each size's test metrics are logged once more under size-free names at step =
-size (``test/ndcg_10``, ``parameters``), linked to that size's model, so that the run's chart of
-``test/ndcg_10`` is NDCG@10 against size and the experiment's model list has one column per metric.
+Choosing a size in the MLflow UI needs no setting there: the address the training prints opens the
+run among the UI's model training pages (MLflow 3 otherwise opens its GenAI pages); the run's
+description is the per-size table and the plot; and each size's results are logged once more under
+size-free names at step = size (``test/ndcg_10``, ``parameters``), the test metrics linked to that
+size's model, so that the run's chart of ``test/ndcg_10`` is NDCG@10 against size and the
+experiment's model list has one column per metric.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 LOCAL_UI = "http://127.0.0.1:5000"  # where `make ui` shows a local store
-# MLflow 3's UI shows an experiment's GenAI pages (traces, sessions) unless this tag says it holds
-# model training; the UI's own switch between the two writes the same tag.
-EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3's UI opens on its GenAI pages (traces, sessions); this query parameter opens its model
+# training pages instead (the switch at its top left does the same, and the browser remembers it)
+TRAINING_PAGES = "workflowType=machine_learning"
 RUN_NOTE_TAG = "mlflow.note.content"  # the run's description, shown as markdown on the run page
 
 
@@ -109,8 +110,7 @@ def _store_lock(uri: str) -> Iterator[None]:
 
 
 def prepare_store(settings: MLflowSettings) -> None:
-    """Create the store's tables and the experiment, marked as one of model training (an existing
-    experiment without a kind gets the mark too), one process at a time.
+    """Create the store's tables and the experiment, one process at a time.
 
     Two runs started together on a new sqlite store would otherwise both migrate its schema, and
     both create the experiment, and one of them would fail.
@@ -120,12 +120,8 @@ def prepare_store(settings: MLflowSettings) -> None:
     uri = settings.resolved_uri()
     with _store_lock(uri):
         client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name(settings.experiment)
-        if experiment is None:
-            client.create_experiment(settings.experiment, artifact_location=settings.artifact_location,
-                                     tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
-        elif EXPERIMENT_KIND_TAG not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+        if client.get_experiment_by_name(settings.experiment) is None:
+            client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
 
 
 def default_run_name(encoder: str, sizes: list[int], dataset: str, started: float | None = None) -> str:
@@ -139,9 +135,10 @@ def default_run_name(encoder: str, sizes: list[int], dataset: str, started: floa
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI: on the tracking server itself, or on `make ui` for a local store."""
+    """The run's page among the MLflow UI's model training pages: on the tracking server itself, or
+    on `make ui` for a local store."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_PAGES}"
 
 
 def make_logger(settings: MLflowSettings, run_id: str | None = None, run_name: str | None = None):
@@ -202,13 +199,14 @@ def log_results(client, run_id: str, rows: list[dict[str, Any]], title: str, ran
 def run_description(run_id: str, rows: list[dict[str, Any]]) -> str:
     """Markdown for the run page: the per-size table, the plot (served by the MLflow UI from the
     run's artifacts) and where the rest is."""
+    glance = " · ".join(f"d{r['size']} **{r['ndcg_10']:.4f}** ({r['parameters']:,} parameters)" for r in rows)
     return "\n\n".join([
-        "**Test metrics and parameters against size** (the best checkpoint, every size of this one run):",
+        f"Test NDCG@10 by size (the best checkpoint): {glance}",
         results_table(rows),
         f"![NDCG@10 and Recall@10 against size](get-artifact?path={PLOT_FILE}&run_uuid={run_id})",
-        "As charts: *Model metrics*, `test/ndcg_10` and `parameters` (step = size). "
-        "One logged model per size under *Artifacts* and the experiment's *Models* "
-        "(size and parameters as params, test metrics as metrics).",
+        "Against size as charts: *Model metrics* (`test/ndcg_10`, `parameters`, ...; step = size). "
+        "The sizes side by side: the experiment's *Models*, as a table or a chart (one logged model "
+        "per size, with its size, parameters and test metrics).",
     ])
 
 
@@ -218,12 +216,14 @@ def size_metric_name(key: str) -> str:
 
 
 def log_size_metrics(client, run_id: str, rows: list[dict[str, Any]], model_ids: dict[int, str]) -> None:
-    """Each size's results under size-free names at step = size, linked to that size's model if any."""
+    """Each size's results under size-free names at step = size; its test metrics linked to that
+    size's model if any (its parameter count is already the model's param)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     metrics = [
-        Metric(size_metric_name(key), float(value), now, row["size"], model_id=model_ids.get(row["size"]))
+        Metric(size_metric_name(key), float(value), now, row["size"],
+               model_id=None if key == "parameters" else model_ids.get(row["size"]))
         for row in rows
         for key, value in row.items()
         if key != "size"
@@ -252,13 +252,16 @@ def log_size_models(
             example = pd.DataFrame({"history": [wrapper.model.item_ids[:3]]})
             signature = infer_signature(example, wrapper.predict(None, example, {"k": 5}),
                                         params={"k": 10, "exclude_seen": True})
+            # created first, so that it keeps these params only (log_model would copy in the run's ~150)
+            entry = mlflow.initialize_logged_model(name=f"d{size}", source_run_id=run_id, params={
+                "size": str(size), "parameters": str(by_size[size]["parameters"]), "encoder": wrapper.model.manifest["encoder"]})
             logged[size] = mlflow.pyfunc.log_model(
-                name=f"d{size}",
+                name=entry.name,
+                model_id=entry.model_id,
                 python_model=code,
                 artifacts={"export": str(directory)},
                 signature=signature,
                 input_example=example,
-                params={"size": size, "parameters": by_size[size]["parameters"], "encoder": wrapper.model.manifest["encoder"]},
                 pip_requirements=_requirements(),
                 registered_model_name=f"{register_as}-d{size}" if register_as else None,
             )
