@@ -35,7 +35,10 @@ def help_asked(argv: list[str]) -> bool:
 
 
 def quiet_console() -> None:
-    """Our INFO lines and everyone's warnings; third-party INFO lines, tips and progress bars off."""
+    """Our INFO lines and everyone's warnings; third-party INFO lines, tips and progress bars off.
+
+    Call it after Lightning is imported (its import sets its loggers' level); MLflow may come later.
+    """
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, force=True)
     for name in OUR_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)
