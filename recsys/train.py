@@ -365,7 +365,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         SequenceDataModule,
         run=False,
         args=args,
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults={**TRAINER_DEFAULTS, "enable_model_summary": False},  # the per-size table says more
         save_config_callback=None,
         seed_everything_default=0,
         auto_configure_optimizers=False,
