@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 PROFILE ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(PROFILE)
 
-.PHONY: install train test test-slow bench ui serve clean
+.PHONY: install train test test-slow bench ui ui-check serve clean
 
 install: $(STAMP)
 
@@ -30,8 +30,15 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow $(ARGS)
 
+# The MLflow UI of the runs (STORE=... another store; the training prints the address of its run).
+STORE ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 ui: install
-	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+	@echo "the training runs: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	$(VENV)/bin/mlflow ui --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000
+
+# What a person sees in the MLflow UI, checked in headless Chromium (apt-get install chromium)
+ui-check: install
+	$(PY) bench/ui.py $(ARGS)
 
 # The REST endpoint of one size on 127.0.0.1 (docs/serving.md): MODEL=exports/d64 or MODEL=models:/NAME@alias
 PORT ?= 8000

@@ -22,7 +22,8 @@ import torch
 from recsys.atomic import atomic_file, write_json_atomically, write_text_atomically
 from recsys.nn.nested import cut_sizes, cut_to_size
 
-RESULT_FILES = ("results.md", "results.json", "accuracy_vs_size.png")
+PLOT_FILE = "accuracy_vs_size.png"
+RESULT_FILES = ("results.md", "results.json", PLOT_FILE)
 RANKS_FILE = "test_ranks.parquet"
 
 
@@ -113,13 +114,18 @@ def write_results(directory: Path, rows: list[dict[str, Any]], title: str, ranks
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomically(directory / "results.md", results_table(rows) + "\n")
     write_json_atomically(directory / "results.json", rows, indent=2)
-    accuracy_plot(rows, directory / "accuracy_vs_size.png", title)
+    accuracy_plot(rows, directory / PLOT_FILE, title)
     paths = [directory / name for name in RESULT_FILES]
     if ranks is not None:
         with atomic_file(directory / RANKS_FILE) as tmp:
             ranks.write_parquet(tmp)
         paths.append(directory / RANKS_FILE)
     return paths
+
+
+def dataset_name(data_dir: str | None) -> str:
+    """What a run trained on, as its title and name say it: the data directory's name, or ``synthetic``."""
+    return Path(data_dir).name if data_dir else "synthetic"
 
 
 def git_commit() -> str | None:

@@ -4,11 +4,19 @@ Only the MLflow side lives here (settings, the store lock, the logger, params an
 models); the tables, plot and per-size rows themselves are :mod:`recsys.reporting`. Nothing here
 imports ``mlflow`` until a run starts.
 
-One run per training holds: the flattened config as params; data stats and the git commit as
-tags; validation metrics per epoch and test metrics for every size (``test/ndcg_10/d64``); the
-resolved config, the best checkpoint, a per-size results table and a plot of accuracy against size;
-and one logged model per size (the exported size-``s`` model as a pyfunc, with its size, parameter
-count and test metrics linked), optionally registered as ``NAME-d<size>``.
+One run per training, named after what it trained (``lru d16-128 ml-1m 12-02 07:06:38``), holds:
+the flattened config as params; data stats and the git commit as tags; validation metrics per epoch
+and test metrics for every size (``test/ndcg_10/d64``); the resolved config, the best checkpoint, a
+per-size results table and a plot of accuracy against size; and one logged model per size (the
+exported size-``s`` model as a pyfunc, with its size and parameter count as params), optionally
+registered as ``NAME-d<size>``.
+
+Choosing a size in the MLflow UI needs no setting there: the address the training prints opens the
+run among the UI's model training pages (MLflow 3 otherwise opens its GenAI pages); the run's
+description is the per-size table and the plot; and each size's results are logged once more under
+size-free names at step = size (``test/ndcg_10``, ``parameters``), the test metrics linked to that
+size's model, so that the run's chart of ``test/ndcg_10`` is NDCG@10 against size and the
+experiment's model list has one column per metric.
 """
 
 from __future__ import annotations
@@ -25,11 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from recsys.errors import UserError
-from recsys.reporting import git_commit, write_results
+from recsys.reporting import PLOT_FILE, git_commit, results_table, write_results
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `make ui` shows a local store
+# MLflow 3's UI opens on its GenAI pages (traces, sessions); this query parameter opens its model
+# training pages instead (the switch at its top left does the same, and the browser remembers it)
+TRAINING_PAGES = "workflowType=machine_learning"
+RUN_NOTE_TAG = "mlflow.note.content"  # the run's description, shown as markdown on the run page
 
 
 @dataclass
@@ -39,7 +52,7 @@ class MLflowSettings:
     Args:
         tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
         experiment: experiment name.
-        run_name: run name (default: MLflow picks one).
+        run_name: run name (default: what it trained and when, e.g. ``lru d16-128 ml-1m 12-02 07:06:38``).
         artifact_location: artifact root for a new experiment (default: MLflow's).
         log_models: log one pyfunc model per size (the exported size-specific model).
         register_as: also register each size's model as ``<register_as>-d<size>``.
@@ -111,8 +124,26 @@ def prepare_store(settings: MLflowSettings) -> None:
             client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
 
 
-def make_logger(settings: MLflowSettings, run_id: str | None = None):
-    """Lightning's MLflow logger for ``settings``; ``run_id`` continues an earlier run."""
+def default_run_name(encoder: str, sizes: list[int], dataset: str, started: float | None = None) -> str:
+    """``lru d16-128 ml-1m 12-02 07:06:38``: the encoder, the sizes, the dataset and the start time.
+
+    Without it every run would be called the same: MLflow draws its random names from Python's
+    ``random``, which the training seeds first.
+    """
+    dims = f"d{sizes[0]}" if len(sizes) == 1 else f"d{sizes[0]}-{sizes[-1]}"
+    return f"{encoder} {dims} {dataset} {time.strftime('%m-%d %H:%M:%S', time.localtime(started))}"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page among the MLflow UI's model training pages: on the tracking server itself, or
+    on `make ui` for a local store."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_PAGES}"
+
+
+def make_logger(settings: MLflowSettings, run_id: str | None = None, run_name: str | None = None):
+    """Lightning's MLflow logger for ``settings``; ``run_id`` continues an earlier run, otherwise a
+    new one is called ``settings.run_name`` or else ``run_name``."""
     from lightning.pytorch.loggers import MLFlowLogger
 
     uri = settings.resolved_uri()
@@ -120,7 +151,7 @@ def make_logger(settings: MLflowSettings, run_id: str | None = None):
     prepare_store(settings)
     return MLFlowLogger(
         experiment_name=settings.experiment,
-        run_name=settings.run_name,
+        run_name=settings.run_name or run_name,
         tracking_uri=uri,
         artifact_location=settings.artifact_location,
         run_id=run_id,
@@ -158,10 +189,46 @@ def log_config(client, run_id: str, config: dict[str, Any], config_yaml: str, st
 
 def log_results(client, run_id: str, rows: list[dict[str, Any]], title: str, ranks=None) -> None:
     """The per-size table, rows, plot and per-user test ranks (:func:`recsys.reporting.write_results`)
-    as run artifacts."""
+    as run artifacts, and the table and the plot as the run's description."""
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_results(Path(tmp), rows, title, ranks):
             client.log_artifact(run_id, str(path))
+    client.set_tag(run_id, RUN_NOTE_TAG, run_description(run_id, rows))
+
+
+def run_description(run_id: str, rows: list[dict[str, Any]]) -> str:
+    """Markdown for the run page: the per-size table, the plot (served by the MLflow UI from the
+    run's artifacts) and where the rest is."""
+    glance = " · ".join(f"d{r['size']} **{r['ndcg_10']:.4f}** ({r['parameters']:,} parameters)" for r in rows)
+    return "\n\n".join([
+        f"Test NDCG@10 by size (the best checkpoint): {glance}",
+        results_table(rows),
+        f"![NDCG@10 and Recall@10 against size](get-artifact?path={PLOT_FILE}&run_uuid={run_id})",
+        "Against size as charts: *Model metrics* (`test/ndcg_10`, `parameters`, ...; step = size). "
+        "The sizes side by side: the experiment's *Models*, as a table or a chart (one logged model "
+        "per size, with its size, parameters and test metrics).",
+    ])
+
+
+def size_metric_name(key: str) -> str:
+    """The size-free name of a per-size result: ``test/ndcg_10``, ``parameters``."""
+    return key if key == "parameters" else f"test/{key}"
+
+
+def log_size_metrics(client, run_id: str, rows: list[dict[str, Any]], model_ids: dict[int, str]) -> None:
+    """Each size's results under size-free names at step = size; its test metrics linked to that
+    size's model if any (its parameter count is already the model's param)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(size_metric_name(key), float(value), now, row["size"],
+               model_id=None if key == "parameters" else model_ids.get(row["size"]))
+        for row in rows
+        for key, value in row.items()
+        if key != "size"
+    ]
+    client.log_batch(run_id, metrics=metrics)
 
 
 def log_size_models(
@@ -170,7 +237,6 @@ def log_size_models(
     """One pyfunc model per size in ``run_id`` (model from code: nothing pickled); returns model URIs."""
     import mlflow
     import pandas as pd
-    from mlflow.entities import Metric
 
     import serving
     from serving import pyfunc
@@ -184,27 +250,22 @@ def log_size_models(
             wrapper.model = serving.load(directory)
             example = pd.DataFrame({"history": [wrapper.model.item_ids[:3]]})
             signature = pyfunc.signature()
+            # created first, so that it keeps these params only (log_model would copy in the run's ~150)
+            entry = mlflow.initialize_logged_model(name=f"d{size}", source_run_id=run_id, params={
+                "size": str(size), "parameters": str(by_size[size]["parameters"]), "encoder": wrapper.model.manifest["encoder"]})
             logged[size] = mlflow.pyfunc.log_model(
-                name=f"d{size}",
+                name=entry.name,
+                model_id=entry.model_id,
                 python_model=code,
                 artifacts={"export": str(directory)},
                 signature=signature,
                 input_example=example,
-                params={"size": size, "parameters": by_size[size]["parameters"], "encoder": wrapper.model.manifest["encoder"]},
                 pip_requirements=_requirements(),
                 registered_model_name=f"{register_as}-d{size}" if register_as else None,
             )
-    # Link each model's own test metrics only after all are logged: log_model links every
-    # step-0 metric already in the run to the new model, which would mix the sizes up.
-    client = mlflow.MlflowClient()
-    now = int(time.time() * 1000)
-    for size, info in logged.items():
-        metrics = [
-            Metric(f"test/{k}/d{size}", float(v), now, 0, model_id=info.model_id)
-            for k, v in by_size[size].items()
-            if k not in ("size", "parameters")
-        ]
-        client.log_batch(run_id, metrics=metrics)
+    # Link each model's own test metrics only after all are logged (log_model links every metric
+    # already in the run at its step, 0, to the new model).
+    log_size_metrics(mlflow.MlflowClient(), run_id, rows, {size: info.model_id for size, info in logged.items()})
     return {size: info.model_uri for size, info in logged.items()}
 
 

@@ -5,6 +5,20 @@
     python -m recsys.train --config configs/lastfm.yaml --model.encoder mamba
     python -m recsys.train --tracking csv                    # no MLflow: files in lightning_logs/version_<n>
     python -m recsys.train --print_config                    # every option with its default
+    python -m recsys.train --help-all                        # every option with its help (a few seconds)
+
+The options most runs set:
+
+    --config FILE                   a YAML file of options (configs/*.yaml); later flags override it
+    --data.data_dir DIR             a prepared dataset (python -m recsys.data prepare); default: synthetic
+    --model.sizes [16,32,64,128]    the nested sizes, all trained at once; the last is the model width
+    --model.encoder lru             lru, mamba or sasrec (the baseline: not nested)
+    --model.monitor_size mean       the size whose validation NDCG@10 picks the best checkpoint
+    --trainer.max_epochs 8          and --trainer.devices, --trainer.accelerator (Lightning's Trainer)
+    --tracking mlflow               or csv: a run directory, no MLflow needed (below)
+    --mlflow.experiment NAME        the MLflow experiment; --mlflow.run_name NAME (default: what it trained)
+    --mlflow.register_as NAME       also register each size's model as NAME-d<size>
+    --ckpt_path FILE                resume an interrupted run
 
 This is the one way a model is trained. At the end it tests the best checkpoint (by
 ``val/monitor``: NDCG@10 of ``--model.monitor_size``, or its mean), prints one line per size, and
@@ -33,8 +47,16 @@ still accepted and mean the same.
 
 from __future__ import annotations
 
-import logging
 import sys
+
+from recsys.console import help_asked, quiet_console
+
+if __name__ == "__main__" and help_asked(sys.argv[1:]):  # answered before Lightning is imported (seconds)
+    print(__doc__.replace("``", "`"))
+    sys.exit(0)
+
+# the imports below take seconds (Lightning, torch, transformers), so the help comes first
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +80,14 @@ from recsys.model import (
 )
 from recsys.nn.encoders import FLAT_OPTION_GROUPS, OptionError, nest_flat_options
 from recsys.reporting import (
+    dataset_name,
     git_commit,
     results_table,
     summarise,
     test_ranks_table,
     write_results,
 )
-from recsys.tracking import MLflowSettings
+from recsys.tracking import MLflowSettings, default_run_name
 
 log = logging.getLogger("recsys.train")
 
@@ -163,12 +186,12 @@ def nest_flat_args(args: list[str]) -> list[str]:
 class MLflowRun:
     """One MLflow run: the logger, and what is logged beside the metrics."""
 
-    def __init__(self, settings: MLflowSettings, resume_from: str | None) -> None:
+    def __init__(self, settings: MLflowSettings, resume_from: str | None, run_name: str) -> None:
         from recsys.tracking import make_logger
 
         run_id = read_checkpoint(resume_from).get("mlflow_run_id") if resume_from else None  # same run
         self.settings = settings
-        self.logger = make_logger(settings, run_id=run_id)
+        self.logger = make_logger(settings, run_id=run_id, run_name=run_name)
         self.run_id = self.logger.run_id  # None on the other ranks of a distributed run
 
     @property
@@ -191,19 +214,36 @@ class MLflowRun:
             self.logger.experiment.log_artifact(self.run_id, best, "checkpoints")
 
     def log_models(self, best: str | None, model: MatryoshkaRecommender, rows: list[dict[str, Any]]) -> dict[int, str] | None:
-        if not (self.settings.log_models and best):
-            return None
         from recsys.nn.nested import cut_sizes
-        from recsys.tracking import log_size_models
+        from recsys.tracking import log_size_metrics, log_size_models
+
+        if not (self.settings.log_models and best):
+            log_size_metrics(self.logger.experiment, self.run_id, rows, {})
+            return None
         from serving.export import export_sizes
 
         sizes = list(cut_sizes(model.net))
-        with tempfile.TemporaryDirectory() as tmp:
-            dirs = export_sizes(best, sizes, tmp, source={"mlflow_run_id": self.run_id})
-            return log_size_models(self.run_id, dict(zip(sizes, dirs)), rows, self.settings.register_as)
+        export_log = logging.getLogger("serving.export")
+        level = export_log.level
+        export_log.setLevel(logging.WARNING)  # it exports to temporary directories here: no news for the user
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                dirs = export_sizes(best, sizes, tmp, source={"mlflow_run_id": self.run_id})
+                return log_size_models(self.run_id, dict(zip(sizes, dirs)), rows, self.settings.register_as)
+        finally:
+            export_log.setLevel(level)
 
     def where(self) -> str:
-        return f"MLflow run {self.run_id} in {self.settings.resolved_uri()}  (open it with `make ui`)"
+        from recsys.tracking import DEFAULT_TRACKING_URI, run_url
+
+        uri = self.settings.resolved_uri()
+        run = self.logger.experiment.get_run(self.run_id)
+        url = run_url(uri, run.info.experiment_id, self.run_id)
+        if uri.startswith(("http://", "https://")):
+            see = f"open {url}"
+        else:
+            see = f"`make ui{'' if uri == DEFAULT_TRACKING_URI else f' STORE={uri}'}`, then open {url}"
+        return f"MLflow run '{run.info.run_name}' ({self.run_id}) in {uri}\nsee every size: {see}"
 
     def export_hint(self, best: str, dims: int) -> str:
         return f"python -m serving.export --run-id {self.run_id} --dims {dims} --out exports/"
@@ -289,7 +329,8 @@ class TrainCLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
         else:
-            self.config = parser.parse_args(nest_flat_args(list(sys.argv[1:] if args is None else args)))
+            argv = ["--help" if a == "--help-all" else a for a in (sys.argv[1:] if args is None else args)]
+            self.config = parser.parse_args(nest_flat_args(argv))  # --help itself is answered at the top
 
     def before_instantiate_classes(self) -> None:
         validate_config(self.config)
@@ -305,7 +346,9 @@ class TrainCLI(LightningCLI):
         if self.config.tracking == "csv":
             self.run = CSVRun(self.config.run_dir, self.config.ckpt_path)
         else:
-            self.run = MLflowRun(self.config_init.mlflow, self.config.ckpt_path)
+            model, data = self.config.model, self.config.data
+            name = default_run_name(model.encoder, model.sizes, dataset_name(data.data_dir))
+            self.run = MLflowRun(self.config_init.mlflow, self.config.ckpt_path, name)
         checkpoint: ModelCheckpoint = self.config_init.checkpoint
         if checkpoint.dirpath is None:
             checkpoint.dirpath = str(self.run.checkpoint_dir)
@@ -344,7 +387,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         SequenceDataModule,
         run=False,
         args=args,
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults={**TRAINER_DEFAULTS, "enable_model_summary": False},  # the per-size table says more
         save_config_callback=None,
         seed_everything_default=0,
         auto_configure_optimizers=False,
@@ -361,13 +404,15 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return result
 
-    title = f"{model.hparams.encoder} on {Path(cli.config.data.data_dir or 'synthetic').name}"
+    title = f"{model.hparams.encoder} on {dataset_name(cli.config.data.data_dir)}"
     tracked.log_results(fitted.rows, title, fitted.best, test_ranks_table(fitted.test_ranks, model.sizes))
     model_uris = tracked.log_models(fitted.best, model, fitted.rows)
     if model_uris is not None:
         result["model_uris"] = model_uris
     print("\n" + results_table(fitted.rows))
     print(f"\n{tracked.where()}")
+    if model_uris:
+        print("logged models: " + ", ".join(f"d{size} {uri}" for size, uri in model_uris.items()))
     if fitted.best:
         print(f"best checkpoint: {fitted.best}\nexport a size: {tracked.export_hint(fitted.best, model.sizes[-1])}")
     result["rows"] = fitted.rows
@@ -377,7 +422,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(args: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    quiet_console()
     return exit_code_of(lambda: run(args))
 
 

@@ -107,12 +107,20 @@ A progress bar shows users per second; the job ends with a one-line summary.
 
 from __future__ import annotations
 
+import sys
+
+from recsys.console import help_asked
+from serving.cli import candidates_parser
+
+if __name__ == "__main__" and help_asked(sys.argv[1:]):  # answered before torch is imported (seconds)
+    candidates_parser(__doc__).parse_args()
+
+# the imports below take seconds (torch), so the help comes first
 import hashlib
 import json
 import logging
 import re
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -747,30 +755,7 @@ def _manifest(runner: _Job, job: dict, recommender: SizedRecommender, spec: Inpu
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="python -m serving.candidates", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=str, required=True, help="export directory of one size (python -m serving.export)")
-    parser.add_argument("--input", type=str, required=True,
-                        help="interaction log or history table: .parquet, .csv, .tsv or a directory of .parquet")
-    parser.add_argument("--k", type=int, default=100, help="candidates per user")
-    parser.add_argument("--out", type=str, required=True, help="output directory (parts + manifest)")
-    parser.add_argument("--user-col", type=str, default="user_id", help="user id column")
-    parser.add_argument("--item-col", type=str, default="item_id", help="item id column (interaction log)")
-    parser.add_argument("--time-col", type=str | None, default="timestamp",
-                        help="time or order column (interaction log); none = file row order")
-    parser.add_argument("--history-col", type=str | None, default=None,
-                        help="list column of item ids, oldest first: the input is a history table")
-    parser.add_argument("--shard", type=str, default="0/1", help="i/n: process shard i of n (stable hash of the user id)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="users scored per batch")
-    parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=True,
-                        help="leave out items in the user's history")
-    parser.add_argument("--users-per-part", "--users-per-shard", type=int, default=100_000,
-                        help="users per output part file")
-    parser.add_argument("--device", type=str, default="auto", help="auto (GPU when present), cpu or cuda")
-    args = parser.parse_args(argv)
+    args = candidates_parser(__doc__).parse_args(argv)
     time_col = None if args.time_col in (None, "", "none", "None") else args.time_col
 
     def run() -> None:

@@ -17,10 +17,18 @@ a disk that fills up is one line too; the previous export stays whole.
 
 from __future__ import annotations
 
+import sys
+
+from recsys.console import help_asked
+from serving.cli import export_parser
+
+if __name__ == "__main__" and help_asked(sys.argv[1:]):  # answered before torch is imported (seconds)
+    export_parser(__doc__).parse_args()
+
+# the imports below take seconds (torch), so the help comes first
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -235,21 +243,7 @@ def _export_of_model_uri(model_uri: str, dims: list[int] | None, out: Path) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="python -m serving.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=str | None, default=None, help="a checkpoint written by recsys.train")
-    parser.add_argument("--run-id", type=str | None, default=None, help="an MLflow run of recsys.train (its best checkpoint)")
-    parser.add_argument("--model-uri", type=str | None, default=None, help="a logged size, e.g. models:/NAME-d64@champion")
-    parser.add_argument("--dims", type=str | None, default=None, help="comma-separated sizes, e.g. 64,128 (default: all)")
-    parser.add_argument("--out", type=str, required=True, help="output directory; each size goes to OUT/d<size>")
-    parser.add_argument("--index", type=str, default="exact",
-                        help="exact (torch search, no index file) or a faiss index: flat, ivf_flat, hnsw or ivf_pq")
-    parser.add_argument("--item-dtype", type=str, default="float32", help="float32 or float16 item matrix")
-    parser.add_argument("--funnel-prefix", type=int | None, default=None,
-                        help="serve with a funnel: shortlist with this many dimensions, re-rank at the full size")
-    parser.add_argument("--funnel-shortlist", type=int, default=1000, help="items shortlisted by the funnel")
-    args = parser.parse_args(argv)
+    args = export_parser(__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     return exit_code_of(lambda: _run(args))
 

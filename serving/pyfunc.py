@@ -63,7 +63,9 @@ class SizedRecommenderPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = serving.load(context.artifacts["export"])
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate against them
+    # pd.DataFrame: a hint MLflow neither validates against nor infers a signature from (the signature
+    # is logged with the model); without a hint MLflow warns at every definition of this class
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from serving.online import RequestError, answer, parse_request
 
         body = {"histories": _histories(model_input), **(params or {})}

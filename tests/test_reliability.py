@@ -20,7 +20,7 @@ Safe loading
 Bad input
 - ``BAD_INPUTS`` lists bad inputs for every command, each with the message the user must see. The
   test runs each one (exit status 2 and one ``error:`` line, or the exception of ``serving.load``;
-  nothing written) and checks that the README's table, which ``tools/bad_input_table.py`` generates
+  nothing written) and checks that docs/usage.md's table, which ``tools/bad_input_table.py`` generates
   from the same cases, matches.
 """
 
@@ -58,7 +58,7 @@ from serving.export import export_sizes
 from serving.sized_model import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+TABLE_PAGE = ROOT / "docs" / "usage.md"  # where the bad-input table is
 TABLE_START, TABLE_END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
 
 
@@ -586,7 +586,7 @@ def test_a_changed_export_file_is_refused(checkpoint, tmp_path, name, change):
 
 
 # ==========================================================================================================
-# Bad input, command by command (the README's table is generated from these cases)
+# Bad input, command by command (docs/usage.md's table is generated from these cases)
 # ==========================================================================================================
 
 
@@ -1096,8 +1096,8 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(case, resources, tmp
 
 def readme_table_rows() -> list[tuple[str, str, str]]:
     """(command, case, message) of each row between the README's markers."""
-    text = README.read_text(encoding="utf-8")
-    assert TABLE_START in text and TABLE_END in text, "the README has no bad-input table markers"
+    text = TABLE_PAGE.read_text(encoding="utf-8")
+    assert TABLE_START in text and TABLE_END in text, "docs/usage.md has no bad-input table markers"
     body = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
     rows = []
     for line in body.strip().splitlines():
@@ -1120,7 +1120,7 @@ def table_cell_text(cell: str) -> str:
 def test_readme_table_is_generated_from_these_cases():
     """Regenerate with ``python tools/bad_input_table.py`` when a case or a message changes."""
     rows = readme_table_rows()
-    stale = "the README table is out of date: run python tools/bad_input_table.py"
+    stale = "the bad-input table of docs/usage.md is out of date: run python tools/bad_input_table.py"
     assert len(rows) == len(BAD_INPUTS), stale
     for case, (command, description, message) in zip(BAD_INPUTS, rows):
         assert (command, description) == (f"`{command_label(case.command)}`", case.case), stale

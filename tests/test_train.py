@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -19,6 +20,8 @@ from recsys.metrics import ndcg_of_ranks
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.encoders import MambaOptions, OptionError
 from recsys.nn.nested import cut_to_size
+from recsys.reporting import results_table
+from recsys.tracking import MLflowSettings, default_run_name, make_logger, run_url
 from recsys.train import main, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,11 +75,50 @@ def test_run_records_every_size_and_one_model_per_size(trained):
     models = mlflow.search_logged_models(experiment_ids=[r.info.experiment_id], output_format="list")
     by_name = {m.name: m for m in models}
     assert set(by_name) == {f"d{s}" for s in SIZES}
+    rows = {row["size"]: row for row in result["rows"]}
     for s in SIZES:
-        assert by_name[f"d{s}"].params["size"] == str(s)
-        linked = {m.key for m in by_name[f"d{s}"].metrics}
-        assert f"test/ndcg_10/d{s}" in linked and f"test/recall_10/d{s}" in linked
-        assert not any(k.endswith(f"/d{t}") for k in linked for t in SIZES if t != s)
+        # the experiment's model list compares the sizes: the same columns for every model
+        model = by_name[f"d{s}"]
+        assert model.params == {"size": str(s), "parameters": str(rows[s]["parameters"]), "encoder": "lru"}
+        linked = {m.key: m for m in model.metrics}
+        assert {"test/ndcg_10", "test/recall_10", "test/mrr", "test/encode_ms_per_1k"} <= set(linked)
+        assert linked["test/ndcg_10"].value == pytest.approx(r.data.metrics[f"test/ndcg_10/d{s}"])
+        assert all(m.step == s for m in model.metrics)
+
+
+def test_run_is_named_after_what_it_trained_and_its_page_compares_the_sizes(trained):
+    """Its name says encoder, sizes, data and start time (MLflow's own random names repeat: the
+    training seeds Python's random first); its description is the per-size table and the plot;
+    its size-free metrics at step = size are the charts of each result against size."""
+    tmp, result = trained
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    r = client.get_run(result["run_id"])
+    assert re.fullmatch(r"lru d8-32 synthetic \d\d-\d\d \d\d:\d\d:\d\d", r.info.run_name), r.info.run_name
+    description = r.data.tags["mlflow.note.content"]
+    assert results_table(result["rows"]) in description
+    assert f"get-artifact?path=accuracy_vs_size.png&run_uuid={result['run_id']}" in description
+    ndcg = client.get_metric_history(result["run_id"], "test/ndcg_10")
+    assert sorted((m.step, m.value) for m in ndcg) == [(s, pytest.approx(r.data.metrics[f"test/ndcg_10/d{s}"])) for s in SIZES]
+    parameters = client.get_metric_history(result["run_id"], "parameters")
+    assert sorted((m.step, int(m.value)) for m in parameters) == [(row["size"], row["parameters"]) for row in result["rows"]]
+
+
+def test_default_run_names_and_run_addresses():
+    started = time.mktime((2026, 12, 2, 7, 6, 38, 0, 0, -1))
+    assert default_run_name("mamba", [16, 32, 64], "ml-1m", started) == "mamba d16-64 ml-1m 12-02 07:06:38"
+    assert default_run_name("sasrec", [64], "synthetic", started) == "sasrec d64 synthetic 12-02 07:06:38"
+    # a local store is shown by `make ui`; a tracking server shows its own runs; both on the training pages
+    assert run_url("sqlite:///mlflow.db", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert run_url("http://tracking:8080/", "3", "abc") == "http://tracking:8080/#/experiments/3/runs/abc?workflowType=machine_learning"
+
+
+def test_a_given_run_name_wins_over_the_default(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    given = make_logger(MLflowSettings(tracking_uri=uri, run_name="mine"), run_name="lru d8-32 synthetic")
+    default = make_logger(MLflowSettings(tracking_uri=uri), run_name="lru d8-32 synthetic")
+    client = MlflowClient(uri)
+    assert client.get_run(given.run_id).info.run_name == "mine"
+    assert client.get_run(default.run_id).info.run_name == "lru d8-32 synthetic"
 
 
 def test_logged_model_scores_exactly_like_the_checkpoint_cut_to_its_size(trained):
@@ -163,8 +205,9 @@ def test_csv_tracking_records_the_same_metrics_as_mlflow_without_importing_it(tr
     assert val["val/monitor"] == pytest.approx(np.mean([val[f"val/ndcg_10/d{s}"] for s in SIZES]), abs=1e-6)
     client = MlflowClient(f"sqlite:///{mlflow_tmp}/mlflow.db")
     logged = client.get_run(mlflow_result["run_id"]).data.metrics
-    # the logged models link each size's encode time too; everything else is the training's own
-    lightning_names = {k for k in logged if not k.startswith("test/encode_ms_per_1k/")}
+    # the size-free metrics at step = size are the MLflow run page's charts against size (and its
+    # models' columns); everything else is the training's own
+    lightning_names = {k for k in logged if k != "parameters" and not re.fullmatch(r"test/[a-z_0-9]+", k)}
     assert set(curves.columns) - {"step"} == lightning_names
     assert {"train/loss", "val/ndcg_10/d32", "test/ndcg_10/d32", "test/mrr/d8"} <= lightning_names
     test = curves.dropna(subset=["test/ndcg_10/d8"]).iloc[-1]

@@ -1,10 +1,10 @@
-"""Write the README's table of what each command does with bad input, from the tests' own cases.
+"""Write the table of what each command does with bad input (in ``docs/usage.md``), from the tests' own cases.
 
-    python tools/bad_input_table.py            # rewrite the table between the README's markers
-    python tools/bad_input_table.py --check    # exit 1 when the README's table differs
+    python tools/bad_input_table.py            # rewrite the table between the page's markers
+    python tools/bad_input_table.py --check    # exit 1 when the page's table differs
 
 The cases are ``BAD_INPUTS`` in ``tests/test_reliability.py``, which also checks each one (exit status
-2 and one ``error:`` line, nothing written) and that the README's rows match them. This script runs
+2 and one ``error:`` line, nothing written) and that the page's rows match them. This script runs
 every case the same way, each in its own temporary directory, and records the message the user sees.
 """
 
@@ -53,34 +53,33 @@ def build_table(cases) -> str:
     return "\n".join(rows)
 
 
-def replace_table(readme: str, table: str, start: str, end: str) -> str:
-    if start not in readme or end not in readme:
-        raise SystemExit(f"README.md has no {start} ... {end} markers")
-    before, rest = readme.split(start, 1)
+def replace_table(page: str, table: str, start: str, end: str) -> str:
+    if start not in page or end not in page:
+        raise SystemExit(f"the page has no {start} ... {end} markers")
+    before, rest = page.split(start, 1)
     _, after = rest.split(end, 1)
     return f"{before}{start}\n{table}\n{end}{after}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the README differs")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the page differs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore")
     cases = load_cases()
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "recsys", "serving", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)  # the commands' own progress, not this table
-    readme_path = ROOT / "README.md"
-    readme = readme_path.read_text(encoding="utf-8")
-    updated = replace_table(readme, build_table(cases), cases.TABLE_START, cases.TABLE_END)
+    page = cases.TABLE_PAGE.read_text(encoding="utf-8")
+    updated = replace_table(page, build_table(cases), cases.TABLE_START, cases.TABLE_END)
     if args.check:
-        if updated != readme:
-            log.error("README.md's bad-input table is out of date: run python tools/bad_input_table.py")
+        if updated != page:
+            log.error("the bad-input table of docs/usage.md is out of date: run python tools/bad_input_table.py")
             return 1
-        log.info("README.md's bad-input table is up to date")
+        log.info("the bad-input table of docs/usage.md is up to date")
         return 0
-    readme_path.write_text(updated, encoding="utf-8")
-    log.info("wrote %d rows to %s", len(cases.BAD_INPUTS), readme_path)
+    cases.TABLE_PAGE.write_text(updated, encoding="utf-8")
+    log.info("wrote %d rows to %s", len(cases.BAD_INPUTS), cases.TABLE_PAGE)
     return 0
 
 

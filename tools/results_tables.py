@@ -1,10 +1,10 @@
-"""Write the README's measured results from ``bench/results/*.json``, between markers.
+"""Write the measured results of ``docs/results.md`` from ``bench/results/*.json``, between markers.
 
-    python tools/results_tables.py            # rewrite every generated block of README.md
+    python tools/results_tables.py            # rewrite every generated block of docs/results.md
     python tools/results_tables.py --check    # exit 1 when a block differs from what the JSONs give
 
 Each block sits between ``<!-- results:NAME:start -->`` and ``<!-- results:NAME:end -->`` in the
-README's "Measured results" section, and everything inside it (tables, key figures, the command
+"Measured results" section of ``docs/results.md``, and everything inside it (tables, key figures, the command
 that reproduces them, the machine and its load) is computed here from the JSON the benchmark wrote.
 Sentences outside the blocks interpret the figures but quote none; ``tests/test_readme.py`` checks
 both that the blocks are current and that no number is written by hand around them.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
+RESULTS_PAGE = ROOT / "docs" / "results.md"
 
 SECTION = "## Measured results"
 
@@ -946,51 +946,51 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
 }
 
 
-# -- the README ------------------------------------------------------------------------------------
+# -- the page --------------------------------------------------------------------------------------
 
 
-def section_bounds(readme: str) -> tuple[int, int]:
+def section_bounds(page: str) -> tuple[int, int]:
     """Start and end offsets of the Measured results section (up to the next ``## `` heading)."""
-    start = readme.find(SECTION + "\n")
+    start = page.find(SECTION + "\n")
     if start < 0:
-        raise SystemExit(f"README.md has no '{SECTION}' section")
-    end = readme.find("\n## ", start + len(SECTION))
-    return start, len(readme) if end < 0 else end + 1
+        raise SystemExit(f"{RESULTS_PAGE.name} has no '{SECTION}' section")
+    end = page.find("\n## ", start + len(SECTION))
+    return start, len(page) if end < 0 else end + 1
 
 
-def render(readme: str) -> str:
-    """``readme`` with every generated block of the Measured results section rewritten."""
-    start, end = section_bounds(readme)
-    section = readme[start:end]
+def render(page: str) -> str:
+    """``page`` with every generated block of its Measured results section rewritten."""
+    start, end = section_bounds(page)
+    section = page[start:end]
     for name, build in BLOCKS.items():
         begin, finish = start_marker(name), end_marker(name)
         if section.count(begin) != 1 or section.count(finish) != 1:
-            raise SystemExit(f"README.md's '{SECTION}' section needs exactly one {begin} ... {finish} pair")
+            raise SystemExit(f"{RESULTS_PAGE.name}'s '{SECTION}' section needs exactly one {begin} ... {finish} pair")
         before, rest = section.split(begin, 1)
         _, after = rest.split(finish, 1)
         section = f"{before}{begin}\n" + "\n".join(build()) + f"\n{finish}{after}"
-    return readme[:start] + section + readme[end:]
+    return page[:start] + section + page[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the README differs")
-    parser.add_argument("--readme", type=Path, default=README, help="the README to rewrite or check")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the page differs")
+    parser.add_argument("--page", type=Path, default=RESULTS_PAGE, help="the page to rewrite or check")
     args = parser.parse_args(argv)
-    readme = args.readme.read_text(encoding="utf-8")
-    updated = render(readme)
+    page = args.page.read_text(encoding="utf-8")
+    updated = render(page)
     if args.check:
-        if updated != readme:
-            print(f"{args.readme}: the measured results are out of date: run python tools/results_tables.py",
+        if updated != page:
+            print(f"{args.page}: the measured results are out of date: run python tools/results_tables.py",
                   file=sys.stderr)
             return 1
-        print(f"{args.readme}: the measured results are up to date")
+        print(f"{args.page}: the measured results are up to date")
         return 0
-    if updated != readme:
-        args.readme.write_text(updated, encoding="utf-8")
-        print(f"rewrote {len(BLOCKS)} blocks in {args.readme}")
+    if updated != page:
+        args.page.write_text(updated, encoding="utf-8")
+        print(f"rewrote {len(BLOCKS)} blocks in {args.page}")
     else:
-        print(f"{args.readme}: already up to date")
+        print(f"{args.page}: already up to date")
     return 0
 
 

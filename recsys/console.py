@@ -1,0 +1,54 @@
+"""What our commands print on the console: their help at once, our own lines, no third-party chatter.
+
+:func:`help_asked` lets a command answer ``--help`` before it imports torch, Lightning or MLflow
+(seconds): each command checks it first. :func:`quiet_console` sets up the console of a training
+run: our log lines (``recsys.*``, ``serving.*``) at INFO, every other library's at WARNING, and the
+few third-party notices that say nothing about the user's data or settings switched off at their
+source, each by its logger, its message or an MLflow setting (never all warnings).
+
+Standard library only: importing this costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+__all__ = ["help_asked", "quiet_console"]
+
+OUR_LOGGERS = ("recsys", "serving")
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+# (message regex, category, module regex) of the third-party warnings switched off, and why.
+THIRD_PARTY_WARNINGS = (
+    # Lightning calls a torch API that torch has deprecated: nothing for the user to change.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\."),
+    # Short epochs: the loss is logged every `log_every_n_steps` steps across epochs all the same.
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning, r"lightning\."),
+)
+
+
+def help_asked(argv: list[str]) -> bool:
+    """Whether the command line asks for the help (``-h`` or ``--help``)."""
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
+def quiet_console() -> None:
+    """Our INFO lines and everyone's warnings; third-party INFO lines, tips and progress bars off.
+
+    Call it after Lightning is imported (its import sets its loggers' level); MLflow may come later.
+    """
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, force=True)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    # Lightning's loggers have handlers of their own (device summary, seed, tips, "Trainer.fit stopped")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow configures its logger when imported, from MLFLOW_LOGGING_LEVEL; and its artifact
+    # downloads (one per logged model, to validate the input example) draw a progress bar each.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+    for message, category, module in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
