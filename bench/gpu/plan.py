@@ -147,9 +147,9 @@ TESTS = Step(
 ACCURACY = Step(
     "accuracy",
     (("{python}", "bench/accuracy.py", "--config", "configs/ml-1m.yaml", "--name", "gpu-ml-1m", "--parallel", "7",
-      "--tracking", "csv", "--set", "trainer.max_time=00:00:02:30", "--out-dir", "{work}",
-      "--label", "H200: 7 runs side by side on one GPU, each stopped after 150 s of training at the latest"),),
-    timeout_s=210,
+      "--tracking", "csv", "--set", "trainer.max_time=00:00:02:20", "--out-dir", "{work}",
+      "--label", "H200: 7 runs side by side on one GPU, each stopped after 140 s of training at the latest"),),
+    timeout_s=200,
     results={"gpu-accuracy-ml-1m.json": ("accuracy_gpu-ml-1m.json",)},
     rehearse={"--parallel": "2", "--epochs": "1", "--max-len": "20", "--sizes": "16,32", "--separate-sizes": "16",
               "--set": "trainer.max_time=00:00:01:00"},
@@ -158,7 +158,7 @@ ACCURACY = Step(
 TRAIN_STEP = Step(
     "train_step",
     tuple(_train_step(p, out=f"train_step-{p}.json") for p in PRECISIONS),
-    timeout_s=100,
+    timeout_s=90,
     results={"gpu-train_step.json": tuple(f"train_step-{p}.json" for p in PRECISIONS)},
     rehearse=TRAIN_STEP_REHEARSE,
     about="training step of LRU, Mamba (PyTorch scan) and SASRec on ML-1M batches: fp32, TF32, bf16 autocast",
@@ -169,7 +169,7 @@ RETRIEVAL = Step(
       "--kinds", "flat,ivf_flat", "--funnel-prefixes", "32", "--funnel-shortlists", "400,1600",
       "--funnel-index-kinds", "flat", "--queries", "4096", "--repeats", "5", "--threads", "16",
       "--out", "{work}/retrieval.json"),),
-    timeout_s=60,
+    timeout_s=50,
     results={"gpu-retrieval.json": ("retrieval.json",)},
     rehearse={"--device": "cpu", "--catalogues": "20000", "--queries": "64", "--repeats": "1", "--threads": "2"},
     about="faiss GPU indexes against torch exact search on the GPU, 10^6 items",
@@ -179,7 +179,7 @@ CANDIDATES = Step(
     (("{python}", "bench/candidates.py", "--device", "cuda", "--items", "1000000", "--sizes", "64",
       "--users-large", "200000", "--search-queries", "4096", "--repeats", "3", "--batch-size", "8192",
       "--users-per-part", "50000", "--out", "{work}/candidates.json"),),
-    timeout_s=150,
+    timeout_s=130,
     results={"gpu-candidates.json": ("candidates.json",)},
     rehearse={"--device": "cpu", "--items": "5000", "--users-large": None, "--users": "300", "--search-queries": "64",
               "--repeats": "1", "--batch-size": "256", "--users-per-part": "100"},
@@ -191,9 +191,9 @@ KERNELS = Step(
      ("{python}", "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rs", "tests/test_mamba.py",
       "-k", "kernels", "--junitxml={work}/kernels.xml"),
      _train_step("fp32", "--encoders", "mamba", out="train_step-mamba-kernels.json")),
-    timeout_s=60,
+    timeout_s=45,
     results={"gpu-train_step.json": ("train_step-mamba-kernels.json",)},
-    rehearse={**TRAIN_STEP_REHEARSE, "--wait": "0"},
+    rehearse={**TRAIN_STEP_REHEARSE, "--wait": "120"},
     about="mamba_ssm and causal_conv1d built there (started in the first call): kernel test, Mamba step with kernels",
 )
 
@@ -201,9 +201,9 @@ KERNELS = Step(
 #: time nothing that the tests could disturb)
 STAGES: tuple[tuple[Step, ...], ...] = ((ACCURACY, TESTS), (TRAIN_STEP,), (RETRIEVAL,), (CANDIDATES,), (KERNELS,))
 
-INSTALL_S = 45  # the last call before its stages: join, verify, install, the cuBLAS shim, import checks
+INSTALL_S = 40  # the last call before its stages: join, verify, install, the cuBLAS shim, import checks
 COLLECT_S = 15  # the last call after them: results and logs into $OUT
-RECEIVE_S = 30  # every call before the last: verify and stash what it carried
+RECEIVE_S = 20  # every call before the last: verify and stash what it carried
 KERNEL_BUILD_S = 540  # the background build of the kernels, from the first call on
 LOGS = "gpu-logs.tar.gz"  # every log, test report and side file, in one file of $OUT
 SUMMARY = "gpu-run.json"  # device, versions, install, kernel build and every step's outcome
