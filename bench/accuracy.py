@@ -299,6 +299,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="train every run once per seed (--seed_everything); rows are means over seeds")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test users")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where accuracy_<name>.{json,md,png} go")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.config.read_text())
@@ -312,7 +313,7 @@ def main() -> None:
         overrides += [f"--{key}", value]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else config["model"]["sizes"]
     name = args.name or args.config.stem
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"accuracy-{name}-"))
 
     def sized(s: list[int], *extra: str) -> list[str]:
@@ -374,9 +375,9 @@ def main() -> None:
     }
     report["date"] = time.strftime("%Y-%m-%d")
     text = markdown(report)
-    write_json_atomically(RESULTS / f"accuracy_{name}.json", report, indent=2)
-    write_text_atomically(RESULTS / f"accuracy_{name}.md", text)
-    plot(report, RESULTS / f"accuracy_{name}.png", PUBLISHED.get(Path(config["data"]["data_dir"]).name, {}))
+    write_json_atomically(args.out_dir / f"accuracy_{name}.json", report, indent=2)
+    write_text_atomically(args.out_dir / f"accuracy_{name}.md", text)
+    plot(report, args.out_dir / f"accuracy_{name}.png", PUBLISHED.get(Path(config["data"]["data_dir"]).name, {}))
     print(text)
 
 
