@@ -114,15 +114,15 @@ class Step:
 
     ``results``: files the commands write, relative to ``{work}``, by the name they get in ``$OUT``
     (several files for one name are merged into one JSON object keyed by their stems).
-    ``rehearse``: option -> value replacements for the CPU rehearsal (small sizes, CPU device);
-    an option mapped to None is dropped with its value.
+    ``rehearse``: for each command, option -> value for the CPU rehearsal (small sizes, CPU device):
+    an option the command has gets the value, one it lacks is added, one mapped to None is dropped.
     """
 
     name: str
     commands: tuple[tuple[str, ...], ...]
     timeout_s: int
     results: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    rehearse: dict[str, str | None] = field(default_factory=dict)
+    rehearse: tuple[dict[str, str | None], ...] = ()
     about: str = ""
 
 
@@ -151,8 +151,8 @@ ACCURACY = Step(
       "--label", "H200: 7 runs side by side on one GPU, each stopped after 140 s of training at the latest"),),
     timeout_s=200,
     results={"gpu-accuracy-ml-1m.json": ("accuracy_gpu-ml-1m.json",)},
-    rehearse={"--parallel": "2", "--epochs": "1", "--max-len": "20", "--sizes": "16,32", "--separate-sizes": "16",
-              "--set": "trainer.max_time=00:00:01:00"},
+    rehearse=({"--parallel": "2", "--epochs": "1", "--max-len": "20", "--sizes": "16,32", "--separate-sizes": "16",
+               "--set": "trainer.max_time=00:00:01:00"},),
     about="MovieLens-1M through python -m recsys.train: the one Matryoshka run, each size alone, SASRec",
 )
 TRAIN_STEP = Step(
@@ -160,7 +160,7 @@ TRAIN_STEP = Step(
     tuple(_train_step(p, out=f"train_step-{p}.json") for p in PRECISIONS),
     timeout_s=90,
     results={"gpu-train_step.json": tuple(f"train_step-{p}.json" for p in PRECISIONS)},
-    rehearse=TRAIN_STEP_REHEARSE,
+    rehearse=(TRAIN_STEP_REHEARSE,) * len(PRECISIONS),
     about="training step of LRU, Mamba (PyTorch scan) and SASRec on ML-1M batches: fp32, TF32, bf16 autocast",
 )
 RETRIEVAL = Step(
@@ -171,7 +171,7 @@ RETRIEVAL = Step(
       "--out", "{work}/retrieval.json"),),
     timeout_s=50,
     results={"gpu-retrieval.json": ("retrieval.json",)},
-    rehearse={"--device": "cpu", "--catalogues": "20000", "--queries": "64", "--repeats": "1", "--threads": "2"},
+    rehearse=({"--device": "cpu", "--catalogues": "20000", "--queries": "64", "--repeats": "1", "--threads": "2"},),
     about="faiss GPU indexes against torch exact search on the GPU, 10^6 items",
 )
 CANDIDATES = Step(
@@ -181,8 +181,8 @@ CANDIDATES = Step(
       "--users-per-part", "50000", "--out", "{work}/candidates.json"),),
     timeout_s=130,
     results={"gpu-candidates.json": ("candidates.json",)},
-    rehearse={"--device": "cpu", "--items": "5000", "--users-large": None, "--users": "300", "--search-queries": "64",
-              "--repeats": "1", "--batch-size": "256", "--users-per-part": "100"},
+    rehearse=({"--device": "cpu", "--items": "5000", "--users-large": None, "--users": "300", "--search-queries": "64",
+               "--repeats": "1", "--batch-size": "256", "--users-per-part": "100"},),
     about="batch candidates, 10^6 items at size 64, k=100, for a subsample of 200,000 users (seconds_per_million_users extrapolates)",
 )
 KERNELS = Step(
@@ -193,7 +193,7 @@ KERNELS = Step(
      _train_step("fp32", "--encoders", "mamba", out="train_step-mamba-kernels.json")),
     timeout_s=45,
     results={"gpu-train_step.json": ("train_step-mamba-kernels.json",)},
-    rehearse={**TRAIN_STEP_REHEARSE, "--wait": "120"},
+    rehearse=({"--wait": "120"}, {}, TRAIN_STEP_REHEARSE),
     about="mamba_ssm and causal_conv1d built there (started in the first call): kernel test, Mamba step with kernels",
 )
 

@@ -317,8 +317,8 @@ def run_step(step: plan.Step, box: float, env: dict, out: Path, rehearse: bool) 
     started = time.monotonic()
     outcome = {"about": step.about, "box_s": round(box), "commands": [], "rc": 0, "timed_out": False}
     with open(log_path, "w") as log:
-        for command in step.commands:
-            argv = filled(rehearsed(command, step.rehearse) if rehearse else list(command), out)
+        for i, command in enumerate(step.commands):
+            argv = filled(rehearsed(command, step.rehearse[i]) if rehearse else list(command), out)
             outcome["commands"].append(" ".join(argv).replace(str(ROOT) + "/", ""))
             log.write(f"$ {outcome['commands'][-1]}\n")
             log.flush()
