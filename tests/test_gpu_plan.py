@@ -125,7 +125,7 @@ def test_every_step_command_names_options_its_script_has():
         assert not step.rehearse or len(step.rehearse) == len(step.commands), step.name
         for i, command in enumerate(step.commands):
             args = list(command[1:])
-            for argv in (args, run_on_device.rehearsed(tuple(args), step.rehearse[i] if step.rehearse else {})):
+            for argv in (args, run_on_device.rehearsed(tuple(args), step.rehearsal(i))):
                 if argv[:2] == ["-m", "pytest"]:
                     tests = [a for a in argv if a.startswith("tests/")]
                     assert tests and all((ROOT / t).is_file() for t in tests), argv

@@ -125,6 +125,10 @@ class Step:
     rehearse: tuple[dict[str, str | None], ...] = ()
     about: str = ""
 
+    def rehearsal(self, i: int) -> dict[str, str | None]:
+        """The rehearsal settings of command ``i`` (none for a step that needs none)."""
+        return self.rehearse[i] if self.rehearse else {}
+
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 ML1M = "ml-1m=data/ml-1m"

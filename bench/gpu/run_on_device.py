@@ -318,12 +318,13 @@ def run_step(step: plan.Step, box: float, env: dict, out: Path, rehearse: bool) 
     outcome = {"about": step.about, "box_s": round(box), "commands": [], "rc": 0, "timed_out": False}
     with open(log_path, "w") as log:
         for i, command in enumerate(step.commands):
-            argv = filled(rehearsed(command, step.rehearse[i]) if rehearse else list(command), out)
+            argv = filled(rehearsed(command, step.rehearsal(i)) if rehearse else list(command), out)
             outcome["commands"].append(" ".join(argv).replace(str(ROOT) + "/", ""))
             log.write(f"$ {outcome['commands'][-1]}\n")
             log.flush()
+            # a process group of its own (not a session: the device tool still ends it with the call)
             process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+                                       stdin=subprocess.DEVNULL, process_group=0)
             try:
                 outcome["rc"] = process.wait(timeout=max(1.0, started + box - time.monotonic()))
             except subprocess.TimeoutExpired:
