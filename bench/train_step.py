@@ -237,14 +237,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-for", nargs="*", default=[], metavar="NAME:ENCODER=STEPS", help="fewer steps where a step is slow")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--max-len", type=int, default=None, help="override the configs' data.max_len (a quick look)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32, tf32 (float32 products on TF32 tensor cores) or bf16 (autocast); see above")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_step.json")
     args = parser.parse_args(argv)
     data = parse_data(args.data, parser)
-    if args.steps < 1 or args.threads < 1:
-        parser.error(f"--steps and --threads must be positive, got {args.steps} and {args.threads}")
+    if args.steps < 1 or args.threads < 1 or (args.max_len is not None and args.max_len < 1):
+        parser.error(f"--steps, --threads and --max-len must be positive, got {args.steps}, {args.threads} and {args.max_len}")
     steps_for = {}
     for value in args.steps_for:
         key, eq, n = value.partition("=")
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     datasets = {}
     for name, directory in data.items():
         model_settings, data_settings = dataset_settings(name)
+        if args.max_len:
+            data_settings["max_len"] = args.max_len
         modules, orders, epoch = {}, {}, {}
         for b in BATCHINGS:
             modules[b] = SequenceDataModule(data_dir=str(directory), seed=args.seed, length_batching=b == "length", **data_settings)
@@ -320,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             + ([f"--steps-for {' '.join(args.steps_for)}"] if args.steps_for else [])
             + ([f"--encoders {' '.join(args.encoders)}"] if args.encoders != list(ENCODERS) else [])
             + ([f"--device {args.device} --precision {args.precision}"] if args.device != "cpu" or args.precision != "fp32" else [])
+            + ([f"--max-len {args.max_len}"] if args.max_len else [])
         ),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),

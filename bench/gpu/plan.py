@@ -139,7 +139,7 @@ def _train_step(precision: str, *extra: str, out: str) -> tuple[str, ...]:
             "--steps", "6", "--threads", "4", *extra, "--out", "{work}/" + out)
 
 
-TRAIN_STEP_REHEARSE = {"--device": "cpu", "--steps": "1", "--threads": "2"}
+TRAIN_STEP_REHEARSE = {"--device": "cpu", "--steps": "1", "--threads": "2", "--max-len": "20"}
 
 TESTS = Step(
     "tests",
@@ -173,7 +173,7 @@ RETRIEVAL = Step(
       "--kinds", "flat,ivf_flat", "--funnel-prefixes", "32", "--funnel-shortlists", "400,1600",
       "--funnel-index-kinds", "flat", "--queries", "4096", "--repeats", "5", "--threads", "16",
       "--out", "{work}/retrieval.json"),),
-    timeout_s=50,
+    timeout_s=60,
     results={"gpu-retrieval.json": ("retrieval.json",)},
     rehearse=({"--device": "cpu", "--catalogues": "20000", "--queries": "64", "--repeats": "1", "--threads": "2"},),
     about="faiss GPU indexes against torch exact search on the GPU, 10^6 items",
@@ -208,7 +208,7 @@ STAGES: tuple[tuple[Step, ...], ...] = ((ACCURACY, TESTS), (TRAIN_STEP,), (RETRI
 INSTALL_S = 40  # the last call before its stages: join, verify, install, the cuBLAS shim, import checks
 COLLECT_S = 15  # the last call after them: results and logs into $OUT
 RECEIVE_S = 20  # every call before the last: verify and stash what it carried
-KERNEL_BUILD_S = 540  # the background build of the kernels, from the first call on
+KERNEL_BUILD_S = 620  # the background build of the kernels, from the first call until about the kernels stage
 LOGS = "gpu-logs.tar.gz"  # every log, test report and side file, in one file of $OUT
 SUMMARY = "gpu-run.json"  # device, versions, install, kernel build and every step's outcome
 

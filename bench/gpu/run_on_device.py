@@ -227,12 +227,13 @@ def pip_install(wheels: list[Path]) -> None:
 
 
 def find_cublas13() -> str:
-    """The path of cuBLAS 13 in the device's Python packages or CUDA toolkit ('' if there is none)."""
+    """cuBLAS 13 of the device's torch (its nvidia packages) or else of the CUDA toolkit ('' if none)."""
     import site
 
-    roots = [*site.getsitepackages(), site.getusersitepackages(), "/usr/local/cuda"]
-    for root in roots:
-        found = sorted(glob.glob(os.path.join(root, "**", "libcublas.so.13"), recursive=True))
+    patterns = [os.path.join(root, "nvidia", "**", "libcublas.so.13") for root in site.getsitepackages()]
+    patterns += ["/usr/local/cuda/lib64/libcublas.so.13", "/usr/local/cuda/targets/*/lib/libcublas.so.13"]
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern, recursive=True))
         if found:
             return found[0]
     return ""
@@ -261,14 +262,28 @@ def install(wheels: dict[str, Path]) -> dict:
 
 
 ENVIRONMENT = r"""
-import json, platform, torch, polars, jsonargparse, faiss
+import json, platform, numpy, torch, polars, jsonargparse, faiss
 cuda = torch.cuda.is_available()
+
+def faiss_gpu_search():
+    # a flat index on GPU 0 finds each of a few rows as its own best match (cuBLAS through the shim)
+    if faiss.get_num_gpus() == 0:
+        return None
+    try:
+        x = numpy.random.default_rng(0).standard_normal((1000, 32)).astype("float32")
+        index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), 32)
+        index.add(x)
+        return bool((index.search(x[:10], 1)[1][:, 0] == numpy.arange(10)).all())
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+
 print(json.dumps({
     "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
     "cuda_available": cuda, "device_name": torch.cuda.get_device_name(0) if cuda else None,
     "capability": list(torch.cuda.get_device_capability(0)) if cuda else None,
     "polars": polars.__version__, "jsonargparse": jsonargparse.__version__, "faiss": faiss.__version__,
     "faiss_gpus": faiss.get_num_gpus(), "faiss_gpu_classes": hasattr(faiss, "StandardGpuResources"),
+    "faiss_gpu_search": faiss_gpu_search(),
 }))
 """
 
