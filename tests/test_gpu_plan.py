@@ -276,3 +276,25 @@ def test_downloaded_files_match_the_lock():
             folder = ROOT / plan.WHEEL_DIR / f"call-{call['call']}"
             for entry in call["files"]:
                 assert (folder / entry["name"]).stat().st_size == entry["size"], entry["name"]
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_every_step_on_cpu(tmp_path):
+    """``run_on_device.py run --rehearse`` (make gpu-rehearse): every call received, the lock installed,
+    every step run with its CPU settings, $OUT filled; without CUDA the kernels are not built, so
+    their step stops at install-kernels and Mamba keeps the PyTorch scan."""
+    if not list((ROOT / plan.WHEEL_DIR).glob("call-*/manifest.json")):
+        pytest.skip("no prepared calls (python bench/gpu/prepare.py)")
+    done = subprocess.run([sys.executable, "bench/gpu/run_on_device.py", "run", "--rehearse"], cwd=ROOT,
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=7200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == plan.out_files()
+    summary = json.loads((tmp_path / plan.SUMMARY).read_text())
+    assert summary["environment"]["imports"]["faiss"] == "1.15.1"  # the locked faiss-gpu, through the shim
+    for name, outcome in summary["steps"].items():
+        if name == "kernels":
+            assert outcome["rc"] == 1 and "the PyTorch scan is used" in outcome["log_tail"], outcome["log_tail"]
+        else:
+            assert outcome["rc"] == 0, (name, outcome["log_tail"])
+    train_step = json.loads((tmp_path / "gpu-train_step.json").read_text())
+    assert sorted(train_step) == [f"train_step-{p}" for p in sorted(plan.PRECISIONS)]
