@@ -113,7 +113,6 @@ class Step:
     def __init__(self, model: MatryoshkaRecommender, device: torch.device, precision: str = "fp32") -> None:
         self.model = model.to(device).train()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=model.hparams.lr)
-        self.device = device
         self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
