@@ -56,7 +56,7 @@ data/lastfm: install
 # The GPU plan of issue 16 (docs/gpu.md): its dry run and the calls a session lent a device makes;
 # the download of its files; a rehearsal of the device script here on CPU (after gpu-prepare).
 gpu-plan: install
-	PYTHONPATH=. $(PY) -m pytest -q -o addopts= -p no:cacheprovider tests/test_gpu_plan.py
+	PYTHONPATH=. $(PY) -m pytest -q -o addopts= -m "not slow" -p no:cacheprovider tests/test_gpu_plan.py
 	$(PY) bench/gpu/prepare.py --print
 
 gpu-prepare: install
