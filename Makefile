@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 PROFILE ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(PROFILE)
 
-.PHONY: install train test test-slow bench ui ui-check serve clean
+.PHONY: install train test test-slow bench ui ui-check serve clean gpu-plan gpu-prepare gpu-rehearse
 
 install: $(STAMP)
 
@@ -65,3 +65,15 @@ data/lastfm: install
 	$(PY) -m recsys.data prepare --interactions $(SHARED)/lastfm/interactions.tsv \
 	    --items $(SHARED)/lastfm/items.tsv --out $@ --user-col user_id --item-col item_id --time-col timestamp \
 	    --text-cols name --min-count 5 --repeats keep
+
+# The GPU plan of issue 16 (docs/gpu.md): its dry run and the calls a session lent a device makes;
+# the download of its files; a rehearsal of the device script here on CPU (after gpu-prepare).
+gpu-plan: install
+	PYTHONPATH=. $(PY) -m pytest -q -o addopts= -m "not slow" -p no:cacheprovider tests/test_gpu_plan.py
+	$(PY) bench/gpu/prepare.py --print
+
+gpu-prepare: install
+	$(PY) bench/gpu/prepare.py
+
+gpu-rehearse: install
+	$(PY) bench/gpu/run_on_device.py run --rehearse

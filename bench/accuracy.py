@@ -303,13 +303,14 @@ def main() -> None:
                         help="train every run once per seed (--seed_everything); rows are means over seeds")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test users")
     parser.add_argument("--replot", action="store_true", help="only redraw accuracy_<name>.png from its JSON")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where accuracy_<name>.{json,md,png} go")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.config.read_text())
     published = PUBLISHED.get(Path(config["data"]["data_dir"]).name, {})
     if args.replot:
         name = args.name or args.config.stem
-        plot(json.loads((RESULTS / f"accuracy_{name}.json").read_text()), RESULTS / f"accuracy_{name}.png", published)
+        plot(json.loads((args.out_dir / f"accuracy_{name}.json").read_text()), args.out_dir / f"accuracy_{name}.png", published)
         return
     overrides: list[str] = []
     if args.epochs:
@@ -321,7 +322,7 @@ def main() -> None:
         overrides += [f"--{key}", value]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else config["model"]["sizes"]
     name = args.name or args.config.stem
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"accuracy-{name}-"))
 
     def sized(s: list[int], *extra: str) -> list[str]:
@@ -383,9 +384,9 @@ def main() -> None:
     }
     report["date"] = time.strftime("%Y-%m-%d")
     text = markdown(report)
-    write_json_atomically(RESULTS / f"accuracy_{name}.json", report, indent=2)
-    write_text_atomically(RESULTS / f"accuracy_{name}.md", text)
-    plot(report, RESULTS / f"accuracy_{name}.png", published)
+    write_json_atomically(args.out_dir / f"accuracy_{name}.json", report, indent=2)
+    write_text_atomically(args.out_dir / f"accuracy_{name}.md", text)
+    plot(report, args.out_dir / f"accuracy_{name}.png", published)
     print(text)
 
 

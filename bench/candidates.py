@@ -27,6 +27,9 @@ geometric number of events (mean about 20, at most 200) over Zipf-popular items.
 Users are subsampled (``--users`` for 10^5 items, ``--users-large`` for 10^6; the JSON records
 both): the floor per user at 10^6 items is 10 times that at 10^5.
 
+With ``--device cuda`` the job, both search-only timings and the matrix-product rate of the floor
+run on the GPU; ``seconds_per_million_users`` extrapolates a subsample's job to 10^6 users.
+
 Machines here are shared and noisy: compare figures within one run, and read the load average
 recorded with each row. Run: ``python bench/candidates.py`` (about 10 minutes on a quiet 2-core
 machine); ``--items 100000 --sizes 32,256 --users 1000`` gives a quick look.
@@ -179,6 +182,7 @@ def bench_catalogue(num_items: int, num_users: int, rate: float, args, work: Pat
             "parts": manifest["counts"]["parts"],
             "seconds": elapsed,
             "users_per_s": num_users / elapsed,
+            "seconds_per_million_users": elapsed / num_users * 1e6,  # the whole job, extrapolated from the subsample
             "floor_users_per_s": floor,
             "fraction_of_floor": num_users / elapsed / floor,
             "search_fraction_of_floor": num_users / split["search_s"] / floor,
@@ -263,14 +267,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("serving").setLevel(logging.WARNING)
 
-    rate = matmul_gflops()
-    logger.info("float32 matmul: %.1f GFLOP/s", rate)
+    rate = matmul_gflops(device=args.device)  # the floor is the device's: on a GPU its float32 rate
+    logger.info("float32 matmul on %s: %.1f GFLOP/s", args.device, rate)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-candidates-") as tmp:
         for n in args.items:
             users = args.users if n < 1_000_000 else args.users_large
             rows += bench_catalogue(n, users, rate, args, Path(tmp))
-    rate_after = matmul_gflops()
+    rate_after = matmul_gflops(device=args.device)
     print_table(rate, rows)
     print(f"(matmul rate re-measured at the end: {rate_after:.1f} GFLOP/s; the machine is shared)")
     result = {

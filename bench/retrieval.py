@@ -18,6 +18,11 @@ prefix keeps the most variance any s-dim projection can), so prefixes behave lik
 Matryoshka tower's: small sizes are coarse but informative. Users are noisy averages of a few items
 of one cluster (a short history).
 
+``--device gpu`` puts every faiss index that faiss can move (flat, IVF-flat, IVF-PQ; HNSW stays on
+the CPU) on GPU 0 after its CPU build (``build_s`` is the build, ``place_s`` the move), and runs
+``torch.topk(q @ Z.T)`` (and the exact truth) on the GPU; the funnel's re-rank stays on the CPU, as
+in serving.
+
 Machines here are shared and noisy: compare figures within one run. Run:
 ``python bench/retrieval.py`` (all three catalogues, about an hour on 2 busy cores) or e.g.
 ``python bench/retrieval.py --catalogues 10000,100000`` for a quick look.
@@ -47,12 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsys.atomic import write_json_atomically  # noqa: E402
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
+from serving.retrieval.faiss_index import is_gpu_index  # noqa: E402
 from serving.retrieval import (  # noqa: E402
     KINDS,
     FaissRetriever,
     FunnelRetriever,
     FunnelSpec,
     IndexSpec,
+    gpu_available,
     recall_at_k,
     torch_topk,
 )
@@ -158,8 +165,10 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, device: str) -> dict:
     return {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "gpu" else None,
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
@@ -185,7 +194,7 @@ def hnsw_allowed(n: int, size: int, args) -> bool:
 
 def sweep(retriever: FaissRetriever, queries, k, repeats, truth_full, truth_same, n) -> list[dict]:
     """Recall and latency of an approximate index over its search-time knob (nprobe, ef_search)."""
-    index, spec = retriever.index, retriever.spec
+    spec = retriever.spec
     if spec.kind in ("ivf_flat", "ivf_pq"):
         name, values = "nprobe", sorted({max(1, spec.nlist // f) for f in (32, 16, 8, 4)})
     elif spec.kind == "hnsw":
@@ -195,12 +204,10 @@ def sweep(retriever: FaissRetriever, queries, k, repeats, truth_full, truth_same
     default = getattr(spec, name)
     rows_out = []
     for value in values:
-        if name == "nprobe":
-            index.nprobe = value
-        else:
-            index.hnsw.efSearch = value
-        latency = median_time(lambda: retriever.search(queries, k), repeats)
-        _, rows = retriever.search(queries, k)
+        # a retriever applies its own settings before every search: one per value, sharing the index
+        probe = retriever.with_search_settings(**{name: value})
+        latency = median_time(lambda: probe.search(queries, k), repeats)
+        _, rows = probe.search(queries, k)
         rows_out.append({
             "size": queries.shape[1], "kind": spec.kind, "param": name, "value": value,
             "default": value == default, "latency_ms": 1e3 * latency,
@@ -208,10 +215,6 @@ def sweep(retriever: FaissRetriever, queries, k, repeats, truth_full, truth_same
         })
         logger.info("N=%d s=%d %s %s=%d: %.1fms recall same-size %.3f", n, queries.shape[1], spec.kind, name,
                     value, rows_out[-1]["latency_ms"], rows_out[-1]["recall_same_size"])
-    if name == "nprobe":
-        index.nprobe = default
-    else:
-        index.hnsw.efSearch = default
     return rows_out
 
 
@@ -225,13 +228,20 @@ def bench_catalogue(n: int, args) -> dict:
         "indexes": [], "sweeps": [], "funnel": [], "torch_vs_faiss": [],
     }
 
-    _, truth_full = torch_topk(queries, z, k)
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+
+    def on_device(x: np.ndarray) -> torch.Tensor:  # torch_topk runs where its queries are
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+    z_t, queries_t = on_device(z), on_device(queries)
+    _, truth_full = torch_topk(queries_t, z_t, k)
 
     exact_index = None
     prefix_indexes = {}
     for s in args.sizes:
         zs, qs = np.ascontiguousarray(z[:, :s]), np.ascontiguousarray(queries[:, :s])
-        _, truth_s = torch_topk(qs, zs, k)
+        zs_t, qs_t = on_device(zs), on_device(qs)
+        _, truth_s = torch_topk(qs_t, zs_t, k)
         for kind in args.kinds:
             if kind == "hnsw" and not hnsw_allowed(n, s, args):
                 continue
@@ -239,6 +249,9 @@ def bench_catalogue(n: int, args) -> dict:
             start = time.perf_counter()
             index = FaissRetriever.build(zs, spec)
             build_s = time.perf_counter() - start
+            start = time.perf_counter()
+            index = index.on_device(args.device)
+            place_s = time.perf_counter() - start
             latency = median_time(lambda: index.search(qs, k), repeats)
             _, rows = index.search(qs, k)
             row = {
@@ -246,6 +259,8 @@ def bench_catalogue(n: int, args) -> dict:
                 "kind": kind,
                 "spec": spec.to_dict(),
                 "build_s": build_s,
+                "place_s": place_s,
+                "on_gpu": is_gpu_index(index.index),
                 "latency_ms": 1e3 * latency,
                 "recall_full": recall_at_k(rows, truth_full),
                 "recall_same_size": recall_at_k(rows, truth_s),
@@ -257,7 +272,7 @@ def bench_catalogue(n: int, args) -> dict:
             logger.info("N=%d s=%d %-8s build %.1fs latency %.1fms recall full %.3f same-size %.3f",
                         n, s, kind, build_s, row["latency_ms"], row["recall_full"], row["recall_same_size"])
             if kind == "flat":
-                torch_latency = median_time(lambda: torch_topk(qs, zs, k), repeats)
+                torch_latency = median_time(lambda: torch_topk(qs_t, zs_t, k), repeats)
                 result["torch_vs_faiss"].append({
                     "size": s,
                     "faiss_flat_ms": row["latency_ms"],
@@ -269,11 +284,11 @@ def bench_catalogue(n: int, args) -> dict:
             del index
 
     if exact_index is None:  # flat at full size was not in the run: build it for the funnel
-        exact_index = FaissRetriever.build(z, IndexSpec("flat"))
+        exact_index = FaissRetriever.build(z, IndexSpec("flat")).on_device(args.device)
 
     def time_exact() -> tuple[float, float]:
         return (median_time(lambda: exact_index.search(queries, k), repeats),
-                median_time(lambda: torch_topk(queries, z, k), repeats))
+                median_time(lambda: torch_topk(queries_t, z_t, k), repeats))
 
     # Exact full-size search is timed right before and right after the funnel runs, so that the
     # speed-ups compare figures taken side by side (the machine's load drifts over a long run).
@@ -286,7 +301,7 @@ def bench_catalogue(n: int, args) -> dict:
                 continue
             if (prefix, prefix_kind) not in prefix_indexes:
                 start = time.perf_counter()
-                index = FaissRetriever.build(np.ascontiguousarray(z[:, :prefix]), prefix_spec)
+                index = FaissRetriever.build(np.ascontiguousarray(z[:, :prefix]), prefix_spec).on_device(args.device)
                 prefix_indexes[prefix, prefix_kind] = (index, time.perf_counter() - start)
             prefix_index, build_s = prefix_indexes.pop((prefix, prefix_kind))
             for shortlist in args.funnel_shortlists:
@@ -365,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="gpu: faiss indexes and torch exact search on GPU 0 (HNSW stays on the CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "retrieval.json")
     args = parser.parse_args(argv)
     for kind in args.kinds + args.funnel_index_kinds:
@@ -376,7 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
 
-    machine_at_start = machine_info(args.threads)
+    if args.device == "gpu" and not (gpu_available() and torch.cuda.is_available()):
+        parser.error("--device gpu: needs a CUDA GPU and the GPU build of faiss")
+    machine_at_start = machine_info(args.threads, args.device)
     results = [bench_catalogue(n, args) for n in args.catalogues]
     print_tables(results, args.k)
     report = {

@@ -27,6 +27,14 @@ end and before each encoder), the conservative figure on a shared machine, which
 
     python bench/train_step.py --data sports=data/sports ml-1m=data/ml-1m     # writes bench/results/train_step.json
     python bench/train_step.py --data sports=data/sports --encoders lru --steps 4 --out lru_sports.json
+    python bench/train_step.py --data ml-1m=data/ml-1m --device cuda --precision bf16 --out bf16.json
+
+On a GPU (``--device cuda``) the batches are moved there before their steps, every phase ends
+with a synchronisation, and ``--precision`` picks the arithmetic: ``fp32`` (float32 products,
+no TF32), ``tf32`` (float32 products on TF32 tensor cores) or ``bf16`` (the forward under bf16
+autocast, parameters and optimizer in float32); the floor's rate is measured at that precision.
+``initial_loss`` (the loss of the first batch before any update, the same weights at every
+precision) shows how far a precision moves the numbers.
 
 Machines here are shared and noisy: compare the batchings by the ratios within one run.
 """
@@ -34,6 +42,7 @@ Machines here are shared and noisy: compare the batchings by the ratios within o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -65,6 +74,17 @@ BATCHINGS = ("padded", "length")
 MODEL_KEYS = ("sizes", "n_blocks", "dropout", "input_dropout", "use_id_embedding", "lru", "mamba", "sasrec", "loss_block_rows")
 # the Trainer's gradient clipping (recsys.model.TRAINER_DEFAULTS) is part of the step
 CLIP = 1.0
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def use_precision(precision: str) -> None:
+    """Float32 products with TF32 (``tf32``) or without (``fp32``, ``bf16``: bf16 comes from autocast)."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
+def rate_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def dataset_settings(name: str) -> tuple[dict, dict]:
@@ -90,28 +110,49 @@ class Step:
     """One training step of a model, timed by phase: the item tower, the encoder and the loss
     forward (as ``MatryoshkaRecommender.training_step`` computes them), backward, clipping and AdamW."""
 
-    def __init__(self, model: MatryoshkaRecommender) -> None:
-        self.model = model.train()
+    def __init__(self, model: MatryoshkaRecommender, device: torch.device, precision: str = "fp32") -> None:
+        self.model = model.to(device).train()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=model.hparams.lr)
+        self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    def mark(self, marks: list[float]) -> None:
+        self.synchronize()
+        marks.append(time.perf_counter())
+
+    def loss(self, batch: dict[str, torch.Tensor], marks: list[float]):
+        """The forward as ``training_step`` computes it (under bf16 autocast for ``bf16``), marking each part."""
+        model = self.model
+        with self.autocast():
+            items = model.net.item_matrix()
+            self.mark(marks)
+            states = model.net.sequence_states(batch["input_ids"], items)
+            self.mark(marks)
+            valid = batch["target_ids"] > 0
+            loss = matryoshka_cross_entropy(states[valid], items, batch["target_ids"][valid], model.sizes,
+                                            weights=model.hparams.loss_weights, block_rows=model.hparams.loss_block_rows)
+        self.mark(marks)
+        return loss
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Runs the step; returns the seconds of each of ``PHASES``."""
-        model, marks = self.model, [time.perf_counter()]
+        marks: list[float] = []
+        self.mark(marks)
         self.optimizer.zero_grad(set_to_none=True)
-        items = model.net.item_matrix()
-        marks.append(time.perf_counter())
-        states = model.net.sequence_states(batch["input_ids"], items)
-        marks.append(time.perf_counter())
-        valid = batch["target_ids"] > 0
-        loss = matryoshka_cross_entropy(states[valid], items, batch["target_ids"][valid], model.sizes,
-                                        weights=model.hparams.loss_weights, block_rows=model.hparams.loss_block_rows)
-        marks.append(time.perf_counter())
-        loss.total.backward()
-        marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        self.loss(batch, marks).total.backward()
+        self.mark(marks)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
         self.optimizer.step()
-        marks.append(time.perf_counter())
+        self.mark(marks)
         return {phase: b - a for phase, a, b in zip(PHASES, marks, marks[1:])}
+
+    def initial_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """The total loss of ``batch`` with the current weights and no dropout, nothing updated."""
+        self.model.eval()
+        with torch.no_grad():
+            loss = float(self.loss(batch, []).total)
+        self.model.train()
+        return loss
 
     def flops(self, batch: dict[str, torch.Tensor]) -> int:
         counter = FlopCounterMode(display=False)
@@ -127,16 +168,19 @@ def epoch_order(module: SequenceDataModule) -> list[list[int]]:
     return list(loader.batch_sampler)
 
 
-def bench_encoder(encoder: str, modules: dict, samples: dict, epoch_batches: int, model_settings: dict, max_len: int) -> dict:
+def bench_encoder(encoder: str, modules: dict, samples: dict, epoch_batches: int, model_settings: dict, max_len: int,
+                  device: torch.device, precision: str) -> dict:
     """Both batchings of one encoder on one dataset, taking turns step by step."""
     torch.manual_seed(0)
     any_module = modules["length"]
     model = MatryoshkaRecommender(
         item_features=any_module.item_features, encoder=encoder, max_len=max_len, **model_settings
     )
-    step = Step(model)
-    batches = {b: [modules[b].train_windows.__getitems__(i) for i in samples[b]] for b in BATCHINGS}
-    rate = matmul_gflops()
+    step = Step(model, device, precision)
+    batches = {b: [{k: v.to(device) for k, v in modules[b].train_windows.__getitems__(i).items()} for i in samples[b]]
+               for b in BATCHINGS}
+    rate = matmul_gflops(device=device, dtype=rate_dtype(precision))
+    initial_loss = step.initial_loss(batches["padded"][0])
     step(batches["padded"][0])  # warm-up
     times: dict[str, list[float]] = {b: [] for b in BATCHINGS}
     phases: dict[str, dict[str, float]] = {b: dict.fromkeys(PHASES, 0.0) for b in BATCHINGS}
@@ -147,7 +191,7 @@ def bench_encoder(encoder: str, modules: dict, samples: dict, epoch_batches: int
             times[b].append(time.perf_counter() - start)
             for phase, seconds in split.items():
                 phases[b][phase] += seconds
-    result: dict = {"matmul_gflops": rate, "parameters": sum(p.numel() for p in model.parameters())}
+    result: dict = {"matmul_gflops": rate, "parameters": sum(p.numel() for p in model.parameters()), "initial_loss": initial_loss}
     for b in BATCHINGS:
         flops = [step.flops(batch) for batch in batches[b]]
         real = [int((batch["input_ids"] > 0).sum()) for batch in batches[b]]
@@ -191,29 +235,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed batches per batching, dataset and encoder")
     parser.add_argument("--steps-for", nargs="*", default=[], metavar="NAME:ENCODER=STEPS", help="fewer steps where a step is slow")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--max-len", type=int, default=None, help="override the configs' data.max_len (a quick look)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32, tf32 (float32 products on TF32 tensor cores) or bf16 (autocast); see above")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_step.json")
     args = parser.parse_args(argv)
     data = parse_data(args.data, parser)
-    if args.steps < 1 or args.threads < 1:
-        parser.error(f"--steps and --threads must be positive, got {args.steps} and {args.threads}")
+    if args.steps < 1 or args.threads < 1 or (args.max_len is not None and args.max_len < 1):
+        parser.error(f"--steps, --threads and --max-len must be positive, got {args.steps}, {args.threads} and {args.max_len}")
     steps_for = {}
     for value in args.steps_for:
         key, eq, n = value.partition("=")
         if not eq or not n.isdigit() or int(n) < 1 or key.partition(":")[0] not in data or key.partition(":")[2] not in ENCODERS:
             parser.error(f"--steps-for: expected NAME:ENCODER=STEPS with NAME one of --data and a positive STEPS, got {value!r}")
         steps_for[key] = int(n)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here")
+    device = torch.device(args.device)
+    use_precision(args.precision)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
-    rate_start = matmul_gflops()
-    logger.info("load %s, float32 matmul %.1f GFLOP/s", load_start, rate_start)
+    rate_start = matmul_gflops(device=device, dtype=rate_dtype(args.precision))
+    logger.info("load %s, %s matmul on %s %.1f GFLOP/s", load_start, args.precision, args.device, rate_start)
 
     datasets = {}
     for name, directory in data.items():
         model_settings, data_settings = dataset_settings(name)
+        if args.max_len:
+            data_settings["max_len"] = args.max_len
         modules, orders, epoch = {}, {}, {}
         for b in BATCHINGS:
             modules[b] = SequenceDataModule(data_dir=str(directory), seed=args.seed, length_batching=b == "length", **data_settings)
@@ -238,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                 widths = np.array([int(windows.lengths[np.asarray(i)].max()) for i in orders[b]])
                 samples[b] = [orders[b][i] for i in spread_sample(widths, n)]
             started = time.perf_counter()
-            result = bench_encoder(encoder, modules, samples, len(orders["length"]), model_settings, data_settings["max_len"])
+            result = bench_encoder(encoder, modules, samples, len(orders["length"]), model_settings, data_settings["max_len"],
+                                   device, args.precision)
             result["steps"] = n
             result["load_average_before"] = os.getloadavg()
             row["encoders"][encoder] = result
@@ -258,17 +313,21 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
             "platform": platform.platform(),
             "torch": torch.__version__,
-            "gpu": None,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         },
+        "device": args.device,
+        "precision": args.precision,
         "command": "python bench/train_step.py " + " ".join(
             [f"--data {' '.join(f'{k}=data/{k}' for k in data)}", f"--steps {args.steps}"]
             + ([f"--steps-for {' '.join(args.steps_for)}"] if args.steps_for else [])
             + ([f"--encoders {' '.join(args.encoders)}"] if args.encoders != list(ENCODERS) else [])
+            + ([f"--device {args.device} --precision {args.precision}"] if args.device != "cpu" or args.precision != "fp32" else [])
+            + ([f"--max-len {args.max_len}"] if args.max_len else [])
         ),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "matmul_gflops_start": rate_start,
-        "matmul_gflops_end": matmul_gflops(),
+        "matmul_gflops_end": matmul_gflops(device=device, dtype=rate_dtype(args.precision)),
         "sampling": "per dataset, encoder and batching: the timed batches are spread over epoch 0's batch widths "
         "(one per equal slice of the batches sorted by width, nearest the slice's mean width); epoch times are the mean step time times the epoch's batch count (extrapolated, not timed whole); "
         "real fractions are over the whole epoch",

@@ -1,9 +1,11 @@
 """The same numbers on CPU and GPU: the network, the Matryoshka loss and the ranking metrics.
 
 Skipped without CUDA. On a GPU machine without mamba_ssm this checks the PyTorch selective scan on
-CUDA; with it, tests/test_mamba.py -k kernels compares the kernels.
+CUDA; with it, tests/test_mamba.py -k kernels compares the kernels. Also the searches: exact torch
+search and a faiss flat index (GPU build of faiss only) give the CPU's top rows and scores.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +64,35 @@ def test_network_loss_and_metrics_match_cpu(encoder):
     assert on_gpu[3].keys() == on_cpu[3].keys()
     for name, grad in on_cpu[3].items():
         torch.testing.assert_close(on_gpu[3][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _items_and_queries():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(20_000, 64, generator=g), torch.randn(64, 64, generator=g)
+
+
+def test_exact_search_matches_cpu():
+    from serving.retrieval import ExactRetriever
+
+    items, queries = _items_and_queries()
+    exclude = [np.arange(b, 20_000, 997) for b in range(len(queries))]  # seen items, per user
+    cpu_scores, cpu_rows = ExactRetriever(items).search(queries, 100, exclude=exclude)
+    gpu_scores, gpu_rows = ExactRetriever(items.cuda()).search(queries.cuda(), 100, exclude=exclude)
+    np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(gpu_rows, cpu_rows)
+
+
+def test_faiss_flat_on_gpu_matches_cpu():
+    from serving.retrieval import FaissRetriever, IndexSpec, gpu_available
+    from serving.retrieval.faiss_index import is_gpu_index
+
+    if not gpu_available():
+        pytest.skip("this faiss is not the GPU build")
+    items, queries = _items_and_queries()
+    cpu = FaissRetriever.build(items.numpy(), IndexSpec("flat"))
+    gpu = cpu.on_device("gpu")
+    assert is_gpu_index(gpu.index)
+    cpu_scores, cpu_rows = cpu.search(queries.numpy(), 100)
+    gpu_scores, gpu_rows = gpu.search(queries.numpy(), 100)
+    np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(gpu_rows, cpu_rows)
