@@ -270,11 +270,18 @@ def plot(report: dict, path: Path, published: dict[str, float]) -> None:
         ax.axhline(value, linestyle=style, color="gray", linewidth=1)
         ax.annotate(f"{label} (published) {value:.4f}", (m[0]["size"], value), textcoords="offset points",
                     xytext=(0, 3), fontsize=7, color="gray")
+    save_size_plot(fig, ax, [r["size"] for r in m], f"{report['name']}: accuracy against size", path)
+
+
+def save_size_plot(fig, ax, sizes: list[int], title: str, path: Path) -> None:
+    """The axes of a test NDCG@10 against size plot (sizes on a log scale), then the file."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log", base=2)
-    ax.set_xticks([r["size"] for r in m], [str(r["size"]) for r in m])
+    ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("size (dimensions)")
     ax.set_ylabel("test NDCG@10")
-    ax.set_title(f"{report['name']}: accuracy against size")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -46,7 +46,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accuracy import Runs  # noqa: E402  (bench/ is the script's directory)
+from accuracy import Runs, save_size_plot  # noqa: E402  (bench/ is the script's directory)
 from recsys.atomic import write_json_atomically  # noqa: E402
 from recsys.metrics import ndcg_of_ranks  # noqa: E402
 from recsys.significance import paired_bootstrap  # noqa: E402
@@ -169,16 +169,7 @@ def plot(report: dict, sizes: list[int], path: Path) -> None:
             means.append(np.mean(values))
             stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
         ax.errorbar([s for s, _ in twins], means, yerr=stds, fmt="s", capsize=3, label="trained alone (each its winner)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("size (dimensions)")
-    ax.set_ylabel("test NDCG@10")
-    ax.set_title(f"{path.stem.removeprefix('search_')}: search winners against size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_size_plot(fig, ax, sizes, f"{path.stem.removeprefix('search_')}: search winners against size", path)
 
 
 def main() -> None:
