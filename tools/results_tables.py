@@ -166,6 +166,13 @@ def accuracy_config(name: str) -> str:
     raise SystemExit(f"no config in configs/ for results {name!r}")
 
 
+def config_sizes(config: str) -> list[int]:
+    """``model.sizes`` of ``configs/<config>.yaml``, read without a YAML parser (one flow-style line)."""
+    text = (ROOT / "configs" / f"{config}.yaml").read_text(encoding="utf-8")
+    line = next(x for x in text.splitlines() if x.strip().startswith("sizes:"))
+    return [int(v) for v in line.split("[", 1)[1].split("]", 1)[0].split(",")]
+
+
 def accuracy_command(report: dict) -> str:
     """The ``bench/accuracy.py`` call that writes ``report`` (its ``--label`` note left out)."""
     config = accuracy_config(report["name"])
@@ -175,6 +182,8 @@ def accuracy_command(report: dict) -> str:
     if report.get("parallel", 1) != 1:
         args.append(f"--parallel {report['parallel']}")
     sizes = [r["size"] for r in report["matryoshka"]["rows"]]
+    if sizes != config_sizes(config):
+        args.append("--sizes " + ",".join(str(s) for s in sizes))
     separate = [r["size"] for r in report.get("separate", [])]
     if not separate:
         args.append("--skip-separate")
@@ -873,23 +882,66 @@ def block_cold_start() -> list[str]:
 def block_search_lastfm() -> list[str]:
     d = load("search_lastfm.json")
     done = [t for t in d["trials"] if "failed" not in t]
-    settings = len({t["id"] for t in d["trials"]})
+    per_kind = ", ".join(f"{n} {kind}" for kind, n in d["trials_per_kind"].items())
+    one_run_only = sorted({k for t in d["trials"] for k in t["params"]} - set(d["space"]))
     rows = []
     for c in d["comparison"]:
         b = c.get("bootstrap")
-        rows.append([str(c["size"]), f4(c["one_run_ndcg_10"]), f4(c["alone_ndcg_10"]),
-                     signed_percent(c["one_run_ndcg_10"] / c["alone_ndcg_10"] - 1),
+        rows.append([str(c["size"]),
+                     f"{f4(c['one_run_ndcg_10'])} ± {f4(c['one_run_ndcg_10_std'])}",
+                     f"{f4(c['alone_ndcg_10'])} ± {f4(c['alone_ndcg_10_std'])}",
+                     ratio(c["one_run_ndcg_10"] / c["alone_ndcg_10"], 3),
                      interval(b) if b else "",
                      f"`{c['one_run_trial']}` / `{c['alone_trial']}`"])
+    seeds = min(min(c["one_run_seeds"], c["alone_seeds"]) for c in d["comparison"])
     lines = [
-        f"`{d['command']}` → `bench/results/search_lastfm.json` ({d['date']}): {settings} settings drawn from "
-        f"{len(d['space'])} options (`{d['config']}` otherwise; the space and every trial are in the JSON), each "
-        f"trained as the one run and as each twin ({len(done)} of {len(d['trials'])} runs finished); winners "
-        f"picked on validation, figures on test. Measured on {d['machine']}.",
+        f"`{d['command']}` → `bench/results/search_lastfm.json` ({d['date']}): settings drawn from "
+        f"{len(d['space'])} options (`{d['config']}` otherwise; the space and every trial are in the JSON); trials: "
+        f"{per_kind} ({len(done)} of {len(d['trials'])} runs finished)"
+        + (f"; the one run's extra trials add {', '.join(f'`{k}`' for k in one_run_only)}" if one_run_only else "")
+        + f". Winners picked on validation; each winner trained with {seeds} seeds, figures on test (mean ± standard "
+        f"deviation over seeds; the bootstrap over each user's seed-averaged NDCG@10). Measured on {d['machine']}.",
         "",
     ]
-    lines += table(["size", "NDCG@10 one run (its winner)", "NDCG@10 alone (its winner)", "one run vs alone",
+    lines += table(["size", "NDCG@10 one run (its winner)", "NDCG@10 alone (its winner)", "one run / alone",
                     "paired bootstrap 95%", "winning trials"], "rrrrrl", rows)
+    return lines
+
+
+def block_accuracy_sports() -> list[str]:
+    """The full softmax against the sampled one on Sports, one run each, and the smallest size alone."""
+    full = load("accuracy_sports-4ep.json")
+    sampled = {k: load(f"accuracy_sports-4ep-sampled{k}.json") for k in (256, 2048)}
+    alone = {r["size"]: r for r in full["separate"]}
+    runs = [("full softmax", full), *((f"sampled, {k} negatives", d) for k, d in sampled.items())]
+    rows = []
+    for label, d in runs:
+        m = d["matryoshka"]
+        by_size = " / ".join(f4(r["ndcg_10"]) for r in m["rows"])
+        recall = " / ".join(f4(r["recall_10"]) for r in m["rows"])
+        rows.append([label, by_size, recall, seconds(m["wall_s"]), count(m["peak_rss_mb"])])
+    p = full["protocol"]
+    sizes = " / ".join(str(r["size"]) for r in full["matryoshka"]["rows"])
+    published = published_ndcg()["sports"]
+    lines = [
+        f"`{accuracy_command(full)}` and the same with `--skip-separate --set model.loss=sampled --set model.negatives=K` "
+        f"(K = 256, 2048) → `bench/results/accuracy_sports-4ep*.json` ({full['date']}). Protocol: leave-one-out over "
+        f"{count(p['users'])} users, full ranking over {count(p['items'])} items, history "
+        f"{'masked' if p['mask_seen'] else 'not masked'}, max length {p['max_len']}, {p['epochs']} epochs ({p['label']}); "
+        f"the four runs and other work shared the machine. {measured_on(full['machine'], full.get('threads'))}",
+        "",
+    ]
+    lines += table([f"one run, sizes {sizes}", "NDCG@10", "Recall@10", "wall time", "peak RSS (MB)"], "lrrrr", rows)
+    lines.append("")
+    for sig in full["significance"]:
+        s_ = sig["size"]
+        one = next(r for r in full["matryoshka"]["rows"] if r["size"] == s_)
+        lines.append(f"- Size {s_} trained alone: NDCG@10 {f4(alone[s_]['ndcg_10'])}; the full-softmax one run is "
+                     f"{ratio(one['ndcg_10'] / alone[s_]['ndcg_10'], 3)} of it, difference {interval(sig)} (paired bootstrap).")
+    best = max(r["ndcg_10"] for _, d in runs for r in d["matryoshka"]["rows"])
+    lines.append(f"- Best full-size figure here {f4(best)} against published "
+                 + ", ".join(f"{k} {f4(v)}" for k, v in published.items())
+                 + f": {f4(max(published.values()) - best)} below the best (goal not met at {p['epochs']} epochs).")
     return lines
 
 
@@ -942,6 +994,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "train-step": block_train_step,
     "cold-start": block_cold_start,
     "search-lastfm": block_search_lastfm,
+    "accuracy-sports": block_accuracy_sports,
     "serve": block_serve,
 }
 
