@@ -406,11 +406,9 @@ def _cast_ids(ids: pl.Series, dtype: pl.DataType) -> pl.Series:
 
 
 def _describe_file(path: Path) -> dict:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest}
 
 
 def _write_atomically(out: Path, overwrite: bool, interactions, users, items, features, bag_vocabularies, stats) -> None:
