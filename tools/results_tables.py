@@ -342,8 +342,8 @@ def block_accuracy_lastfm() -> list[str]:
 # -- loss ------------------------------------------------------------------------------------------
 
 
-def block_loss() -> list[str]:
-    d = load("loss.json")
+def block_loss(file: str = "loss.json") -> list[str]:
+    d = load(file)
     spec = d["spec"]
     m = d["machine"]
     memory = d["peak_memory"]
@@ -353,6 +353,8 @@ def block_loss() -> list[str]:
 
     def label(v: str) -> str:
         name, _, rows = v.partition("@")
+        if name == "sampled":
+            return f"sampled softmax, {int(rows):,} shared negatives"
         text = {"naive_all": "naive, all sizes", "flat_all": "memory-flat, all sizes",
                 "flat_largest": "memory-flat, largest size only",
                 "flat_distill": "memory-flat, all sizes, with self-distillation from the largest"}.get(name)
@@ -369,7 +371,7 @@ def block_loss() -> list[str]:
     header = ["loss", "peak memory"] + [f"step time, {t} thread{'s' if t != '1' else ''}" for t in threads]
     grads = d.get("flat_vs_naive", {})
     lines = [
-        f"`{d['command']}` → `bench/results/loss.json`: {spec['positions']:,} positions, {spec['items']:,} items, "
+        f"`{d['command']}` → `bench/results/{file}`: {spec['positions']:,} positions, {spec['items']:,} items, "
         f"D={spec['sizes'][-1]}, {len(spec['sizes'])} sizes; median of {d['repeats']} steps, each a ratio to the "
         f"largest size alone ({ms(timings[threads[0]]['variants']['largest_alone']['step_ms_median'])} ms with "
         f"{threads[0]} thread{'s' if threads[0] != '1' else ''}, {memory['largest_alone']['peak_mib']:.0f} MiB). "
@@ -855,8 +857,8 @@ def block_machines() -> list[str]:
     return table(["results", "machine", "threads", "load average at start", "date"], "llrll", rows)
 
 
-def block_cold_start() -> list[str]:
-    d = load("cold_start_lastfm.json")
+def block_cold_start(file: str = "cold_start_lastfm.json") -> list[str]:
+    d = load(file)
     c = d["data"]
     pop = d["popularity"]
     rows = [["popularity", "", f4(pop["cold"]["ndcg_10"]), f4(pop["cold"]["recall_10"]), f4(pop["warm"]["ndcg_10"]),
@@ -993,6 +995,8 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "nested-linear": block_nested_linear,
     "train-step": block_train_step,
     "cold-start": block_cold_start,
+    "cold-start-sports": lambda: block_cold_start("cold_start_sports.json"),
+    "loss-sports": lambda: block_loss("loss_sports.json"),
     "search-lastfm": block_search_lastfm,
     "accuracy-sports": block_accuracy_sports,
     "serve": block_serve,
