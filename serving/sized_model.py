@@ -119,8 +119,10 @@ class SizedRecommender:
 
     @property
     def num_parameters(self) -> int:
-        """Parameters of the encoder at this size (the item matrix is counted in ``num_items * size``)."""
-        return nested_parameter_count(self.net.encoder)
+        """Parameters of the encoder at this size, and of its vector head if any (the item matrix is
+        counted in ``num_items * size``): the manifest's ``num_parameters``."""
+        heads = getattr(self.net, "heads", None)
+        return nested_parameter_count(self.net.encoder) + (0 if heads is None else sum(p.numel() for p in heads.parameters()))
 
     @property
     def item_matrix(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import serving
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.grid import Triple, vector_groups
+from recsys.nn.nested import nested_parameter_count
 from serving.export import export_sizes, main as export_main
 from serving.sized_model import ExportError
 from tests.test_export import N, SIZES, _features
@@ -51,6 +52,9 @@ def test_an_exported_triple_serves_the_full_models_vectors_and_scores(checkpoint
     assert (manifest["size"], manifest["width"], manifest["depth"]) == (triple.size, triple.width, triple.depth)
     m = serving.load(directory)
     assert len(m.net.encoder.blocks) == triple.depth and m.item_matrix.shape == (N + 1, triple.size)
+    assert m.num_parameters == manifest["num_parameters"]
+    head = triple.width * triple.size + triple.size if triple.uses_head else 0
+    assert m.num_parameters == nested_parameter_count(model.cut_triple(triple).encoder) + head
     histories = [item_ids[:5], item_ids[10:12], [item_ids[3]]]
     batch = torch.zeros(3, 12, dtype=torch.long)
     for i, h in enumerate(histories):
