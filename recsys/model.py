@@ -211,6 +211,13 @@ def grid_of(
     return trained
 
 
+def _kl_entries(loss) -> list:
+    """A loss's per-size KL values, None for its largest size (its own teacher) or all None."""
+    if loss.distill is None:
+        return [None] * len(loss.per_size)
+    return [*loss.distill[:-1], None]
+
+
 class MatryoshkaRecommender(L.LightningModule):
     """Item tower + sequence encoder trained with the Matryoshka loss over ``sizes``.
 
@@ -322,7 +329,7 @@ class MatryoshkaRecommender(L.LightningModule):
             input_dropout=input_dropout,
             grid=self.grid,
         )
-        # with a grid, metrics rows are the triples (numbered 1..T, renamed by _metric_names)
+        # with a grid, metrics rows are the triples (numbered 1..T, renamed by metric_name)
         rows = self.sizes if self.grid is None else tuple(range(1, len(self.grid) + 1))
         self.val_metrics = RankingMetrics(rows)
         self.test_metrics = RankingMetrics(rows, keep_ranks=True)  # per-user ranks for significance tests
@@ -446,8 +453,8 @@ class MatryoshkaRecommender(L.LightningModule):
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         for name, value in zip(names, per_size):
             self.log(f"train/ce/{name}", value, batch_size=n)
-        if self.hparams.distill > 0:
-            for name, value in zip(names[:-1] if self.grid is None else names, distill[:-1] if self.grid is None else distill):
+        if self.hparams.distill > 0:  # every size but the largest of its group learns from a teacher
+            for name, value in zip(names, distill):
                 if value is not None:
                     self.log(f"train/distill/{name}", value, batch_size=n)
         return total
@@ -455,7 +462,8 @@ class MatryoshkaRecommender(L.LightningModule):
     def training_loss(self, batch: dict[str, torch.Tensor]):
         """``(total, names, per_size CE, per_size KL, valid positions)`` of one batch: one loss over
         the sizes, or with a grid the sum of one memory-flat loss per group of triples (named by
-        their labels) whose vectors are prefixes of one tensor (``recsys/nn/grid.py``)."""
+        their labels) whose vectors are prefixes of one tensor (``recsys/nn/grid.py``). The KL
+        entry is None where there is none (the largest size of each loss, or no distillation)."""
         items = self.net.item_matrix()
         targets = batch["target_ids"]
         candidates = items
@@ -468,8 +476,7 @@ class MatryoshkaRecommender(L.LightningModule):
             states = self.net.sequence_states(batch["input_ids"], items)
             loss = self._loss(states[valid], candidates, targets[valid], self.sizes, self.hparams.loss_weights)
             names = [f"d{size}" for size in self.sizes]
-            total, per_size = loss.total, list(loss.per_size)
-            distill = [] if loss.distill is None else list(loss.distill)
+            total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
         else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
             states = self.net.depth_states(batch["input_ids"], items, sorted({t.depth for t in self.grid}))
             total, per_size, distill, names = 0.0, [], [], []
@@ -478,7 +485,7 @@ class MatryoshkaRecommender(L.LightningModule):
                 loss = self._loss(vectors, candidates[:, : group.sizes[-1]], targets[valid], group.sizes, None)
                 total = total + loss.total
                 per_size += list(loss.per_size)
-                distill += list(loss.distill) if loss.distill is not None else [None] * len(group.sizes)
+                distill += _kl_entries(loss)
                 names += [t.label for t in group.triples]
         return total, names, per_size, distill, int(valid.sum())
 

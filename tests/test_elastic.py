@@ -179,3 +179,18 @@ def test_grid_options_are_checked_as_model_options():
     with pytest.raises(OptionError, match="SASRec is not nested"):
         _model(encoder="sasrec", pairs=[[8, 8]])
     assert _model().grid is None and _model(depths=[1, 2]).grid == (Triple(1, 8, 8), Triple(2, 16, 16), Triple(2, 32, 32))
+
+
+def test_grid_distillation_and_sampled_loss_run_per_group():
+    model = _model(depths=[1, 2], pairs=[[8, 8], [32, 8], [32, 16], [32, 32]], distill=0.5)
+    _, names, _, kl, _ = model.training_loss(_batch())
+    # the largest size of each group is its own teacher: no KL there
+    groups = vector_groups(model.grid)
+    assert [k is None for k in kl] == [t == g.triples[-1] for g in groups for t in g.triples]
+    assert names == [t.label for g in groups for t in g.triples]
+    plain = _model(distill=0.5)
+    _, names, _, kl, _ = plain.training_loss(_batch())
+    assert names == ["d8", "d16", "d32"] and kl[-1] is None and all(k is not None for k in kl[:-1])
+    sampled = _model(pairs=[[8, 8], [32, 8]], loss="sampled", negatives=16, negative_sampling="uniform")
+    total, names, per_size, kl, _ = sampled.training_loss(_batch())
+    assert torch.isfinite(total) and len(per_size) == 2 and kl == [None, None]
