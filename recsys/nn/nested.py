@@ -9,7 +9,8 @@ Every nested module derives from :class:`NestedModule` and implements ``_shrink_
 slices its *own* parameters in place. :func:`cut_to_size` copies a whole model and shrinks each
 nested module in it; training, export and serving all use that one function, and
 :func:`cut_sizes` says which sizes a model can be cut to (a module that holds a part that is not
-nested, such as a SASRec encoder, narrows them to its full width).
+nested, such as a SASRec encoder, narrows them to its full width). It also cuts elastic
+sub-models (``recsys/nn/grid.py``): an encoder width apart from the vector size, and a depth.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recsys.nn.grid import StackedBlocks
 
 __all__ = [
     "check_sizes",
@@ -185,8 +188,6 @@ def cut_to_size(model: M, size: int, width: int | None = None, depth: int | None
     recommender) is told the triple, and keeps the head that maps the ``width``-wide state to
     ``size`` dimensions (one is needed when ``size < width``).
     """
-    from recsys.nn.grid import StackedBlocks
-
     width = size if width is None else width
     if size > width:
         raise ValueError(f"the vector size {size} may not exceed the width {width}")
