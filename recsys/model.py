@@ -34,6 +34,7 @@ from recsys.nn.loss import (
     matryoshka_cross_entropy,
     sampled_matryoshka_cross_entropy,
 )
+from recsys.nn.grid import GRIDS, Triple, build_grid, vector_groups
 from recsys.nn.nested import check_sizes, cut_sizes, cut_to_size, nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
 
@@ -142,10 +143,16 @@ def check_options(
     negative_sampling: str = "popularity",
     distill: Any = 0.0,
     distill_teacher: str = "largest",
+    n_blocks: Any = 2,
+    depths: Any = None,
+    pairs: Any = None,
+    grid: str = "diagonal",
+    triples: Any = None,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any]]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
     training CLI runs them before it reads any data. Returns the sizes, the monitored size and
-    each encoder's typed options; raises :class:`OptionError` (settings named ``{name}``)."""
+    each encoder's typed options; raises :class:`OptionError` (settings named ``{name}``).
+    :func:`grid_of` checks the elastic options (``depths``, ``pairs``, ``grid``, ``triples``)."""
     try:
         sizes = check_sizes(sizes)
     except ValueError as exc:
@@ -171,12 +178,44 @@ def check_options(
     if distill > 0 and loss != "full":
         raise OptionError(f"{{distill}} works with the full softmax only; {{loss}} is {loss!r}")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
+    trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
+    if trained is not None:
+        if monitor_size not in (None, "mean"):
+            raise OptionError(f"{{monitor_size}} {monitor_size}: with a grid of triples the monitor is their mean NDCG@10")
+        if loss_weights is not None:
+            raise OptionError("{loss_weights} are per size; with a grid of triples every triple has weight 1")
     if encoder == "sasrec":
         try:
             options["sasrec"].check_width(sizes[-1])
         except OptionError as exc:
             raise exc.within("sasrec") from None
     return sizes, sizes[-1] if monitor_size is None else monitor_size, options
+
+
+def grid_of(
+    sizes: tuple[int, ...], encoder: str, n_blocks: Any, depths: Any, pairs: Any, grid: str, triples: Any
+) -> tuple[Triple, ...] | None:
+    """The trained (depth, width, size) triples (``recsys/nn/grid.py``), None without the options;
+    raises :class:`OptionError` naming the option."""
+    if grid not in GRIDS:
+        raise OptionError(f"{{grid}}: unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    try:
+        trained = build_grid(sizes, n_blocks, depths, pairs, grid, triples)
+    except ValueError as exc:
+        name = next((n for n in ("triples", "pairs", "depths") if str(exc).startswith(n)), "triples" if triples else "pairs")
+        raise OptionError(f"{{{name}}}: {exc}") from None
+    if trained is not None and encoder == "sasrec":
+        narrow = [t.label for t in trained if t.width != sizes[-1]]
+        if narrow:
+            raise OptionError(f"{{pairs}}: SASRec is not nested, its width is {sizes[-1]} only; got {', '.join(narrow)}")
+    return trained
+
+
+def _kl_entries(loss) -> list:
+    """A loss's per-size KL values, None for its largest size (its own teacher) or all None."""
+    if loss.distill is None:
+        return [None] * len(loss.per_size)
+    return [*loss.distill[:-1], None]
 
 
 class MatryoshkaRecommender(L.LightningModule):
@@ -218,6 +257,16 @@ class MatryoshkaRecommender(L.LightningModule):
             learns the detached softmax of ``distill_teacher`` with this weight (0 = off).
         distill_teacher: ``largest`` (every smaller size learns from the largest) or ``next``
             (each size from the next larger one, a cascade).
+        depths: elastic depths, e.g. ``[1, 2, 4]`` (the last must equal ``n_blocks``): the state at
+            depth ``d`` is the output after block ``d`` (with the final norm). Default: none.
+        pairs: elastic ``[width, size]`` pairs (``size <= width``, both among ``sizes``): served
+            with the encoder cut to ``width`` and ``size``-dim vectors (default with ``depths``:
+            ``[s, s]`` for every size, the nested cut).
+        grid: how depths combine with pairs: ``diagonal`` (Starbucks: small pairs with shallow
+            depths, small to large) or ``full`` (every depth with every pair).
+        triples: the trained ``[depth, width, size]`` triples outright (instead of ``pairs``).
+            With any of these the loss covers every trained triple and the metrics are named by
+            triple (``test/ndcg_10/L2_w128_d64``); without them the model is the plain nested one.
 
     The encoder options may also be given as plain mappings of their fields; they are stored in
     ``hparams`` (and checkpoints) as such, so that a checkpoint loads with ``weights_only``.
@@ -251,12 +300,17 @@ class MatryoshkaRecommender(L.LightningModule):
         negative_sampling: Literal["uniform", "popularity"] = "popularity",
         distill: float = 0.0,
         distill_teacher: Literal["largest", "next"] = "largest",
+        depths: list[int] | None = None,
+        pairs: list[list[int]] | None = None,
+        grid: Literal["diagonal", "full"] = "diagonal",
+        triples: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
         self.sizes, self.monitor_size, self.encoder_configs = check_options(
             sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
-            distill, distill_teacher,
+            distill, distill_teacher, n_blocks, depths, pairs, grid, triples,
         )
+        self.grid = grid_of(self.sizes, encoder, n_blocks, depths, pairs, grid, triples)
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
         lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
         # the CLI logs the whole config; the item features and cold-start items come from the data
@@ -273,9 +327,12 @@ class MatryoshkaRecommender(L.LightningModule):
             ItemTower(self.sizes, item_features, use_id_embedding=use_id_embedding, modalities=modalities),
             build_encoder(encoder, self.sizes, **self.encoder_options()),
             input_dropout=input_dropout,
+            grid=self.grid,
         )
-        self.val_metrics = RankingMetrics(self.sizes)
-        self.test_metrics = RankingMetrics(self.sizes, keep_ranks=True)  # per-user ranks for significance tests
+        # with a grid, metrics rows are the triples (numbered 1..T, renamed by metric_name)
+        rows = self.sizes if self.grid is None else tuple(range(1, len(self.grid) + 1))
+        self.val_metrics = RankingMetrics(rows)
+        self.test_metrics = RankingMetrics(rows, keep_ranks=True)  # per-user ranks for significance tests
         self._eval_items: torch.Tensor | None = None
 
     def _set_training_candidates(self, num_items: int, cold_start_items) -> None:
@@ -387,8 +444,27 @@ class MatryoshkaRecommender(L.LightningModule):
     # -- training -----------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        total, names, per_size, distill, n = self.training_loss(batch)
+        if self._summed_over_processes(~torch.isfinite(total)):
+            raise DivergedError(
+                f"the training loss is {float(total.detach())} at {self._where()} "
+                f"(per size: {[round(float(v), 4) for v in per_size]}): {DIVERGED_CAUSES}; training stopped"
+            )
+        self.log("train/loss", total, prog_bar=True, batch_size=n)
+        for name, value in zip(names, per_size):
+            self.log(f"train/ce/{name}", value, batch_size=n)
+        if self.hparams.distill > 0:  # every size but the largest of its group learns from a teacher
+            for name, value in zip(names, distill):
+                if value is not None:
+                    self.log(f"train/distill/{name}", value, batch_size=n)
+        return total
+
+    def training_loss(self, batch: dict[str, torch.Tensor]):
+        """``(total, names, per_size CE, per_size KL, valid positions)`` of one batch: one loss over
+        the sizes, or with a grid the sum of one memory-flat loss per group of triples (named by
+        their labels) whose vectors are prefixes of one tensor (``recsys/nn/grid.py``). The KL
+        entry is None where there is none (the largest size of each loss, or no distillation)."""
         items = self.net.item_matrix()
-        states = self.net.sequence_states(batch["input_ids"], items)
         targets = batch["target_ids"]
         candidates = items
         if self._train_rows is not None:  # cold-start items are no candidates in training
@@ -396,32 +472,38 @@ class MatryoshkaRecommender(L.LightningModule):
         valid = targets > 0
         if self.hparams.loss == "sampled" and self._log_q is None:
             raise ValueError("negative_sampling 'popularity' needs item_counts (the training CLI links them from the data)")
+        if self.grid is None:
+            states = self.net.sequence_states(batch["input_ids"], items)
+            loss = self._loss(states[valid], candidates, targets[valid], self.sizes, self.hparams.loss_weights)
+            names = [f"d{size}" for size in self.sizes]
+            total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
+        else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
+            states = self.net.depth_states(batch["input_ids"], items, sorted({t.depth for t in self.grid}))
+            total, per_size, distill, names = 0.0, [], [], []
+            for group in vector_groups(self.grid):
+                vectors = self.net.group_vectors(group, states[group.depth][valid])
+                loss = self._loss(vectors, candidates[:, : group.sizes[-1]], targets[valid], group.sizes, None)
+                total = total + loss.total
+                per_size += list(loss.per_size)
+                distill += _kl_entries(loss)
+                names += [t.label for t in group.triples]
+        return total, names, per_size, distill, int(valid.sum())
+
+    def _loss(self, user: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor, sizes, weights):
+        """The configured Matryoshka loss of ``user`` vectors over the prefixes ``sizes``."""
         if self.hparams.loss == "full":
-            loss = matryoshka_cross_entropy(
-                states[valid], candidates, targets[valid], self.sizes,
-                weights=self.hparams.loss_weights, block_rows=self.hparams.loss_block_rows,
+            return matryoshka_cross_entropy(
+                user, candidates, targets, sizes,
+                weights=weights, block_rows=self.hparams.loss_block_rows,
                 distill=self.hparams.distill, teacher=self.hparams.distill_teacher,
             )
-        else:  # shared negatives drawn from q, every logit corrected by -log q (unbiased as K grows)
-            negatives = torch.multinomial(self._log_q.exp(), self.hparams.negatives, replacement=True)
-            loss = sampled_matryoshka_cross_entropy(
-                states[valid], candidates, targets[valid], self.sizes, negatives,
-                log_q=self._log_q if self.hparams.negative_sampling == "popularity" else None,
-                weights=self.hparams.loss_weights,
-            )
-        if self._summed_over_processes(~torch.isfinite(loss.total)):
-            raise DivergedError(
-                f"the training loss is {float(loss.total.detach())} at {self._where()} "
-                f"(per size: {[round(float(v), 4) for v in loss.per_size]}): {DIVERGED_CAUSES}; training stopped"
-            )
-        n = int(valid.sum())
-        self.log("train/loss", loss.total, prog_bar=True, batch_size=n)
-        for size, value in zip(self.sizes, loss.per_size):
-            self.log(f"train/ce/d{size}", value, batch_size=n)
-        if self.hparams.distill > 0:
-            for size, value in zip(self.sizes[:-1], loss.distill[:-1]):
-                self.log(f"train/distill/d{size}", value, batch_size=n)
-        return loss.total
+        # shared negatives drawn from q, every logit corrected by -log q (unbiased as K grows)
+        negatives = torch.multinomial(self._log_q.exp(), self.hparams.negatives, replacement=True)
+        return sampled_matryoshka_cross_entropy(
+            user, candidates, targets, sizes, negatives,
+            log_q=self._log_q if self.hparams.negative_sampling == "popularity" else None,
+            weights=weights,
+        )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled
@@ -475,11 +557,36 @@ class MatryoshkaRecommender(L.LightningModule):
         if self._eval_items is None:  # the item matrix is fixed during evaluation: compute it once
             self._eval_items = self.net.item_matrix()
             self._check_finite("item vectors", self._eval_items, stage)
-        users = self.net.user_vectors(batch["input_ids"], self._eval_items)
-        self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
         seen = batch["seen_ids"] if self.hparams.mask_seen else None
-        ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
+        if self.grid is None:
+            users = self.net.user_vectors(batch["input_ids"], self._eval_items)
+            self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
+            ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
+        else:
+            ranks = self._grid_ranks(batch, seen)
         metrics.update(ranks, batch["user"] if metrics.keep_ranks else None)
+
+    def _grid_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None) -> torch.Tensor:
+        """``(T, B)`` target ranks of every trained triple, in grid order: one encoder pass for all
+        depths, one ranking per group of triples whose vectors are prefixes of one tensor."""
+        states = self.net.depth_states(batch["input_ids"], self._eval_items, sorted({t.depth for t in self.grid}))
+        ranks = torch.empty(len(self.grid), len(batch["target"]), dtype=torch.long, device=self.device)
+        for group in vector_groups(self.grid):
+            users = self.net.group_vectors(group, states[group.depth][:, -1])
+            self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()
+            width = group.sizes[-1]
+            found = target_ranks(users, self._eval_items[:, :width], batch["target"], group.sizes, seen_ids=seen)
+            for triple, row in zip(group.triples, found):
+                ranks[self.grid.index(triple)] = row
+        return ranks
+
+    def metric_name(self, key: str) -> str:
+        """A metric of the grid's ``RankingMetrics`` (``ndcg_10/d3``: its third triple) by its
+        triple's label (``ndcg_10/L2_w128_d64``); other keys as they are."""
+        if self.grid is None or "/d" not in key:
+            return key
+        name, row = key.rsplit("/d", 1)
+        return f"{name}/{self.grid[int(row) - 1].label}"
 
     def _check_finite(self, what: str, vectors: torch.Tensor, stage: str) -> None:
         """Evaluation never ranks with non-finite vectors: the metrics would be meaningless, and the
@@ -504,6 +611,7 @@ class MatryoshkaRecommender(L.LightningModule):
         values = metrics.compute()
         metrics.reset()
         self._eval_items = None
+        values = {self.metric_name(key): value for key, value in values.items()}
         for key, value in values.items():
             if key != "count":
                 self.log(f"{prefix}/{key}", value)
@@ -517,7 +625,9 @@ class MatryoshkaRecommender(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_metrics("val", self.val_metrics)
-        if self.monitor_size == "mean":
+        if self.grid is not None:
+            monitor = sum(values[f"ndcg_10/{t.label}"] for t in self.grid) / len(self.grid)
+        elif self.monitor_size == "mean":
             monitor = sum(values[f"ndcg_10/d{s}"] for s in self.sizes) / len(self.sizes)
         else:
             monitor = values[f"ndcg_10/d{self.monitor_size}"]
@@ -535,6 +645,14 @@ class MatryoshkaRecommender(L.LightningModule):
         self.last_test_metrics = self._log_metrics("test", self.test_metrics)
 
     # -- reporting ----------------------------------------------------------------------------
+
+    def cut_triple(self, triple: Triple):
+        """The network cut to ``triple``: blocks ``1..depth``, width ``width``, ``size``-dim vectors."""
+        return cut_to_size(self.net, triple.size, width=triple.width, depth=triple.depth)
+
+    def parameters_per_triple(self) -> dict[Triple, int]:
+        """Parameters of the network cut to each trained triple (tower + encoder + its head)."""
+        return {t: nested_parameter_count(self.cut_triple(t)) for t in self.grid or ()}
 
     def parameters_per_size(self) -> dict[int, int]:
         """Parameters of the network cut to each size (tower + encoder).

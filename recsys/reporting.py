@@ -5,7 +5,9 @@ MRR, encode time); :func:`write_results` writes the rows as ``results.md`` (the 
 :func:`results_table` prints), ``results.json`` and ``accuracy_vs_size.png`` into a directory, and
 ``test_ranks.parquet``: every test user's target rank at each size (``user`` is the prepared
 dataset's user index, ``rank_d{s}`` the rank at size ``s``, 1 = best), for per-user comparisons of
-two runs (``recsys.significance.paired_bootstrap``).
+two runs (``recsys.significance.paired_bootstrap``). An elastic run (``recsys/nn/grid.py``) has one
+row per trained triple instead (:func:`summarise_grid`, with retrieval FLOPs per user) and a heat
+map of NDCG@10 over the grid, ``ndcg_grid.png`` (:func:`grid_heat_map`).
 """
 
 from __future__ import annotations
@@ -20,15 +22,67 @@ import polars as pl
 import torch
 
 from recsys.atomic import atomic_file, write_json_atomically, write_text_atomically
-from recsys.nn.nested import cut_sizes, cut_to_size
+from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
 
 PLOT_FILE = "accuracy_vs_size.png"
+GRID_PLOT_FILE = "ndcg_grid.png"  # elastic runs: NDCG@10 over the (depth, width) x size grid
 RESULT_FILES = ("results.md", "results.json", PLOT_FILE)
 RANKS_FILE = "test_ranks.parquet"
 
 
+def is_grid(rows: list[dict[str, Any]]) -> bool:
+    """Rows of an elastic run: one per trained (depth, width, size) triple."""
+    return bool(rows) and "triple" in rows[0]
+
+
+def grid_table(rows: list[dict[str, Any]]) -> str:
+    """The per-triple table, as markdown."""
+    lines = [
+        "| triple | depth | width | size | parameters | NDCG@10 | Recall@10 | MRR | encode ms / 1k users | retrieval MFLOPs / user |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['triple']} | {r['depth']} | {r['width']} | {r['size']} | {r['parameters']:,} | {r['ndcg_10']:.4f} "
+            f"| {r['recall_10']:.4f} | {r['mrr']:.4f} | {r['encode_ms_per_1k']:.1f} | {r['retrieval_flops_per_user'] / 1e6:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def grid_heat_map(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """NDCG@10 of every trained triple: one row per (depth, width), one column per size; each cell
+    annotated with the value and the parameters; untrained cells blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = sorted({(r["depth"], r["width"]) for r in rows})
+    sizes = sorted({r["size"] for r in rows})
+    values = np.full((len(lines), len(sizes)), np.nan)
+    for r in rows:
+        values[lines.index((r["depth"], r["width"])), sizes.index(r["size"])] = r["ndcg_10"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(sizes), 1.2 + 0.55 * len(lines)), dpi=120)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    for r in rows:
+        y, x = lines.index((r["depth"], r["width"])), sizes.index(r["size"])
+        ax.text(x, y, f"{r['ndcg_10']:.4f}\n{r['parameters'] / 1e3:.0f}k", ha="center", va="center", fontsize=7,
+                color="white" if r["ndcg_10"] < np.nanmean(values) else "black")
+    ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
+    ax.set_yticks(range(len(lines)), [f"depth {d}, width {w}" for d, w in lines])
+    ax.set_xlabel("vector size (retrieval cost)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="test NDCG@10")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """The per-size table, as markdown (printed at the end of training and logged)."""
+    """The per-size table, as markdown (printed at the end of training and logged); the
+    per-triple table for an elastic run."""
+    if is_grid(rows):
+        return grid_table(rows)
     header = "| size | parameters | NDCG@10 | Recall@10 | MRR | encode ms / 1k users |"
     lines = [header, "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -65,10 +119,12 @@ def accuracy_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _encode_ms_per_1k(net, datamodule, size: int) -> float:
-    """Wall time to encode test users with the network cut to ``size`` (median of 3), per 1,000 users."""
+def _encode_ms_per_1k(net, datamodule, size: int, small=None) -> float:
+    """Wall time to encode test users with the network cut to ``size`` (or ``small``, an already
+    cut network) (median of 3), per 1,000 users."""
     batch = next(iter(datamodule.test_dataloader()))
-    small = cut_to_size(net, size) if size in cut_sizes(net) else net
+    if small is None:
+        small = cut_to_size(net, size) if size in cut_sizes(net) else net
     small.eval()
     with torch.no_grad():
         items = small.item_matrix()
@@ -80,7 +136,27 @@ def _encode_ms_per_1k(net, datamodule, size: int) -> float:
     return sorted(times)[1] / len(batch["input_ids"]) * 1e6
 
 
+def summarise_grid(model, datamodule, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """One row per trained triple: its cut model's parameters and encode time, its test metrics,
+    and its retrieval FLOPs per user (one multiply-add per item and dimension: ``2 N s``)."""
+    net = model.net.cpu()
+    num_items = net.item_matrix().shape[0] - 1
+    rows = []
+    for t in model.grid:
+        small = model.cut_triple(t)
+        rows.append({
+            "triple": t.label, "depth": t.depth, "width": t.width, "size": t.size,
+            "parameters": nested_parameter_count(small),
+            **{key: test_metrics[f"{key}/{t.label}"] for key in ("ndcg_10", "recall_10", "ndcg_20", "recall_20", "mrr")},
+            "encode_ms_per_1k": _encode_ms_per_1k(net, datamodule, t.size, small),
+            "retrieval_flops_per_user": 2 * num_items * t.size,
+        })
+    return rows
+
+
 def summarise(model, datamodule, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
+    if getattr(model, "grid", None) is not None:
+        return summarise_grid(model, datamodule, test_metrics)
     params = model.parameters_per_size()
     rows = []
     for s in model.sizes:
@@ -100,11 +176,13 @@ def summarise(model, datamodule, test_metrics: dict[str, float]) -> list[dict[st
 
 
 def test_ranks_table(test_ranks: tuple[np.ndarray, np.ndarray] | None, sizes) -> pl.DataFrame | None:
-    """``(users, ranks (M, users))`` as a table: ``user`` and one ``rank_d{s}`` column per size."""
+    """``(users, ranks (M, users))`` as a table: ``user`` and one ``rank_d{s}`` column per size
+    (``rank_L2_w128_d64`` per triple when ``sizes`` are triples' labels)."""
     if test_ranks is None:
         return None
     users, ranks = test_ranks
-    return pl.DataFrame({"user": users, **{f"rank_d{s}": ranks[m] for m, s in enumerate(sizes)}})
+    names = [s if isinstance(s, str) else f"d{s}" for s in sizes]
+    return pl.DataFrame({"user": users, **{f"rank_{n}": ranks[m] for m, n in enumerate(names)}})
 
 
 def write_results(directory: Path, rows: list[dict[str, Any]], title: str, ranks: pl.DataFrame | None = None) -> list[Path]:
@@ -114,8 +192,12 @@ def write_results(directory: Path, rows: list[dict[str, Any]], title: str, ranks
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomically(directory / "results.md", results_table(rows) + "\n")
     write_json_atomically(directory / "results.json", rows, indent=2)
-    accuracy_plot(rows, directory / PLOT_FILE, title)
-    paths = [directory / name for name in RESULT_FILES]
+    if is_grid(rows):
+        grid_heat_map(rows, directory / GRID_PLOT_FILE, title)
+        paths = [directory / name for name in ("results.md", "results.json", GRID_PLOT_FILE)]
+    else:
+        accuracy_plot(rows, directory / PLOT_FILE, title)
+        paths = [directory / name for name in RESULT_FILES]
     if ranks is not None:
         with atomic_file(directory / RANKS_FILE) as tmp:
             ranks.write_parquet(tmp)

@@ -9,7 +9,10 @@ the flattened config as params; data stats and the git commit as tags; validatio
 and test metrics for every size (``test/ndcg_10/d64``); the resolved config, the best checkpoint, a
 per-size results table and a plot of accuracy against size; and one logged model per size (the
 exported size-``s`` model as a pyfunc, with its size and parameter count as params), optionally
-registered as ``NAME-d<size>``.
+registered as ``NAME-d<size>``. An elastic run (``recsys/nn/grid.py``) has the same per trained
+(depth, width, size) triple instead: ``test/ndcg_10/L2_w128_d64``, ``parameters/L2_w128_d64``,
+``encode_ms_per_1k/...``, ``retrieval_flops_per_user/...``, a heat map of NDCG@10 over the grid,
+and one logged model per triple (``NAME-L2_w128_d64`` when registered).
 
 Choosing a size in the MLflow UI needs no setting there: the address the training prints opens the
 run among the UI's model training pages (MLflow 3 otherwise opens its GenAI pages); the run's
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.errors import UserError
-from recsys.reporting import PLOT_FILE, git_commit, results_table, write_results
+from recsys.reporting import GRID_PLOT_FILE, PLOT_FILE, git_commit, is_grid, results_table, write_results
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +201,17 @@ def log_results(client, run_id: str, rows: list[dict[str, Any]], title: str, ran
 
 def run_description(run_id: str, rows: list[dict[str, Any]]) -> str:
     """Markdown for the run page: the per-size table, the plot (served by the MLflow UI from the
-    run's artifacts) and where the rest is."""
+    run's artifacts) and where the rest is; an elastic run's per-triple table and heat map."""
+    if is_grid(rows):
+        best = max(rows, key=lambda r: r["ndcg_10"])
+        return "\n\n".join([
+            f"Test NDCG@10 per trained (depth, width, size) triple (the best checkpoint); best {best['triple']} "
+            f"**{best['ndcg_10']:.4f}**",
+            results_table(rows),
+            f"![NDCG@10 over the grid](get-artifact?path={GRID_PLOT_FILE}&run_uuid={run_id})",
+            "Per triple as metrics: `test/ndcg_10/L2_w128_d64`, `parameters/...`, `encode_ms_per_1k/...`, "
+            "`retrieval_flops_per_user/...`; one logged model per triple, named by it.",
+        ])
     glance = " · ".join(f"d{r['size']} **{r['ndcg_10']:.4f}** ({r['parameters']:,} parameters)" for r in rows)
     return "\n\n".join([
         f"Test NDCG@10 by size (the best checkpoint): {glance}",
@@ -231,38 +244,84 @@ def log_size_metrics(client, run_id: str, rows: list[dict[str, Any]], model_ids:
     client.log_batch(run_id, metrics=metrics)
 
 
-def log_size_models(
-    run_id: str, export_dirs: dict[int, Path], rows: list[dict[str, Any]], register_as: str | None
-) -> dict[int, str]:
-    """One pyfunc model per size in ``run_id`` (model from code: nothing pickled); returns model URIs."""
+GRID_COSTS = ("parameters", "encode_ms_per_1k", "retrieval_flops_per_user")
+
+
+def log_grid_metrics(client, run_id: str, rows: list[dict[str, Any]], model_ids: dict[str, str]) -> None:
+    """Each triple's costs as ``parameters/L2_w128_d64`` (and encode time, retrieval FLOPs), and
+    its test metrics once more, linked to its logged model if any."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = []
+    for row in rows:
+        label = row["triple"]
+        for key, value in row.items():
+            if key in ("triple", "depth", "width", "size"):
+                continue
+            name = f"{key}/{label}" if key in GRID_COSTS else f"test/{key}/{label}"
+            metrics.append(Metric(name, float(value), now, 0, model_id=None if key in GRID_COSTS else model_ids.get(label)))
+    for start in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[start : start + 500])
+
+
+def log_grid_models(
+    run_id: str, export_dirs: dict[str, Path], rows: list[dict[str, Any]], register_as: str | None
+) -> dict[str, str]:
+    """One pyfunc model per trained triple, named by its label (``L2_w128_d64``), with its depth,
+    width, size and parameters as params; returns model URIs by label."""
+    import mlflow
+
+    by_label = {r["triple"]: r for r in rows}
+    logged = {}
+    with mlflow.start_run(run_id=run_id):
+        for label, directory in export_dirs.items():
+            r = by_label[label]
+            params = {"depth": str(r["depth"]), "width": str(r["width"]), "size": str(r["size"]),
+                      "parameters": str(r["parameters"])}
+            logged[label] = _log_pyfunc(run_id, label, directory, params, f"{register_as}-{label}" if register_as else None)
+    log_grid_metrics(mlflow.MlflowClient(), run_id, rows, {label: info.model_id for label, info in logged.items()})
+    return {label: info.model_uri for label, info in logged.items()}
+
+
+def _log_pyfunc(run_id: str, name: str, directory: Path, params: dict[str, str], registered: str | None):
+    """Log the export in ``directory`` as pyfunc model ``name`` of ``run_id`` (model from code)."""
     import mlflow
     import pandas as pd
 
     import serving
     from serving import pyfunc
 
-    code = str(Path(pyfunc.__file__))
+    wrapper = pyfunc.SizedRecommenderPyfunc()
+    wrapper.model = serving.load(directory)
+    example = pd.DataFrame({"history": [wrapper.model.item_ids[:3]]})
+    # created first, so that it keeps these params only (log_model would copy in the run's ~150)
+    entry = mlflow.initialize_logged_model(name=name, source_run_id=run_id,
+                                           params={**params, "encoder": wrapper.model.manifest["encoder"]})
+    return mlflow.pyfunc.log_model(
+        name=entry.name,
+        model_id=entry.model_id,
+        python_model=str(Path(pyfunc.__file__)),
+        artifacts={"export": str(directory)},
+        signature=pyfunc.signature(),
+        input_example=example,
+        pip_requirements=_requirements(),
+        registered_model_name=registered,
+    )
+
+
+def log_size_models(
+    run_id: str, export_dirs: dict[int, Path], rows: list[dict[str, Any]], register_as: str | None
+) -> dict[int, str]:
+    """One pyfunc model per size in ``run_id`` (model from code: nothing pickled); returns model URIs."""
+    import mlflow
+
     by_size = {r["size"]: r for r in rows}
     logged = {}
     with mlflow.start_run(run_id=run_id):
         for size, directory in export_dirs.items():
-            wrapper = pyfunc.SizedRecommenderPyfunc()
-            wrapper.model = serving.load(directory)
-            example = pd.DataFrame({"history": [wrapper.model.item_ids[:3]]})
-            signature = pyfunc.signature()
-            # created first, so that it keeps these params only (log_model would copy in the run's ~150)
-            entry = mlflow.initialize_logged_model(name=f"d{size}", source_run_id=run_id, params={
-                "size": str(size), "parameters": str(by_size[size]["parameters"]), "encoder": wrapper.model.manifest["encoder"]})
-            logged[size] = mlflow.pyfunc.log_model(
-                name=entry.name,
-                model_id=entry.model_id,
-                python_model=code,
-                artifacts={"export": str(directory)},
-                signature=signature,
-                input_example=example,
-                pip_requirements=_requirements(),
-                registered_model_name=f"{register_as}-d{size}" if register_as else None,
-            )
+            params = {"size": str(size), "parameters": str(by_size[size]["parameters"])}
+            logged[size] = _log_pyfunc(run_id, f"d{size}", directory, params, f"{register_as}-d{size}" if register_as else None)
     # Link each model's own test metrics only after all are logged (log_model links every metric
     # already in the run at its step, 0, to the new model).
     log_size_metrics(mlflow.MlflowClient(), run_id, rows, {size: info.model_id for size, info in logged.items()})

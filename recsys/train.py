@@ -124,7 +124,8 @@ def validate_config(config) -> None:
     try:
         check_options(model.sizes, model.encoder, model.monitor_size, model.loss_weights,
                       model.lru, model.mamba, model.sasrec, model.loss, model.negatives, model.negative_sampling,
-                      model.distill, model.distill_teacher)
+                      model.distill, model.distill_teacher,
+                      model.n_blocks, model.depths, model.pairs, model.grid, model.triples)
     except OptionError as exc:
         raise ConfigError(exc.render("--model.")) from None
     if data.data_dir is None and data.synthetic is not None:
@@ -218,10 +219,17 @@ class MLflowRun:
         from recsys.tracking import log_size_metrics, log_size_models
 
         if not (self.settings.log_models and best):
-            log_size_metrics(self.logger.experiment, self.run_id, rows, {})
+            if model.grid is not None:
+                from recsys.tracking import log_grid_metrics
+
+                log_grid_metrics(self.logger.experiment, self.run_id, rows, {})
+            else:
+                log_size_metrics(self.logger.experiment, self.run_id, rows, {})
             return None
         from serving.export import export_sizes
 
+        if model.grid is not None:  # an elastic run: one model per trained triple
+            return self._log_grid_models(best, model, rows)
         sizes = list(cut_sizes(model.net))
         export_log = logging.getLogger("serving.export")
         level = export_log.level
@@ -230,6 +238,21 @@ class MLflowRun:
             with tempfile.TemporaryDirectory() as tmp:
                 dirs = export_sizes(best, sizes, tmp, source={"mlflow_run_id": self.run_id})
                 return log_size_models(self.run_id, dict(zip(sizes, dirs)), rows, self.settings.register_as)
+        finally:
+            export_log.setLevel(level)
+
+    def _log_grid_models(self, best: str, model: MatryoshkaRecommender, rows: list[dict[str, Any]]) -> dict[str, str]:
+        from recsys.tracking import log_grid_models
+        from serving.export import export_sizes
+
+        export_log = logging.getLogger("serving.export")
+        level = export_log.level
+        export_log.setLevel(logging.WARNING)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                dirs = {t.label: export_sizes(best, [t.size], Path(tmp), source={"mlflow_run_id": self.run_id},
+                                              width=t.width, depth=t.depth)[0] for t in model.grid}
+                return log_grid_models(self.run_id, dirs, rows, self.settings.register_as)
         finally:
             export_log.setLevel(level)
 
@@ -405,14 +428,15 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         return result
 
     title = f"{model.hparams.encoder} on {dataset_name(cli.config.data.data_dir)}"
-    tracked.log_results(fitted.rows, title, fitted.best, test_ranks_table(fitted.test_ranks, model.sizes))
+    rank_names = model.sizes if model.grid is None else [t.label for t in model.grid]
+    tracked.log_results(fitted.rows, title, fitted.best, test_ranks_table(fitted.test_ranks, rank_names))
     model_uris = tracked.log_models(fitted.best, model, fitted.rows)
     if model_uris is not None:
         result["model_uris"] = model_uris
     print("\n" + results_table(fitted.rows))
     print(f"\n{tracked.where()}")
     if model_uris:
-        print("logged models: " + ", ".join(f"d{size} {uri}" for size, uri in model_uris.items()))
+        print("logged models: " + ", ".join(f"{k if isinstance(k, str) else f'd{k}'} {uri}" for k, uri in model_uris.items()))
     if fitted.best:
         print(f"best checkpoint: {fitted.best}\nexport a size: {tracked.export_hint(fitted.best, model.sizes[-1])}")
     result["rows"] = fitted.rows

@@ -18,7 +18,12 @@ def export_parser(doc: str) -> ArgumentParser:
     parser.add_argument("--run-id", type=str | None, default=None, help="an MLflow run of recsys.train (its best checkpoint)")
     parser.add_argument("--model-uri", type=str | None, default=None, help="a logged size, e.g. models:/NAME-d64@champion")
     parser.add_argument("--dims", type=str | None, default=None, help="comma-separated sizes, e.g. 64,128 (default: all)")
-    parser.add_argument("--out", type=str, required=True, help="output directory; each size goes to OUT/d<size>")
+    parser.add_argument("--depth", type=int | None, default=None,
+                        help="elastic sub-model: keep encoder blocks 1..DEPTH (default: all)")
+    parser.add_argument("--width", type=int | None, default=None,
+                        help="elastic sub-model: encoder width, at least the size (default: the size)")
+    parser.add_argument("--out", type=str, required=True,
+                        help="output directory; each size goes to OUT/d<size> (with --depth/--width OUT/L<d>_w<w>_d<s>)")
     parser.add_argument("--index", type=str, default="exact",
                         help="exact (torch search, no index file) or a faiss index: flat, ivf_flat, hnsw or ivf_pq")
     parser.add_argument("--item-dtype", type=str, default="float32", help="float32 or float16 item matrix")

@@ -3,6 +3,7 @@
     python -m serving.export --checkpoint CKPT --dims 64,128 --out DIR
     python -m serving.export --run-id RUN_ID --dims 64 --out DIR          # best checkpoint of an MLflow run
     python -m serving.export --model-uri models:/NAME-d64@champion --out DIR   # a registered size
+    python -m serving.export --checkpoint CKPT --depth 2 --width 128 --dims 32 --out DIR   # one elastic sub-model
 
 ``DIR/d<size>/`` gets the encoder cut to that size and the item matrix ``Z[:, :size]`` as
 safetensors, the item vocabulary, the retriever's files (none for the default exact search; a
@@ -86,8 +87,15 @@ def export_size(
     item_dtype: str = "float32",
     funnel_prefix: int | None = None,
     funnel_shortlist: int = 1000,
+    width: int | None = None,
+    depth: int | None = None,
 ) -> Path:
     """Write ``out`` for the model cut to ``size`` and return it.
+
+    ``width`` and ``depth`` (elastic sub-models, ``recsys/nn/grid.py``; defaults: ``size`` and the
+    full depth) cut the encoder to that width and its first ``depth`` blocks; with ``size < width``
+    the vector head of that depth and width, which the model must have trained, maps its state
+    to ``size`` dims. Either one given writes ``width`` and ``depth`` into the manifest.
 
     ``index`` is ``"exact"`` (the default: exact torch search, no index file; its speed against a
     faiss flat index, per device, is in ``bench/results/candidates.json``) or a faiss index kind. With
@@ -97,10 +105,18 @@ def export_size(
     """
     if size not in model.sizes:
         raise ExportError(f"size {size} is not one of the model's sizes {list(model.sizes)}")
-    if size not in cut_sizes(model.net):
+    elastic = width is not None or depth is not None
+    width = size if width is None else width
+    full_depth = model.hparams.n_blocks
+    depth = full_depth if depth is None else depth
+    if width not in model.sizes or size > width:
+        raise ExportError(f"width {width} must be one of the model's sizes {list(model.sizes)}, and at least the size {size}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= full_depth:
+        raise ExportError(f"depth {depth} must lie in 1..{full_depth} (the model's blocks)")
+    if width not in cut_sizes(model.net):
         raise ExportError(
             f"the {model.hparams.encoder} encoder is not nested: it can be exported at its full size "
-            f"{model.sizes[-1]} only, not {size}"
+            f"{model.sizes[-1]} only, not {width}"
         )
     if funnel_prefix is not None and not 0 < funnel_prefix < size:
         raise ExportError(f"the funnel prefix must be between 1 and the size {size} (exclusive), got {funnel_prefix}")
@@ -111,13 +127,18 @@ def export_size(
     from serving.retrieval import build_retriever
 
     items = model.net.item_matrix()
-    full = SequentialRecommender(FixedItemMatrix(items, model.sizes), model.net.encoder)
-    small = cut_to_size(full, size)
+    full = SequentialRecommender(FixedItemMatrix(items, model.sizes), model.net.encoder, grid=model.net.grid)
+    if hasattr(model.net, "heads"):
+        full.heads = model.net.heads
+    try:
+        small = cut_to_size(full, size, width=width, depth=depth)
+    except ValueError as exc:  # no head trained for this depth and width
+        raise ExportError(f"depth {depth}, width {width}, size {size}: {exc}") from None
     state = {k: v.contiguous() for k, v in small.state_dict().items()}
     if item_dtype == "float16":
         state["items.matrix"] = state["items.matrix"].half()
 
-    vectors = small.items.matrix[1:].float().numpy()
+    vectors = small.items.matrix[1:, :size].float().numpy()
     settings = _retriever_settings(index, size, len(vectors), funnel_prefix, funnel_shortlist)
     try:
         retriever = build_retriever(vectors, settings)  # before anything is written
@@ -144,9 +165,11 @@ def export_size(
             "sizes": list(small.sizes),
             "model_sizes": list(model.sizes),
             "encoder": model.hparams.encoder,
-            "encoder_options": model.encoder_options(),
+            "encoder_options": {**model.encoder_options(), "n_blocks": depth},
+            **({"width": width, "depth": depth} if elastic else {}),
             "max_len": model.hparams.max_len,
-            "num_parameters": nested_parameter_count(small.encoder),
+            "num_parameters": nested_parameter_count(small.encoder) + sum(
+                p.numel() for p in getattr(small, "heads", torch.nn.Module()).parameters()),
             "num_items": len(item_ids),
             "item_dtype": item_dtype,
             "retriever": entry,
@@ -164,7 +187,8 @@ def export_size(
     except BaseException:
         abort()
         raise
-    log.info("exported size %d (%d encoder parameters) to %s", size, manifest["num_parameters"], path)
+    log.info("exported size %d, width %d, depth %d (%d encoder parameters) to %s", size, width, depth,
+             manifest["num_parameters"], path)
     return path
 
 
@@ -183,9 +207,11 @@ def _retriever_settings(
 
 
 def export_sizes(
-    checkpoint: str | Path, dims: list[int], out: str | Path, source: dict[str, Any] | None = None, **options: Any
+    checkpoint: str | Path, dims: list[int], out: str | Path, source: dict[str, Any] | None = None,
+    width: int | None = None, depth: int | None = None, **options: Any,
 ) -> list[Path]:
-    """Export every size in ``dims`` from a checkpoint into ``out/d<size>``."""
+    """Export every size in ``dims`` from a checkpoint into ``out/d<size>``; with ``width`` or
+    ``depth`` (one size) into ``out/L<depth>_w<width>_d<size>``."""
     from serving.retrieval import IndexSpec
 
     if options.get("index", "exact") != "exact":
@@ -199,8 +225,17 @@ def export_sizes(
     if bad:
         raise ExportError(f"size(s) {bad} are not sizes of this model; valid sizes: {list(model.sizes)}")
     source = source or {"checkpoint": Path(checkpoint).name}
-    with reported_write_failures(out, option=""):  # a full disk: one line; an old export stays whole
-        return [export_size(model, catalogue, d, Path(out) / f"d{d}", source, **options) for d in dims]
+    if width is None and depth is None:
+        with reported_write_failures(out, option=""):  # a full disk: one line; an old export stays whole
+            return [export_size(model, catalogue, d, Path(out) / f"d{d}", source, **options) for d in dims]
+    from recsys.nn.grid import Triple
+
+    if len(dims) != 1:
+        raise ExportError(f"--width and --depth choose one sub-model: give one size in --dims, got {dims}")
+    size = dims[0]
+    label = Triple(model.hparams.n_blocks if depth is None else depth, size if width is None else width, size).label
+    with reported_write_failures(out, option=""):
+        return [export_size(model, catalogue, size, Path(out) / label, source, width=width, depth=depth, **options)]
 
 
 def _checkpoint_of_run(run_id: str, workdir: Path) -> Path:
@@ -242,6 +277,12 @@ def _export_of_model_uri(model_uri: str, dims: list[int] | None, out: Path) -> l
             raise
 
 
+def _default_dims(checkpoint, args) -> list[int]:
+    """Every size, or with ``--width``/``--depth`` the one size of the full model (its width)."""
+    sizes = load_trained(checkpoint)[0].sizes
+    return [sizes[-1] if args.width is None else args.width] if (args.width or args.depth) else list(sizes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = export_parser(__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
@@ -259,16 +300,17 @@ def _run(args) -> None:
     out = Path(args.out)
     check_writable(out)  # before anything is downloaded or read
     options = {"index": args.index, "item_dtype": args.item_dtype,
-               "funnel_prefix": args.funnel_prefix, "funnel_shortlist": args.funnel_shortlist}
+               "funnel_prefix": args.funnel_prefix, "funnel_shortlist": args.funnel_shortlist,
+               "width": args.width, "depth": args.depth}
     if args.model_uri:
         paths = _export_of_model_uri(args.model_uri, dims, out)
     elif args.run_id:
         with tempfile.TemporaryDirectory() as work:
             ckpt = _checkpoint_of_run(args.run_id, Path(work))
-            dims = dims or load_trained(ckpt)[0].sizes
+            dims = dims or _default_dims(ckpt, args)
             paths = export_sizes(ckpt, list(dims), out, source={"mlflow_run_id": args.run_id}, **options)
     else:
-        dims = dims or load_trained(args.checkpoint)[0].sizes
+        dims = dims or _default_dims(args.checkpoint, args)
         paths = export_sizes(args.checkpoint, list(dims), out, **options)
     for p in paths:
         print(p)

@@ -4,7 +4,11 @@ An export directory (written by ``serving/export.py``) holds:
 
 - ``manifest.json``: size, encoder name and options, parameter count, source, data stats, the
   retriever and its settings, and the sha256 of every other file (``"checksums"``);
-- ``model.safetensors``: the encoder cut to the size, and the item matrix ``Z[:, :size]``;
+- ``model.safetensors``: the encoder cut to the size, and the item matrix ``Z[:, :size]``; an
+  elastic export (``recsys/nn/grid.py``) also names ``width`` and ``depth``: the encoder is cut to
+  that width and depth (``encoder_options.n_blocks`` = depth), the matrix is ``Z[:, :width]``
+  (searched at ``Z[:, :size]``), and a vector head maps the state to ``size`` dims when
+  ``size < width``;
 - ``items.parquet``: ``row`` (1..N), ``item_id`` (the catalogue's original ids), ``popularity``;
 - ``index.faiss``: the faiss index of the retriever the manifest names (``"retriever"``, see
   ``serving/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1).
@@ -103,8 +107,12 @@ def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 1):
             raise ExportError(f"{path}: {key!r} must be {_TYPE_NAMES[kind]}, got {value!r}")
     sizes, size = manifest["sizes"], manifest["size"]
-    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes) or sizes[-1] != size:
-        raise ExportError(f"{path}: 'sizes' must be positive integers ending with the size {size}, got {sizes!r}")
+    width = manifest.get("width", size)  # elastic exports: the encoder's width, at least the size
+    if isinstance(width, bool) or not isinstance(width, int) or width < size:
+        raise ExportError(f"{path}: 'width' must be an integer of at least the size {size}, got {width!r}")
+    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes) or sizes[-1] != width:
+        end = f"the width {width}" if "width" in manifest else f"the size {size}"
+        raise ExportError(f"{path}: 'sizes' must be positive integers ending with {end}, got {sizes!r}")
 
 
 def _is_plain_name(name: Any) -> bool:
@@ -159,10 +167,10 @@ def read_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.T
     except SafetensorError as exc:
         raise ExportError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     matrix = state.get("items.matrix")
-    expected = (manifest["num_items"] + 1, manifest["size"])
+    expected = (manifest["num_items"] + 1, manifest.get("width", manifest["size"]))
     if matrix is None or tuple(matrix.shape) != expected or not matrix.is_floating_point():
         found = None if matrix is None else f"{tuple(matrix.shape)} {matrix.dtype}"
-        raise ExportError(f"{path}: the item matrix must be float of shape {expected} (num_items + 1, size), got {found}")
+        raise ExportError(f"{path}: the item matrix must be float of shape {expected} (num_items + 1, width), got {found}")
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ExportError(f"{path}: {name} holds NaN or infinite values")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from recsys.nn.encoders import build_encoder
+from recsys.nn.grid import Triple
 from recsys.nn.item_tower import FixedItemMatrix
 from recsys.nn.nested import nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
@@ -53,6 +54,9 @@ class UnknownItemsError(KeyError):
 class SizedRecommender:
     """The size-``s`` model: encodes histories and recommends from the item matrix ``Z[:, :s]``.
 
+    An elastic export (``width`` and ``depth`` in the manifest) encodes with the encoder cut to
+    that width and depth (from ``Z[:, :width]``), through its vector head when ``s < width``.
+
     ``retriever`` (a :class:`serving.retrieval.Retriever`, the one the manifest names) searches
     ``Z[1:, :s]``; its row ``r`` is item row ``r + 1``.
 
@@ -66,6 +70,9 @@ class SizedRecommender:
         self.manifest = read_manifest(self.directory)
         m = self.manifest
         self.size: int = m["size"]
+        # an elastic export (recsys/nn/grid.py): the encoder's width and depth; a plain one's width is its size
+        self.width: int = m.get("width", self.size)
+        self.depth: int | None = m.get("depth")
         self.max_len: int = m["max_len"]
         self.device = torch.device(device)
         self.net = self._network(read_weights(self.directory, m))
@@ -88,10 +95,14 @@ class SizedRecommender:
         """The encoder the manifest describes, with the exported weights (which must fit it)."""
         m = self.manifest
         matrix = state["items.matrix"].float()
+        grid = None
+        if self.size < self.width:
+            grid = (Triple(m["encoder_options"].get("n_blocks", 1), self.width, self.size),)
         try:
             net = SequentialRecommender(
                 FixedItemMatrix(torch.zeros_like(matrix), m["sizes"]),
                 build_encoder(m["encoder"], m["sizes"], **m["encoder_options"]),
+                grid=grid,
             )
         except (TypeError, ValueError) as exc:
             raise ExportError(
@@ -103,16 +114,20 @@ class SizedRecommender:
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())[:300]
             raise ExportError(f"{self.directory / WEIGHTS}: the weights do not fit the encoder the manifest describes ({detail})") from None
+        net.select_vector_(self.size)
         return net
 
     @property
     def num_parameters(self) -> int:
-        """Parameters of the encoder at this size (the item matrix is counted in ``num_items * size``)."""
-        return nested_parameter_count(self.net.encoder)
+        """Parameters of the encoder at this size, and of its vector head if any (the item matrix is
+        counted in ``num_items * size``): the manifest's ``num_parameters``."""
+        heads = getattr(self.net, "heads", None)
+        return nested_parameter_count(self.net.encoder) + (0 if heads is None else sum(p.numel() for p in heads.parameters()))
 
     @property
     def item_matrix(self) -> torch.Tensor:
-        return self.net.items.matrix
+        """``Z[:, :size]``, what the user vectors are scored against (row 0 padding)."""
+        return self.net.items.matrix[:, : self.size]
 
     def lookup(self, histories: Sequence[Sequence[Hashable]]) -> tuple[list[list[int]], list[list[Hashable]]]:
         """Item rows of each history, and beside them the ids that name no item, by the one rule
@@ -164,7 +179,7 @@ class SizedRecommender:
     def encode_rows(self, rows: list[list[int]]) -> torch.Tensor:
         """User vectors of item-row histories: one pass over the real positions of the batch,
         computing the last position's state alone where the encoder can (``user_vectors``)."""
-        return self.net.user_vectors(self._padded(rows), self.item_matrix)
+        return self.net.user_vectors(self._padded(rows), self.net.items.matrix)
 
     def encode(self, histories: Sequence[Sequence[Hashable]], on_unknown: str = "error") -> np.ndarray:
         """One ``size``-float vector per history (a list of original item ids, oldest first)."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.nn.grid import StackedBlocks
 from recsys.nn.nested import NestedLayerNorm, NestedLinear, NestedModule, check_sizes, shrink_parameter_
 
 __all__ = ["linear_recurrence_scan", "linear_recurrence_last", "linear_recurrence_loop", "LRULayer", "GatedFFN", "NestedLRUEncoder"]
@@ -138,11 +139,12 @@ class LRUBlock(NestedModule):
         return h + self.dropout(self.ffn(self.norm_ffn(h)))
 
 
-class NestedLRUEncoder(NestedModule):
+class NestedLRUEncoder(StackedBlocks, NestedModule):
     """Stack of nested LRU blocks and a final nested LayerNorm.
 
     ``forward(x, mask)`` takes left-padded item vectors ``(B, L, D)`` and ``mask`` ``(B, L)`` (True
     for real items) and returns ``(B, L, D)``; the user state is the output at the last position.
+    ``depth_states`` and the depth cut come from :class:`~recsys.nn.grid.StackedBlocks`.
     """
 
     def __init__(

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from recsys.nn.grid import StackedBlocks
 from recsys.nn.nested import (
     ChunkwiseProjection,
     NestedLayerNorm,
@@ -156,7 +157,7 @@ class NestedMambaBlock(NestedModule):
         """No parameters of its own; its norm and mixer are cut by :func:`cut_to_size`."""
 
 
-class NestedMambaEncoder(NestedModule):
+class NestedMambaEncoder(StackedBlocks, NestedModule):
     """Stack of nested Mamba blocks and a final nested LayerNorm.
 
     ``forward(x, mask)`` takes left-padded item vectors ``(B, L, D)`` and ``mask`` ``(B, L)`` (True

@@ -9,7 +9,8 @@ Every nested module derives from :class:`NestedModule` and implements ``_shrink_
 slices its *own* parameters in place. :func:`cut_to_size` copies a whole model and shrinks each
 nested module in it; training, export and serving all use that one function, and
 :func:`cut_sizes` says which sizes a model can be cut to (a module that holds a part that is not
-nested, such as a SASRec encoder, narrows them to its full width).
+nested, such as a SASRec encoder, narrows them to its full width). It also cuts elastic
+sub-models (``recsys/nn/grid.py``): an encoder width apart from the vector size, and a depth.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recsys.nn.grid import StackedBlocks
 
 __all__ = [
     "check_sizes",
@@ -173,27 +176,47 @@ def cut_sizes(model: nn.Module) -> tuple[int, ...]:
     return tuple(sorted(allowed))
 
 
-def cut_to_size(model: M, size: int) -> M:
+def cut_to_size(model: M, size: int, width: int | None = None, depth: int | None = None) -> M:
     """A copy of ``model`` cut to ``size``: every nested module keeps chunks up to ``size``.
 
     The copy is a smaller network (fewer parameters, fewer FLOPs) whose outputs equal the first
     ``size`` dimensions of the full model's outputs; cut to its full width it is a plain copy.
+
+    Elastic sub-models (``recsys/nn/grid.py``): ``width`` (default ``size``) is the width the nested
+    modules are cut to and ``size <= width`` the vector size; ``depth`` (default: all) keeps encoder
+    blocks ``1..depth`` (every module with ``keep_blocks_``). A module with ``select_vector_`` (the
+    recommender) is told the triple, and keeps the head that maps the ``width``-wide state to
+    ``size`` dimensions (one is needed when ``size < width``).
     """
+    width = size if width is None else width
+    if size > width:
+        raise ValueError(f"the vector size {size} may not exceed the width {width}")
     allowed = cut_sizes(model)
-    if size not in allowed:
+    if width not in allowed:
         sizes = next(m for m in model.modules() if isinstance(m, NestedModule)).sizes
-        if size in sizes:
+        if width in sizes:
             raise ValueError(
-                f"{type(model).__name__} can be cut to sizes {list(allowed)} only, not {size}: "
+                f"{type(model).__name__} can be cut to sizes {list(allowed)} only, not {width}: "
                 "a part of it is not nested"
             )
-        raise ValueError(f"size {size} is not one of the model's sizes {list(sizes)}")
+        raise ValueError(f"size {width} is not one of the model's sizes {list(sizes)}")
+    selectors = [m for m in model.modules() if hasattr(m, "select_vector_")]
+    if size < width and not selectors:
+        raise ValueError(f"{type(model).__name__} has no vector heads: its vector size is its width ({width}), not {size}")
     small = copy.deepcopy(model)
     for module in small.modules():
         if isinstance(module, NestedModule):
-            sizes_up_to(module.sizes, size)
-            module._shrink_(size)
-            module.sizes = sizes_up_to(module.sizes, size)
+            module._shrink_(width)
+            module.sizes = sizes_up_to(module.sizes, width)
+    if depth is not None:
+        stacks = [m for m in small.modules() if isinstance(m, StackedBlocks)]
+        if not stacks:
+            raise ValueError(f"{type(model).__name__} has no blocks to cut to depth {depth}")
+        for module in stacks:
+            module.keep_blocks_(depth)
+    for module in small.modules():
+        if hasattr(module, "select_vector_"):
+            module.select_vector_(size)
     return small
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.nn.grid import StackedBlocks
 from recsys.nn.nested import check_sizes
 
 __all__ = ["CausalSelfAttention", "SASRecBlock", "SASRecEncoder"]
@@ -67,7 +68,7 @@ class SASRecBlock(nn.Module):
         return h + self.dropout(self.ffn(self.norm_ffn(h)))
 
 
-class SASRecEncoder(nn.Module):
+class SASRecEncoder(StackedBlocks, nn.Module):
     """SASRec over left-padded sequences, with the shared encoder interface.
 
     ``forward(x, mask)``: ``x`` ``(B, L, D)`` item vectors, ``mask`` ``(B, L)`` True for real items;
@@ -101,13 +102,17 @@ class SASRecEncoder(nn.Module):
     def width(self) -> int:
         return self.sizes[-1]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Item vectors plus positions (counted from the end), padding zeroed, input dropout."""
         length = x.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds SASRec's max_len {self.max_len}")
         from_end = torch.arange(length - 1, -1, -1, device=x.device)
         keep = mask.unsqueeze(-1).to(x.dtype)
-        x = self.input_dropout((x + self.positions(from_end)) * keep)
+        return self.input_dropout((x + self.positions(from_end)) * keep)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x, mask)
         for block in self.blocks:
             x = block(x, mask)
         return self.final_norm(x)
