@@ -1024,7 +1024,6 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "cold-start-sports": lambda: block_cold_start("cold_start_sports.json"),
     "loss-sports": lambda: block_loss("loss_sports.json"),
     "search-lastfm": block_search_lastfm,
-    "accuracy-sports-config": block_accuracy_sports_config,
     "accuracy-sports": block_accuracy_sports,
     "serve": block_serve,
 }
