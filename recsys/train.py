@@ -80,6 +80,8 @@ from recsys.model import (
 )
 from recsys.nn.encoders import FLAT_OPTION_GROUPS, OptionError, nest_flat_options
 from recsys.reporting import (
+    GRID_PLOT_FILE,
+    PLOT_FILE,
     dataset_name,
     git_commit,
     results_table,
@@ -319,7 +321,8 @@ class CSVRun:
         return None  # logged models are MLflow's; export a size with serving.export --checkpoint
 
     def where(self) -> str:
-        return f"run directory {self.run_dir} (metrics.csv, results.md, results.json, accuracy_vs_size.png, test_ranks.parquet)"
+        return (f"run directory {self.run_dir} (metrics.csv, results.md, results.json, test_ranks.parquet, "
+                f"{PLOT_FILE} or, for a grid of sub-models, {GRID_PLOT_FILE})")
 
     def export_hint(self, best: str, dims: int) -> str:
         return f"python -m serving.export --checkpoint {best} --dims {dims} --out exports/"
