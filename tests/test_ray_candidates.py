@@ -70,6 +70,14 @@ def single(export_dir, log, tmp_path_factory):
     return out, manifest
 
 
+@pytest.fixture(scope="module")
+def ray_out(export_dir, log, tmp_path_factory):
+    """The Ray job's output (2 actors)."""
+    out = tmp_path_factory.mktemp("ray") / "out"
+    manifest = generate_candidates_ray(export_dir, log, out, K, users_per_part=PER_PART, actors=2, progress=False)
+    return out, manifest
+
+
 def _parts(out):
     return {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
 
@@ -87,10 +95,9 @@ def _same_manifest(a, b):
     assert strip(a) == strip(b)
 
 
-def test_same_candidates_and_manifest_as_the_single_process_job(export_dir, log, single, tmp_path):
+def test_same_candidates_and_manifest_as_the_single_process_job(single, ray_out):
     single_out, single_manifest = single
-    out = tmp_path / "out"
-    manifest = generate_candidates_ray(export_dir, log, out, K, users_per_part=PER_PART, actors=2, progress=False)
+    out, manifest = ray_out
     assert manifest["counts"]["parts"] == 4 and manifest["counts"]["users"] == 31
     _same_manifest(manifest, single_manifest)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
@@ -110,9 +117,8 @@ def test_same_candidates_and_manifest_as_the_single_process_job(export_dir, log,
     assert on_disk == {k: v for k, v in manifest.items() if k != "elapsed_s"}
 
 
-def test_a_killed_actor_and_a_rerun_give_byte_identical_parts(export_dir, log, tmp_path):
-    clean = tmp_path / "clean"
-    generate_candidates_ray(export_dir, log, clean, K, users_per_part=PER_PART, progress=False)
+def test_a_killed_actor_and_a_rerun_give_byte_identical_parts(export_dir, log, ray_out, tmp_path):
+    clean = ray_out[0]
     expected = _parts(clean)
 
     # an actor kills its own process on part 2: Ray restarts it and retries the part
@@ -135,9 +141,9 @@ def test_a_killed_actor_and_a_rerun_give_byte_identical_parts(export_dir, log, t
     assert all(_parts(killed)[name] == data for name, data in before.items())
     assert (killed / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
 
-def test_a_rerun_into_another_jobs_output_is_refused_like_the_single_process_job(export_dir, log, single, tmp_path):
-    out = tmp_path / "out"
-    generate_candidates_ray(export_dir, log, out, K, users_per_part=PER_PART, progress=False)
+def test_a_rerun_into_another_jobs_output_is_refused_like_the_single_process_job(export_dir, log, ray_out):
+    out, manifest = ray_out
+    assert generate_candidates_ray(export_dir, log, out, K, users_per_part=PER_PART)["parts"] == manifest["parts"]
     with pytest.raises(CandidatesError, match=r"different job \(k: 5 there, 6 now\)"):
         generate_candidates_ray(export_dir, log, out, K + 1, users_per_part=PER_PART, progress=False)
 
