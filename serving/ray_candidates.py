@@ -12,7 +12,7 @@ step by step; only the scoring of the parts is spread over a pool of Ray actors:
    lock ``.lock-SSSSS-of-NNNNN``, record the job, and split this shard's rows by part into the
    staging directory ``.staging-SSSSS`` (always, even for one part: the actors read their part there);
 2. **read**: a Ray dataset of the parts not yet written (one row per part);
-3. **map_batches** over a pool of ``--actors`` model actors (``concurrency``; each holds the model
+3. **map_batches** over a pool of ``--actors`` model actors (``ActorPoolStrategy``; each holds the model
    once, on a GPU when the cluster has GPUs: ``num_gpus`` per actor), one part per batch: read the
    part's rows from staging, build histories, encode and search (the same code as the
    single-process job), and **write** the part file whole (temporary name, then rename, by
@@ -232,7 +232,7 @@ def _score_parts(ray, runner: _Job, todo: list[int], actors: int, device: str, a
     scored = parts.map_batches(
         _PartScorer,
         batch_size=1,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs={
             "model_dir": str(runner.model.directory.resolve()), "spec": runner.spec, "out": str(runner.out.resolve()),
