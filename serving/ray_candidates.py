@@ -43,9 +43,9 @@ from recsys.console import help_asked
 from serving.cli import candidates_parser
 
 _EXTRA_HELP = {
-    "--actors": "model actors (the size of the Ray actor pool; default 2)",
+    "--actors": "model actors (the size of the Ray actor pool)",
     "--ray-address": "Ray cluster to join (ray.init address); default: start a local instance",
-    "--num-cpus": "CPUs of the local Ray instance (default: all)",
+    "--num-cpus": "CPUs of the local Ray instance (null: all)",
 }
 
 
