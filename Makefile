@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[$(PROFILE),text,dev]"
+	$(PIP) install -q -c constraints.txt -e ".[$(PROFILE),text,dev,ray]"
 	$(PIP) install -q -c constraints.txt --no-deps torchrec==1.8.0
 	$(PY) -c "import torch, torchrec, polars, lightning, mlflow, faiss; print('installed: torch', torch.__version__, '| torchrec', torchrec.__version__, '| profile $(PROFILE)')"
 	touch $(STAMP)

@@ -405,7 +405,8 @@ class _Job:
                 [histories[i] for i in chosen], self.k, exclude_seen=self.exclude_seen
             )
             top[chosen], score[chosen] = batch_top, batch_score
-            bar.update(len(chosen))
+            if bar is not None:
+                bar.update(len(chosen))
         valid = top > 0  # -1: fewer than k unseen items were left
         user_index, _ = np.nonzero(valid)
         return pl.DataFrame(
@@ -417,9 +418,8 @@ class _Job:
             }
         )
 
-    def run_part(self, part: int, users: pl.Series, source: pl.LazyFrame, bar, writer) -> Future:
-        """Compute one part's candidates here; hand the file to ``writer`` (one thread), so that it
-        is written while the next part is read and scored. The future gives the part's counts."""
+    def compute_part(self, users: pl.Series, source: pl.LazyFrame, bar=None) -> tuple[pl.DataFrame, dict[str, int]]:
+        """One part's candidate rows (users in the given order) and its counts; writes nothing."""
         started = time.perf_counter()
         histories, unknown = self._histories(users, source.collect())
         self.stage_seconds["read"] += time.perf_counter() - started
@@ -430,6 +430,12 @@ class _Job:
             "unknown_items_skipped": unknown,
             "rows": frame.height,
         }
+        return frame, counts
+
+    def run_part(self, part: int, users: pl.Series, source: pl.LazyFrame, bar, writer) -> Future:
+        """Compute one part's candidates here; hand the file to ``writer`` (one thread), so that it
+        is written while the next part is read and scored. The future gives the part's counts."""
+        frame, counts = self.compute_part(users, source, bar)
         return writer.submit(self._write, frame, counts, self.part_path(part))
 
     def _write(self, frame: pl.DataFrame, counts: dict[str, int], path: Path) -> dict[str, int]:
@@ -552,7 +558,24 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def generate_candidates(
+@dataclass
+class PreparedJob:
+    """A job checked and ready to write: the input validated, its users listed and assigned to parts."""
+
+    runner: _Job
+    job: dict[str, Any]
+    frame: pl.LazyFrame
+    users: pl.Series
+    assign: pl.DataFrame
+    num_parts: int
+    num_rows: int
+
+    def part_users(self, part: int) -> pl.Series:
+        """The users of one part, ascending (their order in the part file)."""
+        return self.assign.filter(pl.col(_PART_COLUMN) == part)[self.runner.spec.user_col].sort()
+
+
+def prepare_job(
     model: str | Path | SizedRecommender,
     input_path: str | Path,
     out: str | Path,
@@ -567,21 +590,9 @@ def generate_candidates(
     exclude_seen: bool = True,
     users_per_part: int = 100_000,
     device: str = "auto",
-    progress: bool = True,
-    stage_seconds: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """Write the top-``k`` candidates of every user of ``input_path`` (in ``shard``) to ``out``.
-
-    ``model`` is an export directory, or one already loaded with :func:`serving.load` (then
-    ``device`` is the one it was loaded on). Returns the manifest written to ``out``, plus ``elapsed_s`` (the file itself holds no timings,
-    so that reruns give identical files). See the module docstring for the formats, resuming and
-    sharding. Everything that can be checked before writing is checked first (the whole input is
-    read once for that), so bad input leaves ``out`` untouched. ``stage_seconds``, when given, receives
-    the wall time spent reading parts into histories (``"read"``) and writing part files
-    (``"write"``, in a thread overlapping the next part); the model's own ``stage_seconds`` hold
-    encoding and search.
-    """
-    started = time.perf_counter()
+) -> PreparedJob:
+    """Everything :func:`generate_candidates` checks before it writes (options, ``out``, the model,
+    the whole input), with nothing written; also the first step of ``serving.ray_candidates``."""
     shard = parse_shard(shard) if isinstance(shard, str) else tuple(shard)
     parse_shard(f"{shard[0]}/{shard[1]}")
     for name, value in (("k", k), ("batch_size", batch_size), ("users_per_part", users_per_part)):
@@ -619,6 +630,47 @@ def generate_candidates(
     }
     runner = _Job(recommender, spec, out, k, shard, batch_size, exclude_seen, users_per_part)
     _check_out_dir(out, runner.job_path, job)
+    return PreparedJob(runner, job, frame, users, assign, num_parts, num_rows)
+
+
+def generate_candidates(
+    model: str | Path | SizedRecommender,
+    input_path: str | Path,
+    out: str | Path,
+    k: int = 100,
+    *,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str | None = "timestamp",
+    history_col: str | None = None,
+    shard: tuple[int, int] | str = (0, 1),
+    batch_size: int = 1024,
+    exclude_seen: bool = True,
+    users_per_part: int = 100_000,
+    device: str = "auto",
+    progress: bool = True,
+    stage_seconds: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Write the top-``k`` candidates of every user of ``input_path`` (in ``shard``) to ``out``.
+
+    ``model`` is an export directory, or one already loaded with :func:`serving.load` (then
+    ``device`` is the one it was loaded on). Returns the manifest written to ``out``, plus ``elapsed_s`` (the file itself holds no timings,
+    so that reruns give identical files). See the module docstring for the formats, resuming and
+    sharding. Everything that can be checked before writing is checked first (the whole input is
+    read once for that), so bad input leaves ``out`` untouched. ``stage_seconds``, when given, receives
+    the wall time spent reading parts into histories (``"read"``) and writing part files
+    (``"write"``, in a thread overlapping the next part); the model's own ``stage_seconds`` hold
+    encoding and search.
+    """
+    started = time.perf_counter()
+    prepared = prepare_job(
+        model, input_path, out, k, user_col=user_col, item_col=item_col, time_col=time_col, history_col=history_col,
+        shard=shard, batch_size=batch_size, exclude_seen=exclude_seen, users_per_part=users_per_part, device=device,
+    )
+    runner, job, frame, users, assign, num_parts, num_rows = (
+        prepared.runner, prepared.job, prepared.frame, prepared.users, prepared.assign, prepared.num_parts, prepared.num_rows
+    )
+    out, shard, k = runner.out, runner.shard, runner.k
 
     # Past this point the input and options are valid: output may be written, by one run at a time.
     out.mkdir(parents=True, exist_ok=True)
@@ -650,29 +702,17 @@ def _write_candidates(
     from tqdm.auto import tqdm
 
     out, shard, user_col = runner.out, runner.shard, runner.spec.user_col
-    _write_json(runner.job_path, job)
-    for leftover in out.glob(f".part-{runner.tag}-*.tmp"):
-        leftover.unlink()
-    shutil.rmtree(out / f".staging-{runner.tag}.tmp", ignore_errors=True)
-
-    columns = [c for c in runner.spec.columns().values() if c is not None]
-    frame = frame.select(columns).with_row_index(ROW).with_columns(pl.col(user_col).cast(users.dtype))
-    shard_frame = frame.join(assign.lazy(), on=user_col, how="inner")
-    counts: dict[int, dict[str, int]] = {}
-    for p in range(num_parts):
-        part_counts = _part_counts(runner.part_path(p))
-        if part_counts is not None:
-            counts[p] = part_counts
+    start_writing(runner, job)
+    shard_frame = _shard_frame(runner, frame, users, assign)
+    counts = finished_parts(runner, num_parts)
     todo = [p for p in range(num_parts) if p not in counts]
     if todo:
         log.info(
             "%d users in shard %d/%d (of %d users, %d rows): %d of %d parts to write",
             len(assign), *shard, len(users), num_rows, len(todo), num_parts,
         )
-    if todo and num_parts > 1 and not _staged_for(runner, job):  # a staging directory is trusted or discarded
-        _discard_staging(runner)
-        _stage(shard_frame, runner.staging)
-        _write_json(runner.staged, job)
+    if todo and num_parts > 1:
+        ensure_staged(runner, job, shard_frame)
     done_users = sum(c["users"] for c in counts.values())
     with tqdm(
         total=len(assign), initial=done_users, unit="users", desc=f"candidates {shard[0]}/{shard[1]}", disable=not progress
@@ -684,13 +724,66 @@ def _write_candidates(
             for p in todo:
                 part_users = assign.filter(pl.col(_PART_COLUMN) == p)[user_col].sort()
                 if num_parts > 1:
-                    source = pl.scan_parquet(runner.staging, hive_partitioning=True).filter(pl.col(_PART_COLUMN) == p)
+                    source = staged_part(runner, p)
                 else:
                     source = shard_frame
                 written[p] = runner.run_part(p, part_users, source, bar, writer)
                 for done in [q for q, future in written.items() if future.done()]:
                     counts[done] = written.pop(done).result()  # a failed write stops the job here
             counts.update({q: future.result() for q, future in written.items()})
+    return finish(runner, job, counts, num_parts)
+
+
+def start_writing(runner: _Job, job: dict[str, Any]) -> None:
+    """Record the job in ``out`` and remove what an interrupted run left half-written."""
+    _write_json(runner.job_path, job)
+    for leftover in runner.out.glob(f".part-{runner.tag}-*.tmp"):
+        leftover.unlink()
+    shutil.rmtree(runner.out / f".staging-{runner.tag}.tmp", ignore_errors=True)
+
+
+def _shard_frame(runner: _Job, frame: pl.LazyFrame, users: pl.Series, assign: pl.DataFrame) -> pl.LazyFrame:
+    """This shard's input rows (numbered in file order) with their part."""
+    user_col = runner.spec.user_col
+    columns = [c for c in runner.spec.columns().values() if c is not None]
+    frame = frame.select(columns).with_row_index(ROW).with_columns(pl.col(user_col).cast(users.dtype))
+    return frame.join(assign.lazy(), on=user_col, how="inner")
+
+
+def finished_parts(runner: _Job, num_parts: int) -> dict[int, dict[str, int]]:
+    """Part -> counts of the parts already written whole (a part that cannot be read is removed)."""
+    counts: dict[int, dict[str, int]] = {}
+    for p in range(num_parts):
+        part_counts = _part_counts(runner.part_path(p))
+        if part_counts is not None:
+            counts[p] = part_counts
+    return counts
+
+
+def ensure_staged(runner: _Job, job: dict[str, Any], shard_frame: pl.LazyFrame) -> None:
+    """Split the shard's rows by part into the staging directory, unless one whole and split for
+    this job is there already (a staging directory is trusted or discarded, never patched)."""
+    if not _staged_for(runner, job):
+        _discard_staging(runner)
+        _stage(shard_frame, runner.staging)
+        _write_json(runner.staged, job)
+
+
+def staged_part(runner: _Job, part: int) -> pl.LazyFrame:
+    """The input rows of one part, read back from the staging directory."""
+    return pl.scan_parquet(runner.staging, hive_partitioning=True).filter(pl.col(_PART_COLUMN) == part)
+
+
+def write_part(frame: pl.DataFrame, counts: dict[str, int], path: Path) -> None:
+    """Write one part file whole (temporary name, then rename), its counts in its metadata."""
+    _write_part(frame, counts, path)
+
+
+def finish(runner: _Job, job: dict[str, Any], counts: dict[int, dict[str, int]], num_parts: int) -> dict[str, Any]:
+    """Write the manifest once every part is written, drop the staging directory; return the manifest."""
+    missing = [p for p in range(num_parts) if p not in counts]
+    if missing:
+        raise RuntimeError(f"parts {missing[:5]} of {runner.out} were not written")
     manifest = _manifest(runner, job, runner.model, runner.spec, counts, num_parts)
     _write_json(runner.manifest_path, manifest)
     _discard_staging(runner)
