@@ -16,9 +16,12 @@ whose model is DMP around the LightningModule instead of DDP. It also
 * writes checkpoints with whole tables (gathered from the shards to rank zero), so a checkpoint
   of a sharded run is a plain one: ``MatryoshkaRecommender.from_checkpoint`` and
   ``serving.export`` load it in one process, without torchrec's distributed parts;
-* loads whole tables back into the shards (testing the best checkpoint after training);
+* gives the LightningModule whole tables back when fitting ends (on every process), so testing
+  the best checkpoint, the per-size report and export run on a plain model (the test stage holds
+  the tables whole in every process, as DDP does);
 * moves the tables out of the LightningModule's optimizer: their optimizer is torchrec's fused one
-  (Adam, the model's learning rate, following the model's learning-rate schedule step by step).
+  (fbgemm's Adam on CUDA, its exact Adagrad on CPU, where fbgemm has no Adam; the model's learning
+  rate, following the model's learning-rate schedule step by step).
 
 Gradient semantics equal DDP's: torchrec divides the table gradients by the number of processes on
 their way back (``torchrec.distributed.comm_ops`` gradient division), as DDP averages the dense
@@ -64,17 +67,26 @@ def table_modules(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if isinstance(m, (tr.EmbeddingCollection, tr.EmbeddingBagCollection))}
 
 
-def _sharders(lr: float, optimizer: str = "adam") -> list:
+#: the fused table optimizers: Adam (CUDA only in fbgemm), exact Adagrad, exact SGD; ``auto``:
+#: Adam on CUDA, Adagrad on CPU (fbgemm's CPU kernels have no Adam)
+TABLE_OPTIMIZERS = ("auto", "adam", "adagrad", "sgd")
+
+
+def _sharders(lr: float, optimizer: str, device: torch.device) -> list:
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 
-    if optimizer == "adam":
+    if optimizer == "auto":
+        optimizer = "adam" if device.type == "cuda" else "adagrad"
+    if optimizer == "adagrad":
+        fused = {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": lr, "eps": 1e-8}
+    elif optimizer == "adam":
         fused = {"optimizer": EmbOptimType.ADAM, "learning_rate": lr, "eps": 1e-8, "beta1": 0.9, "beta2": 0.999}
     elif optimizer == "sgd":  # exact SGD: the update is -lr * gradient (the tests read gradients from it)
         fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr}
     else:
-        raise ValueError(f"unknown table optimizer {optimizer!r}; choose adam or sgd")
+        raise ValueError(f"unknown table optimizer {optimizer!r}; choose one of {', '.join(TABLE_OPTIMIZERS)}")
     return [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
 
 
@@ -114,7 +126,7 @@ def plan_summary(plan) -> dict[str, dict[str, Any]]:
     return out
 
 
-def shard_tables(module: nn.Module, device: torch.device, lr: float, optimizer: str = "adam", group=None, sharding_types=None):
+def shard_tables(module: nn.Module, device: torch.device, lr: float, optimizer: str = "auto", group=None, sharding_types=None):
     """``module`` in torchrec's DMP: its tables sharded by the planner's plan (returned too), the rest
     wrapped in DDP. The tables' torchrec modules are replaced in place in ``module``."""
     tr = _torchrec()
@@ -122,7 +134,7 @@ def shard_tables(module: nn.Module, device: torch.device, lr: float, optimizer: 
     from torchrec.distributed.types import ShardingEnv
 
     group = group or dist.GroupMember.WORLD
-    sharders = _sharders(lr, optimizer)
+    sharders = _sharders(lr, optimizer, device)
     plan = plan_tables(module, sharders, device, group, sharding_types or SHARDING_TYPES)
     # torchrec's sharded tables start from weights of their own: keep the module's (rank zero's, as
     # DDP does for the dense parameters)
@@ -181,6 +193,31 @@ def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> N
         raise RuntimeError(f"state dict does not fit the sharded model: missing {missing}, unexpected {unexpected}")
 
 
+def table_specs(module: nn.Module) -> dict[str, tuple[type, list]]:
+    """``{module path: (collection class, table configs)}``: enough to build the tables unsharded again."""
+    return {
+        name: (type(m), m.embedding_bag_configs() if hasattr(m, "embedding_bag_configs") else m.embedding_configs())
+        for name, m in table_modules(module).items()
+    }
+
+
+def unshard_(module: nn.Module, specs: dict[str, tuple[type, list]], group=None) -> None:
+    """Replace ``module``'s sharded tables by whole, unsharded ones holding the same weights, on every
+    process (a collective: every rank calls it)."""
+    state = full_state_dict(module)
+    prefixes = tuple(f"{path}." for path in specs)
+    for key in sorted(k for k in state if k.startswith(prefixes)):
+        shape = module.state_dict()[key].size()
+        if dist.get_rank(group) != 0:
+            state[key] = torch.empty(shape, dtype=state[key].dtype)
+        dist.broadcast(state[key], src=0, group=group)
+    for path, (cls, configs) in specs.items():
+        parent, _, child = path.rpartition(".")
+        whole = cls(tables=configs, device=torch.device("meta")).to_empty(device=torch.device("cpu"))
+        setattr(module.get_submodule(parent) if parent else module, child, whole)
+    module.load_state_dict(state)
+
+
 def is_table_parameter(p: torch.Tensor) -> bool:
     """A parameter that torchrec's fused optimizer updates in the backward pass."""
     return hasattr(p, "_in_backward_optimizers")
@@ -191,7 +228,7 @@ class ShardedTablesStrategy(DDPStrategy):
 
     strategy_name = STRATEGY_NAME
 
-    def __init__(self, table_optimizer: str = "adam", **kwargs: Any) -> None:
+    def __init__(self, table_optimizer: str = "auto", **kwargs: Any) -> None:
         kwargs.setdefault("process_group_backend", None)
         super().__init__(**kwargs)
         self.table_optimizer = table_optimizer
@@ -201,6 +238,7 @@ class ShardedTablesStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         module = self.lightning_module
         if self._dmp is None:
+            self._specs = table_specs(module)
             lr = float(getattr(module.hparams, "lr", 1e-3))
             self._dmp, plan = shard_tables(module, self.root_device, lr, self.table_optimizer)
             self.plan = plan_summary(plan)
@@ -239,8 +277,14 @@ class ShardedTablesStrategy(DDPStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def teardown(self) -> None:
-        # keep the DMP (its sharded tables live in the LightningModule): testing after fitting reuses them
-        self.model = self.lightning_module
+        # after fitting, the LightningModule gets whole tables back (on every process): testing, the
+        # per-size report and export then work on a plain model
+        module = self.lightning_module
+        if self._dmp is not None and module is not None:
+            self.model = module
+            unshard_(module, self._specs)
+            module.to(self.root_device)
+            self._dmp = None
         super().teardown()
 
     @classmethod

@@ -127,7 +127,11 @@ def _sharded_step(rank: int, port: int, out: str, sharding_types: list[str] | No
 TABLES = ["model.net.items.ids.table_item_ids", "model.net.items.bags.table_genres", "model.net.items.bags.table_tags"]
 
 
-@pytest.mark.parametrize("sharding_types", [None, ["row_wise"], ["table_wise"]], ids=["planner", "row_wise", "table_wise"])
+@pytest.mark.parametrize(
+    "sharding_types",
+    [pytest.param(None, marks=pytest.mark.slow), ["row_wise"], pytest.param(["table_wise"], marks=pytest.mark.slow)],
+    ids=["planner", "row_wise", "table_wise"],
+)  # each about 45 s on a loaded 2-core machine
 def test_sharded_step_equals_unsharded_step(tmp_path, sharding_types):
     mp.start_processes(_sharded_step, args=(_free_port(), str(tmp_path), sharding_types), nprocs=WORLD, start_method="spawn")
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -207,7 +211,7 @@ def test_sharded_training_run_checkpoint_loads_unsharded(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sharded net.items.ids.table_item_ids" in done.stdout + done.stderr
+    assert "sharding/net.items.ids.table_item_ids: " in done.stdout
 
     best = tmp_path / "ckpt" / "best.ckpt"
     checkpoint = read_checkpoint(best)
@@ -224,10 +228,10 @@ def test_sharded_training_run_checkpoint_loads_unsharded(tmp_path):
     single = model.last_test_metrics
     logged = json.loads((tmp_path / "run" / "results.json").read_text())
     assert single["count"] == data.num_users
-    rows = {row["size"]: row for row in logged["rows"]} if isinstance(logged, dict) and "rows" in logged else None
-    assert rows is not None, logged
+    rows = {row["size"]: row for row in logged}
     for s in SIZES:
-        assert rows[s]["ndcg_10"] == pytest.approx(single[f"ndcg_10/d{s}"], abs=1e-6)
+        for key in ("ndcg_10", "recall_10", "mrr"):
+            assert rows[s][key] == pytest.approx(single[f"{key}/d{s}"], abs=1e-6), (s, key)
 
     from serving.export import export_sizes
 
