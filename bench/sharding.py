@@ -2,6 +2,7 @@
 
     flock /tmp/bench.lock .venv/bin/python bench/sharding.py            # writes bench/results/sharding.json
     flock /tmp/bench.lock .venv/bin/python bench/sharding.py --items 5000 --steps 30 --out other.json
+    flock /tmp/bench.lock .venv/bin/python bench/sharding.py --sharding-types row_wise --out bench/results/sharding_row_wise.json
 
 Two CPU processes on 127.0.0.1 (gloo) train :class:`~recsys.model.MatryoshkaRecommender` (LRU,
 item ID embedding on, the synthetic log's tags as a bag table) on the synthetic log's own training
@@ -105,7 +106,7 @@ def _worker(rank: int, port: int, args, data_dir: str, out: str) -> None:
 
         sharded = model()
         step = _Step(sharded)
-        dmp, plan = sharding.shard_tables(step, torch.device("cpu"), lr=1e-3)
+        dmp, plan = sharding.shard_tables(step, torch.device("cpu"), lr=1e-3, sharding_types=args.sharding_types)
         dense = [p for p in sharded.parameters() if not sharding.is_table_parameter(p)]
         optimizer = torch.optim.AdamW(dense, lr=1e-3)
         report["sharded"] = _time(dmp, optimizer, batches, args.warmup)
@@ -127,6 +128,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--sharding-types", nargs="+", choices=["row_wise", "table_wise"], default=None,
+                        help="narrow the planner's choice (default: row-wise or table-wise, the planner picks)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sharding.json"))
     args = parser.parse_args()
 
