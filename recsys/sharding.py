@@ -33,6 +33,7 @@ state (Adam moments) is not kept in checkpoints, so resuming a sharded run is re
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -90,7 +91,8 @@ def _sharders(lr: float, optimizer: str, device: torch.device) -> list:
     return [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
 
 
-def plan_tables(module: nn.Module, sharders: list, device: torch.device, group=None, sharding_types=SHARDING_TYPES):
+def plan_tables(module: nn.Module, sharders: list, device: torch.device, group=None, sharding_types=SHARDING_TYPES,
+                local_world_size: int | None = None):
     """torchrec's planner's plan for every table in ``module``: row-wise or table-wise by size (one
     plan, made on rank zero and sent to the others). ``sharding_types`` narrows the choice (tests)."""
     _torchrec()
@@ -107,7 +109,10 @@ def plan_tables(module: nn.Module, sharders: list, device: torch.device, group=N
         configs = collection.embedding_bag_configs() if hasattr(collection, "embedding_bag_configs") else collection.embedding_configs()
         for config in configs:
             constraints[config.name] = ParameterConstraints(sharding_types=allowed, compute_kernels=["fused"])
-    topology = Topology(world_size=dist.get_world_size(group), compute_device=device.type, local_world_size=dist.get_world_size(group))
+    world = dist.get_world_size(group)
+    # processes per machine (the planner's bandwidth model): given by the strategy, or torchrun's
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    topology = Topology(world_size=world, compute_device=device.type, local_world_size=local)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     return planner.collective_plan(module, sharders, group)
 
@@ -126,16 +131,17 @@ def plan_summary(plan) -> dict[str, dict[str, Any]]:
     return out
 
 
-def shard_tables(module: nn.Module, device: torch.device, lr: float, optimizer: str = "auto", group=None, sharding_types=None):
+def shard_tables(module: nn.Module, device: torch.device, lr: float, optimizer: str = "auto", group=None, sharding_types=None,
+                 local_world_size: int | None = None):
     """``module`` in torchrec's DMP: its tables sharded by the planner's plan (returned too), the rest
     wrapped in DDP. The tables' torchrec modules are replaced in place in ``module``."""
-    tr = _torchrec()
+    _torchrec()
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv
 
     group = group or dist.GroupMember.WORLD
     sharders = _sharders(lr, optimizer, device)
-    plan = plan_tables(module, sharders, device, group, sharding_types or SHARDING_TYPES)
+    plan = plan_tables(module, sharders, device, group, sharding_types or SHARDING_TYPES, local_world_size)
     # torchrec's sharded tables start from weights of their own: keep the module's (rank zero's, as
     # DDP does for the dense parameters)
     prefixes = tuple(f"{name}." for name in table_modules(module))
@@ -144,7 +150,6 @@ def shard_tables(module: nn.Module, device: torch.device, lr: float, optimizer: 
         dist.broadcast(tables[key], src=0, group=group)
     dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(group), device=device, plan=plan, sharders=sharders)
     _copy_into_shards(module, tables)
-    del tr
     return dmp, plan
 
 
@@ -240,7 +245,7 @@ class ShardedTablesStrategy(DDPStrategy):
         if self._dmp is None:
             self._specs = table_specs(module)
             lr = float(getattr(module.hparams, "lr", 1e-3))
-            self._dmp, plan = shard_tables(module, self.root_device, lr, self.table_optimizer)
+            self._dmp, plan = shard_tables(module, self.root_device, lr, self.table_optimizer, local_world_size=self.num_processes)
             self.plan = plan_summary(plan)
             if self.global_rank == 0:
                 for table, choice in self.plan.items():
