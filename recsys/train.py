@@ -15,6 +15,8 @@ The options most runs set:
     --model.encoder lru             lru, mamba or sasrec (the baseline: not nested)
     --model.monitor_size mean       the size whose validation NDCG@10 picks the best checkpoint
     --trainer.max_epochs 8          and --trainer.devices, --trainer.accelerator (Lightning's Trainer)
+    --trainer.strategy sharded      DDP with the item tables sharded by torchrec (docs/distributed.md)
+    --trainer.num_nodes N           machines in a multi-node run (docs/distributed.md)
     --tracking mlflow               or csv: a run directory, no MLflow needed (below)
     --mlflow.experiment NAME        the MLflow experiment; --mlflow.run_name NAME (default: what it trained)
     --mlflow.register_as NAME       also register each size's model as NAME-d<size>
@@ -365,6 +367,11 @@ class TrainCLI(LightningCLI):
         import torch
 
         torch.set_float32_matmul_precision(self.config.float32_matmul_precision)
+        if self.config.trainer.strategy == "sharded":  # torchrec-sharded tables (recsys/sharding.py)
+            if self.config.ckpt_path:
+                raise ConfigError(f"--ckpt_path {self.config.ckpt_path}: resuming is not supported with --trainer.strategy sharded "
+                                  "(the tables' optimizer state is not kept in checkpoints)")
+            import recsys.sharding  # noqa: F401 - registers the strategy name
 
     def instantiate_trainer(self, **kwargs: Any):
         if self.config.ckpt_path:  # before the run is opened: a refused resume leaves it, and its checkpoints, as they were
@@ -426,6 +433,11 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         tracked.log_config(yaml.safe_load(config), config, datamodule.dataset.stats)
 
     fitted = fit_and_test(trainer, model, datamodule, ckpt_path=cli.config.ckpt_path)
+    plan = getattr(trainer.strategy, "plan", None)  # --trainer.strategy sharded: what torchrec's planner chose
+    if plan and trainer.is_global_zero:
+        choices = {f"sharding/{table}": f"{p['sharding_type']} ranks {p['ranks']}" for table, p in plan.items()}
+        trainer.logger.log_hyperparams(choices)
+        print("\n".join(f"{k}: {v}" for k, v in choices.items()))
     result: dict[str, Any] = {**tracked.record(), "best": fitted.best, "best_val": fitted.best_val, "epochs": fitted.epochs}
     if not trainer.is_global_zero:
         return result

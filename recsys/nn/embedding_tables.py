@@ -128,11 +128,11 @@ def pool_bags(tables: nn.Module, bags: dict[str, tuple[torch.Tensor, torch.Tenso
     return {name: pooled[name] for name in names}
 
 
-def all_id_vectors(table: nn.Module) -> torch.Tensor:
-    """Every row of the ID table, looked up through the collection (so gradients flow as in training)."""
+def all_id_vectors(table: nn.Module, rows: int, device: torch.device) -> torch.Tensor:
+    """Every one of the ``rows`` rows of the ID table, looked up through the collection (so gradients
+    flow as in training, and a collection whose rows are spread over processes answers too)."""
     if isinstance(table, PlainIdTable):
         return table.embeddings[ID_TABLE].weight
-    weight = table.embeddings[ID_TABLE].weight
-    ids = torch.arange(weight.shape[0], device=weight.device)
+    ids = torch.arange(rows, device=device)
     kjt = _torchrec.KeyedJaggedTensor.from_lengths_sync(keys=[ID_FEATURE], values=ids, lengths=torch.ones_like(ids))
     return table(kjt)[ID_FEATURE].values()

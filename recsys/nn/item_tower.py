@@ -94,7 +94,7 @@ class ItemTower(NestedModule):
             for pooled in pool_bags(self.bags, bags).values():
                 z = z + pooled
         if self.use_id_embedding:
-            z = z + all_id_vectors(self.ids) * self.in_training.unsqueeze(-1)
+            z = z + all_id_vectors(self.ids, rows, z.device) * self.in_training.unsqueeze(-1)
         return self.norm(z) * self.row_is_item.unsqueeze(-1)
 
     @staticmethod
