@@ -847,6 +847,13 @@ def _manifest(runner: _Job, job: dict, recommender: SizedRecommender, spec: Inpu
 # ---------------------------------------------------------------------------------------------
 
 
+def summary_line(manifest: dict, out: str | Path) -> str:
+    """The one line a finished job prints (``serving.candidates`` and ``serving.ray_candidates``)."""
+    c = manifest["counts"]
+    return (f"{c['users']} users, {c['fallback_users']} with the popular fallback, {c['unknown_items_skipped']} unknown "
+            f"item ids skipped, {c['rows']} rows in {c['parts']} parts, {manifest.get('elapsed_s', 0):.1f} s -> {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = candidates_parser(__doc__).parse_args(argv)
     time_col = None if args.time_col in (None, "", "none", "None") else args.time_col
@@ -858,11 +865,7 @@ def main(argv: list[str] | None = None) -> int:
             shard=args.shard, batch_size=args.batch_size, exclude_seen=args.exclude_seen,
             users_per_part=args.users_per_part, device=args.device,
         )
-        c = manifest["counts"]
-        print(
-            f"{c['users']} users, {c['fallback_users']} with the popular fallback, {c['unknown_items_skipped']} unknown "
-            f"item ids skipped, {c['rows']} rows in {c['parts']} parts, {manifest.get('elapsed_s', 0):.1f} s -> {args.out}"
-        )
+        print(summary_line(manifest, args.out))
 
     return exit_code_of(run)
 

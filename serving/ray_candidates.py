@@ -84,6 +84,7 @@ from serving.candidates import (  # noqa: E402
     prepare_job,
     staged_part,
     start_writing,
+    summary_line,
     write_part,
 )
 from serving.sized_model import SizedRecommender  # noqa: E402
@@ -259,11 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             users_per_part=args.users_per_part, device=args.device, actors=args.actors,
             ray_address=args.ray_address, num_cpus=args.num_cpus,
         )
-        c = manifest["counts"]
-        print(
-            f"{c['users']} users, {c['fallback_users']} with the popular fallback, {c['unknown_items_skipped']} unknown "
-            f"item ids skipped, {c['rows']} rows in {c['parts']} parts, {manifest.get('elapsed_s', 0):.1f} s -> {args.out}"
-        )
+        print(summary_line(manifest, args.out))
 
     return exit_code_of(run)
 
