@@ -847,6 +847,11 @@ def _manifest(runner: _Job, job: dict, recommender: SizedRecommender, spec: Inpu
 # ---------------------------------------------------------------------------------------------
 
 
+def time_column_of(value: str | None) -> str | None:
+    """``--time-col`` as the job takes it: empty or "none" means no column (order by file row)."""
+    return None if value in (None, "", "none", "None") else value
+
+
 def summary_line(manifest: dict, out: str | Path) -> str:
     """The one line a finished job prints (``serving.candidates`` and ``serving.ray_candidates``)."""
     c = manifest["counts"]
@@ -856,7 +861,7 @@ def summary_line(manifest: dict, out: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = candidates_parser(__doc__).parse_args(argv)
-    time_col = None if args.time_col in (None, "", "none", "None") else args.time_col
+    time_col = time_column_of(args.time_col)
 
     def run() -> None:
         manifest = generate_candidates(

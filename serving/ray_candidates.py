@@ -85,6 +85,7 @@ from serving.candidates import (  # noqa: E402
     staged_part,
     start_writing,
     summary_line,
+    time_column_of,
     write_part,
 )
 from serving.sized_model import SizedRecommender  # noqa: E402
@@ -250,7 +251,7 @@ def _score_parts(ray, runner: _Job, todo: list[int], actors: int, device: str, a
 
 def main(argv: list[str] | None = None) -> int:
     args = ray_candidates_parser(__doc__).parse_args(argv)
-    time_col = None if args.time_col in (None, "", "none", "None") else args.time_col
+    time_col = time_column_of(args.time_col)
 
     def run() -> None:
         manifest = generate_candidates_ray(

@@ -262,6 +262,12 @@ def cost_line(report: dict, what: str) -> str:
     )
 
 
+def epochs_line(report: dict) -> str:
+    runs = [f"{int(r['epochs'])} (size {r['size']})" for r in report["separate"]]
+    sasrec = f", SASRec {int(report['sasrec']['epochs'])}" if report.get("sasrec") else ""
+    return f"- Epochs trained: one run {int(report['matryoshka']['epochs'])}, alone {', '.join(runs)}{sasrec}."
+
+
 def standard_error(report: dict, key: str = "recall_10") -> float:
     """Binomial standard error of a per-user hit rate at the full size (one target per user)."""
     p = report["matryoshka"]["rows"][-1][key]
@@ -331,9 +337,7 @@ def block_accuracy_lastfm() -> list[str]:
         "",
         f"- Noise: the standard error of Recall@10 is about {f3(standard_error(report))} here "
         f"({report['protocol']['users']:,} test users), against {f3(standard_error(ml))} on MovieLens-1M.",
-        f"- Epochs trained: one run {report['matryoshka']['epochs']}, alone "
-        + ", ".join(f"{r['epochs']} (size {r['size']})" for r in report["separate"])
-        + (f", SASRec {report['sasrec']['epochs']}" if report.get("sasrec") else "") + ".",
+        epochs_line(report),
         f"- {cost_line(report, 'this run')}",
     ]
     return lines
@@ -928,9 +932,7 @@ def block_accuracy_sports_config() -> list[str]:
         f"- Full size of the one run: NDCG@10 {f4(full['ndcg_10'])}, above every published figure (goal met).",
         f"- Best model of any size (size {best['size']}, {'the one run' if best in report['matryoshka']['rows'] else 'trained alone'}): "
         f"NDCG@10 {f4(best['ndcg_10'])}, {f4(max(published.values()) - best['ndcg_10'])} below the best published figure.",
-        f"- Epochs trained: one run {int(report['matryoshka']['epochs'])}, alone "
-        + ", ".join(f"{int(r['epochs'])} (size {r['size']})" for r in report["separate"])
-        + (f", SASRec {int(report['sasrec']['epochs'])}" if report.get("sasrec") else "") + ".",
+        epochs_line(report),
         f"- {cost_line(report, 'this run')}",
     ]
     return lines
