@@ -64,7 +64,7 @@ result = run(sys.argv[1:])
 users, ranks = result["test_ranks"]
 np.savez(os.environ["BENCH_RANKS_FILE"], users=users, ranks=ranks)
 print("BENCH-RESULT " + json.dumps({
-    "rows": result["rows"], "run_id": result["run_id"],
+    "rows": result["rows"], "run_id": result["run_id"], "best": result.get("best"),
     "best_val": result.get("best_val"), "epochs": result.get("epochs"),
     "wall_s": time.perf_counter() - start,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -119,7 +119,7 @@ def accuracy_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _encode_ms_per_1k(net, datamodule, size: int, small=None) -> float:
+def encode_ms_per_1k(net, datamodule, size: int, small=None) -> float:
     """Wall time to encode test users with the network cut to ``size`` (or ``small``, an already
     cut network) (median of 3), per 1,000 users."""
     batch = next(iter(datamodule.test_dataloader()))
@@ -148,7 +148,7 @@ def summarise_grid(model, datamodule, test_metrics: dict[str, float]) -> list[di
             "triple": t.label, "depth": t.depth, "width": t.width, "size": t.size,
             "parameters": nested_parameter_count(small),
             **{key: test_metrics[f"{key}/{t.label}"] for key in ("ndcg_10", "recall_10", "ndcg_20", "recall_20", "mrr")},
-            "encode_ms_per_1k": _encode_ms_per_1k(net, datamodule, t.size, small),
+            "encode_ms_per_1k": encode_ms_per_1k(net, datamodule, t.size, small),
             "retrieval_flops_per_user": 2 * num_items * t.size,
         })
     return rows
@@ -169,7 +169,7 @@ def summarise(model, datamodule, test_metrics: dict[str, float]) -> list[dict[st
                 "ndcg_20": test_metrics[f"ndcg_20/d{s}"],
                 "recall_20": test_metrics[f"recall_20/d{s}"],
                 "mrr": test_metrics[f"mrr/d{s}"],
-                "encode_ms_per_1k": _encode_ms_per_1k(model.net.cpu(), datamodule, s),
+                "encode_ms_per_1k": encode_ms_per_1k(model.net.cpu(), datamodule, s),
             }
         )
     return rows
