@@ -13,6 +13,8 @@ Trained through ``python -m recsys.train`` (one process per model, as ``bench/ac
 - ``features``: the item tower from the item features alone (no item-ID embedding);
 - ``features+id``: features and ID embeddings (a held-out item has no trained ID vector: the tower
   gives it its features' vector only);
+- ``features+id-dropout``: the same, with ``--model.id_dropout 0.5`` (in training each item's ID
+  vector left out half the time, so that the features alone must rank it too);
 - ``id-only``: ID embeddings alone, which cannot rank an item it never trained on (its vector is 0);
 
 and, as the floor, popularity (training counts: a held-out item has none). Reported per size on
@@ -46,6 +48,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
     "features": ["--model.use_id_embedding", "false"],
     "features+id": ["--model.use_id_embedding", "true"],
+    "features+id-dropout": ["--model.use_id_embedding", "true", "--model.id_dropout", "0.5"],
     "id-only": ["--model.use_id_embedding", "true", "--model.modalities", "[]"],
 }
 

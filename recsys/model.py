@@ -148,6 +148,8 @@ def check_options(
     pairs: Any = None,
     grid: str = "diagonal",
     triples: Any = None,
+    use_id_embedding: bool = False,
+    id_dropout: Any = 0.0,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any]]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
     training CLI runs them before it reads any data. Returns the sizes, the monitored size and
@@ -177,6 +179,10 @@ def check_options(
         raise OptionError(f"{{distill_teacher}}: unknown teacher {distill_teacher!r}; choose one of {', '.join(TEACHERS)}")
     if distill > 0 and loss != "full":
         raise OptionError(f"{{distill}} works with the full softmax only; {{loss}} is {loss!r}")
+    if isinstance(id_dropout, bool) or not isinstance(id_dropout, (int, float)) or not 0 <= id_dropout < 1:
+        raise OptionError(f"{{id_dropout}} must be a probability in [0, 1), got {id_dropout!r}")
+    if id_dropout > 0 and not use_id_embedding:
+        raise OptionError(f"{{id_dropout}} {id_dropout} drops item-ID vectors, but {{use_id_embedding}} is false")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
     if trained is not None:
@@ -237,6 +243,9 @@ class MatryoshkaRecommender(L.LightningModule):
         max_len: the input length (the data module's ``max_len``, linked by the CLI); SASRec
             learns this many positions.
         use_id_embedding: add a learned item-ID embedding to the item features.
+        id_dropout: in training, the probability that an item's ID vector is left out of its row
+            of the item matrix for a step (each item drawn anew each step), so that the features
+            alone must rank it too: what a cold-start item, which has no trained ID vector, gets.
         modalities: item features to use (default: all the dataset has).
         loss_weights: weight of each size in the loss (default: 1 each).
         lr: peak AdamW learning rate.
@@ -287,6 +296,7 @@ class MatryoshkaRecommender(L.LightningModule):
         sasrec: SASRecOptions = SASRecOptions(),  # noqa: B008
         max_len: int = 50,
         use_id_embedding: bool = False,
+        id_dropout: float = 0.0,
         modalities: list[str] | None = None,
         loss_weights: list[float] | None = None,
         lr: float = 1e-3,
@@ -308,7 +318,7 @@ class MatryoshkaRecommender(L.LightningModule):
         super().__init__()
         self.sizes, self.monitor_size, self.encoder_configs = check_options(
             sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
-            distill, distill_teacher, n_blocks, depths, pairs, grid, triples,
+            distill, distill_teacher, n_blocks, depths, pairs, grid, triples, use_id_embedding, id_dropout,
         )
         self.grid = grid_of(self.sizes, encoder, n_blocks, depths, pairs, grid, triples)
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
@@ -324,7 +334,8 @@ class MatryoshkaRecommender(L.LightningModule):
         )
 
         self.net = SequentialRecommender(
-            ItemTower(self.sizes, item_features, use_id_embedding=use_id_embedding, modalities=modalities),
+            ItemTower(self.sizes, item_features, use_id_embedding=use_id_embedding, modalities=modalities,
+                      id_dropout=id_dropout),
             build_encoder(encoder, self.sizes, **self.encoder_options()),
             input_dropout=input_dropout,
             grid=self.grid,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from recsys.item_features import CategoricalBag, ItemFeatures
+from recsys.nn.embedding_tables import ID_TABLE
 from recsys.nn.item_tower import FixedItemMatrix, ItemTower
 from recsys.nn.lru import NestedLRUEncoder
 from recsys.nn.nested import cut_to_size, nested_parameter_count
@@ -68,6 +69,34 @@ def test_id_embedding_is_not_used_for_cold_items():
     without.load_state_dict(state)
     torch.testing.assert_close(with_ids()[-5:], without()[-5:])
     assert not torch.allclose(with_ids()[1:5], without()[1:5])
+
+
+def test_id_dropout_leaves_whole_id_vectors_out_in_training_only():
+    torch.manual_seed(2)
+    features = _features()
+    tower = ItemTower(SIZES, features, use_id_embedding=True, id_dropout=0.5)
+    plain = ItemTower(SIZES, features, use_id_embedding=True)
+    plain.load_state_dict(tower.state_dict())
+    without = ItemTower(SIZES, features, use_id_embedding=False)
+    without.load_state_dict({k: v for k, v in tower.state_dict().items() if k in without.state_dict()})
+    with_ids, features_only = plain(), without()
+    torch.testing.assert_close(tower.eval()(), with_ids)  # evaluation: every warm item keeps its ID vector
+    z = tower.train()()
+    dropped = torch.isclose(z, features_only).all(-1)
+    kept = torch.isclose(z, with_ids).all(-1)
+    warm = features.in_training
+    assert torch.all(dropped | kept)  # each row is one or the other, never a mix
+    assert 0 < int((dropped & warm).sum()) < int(warm.sum())  # p = 0.5 over 25 warm items
+    (z * torch.randn_like(z)).sum().backward()
+    grads = tower.ids.embeddings[ID_TABLE].weight.grad  # a left-out ID vector gets no gradient from that step
+    assert torch.all(grads[dropped & warm] == 0) and torch.all(grads[kept & warm].abs().sum(-1) > 0)
+
+
+def test_id_dropout_needs_ids_and_a_probability():
+    with pytest.raises(ValueError, match="id_dropout"):
+        ItemTower(SIZES, _features(), use_id_embedding=False, id_dropout=0.2)
+    with pytest.raises(ValueError, match="id_dropout"):
+        ItemTower(SIZES, _features(), use_id_embedding=True, id_dropout=1.0)
 
 
 def test_features_round_trip_through_the_state_dict():

@@ -864,6 +864,8 @@ BAD_INPUTS = [
              r"^--model\.encoder: unknown encoder 'gru'; choose one of lru, mamba, sasrec$"),
     BadInput("recsys.train", "negative distillation weight (`--model.distill -1`)", (*TRAIN, "--model.distill", "-1"),
              r"^--model\.distill must be a finite non-negative number, got -1\.0$"),
+    BadInput("recsys.train", "ID dropout without ID embeddings (`--model.id_dropout 0.5`)", (*TRAIN, "--model.id_dropout", "0.5"),
+             r"^--model\.id_dropout 0\.5 drops item-ID vectors, but --model\.use_id_embedding is false$"),
     BadInput("recsys.train", "no negatives for the sampled loss (`--model.negatives 0`)",
              (*TRAIN, "--model.loss", "sampled", "--model.negatives", "0"),
              r"^--model\.negatives must be a positive integer, got 0$"),

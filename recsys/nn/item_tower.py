@@ -7,7 +7,9 @@
 - multi-valued categorical bags: a torchrec ``EmbeddingBagCollection`` (mean pooling) over a
   ``KeyedJaggedTensor`` of all items, one ``D``-wide table per bag feature;
 - optionally a learned item-ID embedding (torchrec ``EmbeddingCollection``), used only for items
-  seen in training: cold-start items are represented by their features alone.
+  seen in training: cold-start items are represented by their features alone. With
+  ``id_dropout`` p, training leaves each item's ID vector out with probability p per step, so
+  that a row of features alone must rank well too (DropoutNet's idea, for the cold start).
 
 (``recsys/nn/embedding_tables.py`` holds the tables; plain torch tables with the same parameters
 stand in where torchrec cannot be imported.)
@@ -46,6 +48,7 @@ class ItemTower(NestedModule):
         features: ItemFeatures,
         use_id_embedding: bool = False,
         modalities: Sequence[str] | None = None,
+        id_dropout: float = 0.0,
     ):
         super().__init__()
         self.sizes = check_sizes(sizes)
@@ -73,7 +76,9 @@ class ItemTower(NestedModule):
             self.register_buffer(f"bag_offsets_{name}", features.bags[name].offsets.long())
         if self.bag_names:
             self.bags = bag_tables(self.bag_vocab, d)
-        self.use_id_embedding = use_id_embedding
+        if not 0 <= id_dropout < 1 or (id_dropout > 0 and not use_id_embedding):
+            raise ValueError(f"id_dropout must lie in [0, 1) and needs use_id_embedding; got {id_dropout}")
+        self.use_id_embedding, self.id_dropout = use_id_embedding, id_dropout
         if use_id_embedding:
             self.register_buffer("in_training", features.in_training.float())
             self.ids = id_table(self.num_items + 1, d)
@@ -94,7 +99,10 @@ class ItemTower(NestedModule):
             for pooled in pool_bags(self.bags, bags).values():
                 z = z + pooled
         if self.use_id_embedding:
-            z = z + all_id_vectors(self.ids, rows, z.device) * self.in_training.unsqueeze(-1)
+            keep = self.in_training
+            if self.training and self.id_dropout > 0:
+                keep = keep * (torch.rand_like(keep) >= self.id_dropout)
+            z = z + all_id_vectors(self.ids, rows, z.device) * keep.unsqueeze(-1)
         return self.norm(z) * self.row_is_item.unsqueeze(-1)
 
     @staticmethod
