@@ -26,6 +26,7 @@ NDCG@10 and Recall@10, from each run's per-user test ranks; written to
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="any other override, KEY=VALUE")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    parser.add_argument("--add", action="store_true",
+                        help="train only --models and add them to the existing report of the same settings "
+                             "(the runs are seeded, so the others would come out the same)")
     args = parser.parse_args()
 
     data = load_prepared(args.data_dir)
@@ -101,6 +105,15 @@ def main() -> None:
         key, _, value = item.partition("=")
         overrides += [f"--{key}", value]
     name = args.name or args.data_dir.name
+    out = RESULTS / f"cold_start_{name}.json"
+    earlier = {}
+    if args.add:
+        if not out.exists():
+            parser.error(f"--add: {out} does not exist yet")
+        before = json.loads(out.read_text())
+        if before["overrides"] != overrides or before["config"] != str(args.config):
+            parser.error(f"--add: {out} was trained with {before['config']} {before['overrides']}, not these settings")
+        earlier = {k: v for k, v in before["models"].items() if k not in args.models}
     load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix=f"cold-start-{name}-"))
     runs = Runs(args.config, workdir, "csv", args.parallel)
@@ -123,7 +136,7 @@ def main() -> None:
         "mask_seen": mask_seen,
         "overrides": overrides,
         "popularity": summary(popularity_ranks(data, users, mask_seen), groups),
-        "models": {},
+        "models": dict(earlier),
     }
     for model in args.models:
         run_users, ranks = runs.ranks(model)
@@ -137,7 +150,11 @@ def main() -> None:
     report["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores"
     report["load_average"] = {"start": load_before, "end": os.getloadavg()}
     report["date"] = time.strftime("%Y-%m-%d")
-    write_json_atomically(RESULTS / f"cold_start_{name}.json", report, indent=2)
+    if earlier:
+        report["models"] = {m: report["models"][m] for m in MODELS if m in report["models"]}  # the usual order
+        report["added"] = {"models": args.models, "command": report["command"]}
+        report["command"] = before["command"]
+    write_json_atomically(out, report, indent=2)
     print(f"\ncold-start test users: {int(cold.sum())} of {len(users)}")
     print(f"{'model':<14}{'size':>6}{'cold NDCG@10':>14}{'cold R@10':>11}{'warm NDCG@10':>14}{'all NDCG@10':>13}")
     print(f"{'popularity':<14}{'':>6}{report['popularity']['cold']['ndcg_10']:>14.4f}"
