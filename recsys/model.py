@@ -150,10 +150,11 @@ def check_options(
     triples: Any = None,
     use_id_embedding: bool = False,
     id_dropout: Any = 0.0,
-) -> tuple[tuple[int, ...], int | str, dict[str, Any]]:
+) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
-    training CLI runs them before it reads any data. Returns the sizes, the monitored size and
-    each encoder's typed options; raises :class:`OptionError` (settings named ``{name}``).
+    training CLI runs them before it reads any data. Returns the sizes, the monitored size,
+    each encoder's typed options and the trained triples (None without a grid); raises
+    :class:`OptionError` (settings named ``{name}``).
     :func:`grid_of` checks the elastic options (``depths``, ``pairs``, ``grid``, ``triples``)."""
     try:
         sizes = check_sizes(sizes)
@@ -195,7 +196,7 @@ def check_options(
             options["sasrec"].check_width(sizes[-1])
         except OptionError as exc:
             raise exc.within("sasrec") from None
-    return sizes, sizes[-1] if monitor_size is None else monitor_size, options
+    return sizes, sizes[-1] if monitor_size is None else monitor_size, options, trained
 
 
 def grid_of(
@@ -316,11 +317,10 @@ class MatryoshkaRecommender(L.LightningModule):
         triples: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
-        self.sizes, self.monitor_size, self.encoder_configs = check_options(
+        self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(
             sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
             distill, distill_teacher, n_blocks, depths, pairs, grid, triples, use_id_embedding, id_dropout,
         )
-        self.grid = grid_of(self.sizes, encoder, n_blocks, depths, pairs, grid, triples)
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
         lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
         # the CLI logs the whole config; the item features and cold-start items come from the data
@@ -338,10 +338,10 @@ class MatryoshkaRecommender(L.LightningModule):
                       id_dropout=id_dropout),
             build_encoder(encoder, self.sizes, **self.encoder_options()),
             input_dropout=input_dropout,
-            grid=self.grid,
+            grid=self.trained_triples,
         )
         # with a grid, metrics rows are the triples (numbered 1..T, renamed by metric_name)
-        rows = self.sizes if self.grid is None else tuple(range(1, len(self.grid) + 1))
+        rows = self.sizes if self.trained_triples is None else tuple(range(1, len(self.trained_triples) + 1))
         self.val_metrics = RankingMetrics(rows)
         self.test_metrics = RankingMetrics(rows, keep_ranks=True)  # per-user ranks for significance tests
         self._eval_items: torch.Tensor | None = None
@@ -483,15 +483,15 @@ class MatryoshkaRecommender(L.LightningModule):
         valid = targets > 0
         if self.hparams.loss == "sampled" and self._log_q is None:
             raise ValueError("negative_sampling 'popularity' needs item_counts (the training CLI links them from the data)")
-        if self.grid is None:
+        if self.trained_triples is None:
             states = self.net.sequence_states(batch["input_ids"], items)
             loss = self._loss(states[valid], candidates, targets[valid], self.sizes, self.hparams.loss_weights)
             names = [f"d{size}" for size in self.sizes]
             total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
         else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
-            states = self.net.depth_states(batch["input_ids"], items, sorted({t.depth for t in self.grid}))
+            states = self.net.depth_states(batch["input_ids"], items, sorted({t.depth for t in self.trained_triples}))
             total, per_size, distill, names = 0.0, [], [], []
-            for group in vector_groups(self.grid):
+            for group in vector_groups(self.trained_triples):
                 vectors = self.net.group_vectors(group, states[group.depth][valid])
                 loss = self._loss(vectors, candidates[:, : group.sizes[-1]], targets[valid], group.sizes, None)
                 total = total + loss.total
@@ -569,7 +569,7 @@ class MatryoshkaRecommender(L.LightningModule):
             self._eval_items = self.net.item_matrix()
             self._check_finite("item vectors", self._eval_items, stage)
         seen = batch["seen_ids"] if self.hparams.mask_seen else None
-        if self.grid is None:
+        if self.trained_triples is None:
             users = self.net.user_vectors(batch["input_ids"], self._eval_items)
             self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
             ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
@@ -580,24 +580,24 @@ class MatryoshkaRecommender(L.LightningModule):
     def _grid_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None) -> torch.Tensor:
         """``(T, B)`` target ranks of every trained triple, in grid order: one encoder pass for all
         depths, one ranking per group of triples whose vectors are prefixes of one tensor."""
-        states = self.net.depth_states(batch["input_ids"], self._eval_items, sorted({t.depth for t in self.grid}))
-        ranks = torch.empty(len(self.grid), len(batch["target"]), dtype=torch.long, device=self.device)
-        for group in vector_groups(self.grid):
+        states = self.net.depth_states(batch["input_ids"], self._eval_items, sorted({t.depth for t in self.trained_triples}))
+        ranks = torch.empty(len(self.trained_triples), len(batch["target"]), dtype=torch.long, device=self.device)
+        for group in vector_groups(self.trained_triples):
             users = self.net.group_vectors(group, states[group.depth][:, -1])
             self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()
             width = group.sizes[-1]
             found = target_ranks(users, self._eval_items[:, :width], batch["target"], group.sizes, seen_ids=seen)
             for triple, row in zip(group.triples, found):
-                ranks[self.grid.index(triple)] = row
+                ranks[self.trained_triples.index(triple)] = row
         return ranks
 
     def metric_name(self, key: str) -> str:
         """A metric of the grid's ``RankingMetrics`` (``ndcg_10/d3``: its third triple) by its
         triple's label (``ndcg_10/L2_w128_d64``); other keys as they are."""
-        if self.grid is None or "/d" not in key:
+        if self.trained_triples is None or "/d" not in key:
             return key
         name, row = key.rsplit("/d", 1)
-        return f"{name}/{self.grid[int(row) - 1].label}"
+        return f"{name}/{self.trained_triples[int(row) - 1].label}"
 
     def _check_finite(self, what: str, vectors: torch.Tensor, stage: str) -> None:
         """Evaluation never ranks with non-finite vectors: the metrics would be meaningless, and the
@@ -636,8 +636,8 @@ class MatryoshkaRecommender(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_metrics("val", self.val_metrics)
-        if self.grid is not None:
-            monitor = sum(values[f"ndcg_10/{t.label}"] for t in self.grid) / len(self.grid)
+        if self.trained_triples is not None:
+            monitor = sum(values[f"ndcg_10/{t.label}"] for t in self.trained_triples) / len(self.trained_triples)
         elif self.monitor_size == "mean":
             monitor = sum(values[f"ndcg_10/d{s}"] for s in self.sizes) / len(self.sizes)
         else:
@@ -663,7 +663,7 @@ class MatryoshkaRecommender(L.LightningModule):
 
     def parameters_per_triple(self) -> dict[Triple, int]:
         """Parameters of the network cut to each trained triple (tower + encoder + its head)."""
-        return {t: nested_parameter_count(self.cut_triple(t)) for t in self.grid or ()}
+        return {t: nested_parameter_count(self.cut_triple(t)) for t in self.trained_triples or ()}
 
     def parameters_per_size(self) -> dict[int, int]:
         """Parameters of the network cut to each size (tower + encoder).

@@ -142,7 +142,7 @@ def summarise_grid(model, datamodule, test_metrics: dict[str, float]) -> list[di
     net = model.net.cpu()
     num_items = net.item_matrix().shape[0] - 1
     rows = []
-    for t in model.grid:
+    for t in model.trained_triples:
         small = model.cut_triple(t)
         rows.append({
             "triple": t.label, "depth": t.depth, "width": t.width, "size": t.size,
@@ -155,7 +155,7 @@ def summarise_grid(model, datamodule, test_metrics: dict[str, float]) -> list[di
 
 
 def summarise(model, datamodule, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
-    if getattr(model, "grid", None) is not None:
+    if getattr(model, "trained_triples", None) is not None:
         return summarise_grid(model, datamodule, test_metrics)
     params = model.parameters_per_size()
     rows = []

@@ -224,7 +224,7 @@ class MLflowRun:
         from recsys.tracking import log_size_metrics, log_size_models
 
         if not (self.settings.log_models and best):
-            if model.grid is not None:
+            if model.trained_triples is not None:
                 from recsys.tracking import log_grid_metrics
 
                 log_grid_metrics(self.logger.experiment, self.run_id, rows, {})
@@ -233,7 +233,7 @@ class MLflowRun:
             return None
         from serving.export import export_sizes
 
-        if model.grid is not None:  # an elastic run: one model per trained triple
+        if model.trained_triples is not None:  # an elastic run: one model per trained triple
             return self._log_grid_models(best, model, rows)
         sizes = list(cut_sizes(model.net))
         export_log = logging.getLogger("serving.export")
@@ -256,7 +256,7 @@ class MLflowRun:
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 dirs = {t.label: export_sizes(best, [t.size], Path(tmp), source={"mlflow_run_id": self.run_id},
-                                              width=t.width, depth=t.depth)[0] for t in model.grid}
+                                              width=t.width, depth=t.depth)[0] for t in model.trained_triples}
                 return log_grid_models(self.run_id, dirs, rows, self.settings.register_as)
         finally:
             export_log.setLevel(level)
@@ -444,7 +444,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         return result
 
     title = f"{model.hparams.encoder} on {dataset_name(cli.config.data.data_dir)}"
-    rank_names = model.sizes if model.grid is None else [t.label for t in model.grid]
+    rank_names = model.sizes if model.trained_triples is None else [t.label for t in model.trained_triples]
     tracked.log_results(fitted.rows, title, fitted.best, test_ranks_table(fitted.test_ranks, rank_names))
     model_uris = tracked.log_models(fitted.best, model, fitted.rows)
     if model_uris is not None:

@@ -136,10 +136,10 @@ def test_the_grid_loss_is_every_triples_cross_entropy_of_its_cut_model():
     model = _model(depths=[1, 2], pairs=[[8, 8], [32, 8], [16, 16], [32, 32]], grid="full")
     batch = _batch()
     total, names, per_size, _, n = model.training_loss(batch)
-    assert names == [t.label for g in vector_groups(model.grid) for t in g.triples] and len(names) == 8
+    assert names == [t.label for g in vector_groups(model.trained_triples) for t in g.triples] and len(names) == 8
     valid = batch["target_ids"] > 0
     expected = {}
-    for t in model.grid:  # the reference: each cut model alone, plain cross-entropy at its one size
+    for t in model.trained_triples:  # the reference: each cut model alone, plain cross-entropy at its one size
         small = model.cut_triple(t)
         items = small.item_matrix()
         states = small.sequence_states(batch["input_ids"], items)[valid]
@@ -161,13 +161,13 @@ def test_grid_ranks_are_each_cut_models_ranks_and_metrics_are_named_by_triple():
         model._start_evaluation(model.test_metrics)
         model._eval_items = model.net.item_matrix()
         ranks = model._grid_ranks(batch, batch["seen_ids"])
-        for row, t in enumerate(model.grid):
+        for row, t in enumerate(model.trained_triples):
             small = model.cut_triple(t)
             users = small.user_vectors(batch["input_ids"])
             items = small.item_matrix()[:, : t.size]
             expected = target_ranks(users, items, batch["target"], [t.size], seen_ids=batch["seen_ids"])[0]
             assert torch.equal(ranks[row], expected)
-    assert model.metric_name("ndcg_10/d2") == f"ndcg_10/{model.grid[1].label}"
+    assert model.metric_name("ndcg_10/d2") == f"ndcg_10/{model.trained_triples[1].label}"
     assert model.metric_name("count") == "count"
 
 
@@ -178,14 +178,14 @@ def test_grid_options_are_checked_as_model_options():
         _model(pairs=[[8, 8]], monitor_size=8)
     with pytest.raises(OptionError, match="SASRec is not nested"):
         _model(encoder="sasrec", pairs=[[8, 8]])
-    assert _model().grid is None and _model(depths=[1, 2]).grid == (Triple(1, 8, 8), Triple(2, 16, 16), Triple(2, 32, 32))
+    assert _model().trained_triples is None and _model(depths=[1, 2]).trained_triples == (Triple(1, 8, 8), Triple(2, 16, 16), Triple(2, 32, 32))
 
 
 def test_grid_distillation_and_sampled_loss_run_per_group():
     model = _model(depths=[1, 2], pairs=[[8, 8], [32, 8], [32, 16], [32, 32]], distill=0.5)
     _, names, _, kl, _ = model.training_loss(_batch())
     # the largest size of each group is its own teacher: no KL there
-    groups = vector_groups(model.grid)
+    groups = vector_groups(model.trained_triples)
     assert [k is None for k in kl] == [t == g.triples[-1] for g in groups for t in g.triples]
     assert names == [t.label for g in groups for t in g.triples]
     plain = _model(distill=0.5)

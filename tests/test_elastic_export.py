@@ -38,7 +38,7 @@ def _full_vectors(model, batch) -> dict[Triple, torch.Tensor]:
     with torch.no_grad():
         states = model.net.depth_states(batch, model.net.item_matrix(), [1, 2])
         return {t: model.net.group_vectors(g, states[t.depth][:, -1])[:, : t.size]
-                for g in vector_groups(model.grid) for t in g.triples}
+                for g in vector_groups(model.trained_triples) for t in g.triples}
 
 
 @pytest.mark.parametrize("triple", [Triple(1, 32, 8), Triple(2, 32, 8), Triple(1, 16, 16), Triple(2, 32, 32)])
