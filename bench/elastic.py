@@ -22,8 +22,9 @@ Reported in ``bench/results/elastic_<name>.json`` (and the heat map ``elastic_<n
 - per twin: its NDCG@10, the grid's ratio to it, and the paired bootstrap over test users of
   (grid - twin) NDCG@10 with its 95% interval;
 - the goal: at each size below the width, the best triple whose encoding is no dearer than
-  SASRec's, against the fully nested cut of that size (``Lmax_w<s>_d<s>`` of the grid run, and the
-  plain Matryoshka run of ``accuracy_<name>.json`` where it exists), and whether it is 1.2x;
+  SASRec's, against the fully nested cut of that size (``Lmax_w<s>_d<s>`` of the grid run where it
+  trains one, and the plain Matryoshka run of the config, ``accuracy_<config>.json``, where it
+  exists), and whether it is 1.2x;
   whether every twin is at least 0.97x;
 - the cost: the grid run's wall time and peak RSS against the twins' sum.
 """
@@ -196,7 +197,7 @@ def main() -> None:
             **{k: twin[k] for k in ("epochs", "best_val", "wall_s", "peak_rss_mb")},
         })
 
-    plain = args.out_dir / f"accuracy_{name}.json"
+    plain = args.out_dir / f"accuracy_{args.config.stem}.json"  # the config's plain one run (bench/accuracy.py)
     nested_plain = {r["size"]: r["ndcg_10"] for r in json.loads(plain.read_text())["matryoshka"]["rows"]} if plain.exists() else {}
     goals = goal_rows(rows, costs, nested_plain)
     report = {
