@@ -873,7 +873,8 @@ def block_cold_start(file: str = "cold_start_lastfm.json") -> list[str]:
                          f4(g["all"]["ndcg_10"])])
     load_start, load_end = d["load_average"]["start"][0], d["load_average"]["end"][0]
     lines = [
-        f"`{d['command']}` → `bench/results/cold_start_{d['name']}.json` ({d['date']}): {c['items']:,} of "
+        f"`{d['command']}`" + (f" (then `{d['added']['command']}` for {', '.join(d['added']['models'])})" if "added" in d else "")
+        + f" → `bench/results/cold_start_{d['name']}.json` ({d['date']}): {c['items']:,} of "
         f"{c['catalogue_items']:,} items held out of training (`prepare --cold-start-fraction {c['fraction']}`, seed "
         f"{c['seed']}; {c['events_removed']:,} events removed, {c['users_dropped']:,} users dropped); "
         f"{c['test_users']:,} of {c['users']:,} test users have a held-out target (cold), the others are warm; "
@@ -1010,6 +1011,63 @@ def block_serve() -> list[str]:
     return lines
 
 
+def block_elastic(file: str = "elastic_sports.json") -> list[str]:
+    """One grid run of (depth, width, size) triples against triples trained alone (bench/elastic.py)."""
+    d = load(file)
+    p, g = d["protocol"], d["grid"]
+    twins = {t["triple"]: t for t in d["twins"]}
+    # sizes trained alone by bench/accuracy.py under the same protocol are twins of the nested
+    # triples (full depth, width = size); they kept no per-user ranks, so no interval
+    plain = load(p["plain_one_run"]) if p.get("plain_one_run") else None
+    same = plain is not None and plain["protocol"]["epochs"] == p["epochs"]
+    deepest = max(r["depth"] for r in g["rows"])
+    alone = {f"L{deepest}_w{r['size']}_d{r['size']}": r for r in plain["separate"]} if same else {}
+    rows = []
+    for r in g["rows"]:
+        t, a = twins.get(r["triple"]), alone.get(r["triple"])
+        twin = [f4(t["ndcg_10"]), ratio(t["ratio"], 3), interval(t["grid_minus_twin"])] if t else (
+            [f4(a["ndcg_10"]) + " (accuracy run)", ratio(r["ndcg_10"] / a["ndcg_10"], 3), ""] if a else ["", "", ""])
+        rows.append([r["triple"], count(r["parameters"]), f4(r["ndcg_10"]), f4(r["recall_10"]),
+                     f"{r['encode_ms_per_1k']:.0f}", f"{r['retrieval_flops_per_user'] / 1e6:.2f}", *twin])
+    c = d["cost"]
+    lines = [
+        f"`{d['commands']['bench']}` → `bench/results/{file}` ({d['date']}): one run trains {c['triples']} triples "
+        + (f"(depths {g['depths']}, {g['grid']} grid over the [width, size] pairs {g['pairs']})" if g["pairs"] else
+           "(`--model.triples`)") + "; each twin is its triple "
+        f"trained alone (`--model.triples`). Settings of the config, up to {p['epochs']} epochs, early stopping with "
+        f"patience {p['patience']} on validation NDCG@10 (the grid: the mean over its triples), seed {p['seed']}, test "
+        f"metrics of the best checkpoint; runs {d['parallel']} at a time. Encoding time measured afterwards, alone, on "
+        f"the same test histories (median of the passes). {measured_on(d['machine'])}",
+        "",
+    ]
+    lines += table(["triple", "parameters", "NDCG@10", "Recall@10", "encode ms / 1k users", "retrieval MFLOPs / user",
+                    "twin NDCG@10", "grid / twin", "grid - twin [95%]"], "lrrrrrrrl", rows)
+    lines += ["", f"SASRec of the same width and depth encodes in {d['encode_ms_per_1k_sasrec']:.0f} ms per 1,000 users.", ""]
+    goal = []
+    for row in d["goal"]["sizes"]:
+        base = row.get("plain_one_run_ndcg_10")
+        nested = "nested" in row
+        goal.append([str(row["size"]), row["best"], f4(row["ndcg_10"]), f"{row['encode_ms_per_1k']:.0f}",
+                     f"{row['nested']} {f4(row['nested_ndcg_10'])}" if nested else "not trained",
+                     ratio(row["gain_over_nested"], 3) if nested else "",
+                     f4(base) if base is not None else "", ratio(row["gain_over_plain_one_run"], 3) if base is not None else "",
+                     "met" if row["met"] else "not met"])
+    lines += table(["size", "best triple no dearer than SASRec", "NDCG@10", "encode ms / 1k", "nested cut, same run",
+                    "gain", "plain one run", "gain", "goal (1.2x)"], "llrrlrrrl", goal)
+    worst = min(d["twins"], key=lambda t: t["ratio"])
+    lines += [
+        "",
+        f"- Every twin at least 0.97x: {'yes' if d['goal']['twins_at_least_0.97'] else 'no'} (lowest {worst['triple']}, "
+        f"{ratio(worst['ratio'], 3)}).",
+        f"- Cost: the grid run took {seconds(c['grid_wall_s'])} ({g['epochs']} epochs) and {count(c['grid_peak_rss_mb'])} MB "
+        f"peak RSS; its {c['twins']} twins together {seconds(c['twins_wall_s'])}, at most "
+        f"{count(c['twins_peak_rss_mb'])} MB.",
+        "",
+        f"![NDCG@10 over the grid](../bench/results/{file.replace('.json', '.png')})",
+    ]
+    return lines
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "machines": block_machines,
     "accuracy-ml-1m": block_accuracy_ml1m,
@@ -1029,6 +1087,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "accuracy-sports-config": block_accuracy_sports_config,
     "accuracy-sports": block_accuracy_sports,
     "serve": block_serve,
+    "elastic-sports": block_elastic,
 }
 
 
