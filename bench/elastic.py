@@ -143,6 +143,9 @@ def main() -> None:
     parser.add_argument("--encode-users", type=int, default=1024, help="test users per encoding pass")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test users")
     parser.add_argument("--label", default="", help="a note on the protocol")
+    parser.add_argument("--plain", default=None,
+                        help="the plain one run to hold the goal against (default accuracy_<config>.json "
+                             "in --out-dir); 'none' where its protocol differs from this one")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -197,8 +200,11 @@ def main() -> None:
             **{k: twin[k] for k in ("epochs", "best_val", "wall_s", "peak_rss_mb")},
         })
 
-    plain = args.out_dir / f"accuracy_{args.config.stem}.json"  # the config's plain one run (bench/accuracy.py)
-    nested_plain = {r["size"]: r["ndcg_10"] for r in json.loads(plain.read_text())["matryoshka"]["rows"]} if plain.exists() else {}
+    # the config's plain one run (bench/accuracy.py), under the same protocol
+    plain = args.out_dir / (args.plain or f"accuracy_{args.config.stem}.json")
+    nested_plain = {}
+    if args.plain != "none" and plain.exists():
+        nested_plain = {r["size"]: r["ndcg_10"] for r in json.loads(plain.read_text())["matryoshka"]["rows"]}
     goals = goal_rows(rows, costs, nested_plain)
     report = {
         "name": name,
