@@ -489,7 +489,7 @@ class MatryoshkaRecommender(L.LightningModule):
             names = [f"d{size}" for size in self.sizes]
             total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
         else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
-            states = self.net.depth_states(batch["input_ids"], items, sorted({t.depth for t in self.trained_triples}))
+            states = self.net.depth_states(batch["input_ids"], items, self.trained_depths)
             total, per_size, distill, names = 0.0, [], [], []
             for group in vector_groups(self.trained_triples):
                 vectors = self.net.group_vectors(group, states[group.depth][valid])
@@ -580,7 +580,7 @@ class MatryoshkaRecommender(L.LightningModule):
     def _grid_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None) -> torch.Tensor:
         """``(T, B)`` target ranks of every trained triple, in grid order: one encoder pass for all
         depths, one ranking per group of triples whose vectors are prefixes of one tensor."""
-        states = self.net.depth_states(batch["input_ids"], self._eval_items, sorted({t.depth for t in self.trained_triples}))
+        states = self.net.depth_states(batch["input_ids"], self._eval_items, self.trained_depths)
         ranks = torch.empty(len(self.trained_triples), len(batch["target"]), dtype=torch.long, device=self.device)
         for group in vector_groups(self.trained_triples):
             users = self.net.group_vectors(group, states[group.depth][:, -1])
@@ -590,6 +590,11 @@ class MatryoshkaRecommender(L.LightningModule):
             for triple, row in zip(group.triples, found):
                 ranks[self.trained_triples.index(triple)] = row
         return ranks
+
+    @property
+    def trained_depths(self) -> list[int]:
+        """The encoder depths the trained triples read the state at, increasing."""
+        return sorted({t.depth for t in self.trained_triples})
 
     def metric_name(self, key: str) -> str:
         """A metric of the grid's ``RankingMetrics`` (``ndcg_10/d3``: its third triple) by its
