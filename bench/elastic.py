@@ -182,6 +182,7 @@ def main() -> None:
     missing = [t.label for t in twins if t.label not in labels]
     if missing:
         raise SystemExit(f"--twins {missing} are not among the grid's triples {labels}")
+    load_at_timing = os.getloadavg()[0]  # other work on the machine would slow the timings
     costs = encoding_costs(grid["best"], config["data"], labels, args.repeats, args.encode_users)
     rows = [{**r, "encode_ms_per_1k": costs[r["triple"]]} for r in grid["rows"]]
 
@@ -224,6 +225,7 @@ def main() -> None:
                  "triples": len(rows)},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores" + (
             f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "load_average_at_timing": load_at_timing,
         "parallel": args.parallel,
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -1037,7 +1037,8 @@ def block_elastic(file: str = "elastic_sports.json") -> list[str]:
         f"trained alone (`--model.triples`). Settings of the config, up to {p['epochs']} epochs, early stopping with "
         f"patience {p['patience']} on validation NDCG@10 (the grid: the mean over its triples), seed {p['seed']}, test "
         f"metrics of the best checkpoint; runs {d['parallel']} at a time. Encoding time measured afterwards, alone, on "
-        f"the same test histories (median of the passes). {measured_on(d['machine'])}",
+        f"the same test histories (median of the passes). " + (f"{p['label']}. " if p.get("label") else "")
+        + measured_on(d["machine"], None, d.get("load_average_at_timing"), "1 minute, when the timing began"),
         "",
     ]
     lines += table(["triple", "parameters", "NDCG@10", "Recall@10", "encode ms / 1k users", "retrieval MFLOPs / user",
