@@ -115,13 +115,30 @@ class Runs:
         return subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
 
+    def finished_before(self, name: str) -> dict | None:
+        """The result of run ``name`` if an earlier job in this work directory finished it (its log
+        holds the result line and its ranks file exists), else None."""
+        log = self.workdir / f"{name}.log"
+        if not (log.exists() and self.ranks_file(name).exists()):
+            return None
+        line = next((x for x in log.read_text().splitlines() if x.startswith("BENCH-RESULT ")), None)
+        return None if line is None else json.loads(line[len("BENCH-RESULT "):])
+
     def finish(self, on_done=None, keep_going: bool = False) -> dict[str, dict]:
-        """Runs everything added; returns each run's result by name. A failed run stops everything,
-        or with ``keep_going`` its result is ``{"failed": the end of its log}``. ``on_done(name,
-        result)`` is called as each run ends (to save results as they come)."""
+        """Runs everything added; returns each run's result by name. A run an earlier job in the
+        same work directory finished is not run again (a killed job resumes). A failed run stops
+        everything, or with ``keep_going`` its result is ``{"failed": the end of its log}``.
+        ``on_done(name, result)`` is called as each run ends (to save results as they come)."""
         results: dict[str, dict] = {}
         running: dict[str, subprocess.Popen] = {}
-        pending = list(self.pending)
+        pending = []
+        for name, overrides in self.pending:
+            earlier = self.finished_before(name)
+            if earlier is None:
+                pending.append((name, overrides))
+            else:
+                results[name] = earlier
+                print(f"  {name}: finished by an earlier job in {self.workdir}", flush=True)
         while pending or running:
             while pending and len(running) < self.parallel:
                 name, overrides = pending.pop(0)

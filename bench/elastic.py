@@ -67,6 +67,20 @@ def parse_triple(label: str) -> Triple:
         raise SystemExit(f"--twins: {label!r} is not a triple label such as L2_w256_d16") from None
 
 
+def without_workdir(argv: list[str]) -> list[str]:
+    """The command line as recorded: ``--workdir`` (a path of this machine) left out."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--workdir="):
+            skip = False
+            continue
+        if arg == "--workdir":
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
 def per_user_ndcg(runs: Runs, name: str, column: int) -> tuple[np.ndarray, np.ndarray]:
     users, ranks = runs.ranks(name)
     return users, ndcg_of_ranks(ranks[column], k=10)
@@ -147,6 +161,9 @@ def main() -> None:
                         help="the plain one run to hold the goal against (default accuracy_<config>.json "
                              "in --out-dir); 'none' where its protocol differs from this one")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="the runs' directory (default: a new one); runs an earlier job there finished are "
+                             "not trained again, so a killed job resumes, and a finished one only re-times")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.config.read_text())
@@ -169,7 +186,8 @@ def main() -> None:
         key, _, value = item.partition("=")
         overrides += [f"--{key}", value]
 
-    workdir = Path(tempfile.mkdtemp(prefix=f"elastic-{name}-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"elastic-{name}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     runs = Runs(args.config, workdir, "csv", args.parallel)
     runs.add("grid", [*overrides, *grid_options])
     for t in twins:
@@ -209,7 +227,7 @@ def main() -> None:
     goals = goal_rows(rows, costs, nested_plain)
     report = {
         "name": name,
-        "commands": {"bench": "python bench/elastic.py " + " ".join(sys.argv[1:])},
+        "commands": {"bench": "python bench/elastic.py " + " ".join(without_workdir(sys.argv[1:]))},
         "protocol": {"epochs": args.epochs or config["trainer"].get("max_epochs"),
                      "patience": (config.get("early_stopping") or {}).get("patience"),
                      "seed": args.seed, "overrides": overrides, "label": args.label,
