@@ -1089,6 +1089,8 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "accuracy-sports": block_accuracy_sports,
     "serve": block_serve,
     "elastic-sports": block_elastic,
+    "elastic-sports-focus": lambda: block_elastic("elastic_sports-focus.json"),
+    "elastic-ml-1m-cpu": lambda: block_elastic("elastic_ml-1m-cpu.json"),
 }
 
 
