@@ -90,7 +90,7 @@ def encoding_costs(best: str, data: dict, labels: list[str], repeats: int, users
     """ms per 1,000 users to encode test histories: every triple of the grid checkpoint ``best``
     (cut to it), and ``sasrec``, SASRec at the checkpoint's width and depth (untrained)."""
     from recsys.data import SequenceDataModule
-    from recsys.model import MatryoshkaRecommender, read_checkpoint
+    from recsys.model import MatryoshkaRecommender
     from recsys.nn.item_tower import ItemTower
     from recsys.nn.nested import cut_to_size
     from recsys.reporting import encode_ms_per_1k
@@ -98,11 +98,9 @@ def encoding_costs(best: str, data: dict, labels: list[str], repeats: int, users
     model = MatryoshkaRecommender.from_checkpoint(best)
     datamodule = SequenceDataModule(data_dir=data["data_dir"], max_len=data.get("max_len", 50), eval_batch_size=users)
     datamodule.setup("test")
-    ckpt = read_checkpoint(best)
-    options = {k: v for k, v in model.hparams.items() if k not in ("item_features", "depths", "pairs", "grid", "triples")}
-    sasrec = MatryoshkaRecommender(
-        item_features=ItemTower.features_from_state_dict(ckpt["state_dict"], prefix="net.items."),
-        **{**options, "encoder": "sasrec"})
+    options = {k: v for k, v in model.hparams.items() if k not in ("depths", "pairs", "grid", "triples")}
+    features = ItemTower.features_from_state_dict(model.state_dict(), prefix="net.items.")
+    sasrec = MatryoshkaRecommender(item_features=features, **{**options, "encoder": "sasrec"})
 
     def median_of(net, small) -> float:
         return float(np.median([encode_ms_per_1k(net, datamodule, 0, small) for _ in range(repeats)]))
