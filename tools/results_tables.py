@@ -1091,6 +1091,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "elastic-sports": block_elastic,
     "elastic-sports-focus": lambda: block_elastic("elastic_sports-focus.json"),
     "elastic-ml-1m-cpu": lambda: block_elastic("elastic_ml-1m-cpu.json"),
+    "elastic-lastfm": lambda: block_elastic("elastic_lastfm.json"),
 }
 
 
