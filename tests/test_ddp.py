@@ -1,9 +1,7 @@
 """Two CPU processes (DDP over gloo): test metrics cover every user exactly once."""
 
-import json
 import os
 import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -12,29 +10,20 @@ from mlflow.tracking import MlflowClient
 from recsys.data import SequenceDataModule
 from recsys.model import MatryoshkaRecommender
 
-SIZES = [8, 16]
+from synthetic_runs import SIZES, small_run_args  # tests/ is on the path
 
 
 def test_two_process_metrics_equal_single_process_evaluation(tmp_path):
     cache = tmp_path / "synthetic"
-    args = [
-        sys.executable, "-m", "recsys.train",
-        "--model.sizes", json.dumps(SIZES),
-        "--data.synthetic.num_users", "101",  # odd: the two ranks get different numbers of users
-        "--data.synthetic.num_items", "80",
-        "--data.synthetic_cache_dir", str(cache),
-        "--data.max_len", "16",
-        "--data.eval_batch_size", "16",
-        "--trainer.max_epochs", "1",
-        "--trainer.accelerator", "cpu",
+    args = small_run_args(
+        cache,
         "--trainer.devices", "2",
         "--trainer.strategy", "ddp",
-        "--trainer.enable_progress_bar", "false",
         "--mlflow.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
         "--mlflow.artifact_location", str(tmp_path / "artifacts"),
         "--mlflow.log_models", "false",
         "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-    ]
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,7 +9,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import lightning as L
 import polars as pl
@@ -18,7 +17,7 @@ import pytest
 from recsys.data import SequenceDataModule
 from recsys.model import MatryoshkaRecommender
 
-SIZES = [8, 16]
+from synthetic_runs import SIZES, small_run_args  # tests/ is on the path
 
 
 def _free_port() -> int:
@@ -28,22 +27,13 @@ def _free_port() -> int:
 
 
 def _args(tmp_path, cache, run: str, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "recsys.train",
-        "--model.sizes", json.dumps(SIZES),
-        "--data.synthetic.num_users", "101",  # odd: the two nodes get different numbers of users
-        "--data.synthetic.num_items", "80",
-        "--data.synthetic_cache_dir", str(cache),
-        "--data.max_len", "16",
-        "--data.eval_batch_size", "16",
-        "--trainer.max_epochs", "1",
-        "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
+    return small_run_args(
+        cache,
         "--tracking", "csv",
         "--run_dir", str(tmp_path / run),
         "--checkpoint.dirpath", str(tmp_path / run / "ckpt"),
         *extra,
-    ]
+    )
 
 
 @pytest.mark.slow  # about 110 s on a loaded 2-core machine (a single-process run, then the two nodes)

@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from recsys.nn import embedding_tables
 
 pytestmark = pytest.mark.skipif(not embedding_tables.TORCHREC, reason="torchrec does not import here")
 
-SIZES = [8, 16]
+from synthetic_runs import SIZES, small_run_args  # tests/ is on the path
 N = 60  # items
 WORLD = 2
 ROWS_PER_RANK = 6  # sequences per process
@@ -190,24 +189,15 @@ def test_sharded_training_run_checkpoint_loads_unsharded(tmp_path):
     from recsys.model import MatryoshkaRecommender, read_checkpoint
 
     cache = tmp_path / "synthetic"
-    args = [
-        sys.executable, "-m", "recsys.train",
-        "--model.sizes", json.dumps(SIZES),
+    args = small_run_args(
+        cache,
         "--model.use_id_embedding", "true",
-        "--data.synthetic.num_users", "101",
-        "--data.synthetic.num_items", "80",
-        "--data.synthetic_cache_dir", str(cache),
-        "--data.max_len", "16",
-        "--data.eval_batch_size", "16",
-        "--trainer.max_epochs", "1",
-        "--trainer.accelerator", "cpu",
         "--trainer.devices", "2",
         "--trainer.strategy", "sharded",
-        "--trainer.enable_progress_bar", "false",
         "--tracking", "csv",
         "--run_dir", str(tmp_path / "run"),
         "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-    ]
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
