@@ -701,7 +701,7 @@ def _write_candidates(
     """Write the parts not yet written (whole files only), then the manifest; return the manifest."""
     from tqdm.auto import tqdm
 
-    out, shard, user_col = runner.out, runner.shard, runner.spec.user_col
+    shard, user_col = runner.shard, runner.spec.user_col
     start_writing(runner, job)
     shard_frame = _shard_frame(runner, frame, users, assign)
     counts = finished_parts(runner, num_parts)
@@ -859,17 +859,21 @@ def summary_line(manifest: dict, out: str | Path) -> str:
             f"item ids skipped, {c['rows']} rows in {c['parts']} parts, {manifest.get('elapsed_s', 0):.1f} s -> {out}")
 
 
+def job_options(args) -> dict:
+    """The keyword options both candidate jobs take, from their shared command line."""
+    return {
+        "user_col": args.user_col, "item_col": args.item_col, "time_col": time_column_of(args.time_col),
+        "history_col": args.history_col, "shard": args.shard, "batch_size": args.batch_size,
+        "exclude_seen": args.exclude_seen, "users_per_part": args.users_per_part, "device": args.device,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = candidates_parser(__doc__).parse_args(argv)
-    time_col = time_column_of(args.time_col)
+    options = job_options(args)
 
     def run() -> None:
-        manifest = generate_candidates(
-            args.model, args.input, args.out, args.k,
-            user_col=args.user_col, item_col=args.item_col, time_col=time_col, history_col=args.history_col,
-            shard=args.shard, batch_size=args.batch_size, exclude_seen=args.exclude_seen,
-            users_per_part=args.users_per_part, device=args.device,
-        )
+        manifest = generate_candidates(args.model, args.input, args.out, args.k, **options)
         print(summary_line(manifest, args.out))
 
     return exit_code_of(run)

@@ -81,11 +81,11 @@ from serving.candidates import (  # noqa: E402
     ensure_staged,
     finish,
     finished_parts,
+    job_options,
     prepare_job,
     staged_part,
     start_writing,
     summary_line,
-    time_column_of,
     write_part,
 )
 from serving.sized_model import SizedRecommender  # noqa: E402
@@ -251,15 +251,12 @@ def _score_parts(ray, runner: _Job, todo: list[int], actors: int, device: str, a
 
 def main(argv: list[str] | None = None) -> int:
     args = ray_candidates_parser(__doc__).parse_args(argv)
-    time_col = time_column_of(args.time_col)
+    options = job_options(args)
 
     def run() -> None:
         manifest = generate_candidates_ray(
-            args.model, args.input, args.out, args.k,
-            user_col=args.user_col, item_col=args.item_col, time_col=time_col, history_col=args.history_col,
-            shard=args.shard, batch_size=args.batch_size, exclude_seen=args.exclude_seen,
-            users_per_part=args.users_per_part, device=args.device, actors=args.actors,
-            ray_address=args.ray_address, num_cpus=args.num_cpus,
+            args.model, args.input, args.out, args.k, **options,
+            actors=args.actors, ray_address=args.ray_address, num_cpus=args.num_cpus,
         )
         print(summary_line(manifest, args.out))
 
