@@ -328,6 +328,9 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test users")
     parser.add_argument("--replot", action="store_true", help="only redraw accuracy_<name>.png from its JSON")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where accuracy_<name>.{json,md,png} go")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="the runs' directory (default: a new one); runs an earlier job there finished "
+                             "are not trained again, so a killed job resumes")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.config.read_text())
@@ -347,7 +350,8 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else config["model"]["sizes"]
     name = args.name or args.config.stem
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f"accuracy-{name}-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"accuracy-{name}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
 
     def sized(s: list[int], *extra: str) -> list[str]:
         return [*overrides, "--model.sizes", json.dumps(s), *extra]
