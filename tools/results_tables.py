@@ -973,8 +973,8 @@ def block_accuracy_ml1m_cpu() -> list[str]:
         twins_goal_line(report),
         f"- The largest size here ({full['size']}): NDCG@10 {f4(full['ndcg_10'])}. The published figures ("
         + ", ".join(f"{k} {f4(v)}" for k, v in published.items())
-        + f") are for length 200 and size 256 trained to convergence, so they are not compared with these.",
-        epochs_line(report).replace("Epochs trained:", "Epochs trained (mean over seeds):"),
+        + ") are for length 200 and size 256 trained to convergence, so they are not compared with these.",
+        epochs_line(report),
         f"- {cost_line(report, 'one seed, mean')}",
     ]
     return lines
