@@ -293,9 +293,13 @@ class NestedLinear(NestedModule):
     def out_features(self) -> int:
         return self.out_mult * self.sizes[-1]
 
+    def masked_weight(self) -> torch.Tensor:
+        """The weight with its masked-out blocks zeroed: the dense matrix the layer applies."""
+        return self.weight * self.mask
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "masked":
-            return F.linear(x, self.weight * self.mask, self.bias)
+            return F.linear(x, self.masked_weight(), self.bias)
         outs = []
         for (o0, o1), (_, i1) in zip(
             chunk_bounds(self.sizes, self.out_mult), chunk_bounds(self.sizes, self.in_mult)
