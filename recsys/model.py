@@ -564,6 +564,12 @@ class MatryoshkaRecommender(L.LightningModule):
     # -- evaluation ---------------------------------------------------------------------------
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
+        # float32 throughout, whatever the training precision: the metrics are those of the float32
+        # weights that an export serves, and bfloat16 scores would tie or swap close items
+        with torch.autocast(self.device.type, enabled=False):
+            self._rank_batch(batch, metrics)
+
+    def _rank_batch(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
         stage = "validation" if metrics is self.val_metrics else "test"
         if self._eval_items is None:  # the item matrix is fixed during evaluation: compute it once
             self._eval_items = self.net.item_matrix()

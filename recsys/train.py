@@ -81,6 +81,7 @@ from recsys.model import (
     read_checkpoint,
 )
 from recsys.nn.encoders import FLAT_OPTION_GROUPS, OptionError, nest_flat_options
+from recsys.runtime import default_precision, reuse_freed_memory
 from recsys.reporting import (
     GRID_PLOT_FILE,
     PLOT_FILE,
@@ -416,12 +417,15 @@ def fit_and_test(trainer, model: MatryoshkaRecommender, datamodule, ckpt_path: s
 
 def run(args: list[str] | None = None) -> dict[str, Any]:
     """Train, test the best checkpoint, record everything; returns what was recorded (for tests)."""
+    reuse_freed_memory()
     cli = TrainCLI(
         MatryoshkaRecommender,
         SequenceDataModule,
         run=False,
         args=args,
-        trainer_defaults={**TRAINER_DEFAULTS, "enable_model_summary": False},  # the per-size table says more
+        # bf16-mixed where this machine multiplies bfloat16 natively (recsys/runtime.py); the
+        # per-size table says more than Lightning's model summary
+        trainer_defaults={**TRAINER_DEFAULTS, "precision": default_precision(), "enable_model_summary": False},
         save_config_callback=None,
         seed_everything_default=0,
         auto_configure_optimizers=False,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.nn.dropout import Dropout
 from recsys.nn.grid import StackedBlocks
 from recsys.nn.nested import NestedLayerNorm, NestedLinear, NestedModule, check_sizes, shrink_parameter_
 
@@ -191,7 +192,7 @@ class GatedFFN(NestedModule):
         self.gate = NestedLinear(self.sizes, out_mult=mult)
         self.up = NestedLinear(self.sizes, out_mult=mult)
         self.down = NestedLinear(self.sizes, in_mult=mult)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.dropout(F.silu(self.gate(x)) * self.up(x)))
@@ -207,7 +208,7 @@ class LRUBlock(NestedModule):
         self.lru = LRULayer(self.sizes, r_min=r_min, r_max=r_max)
         self.norm_ffn = NestedLayerNorm(self.sizes)
         self.ffn = GatedFFN(self.sizes, mult=ffn_mult, dropout=dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sequential: bool | None = None, last_only: bool = False) -> torch.Tensor:
         h = (x[:, -1:] if last_only else x) + self.dropout(

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from recsys.nn.dropout import Dropout
 from recsys.nn.grid import StackedBlocks
 from recsys.nn.nested import (
     ChunkwiseProjection,
@@ -148,7 +149,7 @@ class NestedMambaBlock(NestedModule):
         self.sizes = check_sizes(sizes)
         self.norm = NestedLayerNorm(self.sizes)
         self.mixer = NestedMambaMixer(self.sizes, **mixer_options)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return x + self.dropout(self.mixer(self.norm(x), mask))

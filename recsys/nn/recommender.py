@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from recsys.nn.dropout import Dropout
 from recsys.nn.grid import StackedBlocks, Triple, VectorGroup, VectorHeads, head_key
 from recsys.nn.nested import NestedModule
 
@@ -42,7 +43,7 @@ class SequentialRecommender(NestedModule):
             raise ValueError(f"encoder sizes {getattr(encoder, 'sizes', None)} differ from item sizes {list(self.sizes)}")
         self.items = items
         self.encoder = encoder
-        self.input_dropout = nn.Dropout(input_dropout)
+        self.input_dropout = Dropout(input_dropout)
         self.grid = None if grid is None else tuple(grid)
         if self.grid is not None and any(t.uses_head for t in self.grid):
             self.heads = VectorHeads(self.grid)

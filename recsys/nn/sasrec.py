@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.nn.dropout import Dropout
 from recsys.nn.grid import StackedBlocks
 from recsys.nn.nested import check_sizes
 
@@ -60,8 +61,8 @@ class SASRecBlock(nn.Module):
         self.attn = CausalSelfAttention(width, n_heads, dropout)
         self.norm_ffn = nn.LayerNorm(width)
         # Point-wise feed-forward, as SASRec's two kernel-1 convolutions.
-        self.ffn = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width))
-        self.dropout = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(width, width), nn.GELU(), Dropout(dropout), nn.Linear(width, width))
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = x + self.dropout(self.attn(self.norm_attn(x), mask))
@@ -94,7 +95,7 @@ class SASRecEncoder(StackedBlocks, nn.Module):
         self.max_len = max_len
         self.positions = nn.Embedding(max_len, width)  # index 0 = the last position of a row
         nn.init.normal_(self.positions.weight, std=0.02)
-        self.input_dropout = nn.Dropout(dropout)
+        self.input_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(SASRecBlock(width, n_heads, dropout) for _ in range(n_blocks))
         self.final_norm = nn.LayerNorm(width)
 
