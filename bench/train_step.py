@@ -43,11 +43,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,22 +60,30 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from machine import cpu_model, matmul_gflops  # bench/machine.py (the script directory is on sys.path)
 
-from machine import cpu_model, matmul_gflops  # noqa: E402  bench/machine.py (the script directory is on sys.path)
+ROOT = Path(__file__).resolve().parents[1]
+# the package measured: this checkout's, or with --package an earlier commit's (the baseline arm)
+_PACKAGE = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--package=")), str(ROOT))
+sys.path.insert(0, _PACKAGE)
+
 from recsys.atomic import write_json_atomically  # noqa: E402
 from recsys.data.datamodule import SequenceDataModule  # noqa: E402
 from recsys.data.length_batching import real_fraction  # noqa: E402
 from recsys.model import MatryoshkaRecommender  # noqa: E402
-from recsys.nn.loss import matryoshka_cross_entropy  # noqa: E402
+
+try:  # the process settings a training run of this package makes (none before issue 30)
+    from recsys.runtime import default_precision, reuse_freed_memory  # noqa: E402
+except ImportError:
+    default_precision = reuse_freed_memory = None
 
 logger = logging.getLogger("bench.train_step")
 
 ENCODERS = ("lru", "mamba", "sasrec")
 BATCHINGS = ("padded", "length")
 # the model settings read from a dataset's config (the rest keep the model's defaults)
-MODEL_KEYS = ("sizes", "n_blocks", "dropout", "input_dropout", "use_id_embedding", "lru", "mamba", "sasrec", "loss_block_rows")
+MODEL_KEYS = ("sizes", "n_blocks", "dropout", "input_dropout", "use_id_embedding", "lru", "mamba", "sasrec", "loss_block_rows",
+              "loss", "negatives", "negative_sampling")
 # the Trainer's gradient clipping (recsys.model.TRAINER_DEFAULTS) is part of the step
 CLIP = 1.0
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -112,7 +124,9 @@ class Step:
 
     def __init__(self, model: MatryoshkaRecommender, device: torch.device, precision: str = "fp32") -> None:
         self.model = model.to(device).train()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=model.hparams.lr)
+        # the model's own optimizer, or (a package without that method) AdamW as its model built it
+        build = getattr(model, "optimizer", None)
+        self.optimizer = build() if callable(build) else torch.optim.AdamW(model.parameters(), lr=model.hparams.lr)
         self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
@@ -128,9 +142,13 @@ class Step:
             self.mark(marks)
             states = model.net.sequence_states(batch["input_ids"], items)
             self.mark(marks)
-            valid = batch["target_ids"] > 0
-            loss = matryoshka_cross_entropy(states[valid], items, batch["target_ids"][valid], model.sizes,
-                                            weights=model.hparams.loss_weights, block_rows=model.hparams.loss_block_rows)
+            # the configured loss (the full memory-flat softmax, or the sampled one) over the training
+            # candidates, as training_loss runs it
+            targets, candidates = batch["target_ids"], items
+            if model._train_rows is not None:
+                candidates, targets = items[model._train_rows], model._train_row_of[targets]
+            valid = targets > 0
+            loss = model._loss(states[valid], candidates, targets[valid], model.sizes, model.hparams.loss_weights)
         self.mark(marks)
         return loss
 
@@ -170,21 +188,25 @@ def epoch_order(module: SequenceDataModule) -> list[list[int]]:
 
 def bench_encoder(encoder: str, modules: dict, samples: dict, epoch_batches: int, model_settings: dict, max_len: int,
                   device: torch.device, precision: str) -> dict:
-    """Both batchings of one encoder on one dataset, taking turns step by step."""
+    """The batchings of one encoder on one dataset (``modules``' keys), taking turns step by step."""
+    BATCHINGS = tuple(modules)
     torch.manual_seed(0)
-    any_module = modules["length"]
+    any_module = next(iter(modules.values()))
     model = MatryoshkaRecommender(
-        item_features=any_module.item_features, encoder=encoder, max_len=max_len, **model_settings
+        item_features=any_module.item_features, cold_start_items=any_module.cold_start_items,
+        item_counts=any_module.item_counts, encoder=encoder, max_len=max_len, **model_settings
     )
     step = Step(model, device, precision)
     batches = {b: [{k: v.to(device) for k, v in modules[b].train_windows.__getitems__(i).items()} for i in samples[b]]
                for b in BATCHINGS}
     rate = matmul_gflops(device=device, dtype=rate_dtype(precision))
-    initial_loss = step.initial_loss(batches["padded"][0])
-    step(batches["padded"][0])  # warm-up
+    first = batches[BATCHINGS[0]][0]
+    torch.manual_seed(1)  # the sampled loss draws its negatives: the same ones in every arm
+    initial_loss = step.initial_loss(first)
+    step(first)  # warm-up
     times: dict[str, list[float]] = {b: [] for b in BATCHINGS}
     phases: dict[str, dict[str, float]] = {b: dict.fromkeys(PHASES, 0.0) for b in BATCHINGS}
-    for k in range(len(samples["padded"])):
+    for k in range(len(samples[BATCHINGS[0]])):
         for b in BATCHINGS:
             start = time.perf_counter()
             split = step(batches[b][k])
@@ -210,7 +232,8 @@ def bench_encoder(encoder: str, modules: dict, samples: dict, epoch_batches: int
             "epoch_s_extrapolated": mean * epoch_batches,
             "phase_shares": {phase: t / sum(times[b]) for phase, t in phases[b].items()},
         }
-    result["epoch_speedup"] = result["padded"]["mean_step_s"] / result["length"]["mean_step_s"]
+    if len(BATCHINGS) == 2:
+        result["epoch_speedup"] = result["padded"]["mean_step_s"] / result["length"]["mean_step_s"]
     return result
 
 
@@ -237,12 +260,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--max-len", type=int, default=None, help="override the configs' data.max_len (a quick look)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32, tf32 (float32 products on TF32 tensor cores) or bf16 (autocast); see above")
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                        help="fp32, tf32 (float32 products on TF32 tensor cores), bf16 (autocast), or auto: what "
+                             "`python -m recsys.train` of the measured package picks on this machine; see above")
+    parser.add_argument("--batchings", nargs="+", choices=BATCHINGS, default=list(BATCHINGS))
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also time the package of git commit REV, as it trains (its default precision), "
+                             "arm by arm beside this checkout's; writes both and their ratios (see above)")
+    parser.add_argument("--package", default=str(ROOT), help=argparse.SUPPRESS)  # the recsys measured (read at import)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_step.json")
     args = parser.parse_args(argv)
     data = parse_data(args.data, parser)
+    if args.baseline:
+        return compare(args, data)
+    if reuse_freed_memory is not None:
+        reuse_freed_memory()
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device == "cpu" and default_precision and default_precision() == "bf16-mixed" else "fp32"
     if args.steps < 1 or args.threads < 1 or (args.max_len is not None and args.max_len < 1):
         parser.error(f"--steps, --threads and --max-len must be positive, got {args.steps}, {args.threads} and {args.max_len}")
     steps_for = {}
@@ -269,11 +304,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.max_len:
             data_settings["max_len"] = args.max_len
         modules, orders, epoch = {}, {}, {}
-        for b in BATCHINGS:
+        for b in args.batchings:
             modules[b] = SequenceDataModule(data_dir=str(directory), seed=args.seed, length_batching=b == "length", **data_settings)
             orders[b] = epoch_order(modules[b])
             epoch[b] = {"batches": len(orders[b]), "real_fraction": real_fraction(modules[b].train_windows.lengths, orders[b])}
-        windows = modules["length"].train_windows
+        windows = next(iter(modules.values())).train_windows
         row = {
             "config": f"configs/{name}.yaml",
             "model": model_settings,
@@ -283,27 +318,23 @@ def main(argv: list[str] | None = None) -> None:
             "epoch": epoch,
             "encoders": {},
         }
-        logger.info("%s: %s windows, real fraction padded %.3f, length-aware %.3f", name, len(windows),
-                    epoch["padded"]["real_fraction"], epoch["length"]["real_fraction"])
+        logger.info("%s: %s windows, real fraction %s", name, len(windows),
+                    ", ".join(f"{b} {e['real_fraction']:.3f}" for b, e in epoch.items()))
         for encoder in args.encoders:
             n = steps_for.get(f"{name}:{encoder}", args.steps)
             samples = {}
-            for b in BATCHINGS:
+            for b in args.batchings:
                 widths = np.array([int(windows.lengths[np.asarray(i)].max()) for i in orders[b]])
                 samples[b] = [orders[b][i] for i in spread_sample(widths, n)]
             started = time.perf_counter()
-            result = bench_encoder(encoder, modules, samples, len(orders["length"]), model_settings, data_settings["max_len"],
-                                   device, args.precision)
+            result = bench_encoder(encoder, modules, samples, len(next(iter(orders.values()))), model_settings,
+                                   data_settings["max_len"], device, args.precision)
             result["steps"] = n
             result["load_average_before"] = os.getloadavg()
             row["encoders"][encoder] = result
-            logger.info(
-                "%s %s (%d steps, %.0f s): padded %.2f s/step, length-aware %.2f s/step (%.2fx); floor %.1f%% / %.1f%%; "
-                "real positions/s %.0f / %.0f", name, encoder, n, time.perf_counter() - started,
-                result["padded"]["mean_step_s"], result["length"]["mean_step_s"], result["epoch_speedup"],
-                100 * result["padded"]["floor_fraction"], 100 * result["length"]["floor_fraction"],
-                result["padded"]["real_positions_per_s"], result["length"]["real_positions_per_s"],
-            )
+            logger.info("%s %s (%d steps, %.0f s): %s", name, encoder, n, time.perf_counter() - started, "; ".join(
+                f"{b} {result[b]['mean_step_s']:.2f} s/step, floor {100 * result[b]['floor_fraction']:.1f}%, "
+                f"real positions/s {result[b]['real_positions_per_s']:.0f}" for b in args.batchings))
         datasets[name] = row
 
     report = {
@@ -317,11 +348,13 @@ def main(argv: list[str] | None = None) -> None:
         },
         "device": args.device,
         "precision": args.precision,
+        "package": args.package,
         "command": "python bench/train_step.py " + " ".join(
             [f"--data {' '.join(f'{k}=data/{k}' for k in data)}", f"--steps {args.steps}"]
             + ([f"--steps-for {' '.join(args.steps_for)}"] if args.steps_for else [])
             + ([f"--encoders {' '.join(args.encoders)}"] if args.encoders != list(ENCODERS) else [])
-            + ([f"--device {args.device} --precision {args.precision}"] if args.device != "cpu" or args.precision != "fp32" else [])
+            + ([f"--device {args.device}"] if args.device != "cpu" else []) + [f"--precision {args.precision}"]
+            + ([f"--batchings {' '.join(args.batchings)}"] if args.batchings != list(BATCHINGS) else [])
             + ([f"--max-len {args.max_len}"] if args.max_len else [])
         ),
         "load_average_start": load_start,
@@ -343,8 +376,76 @@ def main(argv: list[str] | None = None) -> None:
     report["matmul_gflops_highest"] = max(rates)
     for data in datasets.values():
         for r in data["encoders"].values():
-            for b in BATCHINGS:
+            for b in args.batchings:
                 r[b]["floor_fraction_at_highest_rate"] = sum(r[b]["flops"]) / (max(rates) * 1e9) / sum(r[b]["step_s"])
+    write_json_atomically(args.out, report, indent=2)
+    print(f"wrote {args.out}")
+
+
+def compare(args: argparse.Namespace, data: dict[str, Path]) -> None:
+    """``--baseline REV``: for each dataset and encoder, the package of commit ``REV`` and this
+    checkout's, each in a process of its own (this script with ``--package``), one after the other,
+    each as it trains by default (``--precision auto``: the baseline's float32, this checkout's
+    bf16-mixed where the CPU has it, and its process settings, recsys/runtime.py); then the ratios
+    of real positions per second, this checkout's over the baseline's."""
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True, text=True)
+    if rev.returncode:
+        sys.exit(f"--baseline {args.baseline}: not a commit of this repository ({rev.stderr.strip()})")
+    rev = rev.stdout.strip()
+    arms = {"baseline": None, "current": str(ROOT)}
+    results: dict = {}
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "baseline.tar"
+        subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), rev, "recsys"], check=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(Path(tmp) / "baseline", filter="data")
+        arms["baseline"] = str(Path(tmp) / "baseline")
+        for name, directory in data.items():
+            for encoder in args.encoders:
+                for arm, package in arms.items():
+                    out = Path(tmp) / f"{name}-{encoder}-{arm}.json"
+                    command = [sys.executable, __file__, "--data", f"{name}={directory}", "--encoders", encoder,
+                               "--steps", str(args.steps), "--threads", str(args.threads), "--batchings", *args.batchings,
+                               "--seed", str(args.seed), f"--package={package}", "--out", str(out)]
+                    command += ["--steps-for", *args.steps_for] if args.steps_for else []
+                    command += ["--max-len", str(args.max_len)] if args.max_len else []
+                    logger.info("%s %s, %s (%s)", name, encoder, arm, rev if arm == "baseline" else "this checkout")
+                    subprocess.run(command, check=True)
+                    results.setdefault(name, {}).setdefault(encoder, {})[arm] = json.loads(out.read_text())
+    datasets = {}
+    for name, encoders in results.items():
+        row = {k: v for k, v in encoders[args.encoders[0]]["current"]["datasets"][name].items() if k != "encoders"}
+        row["encoders"] = {}
+        for encoder, arm_reports in encoders.items():
+            entry = {}
+            for arm, report in arm_reports.items():
+                entry[arm] = {"precision": report["precision"], "load_average_start": report["load_average_start"],
+                              "matmul_gflops_highest": report["matmul_gflops_highest"],
+                              **report["datasets"][name]["encoders"][encoder]}
+            entry["speedup"] = {b: entry["current"][b]["real_positions_per_s"] / entry["baseline"][b]["real_positions_per_s"]
+                                for b in args.batchings}
+            row["encoders"][encoder] = entry
+            logger.info("%s %s: %s", name, encoder, ", ".join(f"{b} {v:.2f}x" for b, v in entry["speedup"].items()))
+        datasets[name] = row
+    m = next(iter(next(iter(results.values())).values()))["current"]["machine"]
+    report = {
+        "machine": m,
+        "baseline": rev,
+        "command": "python bench/train_step.py " + " ".join(
+            [f"--data {' '.join(f'{k}=data/{k}' for k in data)}", f"--encoders {' '.join(args.encoders)}",
+             f"--steps {args.steps}", f"--batchings {' '.join(args.batchings)}", f"--baseline {args.baseline}"]
+            + ([f"--steps-for {' '.join(args.steps_for)}"] if args.steps_for else [])
+            + ([f"--max-len {args.max_len}"] if args.max_len else [])),
+        "arms": "baseline: the recsys package of commit `baseline` as it trains by default (float32); current: this "
+                "checkout's, as it trains by default (its precision, recsys/runtime.py's process settings); each in a "
+                "process of its own, the baseline first, on the same batches",
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "floor": "each arm's floor_fraction is at the product rate of its own precision measured before its steps "
+                 "(floor_fraction_at_highest_rate: the highest rate its process measured)",
+        "datasets": datasets,
+    }
     write_json_atomically(args.out, report, indent=2)
     print(f"wrote {args.out}")
 

@@ -538,17 +538,21 @@ class MatryoshkaRecommender(L.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         return int(count)
 
-    def configure_optimizers(self):
+    def optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters; norms, biases and per-channel vectors (LRU decays,
+        skips) are not decayed. (Not the fused AdamW, 3x faster on CPU: Lightning refuses gradient
+        clipping with it under mixed precision.)"""
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            # norms, biases and per-channel vectors (LRU decays, skips) are not decayed
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        optimizer = torch.optim.AdamW(
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        return torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr,
         )
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total // 2)
 

@@ -155,6 +155,7 @@ from recsys.data.readers import (
 )
 from recsys.data.time_order import parse_order_key
 from recsys.errors import UserError, exit_code_of
+from recsys.runtime import reuse_freed_memory
 from serving.export_dir import MANIFEST, sha256_of
 from serving.sized_model import SizedRecommender
 
@@ -660,9 +661,11 @@ def generate_candidates(
     read once for that), so bad input leaves ``out`` untouched. ``stage_seconds``, when given, receives
     the wall time spent reading parts into histories (``"read"``) and writing part files
     (``"write"``, in a thread overlapping the next part); the model's own ``stage_seconds`` hold
-    encoding and search.
+    encoding and search. The process keeps freed memory for reuse (:func:`recsys.runtime.reuse_freed_memory`):
+    every batch allocates the same large score and state buffers again.
     """
     started = time.perf_counter()
+    reuse_freed_memory()
     prepared = prepare_job(
         model, input_path, out, k, user_col=user_col, item_col=item_col, time_col=time_col, history_col=history_col,
         shard=shard, batch_size=batch_size, exclude_seen=exclude_seen, users_per_part=users_per_part, device=device,

@@ -113,6 +113,9 @@ class _PartScorer:
                  users_per_part: int, device: str, fail_once: str | None = None, fail_part: int | None = None):
         import torch
 
+        from recsys.runtime import reuse_freed_memory
+
+        reuse_freed_memory()  # as the local job does (serving/candidates.py)
         if device == "cuda" and not torch.cuda.is_available():
             device = "cpu"
         model = SizedRecommender(model_dir, device=device)

@@ -369,3 +369,19 @@ def test_sampled_errors(negatives, log_q, message):
     user, items, targets = _case(sizes=(2, 4, 8))
     with pytest.raises(ValueError, match=message):
         sampled_matryoshka_cross_entropy(user, items, targets, (2, 4, 8), negatives, log_q=log_q)
+
+
+def test_autocast_takes_user_vectors_of_a_bfloat16_product_with_a_float32_item_matrix():
+    """Under autocast a head's product gives bfloat16 user vectors beside float32 items (an elastic
+    grid's training step): both losses cast both, as they would cast two float32 inputs."""
+    sizes = (8, 16, 32)
+    user, items, targets = _case(positions=20, items=50, sizes=sizes, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = matryoshka_cross_entropy(user.bfloat16(), items, targets, sizes)
+        same = matryoshka_cross_entropy(user, items, targets, sizes)
+        negatives = torch.arange(1, 51)
+        sampled = sampled_matryoshka_cross_entropy(user.bfloat16(), items, targets, sizes, negatives)
+    torch.testing.assert_close(mixed.per_size, same.per_size)
+    torch.testing.assert_close(sampled.per_size, same.per_size, rtol=1e-2, atol=0)
+    with pytest.raises(ValueError, match="same dtype"):  # outside autocast a mix is still refused
+        matryoshka_cross_entropy(user.bfloat16(), items, targets, sizes)

@@ -164,7 +164,10 @@ def _describe(x: object) -> str:
 
 def _autocast_inputs(user: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
     """Cast to the autocast dtype when autocast is on (the cast is recorded by autograd, so
-    gradients flow back to the original float32 tensors)."""
+    gradients flow back to the original float32 tensors). Done before the input checks: under
+    autocast a float32 item matrix meets user vectors that a bfloat16 product made."""
+    if not all(isinstance(x, Tensor) and x.is_floating_point() for x in (user, items)):
+        return user, items  # the checks say what is wrong
     device_type = user.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -406,9 +409,9 @@ def matryoshka_cross_entropy(
         ``distill[m]`` is ``KL_m`` (means over valid positions, ``KL`` 0 for the largest size),
         ``total = sum_m w_m * CE_m + distill * sum_m KL_m``. With no valid position all are 0.
     """
+    user, items = _autocast_inputs(user, items)
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
     distill = _check_distill(distill, teacher)
-    user, items = _autocast_inputs(user, items)
     with_grads = torch.is_grad_enabled() and (user.requires_grad or items.requires_grad)
     with torch.autocast(user.device.type, enabled=False):
         total, per_size, per_size_kl = _MatryoshkaCrossEntropy.apply(
@@ -438,9 +441,9 @@ def naive_matryoshka_cross_entropy(
     The logits come from :func:`~recsys.nn.nested.prefix_scores`, with the same precision as the
     memory-flat loss: products in the (autocast) input dtype, the sums and softmax in float32.
     """
+    user, items = _autocast_inputs(user, items)
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
     distill = _check_distill(distill, teacher)
-    user, items = _autocast_inputs(user, items)
     dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
     valid = targets > 0
     n_valid = max(int(valid.sum()), 1)
@@ -489,6 +492,7 @@ def sampled_matryoshka_cross_entropy(
 
     With ``negatives`` = every item once and no ``log_q`` this is exactly the full loss.
     """
+    user, items = _autocast_inputs(user, items)
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, 1)
     num_items = items.shape[0] - 1
     if not isinstance(negatives, Tensor) or negatives.ndim != 1 or negatives.numel() == 0:
@@ -503,7 +507,6 @@ def sampled_matryoshka_cross_entropy(
     if log_q is not None and (log_q.ndim != 1 or log_q.shape[0] != num_items + 1):
         raise ValueError(f"log_q must have shape ({num_items + 1},), got {tuple(log_q.shape)}")
 
-    user, items = _autocast_inputs(user, items)
     dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
     valid = targets > 0
     n_valid = int(valid.sum())

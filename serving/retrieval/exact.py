@@ -9,7 +9,9 @@ How it works (docs/method.md §6)
 Item rows are scored block by block into one reused buffer (``scores = q @ Z[block].T``, at most
 ``BLOCK_ELEMENTS`` floats, never the whole ``B x N`` matrix; a fresh buffer per block costs more in
 page faults than the product), and each query keeps its best ``k`` so far: the block's top-k is
-merged with it by another top-k over ``2k`` candidates.
+merged with it by another top-k over ``2k`` candidates. A wide block's top-k first shortlists the
+groups of ``GROUP`` columns whose maxima are the ``k + 1`` highest (:func:`_shortlist`, exact):
+a top-k over all ``10^5`` scores of a line costs several times the product at size 64.
 
 Ties: the result is exactly the top-``k`` of ``q @ Z.T`` with equal scores ordered by row, lower
 first (what a stable descending sort of the whole score matrix gives). ``torch.topk`` is free to
@@ -35,6 +37,9 @@ __all__ = ["BLOCK_ELEMENTS", "ExactRetriever", "torch_topk"]
 
 #: the most scores held at once (256 MiB of float32): a block has ``BLOCK_ELEMENTS // B`` item rows
 BLOCK_ELEMENTS = 1 << 26
+#: columns per group of the top-k shortlist (:func:`_shortlist`), used from ``SHORTLIST_FROM * (k + 1)`` groups
+GROUP = 32
+SHORTLIST_FROM = 4
 
 
 def _as_tensor(name: str, array: Any) -> torch.Tensor:
@@ -49,17 +54,40 @@ def _by_score_then_row(scores: torch.Tensor, rows: torch.Tensor) -> tuple[torch.
     return torch.gather(scores, 1, order), torch.gather(rows, 1, order)
 
 
+def _shortlist(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of each line that can hold its best ``k + 1``: the ``k + 1`` groups of ``GROUP``
+    consecutive columns with the highest maxima, and the columns past the last whole group.
+
+    Exact: a column outside those groups scores at most its group's maximum, which is at most
+    each chosen group's maximum, so ``k + 1`` columns of the shortlist score at least as high.
+    Where the shortlist's ``k``-th and ``(k+1)``-th scores differ, its top ``k`` is the line's;
+    where they are equal, :func:`_top` orders the whole line. One pass of maxima over the line
+    and a top-k over ``1/GROUP`` of it replace the top-k over all of it.
+    """
+    lines, width = scores.shape
+    groups = width // GROUP
+    head = groups * GROUP
+    maxima = scores[:, :head].unflatten(1, (groups, GROUP)).amax(dim=2)
+    best = torch.topk(maxima, k + 1, dim=1, sorted=False).indices
+    columns = (best.unsqueeze(2) * GROUP + torch.arange(GROUP, device=scores.device)).flatten(1)
+    if head < width:
+        columns = torch.cat([columns, torch.arange(head, width, device=scores.device).expand(lines, -1)], dim=1)
+    return torch.gather(scores, 1, columns), torch.gather(rows, 1, columns)
+
+
 def _top(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The best ``min(k, width)`` of each line of ``scores`` (``rows`` names its columns), equal scores by row."""
     width = scores.shape[1]
-    top, order = torch.topk(scores, min(k + 1, width), dim=1)
+    short_scores, short_rows = (_shortlist(scores, rows, k) if width // GROUP >= SHORTLIST_FROM * (k + 1)
+                                else (scores, rows))
+    top, order = torch.topk(short_scores, min(k + 1, short_scores.shape[1]), dim=1)
     if width > k:
         tied = torch.nonzero((top[:, k - 1] == top[:, k]) & (top[:, k - 1] > -torch.inf)).view(-1)
         top, order = top[:, :k], order[:, :k]
     else:
         tied = torch.empty(0, dtype=torch.int64, device=scores.device)
-    best_rows = torch.gather(rows, 1, order)
-    if len(tied):
+    best_rows = torch.gather(short_rows, 1, order)
+    if len(tied):  # ordered over the whole line: a column outside the shortlist may tie too
         fixed_scores, fixed_rows = _by_score_then_row(scores[tied], rows[tied])
         top[tied], best_rows[tied] = fixed_scores[:, :k], fixed_rows[:, :k]
     return top, best_rows

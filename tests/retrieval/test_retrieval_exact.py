@@ -94,3 +94,25 @@ def test_equal_scores_at_the_cut_keep_the_lower_rows():
     scores, rows = torch_topk(np.ones((2, 3), dtype=np.float32), items, 6, block_rows=8)
     np.testing.assert_array_equal(rows, [[25, 0, 1, 2, 3, 4]] * 2)
     np.testing.assert_array_equal(scores, [[6, 3, 3, 3, 3, 3]] * 2)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 7])
+def test_group_shortlist_is_exact_with_ties_exclusion_and_a_ragged_tail(monkeypatch, group):
+    """The top-k shortlist (groups of columns by their maxima) used in every block, small groups so
+    that ties, excluded rows and a last partial group meet it: rows exactly the reference's."""
+    import serving.retrieval.exact as exact
+
+    monkeypatch.setattr(exact, "GROUP", group)
+    monkeypatch.setattr(exact, "SHORTLIST_FROM", 1)
+    rng = np.random.default_rng(group)
+    n = 1003
+    items = (np.round(rng.standard_normal((n, 4)) * 2) / 2).astype(np.float32)
+    queries = (np.round(rng.standard_normal((17, 4)) * 2) / 2).astype(np.float32)
+    exclude = [rng.integers(0, n, int(rng.integers(0, n // 2 + 1))) for _ in range(len(queries))]
+    exclude[0] = np.arange(n - 3)  # three rows left, fewer than k
+    for k, block_rows in ((5, None), (20, 301), (50, 1003)):
+        for ex in (None, exclude):
+            scores, rows = torch_topk(queries, items, k, block_rows, exclude=ex)
+            want_scores, want_rows = _full_topk(queries, items, k, ex)
+            np.testing.assert_array_equal(rows, want_rows)
+            np.testing.assert_array_equal(scores, want_scores)
