@@ -72,9 +72,11 @@ from recsys.data.datamodule import SequenceDataModule  # noqa: E402
 from recsys.data.length_batching import real_fraction  # noqa: E402
 from recsys.model import MatryoshkaRecommender  # noqa: E402
 
-try:  # the process settings a training run of this package makes (none before issue 30)
+# the process settings a training run of this package makes (none before issue 30); looked up in the
+# package's own directory, since the editable install would otherwise supply this checkout's
+if (Path(_PACKAGE) / "recsys" / "runtime.py").is_file():
     from recsys.runtime import default_precision, reuse_freed_memory  # noqa: E402
-except ImportError:
+else:
     default_precision = reuse_freed_memory = None
 
 logger = logging.getLogger("bench.train_step")
@@ -264,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="fp32, tf32 (float32 products on TF32 tensor cores), bf16 (autocast), or auto: what "
                              "`python -m recsys.train` of the measured package picks on this machine; see above")
     parser.add_argument("--batchings", nargs="+", choices=BATCHINGS, default=list(BATCHINGS))
+    parser.add_argument("--loss", choices=("config", "full", "sampled"), default="config",
+                        help="the training loss: the config's (default), or the full or sampled softmax for every dataset")
     parser.add_argument("--baseline", metavar="REV", default=None,
                         help="also time the package of git commit REV, as it trains (its default precision), "
                              "arm by arm beside this checkout's; writes both and their ratios (see above)")
@@ -301,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     datasets = {}
     for name, directory in data.items():
         model_settings, data_settings = dataset_settings(name)
+        if args.loss != "config":
+            model_settings["loss"] = args.loss
         if args.max_len:
             data_settings["max_len"] = args.max_len
         modules, orders, epoch = {}, {}, {}
@@ -348,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "device": args.device,
         "precision": args.precision,
-        "package": args.package,
+        "package": str(Path(sys.modules["recsys"].__file__).parent.parent),
         "command": "python bench/train_step.py " + " ".join(
             [f"--data {' '.join(f'{k}=data/{k}' for k in data)}", f"--steps {args.steps}"]
             + ([f"--steps-for {' '.join(args.steps_for)}"] if args.steps_for else [])
@@ -356,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
             + ([f"--device {args.device}"] if args.device != "cpu" else []) + [f"--precision {args.precision}"]
             + ([f"--batchings {' '.join(args.batchings)}"] if args.batchings != list(BATCHINGS) else [])
             + ([f"--max-len {args.max_len}"] if args.max_len else [])
+            + ([f"--loss {args.loss}"] if args.loss != "config" else [])
         ),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
@@ -407,8 +414,9 @@ def compare(args: argparse.Namespace, data: dict[str, Path]) -> None:
                     out = Path(tmp) / f"{name}-{encoder}-{arm}.json"
                     command = [sys.executable, __file__, "--data", f"{name}={directory}", "--encoders", encoder,
                                "--steps", str(args.steps), "--threads", str(args.threads), "--batchings", *args.batchings,
-                               "--seed", str(args.seed), f"--package={package}", "--out", str(out)]
-                    command += ["--steps-for", *args.steps_for] if args.steps_for else []
+                               "--seed", str(args.seed), "--loss", args.loss, f"--package={package}", "--out", str(out)]
+                    mine = [v for v in args.steps_for if v.partition("=")[0] == f"{name}:{encoder}"]
+                    command += ["--steps-for", *mine] if mine else []
                     command += ["--max-len", str(args.max_len)] if args.max_len else []
                     logger.info("%s %s, %s (%s)", name, encoder, arm, rev if arm == "baseline" else "this checkout")
                     subprocess.run(command, check=True)
@@ -436,7 +444,8 @@ def compare(args: argparse.Namespace, data: dict[str, Path]) -> None:
             [f"--data {' '.join(f'{k}=data/{k}' for k in data)}", f"--encoders {' '.join(args.encoders)}",
              f"--steps {args.steps}", f"--batchings {' '.join(args.batchings)}", f"--baseline {args.baseline}"]
             + ([f"--steps-for {' '.join(args.steps_for)}"] if args.steps_for else [])
-            + ([f"--max-len {args.max_len}"] if args.max_len else [])),
+            + ([f"--max-len {args.max_len}"] if args.max_len else [])
+            + ([f"--loss {args.loss}"] if args.loss != "config" else [])),
         "arms": "baseline: the recsys package of commit `baseline` as it trains by default (float32); current: this "
                 "checkout's, as it trains by default (its precision, recsys/runtime.py's process settings); each in a "
                 "process of its own, the baseline first, on the same batches",

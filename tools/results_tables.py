@@ -1110,6 +1110,51 @@ def block_elastic(file: str = "elastic_sports.json") -> list[str]:
     return lines
 
 
+# issue 30: the training step against the baseline commit's, each as it trains by default
+SPEED_GOAL = 2.0
+SPEED_FLOOR_GOAL = 0.40
+
+
+def block_train_speed() -> list[str]:
+    lines: list[str] = []
+    rows, misses, floors = [], [], []
+    for file in ("train_speed.json", "train_speed_full_softmax.json"):
+        d = load(file)
+        m = d["machine"]
+        lines.append(
+            f"`{d['command']}` → `bench/results/{file}`: {d['arms']}; the baseline is commit `{d['baseline']}`; "
+            f"{d['floor']}. " + measured_on(platform_machine(m), m.get("threads"),
+                                             [d["load_average_start"][0], d["load_average_end"][0]], "1 minute, at start / end"))
+        lines.append("")
+        for name, data in d["datasets"].items():
+            loss = data["model"].get("loss", "full")
+            for encoder, r in data["encoders"].items():
+                old, new = r["baseline"]["length"], r["current"]["length"]
+                speedup = r["speedup"]["length"]
+                floors.append(new["floor_fraction"])
+                label = f"{TRAIN_NAMES.get(name, name)}, {TRAIN_NAMES.get(encoder, encoder)}"
+                if speedup < SPEED_GOAL:
+                    misses.append(f"{label}, {loss} softmax ({ratio(speedup)})")
+                rows.append([
+                    TRAIN_NAMES.get(name, name), TRAIN_NAMES.get(encoder, encoder), loss,
+                    f"{r['baseline']['precision']} / {r['current']['precision']}",
+                    f"{old['mean_step_s']:.3f} / {new['mean_step_s']:.3f}",
+                    f"{old['real_positions_per_s']:,.0f} / {new['real_positions_per_s']:,.0f}", ratio(speedup),
+                    f"{percent(old['floor_fraction'])} / {percent(new['floor_fraction'])}",
+                    f"{seconds(old['epoch_s_extrapolated'])} / {seconds(new['epoch_s_extrapolated'])}",
+                    f"{r['baseline']['initial_loss']:.3f} / {r['current']['initial_loss']:.3f}",
+                ])
+    lines += table(["data", "encoder", "softmax", "precision", "step s", "real positions/s", "speed-up", "of floor",
+                    "epoch (extrapolated)", "first loss"], "llllrrrrrr", rows)
+    lines.append("")
+    lines.append(f"- Real positions per second at least {ratio(SPEED_GOAL, 0)} the baseline's: met by "
+                 f"{len(rows) - len(misses)} of {len(rows)}" + (f"; not met: {'; '.join(misses)}" if misses else "") + ".")
+    lines.append(f"- At least {percent(SPEED_FLOOR_GOAL)} of the floor of the precision used: met by "
+                 f"{sum(f >= SPEED_FLOOR_GOAL for f in floors)} of {len(floors)} (this checkout's rows: "
+                 f"{span(floors, percent)}).")
+    return lines
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "machines": block_machines,
     "accuracy-ml-1m": block_accuracy_ml1m,
@@ -1123,6 +1168,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "prepare": block_prepare,
     "nested-linear": block_nested_linear,
     "train-step": block_train_step,
+    "train-speed": block_train_speed,
     "cold-start": block_cold_start,
     "cold-start-sports": lambda: block_cold_start("cold_start_sports.json"),
     "loss-sports": lambda: block_loss("loss_sports.json"),
