@@ -140,17 +140,22 @@ class Step:
         """The forward as ``training_step`` computes it (under bf16 autocast for ``bf16``), marking each part."""
         model = self.model
         with self.autocast():
-            items = model.net.item_matrix()
-            self.mark(marks)
-            states = model.net.sequence_states(batch["input_ids"], items)
-            self.mark(marks)
-            # the configured loss (the full memory-flat softmax, or the sampled one) over the training
-            # candidates, as training_loss runs it
-            targets, candidates = batch["target_ids"], items
-            if model._train_rows is not None:
-                candidates, targets = items[model._train_rows], model._train_row_of[targets]
-            valid = targets > 0
-            loss = model._loss(states[valid], candidates, targets[valid], model.sizes, model.hparams.loss_weights)
+            if hasattr(model, "step_inputs"):  # the model's own split of its training_loss (issue 30 on)
+                step = model.step_inputs(batch)
+                self.mark(marks)
+                states = model.net.sequence_states(step.input_ids, step.items)
+                self.mark(marks)
+                loss = model._loss(states[step.targets > 0], step, model.sizes, model.hparams.loss_weights)
+            else:  # the same, as the model computed it before
+                items = model.net.item_matrix()
+                self.mark(marks)
+                states = model.net.sequence_states(batch["input_ids"], items)
+                self.mark(marks)
+                targets, candidates = batch["target_ids"], items
+                if model._train_rows is not None:
+                    candidates, targets = items[model._train_rows], model._train_row_of[targets]
+                valid = targets > 0
+                loss = model._loss(states[valid], candidates, targets[valid], model.sizes, model.hparams.loss_weights)
         self.mark(marks)
         return loss
 

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -216,6 +216,20 @@ def grid_of(
         if narrow:
             raise OptionError(f"{{pairs}}: SASRec is not nested, its width is {sizes[-1]} only; got {', '.join(narrow)}")
     return trained
+
+
+class StepInputs(NamedTuple):
+    """What one training step's loss reads (:meth:`MatryoshkaRecommender.step_inputs`): item
+    vectors, the histories and targets as indices into them, the candidates of the softmax, and for
+    the sampled softmax the shared negatives (indices into ``candidates``) and their log sampling
+    probabilities (None: no correction)."""
+
+    items: torch.Tensor
+    input_ids: torch.Tensor
+    candidates: torch.Tensor
+    targets: torch.Tensor
+    negatives: torch.Tensor | None = None
+    log_q: torch.Tensor | None = None
 
 
 def _kl_entries(loss) -> list:
@@ -475,46 +489,69 @@ class MatryoshkaRecommender(L.LightningModule):
         the sizes, or with a grid the sum of one memory-flat loss per group of triples (named by
         their labels) whose vectors are prefixes of one tensor (``recsys/nn/grid.py``). The KL
         entry is None where there is none (the largest size of each loss, or no distillation)."""
-        items = self.net.item_matrix()
-        targets = batch["target_ids"]
-        candidates = items
-        if self._train_rows is not None:  # cold-start items are no candidates in training
-            candidates, targets = items[self._train_rows], self._train_row_of[targets]
-        valid = targets > 0
-        if self.hparams.loss == "sampled" and self._log_q is None:
-            raise ValueError("negative_sampling 'popularity' needs item_counts (the training CLI links them from the data)")
+        step = self.step_inputs(batch)
+        valid = step.targets > 0
         if self.trained_triples is None:
-            states = self.net.sequence_states(batch["input_ids"], items)
-            loss = self._loss(states[valid], candidates, targets[valid], self.sizes, self.hparams.loss_weights)
+            states = self.net.sequence_states(step.input_ids, step.items)
+            loss = self._loss(states[valid], step, self.sizes, self.hparams.loss_weights)
             names = [f"d{size}" for size in self.sizes]
             total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
         else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
-            states = self.net.depth_states(batch["input_ids"], items, self.trained_depths)
+            states = self.net.depth_states(step.input_ids, step.items, self.trained_depths)
             total, per_size, distill, names = 0.0, [], [], []
             for group in vector_groups(self.trained_triples):
                 vectors = self.net.group_vectors(group, states[group.depth][valid])
-                loss = self._loss(vectors, candidates[:, : group.sizes[-1]], targets[valid], group.sizes, None)
+                loss = self._loss(vectors, step, group.sizes, None)
                 total = total + loss.total
                 per_size += list(loss.per_size)
                 distill += _kl_entries(loss)
                 names += [t.label for t in group.triples]
         return total, names, per_size, distill, int(valid.sum())
 
-    def _loss(self, user: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor, sizes, weights):
+    def step_inputs(self, batch: dict[str, torch.Tensor]) -> StepInputs:
+        """The item vectors of one training step and the batch's indices into them.
+
+        The full softmax needs every item: the item matrix, the histories as they are, and the
+        targets as rows of the training candidates (cold-start items held out: ``_train_rows``).
+        The sampled softmax needs only the items of the histories, the targets and the shared
+        negatives (drawn here): the tower computes those rows alone (``ItemTower(rows)``, equal to
+        its full matrix's rows), and every index is renumbered into them, the padding item first.
+        On Sports that is about a sixth of the catalogue, and of the tower's work.
+        """
+        input_ids, targets = batch["input_ids"], batch["target_ids"]
+        if self.hparams.loss == "full":
+            items = self.net.item_matrix()
+            if self._train_rows is None:
+                return StepInputs(items, input_ids, items, targets)
+            # cold-start items are no candidates in training
+            return StepInputs(items, input_ids, items[self._train_rows], self._train_row_of[targets])
+        if self._log_q is None:
+            raise ValueError("negative_sampling 'popularity' needs item_counts (the training CLI links them from the data)")
+        # shared negatives drawn from q, every logit corrected by -log q (unbiased as K grows); in item ids
+        drawn = torch.multinomial(self._log_q.exp(), self.hparams.negatives, replacement=True)
+        log_q = self._log_q
+        if self._train_rows is not None:
+            drawn = self._train_rows[drawn]
+            targets = torch.where(self._train_row_of[targets] > 0, targets, 0)
+            log_q = torch.full((self.net.items.num_items + 1,), -math.inf, device=log_q.device).index_put((self._train_rows,), log_q)
+        rows = torch.unique(torch.cat([targets.new_zeros(1), input_ids.flatten(), targets.flatten(), drawn]))
+        items = self.net.items(rows)
+        log_q = log_q[rows] if self.hparams.negative_sampling == "popularity" else None
+        input_ids, targets, drawn = (torch.searchsorted(rows, ids.contiguous()) for ids in (input_ids, targets, drawn))
+        return StepInputs(items, input_ids, items, targets, drawn, log_q)
+
+    def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights):
         """The configured Matryoshka loss of ``user`` vectors over the prefixes ``sizes``."""
+        candidates = step.candidates[:, : sizes[-1]]
+        targets = step.targets[step.targets > 0]
         if self.hparams.loss == "full":
             return matryoshka_cross_entropy(
                 user, candidates, targets, sizes,
                 weights=weights, block_rows=self.hparams.loss_block_rows,
                 distill=self.hparams.distill, teacher=self.hparams.distill_teacher,
             )
-        # shared negatives drawn from q, every logit corrected by -log q (unbiased as K grows)
-        negatives = torch.multinomial(self._log_q.exp(), self.hparams.negatives, replacement=True)
-        return sampled_matryoshka_cross_entropy(
-            user, candidates, targets, sizes, negatives,
-            log_q=self._log_q if self.hparams.negative_sampling == "popularity" else None,
-            weights=weights,
-        )
+        return sampled_matryoshka_cross_entropy(user, candidates, targets, sizes, step.negatives, log_q=step.log_q,
+                                                weights=weights)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled

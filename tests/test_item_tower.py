@@ -154,3 +154,19 @@ def test_plain_tables_use_torchrecs_initialisation(monkeypatch):
     table = embedding_tables.id_table(400, 8).embeddings[embedding_tables.ID_TABLE].weight
     bound = (1 / 400) ** 0.5
     assert table.abs().max() <= bound and table.abs().max() > 0.9 * bound
+
+
+@pytest.mark.parametrize("use_ids", [False, True])
+def test_rows_of_the_tower_equal_those_rows_of_its_matrix_with_gradients(use_ids):
+    """tower(rows) (what a sampled loss computes) is tower()[rows] exactly, repeats and the padding
+    row included, and so are the gradients it sends to the tables and projections."""
+    torch.manual_seed(0)
+    tower = ItemTower(SIZES, _features(), use_id_embedding=use_ids).eval()
+    rows = torch.tensor([0, 29, 3, 3, 17, 1, 30])
+    weights = torch.randn(len(rows), SIZES[-1])
+    subset = tower(rows)
+    torch.testing.assert_close(subset, tower()[rows], rtol=0, atol=0)
+    grads = torch.autograd.grad((subset * weights).sum(), list(tower.parameters()))
+    wanted = torch.autograd.grad((tower()[rows] * weights).sum(), list(tower.parameters()))
+    for got, want in zip(grads, wanted):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -111,3 +111,39 @@ def test_sampled_loss_options_are_checked(datamodule):
     model = MatryoshkaRecommender(item_features=datamodule.item_features, sizes=SIZES, loss="sampled")
     with pytest.raises(ValueError, match="needs item_counts"):
         model.training_step(datamodule.train_windows.__getitems__([0, 1]), 0)
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_sampled_loss_on_the_step_rows_equals_the_loss_on_the_whole_item_matrix(datamodule, cold):
+    """The sampled softmax computes only the item rows a step uses (histories, targets, negatives);
+    its loss and gradients equal those of the same negatives over the whole item matrix."""
+    from recsys.nn.loss import sampled_matryoshka_cross_entropy
+
+    items_n = datamodule.item_features.num_items
+    model = MatryoshkaRecommender(
+        item_features=datamodule.item_features, item_counts=datamodule.item_counts, sizes=SIZES,
+        max_len=datamodule.max_len, loss="sampled", negatives=32, dropout=0.0, input_dropout=0.0,
+        cold_start_items=list(range(items_n - 4, items_n + 1)) if cold else None,
+    )
+    batch = next(iter(datamodule.train_dataloader()))
+    torch.manual_seed(7)
+    total, *_ = model.training_loss(batch)
+    grads = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
+
+    torch.manual_seed(7)  # the same negatives, drawn as step_inputs draws them
+    drawn = torch.multinomial(model._log_q.exp(), 32, replacement=True)
+    items = model.net.item_matrix()
+    targets = batch["target_ids"]
+    candidates, log_q = items, model._log_q
+    if cold:
+        candidates, targets = items[model._train_rows], model._train_row_of[targets]
+    states = model.net.sequence_states(batch["input_ids"], items)
+    valid = targets > 0
+    reference = sampled_matryoshka_cross_entropy(states[valid], candidates, targets[valid], SIZES, drawn, log_q=log_q).total
+    wanted = torch.autograd.grad(reference, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(total, reference, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, wanted):
+        if want is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1155,6 +1155,55 @@ def block_train_speed() -> list[str]:
     return lines
 
 
+# issue 30: the one run's test metrics and wall time before and after (baseline float32, now bf16-mixed)
+SPEED_METRICS = (
+    ("Last.fm", "accuracy_lastfm-2fd92c9.json", "accuracy_lastfm-bf16.json", None),
+    ("MovieLens-1M, reduced", "accuracy_ml-1m-cpu.json", "accuracy_ml-1m-cpu-bf16.json", "accuracy_ml-1m-cpu-2fd92c9.json"),
+)
+
+
+def _one_run_seeds(report: dict) -> list[dict]:
+    return [v for k, v in report["per_seed"].items() if k.startswith("matryoshka-seed")] if "per_seed" in report else []
+
+
+def block_speed_metrics() -> list[str]:
+    lines: list[str] = []
+    rows, held, total = [], 0, 0
+    walls = []
+    for label, old_file, new_file, old_alone_file in SPEED_METRICS:
+        old, new = load(old_file), load(new_file)
+        n_old, n_new = len(old.get("seeds", [0])), len(new.get("seeds", [0]))
+        lines.append(f"- {label}: before `{old_file}` ({n_old} seeds, {old['parallel']} run(s) at a time, "
+                     f"{old['date']}), after `{new_file}` ({n_new} seeds, {new['parallel']} at a time, {new['date']}); "
+                     f"{source_line(new)}")
+        for o, n in zip(old["matryoshka"]["rows"], new["matryoshka"]["rows"]):
+            so, sn = o.get("ndcg_10_std", 0.0), n.get("ndcg_10_std", 0.0)
+            bound = 2 * math.sqrt(so**2 / n_old + sn**2 / n_new)
+            diff = n["ndcg_10"] - o["ndcg_10"]
+            ok = abs(diff) <= bound
+            held += ok
+            total += 1
+            rows.append([label, str(o["size"]), f"{f4(o['ndcg_10'])} ± {f4(so)}", f"{f4(n['ndcg_10'])} ± {f4(sn)}",
+                         f"{diff:+.4f}", f"{bound:.4f}", "yes" if ok else "no"])
+        alone = load(old_alone_file) if old_alone_file else old
+        before = [r["wall_s"] for r in _one_run_seeds(alone)] or [alone["cost"]["matryoshka_wall_s"]]
+        after = [r["wall_s"] for r in _one_run_seeds(new)] or [new["cost"]["matryoshka_wall_s"]]
+        epochs_before = [r["epochs"] for r in _one_run_seeds(alone)]
+        epochs_after = [r["epochs"] for r in _one_run_seeds(new)]
+        walls.append(f"{label}: {seconds(sum(before) / len(before))} before"
+                     + (f" ({'/'.join(map(str, epochs_before))} epochs" + (f", `{old_alone_file}`, alone" if old_alone_file else "") + ")"
+                        if epochs_before else "")
+                     + f", {seconds(sum(after) / len(after))} after ({'/'.join(map(str, epochs_after))} epochs), "
+                     f"{ratio(sum(before) / len(before) / (sum(after) / len(after)))}")
+    lines.append("")
+    lines += table(["data", "size", "NDCG@10 before", "NDCG@10 after", "after − before", "2 × its standard error",
+                    "within"], "lrrrrrl", rows)
+    lines += ["", f"- Metrics held (the difference of the seed means within twice its standard error): {held} of {total}.",
+              "- Wall time of the one run, mean per seed (training with early stopping, validation every epoch, "
+              "the test, the per-size results): " + "; ".join(walls) + "."]
+    return lines
+
+
 BLOCKS: dict[str, Callable[[], list[str]]] = {
     "machines": block_machines,
     "accuracy-ml-1m": block_accuracy_ml1m,
@@ -1169,6 +1218,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "nested-linear": block_nested_linear,
     "train-step": block_train_step,
     "train-speed": block_train_speed,
+    "speed-metrics": block_speed_metrics,
     "cold-start": block_cold_start,
     "cold-start-sports": lambda: block_cold_start("cold_start_sports.json"),
     "loss-sports": lambda: block_loss("loss_sports.json"),

@@ -128,11 +128,27 @@ def pool_bags(tables: nn.Module, bags: dict[str, tuple[torch.Tensor, torch.Tenso
     return {name: pooled[name] for name in names}
 
 
+def bags_of_rows(values: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bags of items ``rows`` (in that order) of bags in CSR form ``(values, offsets)``, in CSR form."""
+    lengths = (offsets[1:] - offsets[:-1])[rows]
+    new_offsets = torch.zeros(len(rows) + 1, dtype=offsets.dtype, device=offsets.device)
+    torch.cumsum(lengths, 0, out=new_offsets[1:])
+    # each kept value's position: its bag's start in the old values plus its place in the bag
+    within = torch.arange(int(new_offsets[-1]), device=values.device) - new_offsets[:-1].repeat_interleave(lengths)
+    return values[offsets[rows].repeat_interleave(lengths) + within], new_offsets
+
+
 def all_id_vectors(table: nn.Module, rows: int, device: torch.device) -> torch.Tensor:
     """Every one of the ``rows`` rows of the ID table, looked up through the collection (so gradients
     flow as in training, and a collection whose rows are spread over processes answers too)."""
     if isinstance(table, PlainIdTable):
         return table.embeddings[ID_TABLE].weight
-    ids = torch.arange(rows, device=device)
+    return id_vectors(table, torch.arange(rows, device=device))
+
+
+def id_vectors(table: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The rows ``ids`` of the ID table, looked up as :func:`all_id_vectors` looks up all of them."""
+    if isinstance(table, PlainIdTable):
+        return table.embeddings[ID_TABLE](ids)
     kjt = _torchrec.KeyedJaggedTensor.from_lengths_sync(keys=[ID_FEATURE], values=ids, lengths=torch.ones_like(ids))
     return table(kjt)[ID_FEATURE].values()

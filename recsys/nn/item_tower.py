@@ -29,7 +29,16 @@ import torch
 from torch import nn
 
 from recsys.item_features import CategoricalBag, ItemFeatures
-from recsys.nn.embedding_tables import ID_TABLE, all_id_vectors, bag_table_name, bag_tables, id_table, pool_bags
+from recsys.nn.embedding_tables import (
+    ID_TABLE,
+    all_id_vectors,
+    bag_table_name,
+    bag_tables,
+    bags_of_rows,
+    id_table,
+    id_vectors,
+    pool_bags,
+)
 from recsys.nn.nested import NestedLayerNorm, NestedModule, PrefixProjection, check_sizes, shrink_parameter_
 
 __all__ = ["ItemTower", "FixedItemMatrix"]
@@ -88,22 +97,29 @@ class ItemTower(NestedModule):
         row_is_item[0] = 0.0
         self.register_buffer("row_is_item", row_is_item, persistent=False)
 
-    def forward(self) -> torch.Tensor:
-        rows = self.num_items + 1
-        z = torch.zeros(rows, self.width, device=self.row_is_item.device)
+    def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``Z``, or with ``rows`` (item indices) only those rows of it, in that order: each row is
+        computed from its item's features alone, so ``tower(rows)`` equals ``tower()[rows]``, at the
+        cost of those rows (a sampled loss needs a few thousand of a large catalogue's)."""
+        count = self.num_items + 1 if rows is None else len(rows)
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        z = torch.zeros(count, self.width, device=self.row_is_item.device)
         for name, projection in self.projections.items():
-            x = getattr(self, f"dense_{name}")
-            z = z + projection(x) * getattr(self, f"dense_mask_{name}").unsqueeze(-1)
+            x = pick(getattr(self, f"dense_{name}"))
+            z = z + projection(x) * pick(getattr(self, f"dense_mask_{name}")).unsqueeze(-1)
         if self.bag_names:
             bags = {n: (getattr(self, f"bag_values_{n}"), getattr(self, f"bag_offsets_{n}")) for n in self.bag_names}
+            if rows is not None:
+                bags = {n: bags_of_rows(values, offsets, rows) for n, (values, offsets) in bags.items()}
             for pooled in pool_bags(self.bags, bags).values():
                 z = z + pooled
         if self.use_id_embedding:
-            keep = self.in_training
+            keep = pick(self.in_training)
             if self.training and self.id_dropout > 0:
                 keep = keep * (torch.rand_like(keep) >= self.id_dropout)
-            z = z + all_id_vectors(self.ids, rows, z.device) * keep.unsqueeze(-1)
-        return self.norm(z) * self.row_is_item.unsqueeze(-1)
+            ids = all_id_vectors(self.ids, count, z.device) if rows is None else id_vectors(self.ids, rows)
+            z = z + ids * keep.unsqueeze(-1)
+        return self.norm(z) * pick(self.row_is_item).unsqueeze(-1)
 
     @staticmethod
     def features_from_state_dict(state: dict[str, torch.Tensor], prefix: str = "") -> ItemFeatures:
