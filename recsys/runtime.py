@@ -1,7 +1,7 @@
 """Process settings that make the same code fast on this machine: the allocator and the precision.
 
 Both are picked at run time from what the machine is, and both are measured
-(bench/results/train_step.json, docs/results.md "Training speed"):
+(bench/results/train_speed.json, docs/results.md "Training speed"):
 
 - :func:`reuse_freed_memory`: glibc hands every allocation above 128 KiB-32 MiB back to the
   kernel when it is freed, so each new activation of a training step (tens of MB) is a fresh

@@ -2,7 +2,7 @@
 
 ``torch.nn.Dropout`` on CPU draws its mask with ``bernoulli_``, one random float per element, and
 on two cores that is 25-30x the time of a multiply over the same tensor: on MovieLens-1M at length
-200 it was a third of the LRU encoder's forward (bench/results/train_step.json). Here every 64-bit
+200 it took a third of the LRU encoder's forward (torch.profiler, bfloat16). Here every 64-bit
 draw of the generator gives the bits of four elements: an element is kept when its 16 bits, read
 as an integer in ``[0, 65536)``, are at least ``round(p * 65536)``. So the dropout probability is
 ``p`` rounded to a multiple of 1/65536 (0.2 becomes 0.1999969...), and the kept values are scaled

@@ -40,6 +40,8 @@ BLOCK_ELEMENTS = 1 << 26
 #: columns per group of the top-k shortlist (:func:`_shortlist`), used from ``SHORTLIST_FROM * (k + 1)`` groups
 GROUP = 32
 SHORTLIST_FROM = 4
+#: the widest block: more queries than ``BLOCK_ELEMENTS // WIDE_BLOCK`` are searched that many at a time
+WIDE_BLOCK = 1 << 15
 
 
 def _as_tensor(name: str, array: Any) -> torch.Tensor:
@@ -116,10 +118,23 @@ def torch_topk(
     q = q.float()
     z = z.to(device=q.device, dtype=torch.float32)
     b, n, device = q.shape[0], z.shape[0], q.device
+    checked = None if exclude is None else check_exclude(exclude, b, n)
+    chunk = b if block_rows is not None else max(1, BLOCK_ELEMENTS // min(n, WIDE_BLOCK))
+    if b > chunk:  # a few queries at a time, so that each block of scores is wide and stays small
+        parts = [_blocked_topk(q[i : i + chunk], z, k, None, None if checked is None else checked[i : i + chunk])
+                 for i in range(0, b, chunk)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return _blocked_topk(q, z, k, block_rows, checked)
+
+
+def _blocked_topk(
+    q: torch.Tensor, z: torch.Tensor, k: int, block_rows: int | None, checked: Sequence[np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`torch_topk` of checked inputs, its queries all at once."""
+    b, n, device = q.shape[0], z.shape[0], q.device
     block_rows = max(1, BLOCK_ELEMENTS // max(1, b) if block_rows is None else block_rows)
     masked_query = masked_row = None
-    if exclude is not None:
-        checked = check_exclude(exclude, b, n)
+    if checked is not None:
         masked_query = torch.from_numpy(np.repeat(np.arange(b), [len(e) for e in checked])).to(device)
         masked_row = torch.from_numpy(np.concatenate([np.empty(0, np.int64), *checked])).to(device)
     best_scores = torch.full((b, k), -torch.inf, device=device)

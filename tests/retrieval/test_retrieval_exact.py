@@ -116,3 +116,22 @@ def test_group_shortlist_is_exact_with_ties_exclusion_and_a_ragged_tail(monkeypa
             want_scores, want_rows = _full_topk(queries, items, k, ex)
             np.testing.assert_array_equal(rows, want_rows)
             np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_queries_searched_a_few_at_a_time_give_the_same_rows(monkeypatch):
+    """More queries than one block holds at its widest are searched in chunks: same result, exclusions
+    kept with their own queries."""
+    import serving.retrieval.exact as exact
+
+    rng = np.random.default_rng(3)
+    items = (np.round(rng.standard_normal((500, 4)) * 2) / 2).astype(np.float32)
+    queries = (np.round(rng.standard_normal((37, 4)) * 2) / 2).astype(np.float32)
+    exclude = [rng.integers(0, 500, int(rng.integers(0, 200))) for _ in range(len(queries))]
+    whole = torch_topk(queries, items, 9, exclude=exclude)
+    monkeypatch.setattr(exact, "BLOCK_ELEMENTS", 500 * 5)  # 5 queries at a time
+    monkeypatch.setattr(exact, "WIDE_BLOCK", 500)
+    chunked = torch_topk(queries, items, 9, exclude=exclude)
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    want = _full_topk(queries, items, 9, exclude)
+    np.testing.assert_array_equal(chunked[1], want[1])
