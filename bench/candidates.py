@@ -38,12 +38,15 @@ machine); ``--items 100000 --sizes 32,256 --users 1000`` gives a quick look.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -207,6 +210,35 @@ def bench_catalogue(num_items: int, num_users: int, rate: float, args, work: Pat
     return rows
 
 
+def run_baseline(rev: str) -> dict:
+    """This benchmark as commit ``rev`` had it, over that commit's packages, with this run's
+    arguments (less ``--baseline`` and ``--out``), in a process of its own; returns its JSON with
+    the commit."""
+    root = Path(__file__).resolve().parents[1]
+    short = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], capture_output=True, text=True)
+    if short.returncode:
+        sys.exit(f"--baseline {rev}: not a commit of this repository ({short.stderr.strip()})")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--baseline", "--out"):
+            skip = True
+        elif not arg.startswith(("--baseline=", "--out=")):
+            argv.append(arg)
+    with tempfile.TemporaryDirectory(prefix="bench-candidates-baseline-") as tmp:
+        archive = Path(tmp) / "baseline.tar"
+        subprocess.run(["git", "-C", str(root), "archive", "-o", str(archive), short.stdout.strip(), "recsys", "serving", "bench"],
+                       check=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        out = Path(tmp) / "baseline.json"
+        logger.info("baseline: commit %s, %s", short.stdout.strip(), " ".join(argv))
+        subprocess.run([sys.executable, str(Path(tmp) / "bench" / "candidates.py"), *argv, "--out", str(out)], check=True,
+                       cwd=tmp, env={**os.environ, "PYTHONPATH": tmp})
+        return {"commit": short.stdout.strip(), **json.loads(out.read_text())}
+
+
 def machine_info() -> dict:
     return {
         "cpu": cpu_model(),
@@ -253,6 +285,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--users-per-part", type=int, default=1000, help="so that the job writes several parts (its writer thread overlaps them)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "candidates.json"))
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="first run the same benchmark with the packages (recsys, serving, bench) of commit REV, "
+                             "in a process of its own; its rows go into this run's JSON as `baseline`")
     args = parser.parse_args()
     args.items = [int(x) for x in args.items.split(",")]
     args.sizes = [int(x) for x in args.sizes.split(",")]
@@ -267,6 +302,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("serving").setLevel(logging.WARNING)
 
+    baseline = run_baseline(args.baseline) if args.baseline else None
     rate = matmul_gflops(device=args.device)  # the floor is the device's: on a GPU its float32 rate
     logger.info("float32 matmul on %s: %.1f GFLOP/s", args.device, rate)
     rows = []
@@ -296,6 +332,8 @@ def main() -> None:
         "random user vectors",
         "rows": rows,
     }
+    if baseline is not None:
+        result["baseline"] = baseline
     out = write_json_atomically(args.out, result, indent=2)
     print(f"wrote {out}")
 

@@ -147,3 +147,19 @@ def test_sampled_loss_on_the_step_rows_equals_the_loss_on_the_whole_item_matrix(
             assert got is None or not got.any()
         else:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_adamw_still_clips_gradients_by_norm_and_by_value(datamodule):
+    """The model's optimizer is the fused AdamW, which Lightning will not clip under mixed
+    precision; the model clips its parameters itself, as Lightning would."""
+    model = MatryoshkaRecommender(item_features=datamodule.item_features, sizes=SIZES, max_len=datamodule.max_len)
+    optimizer = model.optimizer()
+    assert optimizer.defaults["fused"] is True
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for algorithm, check in (("norm", lambda: torch.nn.utils.get_total_norm([p.grad for p in params]) <= 1.0 + 1e-4),
+                             ("value", lambda: max(p.grad.abs().max() for p in params) <= 0.5)):
+        for p in params:
+            p.grad = torch.full_like(p, 3.0)
+        model.configure_gradient_clipping(optimizer, 1.0 if algorithm == "norm" else 0.5, algorithm)
+        assert check(), algorithm
+    model.configure_gradient_clipping(optimizer, None, None)  # no clipping asked: nothing happens

@@ -641,9 +641,11 @@ def block_candidates() -> list[str]:
     met = [r for r in d["rows"] if r["fraction_of_floor"] >= goal]
     best = max(d["rows"], key=lambda r: r["fraction_of_floor"])
     torch_wins = sum(r["faster_exact_retriever"] == "torch_exact" for r in d["rows"])
+    command = ("python bench/candidates.py " + " ".join(d["argv"]) if "argv" in d else
+               f"python bench/candidates.py --users {sub['below_10^6_items']} --users-large {sub['10^6_items_or_more']} "
+               f"--search-queries {d['search_queries']} --repeats {d['repeats']}")
     lines = [
-        f"`python bench/candidates.py --users {sub['below_10^6_items']} --users-large {sub['10^6_items_or_more']} "
-        f"--search-queries {d['search_queries']} --repeats {d['repeats']}` → "
+        f"`{command}` → "
         f"`bench/results/candidates.json`, on {d['device']}: top-{d['k']} per user, batches of {d['batch_size']:,}, "
         f"parts of {d['users_per_part']:,} users; {d['note']}. "
         + measured_on(platform_machine(m), m.get("torch_threads"), m.get("load_average"), "1 / 5 / 15 minutes, at the start")
@@ -661,6 +663,24 @@ def block_candidates() -> list[str]:
         "(extra flops the floor does not count, and at 10^5 items as many as the search's) and the job's fixed costs. "
         f"Torch exact search alone is faster than faiss flat in {torch_wins} of {len(d['rows'])} rows on this device.",
     ]
+    if "baseline" in d:
+        b = d["baseline"]
+        old_rows = {(r["num_items"], r["size"]): r for r in b["rows"]}
+        pairs = [(old_rows[(r["num_items"], r["size"])], r) for r in d["rows"] if (r["num_items"], r["size"]) in old_rows]
+        lines += [
+            "",
+            f"Against commit `{b['commit']}` (its packages and its own benchmark, the same arguments, run first in a "
+            f"process of its own; load average {load_avg(b['machine']['load_average'])} at its start, "
+            f"matrix-product rate {b['matmul_gflops']:.1f} GFLOP/s):",
+            "",
+        ]
+        lines += table(["items", "size", "users/s before / after", "speed-up", "job of floor before / after",
+                        "encode s before / after", "search s before / after"], "rrrrrrr",
+                       [[power_of_ten(n["num_items"]), str(n["size"]), f"{o['users_per_s']:,.0f} / {n['users_per_s']:,.0f}",
+                         ratio(n["users_per_s"] / o["users_per_s"]),
+                         f"{percent(o['fraction_of_floor'])} / {percent(n['fraction_of_floor'])}",
+                         f"{o['encode_s']:.2f} / {n['encode_s']:.2f}", f"{o['search_s']:.2f} / {n['search_s']:.2f}"]
+                        for o, n in pairs])
     return lines
 
 
