@@ -46,3 +46,20 @@ def test_a_recommender_with_sasrec_says_it_cuts_to_its_full_width_only(encoder):
     torch.testing.assert_close(cut_to_size(net, SIZES[-1]).user_vectors(ids), net.user_vectors(ids))
     with pytest.raises(ValueError, match=rf"can be cut to sizes \[{SIZES[-1]}\] only, not {SIZES[0]}"):
         cut_to_size(net, SIZES[0])
+
+
+def test_attention_written_out_for_cpu_dropout_equals_the_fused_attention(monkeypatch):
+    """In training on CPU the attention with dropout is written out (our dropout mask); with the
+    mask taken away it is exactly the fused attention, padding and causality included."""
+    import recsys.nn.sasrec as sasrec
+
+    torch.manual_seed(0)
+    attention = sasrec.CausalSelfAttention(16, 2, dropout=0.3)
+    x = torch.randn(3, 9, 16)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, :4] = False
+    mask[1, :8] = False
+    fused = attention.eval()(x, mask)
+    monkeypatch.setattr(sasrec, "dropout", lambda t, p, training=True: t)
+    written_out = attention.train()(x, mask)
+    torch.testing.assert_close(written_out, fused, rtol=1e-5, atol=1e-6)

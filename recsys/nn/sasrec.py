@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.nn.dropout import Dropout
+from recsys.nn.dropout import Dropout, dropout
 from recsys.nn.grid import StackedBlocks
 from recsys.nn.nested import check_sizes
 
@@ -46,9 +46,15 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, width // self.n_heads).permute(2, 0, 3, 1, 4)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         allowed = (causal & mask[:, None, :]) | torch.eye(length, dtype=torch.bool, device=x.device)
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.training and self.dropout > 0 and x.device.type == "cpu":
+            # PyTorch's fused CPU attention takes no dropout, and its fallback draws the attention
+            # dropout with bernoulli_: the same product written out, with our cheaper mask
+            scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).masked_fill_(~allowed[:, None], -torch.inf)
+            attended = dropout(torch.softmax(scores, dim=-1), self.dropout) @ v
+        else:
+            attended = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out(attended.transpose(1, 2).reshape(batch, length, width))
 
 
