@@ -119,8 +119,8 @@ def torch_topk(
     z = z.to(device=q.device, dtype=torch.float32)
     b, n, device = q.shape[0], z.shape[0], q.device
     checked = None if exclude is None else check_exclude(exclude, b, n)
-    chunk = b if block_rows is not None else max(1, BLOCK_ELEMENTS // min(n, WIDE_BLOCK))
-    if b > chunk:  # a few queries at a time, so that each block of scores is wide and stays small
+    chunk = b if block_rows is not None or device.type != "cpu" else max(1, BLOCK_ELEMENTS // min(n, WIDE_BLOCK))
+    if b > chunk:  # on CPU a few queries at a time, so that each block of scores is wide and stays small
         parts = [_blocked_topk(q[i : i + chunk], z, k, None, None if checked is None else checked[i : i + chunk])
                  for i in range(0, b, chunk)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
