@@ -29,10 +29,18 @@ end and before each encoder), the conservative figure on a shared machine, which
     python bench/train_step.py --data sports=data/sports --encoders lru --steps 4 --out lru_sports.json
     python bench/train_step.py --data ml-1m=data/ml-1m --device cuda --precision bf16 --out bf16.json
 
-On a GPU (``--device cuda``) the batches are moved there before their steps, every phase ends
-with a synchronisation, and ``--precision`` picks the arithmetic: ``fp32`` (float32 products,
-no TF32), ``tf32`` (float32 products on TF32 tensor cores) or ``bf16`` (the forward under bf16
-autocast, parameters and optimizer in float32); the floor's rate is measured at that precision.
+``--precision`` picks the arithmetic: ``fp32`` (float32 products, no TF32), ``tf32`` (float32
+products on TF32 tensor cores, GPU) or ``bf16`` (the forward under bf16 autocast, parameters and
+optimizer in float32); the floor's rate is measured at that precision. The default, ``auto``, is
+what ``python -m recsys.train`` of the measured package picks on this machine. On a GPU
+(``--device cuda``) the batches are moved there before their steps and every phase ends with a
+synchronisation. The step's loss is each config's own (``--loss`` overrides it).
+
+``--baseline REV`` (bench/README.md §6) times the package of commit REV beside this checkout's,
+each in a process of its own as it trains by default, and writes both with their ratios:
+
+    python bench/train_step.py --data sports=data/sports ml-1m=data/ml-1m --encoders lru sasrec --steps 8 \
+        --steps-for ml-1m:lru=5 ml-1m:sasrec=5 --batchings length --baseline 2fd92c9 --out bench/results/train_speed.json
 ``initial_loss`` (the loss of the first batch before any update, the same weights at every
 precision) shows how far a precision moves the numbers.
 
