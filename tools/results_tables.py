@@ -1176,9 +1176,12 @@ def block_train_speed() -> list[str]:
 
 
 # issue 30: the one run's test metrics and wall time before and after (baseline float32, now bf16-mixed)
+# (data, before, its commit where run for this, after, the commit the after runs trained at, a before
+# run alone for its wall time: the earlier runs shared the cores two at a time)
 SPEED_METRICS = (
-    ("Last.fm", "accuracy_lastfm-2fd92c9.json", "accuracy_lastfm-bf16.json", None),
-    ("MovieLens-1M, reduced", "accuracy_ml-1m-cpu.json", "accuracy_ml-1m-cpu-bf16.json", "accuracy_ml-1m-cpu-2fd92c9.json"),
+    ("Last.fm", "accuracy_lastfm-2fd92c9.json", "2fd92c9", "accuracy_lastfm-bf16.json", "6c1277e", None),
+    ("MovieLens-1M, reduced", "accuracy_ml-1m-cpu.json", None, "accuracy_ml-1m-cpu-bf16.json", "bccc252",
+     "accuracy_ml-1m-cpu-2fd92c9.json"),
 )
 
 
@@ -1190,12 +1193,16 @@ def block_speed_metrics() -> list[str]:
     lines: list[str] = []
     rows, held, total = [], 0, 0
     walls = []
-    for label, old_file, new_file, old_alone_file in SPEED_METRICS:
+    for label, old_file, old_commit, new_file, commit, old_alone_file in SPEED_METRICS:
         old, new = load(old_file), load(new_file)
         n_old, n_new = len(old.get("seeds", [0])), len(new.get("seeds", [0]))
-        lines.append(f"- {label}: before `{old_file}` ({n_old} seeds, {old['parallel']} run(s) at a time, "
-                     f"{old['date']}), after `{new_file}` ({n_new} seeds, {new['parallel']} at a time, {new['date']}); "
-                     f"{source_line(new)}")
+        at = f" (the package of commit `{old_commit}`)" if old_commit else ""
+        lines.append(f"- {label}, before{at}: {source_line(old)} {n_old} seeds, {old['parallel']} run(s) at a time.")
+        lines.append(f"- {label}, after (the package of commit `{commit}`): {source_line(new)} {n_new} seeds, "
+                     f"{new['parallel']} run(s) at a time.")
+        if old_alone_file:
+            alone = load(old_alone_file)
+            lines.append(f"- {label}, before, alone for its wall time (the package of commit `2fd92c9`): {source_line(alone)}")
         for o, n in zip(old["matryoshka"]["rows"], new["matryoshka"]["rows"]):
             so, sn = o.get("ndcg_10_std", 0.0), n.get("ndcg_10_std", 0.0)
             bound = 2 * math.sqrt(so**2 / n_old + sn**2 / n_new)
@@ -1211,7 +1218,7 @@ def block_speed_metrics() -> list[str]:
         epochs_before = [r["epochs"] for r in _one_run_seeds(alone)]
         epochs_after = [r["epochs"] for r in _one_run_seeds(new)]
         walls.append(f"{label}: {seconds(sum(before) / len(before))} before"
-                     + (f" ({'/'.join(map(str, epochs_before))} epochs" + (f", `{old_alone_file}`, alone" if old_alone_file else "") + ")"
+                     + (f" ({'/'.join(map(str, epochs_before))} epochs" + (", the run alone" if old_alone_file else "") + ")"
                         if epochs_before else "")
                      + f", {seconds(sum(after) / len(after))} after ({'/'.join(map(str, epochs_after))} epochs), "
                      f"{ratio(sum(before) / len(before) / (sum(after) / len(after)))}")
