@@ -359,28 +359,39 @@ def test_a_non_finite_loss_stops_training_with_one_clear_error():
 
 
 def test_non_finite_gradients_stop_training_before_the_step(synthetic_prepared, tmp_path):
-    """A finite loss with NaN gradients: one NaN item row that the sampled loss never draws (a
-    cold item) still poisons the projection's gradient. Training stops before that step, so no
-    checkpoint of NaN weights is ever written (before, it trained a step, validated the NaN
-    weights, saved them as the best checkpoint, and only failed one step later)."""
+    """A finite loss with NaN gradients (a backward poisoned further up, here by a hook on the text
+    projection) stops training before that step, so no checkpoint of NaN weights is ever written.
+    And a NaN item row that the sampled loss never uses (a cold item: its step computes only the rows
+    it uses) leaves training finite, but the first validation finds the item vector and stops,
+    before any checkpoint too."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from recsys.data import SequenceDataModule
     from recsys.model import DivergedError
 
+    def fit(model, directory):
+        checkpoints = ModelCheckpoint(dirpath=directory, monitor="val/monitor", mode="max", save_last=True)
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, callbacks=[checkpoints],
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=dm)
+
     dm = SequenceDataModule(data_dir=str(synthetic_prepared), max_len=10, batch_size=32)
+    model = MatryoshkaRecommender(item_features=dm.item_features, item_counts=dm.item_counts, sizes=[8, 16], max_len=10,
+                                  loss="sampled", negatives=16)
+    model.net.items.projections["text"].weight.register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(DivergedError, match=r"^the gradients are not finite at epoch 0, step 0 \(in net\.items\..*training stopped$"):
+        fit(model, tmp_path / "hook")
+    assert not (tmp_path / "hook").exists() or list((tmp_path / "hook").iterdir()) == []
+
     features = dm.item_features
     cold = int(torch.nonzero(~features.in_training)[1])  # [0] is the padding row
     features.dense["text"][cold, 0] = float("nan")  # after the checks of load_prepared, as a diverged tower would
     model = MatryoshkaRecommender(item_features=features, item_counts=dm.item_counts, sizes=[8, 16], max_len=10,
                                   loss="sampled", negatives=16)
-    checkpoints = ModelCheckpoint(dirpath=tmp_path, monitor="val/monitor", mode="max", save_last=True)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, callbacks=[checkpoints], enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
-    with pytest.raises(DivergedError, match=r"^the gradients are not finite at epoch 0, step 0 \(in net\.items\..*training stopped$"):
-        trainer.fit(model, datamodule=dm)
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DivergedError, match=r"^1 of \d+ item vectors are not finite in validation at epoch 0"):
+        fit(model, tmp_path / "cold")
+    assert not (tmp_path / "cold").exists() or list((tmp_path / "cold").iterdir()) == []
 
 
 def test_a_diverging_run_stops_with_one_line_no_checkpoint_and_a_failed_mlflow_run(tmp_path, capsys):
