@@ -40,7 +40,8 @@ BLOCK_ELEMENTS = 1 << 26
 #: columns per group of the top-k shortlist (:func:`_shortlist`), used from ``SHORTLIST_FROM * (k + 1)`` groups
 GROUP = 32
 SHORTLIST_FROM = 4
-#: the widest block: more queries than ``BLOCK_ELEMENTS // WIDE_BLOCK`` are searched that many at a time
+#: the widest block: more queries than ``BLOCK_ELEMENTS // WIDE_BLOCK`` (2,048 from 32,768 items on) are searched
+#: that many at a time, so that blocks stay wide enough to shortlist (smaller blocks measured slower)
 WIDE_BLOCK = 1 << 15
 
 
@@ -120,7 +121,7 @@ def torch_topk(
     b, n, device = q.shape[0], z.shape[0], q.device
     checked = None if exclude is None else check_exclude(exclude, b, n)
     chunk = b if block_rows is not None or device.type != "cpu" else max(1, BLOCK_ELEMENTS // min(n, WIDE_BLOCK))
-    if b > chunk:  # on CPU a few queries at a time, so that each block of scores is wide and stays small
+    if b > chunk:  # on CPU many queries go a chunk at a time, so that each block stays wide enough to shortlist
         parts = [_blocked_topk(q[i : i + chunk], z, k, None, None if checked is None else checked[i : i + chunk])
                  for i in range(0, b, chunk)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
