@@ -1143,7 +1143,7 @@ def block_train_speed() -> list[str]:
         m = d["machine"]
         lines.append(
             f"`{d['command']}` → `bench/results/{file}`: {d['arms']}; the baseline is commit `{d['baseline']}`; "
-            f"{d['floor']}. " + measured_on(platform_machine(m), m.get("threads"),
+            f"{d['floor']}; the table's fractions are at the highest rate. " + measured_on(platform_machine(m), m.get("threads"),
                                              [d["load_average_start"][0], d["load_average_end"][0]], "1 minute, at start / end"))
         lines.append("")
         for name, data in d["datasets"].items():
@@ -1151,7 +1151,8 @@ def block_train_speed() -> list[str]:
             for encoder, r in data["encoders"].items():
                 old, new = r["baseline"]["length"], r["current"]["length"]
                 speedup = r["speedup"]["length"]
-                floors.append(new["floor_fraction"])
+                # at the highest product rate its process measured: the conservative figure on a shared machine
+                floors.append(new["floor_fraction_at_highest_rate"])
                 label = f"{TRAIN_NAMES.get(name, name)}, {TRAIN_NAMES.get(encoder, encoder)}"
                 if speedup < SPEED_GOAL:
                     misses.append(f"{label}, {loss} softmax ({ratio(speedup)})")
@@ -1160,7 +1161,7 @@ def block_train_speed() -> list[str]:
                     f"{r['baseline']['precision']} / {r['current']['precision']}",
                     f"{old['mean_step_s']:.3f} / {new['mean_step_s']:.3f}",
                     f"{old['real_positions_per_s']:,.0f} / {new['real_positions_per_s']:,.0f}", ratio(speedup),
-                    f"{percent(old['floor_fraction'])} / {percent(new['floor_fraction'])}",
+                    f"{percent(old['floor_fraction_at_highest_rate'])} / {percent(new['floor_fraction_at_highest_rate'])}",
                     f"{seconds(old['epoch_s_extrapolated'])} / {seconds(new['epoch_s_extrapolated'])}",
                     f"{r['baseline']['initial_loss']:.3f} / {r['current']['initial_loss']:.3f}",
                 ])
