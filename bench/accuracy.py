@@ -170,6 +170,13 @@ class Runs:
 RUN_KEYS = ("wall_s", "peak_rss_mb", "best_val", "epochs")
 
 
+def _in_workdir(path: str | None, workdir: Path) -> str | None:
+    """A run's checkpoint as the report names it: relative to the work directory (no machine path)."""
+    if path is None:
+        return None
+    return str(Path(path).relative_to(workdir)) if Path(path).is_relative_to(workdir) else Path(path).name
+
+
 def over_seeds(seeded: list[dict]) -> dict:
     """One run's result averaged over its seeds: every metric of every row, the run keys; the
     standard deviation of NDCG@10 and Recall@10 over seeds beside their means (0 for one seed)."""
@@ -385,7 +392,8 @@ def main() -> None:
         {"size": s, "metric": "ndcg_10", **one_run_vs_alone(runs, sizes, s, args.seeds, args.resamples).to_dict()}
         for s in separate_sizes
     ]
-    report["per_seed"] = {key: {k: v for k, v in one.items() if k != "test_ranks"} for key, one in results.items()}
+    report["per_seed"] = {key: {k: _in_workdir(v, workdir) if k == "best" else v for k, v in one.items() if k != "test_ranks"}
+                          for key, one in results.items()}
 
     import torch
 

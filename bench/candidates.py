@@ -236,7 +236,7 @@ def run_baseline(rev: str) -> dict:
         logger.info("baseline: commit %s, %s", short.stdout.strip(), " ".join(argv))
         subprocess.run([sys.executable, str(Path(tmp) / "bench" / "candidates.py"), *argv, "--out", str(out)], check=True,
                        cwd=tmp, env={**os.environ, "PYTHONPATH": tmp})
-        return {"commit": short.stdout.strip(), **json.loads(out.read_text())}
+        return {"commit": short.stdout.strip(), **json.loads(out.read_text()), "argv": argv}  # its --out was temporary
 
 
 def machine_info() -> dict:

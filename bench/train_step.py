@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "device": args.device,
         "precision": args.precision,
-        "package": str(Path(sys.modules["recsys"].__file__).parent.parent),
+        "package": "this checkout" if Path(args.package).resolve() == ROOT else "an earlier commit's (--baseline)",
         "command": "python bench/train_step.py " + " ".join(
             [f"--data {' '.join(f'{k}=data/{k}' for k in data)}", f"--steps {args.steps}"]
             + ([f"--steps-for {' '.join(args.steps_for)}"] if args.steps_for else [])
