@@ -46,7 +46,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +63,8 @@ from serving.candidates import generate_candidates  # noqa: E402
 from serving.export import export_size  # noqa: E402
 from serving.sized_model import SizedRecommender  # noqa: E402
 from recsys.atomic import write_json_atomically  # noqa: E402
-from machine import cpu_model, matmul_gflops  # bench/machine.py (the script directory is on sys.path)
+from baseline import unpack_commit  # bench/baseline.py (the script directory is on sys.path)
+from machine import cpu_model, matmul_gflops  # bench/machine.py
 
 logger = logging.getLogger("bench.candidates")
 
@@ -214,10 +214,6 @@ def run_baseline(rev: str) -> dict:
     """This benchmark as commit ``rev`` had it, over that commit's packages, with this run's
     arguments (less ``--baseline`` and ``--out``), in a process of its own; returns its JSON with
     the commit."""
-    root = Path(__file__).resolve().parents[1]
-    short = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], capture_output=True, text=True)
-    if short.returncode:
-        sys.exit(f"--baseline {rev}: not a commit of this repository ({short.stderr.strip()})")
     argv, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -227,16 +223,12 @@ def run_baseline(rev: str) -> dict:
         elif not arg.startswith(("--baseline=", "--out=")):
             argv.append(arg)
     with tempfile.TemporaryDirectory(prefix="bench-candidates-baseline-") as tmp:
-        archive = Path(tmp) / "baseline.tar"
-        subprocess.run(["git", "-C", str(root), "archive", "-o", str(archive), short.stdout.strip(), "recsys", "serving", "bench"],
-                       check=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+        short = unpack_commit(rev, ["recsys", "serving", "bench"], Path(tmp))
         out = Path(tmp) / "baseline.json"
-        logger.info("baseline: commit %s, %s", short.stdout.strip(), " ".join(argv))
+        logger.info("baseline: commit %s, %s", short, " ".join(argv))
         subprocess.run([sys.executable, str(Path(tmp) / "bench" / "candidates.py"), *argv, "--out", str(out)], check=True,
                        cwd=tmp, env={**os.environ, "PYTHONPATH": tmp})
-        return {"commit": short.stdout.strip(), **json.loads(out.read_text()), "argv": argv}  # its --out was temporary
+        return {"commit": short, **json.loads(out.read_text()), "argv": argv}  # its --out was temporary
 
 
 def machine_info() -> dict:

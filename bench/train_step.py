@@ -58,7 +58,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +67,8 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from machine import cpu_model, matmul_gflops  # bench/machine.py (the script directory is on sys.path)
+from baseline import unpack_commit  # bench/baseline.py (the script directory is on sys.path)
+from machine import cpu_model, matmul_gflops  # bench/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 # the package measured: this checkout's, or with --package an earlier commit's (the baseline arm)
@@ -408,19 +408,11 @@ def compare(args: argparse.Namespace, data: dict[str, Path]) -> None:
     each as it trains by default (``--precision auto``: the baseline's float32, this checkout's
     bf16-mixed where the CPU has it, and its process settings, recsys/runtime.py); then the ratios
     of real positions per second, this checkout's over the baseline's."""
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True, text=True)
-    if rev.returncode:
-        sys.exit(f"--baseline {args.baseline}: not a commit of this repository ({rev.stderr.strip()})")
-    rev = rev.stdout.strip()
-    arms = {"baseline": None, "current": str(ROOT)}
     results: dict = {}
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp) / "baseline.tar"
-        subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), rev, "recsys"], check=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(Path(tmp) / "baseline", filter="data")
-        arms["baseline"] = str(Path(tmp) / "baseline")
+        rev = unpack_commit(args.baseline, ["recsys"], Path(tmp) / "baseline")
+        arms = {"baseline": str(Path(tmp) / "baseline"), "current": str(ROOT)}
         for name, directory in data.items():
             for encoder in args.encoders:
                 for arm, package in arms.items():

@@ -34,7 +34,11 @@ def _check_p(p: float) -> float:
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Each element zeroed with probability ``p`` (to 1/65536), the rest scaled by ``1 / (1 - p)``."""
-    p = _check_p(p)
+    return _dropout(x, _check_p(p), training)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """:func:`dropout` with ``p`` already checked (a module checks it once, when it is built)."""
     if not training or p == 0 or x.numel() == 0:
         return x
     if x.device.type != "cpu":
@@ -57,7 +61,7 @@ class Dropout(nn.Module):
         self.p = _check_p(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        return _dropout(x, self.p, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
