@@ -151,6 +151,7 @@ def check_options(
     triples: Any = None,
     use_id_embedding: bool = False,
     id_dropout: Any = 0.0,
+    learned_temperature: Any = False,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
     training CLI runs them before it reads any data. Returns the sizes, the monitored size,
@@ -185,8 +186,14 @@ def check_options(
         raise OptionError(f"{{id_dropout}} must be a probability in [0, 1), got {id_dropout!r}")
     if id_dropout > 0 and not use_id_embedding:
         raise OptionError(f"{{id_dropout}} {id_dropout} drops item-ID vectors, but {{use_id_embedding}} is false")
+    if not isinstance(learned_temperature, bool):
+        raise OptionError(f"{{learned_temperature}} must be true or false, got {learned_temperature!r}")
+    if learned_temperature and distill > 0:
+        raise OptionError("{learned_temperature} and {distill} do not combine: the distillation's teacher is unscaled")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
+    if trained is not None and learned_temperature:
+        raise OptionError("{learned_temperature} is per size; it is not available with a grid of triples")
     if trained is not None:
         if monitor_size not in (None, "mean"):
             raise OptionError(f"{{monitor_size}} {monitor_size}: with a grid of triples the monitor is their mean NDCG@10")
@@ -264,6 +271,12 @@ class MatryoshkaRecommender(L.LightningModule):
             alone must rank it too: what a cold-start item, which has no trained ID vector, gets.
         modalities: item features to use (default: all the dataset has).
         loss_weights: weight of each size in the loss (default: 1 each).
+        learned_temperature: every size learns its own softmax temperature, a positive factor on
+            its training logits (``logit_scale``, initially 1). The sizes share every other
+            weight, the prefixes of the item and user vectors included, and so the scale of the
+            first chunk's scores: without it, the smallest size cannot sharpen its softmax
+            without changing every larger size's scores. Training only: a factor on all scores
+            of a size changes no ranking, so metrics, exports and serving do not use it.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -330,11 +343,13 @@ class MatryoshkaRecommender(L.LightningModule):
         pairs: list[list[int]] | None = None,
         grid: Literal["diagonal", "full"] = "diagonal",
         triples: list[list[int]] | None = None,
+        learned_temperature: bool = False,
     ) -> None:
         super().__init__()
         self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(
             sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
             distill, distill_teacher, n_blocks, depths, pairs, grid, triples, use_id_embedding, id_dropout,
+            learned_temperature,
         )
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
         lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
@@ -355,6 +370,8 @@ class MatryoshkaRecommender(L.LightningModule):
             input_dropout=input_dropout,
             grid=self.trained_triples,
         )
+        # log of each size's logit factor (outside ``net``: exports never see it)
+        self.log_logit_scale = torch.nn.Parameter(torch.zeros(len(self.sizes))) if learned_temperature else None
         # with a grid, metrics rows are the triples (numbered 1..T, renamed by metric_name)
         rows = self.sizes if self.trained_triples is None else tuple(range(1, len(self.trained_triples) + 1))
         self.val_metrics = RankingMetrics(rows)
@@ -477,6 +494,9 @@ class MatryoshkaRecommender(L.LightningModule):
                 f"(per size: {[round(float(v), 4) for v in per_size]}): {DIVERGED_CAUSES}; training stopped"
             )
         self.log("train/loss", total, prog_bar=True, batch_size=n)
+        if self.log_logit_scale is not None:
+            for size, value in zip(self.sizes, self.log_logit_scale.detach().exp()):
+                self.log(f"train/logit_scale/d{size}", value, batch_size=n)
         for name, value in zip(names, per_size):
             self.log(f"train/ce/{name}", value, batch_size=n)
         if self.hparams.distill > 0:  # every size but the largest of its group learns from a teacher
@@ -494,7 +514,8 @@ class MatryoshkaRecommender(L.LightningModule):
         valid = step.targets > 0
         if self.trained_triples is None:
             states = self.net.sequence_states(step.input_ids, step.items)
-            loss = self._loss(states[valid], step, self.sizes, self.hparams.loss_weights)
+            scales = None if self.log_logit_scale is None else self.log_logit_scale.exp()
+            loss = self._loss(states[valid], step, self.sizes, self.hparams.loss_weights, scales)
             names = [f"d{size}" for size in self.sizes]
             total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
         else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
@@ -541,7 +562,7 @@ class MatryoshkaRecommender(L.LightningModule):
         input_ids, targets, drawn = (torch.searchsorted(rows, ids.contiguous()) for ids in (input_ids, targets, drawn))
         return StepInputs(items, input_ids, items, targets, drawn, log_q)
 
-    def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights):
+    def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights, logit_scales=None):
         """The configured Matryoshka loss of ``user`` vectors over the prefixes ``sizes``."""
         candidates = step.candidates[:, : sizes[-1]]
         targets = step.targets[step.targets > 0]
@@ -549,10 +570,10 @@ class MatryoshkaRecommender(L.LightningModule):
             return matryoshka_cross_entropy(
                 user, candidates, targets, sizes,
                 weights=weights, block_rows=self.hparams.loss_block_rows,
-                distill=self.hparams.distill, teacher=self.hparams.distill_teacher,
+                distill=self.hparams.distill, teacher=self.hparams.distill_teacher, logit_scales=logit_scales,
             )
         return sampled_matryoshka_cross_entropy(user, candidates, targets, sizes, step.negatives, log_q=step.log_q,
-                                                weights=weights)
+                                                weights=weights, logit_scales=logit_scales)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled

@@ -385,3 +385,60 @@ def test_autocast_takes_user_vectors_of_a_bfloat16_product_with_a_float32_item_m
     torch.testing.assert_close(sampled.per_size, same.per_size, rtol=1e-2, atol=0)
     with pytest.raises(ValueError, match="same dtype"):  # outside autocast a mix is still refused
         matryoshka_cross_entropy(user.bfloat16(), items, targets, sizes)
+
+
+@pytest.mark.parametrize(
+    "sizes, weights, block_rows",
+    [
+        ((2, 4, 8, 16), None, 28),
+        ((1, 3, 6, 10, 16), (1.0, 0.0, 3.0, 1.0, 0.5), 15),  # a zero weight: its scale gets no gradient
+        ((16,), None, 5),
+    ],
+)
+def test_logit_scales_equal_naive(sizes, weights, block_rows):
+    """Per-size logit scales (learned inverse temperatures): loss and the gradients of the user
+    vectors, the items and the scales themselves equal the naive loss's autograd."""
+    user, items, targets = _case(sizes=sizes)
+    scales = torch.linspace(0.5, 3.0, len(sizes), dtype=torch.float64)
+    results = []
+    for fn in (matryoshka_cross_entropy, naive_matryoshka_cross_entropy):
+        u, z, t = user.clone().requires_grad_(), items.clone().requires_grad_(), scales.clone().requires_grad_()
+        kw = {"block_rows": block_rows} if fn is matryoshka_cross_entropy else {}
+        out = fn(u, z, targets, sizes, weights=weights, logit_scales=t, **kw)
+        results.append((out.total, out.per_size, *torch.autograd.grad(out.total, (u, z, t))))
+    for flat, ref in zip(*results):
+        torch.testing.assert_close(flat, ref, rtol=0, atol=1e-10)
+    unscaled = naive_matryoshka_cross_entropy(user, items, targets, sizes, weights=weights)
+    assert not torch.allclose(results[1][1], unscaled.per_size)  # the scales do change the loss
+
+
+def test_logit_scales_of_one_change_nothing():
+    user, items, targets = _case()
+    sizes = (2, 4, 8, 16)
+    plain = matryoshka_cross_entropy(user, items, targets, sizes, block_rows=28)
+    ones = matryoshka_cross_entropy(user, items, targets, sizes, block_rows=28, logit_scales=torch.ones(4, dtype=user.dtype))
+    torch.testing.assert_close(plain.per_size, ones.per_size, rtol=0, atol=1e-12)
+
+
+def test_sampled_loss_with_logit_scales_is_the_full_one_over_every_item():
+    """With every item as a negative and no log-Q, the sampled loss is the full one, scales included."""
+    user, items, targets = _case(ignored=0)
+    sizes = (2, 4, 8, 16)
+    scales = torch.tensor([2.0, 1.5, 1.0, 0.5], dtype=user.dtype)
+    everything = torch.arange(1, items.shape[0])
+    sampled = sampled_matryoshka_cross_entropy(user, items, targets, sizes, everything, logit_scales=scales)
+    full = naive_matryoshka_cross_entropy(user, items, targets, sizes, logit_scales=scales)
+    torch.testing.assert_close(sampled.per_size, full.per_size, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("scales, match", [
+    (torch.ones(3), "shape"),
+    (torch.tensor([1.0, 0.0, 1.0, 1.0]), "positive"),
+    (torch.tensor([1.0, float("nan"), 1.0, 1.0]), "finite"),
+])
+def test_bad_logit_scales_are_refused(scales, match):
+    user, items, targets = _case(dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        matryoshka_cross_entropy(user, items, targets, (2, 4, 8, 16), logit_scales=scales)
+    with pytest.raises(ValueError, match="distill"):
+        matryoshka_cross_entropy(user, items, targets, (2, 4, 8, 16), logit_scales=torch.ones(4), distill=0.5)

@@ -151,6 +151,17 @@ def _check_distill(distill: float, teacher: str) -> float:
     return float(distill)
 
 
+def _check_logit_scales(logit_scales: Tensor | None, sizes: tuple[int, ...], distill: float) -> None:
+    if logit_scales is None:
+        return
+    if not isinstance(logit_scales, Tensor) or logit_scales.shape != (len(sizes),) or not logit_scales.is_floating_point():
+        raise ValueError(f"logit_scales must be a floating tensor of shape ({len(sizes)},), got {_describe(logit_scales)}")
+    if not bool(torch.isfinite(logit_scales).all() and (logit_scales > 0).all()):
+        raise ValueError(f"logit_scales must be finite and positive, got {logit_scales.detach().tolist()}")
+    if distill > 0:
+        raise ValueError("logit_scales and distill do not combine (the distillation's teacher is unscaled)")
+
+
 def _teacher_of(m: int, num_sizes: int, teacher: str) -> int:
     """The size whose softmax size ``m`` learns from: the largest, or the next larger one."""
     return num_sizes - 1 if teacher == "largest" else m + 1
@@ -178,8 +189,8 @@ def _autocast_inputs(user: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
 # -- the memory-flat loss -------------------------------------------------------------------------
 
 
-def _product_into(out: Tensor, a: Tensor, b: Tensor, add_to: Tensor | None = None) -> None:
-    """``out = add_to + a @ b`` (``out = a @ b`` without ``add_to``; ``add_to`` may be ``out``).
+def _product_into(out: Tensor, a: Tensor, b: Tensor, add_to: Tensor | None = None, beta: float = 1.0) -> None:
+    """``out = beta * add_to + a @ b`` (``out = a @ b`` without ``add_to``; ``add_to`` may be ``out``).
 
     The product runs in the inputs' dtype and lands in ``out``'s (the softmax precision). ``out``
     may be a strided view whose rows are contiguous, such as a column slice of a gradient: BLAS
@@ -189,15 +200,15 @@ def _product_into(out: Tensor, a: Tensor, b: Tensor, add_to: Tensor | None = Non
         if add_to is None:  # beta=0: out's old contents are ignored (torch.mm would copy a strided out)
             torch.addmm(out, a, b, beta=0.0, out=out)
         elif add_to is out:
-            out.addmm_(a, b)
+            out.addmm_(a, b, beta=beta)
         else:
-            torch.addmm(add_to, a, b, out=out)
+            torch.addmm(add_to, a, b, beta=beta, out=out)
     elif add_to is None:
         out.copy_(a @ b)
     elif add_to is out:  # in place: torch.add(out, ab, out=out) with mixed dtypes is 3-4x slower on CPU
-        out.add_(a @ b)
+        (out.mul_(beta) if beta != 1.0 else out).add_(a @ b)
     else:
-        out.copy_(a @ b).add_(add_to)
+        out.copy_(a @ b).add_(add_to, alpha=beta)
 
 
 def _blocked_forward(
@@ -210,10 +221,17 @@ def _blocked_forward(
     with_grads: bool,
     distill: float = 0.0,
     teacher: str = "largest",
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    logit_scales: tuple[float, ...] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Per-size cross-entropy and distillation sums over the valid rows and, if asked, the
     gradients of ``sum_m w_m * CE_m + distill * sum_{m < M-1} KL_m`` (means over valid rows)
     w.r.t. ``user`` and ``items``.
+
+    With ``logit_scales`` ``t_m`` (no distillation), size ``m``'s logits are ``t_m`` times its
+    prefix products: its softmax weight becomes ``t_m * c_m`` in ``S_c`` and ``Y_c``, and the
+    gradient of the total w.r.t. ``t_m`` is ``c_m * sum_rows (E_p[R_m] - R_m[target])`` with
+    ``R_m`` the unscaled logits, which is ``c_m / t_m * sum_rows (CE + sum_j p_j log p_j)``: one
+    more pass per size over the softmax (``sum p log p``), and nothing more.
 
     The gradient of chunk ``c``'s product is ``G_c = S_c - Y_c`` with the softmax part
     ``S_c = sum_{m >= c} (c_m + a_m) softmax_m - a_m softmax_{T(m)}`` (``c_m = w_m / n``, the
@@ -222,7 +240,7 @@ def _blocked_forward(
     ``S_c`` needs the softmaxes and is built block by block; ``Y_c`` touches only the targets' rows
     and is applied once at the end, outside the blocks.
 
-    Returns ``(ce_sums (M,), kl_sums (M,), d_user or None, d_items or None)``.
+    Returns ``(ce_sums (M,), kl_sums (M,), d_user or None, d_items or None, d_scales or None)``.
     """
     dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
     num_sizes, device = len(sizes), user.device
@@ -233,10 +251,12 @@ def _blocked_forward(
     rows = None if all_valid else valid.nonzero().squeeze(1)
     # the padding row 0 keeps a zero gradient; rows 1.. are the candidates'
     d_items = torch.zeros(items.shape, dtype=dtype, device=device) if with_grads else None
+    scaled = logit_scales is not None
+    tau = logit_scales if scaled else (1.0,) * num_sizes
     if n_valid == 0:
         d_user = torch.zeros_like(user, dtype=dtype) if with_grads else None
         zeros = torch.zeros(num_sizes, dtype=dtype, device=device)
-        return zeros, zeros.clone(), d_user, d_items
+        return zeros, zeros.clone(), d_user, d_items, (zeros.clone() if with_grads and scaled else None)
 
     # Row 0 (padding) is simply left out of the candidates, so no -inf column is needed.
     cand = items[1:]
@@ -246,12 +266,13 @@ def _blocked_forward(
     t_valid = (targets if all_valid else targets[rows]).long() - 1  # index into the candidates
     # c_m = w_m / n: the weight of size m's softmax in the gradient of the mean loss; a_m the
     # distillation's (none for the largest size, which is every other size's teacher or theirs)
-    scale = [w / n_valid for w in weights]
+    scale = [w * t / n_valid for w, t in zip(weights, tau)]
     distilled = range(num_sizes - 1) if distill > 0 else range(0)
     alpha = distill / n_valid
     # the softmax probability of every row's target at every size (its CE is -log of it)
     target_prob = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
     kl_sums = torch.zeros(num_sizes, dtype=dtype, device=device)
+    plogp_sums = torch.zeros(num_sizes, dtype=dtype, device=device)  # sum p log p per size (logit_scales)
     # the softmax part of the user gradient, written chunk by chunk in place
     d_valid = torch.empty(n_valid, user.shape[1], dtype=dtype, device=device) if with_grads else None
     # One block holds the logits of all M sizes for its positions, block_rows rows in all, and
@@ -262,7 +283,7 @@ def _blocked_forward(
     buffer = torch.empty(num_sizes * positions * num_cand, dtype=dtype, device=device)
     # distillation needs every size's softmax intact while the running sum is built: one more
     # positions x items buffer (also the scratch of the KL values), 1/M more memory
-    spare = torch.empty(positions * num_cand, dtype=dtype, device=device) if distilled else None
+    spare = torch.empty(positions * num_cand, dtype=dtype, device=device) if distilled or (scaled and with_grads) else None
     tiny = torch.finfo(dtype).tiny
 
     for r0 in range(0, n_valid, positions):
@@ -271,7 +292,9 @@ def _blocked_forward(
         levels = buffer[: num_sizes * (r1 - r0) * num_cand].view(num_sizes, r1 - r0, num_cand)
         # upward: size m's logits are size m-1's plus chunk m's product
         for m, (a, b) in enumerate(bounds):
-            _product_into(levels[m], u[:, a:b], chunks[m].t(), add_to=levels[m - 1] if m else None)
+            u_chunk = u[:, a:b] * tau[m] if scaled else u[:, a:b]  # t_m R_m = (t_m/t_{m-1}) t_{m-1} R_{m-1} + t_m u_m z_m
+            _product_into(levels[m], u_chunk, chunks[m].t(), add_to=levels[m - 1] if m else None,
+                          beta=tau[m] / tau[m - 1] if m else 1.0)
         # every size's softmax in one operation, in place: the logits are not needed any more
         torch.softmax(levels, dim=2, out=levels)
         target_prob[:, r0:r1] = levels.gather(2, t.view(1, -1, 1).expand(num_sizes, -1, 1)).squeeze(2)
@@ -288,6 +311,10 @@ def _blocked_forward(
                 kl_sums[m] += entropy[k] - torch.dot(p_t, log_p)
         if not with_grads:
             continue
+        if scaled:
+            work = spare[: (r1 - r0) * num_cand].view(r1 - r0, num_cand)
+            for m in range(num_sizes):
+                plogp_sums[m] += torch.xlogy(levels[m], levels[m], out=work).sum()
         # downward: S accumulates S_m = S_{m+1} + (c_m + a_m) softmax_m - a_m softmax_T(m); chunk
         # m's gradients come from it. Without distillation it lives in the largest size's buffer.
         S = work if distilled else levels[-1]
@@ -305,11 +332,15 @@ def _blocked_forward(
             _product_into(d_chunk, g.t(), u[:, a:b], add_to=d_chunk)
     del buffer, spare
 
-    ce_sums = _cross_entropy_from_probs(target_prob, u_valid, cand, t_valid, sizes, positions).sum(dim=1)
+    ce_sums = _cross_entropy_from_probs(target_prob, u_valid, cand, t_valid, sizes, positions, tau).sum(dim=1)
     if not with_grads:
-        return ce_sums, kl_sums, None, None
-    # one-hot part: column j of chunk c carries sum_{m >= c} w_m / n
-    tail = torch.tensor(weights, dtype=torch.float64).flip(0).cumsum(0).flip(0) / n_valid
+        return ce_sums, kl_sums, None, None, None
+    d_scales = None
+    if scaled:
+        factor = torch.tensor([w / (t * n_valid) for w, t in zip(weights, tau)], dtype=dtype, device=device)
+        d_scales = (ce_sums + plogp_sums) * factor
+    # one-hot part: column j of chunk c carries sum_{m >= c} w_m t_m / n
+    tail = torch.tensor([w * t for w, t in zip(weights, tau)], dtype=torch.float64).flip(0).cumsum(0).flip(0) / n_valid
     col_scale = tail.repeat_interleave(torch.tensor(chunk_widths(sizes))).to(device, dtype)
     d_valid -= cand[t_valid].to(dtype) * col_scale
     d_items.index_add_(0, t_valid + 1, u_valid.to(dtype) * col_scale, alpha=-1.0)
@@ -318,11 +349,12 @@ def _blocked_forward(
     else:
         d_user = torch.zeros_like(user, dtype=dtype)
         d_user[rows] = d_valid
-    return ce_sums, kl_sums, d_user, d_items
+    return ce_sums, kl_sums, d_user, d_items, d_scales
 
 
 def _cross_entropy_from_probs(
-    target_prob: Tensor, user: Tensor, cand: Tensor, targets: Tensor, sizes: tuple[int, ...], positions: int
+    target_prob: Tensor, user: Tensor, cand: Tensor, targets: Tensor, sizes: tuple[int, ...], positions: int,
+    logit_scales: Sequence[float],
 ) -> Tensor:
     """``CE[m, r] = -log softmax_m[r, target]`` from the target probabilities ``(M, n)``.
 
@@ -338,6 +370,7 @@ def _cross_entropy_from_probs(
     for rows in far_rows.split(positions):
         t = targets[rows].unsqueeze(1)
         for m, logits in enumerate(prefix_scores(user[rows], cand, sizes, dtype=target_prob.dtype)):
+            logits = logits * logit_scales[m]
             exact = torch.logsumexp(logits, dim=1) - logits.gather(1, t).squeeze(1)
             ce[m, rows] = torch.where(far[m, rows], exact, ce[m, rows])
     return ce
@@ -347,16 +380,18 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
     """Autograd wrapper around :func:`_blocked_forward`; backward scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher):  # noqa: D102
-        ce_sums, kl_sums, d_user, d_items = _blocked_forward(
-            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher
+    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales):  # noqa: D102
+        scales = None if logit_scales is None else tuple(float(t) for t in logit_scales.detach().tolist())
+        ce_sums, kl_sums, d_user, d_items, d_scales = _blocked_forward(
+            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, scales
         )
         n_valid = max(int((targets > 0).sum()), 1)
         per_size, per_size_kl = ce_sums / n_valid, kl_sums / n_valid
         total = (per_size * per_size.new_tensor(weights)).sum() + distill * per_size_kl.sum()
         ctx.mark_non_differentiable(per_size, per_size_kl)
         if with_grads:
-            ctx.save_for_backward(d_user.to(user.dtype), d_items.to(items.dtype))
+            ctx.save_for_backward(d_user.to(user.dtype), d_items.to(items.dtype),
+                                  None if d_scales is None else d_scales.to(logit_scales.dtype))
         ctx.with_grads = with_grads
         return total, per_size, per_size_kl
 
@@ -365,12 +400,13 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total, grad_per_size, grad_kl):  # noqa: D102
         if not ctx.with_grads:
             raise RuntimeError("matryoshka_cross_entropy was computed without gradients")
-        d_user, d_items = ctx.saved_tensors
+        d_user, d_items, d_scales = ctx.saved_tensors
         if float(grad_total) != 1.0:  # the usual loss.backward() needs no copy
             scale = grad_total.to(d_user.dtype)
             d_user, d_items = d_user * scale, d_items * scale
+            d_scales = None if d_scales is None else d_scales * scale.to(d_scales.dtype)
         return (d_user if ctx.needs_input_grad[0] else None, d_items if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, d_scales if ctx.needs_input_grad[9] else None)
 
 
 def matryoshka_cross_entropy(
@@ -382,6 +418,7 @@ def matryoshka_cross_entropy(
     block_rows: int = 1024,
     distill: float = 0.0,
     teacher: str = "largest",
+    logit_scales: Tensor | None = None,
 ) -> MatryoshkaLoss:
     """Matryoshka cross-entropy over all ``sizes`` with memory that does not grow with their number.
 
@@ -403,6 +440,9 @@ def matryoshka_cross_entropy(
             ``positions x items`` buffer (memory ``1 + 1/M`` times). 0 = off.
         teacher: ``largest`` (every smaller size learns from the largest) or ``next`` (a cascade:
             each size learns from the next larger one).
+        logit_scales: ``(M,)`` positive factors, one per size, that multiply its logits (an
+            inverse softmax temperature; may require gradients, which are exact). Without
+            distillation only. None: every factor 1.
 
     Returns:
         ``MatryoshkaLoss(total, per_size, distill)``; ``per_size[m]`` is ``CE_m`` and
@@ -412,10 +452,13 @@ def matryoshka_cross_entropy(
     user, items = _autocast_inputs(user, items)
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
     distill = _check_distill(distill, teacher)
-    with_grads = torch.is_grad_enabled() and (user.requires_grad or items.requires_grad)
+    _check_logit_scales(logit_scales, sizes, distill)
+    with_grads = torch.is_grad_enabled() and (
+        user.requires_grad or items.requires_grad or (logit_scales is not None and logit_scales.requires_grad)
+    )
     with torch.autocast(user.device.type, enabled=False):
         total, per_size, per_size_kl = _MatryoshkaCrossEntropy.apply(
-            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher
+            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales
         )
     return MatryoshkaLoss(total, per_size, per_size_kl)
 
@@ -432,6 +475,7 @@ def naive_matryoshka_cross_entropy(
     block_rows: int = 1024,
     distill: float = 0.0,
     teacher: str = "largest",
+    logit_scales: Tensor | None = None,
 ) -> MatryoshkaLoss:
     """The obvious implementation: one ``F.cross_entropy`` (and ``F.kl_div``) per size over its
     own logit tensor.
@@ -444,12 +488,15 @@ def naive_matryoshka_cross_entropy(
     user, items = _autocast_inputs(user, items)
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
     distill = _check_distill(distill, teacher)
+    _check_logit_scales(logit_scales, sizes, distill)
     dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
     valid = targets > 0
     n_valid = max(int(valid.sum()), 1)
     per_size, per_size_kl = [], []
     with torch.autocast(user.device.type, enabled=False):
         logits = list(prefix_scores(user, items[1:], sizes, dtype=dtype))
+        if logit_scales is not None:
+            logits = [z * t for z, t in zip(logits, logit_scales.to(dtype))]
         for m, z in enumerate(logits):
             per_size.append(F.cross_entropy(z, targets.long() - 1, ignore_index=-1, reduction="sum") / n_valid)
             if distill > 0 and m < len(sizes) - 1:
@@ -473,6 +520,7 @@ def sampled_matryoshka_cross_entropy(
     negatives: Tensor,
     log_q: Tensor | None = None,
     weights: Sequence[float] | None = None,
+    logit_scales: Tensor | None = None,
 ) -> MatryoshkaLoss:
     """Sampled-softmax Matryoshka loss for catalogues where a full softmax does not fit.
 
@@ -489,11 +537,14 @@ def sampled_matryoshka_cross_entropy(
         user, items, targets, sizes, weights: as in :func:`matryoshka_cross_entropy`.
         negatives: ``(K,)`` item indices in ``[1, N]``, repeats allowed (sampling with replacement).
         log_q: optional ``(N+1,)`` log sampling probabilities, indexed by item.
+        logit_scales: as in :func:`matryoshka_cross_entropy` (the factor multiplies the scores
+            before the log-Q correction, which estimates the full softmax of the scaled logits).
 
     With ``negatives`` = every item once and no ``log_q`` this is exactly the full loss.
     """
     user, items = _autocast_inputs(user, items)
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, 1)
+    _check_logit_scales(logit_scales, sizes, 0.0)
     num_items = items.shape[0] - 1
     if not isinstance(negatives, Tensor) or negatives.ndim != 1 or negatives.numel() == 0:
         raise ValueError(f"negatives must be a non-empty 1-D tensor of item indices, got {_describe(negatives)}")
@@ -517,8 +568,10 @@ def sampled_matryoshka_cross_entropy(
     with torch.autocast(user.device.type, enabled=False):
         # each position against its own target (a one-candidate list) and against the shared negatives
         levels = zip(prefix_scores(u, pos.unsqueeze(1), sizes, dtype=dtype), prefix_scores(u, neg, sizes, dtype=dtype))
-        for pos_logit, neg_logit in levels:
+        for m, (pos_logit, neg_logit) in enumerate(levels):
             p, n = pos_logit.squeeze(1), neg_logit
+            if logit_scales is not None:
+                p, n = p * logit_scales[m].to(dtype), n * logit_scales[m].to(dtype)
             if log_q is not None:
                 p = p - log_q[t].to(dtype)
                 n = n - log_q[negatives].to(dtype)
