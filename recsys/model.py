@@ -32,6 +32,7 @@ from recsys.nn.encoders import (
 )
 from recsys.nn.loss import (
     TEACHERS,
+    MatryoshkaLoss,
     matryoshka_cross_entropy,
     sampled_matryoshka_cross_entropy,
 )
@@ -152,6 +153,7 @@ def check_options(
     use_id_embedding: bool = False,
     id_dropout: Any = 0.0,
     learned_temperature: Any = False,
+    separate_item_vectors: Any = False,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
     training CLI runs them before it reads any data. Returns the sizes, the monitored size,
@@ -190,10 +192,15 @@ def check_options(
         raise OptionError(f"{{learned_temperature}} must be true or false, got {learned_temperature!r}")
     if learned_temperature and distill > 0:
         raise OptionError("{learned_temperature} and {distill} do not combine: the distillation's teacher is unscaled")
+    if not isinstance(separate_item_vectors, bool):
+        raise OptionError(f"{{separate_item_vectors}} must be true or false, got {separate_item_vectors!r}")
+    if separate_item_vectors and (loss != "full" or distill > 0 or learned_temperature):
+        raise OptionError("{separate_item_vectors} works with the full softmax alone (no {distill}, no {learned_temperature})")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
-    if trained is not None and learned_temperature:
-        raise OptionError("{learned_temperature} is per size; it is not available with a grid of triples")
+    if trained is not None and (learned_temperature or separate_item_vectors):
+        name = "learned_temperature" if learned_temperature else "separate_item_vectors"
+        raise OptionError(f"{{{name}}} is per size; it is not available with a grid of triples")
     if trained is not None:
         if monitor_size not in (None, "mean"):
             raise OptionError(f"{{monitor_size}} {monitor_size}: with a grid of triples the monitor is their mean NDCG@10")
@@ -277,6 +284,10 @@ class MatryoshkaRecommender(L.LightningModule):
             first chunk's scores: without it, the smallest size cannot sharpen its softmax
             without changing every larger size's scores. Training only: a factor on all scores
             of a size changes no ranking, so metrics, exports and serving do not use it.
+        separate_item_vectors: every size below the largest scores the items with item vectors of
+            its own, from an item tower of its own (MRL's separate classifiers; the histories are
+            still read through the shared tower's prefixes). An experiment on where the sizes
+            interfere: exports refuse such checkpoints.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -344,12 +355,13 @@ class MatryoshkaRecommender(L.LightningModule):
         grid: Literal["diagonal", "full"] = "diagonal",
         triples: list[list[int]] | None = None,
         learned_temperature: bool = False,
+        separate_item_vectors: bool = False,
     ) -> None:
         super().__init__()
         self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(
             sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
             distill, distill_teacher, n_blocks, depths, pairs, grid, triples, use_id_embedding, id_dropout,
-            learned_temperature,
+            learned_temperature, separate_item_vectors,
         )
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
         lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
@@ -370,6 +382,12 @@ class MatryoshkaRecommender(L.LightningModule):
             input_dropout=input_dropout,
             grid=self.trained_triples,
         )
+        # the output item towers of the sizes below the largest, with separate_item_vectors
+        self.item_heads = torch.nn.ModuleList(
+            ItemTower((size,), item_features, use_id_embedding=use_id_embedding, modalities=modalities, id_dropout=id_dropout)
+            for size in self.sizes[:-1]
+        ) if separate_item_vectors else None
+        self._eval_head_items: list[torch.Tensor] | None = None
         # log of each size's logit factor (outside ``net``: exports never see it)
         self.log_logit_scale = torch.nn.Parameter(torch.zeros(len(self.sizes))) if learned_temperature else None
         # with a grid, metrics rows are the triples (numbered 1..T, renamed by metric_name)
@@ -515,7 +533,10 @@ class MatryoshkaRecommender(L.LightningModule):
         if self.trained_triples is None:
             states = self.net.sequence_states(step.input_ids, step.items)
             scales = None if self.log_logit_scale is None else self.log_logit_scale.exp()
-            loss = self._loss(states[valid], step, self.sizes, self.hparams.loss_weights, scales)
+            if self.item_heads is None:
+                loss = self._loss(states[valid], step, self.sizes, self.hparams.loss_weights, scales)
+            else:
+                loss = self._separate_items_loss(states[valid], step)
             names = [f"d{size}" for size in self.sizes]
             total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
         else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
@@ -574,6 +595,18 @@ class MatryoshkaRecommender(L.LightningModule):
             )
         return sampled_matryoshka_cross_entropy(user, candidates, targets, sizes, step.negatives, log_q=step.log_q,
                                                 weights=weights, logit_scales=logit_scales)
+
+    def _separate_items_loss(self, user: torch.Tensor, step: StepInputs) -> MatryoshkaLoss:
+        """The full softmax of every size against its own item vectors (``separate_item_vectors``):
+        one logit matrix per size, kept by autograd (an experiment, not memory-flat)."""
+        targets = step.targets[step.targets > 0].long() - 1
+        heads = [head() if self._train_rows is None else head()[self._train_rows] for head in self.item_heads]
+        weights = self.hparams.loss_weights or [1.0] * len(self.sizes)
+        per_size = torch.stack([
+            torch.nn.functional.cross_entropy((user[:, :size] @ items[1:, :size].t()).float(), targets)
+            for size, items in zip(self.sizes, [*heads, step.candidates])
+        ])
+        return MatryoshkaLoss((per_size * per_size.new_tensor(weights)).sum(), per_size.detach())
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled
@@ -658,7 +691,15 @@ class MatryoshkaRecommender(L.LightningModule):
         if self.trained_triples is None:
             users = self.net.user_vectors(batch["input_ids"], self._eval_items)
             self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
-            ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
+            if self.item_heads is None:
+                ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
+            else:  # each size against its own item vectors
+                if self._eval_head_items is None:
+                    self._eval_head_items = [head() for head in self.item_heads]
+                ranks = torch.cat([
+                    target_ranks(users[:, :size], items, batch["target"], (size,), seen_ids=seen)
+                    for size, items in zip(self.sizes, [*self._eval_head_items, self._eval_items])
+                ])
         else:
             ranks = self._grid_ranks(batch, seen)
         metrics.update(ranks, batch["user"] if metrics.keep_ranks else None)
@@ -701,7 +742,7 @@ class MatryoshkaRecommender(L.LightningModule):
             )
 
     def _start_evaluation(self, metrics: RankingMetrics) -> None:
-        self._eval_items = None
+        self._eval_items = self._eval_head_items = None
         self._non_finite_users = torch.zeros((), dtype=torch.long, device=self.device)
         metrics.reset()
 
@@ -712,7 +753,7 @@ class MatryoshkaRecommender(L.LightningModule):
             raise DivergedError(f"{bad} user vectors are not finite in {stage} at {self._where()}: {DIVERGED_CAUSES}; stopped")
         values = metrics.compute()
         metrics.reset()
-        self._eval_items = None
+        self._eval_items = self._eval_head_items = None
         values = {self.metric_name(key): value for key, value in values.items()}
         for key, value in values.items():
             if key != "count":

@@ -131,7 +131,8 @@ def validate_config(config) -> None:
                       model.lru, model.mamba, model.sasrec, model.loss, model.negatives, model.negative_sampling,
                       model.distill, model.distill_teacher,
                       model.n_blocks, model.depths, model.pairs, model.grid, model.triples,
-                      model.use_id_embedding, model.id_dropout, model.learned_temperature)
+                      model.use_id_embedding, model.id_dropout, model.learned_temperature,
+                      model.separate_item_vectors)
     except OptionError as exc:
         raise ConfigError(exc.render("--model.")) from None
     if data.data_dir is None and data.synthetic is not None:

@@ -63,6 +63,11 @@ def load_trained(checkpoint: str | Path):
         raise ExportError(str(exc)) from None
     except (RuntimeError, KeyError, EOFError) as exc:
         raise ExportError(f"{path}: not a checkpoint of this project ({str(exc).splitlines()[0]})") from None
+    if getattr(model, "item_heads", None) is not None:
+        raise ExportError(
+            f"{path}: trained with --model.separate_item_vectors, whose sizes below the largest score items with "
+            "item vectors of their own; exports do not hold those yet"
+        )
     catalogue = model.catalogue
     if catalogue is None:
         raise ExportError(f"{path}: the checkpoint has no item catalogue (was it written by recsys.train?)")

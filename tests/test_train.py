@@ -463,3 +463,67 @@ def test_a_resume_on_other_data_or_settings_is_refused_and_leaves_the_run_as_it_
         after = client.get_run(first["run_id"])
         assert after.info.status == "FINISHED" and after.data.metrics == before.data.metrics
         assert len(client.get_metric_history(first["run_id"], "val/monitor")) == 1
+
+
+def _tiny_model(**options):
+    from recsys.item_features import ItemFeatures
+
+    torch.manual_seed(0)
+    text = torch.randn(9, 6)
+    text[0] = 0.0
+    return MatryoshkaRecommender(item_features=ItemFeatures(num_items=8, dense={"text": text}), sizes=[4, 8],
+                                dropout=0.0, input_dropout=0.0, **options)
+
+
+TINY_BATCH = {"input_ids": torch.tensor([[0, 1, 3, 5], [2, 4, 6, 7]]), "target_ids": torch.tensor([[0, 3, 5, 2], [4, 6, 7, 1]])}
+
+
+def test_learned_temperature_scales_each_size_and_learns_outside_the_exported_network():
+    """Each size's training logits are multiplied by its own learned factor (the memory-flat loss
+    with ``logit_scales``); the factor lives outside ``net``, so exports and rankings never see it."""
+    from recsys.nn.loss import naive_matryoshka_cross_entropy
+
+    model = _tiny_model(learned_temperature=True)
+    assert not any("log_logit_scale" in name for name, _ in model.net.named_parameters())
+    with torch.no_grad():
+        model.log_logit_scale.copy_(torch.tensor([0.7, -0.3]))
+    total, *_ = model.training_loss(TINY_BATCH)
+    step = model.step_inputs(TINY_BATCH)
+    states = model.net.sequence_states(step.input_ids, step.items)
+    valid = step.targets > 0
+    expected = naive_matryoshka_cross_entropy(states[valid], step.candidates, step.targets[valid], [4, 8],
+                                              logit_scales=model.log_logit_scale.exp())
+    torch.testing.assert_close(total, expected.total)
+    total.backward()
+    assert model.log_logit_scale.grad is not None and bool((model.log_logit_scale.grad != 0).all())
+
+
+def test_separate_item_vectors_score_each_smaller_size_with_its_own_tower():
+    """With ``separate_item_vectors`` size 4 is trained and ranked against its own item tower's
+    vectors, the largest against the shared tower; such a checkpoint is refused by export."""
+    from recsys.metrics import RankingMetrics, target_ranks
+
+    model = _tiny_model(separate_item_vectors=True)
+    loss = model.training_loss(TINY_BATCH)
+    step = model.step_inputs(TINY_BATCH)
+    valid = step.targets > 0
+    user = model.net.sequence_states(step.input_ids, step.items)[valid]
+    targets = step.targets[valid] - 1
+    own = model.item_heads[0]()
+    expected = [torch.nn.functional.cross_entropy(user[:, :4] @ own[1:].t(), targets),
+                torch.nn.functional.cross_entropy(user @ step.items[1:].t(), targets)]
+    torch.testing.assert_close(torch.stack(list(loss[2])), torch.stack(expected).detach())
+    loss[0].backward()
+    assert model.item_heads[0].projections["text"].weight.grad.abs().sum() > 0
+
+    model.eval()
+    metrics = RankingMetrics([4, 8], keep_ranks=True)
+    batch = {"input_ids": TINY_BATCH["input_ids"], "target": torch.tensor([2, 1]), "user": torch.tensor([1, 2]),
+             "seen_ids": TINY_BATCH["input_ids"]}
+    with torch.no_grad():
+        model._start_evaluation(metrics)
+        model._rank_batch(batch, metrics)
+        users = model.net.user_vectors(batch["input_ids"])
+        expected_ranks = [target_ranks(users[:, :4], own.detach(), batch["target"], (4,), seen_ids=batch["seen_ids"]),
+                          target_ranks(users, model.net.item_matrix(), batch["target"], (8,), seen_ids=batch["seen_ids"])]
+    assert torch.equal(torch.as_tensor(metrics.per_user_ranks()[1]), torch.cat(expected_ranks))
