@@ -192,8 +192,8 @@ def check_options(
         raise OptionError(f"{{learned_temperature}} must be true or false, got {learned_temperature!r}")
     if learned_temperature and distill > 0:
         raise OptionError("{learned_temperature} and {distill} do not combine: the distillation's teacher is unscaled")
-    if not isinstance(separate_item_vectors, bool):
-        raise OptionError(f"{{separate_item_vectors}} must be true or false, got {separate_item_vectors!r}")
+    if not isinstance(separate_item_vectors, bool) and separate_item_vectors != "all":
+        raise OptionError(f"{{separate_item_vectors}} must be true, false or 'all', got {separate_item_vectors!r}")
     if separate_item_vectors and (loss != "full" or distill > 0 or learned_temperature):
         raise OptionError("{separate_item_vectors} works with the full softmax alone (no {distill}, no {learned_temperature})")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
@@ -286,8 +286,9 @@ class MatryoshkaRecommender(L.LightningModule):
             of a size changes no ranking, so metrics, exports and serving do not use it.
         separate_item_vectors: every size below the largest scores the items with item vectors of
             its own, from an item tower of its own (MRL's separate classifiers; the histories are
-            still read through the shared tower's prefixes). An experiment on where the sizes
-            interfere: exports refuse such checkpoints.
+            still read through the shared tower's prefixes); ``"all"``: the largest too (for one
+            size: output item vectors untied from the input ones). An experiment on where the
+            sizes interfere: exports refuse such checkpoints.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -355,7 +356,7 @@ class MatryoshkaRecommender(L.LightningModule):
         grid: Literal["diagonal", "full"] = "diagonal",
         triples: list[list[int]] | None = None,
         learned_temperature: bool = False,
-        separate_item_vectors: bool = False,
+        separate_item_vectors: bool | Literal["all"] = False,
     ) -> None:
         super().__init__()
         self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(
@@ -382,11 +383,12 @@ class MatryoshkaRecommender(L.LightningModule):
             input_dropout=input_dropout,
             grid=self.trained_triples,
         )
-        # the output item towers of the sizes below the largest, with separate_item_vectors
+        # the output item towers of the sizes below the largest (or of all), with separate_item_vectors
+        head_sizes = self.sizes if separate_item_vectors == "all" else self.sizes[:-1] if separate_item_vectors else ()
         self.item_heads = torch.nn.ModuleList(
             ItemTower((size,), item_features, use_id_embedding=use_id_embedding, modalities=modalities, id_dropout=id_dropout)
-            for size in self.sizes[:-1]
-        ) if separate_item_vectors else None
+            for size in head_sizes
+        ) if head_sizes else None  # (true with one size: the plain model)
         self._eval_head_items: list[torch.Tensor] | None = None
         # log of each size's logit factor (outside ``net``: exports never see it)
         self.log_logit_scale = torch.nn.Parameter(torch.zeros(len(self.sizes))) if learned_temperature else None

@@ -465,13 +465,13 @@ def test_a_resume_on_other_data_or_settings_is_refused_and_leaves_the_run_as_it_
         assert len(client.get_metric_history(first["run_id"], "val/monitor")) == 1
 
 
-def _tiny_model(**options):
+def _tiny_model(sizes=(4, 8), **options):
     from recsys.item_features import ItemFeatures
 
     torch.manual_seed(0)
     text = torch.randn(9, 6)
     text[0] = 0.0
-    return MatryoshkaRecommender(item_features=ItemFeatures(num_items=8, dense={"text": text}), sizes=[4, 8],
+    return MatryoshkaRecommender(item_features=ItemFeatures(num_items=8, dense={"text": text}), sizes=list(sizes),
                                 dropout=0.0, input_dropout=0.0, **options)
 
 
@@ -527,3 +527,14 @@ def test_separate_item_vectors_score_each_smaller_size_with_its_own_tower():
         expected_ranks = [target_ranks(users[:, :4], own.detach(), batch["target"], (4,), seen_ids=batch["seen_ids"]),
                           target_ranks(users, model.net.item_matrix(), batch["target"], (8,), seen_ids=batch["seen_ids"])]
     assert torch.equal(torch.as_tensor(metrics.per_user_ranks()[1]), torch.cat(expected_ranks))
+
+
+def test_separate_item_vectors_all_unties_even_one_size():
+    """``"all"``: the largest size scores with its own tower too; with one size that is a model whose
+    output item vectors are untied from the input ones (the twin such an arm is measured against),
+    while ``true`` leaves a one-size model as it is."""
+    assert len(_tiny_model(separate_item_vectors="all").item_heads) == 2
+    assert len(_tiny_model(sizes=[8], separate_item_vectors="all").item_heads) == 1
+    assert _tiny_model(sizes=[8], separate_item_vectors=True).item_heads is None
+    with pytest.raises(OptionError, match="true, false or 'all'"):
+        _tiny_model(separate_item_vectors="some")

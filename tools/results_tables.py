@@ -193,6 +193,8 @@ def accuracy_command(report: dict) -> str:
         args.append("--skip-sasrec")
     if report.get("seeds", [0]) != [0]:
         args.append("--seeds " + " ".join(str(n) for n in report["seeds"]))
+    if report.get("twins_from"):
+        args.append("--twins-from BASELINE_WORKDIR")
     overrides = list(report.get("overrides", []))
     for key, value in zip(overrides[::2], overrides[1::2]):
         if key == "--trainer.max_epochs":
@@ -1000,6 +1002,54 @@ def block_accuracy_ml1m_cpu() -> list[str]:
     return lines
 
 
+#: issue 31's arms on MovieLens-1M's reduced protocol, the baseline first: each a bench/accuracy.py
+#: run of the config with one option changed
+TWIN_ARMS = ("ml-1m-cpu-base", "ml-1m-cpu-temperature", "ml-1m-cpu-separate-items")
+#: overrides every arm shares (the reduced protocol), left out of what an arm changes
+PROTOCOL_OVERRIDES = ("--trainer.max_epochs", "--data.max_len", "--model.sizes")
+
+
+def arm_change(report: dict) -> str:
+    """What an arm sets beyond the reduced protocol, as flags (``none`` for the baseline)."""
+    overrides = report.get("overrides", [])
+    changed = [f"{k} {v}" for k, v in zip(overrides[::2], overrides[1::2]) if k not in PROTOCOL_OVERRIDES]
+    return ", ".join(f"`{c}`" for c in changed) or "none (the config)"
+
+
+def block_twin_arms() -> list[str]:
+    """Issue 31: the one run against its twins, per arm (an option changed), at the twin sizes.
+
+    An arm trained with its own twins has the paired bootstrap; an arm screened without twins (one
+    run only) is set against the baseline's twins of the same seeds, with no interval."""
+    base = load(f"accuracy_{TWIN_ARMS[0]}.json")
+    rows = []
+    for name in TWIN_ARMS:
+        if not (RESULTS / f"accuracy_{name}.json").exists():
+            continue
+        report = load(f"accuracy_{name}.json")
+        one = {r["size"]: r for r in report["matryoshka"]["rows"]}
+        seeds = report["seeds"]
+        own = {r["size"]: r["ndcg_10"] for r in report.get("separate", [])}
+        intervals = {b["size"]: b for b in report.get("significance", [])}
+        for size in sorted(r["size"] for r in base["separate"]):
+            if size in own:
+                twin, note = own[size], interval(intervals[size]) if size in intervals else ""
+            else:
+                alone = [base["per_seed"][f"separate-d{size}-seed{n}"]["rows"][0]["ndcg_10"] for n in seeds]
+                twin = sum(alone) / len(alone)
+                note = "baseline's twins, no interval"
+            rows.append([arm_change(report), " ".join(str(n) for n in seeds), str(size), f4(one[size]["ndcg_10"]),
+                         f4(twin), f3(one[size]["ndcg_10"] / twin) + "x", note])
+    lines = [protocol_line(base), ""]
+    lines += [f"`{accuracy_command(load(f'accuracy_{name}.json'))}` → `bench/results/accuracy_{name}.json`"
+              f" ({load(f'accuracy_{name}.json')['date']})" for name in TWIN_ARMS if (RESULTS / f"accuracy_{name}.json").exists()]
+    lines += ["", *table(["arm (what it changes)", "seeds", "size", "NDCG@10 one run", "NDCG@10 twin", "one run / twin",
+                          "one run - twin, paired bootstrap 95%"], "llrrrrr", rows)]
+    lines += ["", measured_on(base["machine"], base.get("threads"), None) + " Each arm's runs took turns with the "
+              "other arms' on the same two cores."]
+    return lines
+
+
 def block_accuracy_sports() -> list[str]:
     """The full softmax against the sampled one on Sports, one run each, and the smallest size alone."""
     full = load("accuracy_sports-4ep.json")
@@ -1253,6 +1303,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "search-lastfm": block_search_lastfm,
     "accuracy-sports-config": block_accuracy_sports_config,
     "accuracy-sports": block_accuracy_sports,
+    "twin-arms-ml-1m-cpu": block_twin_arms,
     "serve": block_serve,
     "elastic-sports": block_elastic,
     "elastic-sports-focus": lambda: block_elastic("elastic_sports-focus.json"),
