@@ -287,8 +287,9 @@ class MatryoshkaRecommender(L.LightningModule):
         separate_item_vectors: every size below the largest scores the items with item vectors of
             its own, from an item tower of its own (MRL's separate classifiers; the histories are
             still read through the shared tower's prefixes); ``"all"``: the largest too (for one
-            size: output item vectors untied from the input ones). An experiment on where the
-            sizes interfere: exports refuse such checkpoints.
+            size: output item vectors untied from the input ones). An export of such a size holds
+            and searches its own item vectors (``serving/export_dir.py``); the full softmax only,
+            computed per size (not memory-flat), and no funnel over those vectors.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from recsys.atomic import AtomicDirectory, check_writable, reported_write_failures
 from recsys.errors import exit_code_of
 from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
-from serving.export_dir import FORMAT_VERSION, MANIFEST, ExportError, read_manifest, sha256_of
+from serving.export_dir import FORMAT_VERSION, MANIFEST, OUTPUT_ITEMS, ExportError, read_manifest, sha256_of
 
 __all__ = ["export_sizes", "export_size", "load_trained", "main"]
 
@@ -63,11 +63,6 @@ def load_trained(checkpoint: str | Path):
         raise ExportError(str(exc)) from None
     except (RuntimeError, KeyError, EOFError) as exc:
         raise ExportError(f"{path}: not a checkpoint of this project ({str(exc).splitlines()[0]})") from None
-    if getattr(model, "item_heads", None) is not None:
-        raise ExportError(
-            f"{path}: trained with --model.separate_item_vectors, whose sizes below the largest score items with "
-            "item vectors of their own; exports do not hold those yet"
-        )
     catalogue = model.catalogue
     if catalogue is None:
         raise ExportError(f"{path}: the checkpoint has no item catalogue (was it written by recsys.train?)")
@@ -123,6 +118,12 @@ def export_size(
             f"the {model.hparams.encoder} encoder is not nested: it can be exported at its full size "
             f"{model.sizes[-1]} only, not {width}"
         )
+    output = own_item_vectors(model, size)
+    if output is not None and (funnel_prefix is not None or elastic):
+        raise ExportError(
+            f"size {size} scores items with its own item vectors (--model.separate_item_vectors), whose prefixes were "
+            "never trained to rank: export it without a funnel and without width or depth"
+        )
     if funnel_prefix is not None and not 0 < funnel_prefix < size:
         raise ExportError(f"the funnel prefix must be between 1 and the size {size} (exclusive), got {funnel_prefix}")
     if item_dtype not in ("float32", "float16"):
@@ -140,10 +141,12 @@ def export_size(
     except ValueError as exc:  # no head trained for this depth and width
         raise ExportError(f"depth {depth}, width {width}, size {size}: {exc}") from None
     state = {k: v.contiguous() for k, v in small.state_dict().items()}
+    if output is not None:  # what this size's user vectors are scored against: its own item vectors
+        state[OUTPUT_ITEMS] = output.contiguous()
     if item_dtype == "float16":
-        state["items.matrix"] = state["items.matrix"].half()
+        state = {k: v.half() if k in ("items.matrix", OUTPUT_ITEMS) else v for k, v in state.items()}
 
-    vectors = small.items.matrix[1:, :size].float().numpy()
+    vectors = (small.items.matrix if output is None else output)[1:, :size].float().numpy()
     settings = _retriever_settings(index, size, len(vectors), funnel_prefix, funnel_shortlist)
     try:
         retriever = build_retriever(vectors, settings)  # before anything is written
@@ -176,6 +179,7 @@ def export_size(
             "num_parameters": nested_parameter_count(small.encoder) + sum(
                 p.numel() for p in getattr(small, "heads", torch.nn.Module()).parameters()),
             "num_items": len(item_ids),
+            "separate_item_vectors": output is not None,
             "item_dtype": item_dtype,
             "retriever": entry,
             # the same settings under the keys that readers from before "retriever" use
@@ -195,6 +199,17 @@ def export_size(
     log.info("exported size %d, width %d, depth %d (%d encoder parameters) to %s", size, width, depth,
              manifest["num_parameters"], path)
     return path
+
+
+def own_item_vectors(model, size: int) -> torch.Tensor | None:
+    """``(N + 1, size)``: the item vectors that size ``size`` of a model trained with
+    ``--model.separate_item_vectors`` scores against (its own item tower's), or None where it scores
+    against the prefix of the shared item matrix that it also reads histories through."""
+    heads = getattr(model, "item_heads", None)
+    if heads is None:
+        return None
+    own = model.sizes[: len(heads)]  # the sizes below the largest, or with "all" every size
+    return heads[own.index(size)]().detach() if size in own else None
 
 
 def _retriever_settings(

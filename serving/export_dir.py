@@ -8,7 +8,9 @@ An export directory (written by ``serving/export.py``) holds:
   elastic export (``recsys/nn/grid.py``) also names ``width`` and ``depth``: the encoder is cut to
   that width and depth (``encoder_options.n_blocks`` = depth), the matrix is ``Z[:, :width]``
   (searched at ``Z[:, :size]``), and a vector head maps the state to ``size`` dims when
-  ``size < width``;
+  ``size < width``; a size trained with ``--model.separate_item_vectors`` (manifest
+  ``"separate_item_vectors": true``) also holds ``items.output``, ``(num_items + 1, size)``: its
+  own item vectors, which it searches, while histories are read through ``items.matrix``;
 - ``items.parquet``: ``row`` (1..N), ``item_id`` (the catalogue's original ids), ``popularity``;
 - ``index.faiss``: the faiss index of the retriever the manifest names (``"retriever"``, see
   ``serving/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1).
@@ -47,13 +49,15 @@ from safetensors.torch import load_file
 from recsys.errors import UserError
 
 __all__ = [
-    "ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "WEIGHTS", "read_items", "read_manifest", "read_weights", "sha256_of",
+    "ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "OUTPUT_ITEMS", "WEIGHTS", "read_items", "read_manifest", "read_weights", "sha256_of",
 ]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 ITEMS = "items.parquet"
+#: the weight that holds a size's own item vectors (``separate_item_vectors``), searched instead of the matrix
+OUTPUT_ITEMS = "items.output"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: manifest entries the loader uses, and the JSON type each must have
@@ -106,6 +110,8 @@ def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
         value = manifest[key]
         if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 1):
             raise ExportError(f"{path}: {key!r} must be {_TYPE_NAMES[kind]}, got {value!r}")
+    if not isinstance(manifest.get("separate_item_vectors", False), bool):
+        raise ExportError(f"{path}: 'separate_item_vectors' must be true or false, got {manifest['separate_item_vectors']!r}")
     sizes, size = manifest["sizes"], manifest["size"]
     width = manifest.get("width", size)  # elastic exports: the encoder's width, at least the size
     if isinstance(width, bool) or not isinstance(width, int) or width < size:
@@ -171,6 +177,15 @@ def read_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.T
     if matrix is None or tuple(matrix.shape) != expected or not matrix.is_floating_point():
         found = None if matrix is None else f"{tuple(matrix.shape)} {matrix.dtype}"
         raise ExportError(f"{path}: the item matrix must be float of shape {expected} (num_items + 1, width), got {found}")
+    output = state.get(OUTPUT_ITEMS)
+    if manifest.get("separate_item_vectors", False):
+        expected = (manifest["num_items"] + 1, manifest["size"])
+        if output is None or tuple(output.shape) != expected or not output.is_floating_point():
+            found = None if output is None else f"{tuple(output.shape)} {output.dtype}"
+            raise ExportError(f"{path}: the manifest names separate item vectors, which must be float of shape {expected} "
+                              f"(num_items + 1, size) in {OUTPUT_ITEMS}, got {found}")
+    elif output is not None:
+        raise ExportError(f"{path}: holds {OUTPUT_ITEMS}, but the manifest does not name separate item vectors")
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ExportError(f"{path}: {name} holds NaN or infinite values")

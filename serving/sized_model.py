@@ -22,6 +22,7 @@ from recsys.nn.recommender import SequentialRecommender
 from serving.export_dir import (
     FORMAT_VERSION,
     MANIFEST,
+    OUTPUT_ITEMS,
     WEIGHTS,
     ExportError,
     read_items,
@@ -75,8 +76,11 @@ class SizedRecommender:
         self.depth: int | None = m.get("depth")
         self.max_len: int = m["max_len"]
         self.device = torch.device(device)
-        self.net = self._network(read_weights(self.directory, m))
+        state = read_weights(self.directory, m)
+        output = state.pop(OUTPUT_ITEMS, None)  # this size's own item vectors (separate_item_vectors)
+        self.net = self._network(state)
         self.net.eval().to(self.device)
+        self._own_items = None if output is None else output.float().to(self.device)
         items = read_items(self.directory, m["num_items"])
         self.item_ids: list[Hashable] = items["item_id"].to_list()
         self.popularity = torch.from_numpy(items["popularity"].to_numpy().astype(np.float32))
@@ -126,8 +130,9 @@ class SizedRecommender:
 
     @property
     def item_matrix(self) -> torch.Tensor:
-        """``Z[:, :size]``, what the user vectors are scored against (row 0 padding)."""
-        return self.net.items.matrix[:, : self.size]
+        """``Z[:, :size]``, what the user vectors are scored against (row 0 padding): the size's own
+        item vectors where it was trained with them (``separate_item_vectors``)."""
+        return self.net.items.matrix[:, : self.size] if self._own_items is None else self._own_items
 
     def lookup(self, histories: Sequence[Sequence[Hashable]]) -> tuple[list[list[int]], list[list[Hashable]]]:
         """Item rows of each history, and beside them the ids that name no item, by the one rule

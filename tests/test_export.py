@@ -336,3 +336,36 @@ def test_the_command_catches_user_errors_only(checkpoint, tmp_path, monkeypatch)
     monkeypatch.setattr(export, "export_size", defect)
     with pytest.raises(ValueError, match="a defect in the export"):
         export_main(["--checkpoint", str(path), "--dims", "8", "--out", str(tmp_path / "out")])
+
+
+def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_through_the_shared_ones(tmp_path):
+    """``--model.separate_item_vectors``: an export of a smaller size holds its own item vectors
+    (``items.output``) and recommends by them; the largest size scores the shared matrix as before.
+    A funnel over such a size is refused, and so is a manifest that disagrees with the weights."""
+    torch.manual_seed(0)
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, separate_item_vectors=True).eval()
+    path = tmp_path / "model.ckpt"
+    item_ids = [f"item-{i:03d}" for i in range(1, N + 1)]
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "catalogue": {"item_ids": item_ids, "popularity": [1] * N, "stats": {}}}, path)
+    small, full = export_sizes(path, [8, 32], tmp_path / "out")
+    histories = [item_ids[:5], item_ids[10:12]]
+    batch = torch.tensor([[0] * 7 + list(range(1, 6)), [0] * 10 + [11, 12]])
+    with torch.no_grad():
+        users = model.net.user_vectors(batch)
+        own = model.item_heads[0]()
+        shared = model.net.item_matrix()
+    for directory, scores in ((small, users[:, :8] @ own[1:].t()), (full, users @ shared[1:].t())):
+        m = serving.load(directory)
+        np.testing.assert_allclose(m.encode(histories), users[:, : m.size].numpy(), rtol=1e-5, atol=1e-5)
+        for got, row in zip(m.recommend(histories, k=5, exclude_seen=False), scores):
+            top = row.topk(5)
+            assert [item for item, _ in got] == [item_ids[int(i)] for i in top.indices]
+            np.testing.assert_allclose([s for _, s in got], top.values.numpy(), rtol=1e-5, atol=1e-5)
+    assert json.loads((small / "manifest.json").read_text())["separate_item_vectors"] is True
+    assert json.loads((full / "manifest.json").read_text())["separate_item_vectors"] is False
+    with pytest.raises(ExportError, match="own item vectors .* without a funnel"):
+        export_sizes(path, [16], tmp_path / "funnel", funnel_prefix=8)
+    _rewrite_manifest(small, lambda m: m.update(separate_item_vectors=False))
+    with pytest.raises(ExportError, match="holds items.output, but the manifest does not name separate item vectors"):
+        serving.load(small)
