@@ -223,6 +223,27 @@ def one_run_vs_alone(runs: Runs, sizes: list[int], size: int, seeds: list[int], 
     return paired_bootstrap(np.mean(one, axis=0), np.mean(alone, axis=0), resamples=resamples)
 
 
+def one_run_vs_baseline(runs: Runs, baseline: Path, sizes: list[int], size: int, seeds: list[int],
+                        resamples: int) -> BootstrapInterval:
+    """Paired bootstrap over test users of (this one run - the one run of the ``baseline`` work
+    directory) NDCG@10 at ``size``, each user's NDCG@10 averaged over the seeds first. The baseline's
+    one run must have the same sizes (its ranks are read by position)."""
+    mine, theirs = [], []
+    for n in seeds:
+        name = f"matryoshka-seed{n}"
+        other = baseline / f"{name}.ranks.npz"
+        if not other.exists():
+            raise SystemExit(f"--baseline-from {baseline}: no finished run {name} there")
+        users_m, m = runs.ranks(name)
+        with np.load(other) as f:
+            users_b, b = f["users"], f["ranks"]
+        if not np.array_equal(users_m, users_b) or b.shape[0] != len(sizes):
+            raise SystemExit(f"--baseline-from {baseline}: its {name} tested other users or other sizes")
+        mine.append(ndcg_of_ranks(m[sizes.index(size)], k=10))
+        theirs.append(ndcg_of_ranks(b[sizes.index(size)], k=10))
+    return paired_bootstrap(np.mean(mine, axis=0), np.mean(theirs, axis=0), resamples=resamples)
+
+
 def fmt(x: float) -> str:
     return f"{x:.4f}"
 
@@ -346,6 +367,9 @@ def main() -> None:
                         help="take the sizes trained alone from this earlier work directory instead of training them: "
                              "only where --set changes nothing in a one-size model (an option for the smaller sizes "
                              "of the one run, such as model.separate_item_vectors)")
+    parser.add_argument("--baseline-from", type=Path, default=None,
+                        help="an earlier work directory whose one run (same sizes and seeds) this one run is compared "
+                             "with, per size: the paired bootstrap of the difference in NDCG@10")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="the runs' directory (default: a new one); runs an earlier job there finished "
                              "are not trained again, so a killed job resumes")
@@ -405,6 +429,13 @@ def main() -> None:
         {"size": s, "metric": "ndcg_10", **one_run_vs_alone(runs, sizes, s, args.seeds, args.resamples).to_dict()}
         for s in separate_sizes
     ]
+    if args.baseline_from is not None:
+        report["baseline_from"] = args.baseline_from.name
+        report["against_baseline"] = [
+            {"size": s, "metric": "ndcg_10",
+             **one_run_vs_baseline(runs, args.baseline_from, sizes, s, args.seeds, args.resamples).to_dict()}
+            for s in sizes
+        ]
     report["per_seed"] = {key: {k: _in_workdir(v, workdir) if k == "best" else v for k, v in one.items() if k != "test_ranks"}
                           for key, one in results.items()}
 

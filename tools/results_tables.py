@@ -195,6 +195,8 @@ def accuracy_command(report: dict) -> str:
         args.append("--seeds " + " ".join(str(n) for n in report["seeds"]))
     if report.get("twins_from"):
         args.append("--twins-from BASELINE_WORKDIR")
+    if report.get("baseline_from"):
+        args.append("--baseline-from BASELINE_WORKDIR")
     overrides = list(report.get("overrides", []))
     for key, value in zip(overrides[::2], overrides[1::2]):
         if key == "--trainer.max_epochs":
@@ -1002,9 +1004,9 @@ def block_accuracy_ml1m_cpu() -> list[str]:
     return lines
 
 
-#: issue 31's arms on MovieLens-1M's reduced protocol, the baseline first: each a bench/accuracy.py
-#: run of the config with one option changed
-TWIN_ARMS = ("ml-1m-cpu-base", "ml-1m-cpu-temperature", "ml-1m-cpu-separate-items")
+#: the arms on MovieLens-1M's reduced protocol, the baseline first: each a bench/accuracy.py run of
+#: the config with one option changed
+TWIN_ARMS = ("ml-1m-cpu-base", "ml-1m-cpu-temperature", "ml-1m-cpu-separate-items", "ml-1m-cpu-untied")
 #: overrides every arm shares (the reduced protocol), left out of what an arm changes
 PROTOCOL_OVERRIDES = ("--trainer.max_epochs", "--data.max_len", "--model.sizes")
 
@@ -1017,36 +1019,38 @@ def arm_change(report: dict) -> str:
 
 
 def block_twin_arms() -> list[str]:
-    """Issue 31: the one run against its twins, per arm (an option changed), at the twin sizes.
-
-    An arm trained with its own twins has the paired bootstrap; an arm screened without twins (one
-    run only) is set against the baseline's twins of the same seeds, with no interval."""
+    """The one run of each arm (an option changed) at every size: against the baseline's one run
+    (paired bootstrap), and against the twins at the twin sizes. An arm with twins of its own (trained
+    with its option) has their bootstrap; an arm screened without twins is set against the baseline's
+    twins of the same seeds, with no interval."""
     base = load(f"accuracy_{TWIN_ARMS[0]}.json")
+    reports = [load(f"accuracy_{name}.json") for name in TWIN_ARMS if (RESULTS / f"accuracy_{name}.json").exists()]
     rows = []
-    for name in TWIN_ARMS:
-        if not (RESULTS / f"accuracy_{name}.json").exists():
-            continue
-        report = load(f"accuracy_{name}.json")
-        one = {r["size"]: r for r in report["matryoshka"]["rows"]}
+    for report in reports:
         seeds = report["seeds"]
         own = {r["size"]: r["ndcg_10"] for r in report.get("separate", [])}
-        intervals = {b["size"]: b for b in report.get("significance", [])}
-        for size in sorted(r["size"] for r in base["separate"]):
+        against_twin = {b["size"]: b for b in report.get("significance", [])}
+        against_base = {b["size"]: b for b in report.get("against_baseline", [])}
+        for row in report["matryoshka"]["rows"]:
+            size = row["size"]
+            twin, note = own.get(size), ""
             if size in own:
-                twin, note = own[size], interval(intervals[size]) if size in intervals else ""
-            else:
+                note = interval(against_twin[size])
+            elif report is not base and size in {r["size"] for r in base["separate"]}:
                 alone = [base["per_seed"][f"separate-d{size}-seed{n}"]["rows"][0]["ndcg_10"] for n in seeds]
-                twin = sum(alone) / len(alone)
-                note = "baseline's twins, no interval"
-            rows.append([arm_change(report), " ".join(str(n) for n in seeds), str(size), f4(one[size]["ndcg_10"]),
-                         f4(twin), f3(one[size]["ndcg_10"] / twin) + "x", note])
+                twin, note = sum(alone) / len(alone), "the baseline's twins"
+            rows.append([
+                arm_change(report), " ".join(str(n) for n in seeds), str(size), f4(row["ndcg_10"]),
+                interval(against_base[size]) if size in against_base else "",
+                f4(twin) if twin is not None else "", f3(row["ndcg_10"] / twin) + "x" if twin is not None else "", note,
+            ])
     lines = [protocol_line(base), ""]
-    lines += [f"`{accuracy_command(load(f'accuracy_{name}.json'))}` → `bench/results/accuracy_{name}.json`"
-              f" ({load(f'accuracy_{name}.json')['date']})" for name in TWIN_ARMS if (RESULTS / f"accuracy_{name}.json").exists()]
-    lines += ["", *table(["arm (what it changes)", "seeds", "size", "NDCG@10 one run", "NDCG@10 twin", "one run / twin",
-                          "one run - twin, paired bootstrap 95%"], "llrrrrr", rows)]
-    lines += ["", measured_on(base["machine"], base.get("threads"), None) + " Each arm's runs took turns with the "
-              "other arms' on the same two cores."]
+    lines += [f"- `{accuracy_command(r)}` → `bench/results/accuracy_{r['name']}.json` ({r['date']})" for r in reports]
+    lines += ["", *table(["arm (what it changes)", "seeds", "size", "NDCG@10 one run",
+                          "one run - baseline's one run, paired bootstrap 95%", "NDCG@10 twin", "one run / twin",
+                          "one run - twin, paired bootstrap 95%"], "llrrrrrr", rows)]
+    lines += ["", measured_on(base["machine"], base.get("threads"), None) + " The arms' runs took turns on the "
+              "same two cores, several at a time."]
     return lines
 
 
