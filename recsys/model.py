@@ -194,8 +194,8 @@ def check_options(
         raise OptionError("{learned_temperature} and {distill} do not combine: the distillation's teacher is unscaled")
     if not isinstance(separate_item_vectors, bool) and separate_item_vectors != "all":
         raise OptionError(f"{{separate_item_vectors}} must be true, false or 'all', got {separate_item_vectors!r}")
-    if separate_item_vectors and (loss != "full" or distill > 0 or learned_temperature):
-        raise OptionError("{separate_item_vectors} works with the full softmax alone (no {distill}, no {learned_temperature})")
+    if separate_item_vectors and (distill > 0 or learned_temperature):
+        raise OptionError("{separate_item_vectors} does not combine with {distill} or {learned_temperature}")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
     if trained is not None and (learned_temperature or separate_item_vectors):
@@ -236,8 +236,8 @@ def grid_of(
 class StepInputs(NamedTuple):
     """What one training step's loss reads (:meth:`MatryoshkaRecommender.step_inputs`): item
     vectors, the histories and targets as indices into them, the candidates of the softmax, and for
-    the sampled softmax the shared negatives (indices into ``candidates``) and their log sampling
-    probabilities (None: no correction)."""
+    the sampled softmax the shared negatives (indices into ``candidates``), their log sampling
+    probabilities (None: no correction) and the item ids of the rows computed (``rows``)."""
 
     items: torch.Tensor
     input_ids: torch.Tensor
@@ -245,6 +245,7 @@ class StepInputs(NamedTuple):
     targets: torch.Tensor
     negatives: torch.Tensor | None = None
     log_q: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 def _kl_entries(loss) -> list:
@@ -288,8 +289,8 @@ class MatryoshkaRecommender(L.LightningModule):
             its own, from an item tower of its own (MRL's separate classifiers; the histories are
             still read through the shared tower's prefixes); ``"all"``: the largest too (for one
             size: output item vectors untied from the input ones). An export of such a size holds
-            and searches its own item vectors (``serving/export_dir.py``); the full softmax only,
-            computed per size (not memory-flat), and no funnel over those vectors.
+            and searches its own item vectors (``serving/export_dir.py``). The loss is one per
+            size, each against its own matrix; no funnel over those vectors.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -584,7 +585,7 @@ class MatryoshkaRecommender(L.LightningModule):
         items = self.net.items(rows)
         log_q = log_q[rows] if self.hparams.negative_sampling == "popularity" else None
         input_ids, targets, drawn = (torch.searchsorted(rows, ids.contiguous()) for ids in (input_ids, targets, drawn))
-        return StepInputs(items, input_ids, items, targets, drawn, log_q)
+        return StepInputs(items, input_ids, items, targets, drawn, log_q, rows)
 
     def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights, logit_scales=None):
         """The configured Matryoshka loss of ``user`` vectors over the prefixes ``sizes``."""
@@ -600,15 +601,18 @@ class MatryoshkaRecommender(L.LightningModule):
                                                 weights=weights, logit_scales=logit_scales)
 
     def _separate_items_loss(self, user: torch.Tensor, step: StepInputs) -> MatryoshkaLoss:
-        """The full softmax of every size against its own item vectors (``separate_item_vectors``):
-        one logit matrix per size, kept by autograd (an experiment, not memory-flat)."""
-        targets = step.targets[step.targets > 0].long() - 1
-        heads = [head() if self._train_rows is None else head()[self._train_rows] for head in self.item_heads]
-        weights = self.hparams.loss_weights or [1.0] * len(self.sizes)
+        """Every size's softmax against its own item vectors (``separate_item_vectors``), one loss
+        per size against its own matrix (each full softmax memory-flat, each sampled one over the
+        step's rows of that size's tower): ``M`` products of ``s_m`` columns instead of one of ``D``."""
+        if self.hparams.loss == "sampled":
+            heads = [head(step.rows) for head in self.item_heads]
+        else:
+            heads = [head() if self._train_rows is None else head()[self._train_rows] for head in self.item_heads]
         per_size = torch.stack([
-            torch.nn.functional.cross_entropy((user[:, :size] @ items[1:, :size].t()).float(), targets)
+            self._loss(user[:, :size], step._replace(candidates=items), (size,), None).total
             for size, items in zip(self.sizes, [*heads, step.candidates])
         ])
+        weights = self.hparams.loss_weights or [1.0] * len(self.sizes)
         return MatryoshkaLoss((per_size * per_size.new_tensor(weights)).sum(), per_size.detach())
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -538,3 +538,23 @@ def test_separate_item_vectors_all_unties_even_one_size():
     assert _tiny_model(sizes=[8], separate_item_vectors=True).item_heads is None
     with pytest.raises(OptionError, match="true, false or 'all'"):
         _tiny_model(separate_item_vectors="some")
+
+
+def test_separate_item_vectors_with_the_sampled_loss_use_each_towers_rows_of_the_step():
+    """The sampled softmax with separate item vectors: each size against its own tower's rows of
+    the step; with every item drawn as a negative and no log-Q it is the full loss of each size."""
+    from recsys.nn.loss import sampled_matryoshka_cross_entropy
+
+    model = _tiny_model(separate_item_vectors=True, loss="sampled", negatives=50, negative_sampling="uniform")
+    model.train()
+    torch.manual_seed(1)
+    loss = model.training_loss(TINY_BATCH)
+    torch.manual_seed(1)
+    step = model.step_inputs(TINY_BATCH)
+    valid = step.targets > 0
+    user = model.net.sequence_states(step.input_ids, step.items)[valid]
+    own = model.item_heads[0](step.rows)
+    expected = sampled_matryoshka_cross_entropy(user[:, :4], own, step.targets[valid], (4,), step.negatives)
+    torch.testing.assert_close(loss[2][0], expected.total.detach())
+    loss[0].backward()
+    assert model.item_heads[0].projections["text"].weight.grad.abs().sum() > 0
