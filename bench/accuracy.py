@@ -20,6 +20,11 @@ bootstrap over the test users (``recsys.significance``) of the one run's NDCG@10
 each user's NDCG@10 averaged over the seeds first, from the runs' per-user test ranks. The report's
 ``significance`` holds the mean difference and its 95% interval per size.
 
+Arms of one question (an option changed, ``--set``): ``--baseline-from DIR`` adds, per size, the
+paired bootstrap of this one run minus the one run of an earlier work directory (same sizes and
+seeds), the baseline arm; ``--twins-from DIR`` takes the sizes trained alone from such a directory
+instead of training them, for an option that changes nothing in a one-size model.
+
 Every run is ``python -m recsys.train`` (its ``run``, so that the child can report the rows), with
 ``--tracking mlflow`` into a store in the work directory, or ``--tracking csv`` (a run directory per
 run) where MLflow is not installed (``--tracking auto``, the default, picks).
