@@ -22,8 +22,7 @@ each user's NDCG@10 averaged over the seeds first, from the runs' per-user test 
 
 Arms of one question (an option changed, ``--set``): ``--baseline-from DIR`` adds, per size, the
 paired bootstrap of this one run minus the one run of an earlier work directory (same sizes and
-seeds), the baseline arm; ``--twins-from DIR`` takes the sizes trained alone from such a directory
-instead of training them, for an option that changes nothing in a one-size model.
+seeds), the baseline arm.
 
 Every run is ``python -m recsys.train`` (its ``run``, so that the child can report the rows), with
 ``--tracking mlflow`` into a store in the work directory, or ``--tracking csv`` (a run directory per
@@ -80,18 +79,13 @@ print("BENCH-RESULT " + json.dumps({
 class Runs:
     """Training runs in child processes, at most ``parallel`` at a time, each with its own log file."""
 
-    def __init__(self, config: Path, workdir: Path, tracking: str, parallel: int, twins_dir: Path | None = None):
+    def __init__(self, config: Path, workdir: Path, tracking: str, parallel: int):
         self.config, self.workdir, self.tracking, self.parallel = config, workdir, tracking, parallel
-        self.twins_dir = twins_dir  # where the sizes trained alone were finished (--twins-from), if not here
         self.pending: list[tuple[str, list[str]]] = []
-
-    def home(self, name: str) -> Path:
-        """The work directory that holds run ``name``."""
-        return self.twins_dir if self.twins_dir is not None and name.startswith("separate-") else self.workdir
 
     def ranks_file(self, name: str) -> Path:
         """Where run ``name`` leaves every test user's rank per size (users, ranks (M, users))."""
-        return self.home(name) / f"{name}.ranks.npz"
+        return self.workdir / f"{name}.ranks.npz"
 
     def ranks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.ranks_file(name)) as f:
@@ -128,7 +122,7 @@ class Runs:
     def finished_before(self, name: str) -> dict | None:
         """The result of run ``name`` if an earlier job in this work directory finished it (its log
         holds the result line and its ranks file exists), else None."""
-        log = self.home(name) / f"{name}.log"
+        log = self.workdir / f"{name}.log"
         if not (log.exists() and self.ranks_file(name).exists()):
             return None
         line = next((x for x in log.read_text().splitlines() if x.startswith("BENCH-RESULT ")), None)
@@ -144,8 +138,6 @@ class Runs:
         pending = []
         for name, overrides in self.pending:
             earlier = self.finished_before(name)
-            if earlier is None and self.home(name) != self.workdir:
-                raise SystemExit(f"--twins-from {self.home(name)}: no finished run {name} there")
             if earlier is None:
                 pending.append((name, overrides))
             else:
@@ -368,10 +360,6 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the test users")
     parser.add_argument("--replot", action="store_true", help="only redraw accuracy_<name>.png from its JSON")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where accuracy_<name>.{json,md,png} go")
-    parser.add_argument("--twins-from", type=Path, default=None,
-                        help="take the sizes trained alone from this earlier work directory instead of training them: "
-                             "only where --set changes nothing in a one-size model (an option for the smaller sizes "
-                             "of the one run, such as model.separate_item_vectors)")
     parser.add_argument("--baseline-from", type=Path, default=None,
                         help="an earlier work directory whose one run (same sizes and seeds) this one run is compared "
                              "with, per size: the paired bootstrap of the difference in NDCG@10")
@@ -406,7 +394,7 @@ def main() -> None:
     tracking = args.tracking
     if tracking == "auto":
         tracking = "mlflow" if importlib.util.find_spec("mlflow") is not None else "csv"
-    runs = Runs(args.config, workdir, tracking, args.parallel, args.twins_from)
+    runs = Runs(args.config, workdir, tracking, args.parallel)
     separate_sizes = [] if args.skip_separate else (
         [int(x) for x in args.separate_sizes.split(",")] if args.separate_sizes else sizes)
     for seed in args.seeds:
@@ -422,8 +410,6 @@ def main() -> None:
     results = runs.finish()
     report: dict = {"name": name, "overrides": overrides, "runner": "cli", "tracking": tracking, "parallel": args.parallel,
                     "seeds": args.seeds, "matryoshka": over_seeds([results[f"matryoshka-seed{n}"] for n in args.seeds])}
-    if args.twins_from is not None:
-        report["twins_from"] = args.twins_from.name  # the work directory's name: the runs were not trained here
     report["separate"] = []
     for s in separate_sizes:
         one = over_seeds([results[f"separate-d{s}-seed{n}"] for n in args.seeds])

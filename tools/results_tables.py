@@ -193,8 +193,6 @@ def accuracy_command(report: dict) -> str:
         args.append("--skip-sasrec")
     if report.get("seeds", [0]) != [0]:
         args.append("--seeds " + " ".join(str(n) for n in report["seeds"]))
-    if report.get("twins_from"):
-        args.append("--twins-from BASELINE_WORKDIR")
     if report.get("baseline_from"):
         args.append("--baseline-from BASELINE_WORKDIR")
     overrides = list(report.get("overrides", []))
