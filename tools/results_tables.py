@@ -1052,6 +1052,30 @@ def block_twin_arms() -> list[str]:
     return lines
 
 
+#: single Sports models of LRURec's size against its published figure: the yardstick question
+SPORTS_YARDSTICK = ("sports-lru-d64-full", "sports-lru-d64-full-untied")
+
+
+def block_sports_yardstick() -> list[str]:
+    """One LRU of LRURec's size trained alone on Sports, per recipe, against the published figure."""
+    published = published_ndcg()["sports"]
+    reports = [load(f"accuracy_{name}.json") for name in SPORTS_YARDSTICK if (RESULTS / f"accuracy_{name}.json").exists()]
+    rows = []
+    for report in reports:
+        row = report["matryoshka"]["rows"][0]
+        against = report.get("against_baseline", [])
+        rows.append([arm_change(report), str(row["size"]), f4(row["ndcg_10"]), f4(row["recall_10"]),
+                     f3(row["ndcg_10"] / published["LRURec"]) + "x", interval(against[0]) if against else "",
+                     str(int(report["matryoshka"]["epochs"]))])
+    lines = [protocol_line(reports[0]), ""]
+    lines += [f"- `{accuracy_command(r)}` → `bench/results/accuracy_{r['name']}.json` ({r['date']})" for r in reports]
+    lines += ["", *table(["recipe (beyond `configs/sports.yaml`)", "size", "NDCG@10", "Recall@10",
+                          f"NDCG@10 / LRURec's {f4(published['LRURec'])}", "minus the row above, paired bootstrap 95%",
+                          "epochs"], "lrrrrrr", rows)]
+    lines += ["", f"Seed {reports[0]['seeds'][0]} only. " + measured_on(reports[0]["machine"], reports[0].get("threads"), None)]
+    return lines
+
+
 def block_accuracy_sports() -> list[str]:
     """The full softmax against the sampled one on Sports, one run each, and the smallest size alone."""
     full = load("accuracy_sports-4ep.json")
@@ -1306,6 +1330,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "accuracy-sports-config": block_accuracy_sports_config,
     "accuracy-sports": block_accuracy_sports,
     "twin-arms-ml-1m-cpu": block_twin_arms,
+    "sports-yardstick": block_sports_yardstick,
     "serve": block_serve,
     "elastic-sports": block_elastic,
     "elastic-sports-focus": lambda: block_elastic("elastic_sports-focus.json"),
