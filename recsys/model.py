@@ -194,8 +194,8 @@ def check_options(
         raise OptionError("{learned_temperature} and {distill} do not combine: the distillation's teacher is unscaled")
     if not isinstance(separate_item_vectors, bool) and separate_item_vectors != "all":
         raise OptionError(f"{{separate_item_vectors}} must be true, false or 'all', got {separate_item_vectors!r}")
-    if separate_item_vectors and (distill > 0 or learned_temperature):
-        raise OptionError("{separate_item_vectors} does not combine with {distill} or {learned_temperature}")
+    if separate_item_vectors and distill > 0:
+        raise OptionError("{separate_item_vectors} and {distill} do not combine: each size scores its own item vectors")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
     if trained is not None and (learned_temperature or separate_item_vectors):
@@ -540,7 +540,7 @@ class MatryoshkaRecommender(L.LightningModule):
             if self.item_heads is None:
                 loss = self._loss(states[valid], step, self.sizes, self.hparams.loss_weights, scales)
             else:
-                loss = self._separate_items_loss(states[valid], step)
+                loss = self._separate_items_loss(states[valid], step, scales)
             names = [f"d{size}" for size in self.sizes]
             total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
         else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
@@ -600,7 +600,7 @@ class MatryoshkaRecommender(L.LightningModule):
         return sampled_matryoshka_cross_entropy(user, candidates, targets, sizes, step.negatives, log_q=step.log_q,
                                                 weights=weights, logit_scales=logit_scales)
 
-    def _separate_items_loss(self, user: torch.Tensor, step: StepInputs) -> MatryoshkaLoss:
+    def _separate_items_loss(self, user: torch.Tensor, step: StepInputs, logit_scales=None) -> MatryoshkaLoss:
         """Every size's softmax against its own item vectors (``separate_item_vectors``), one loss
         per size against its own matrix (each full softmax memory-flat, each sampled one over the
         step's rows of that size's tower): ``M`` products of ``s_m`` columns instead of one of ``D``."""
@@ -609,8 +609,9 @@ class MatryoshkaRecommender(L.LightningModule):
         else:
             heads = [head() if self._train_rows is None else head()[self._train_rows] for head in self.item_heads]
         per_size = torch.stack([
-            self._loss(user[:, :size], step._replace(candidates=items), (size,), None).total
-            for size, items in zip(self.sizes, [*heads, step.candidates])
+            self._loss(user[:, :size], step._replace(candidates=items), (size,), None,
+                       None if logit_scales is None else logit_scales[m : m + 1]).total
+            for m, (size, items) in enumerate(zip(self.sizes, [*heads, step.candidates]))
         ])
         weights = self.hparams.loss_weights or [1.0] * len(self.sizes)
         return MatryoshkaLoss((per_size * per_size.new_tensor(weights)).sum(), per_size.detach())

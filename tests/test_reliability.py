@@ -871,7 +871,7 @@ BAD_INPUTS = [
              r"^--model\.learned_temperature and --model\.distill do not combine: the distillation's teacher is unscaled$"),
     BadInput("recsys.train", "separate item vectors with distillation (`--model.separate_item_vectors true --model.distill 0.5`)",
              (*TRAIN, "--model.separate_item_vectors", "true", "--model.distill", "0.5"),
-             r"^--model\.separate_item_vectors does not combine with --model\.distill or --model\.learned_temperature$"),
+             r"^--model\.separate_item_vectors and --model\.distill do not combine: each size scores its own item vectors$"),
     BadInput("recsys.train", "no negatives for the sampled loss (`--model.negatives 0`)",
              (*TRAIN, "--model.loss", "sampled", "--model.negatives", "0"),
              r"^--model\.negatives must be a positive integer, got 0$"),

@@ -558,3 +558,19 @@ def test_separate_item_vectors_with_the_sampled_loss_use_each_towers_rows_of_the
     torch.testing.assert_close(loss[2][0], expected.total.detach())
     loss[0].backward()
     assert model.item_heads[0].projections["text"].weight.grad.abs().sum() > 0
+
+
+def test_learned_temperature_with_separate_item_vectors_scales_each_sizes_own_loss():
+    model = _tiny_model(separate_item_vectors="all", learned_temperature=True)
+    with torch.no_grad():
+        model.log_logit_scale.copy_(torch.tensor([0.5, -0.2]))
+    loss = model.training_loss(TINY_BATCH)
+    step = model.step_inputs(TINY_BATCH)
+    valid = step.targets > 0
+    user = model.net.sequence_states(step.input_ids, step.items)[valid]
+    targets = step.targets[valid] - 1
+    expected = [torch.nn.functional.cross_entropy(user[:, :s] @ head()[1:].t() * t, targets)
+                for s, head, t in zip([4, 8], model.item_heads, model.log_logit_scale.exp())]
+    torch.testing.assert_close(torch.stack(list(loss[2])), torch.stack(expected).detach())
+    loss[0].backward()
+    assert bool((model.log_logit_scale.grad != 0).all())
