@@ -1003,8 +1003,14 @@ def block_accuracy_ml1m_cpu() -> list[str]:
 
 
 #: the arms on MovieLens-1M's reduced protocol, the baseline first: each a bench/accuracy.py run of
-#: the config with one option changed
-TWIN_ARMS = ("ml-1m-cpu-base", "ml-1m-cpu-temperature", "ml-1m-cpu-separate-items", "ml-1m-cpu-untied")
+#: the config with one option changed, and the arm whose one run it is compared with (--baseline-from)
+TWIN_ARMS = {
+    "ml-1m-cpu-base": None,
+    "ml-1m-cpu-temperature": "ml-1m-cpu-base",
+    "ml-1m-cpu-separate-items": "ml-1m-cpu-base",
+    "ml-1m-cpu-untied": "ml-1m-cpu-base",
+    "ml-1m-cpu-untied-temperature": "ml-1m-cpu-untied",
+}
 #: overrides every arm shares (the reduced protocol), left out of what an arm changes
 PROTOCOL_OVERRIDES = ("--trainer.max_epochs", "--data.max_len", "--model.sizes")
 
@@ -1017,11 +1023,11 @@ def arm_change(report: dict) -> str:
 
 
 def block_twin_arms() -> list[str]:
-    """The one run of each arm (an option changed) at every size: against the baseline's one run
-    (paired bootstrap), and against the twins at the twin sizes. An arm with twins of its own (trained
-    with its option) has their bootstrap; an arm screened without twins is set against the baseline's
-    twins of the same seeds, with no interval."""
-    base = load(f"accuracy_{TWIN_ARMS[0]}.json")
+    """The one run of each arm (an option changed) at every size: against the one run of the arm it
+    extends (paired bootstrap), and against the twins at the twin sizes. An arm with twins of its own
+    (trained with its option) has their bootstrap; an arm screened without twins is set against the
+    twins of the arm it extends, same seeds, with no interval."""
+    base = load("accuracy_ml-1m-cpu-base.json")
     reports = [load(f"accuracy_{name}.json") for name in TWIN_ARMS if (RESULTS / f"accuracy_{name}.json").exists()]
     rows = []
     for report in reports:
@@ -1034,18 +1040,21 @@ def block_twin_arms() -> list[str]:
             twin, note = own.get(size), ""
             if size in own:
                 note = interval(against_twin[size])
-            elif report is not base and size in {r["size"] for r in base["separate"]}:
-                alone = [base["per_seed"][f"separate-d{size}-seed{n}"]["rows"][0]["ndcg_10"] for n in seeds]
-                twin, note = sum(alone) / len(alone), "the baseline's twins"
+            elif TWIN_ARMS[report["name"]] and size in {r["size"] for r in base["separate"]}:
+                theirs = load(f"accuracy_{TWIN_ARMS[report['name']]}.json")  # the twins of the arm it extends
+                alone = [theirs["per_seed"][f"separate-d{size}-seed{n}"]["rows"][0]["ndcg_10"] for n in seeds]
+                twin, note = sum(alone) / len(alone), "its baseline's twins"
             rows.append([
                 arm_change(report), " ".join(str(n) for n in seeds), str(size), f4(row["ndcg_10"]),
                 interval(against_base[size]) if size in against_base else "",
                 f4(twin) if twin is not None else "", f3(row["ndcg_10"] / twin) + "x" if twin is not None else "", note,
             ])
     lines = [protocol_line(base), ""]
-    lines += [f"- `{accuracy_command(r)}` → `bench/results/accuracy_{r['name']}.json` ({r['date']})" for r in reports]
+    lines += [f"- `{accuracy_command(r)}` → `bench/results/accuracy_{r['name']}.json` ({r['date']})"
+              + (f"; its baseline: the work directory of `{TWIN_ARMS[r['name']]}`" if TWIN_ARMS[r["name"]] else "")
+              for r in reports]
     lines += ["", *table(["arm (what it changes)", "seeds", "size", "NDCG@10 one run",
-                          "one run - baseline's one run, paired bootstrap 95%", "NDCG@10 twin", "one run / twin",
+                          "one run - its baseline's one run, paired bootstrap 95%", "NDCG@10 twin", "one run / twin",
                           "one run - twin, paired bootstrap 95%"], "llrrrrrr", rows)]
     lines += ["", measured_on(base["machine"], base.get("threads"), None) + " The arms' runs took turns on the "
               "same two cores, several at a time."]
