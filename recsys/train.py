@@ -144,6 +144,9 @@ def validate_config(config) -> None:
             f"--data.data_dir {data.data_dir}: no such directory; prepare one with "
             "`python -m recsys.data prepare --interactions FILE --items FILE --out DIR`"
         )
+    epochs = config.trainer.get("max_epochs")
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and (epochs == 0 or epochs < -1):
+        raise ConfigError(f"--trainer.max_epochs {epochs}: trains nothing; give at least 1 (or -1: until early stopping ends the run)")
     if config.run_dir is not None and config.tracking != "csv":
         raise ConfigError(f"--run_dir {config.run_dir}: only used with --tracking csv")
 

@@ -875,6 +875,8 @@ BAD_INPUTS = [
     BadInput("recsys.train", "no negatives for the sampled loss (`--model.negatives 0`)",
              (*TRAIN, "--model.loss", "sampled", "--model.negatives", "0"),
              r"^--model\.negatives must be a positive integer, got 0$"),
+    BadInput("recsys.train", "no epochs to train (`--trainer.max_epochs 0`)", (*TRAIN, "--trainer.max_epochs", "0"),
+             r"^--trainer\.max_epochs 0: trains nothing; give at least 1 \(or -1: until early stopping ends the run\)$"),
     BadInput("recsys.train", "wrong type (`--trainer.max_epochs ten`)", (*TRAIN, "--trainer.max_epochs", "ten"),
              r"^Parser key \"trainer\.max_epochs\": .*Expected a <class 'int'>.* Given value: ten$"),
     BadInput("recsys.train", "`--data.data_dir` missing", (*TRAIN, "--data.data_dir", "data/mine"),
