@@ -616,6 +616,16 @@ class MatryoshkaRecommender(L.LightningModule):
         weights = self.hparams.loss_weights or [1.0] * len(self.sizes)
         return MatryoshkaLoss((per_size * per_size.new_tensor(weights)).sum(), per_size.detach())
 
+    @torch.no_grad()
+    def own_item_vectors(self, size: int) -> torch.Tensor | None:
+        """``(N + 1, size)``: the item vectors size ``size`` scores against when it has its own
+        (``separate_item_vectors``), or None where it scores the prefix of the shared item matrix
+        that it also reads histories through."""
+        if self.item_heads is None:
+            return None
+        own = self.sizes[: len(self.item_heads)]  # the sizes below the largest, or with "all" every size
+        return self.item_heads[own.index(size)]() if size in own else None
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled
         loss): stop before the optimizer writes them into the weights."""

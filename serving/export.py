@@ -118,7 +118,7 @@ def export_size(
             f"the {model.hparams.encoder} encoder is not nested: it can be exported at its full size "
             f"{model.sizes[-1]} only, not {width}"
         )
-    output = own_item_vectors(model, size)
+    output = model.own_item_vectors(size)
     if output is not None and (funnel_prefix is not None or elastic):
         raise ExportError(
             f"size {size} scores items with its own item vectors (--model.separate_item_vectors), whose prefixes were "
@@ -199,17 +199,6 @@ def export_size(
     log.info("exported size %d, width %d, depth %d (%d encoder parameters) to %s", size, width, depth,
              manifest["num_parameters"], path)
     return path
-
-
-def own_item_vectors(model, size: int) -> torch.Tensor | None:
-    """``(N + 1, size)``: the item vectors that size ``size`` of a model trained with
-    ``--model.separate_item_vectors`` scores against (its own item tower's), or None where it scores
-    against the prefix of the shared item matrix that it also reads histories through."""
-    heads = getattr(model, "item_heads", None)
-    if heads is None:
-        return None
-    own = model.sizes[: len(heads)]  # the sizes below the largest, or with "all" every size
-    return heads[own.index(size)]().detach() if size in own else None
 
 
 def _retriever_settings(
