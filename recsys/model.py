@@ -37,7 +37,14 @@ from recsys.nn.loss import (
     sampled_matryoshka_cross_entropy,
 )
 from recsys.nn.grid import GRIDS, Triple, build_grid, vector_groups
-from recsys.nn.nested import check_sizes, cut_sizes, cut_to_size, nested_parameter_count
+from recsys.nn.nested import (
+    check_sizes,
+    cut_sizes,
+    cut_to_size,
+    nested_parameter_count,
+    scale_prefix_gradient,
+    set_prefix_gradient,
+)
 from recsys.nn.recommender import SequentialRecommender
 
 # The Trainer settings this module and SequenceDataModule are built for (the CLI's defaults).
@@ -154,6 +161,7 @@ def check_options(
     id_dropout: Any = 0.0,
     learned_temperature: Any = False,
     separate_item_vectors: Any = False,
+    prefix_gradient: Any = 1.0,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
     training CLI runs them before it reads any data. Returns the sizes, the monitored size,
@@ -196,6 +204,13 @@ def check_options(
         raise OptionError(f"{{separate_item_vectors}} must be true, false or 'all', got {separate_item_vectors!r}")
     if separate_item_vectors and distill > 0:
         raise OptionError("{separate_item_vectors} and {distill} do not combine: each size scores its own item vectors")
+    if isinstance(prefix_gradient, bool) or not isinstance(prefix_gradient, (int, float)) or not 0 <= prefix_gradient <= 1:
+        raise OptionError(f"{{prefix_gradient}} must be a number in [0, 1], got {prefix_gradient!r}")
+    if prefix_gradient < 1 and not separate_item_vectors:
+        raise OptionError("{prefix_gradient} below 1 needs {separate_item_vectors} true or 'all': "
+                          "with tied item vectors every size's softmax reads the smaller sizes' item chunks")
+    if prefix_gradient < 1 and encoder == "sasrec":
+        raise OptionError("{prefix_gradient} below 1 needs a nested encoder (lru or mamba): SASRec's layers are shared whole")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
     if trained is not None and (learned_temperature or separate_item_vectors):
@@ -291,6 +306,12 @@ class MatryoshkaRecommender(L.LightningModule):
             size: output item vectors untied from the input ones). An export of such a size holds
             and searches its own item vectors (``serving/export_dir.py``). The loss is one per
             size, each against its own matrix; no funnel over those vectors.
+        prefix_gradient: with ``separate_item_vectors``, the factor on the gradient that a size's
+            loss sends to the weights of the smaller sizes' chunks (every layer's cross-chunk
+            blocks and the loss's own read of the smaller chunks; forward values never change).
+            1 is plain training; 0 trains each chunk by its own size's loss alone, so the
+            smallest size learns exactly as if it were trained alone and each larger size adds
+            its chunk on top of the smaller ones. Training only.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -359,12 +380,13 @@ class MatryoshkaRecommender(L.LightningModule):
         triples: list[list[int]] | None = None,
         learned_temperature: bool = False,
         separate_item_vectors: bool | Literal["all"] = False,
+        prefix_gradient: float = 1.0,
     ) -> None:
         super().__init__()
         self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(
             sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
             distill, distill_teacher, n_blocks, depths, pairs, grid, triples, use_id_embedding, id_dropout,
-            learned_temperature, separate_item_vectors,
+            learned_temperature, separate_item_vectors, prefix_gradient,
         )
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
         lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
@@ -385,6 +407,7 @@ class MatryoshkaRecommender(L.LightningModule):
             input_dropout=input_dropout,
             grid=self.trained_triples,
         )
+        set_prefix_gradient(self.net, prefix_gradient)
         # the output item towers of the sizes below the largest (or of all), with separate_item_vectors
         head_sizes = self.sizes if separate_item_vectors == "all" else self.sizes[:-1] if separate_item_vectors else ()
         self.item_heads = torch.nn.ModuleList(
@@ -608,10 +631,13 @@ class MatryoshkaRecommender(L.LightningModule):
             heads = [head(step.rows) for head in self.item_heads]
         else:
             heads = [head() if self._train_rows is None else head()[self._train_rows] for head in self.item_heads]
+        factor = self.hparams.prefix_gradient
+        starts = (0, *self.sizes[:-1])  # where each size's own chunk starts
         per_size = torch.stack([
-            self._loss(user[:, :size], step._replace(candidates=items), (size,), None,
-                       None if logit_scales is None else logit_scales[m : m + 1]).total
-            for m, (size, items) in enumerate(zip(self.sizes, [*heads, step.candidates]))
+            self._loss(scale_prefix_gradient(user[:, :size], start, factor),
+                       step._replace(candidates=items if m < len(heads) else scale_prefix_gradient(items, start, factor)),
+                       (size,), None, None if logit_scales is None else logit_scales[m : m + 1]).total
+            for m, (size, start, items) in enumerate(zip(self.sizes, starts, [*heads, step.candidates]))
         ])
         weights = self.hparams.loss_weights or [1.0] * len(self.sizes)
         return MatryoshkaLoss((per_size * per_size.new_tensor(weights)).sum(), per_size.detach())

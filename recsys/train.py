@@ -132,7 +132,7 @@ def validate_config(config) -> None:
                       model.distill, model.distill_teacher,
                       model.n_blocks, model.depths, model.pairs, model.grid, model.triples,
                       model.use_id_embedding, model.id_dropout, model.learned_temperature,
-                      model.separate_item_vectors)
+                      model.separate_item_vectors, model.prefix_gradient)
     except OptionError as exc:
         raise ConfigError(exc.render("--model.")) from None
     if data.data_dir is None and data.synthetic is not None:

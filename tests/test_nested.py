@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from recsys.nn.nested import (
+    ChunkwiseProjection,
     NestedLayerNorm,
     NestedLinear,
     PrefixProjection,
@@ -13,6 +14,8 @@ from recsys.nn.nested import (
     cut_to_size,
     nested_parameter_count,
     prefix_scores,
+    scale_prefix_gradient,
+    set_prefix_gradient,
 )
 
 SIZES = (4, 8, 16, 32)
@@ -55,6 +58,44 @@ def test_masked_and_block_modes_agree_in_value_and_gradient():
     # only the block-lower-triangular part gets gradient
     torch.testing.assert_close(ga[1] * masked.mask, gb[1] * masked.mask, rtol=1e-5, atol=1e-5)
     assert torch.all(ga[1][masked.mask == 0] == 0)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.3])
+@pytest.mark.parametrize("make", [lambda: NestedLinear(SIZES, in_mult=2, out_mult=3, mode="blocks"),
+                                  lambda: ChunkwiseProjection(SIZES, 5, in_mult=2, bias=True)])
+def test_prefix_gradient_scales_only_what_a_chunk_sends_back_to_earlier_chunks(make, factor):
+    """``prefix_gradient``: forward values and the weights' gradients are those of the plain layer,
+    bit for bit; the gradient to the input is the one through the weight whose blocks that read an
+    earlier chunk are multiplied by the factor."""
+    torch.manual_seed(2)
+    plain = make()
+    scaled = make()
+    scaled.load_state_dict(plain.state_dict())
+    set_prefix_gradient(scaled, factor)
+    x = torch.randn(3, 4, 2 * SIZES[-1], requires_grad=True)
+    y_plain, y_scaled = plain(x), scaled(x)
+    assert torch.equal(y_plain, y_scaled.reshape(y_plain.shape))
+    g = torch.randn_like(y_plain)
+    dx_plain, dw_plain = torch.autograd.grad(y_plain, [x, plain.weight], g)
+    dx, dw = torch.autograd.grad(y_scaled, [x, scaled.weight], g)
+    torch.testing.assert_close(dw, dw_plain)
+    own, cross = scaled.own_mask, scaled.mask - scaled.own_mask
+    assert own.sum() > 0 and cross.sum() > 0 and torch.all(own <= scaled.mask)
+    expected = g.flatten(-2) if g.dim() == 4 else g
+    torch.testing.assert_close(dx, expected @ (plain.weight * (own + factor * cross)))
+    assert not torch.allclose(dx, dx_plain)
+    with torch.no_grad():  # evaluation takes the plain path
+        assert scaled.input_gradient_weight() is None
+
+
+def test_scale_prefix_gradient_keeps_the_value_and_scales_the_head_gradient():
+    x = torch.randn(5, 8, requires_grad=True)
+    y = scale_prefix_gradient(x, 3, 0.25)
+    assert torch.equal(y, x)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(grad, torch.tensor([0.25] * 3 + [1.0] * 5).expand(5, 8))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        set_prefix_gradient(NestedLinear(SIZES), 1.5)
 
 
 def test_nested_parameter_count_follows_the_blocks():

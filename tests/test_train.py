@@ -574,3 +574,40 @@ def test_learned_temperature_with_separate_item_vectors_scales_each_sizes_own_lo
     torch.testing.assert_close(torch.stack(list(loss[2])), torch.stack(expected).detach())
     loss[0].backward()
     assert bool((model.log_logit_scale.grad != 0).all())
+
+
+@pytest.mark.parametrize("encoder", ["lru", "mamba"])
+@pytest.mark.parametrize("separate", [True, "all"])
+def test_prefix_gradient_zero_trains_the_smallest_size_by_its_own_loss_alone(encoder, separate):
+    """``prefix_gradient 0``: every weight the size-4 model keeps gets exactly the gradient of the
+    size-4 loss alone, the larger sizes' losses sending it nothing (so the smallest size learns as
+    its twin would); at 1 (plain training) they do send it some."""
+    from recsys.nn.nested import cut_to_size
+
+    def trained_on(weights, factor):
+        model = _tiny_model(encoder=encoder, separate_item_vectors=separate, prefix_gradient=factor,
+                            loss_weights=weights)
+        model.training_loss(TINY_BATCH)[0].backward()
+        return {name: p.grad for name, p in model.named_parameters()}, model
+
+    every, model = trained_on([1.0, 1.0], 0.0)
+    alone, _ = trained_on([1.0, 0.0], 0.0)
+    plain, _ = trained_on([1.0, 1.0], 1.0)
+    kept = {f"net.{name}": p.shape for name, p in cut_to_size(model.net, 4).named_parameters()}
+    kept |= {f"item_heads.0.{name}": p.shape for name, p in model.item_heads[0].named_parameters()}
+    assert len(kept) > 10
+    differs = []
+    for name, shape in kept.items():
+        prefix = tuple(slice(0, n) for n in shape)
+        torch.testing.assert_close(every[name][prefix], alone[name][prefix], rtol=1e-5, atol=1e-7, msg=name)
+        differs.append(not torch.allclose(plain[name][prefix], alone[name][prefix], rtol=1e-5, atol=1e-7))
+    assert sum(differs) > len(kept) // 2
+    # forward values are those of plain training
+    torch.testing.assert_close(model.training_loss(TINY_BATCH)[0], trained_on([1.0, 1.0], 1.0)[1].training_loss(TINY_BATCH)[0])
+
+
+def test_prefix_gradient_below_one_is_refused_where_it_has_no_meaning():
+    with pytest.raises(OptionError, match="needs separate_item_vectors true"):
+        _tiny_model(prefix_gradient=0.5)
+    with pytest.raises(OptionError, match=r"must be a number in \[0, 1\]"):
+        _tiny_model(separate_item_vectors="all", prefix_gradient=-0.1)

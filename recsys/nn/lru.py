@@ -25,7 +25,14 @@ from torch import nn
 
 from recsys.nn.dropout import Dropout
 from recsys.nn.grid import StackedBlocks
-from recsys.nn.nested import NestedLayerNorm, NestedLinear, NestedModule, check_sizes, shrink_parameter_
+from recsys.nn.nested import (
+    NestedLayerNorm,
+    NestedLinear,
+    NestedModule,
+    check_sizes,
+    linear_with_input_gradient,
+    shrink_parameter_,
+)
 
 __all__ = [
     "linear_recurrence_scan",
@@ -167,7 +174,9 @@ class LRULayer(NestedModule):
         x = x * mask.unsqueeze(-1).to(x.dtype)
         gamma = torch.exp(self.gamma_log).repeat_interleave(2).unsqueeze(1)
         w_in = torch.stack([self.b_re.masked_weight(), self.b_im.masked_weight()], dim=1).flatten(0, 1) * gamma
-        drive = torch.view_as_complex(F.linear(x, w_in).float().unflatten(-1, (-1, 2)))
+        drive = torch.view_as_complex(
+            linear_with_input_gradient(x, w_in, None, self._input_gradient_of("b", w_in)).float().unflatten(-1, (-1, 2))
+        )
         if last_only:
             states, x = linear_recurrence_last(self.decay(), drive), x[:, -1:]
         else:
@@ -176,7 +185,17 @@ class LRULayer(NestedModule):
             recurrence = linear_recurrence_steps if sequential else linear_recurrence_scan
             states = recurrence(self.decay(), drive)
         w_out = torch.stack([self.c_re.masked_weight(), -self.c_im.masked_weight()], dim=2).flatten(1)
-        return F.linear(torch.view_as_real(states).flatten(-2), w_out) + self.skip * x
+        states = torch.view_as_real(states).flatten(-2)
+        return linear_with_input_gradient(states, w_out, None, self._input_gradient_of("c", w_out)) + self.skip * x
+
+    def _input_gradient_of(self, which: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """``B``'s or ``C``'s interleaved weight with the blocks that read earlier chunks scaled
+        (``prefix_gradient``), laid out like ``weight``; None when the gradient is plain."""
+        mask = (self.b_re if which == "b" else self.c_re).input_gradient_mask()
+        if mask is None:
+            return None
+        # B: rows (re, im) interleaved per channel; C: columns
+        return weight * mask.repeat_interleave(2, dim=0 if which == "b" else 1)
 
     def _shrink_(self, size: int) -> None:
         for name in ("nu_log", "theta_log", "gamma_log", "skip"):

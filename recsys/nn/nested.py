@@ -40,6 +40,9 @@ __all__ = [
     "cut_to_size",
     "nested_parameter_count",
     "shrink_parameter_",
+    "linear_with_input_gradient",
+    "scale_prefix_gradient",
+    "set_prefix_gradient",
 ]
 
 M = TypeVar("M", bound=nn.Module)
@@ -232,7 +235,69 @@ def nested_parameter_count(model: nn.Module) -> int:
     return total
 
 
-class NestedLinear(NestedModule):
+def _passed_through(y: torch.Tensor) -> torch.Tensor:
+    """Exact zeros that carry ``y``'s gradient: added to a value, they change nothing but its backward."""
+    return y - y.detach()
+
+
+def linear_with_input_gradient(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, input_gradient_weight: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, exactly, whose gradient to ``x`` goes through
+    ``input_gradient_weight`` instead of ``weight`` (the weights' own gradients are unchanged).
+    ``None``: the plain product."""
+    if input_gradient_weight is None:
+        return F.linear(x, weight, bias)
+    return F.linear(x.detach(), weight, bias) + _passed_through(F.linear(x, input_gradient_weight.detach()))
+
+
+def scale_prefix_gradient(x: torch.Tensor, start: int, factor: float) -> torch.Tensor:
+    """``x`` unchanged, with the gradient to ``x[..., :start]`` multiplied by ``factor``: a size's
+    loss reading the chunks of the smaller sizes (``prefix_gradient``)."""
+    if factor == 1 or start == 0:
+        return x
+    head = x[..., :start]
+    return torch.cat([head.detach() + factor * _passed_through(head), x[..., start:]], dim=-1)
+
+
+def _own_blocks(out_bounds: Sequence[tuple[int, int]], in_bounds: Sequence[tuple[int, int]], shape) -> torch.Tensor:
+    """0/1 mask of the blocks where an output chunk reads its own input chunk."""
+    own = torch.zeros(shape)
+    for (o0, o1), (i0, i1) in zip(out_bounds, in_bounds):
+        own[o0:o1, i0:i1] = 1.0
+    return own
+
+
+class PrefixGradient:
+    """Mixin of the nested products: ``prefix_gradient`` (1 unless :func:`set_prefix_gradient`
+    says otherwise) multiplies the gradient that an output chunk sends back to the input chunks
+    of the smaller sizes. Forward values never change; at 0 a chunk's weights learn only from
+    its own size's loss and the larger sizes' losses reach them only through their own outputs."""
+
+    prefix_gradient: float = 1.0
+
+    def input_gradient_mask(self) -> torch.Tensor | None:
+        """The weight's mask with the blocks that read earlier chunks scaled by ``prefix_gradient``:
+        times the weight, what inputs take their gradient through (None: the weight itself)."""
+        if self.prefix_gradient == 1 or not torch.is_grad_enabled():
+            return None
+        return self.own_mask + self.prefix_gradient * (self.mask - self.own_mask)
+
+    def input_gradient_weight(self) -> torch.Tensor | None:
+        mask = self.input_gradient_mask()
+        return None if mask is None else self.weight * mask
+
+
+def set_prefix_gradient(model: nn.Module, factor: float) -> None:
+    """Set ``prefix_gradient`` on every nested product of ``model`` (1: plain backpropagation)."""
+    if not 0 <= factor <= 1:
+        raise ValueError(f"prefix_gradient must be in [0, 1], got {factor}")
+    for module in model.modules():
+        if isinstance(module, PrefixGradient):
+            module.prefix_gradient = float(factor)
+
+
+class NestedLinear(PrefixGradient, NestedModule):
     """Block-lower-triangular linear map between nested spaces.
 
     Input chunks are ``in_mult`` times the size chunks, output chunks ``out_mult`` times them
@@ -262,6 +327,9 @@ class NestedLinear(NestedModule):
         self.weight = nn.Parameter(torch.empty(out_mult * d, in_mult * d))
         self.bias = nn.Parameter(torch.zeros(out_mult * d)) if bias else None
         self.register_buffer("mask", self._make_mask(), persistent=False)
+        self.register_buffer("own_mask", _own_blocks(
+            chunk_bounds(self.sizes, out_mult), chunk_bounds(self.sizes, in_mult), self.mask.shape
+        ), persistent=False)
         self.reset_parameters()
 
     def _make_mask(self) -> torch.Tensor:
@@ -298,8 +366,9 @@ class NestedLinear(NestedModule):
         return self.weight * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "masked":
-            return F.linear(x, self.masked_weight(), self.bias)
+        backward = self.input_gradient_weight()
+        if self.mode == "masked" or backward is not None:
+            return linear_with_input_gradient(x, self.masked_weight(), self.bias, backward)
         outs = []
         for (o0, o1), (_, i1) in zip(
             chunk_bounds(self.sizes, self.out_mult), chunk_bounds(self.sizes, self.in_mult)
@@ -312,6 +381,7 @@ class NestedLinear(NestedModule):
         shrink_parameter_(self, "weight", slice(0, self.out_mult * size), slice(0, self.in_mult * size))
         shrink_parameter_(self, "bias", slice(0, self.out_mult * size))
         self.mask = self.mask[: self.out_mult * size, : self.in_mult * size].contiguous()
+        self.own_mask = self.own_mask[: self.out_mult * size, : self.in_mult * size].contiguous()
 
     def extra_repr(self) -> str:
         return (
@@ -370,7 +440,7 @@ class PrefixProjection(NestedModule):
         return f"in={self.in_features}, sizes={list(self.sizes)}"
 
 
-class ChunkwiseProjection(NestedModule):
+class ChunkwiseProjection(PrefixGradient, NestedModule):
     """Per chunk, a linear map from the input prefix of that chunk to ``out_features`` numbers.
 
     Output ``i`` is ``W_i @ x[..., :in_mult*s_i]``: unlike :class:`NestedLinear` every chunk gets
@@ -390,6 +460,8 @@ class ChunkwiseProjection(NestedModule):
         for i, (_, end) in enumerate(chunk_bounds(self.sizes, in_mult)):
             mask[i * out_features : (i + 1) * out_features, :end] = 1.0
         self.register_buffer("mask", mask, persistent=False)
+        rows = [(i * out_features, (i + 1) * out_features) for i in range(n_chunks)]
+        self.register_buffer("own_mask", _own_blocks(rows, chunk_bounds(self.sizes, in_mult), mask.shape), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -403,7 +475,7 @@ class ChunkwiseProjection(NestedModule):
         self.weight.mul_(self.mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight * self.mask, self.bias)
+        out = linear_with_input_gradient(x, self.weight * self.mask, self.bias, self.input_gradient_weight())
         return out.unflatten(-1, (len(self.sizes), self.out_features))
 
     def _shrink_(self, size: int) -> None:
@@ -411,6 +483,7 @@ class ChunkwiseProjection(NestedModule):
         shrink_parameter_(self, "weight", rows, slice(0, self.in_mult * size))
         shrink_parameter_(self, "bias", rows)
         self.mask = self.mask[rows, : self.in_mult * size].contiguous()
+        self.own_mask = self.own_mask[rows, : self.in_mult * size].contiguous()
 
     def extra_repr(self) -> str:
         return f"sizes={list(self.sizes)}, in_mult={self.in_mult}, out_per_chunk={self.out_features}"
