@@ -139,6 +139,35 @@ LOSSES = ("full", "sampled")
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 
 
+def _probability(v) -> bool:
+    return 0 <= v < 1
+
+
+#: every numeric setting's type and range: name -> (integer only, test, what it must be)
+NUMBER_RULES: dict[str, tuple[bool, Any, str]] = {
+    "n_blocks": (True, lambda v: v >= 1, "a positive integer"),
+    "negatives": (True, lambda v: v >= 1, "a positive integer"),
+    "warmup_steps": (True, lambda v: v >= 0, "a non-negative integer"),
+    "loss_block_rows": (True, lambda v: v >= 1, "a positive integer"),
+    "dropout": (False, _probability, "a probability in [0, 1)"),
+    "input_dropout": (False, _probability, "a probability in [0, 1)"),
+    "id_dropout": (False, _probability, "a probability in [0, 1)"),
+    "lr": (False, lambda v: v > 0, "a finite positive number"),
+    "weight_decay": (False, lambda v: v >= 0, "a finite non-negative number"),
+    "distill": (False, lambda v: v >= 0, "a finite non-negative number"),
+    "prefix_gradient": (False, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+}
+
+
+def check_numbers(**values: Any) -> None:
+    """Each named setting against its rule in ``NUMBER_RULES``; raises :class:`OptionError`."""
+    for name, value in values.items():
+        integer, test, what = NUMBER_RULES[name]
+        kinds = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not test(value):
+            raise OptionError(f"{{{name}}} must be {what}, got {value!r}")
+
+
 def check_options(
     sizes: Any,
     encoder: str,
@@ -162,12 +191,16 @@ def check_options(
     learned_temperature: Any = False,
     separate_item_vectors: Any = False,
     prefix_gradient: Any = 1.0,
+    **numbers: Any,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
     training CLI runs them before it reads any data. Returns the sizes, the monitored size,
     each encoder's typed options and the trained triples (None without a grid); raises
     :class:`OptionError` (settings named ``{name}``).
-    :func:`grid_of` checks the elastic options (``depths``, ``pairs``, ``grid``, ``triples``)."""
+    :func:`grid_of` checks the elastic options (``depths``, ``pairs``, ``grid``, ``triples``);
+    ``numbers`` are further numeric settings (``lr``, ``dropout``, ...) checked by ``NUMBER_RULES``."""
+    check_numbers(n_blocks=n_blocks, negatives=negatives, distill=distill, id_dropout=id_dropout,
+                  prefix_gradient=prefix_gradient, **numbers)
     try:
         sizes = check_sizes(sizes)
     except ValueError as exc:
@@ -178,22 +211,21 @@ def check_options(
         raise OptionError(f"{{monitor_size}} {monitor_size} is neither one of {{sizes}} {list(sizes)} nor 'mean'")
     if loss_weights is not None and len(loss_weights) != len(sizes):
         raise OptionError(f"{{loss_weights}} has {len(loss_weights)} entries for {len(sizes)} sizes {list(sizes)}")
+    if loss_weights is not None and (
+        any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in loss_weights)
+        or not any(w > 0 for w in loss_weights)
+    ):
+        raise OptionError(f"{{loss_weights}} must be finite non-negative numbers, not all 0, got {list(loss_weights)}")
     if loss not in LOSSES:
         raise OptionError(f"{{loss}}: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 1:
-        raise OptionError(f"{{negatives}} must be a positive integer, got {negatives!r}")
     if negative_sampling not in NEGATIVE_SAMPLING:
         raise OptionError(
             f"{{negative_sampling}}: unknown sampling {negative_sampling!r}; choose one of {', '.join(NEGATIVE_SAMPLING)}"
         )
-    if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not math.isfinite(distill) or distill < 0:
-        raise OptionError(f"{{distill}} must be a finite non-negative number, got {distill!r}")
     if distill_teacher not in TEACHERS:
         raise OptionError(f"{{distill_teacher}}: unknown teacher {distill_teacher!r}; choose one of {', '.join(TEACHERS)}")
     if distill > 0 and loss != "full":
         raise OptionError(f"{{distill}} works with the full softmax only; {{loss}} is {loss!r}")
-    if isinstance(id_dropout, bool) or not isinstance(id_dropout, (int, float)) or not 0 <= id_dropout < 1:
-        raise OptionError(f"{{id_dropout}} must be a probability in [0, 1), got {id_dropout!r}")
     if id_dropout > 0 and not use_id_embedding:
         raise OptionError(f"{{id_dropout}} {id_dropout} drops item-ID vectors, but {{use_id_embedding}} is false")
     if not isinstance(learned_temperature, bool):
@@ -204,8 +236,6 @@ def check_options(
         raise OptionError(f"{{separate_item_vectors}} must be true, false or 'all', got {separate_item_vectors!r}")
     if separate_item_vectors and distill > 0:
         raise OptionError("{separate_item_vectors} and {distill} do not combine: each size scores its own item vectors")
-    if isinstance(prefix_gradient, bool) or not isinstance(prefix_gradient, (int, float)) or not 0 <= prefix_gradient <= 1:
-        raise OptionError(f"{{prefix_gradient}} must be a number in [0, 1], got {prefix_gradient!r}")
     if prefix_gradient < 1 and not separate_item_vectors:
         raise OptionError("{prefix_gradient} below 1 needs {separate_item_vectors} true or 'all': "
                           "with tied item vectors every size's softmax reads the smaller sizes' item chunks")
@@ -387,6 +417,8 @@ class MatryoshkaRecommender(L.LightningModule):
             sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
             distill, distill_teacher, n_blocks, depths, pairs, grid, triples, use_id_embedding, id_dropout,
             learned_temperature, separate_item_vectors, prefix_gradient,
+            dropout=dropout, input_dropout=input_dropout, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, loss_block_rows=loss_block_rows,
         )
         # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
         lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))

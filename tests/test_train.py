@@ -303,6 +303,16 @@ def test_encoder_options_are_typed_and_exported_flat(encoder, options, expected)
         ({"mamba": {"d_state": 0}}, "mamba.d_state must be a positive integer, got 0"),
         ({"encoder": "sasrec", "sasrec": {"n_heads": 3}}, "sasrec.n_heads 3 must divide the width 16"),
         ({"lru": {"radius": 1}}, "lru.radius: unknown option of the lru encoder"),
+        ({"lr": -0.001}, "lr must be a finite positive number, got -0.001"),
+        ({"lr": float("inf")}, "lr must be a finite positive number, got inf"),
+        ({"dropout": 1.5}, "dropout must be a probability in [0, 1), got 1.5"),
+        ({"input_dropout": -0.1}, "input_dropout must be a probability in [0, 1), got -0.1"),
+        ({"n_blocks": 0}, "n_blocks must be a positive integer, got 0"),
+        ({"warmup_steps": 2.5}, "warmup_steps must be a non-negative integer, got 2.5"),
+        ({"weight_decay": -1}, "weight_decay must be a finite non-negative number, got -1"),
+        ({"loss_block_rows": 0}, "loss_block_rows must be a positive integer, got 0"),
+        ({"loss_weights": [0, 0]}, "loss_weights must be finite non-negative numbers, not all 0, got [0, 0]"),
+        ({"loss_weights": [1, -1]}, "loss_weights must be finite non-negative numbers, not all 0, got [1, -1]"),
     ],
 )
 def test_invalid_model_options_are_checked_once_in_the_model(kwargs, message):
