@@ -1,6 +1,7 @@
 """The preparation pipeline, ``prepare``: an interaction log and an item table in, a prepared-dataset directory out.
 
-Steps, in order: check the options and every input file's columns (before any heavy work); read the
+Steps, in order: check that the output is not, and does not hold, an input file; check the options
+and every input file's columns (before any heavy work); read the
 log and the item table; match their id types; clean the log (exact duplicates, repeat policy,
 iterated k-core, time order); build the user and item vocabularies (0 = padding); mark each user's
 training part (leave-one-out: the last event is test, the one before validation); build the item
@@ -15,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +110,7 @@ def prepare(
     items_id_col = items_id_col or item_col
     text_cols, category_cols = list(text_cols or []), list(category_cols or [])
     vector_files = {name: Path(p) for name, p in (vectors or {}).items()}
+    _refuse_output_over_inputs(out, _input_files(interactions, items, vector_files))
     _check_options(out, items, user_col, item_col, text_cols, category_cols, category_sep, vector_files, min_count, repeats, overwrite)
     if isinstance(cold_start_fraction, bool) or not isinstance(cold_start_fraction, (int, float)) or not 0 <= cold_start_fraction < 1:
         raise DataValidationError("--cold-start-fraction", f"must be a number in [0, 1), got {cold_start_fraction!r}")
@@ -363,6 +366,37 @@ def _check_options(out, items, user_col, item_col, text_cols, category_cols, cat
         raise DataValidationError("--category-cols", f"a column is named twice: {category_cols}")
     if out.exists() and not overwrite:
         raise DataValidationError(out, "the output directory already exists; remove it or pass --overwrite")
+
+
+def _input_files(interactions: Path, items: Path | None, vector_files: dict[str, Path]) -> dict[str, Path]:
+    """Every input file, by the option that gave it."""
+    files = {"--interactions": interactions, **({} if items is None else {"--items": items})}
+    return files | {f"--vectors {name}": path for name, path in vector_files.items()}
+
+
+def _refuse_output_over_inputs(out: Path, inputs: dict[str, Path]) -> None:
+    """The output directory must not be, nor hold, an input file: replacing it would delete the input.
+
+    Compared by what the paths lead to (``os.path.samefile``), so symbolic links, ``..`` and other
+    spellings of one place are caught; an input given as a link counts both as the link and its target."""
+    if not out.exists():
+        return
+    for option, path in inputs.items():
+        if not path.exists():
+            continue  # reported as missing later; nothing of it can be deleted
+        if any(os.path.samefile(out, p) for p in _places_of(path) if p.exists()):
+            if os.path.samefile(out, path):
+                what = f"is the input file given by {option}"
+            else:
+                what = f"holds the input file {path} (given by {option})"
+            raise DataValidationError("--out", f"{out} {what}; writing the output there would delete it; choose another directory")
+
+
+def _places_of(path: Path) -> list[Path]:
+    """The file and the directories above it, both as given (its last part unresolved: a link) and resolved."""
+    entry = path.parent.resolve() / path.name
+    resolved = path.resolve()
+    return [entry, *entry.parents, resolved, *resolved.parents]
 
 
 def _log_columns(user_col, item_col, time_col, weight_col) -> list[tuple[str, str | None]]:

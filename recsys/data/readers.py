@@ -9,7 +9,8 @@ Both commands that read user tables use this module, so that one fault gets one 
 ``python -m recsys.data prepare`` reads whole tables (:func:`read_columns`), ``python -m
 serving.candidates`` streams an interaction log or a history table of any size in chunks
 (:func:`scan_input`, :func:`check_input_schema`, :func:`checked_chunks`). Rows are reported 1-based,
-counted over the whole input.
+counted over the whole input. A CSV or TSV file polars cannot parse is reported with the line at
+fault, found by a second pass made only after the read failed (:mod:`recsys.data.bad_lines`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import polars as pl
 
+from recsys.data.bad_lines import find_bad_line
 from recsys.data.errors import DataValidationError
 
 __all__ = [
@@ -52,9 +54,13 @@ def scan_table(path: str | Path) -> pl.LazyFrame:
     path, suffix = existing_file(path, TABLE_EXTENSIONS)
     if suffix == ".parquet":
         return pl.scan_parquet(path)
-    separator = "\t" if suffix == ".tsv" else ","
-    quote = None if suffix == ".tsv" else '"'
+    separator, quote = _text_dialect(path)
     return pl.scan_csv(path, separator=separator, quote_char=quote, infer_schema=False)
+
+
+def _text_dialect(path: str | Path) -> tuple[str, str | None]:
+    """``(separator, quote character)`` of a CSV or TSV file: TSV is read with quoting off."""
+    return ("\t", None) if Path(path).suffix.lower() == ".tsv" else (",", '"')
 
 
 def input_files(path: str | Path) -> list[Path]:
@@ -79,7 +85,17 @@ def table_schema(path: str | Path, frame: pl.LazyFrame) -> pl.Schema:
     except pl.exceptions.NoDataError:
         raise DataValidationError(path, "the file is empty") from None
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataValidationError(path, f"cannot read the file: {_first_line(exc)}") from None
+        raise unreadable(path, exc) from None
+
+
+def unreadable(path: str | Path, exc: BaseException) -> DataValidationError:
+    """The error for a file polars could not read: for a CSV or TSV file, the line at fault (found by a
+    second pass over the file, made only now that the read has failed), else polars' first line."""
+    problem = None
+    if _is_text(path):
+        separator, quote = _text_dialect(path)
+        problem = find_bad_line(path, separator, quoting=quote is not None)
+    return DataValidationError(path, f"cannot read the file: {problem or _first_line(exc)}")
 
 
 def available_columns(path: str | Path, frame: pl.LazyFrame) -> list[str]:
@@ -126,7 +142,7 @@ def read_columns(path: str | Path, columns: list[tuple[str, str | None]], what: 
     try:
         table = frame.select(wanted).with_row_index(ROW).collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataValidationError(path, f"cannot read the file: {_first_line(exc)}") from None
+        raise unreadable(path, exc) from None
     if table.height == 0:
         raise DataValidationError(path, f"{what} has no rows")
     if _is_text(path):
@@ -239,7 +255,7 @@ def checked_chunks(
     except DataValidationError:
         raise
     except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DataValidationError(path, f"cannot read the file: {_first_line(exc)}") from None
+        raise unreadable(path, exc) from None
     if rows == 0:
         raise DataValidationError(path, f"{what} has no rows")
 

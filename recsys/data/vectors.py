@@ -2,7 +2,8 @@
 
 Two formats: a parquet file with an id column and one list/array column holding the vector, or an
 ``.npz`` file with the arrays ``ids`` (integers or strings) and ``vectors`` (2-D floats). Every vector
-must have the same length and finite values, and every id must occur once; a failure names the id.
+must have the same length (at least 1) and real, finite values that float32 can hold (what training
+reads), and every id must occur once; a failure names the id.
 """
 
 from __future__ import annotations
@@ -43,7 +44,23 @@ def read_item_vectors(path: str | Path, id_columns: list[str]) -> ItemVectors:
     duplicated = ids.is_duplicated()
     if duplicated.any():
         raise DataValidationError(path, f"id {ids.filter(duplicated)[0]!r} has more than one vector")
-    return ItemVectors(path, ids, vectors.astype(np.float32, copy=False))
+    return ItemVectors(path, ids, _as_float32(path, ids, vectors))
+
+
+def _as_float32(path: Path, ids: pl.Series, vectors: np.ndarray) -> np.ndarray:
+    """The finite vectors as float32, which training reads; a value beyond float32's range (it would
+    become infinite, and training would refuse the prepared feature) is refused here, naming its id and row."""
+    with np.errstate(over="ignore"):
+        narrow = vectors.astype(np.float32, copy=False)
+    fits = np.isfinite(narrow).all(axis=1)
+    if not fits.all():
+        k = int(np.argmin(fits))
+        value = vectors[k][~np.isfinite(narrow[k])][0]
+        raise DataValidationError(
+            path, f"the vector of id {ids[k]!r} (row {k + 1}) holds {value:g}, beyond the float32 range "
+            f"(±{float(np.finfo(np.float32).max):.4g}) that training reads; it would become infinite"
+        )
+    return narrow
 
 
 def _read_npz(path: Path) -> tuple[pl.Series, np.ndarray]:
@@ -63,6 +80,10 @@ def _read_npz(path: Path) -> tuple[pl.Series, np.ndarray]:
         raise DataValidationError(path, f"'ids' has dtype {ids.dtype}; ids must be integers or strings")
     if not np.issubdtype(vectors.dtype, np.number):
         raise DataValidationError(path, f"'vectors' has dtype {vectors.dtype}; expected numbers")
+    if np.issubdtype(vectors.dtype, np.complexfloating):
+        raise DataValidationError(path, f"'vectors' has dtype {vectors.dtype}; expected real numbers (the imaginary parts would be lost)")
+    if len(ids) and vectors.shape[1] == 0:
+        raise DataValidationError(path, f"'vectors' has shape {vectors.shape}: every vector is empty (width 0)")
     series = pl.Series("item_id", ids) if ids.dtype.kind in "iu" else pl.Series("item_id", ids.tolist(), dtype=pl.String)
     return series, vectors.astype(np.float64)
 
