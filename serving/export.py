@@ -13,7 +13,9 @@ complete (``recsys.atomic``), so an interrupted export never leaves a directory 
 a re-export keeps the previous one whole and loadable until the new one is in place, and exports
 racing into one place each succeed (the directory is the last one's, whole). ``--out`` is checked
 first (a file, or a place this process cannot write into, is one line before anything is read), and
-a disk that fills up is one line too; the previous export stays whole.
+a disk that fills up is one line too; the previous export stays whole. A checkpoint whose weights or
+item features hold NaN or infinite values is refused before anything is written, and what is written
+must pass the loader's checks before it is swapped in.
 """
 
 from __future__ import annotations
@@ -43,7 +45,17 @@ from safetensors.torch import save_file
 from recsys.atomic import AtomicDirectory, check_writable, reported_write_failures
 from recsys.errors import exit_code_of
 from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
-from serving.export_dir import FORMAT_VERSION, MANIFEST, OUTPUT_ITEMS, ExportError, read_manifest, sha256_of
+from serving.export_dir import (
+    FORMAT_VERSION,
+    MANIFEST,
+    OUTPUT_ITEMS,
+    ExportError,
+    read_items,
+    read_manifest,
+    read_weights,
+    recorded_settings,
+    sha256_of,
+)
 
 __all__ = ["export_sizes", "export_size", "load_trained", "main"]
 
@@ -153,11 +165,36 @@ def export_size(
     except ValueError as exc:  # settings that do not fit this model (e.g. too few items for ivf_pq)
         raise ExportError(f"size {size}: cannot build the retriever {settings}: {exc}") from None
 
+    item_ids = catalogue["item_ids"]
+    entry = retriever.to_dict()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "size": size,
+        "sizes": list(small.sizes),
+        "model_sizes": list(model.sizes),
+        "encoder": model.hparams.encoder,
+        "encoder_options": {**model.encoder_options(), "n_blocks": depth},
+        **({"width": width, "depth": depth} if elastic else {}),
+        "max_len": model.hparams.max_len,
+        "num_parameters": nested_parameter_count(small.encoder) + sum(
+            p.numel() for p in getattr(small, "heads", torch.nn.Module()).parameters()),
+        "num_items": len(item_ids),
+        "separate_item_vectors": output is not None,
+        "item_dtype": item_dtype,
+        "retriever": entry,
+        # the same settings under the keys that readers from before "retriever" use
+        "index": entry.get("index"),
+        "funnel": {key: v for key, v in entry.items() if key != "kind"} if entry["kind"] == "funnel" else None,
+        "source": source,
+        "data_stats": catalogue.get("stats", {}),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
     final = Path(out)
     tmp, commit, abort = _atomic_dir(final)
     try:
-        save_file(state, tmp / "model.safetensors")
-        item_ids = catalogue["item_ids"]
+        # the weights record the entries that decide what they compute: a manifest edited later is refused
+        save_file(state, tmp / "model.safetensors", metadata=recorded_settings(manifest))
         pl.DataFrame(
             {
                 "row": np.arange(1, len(item_ids) + 1, dtype=np.int64),
@@ -166,32 +203,9 @@ def export_size(
             }
         ).write_parquet(tmp / "items.parquet")
         retriever.save(tmp)
-        entry = retriever.to_dict()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "size": size,
-            "sizes": list(small.sizes),
-            "model_sizes": list(model.sizes),
-            "encoder": model.hparams.encoder,
-            "encoder_options": {**model.encoder_options(), "n_blocks": depth},
-            **({"width": width, "depth": depth} if elastic else {}),
-            "max_len": model.hparams.max_len,
-            "num_parameters": nested_parameter_count(small.encoder) + sum(
-                p.numel() for p in getattr(small, "heads", torch.nn.Module()).parameters()),
-            "num_items": len(item_ids),
-            "separate_item_vectors": output is not None,
-            "item_dtype": item_dtype,
-            "retriever": entry,
-            # the same settings under the keys that readers from before "retriever" use
-            "index": entry.get("index"),
-            "funnel": {key: v for key, v in entry.items() if key != "kind"} if entry["kind"] == "funnel" else None,
-            "source": source,
-            "data_stats": catalogue.get("stats", {}),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
         manifest["checksums"] = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        read_manifest(tmp)  # what we wrote must verify
+        _check_written(tmp)
         path = commit()
     except BaseException:
         abort()
@@ -199,6 +213,13 @@ def export_size(
     log.info("exported size %d, width %d, depth %d (%d encoder parameters) to %s", size, width, depth,
              manifest["num_parameters"], path)
     return path
+
+
+def _check_written(directory: Path) -> None:
+    """What was written passes the loader's checks of the manifest, the weights and the item table."""
+    manifest = read_manifest(directory)
+    read_weights(directory, manifest)
+    read_items(directory, manifest["num_items"])
 
 
 def _retriever_settings(
@@ -233,6 +254,7 @@ def export_sizes(
     bad = [d for d in dims if d not in model.sizes]
     if bad:
         raise ExportError(f"size(s) {bad} are not sizes of this model; valid sizes: {list(model.sizes)}")
+    _check_finite(checkpoint, model)
     source = source or {"checkpoint": Path(checkpoint).name}
     if width is None and depth is None:
         with reported_write_failures(out, option=""):  # a full disk: one line; an old export stays whole
@@ -245,6 +267,20 @@ def export_sizes(
     label = Triple(model.hparams.n_blocks if depth is None else depth, size if width is None else width, size).label
     with reported_write_failures(out, option=""):
         return [export_size(model, catalogue, size, Path(out) / label, source, width=width, depth=depth, **options)]
+
+
+@torch.no_grad()
+def _check_finite(checkpoint: str | Path, model) -> None:
+    """Weights, item features and the item matrix computed from them hold finite values only: an
+    export of anything else would be refused by ``serving.load``, so nothing is written."""
+    tensors = model.state_dict()
+    bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if not bad and not bool(torch.isfinite(model.net.item_matrix()).all()):
+        bad = ["the item matrix computed from its item features"]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise ExportError(f"{checkpoint}: {bad[0]} holds NaN or infinite values{more}; an export of it could not be "
+                          "loaded, so none was written")
 
 
 def _checkpoint_of_run(run_id: str, workdir: Path) -> Path:

@@ -30,12 +30,27 @@ So every file the loader reads was listed and verified. The manifest's entries t
 have their types checked, the weights must fit the encoder the manifest describes, and the item
 table must match the item matrix (one row per item, distinct non-null ids). Anything wrong is an
 :class:`ExportError` naming the file and the entry, never a ``KeyError`` or ``TypeError``.
+
+What a manifest may ask for
+---------------------------
+The manifest is read as strict, bounded JSON before anything is built: at most
+``MAX_MANIFEST_BYTES``, nested at most ``MAX_NESTING`` deep, integers of at most ``MAX_DIGITS``
+digits, no ``NaN`` or infinite numbers. Its entries have exact types (an integer is a JSON integer,
+never ``1.0`` or ``true``; ``sizes`` a strictly increasing list of them) and bounds (``MAX_WIDTH``,
+``MAX_LEN``, ``MAX_ITEMS``, ``MAX_BLOCKS``, ``MAX_OPTION``), and ``encoder_options.n_blocks`` must be
+the number of encoder blocks the weights hold.
+
+The exporter also writes the entries that decide what the model computes (``RECORDED``: sizes,
+encoder, its options, max_len, ...) into ``model.safetensors``'s metadata (``SETTINGS``), which the
+checksum covers; the loader refuses a manifest whose entries differ from that record, type
+included. Exports written before the record existed have none, and are checked by shapes alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -43,13 +58,13 @@ from typing import Any
 
 import polars as pl
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from recsys.errors import UserError
 
 __all__ = [
-    "ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "OUTPUT_ITEMS", "WEIGHTS", "read_items", "read_manifest", "read_weights", "sha256_of",
+    "ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "OUTPUT_ITEMS", "WEIGHTS", "SETTINGS", "read_items", "read_manifest",
+    "read_weights", "recorded_settings", "sha256_of",
 ]
 
 FORMAT_VERSION = 1
@@ -59,10 +74,28 @@ ITEMS = "items.parquet"
 #: the weight that holds a size's own item vectors (``separate_item_vectors``), searched instead of the matrix
 OUTPUT_ITEMS = "items.output"
 
+#: the metadata entry of ``model.safetensors`` that records the manifest entries below, as JSON
+SETTINGS = "export_settings"
+#: the manifest entries that decide what the loaded model computes (recorded in the weights too)
+RECORDED = ("size", "sizes", "width", "depth", "encoder", "encoder_options", "max_len", "num_items", "separate_item_vectors")
+
+#: what a manifest may ask for: its file size, nesting and integer literals ...
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_NESTING = 32
+MAX_DIGITS = 20
+#: ... and the largest values of the entries the model is built from
+MAX_WIDTH = 1 << 16  # size, width, each of sizes
+MAX_LEN = 1 << 16  # max_len (and SASRec's encoder_options.max_len, under MAX_OPTION)
+MAX_ITEMS = 1 << 31  # num_items
+MAX_BLOCKS = 1 << 10  # encoder_options.n_blocks, depth
+MAX_OPTION = 1 << 16  # any other integer of encoder_options
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_BLOCK = re.compile(r"encoder\.blocks\.(\d{1,9})\.")
 #: manifest entries the loader uses, and the JSON type each must have
 _ENTRIES = {"size": int, "sizes": list, "encoder": str, "encoder_options": dict, "max_len": int, "num_items": int}
 _TYPE_NAMES = {int: "a positive integer", list: "a list", str: "a string", dict: "a JSON object"}
+_LARGEST = {"size": MAX_WIDTH, "max_len": MAX_LEN, "num_items": MAX_ITEMS}
 
 
 class ExportError(UserError, ValueError):
@@ -88,37 +121,149 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict[str
         raise ExportError(f"{path}: is a symbolic link; an export holds plain files only")
     if not path.is_file():
         raise ExportError(f"{d}: not an export directory (no {MANIFEST}); export one with `python -m serving.export`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path}: manifest is not valid JSON ({exc})") from None
+    manifest = _read_json(path)
     if not isinstance(manifest, dict):
         raise ExportError(f"{path}: the manifest must be a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: export format {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    _check_format(path, manifest)
     _check_entries(path, manifest)
+    _check_sizes(path, manifest)
+    _check_encoder_options(path, manifest["encoder_options"])
+    _check_depth(path, manifest)
     checksums = _checksums(path, manifest)
     if verify:
         _verify_files(d, checksums)
     return manifest
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON value of the file at ``path``, which may be at most ``MAX_MANIFEST_BYTES`` long."""
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ExportError(f"{path}: the manifest is {size} bytes long; a manifest may have at most {MAX_MANIFEST_BYTES}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExportError(f"{path}: manifest is not valid JSON ({exc})") from None
+    return _parse_json(text, path, "manifest")
+
+
+def _parse_json(text: str, path: Path, what: str) -> Any:
+    """``text`` parsed as strict JSON within the bounds above; anything else is one ExportError."""
+    try:
+        value = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: {what} is not valid JSON ({exc})") from None
+    except RecursionError:  # the parser recurses once per bracket, so this is far deeper than the bound
+        raise _too_deep(path, what) from None
+    except ValueError as exc:  # from the three hooks
+        raise ExportError(f"{path}: the {what} holds {exc}") from None
+    if _nesting(value) > MAX_NESTING:
+        raise _too_deep(path, what)
+    return value
+
+
+def _too_deep(path: Path, what: str) -> ExportError:
+    return ExportError(f"{path}: the {what} nests brackets more than {MAX_NESTING} deep")
+
+
+def _json_int(digits: str) -> int:
+    """An integer of the JSON text, refused beyond ``MAX_DIGITS`` digits (``int()`` of a long one is slow, or fails)."""
+    count = len(digits.lstrip("-"))
+    if count > MAX_DIGITS:
+        raise ValueError(f"an integer of {count} digits; at most {MAX_DIGITS} are allowed")
+    return int(digits)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:30]}, too large to be finite")
+    return value
+
+
+def _json_constant(name: str) -> float:
+    raise ValueError(f"{name}, which is not a JSON number")
+
+
+def _nesting(value: Any) -> int:
+    """How deep JSON objects and lists nest in ``value`` (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _check_format(path: Path, manifest: dict[str, Any]) -> None:
+    """``format_version`` is exactly the integer this code reads (not ``1.0``, not ``true``)."""
+    version = manifest.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ExportError(f"{path}: export format {_shown(version)}, this code reads {FORMAT_VERSION}")
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer: an ``int`` that is not a ``bool``."""
+    return type(value) is int
+
+
+def _positive_int(path: Path, name: str, value: Any, largest: int) -> None:
+    if not _is_int(value) or value < 1:
+        raise ExportError(f"{path}: {name!r} must be a positive integer, got {value!r:.80}")
+    if value > largest:
+        raise ExportError(f"{path}: {name!r} is {value}; an export may ask for at most {largest}")
+
+
 def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
+    """The entries the loader uses are there, each of its JSON type; integers within their bounds."""
     for key, kind in _ENTRIES.items():
         if key not in manifest:
             raise ExportError(f"{path}: the manifest has no {key!r} entry")
         value = manifest[key]
-        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 1):
-            raise ExportError(f"{path}: {key!r} must be {_TYPE_NAMES[kind]}, got {value!r}")
+        if kind is int:
+            _positive_int(path, key, value, _LARGEST[key])
+        elif not isinstance(value, kind):
+            raise ExportError(f"{path}: {key!r} must be {_TYPE_NAMES[kind]}, got {value!r:.80}")
     if not isinstance(manifest.get("separate_item_vectors", False), bool):
         raise ExportError(f"{path}: 'separate_item_vectors' must be true or false, got {manifest['separate_item_vectors']!r}")
+
+
+def _check_sizes(path: Path, manifest: dict[str, Any]) -> None:
+    """``width`` (elastic exports; else the size) is at least the size; ``sizes`` increase up to it."""
     sizes, size = manifest["sizes"], manifest["size"]
     width = manifest.get("width", size)  # elastic exports: the encoder's width, at least the size
-    if isinstance(width, bool) or not isinstance(width, int) or width < size:
-        raise ExportError(f"{path}: 'width' must be an integer of at least the size {size}, got {width!r}")
-    if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes) or sizes[-1] != width:
+    if not _is_int(width) or not size <= width <= MAX_WIDTH:
+        raise ExportError(f"{path}: 'width' must be an integer of at least the size {size} and at most {MAX_WIDTH}, got {width!r}")
+    if not sizes or any(not _is_int(s) or s < 1 for s in sizes) or sizes[-1] != width:
         end = f"the width {width}" if "width" in manifest else f"the size {size}"
-        raise ExportError(f"{path}: 'sizes' must be positive integers ending with {end}, got {sizes!r}")
+        raise ExportError(f"{path}: 'sizes' must be positive integers ending with {end}, got {sizes!r:.200}")
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ExportError(f"{path}: 'sizes' must be strictly increasing, got {sizes!r:.200}")
+
+
+def _check_encoder_options(path: Path, options: dict[str, Any]) -> None:
+    """Each option a JSON scalar; ``n_blocks`` (when given) in 1..MAX_BLOCKS, other integers in 0..MAX_OPTION."""
+    for name, value in options.items():
+        key = f"encoder_options.{name}"
+        if isinstance(value, (dict, list)):
+            raise ExportError(f"{path}: {key!r} must be a number, a string, true, false or null, got {value!r:.80}")
+        if name == "n_blocks":
+            _positive_int(path, key, value, MAX_BLOCKS)
+        elif _is_int(value) and not 0 <= value <= MAX_OPTION:
+            raise ExportError(f"{path}: {key!r} is {value}; an export may ask for an integer in 0..{MAX_OPTION}")
+
+
+def _check_depth(path: Path, manifest: dict[str, Any]) -> None:
+    """An elastic export's ``depth`` is its encoder's number of blocks (``encoder_options.n_blocks``)."""
+    if "depth" not in manifest:
+        return
+    depth = manifest["depth"]
+    _positive_int(path, "depth", depth, MAX_BLOCKS)
+    blocks = manifest["encoder_options"].get("n_blocks", depth)
+    if blocks != depth:
+        raise ExportError(f"{path}: 'depth' is {depth}, but 'encoder_options.n_blocks' is {blocks}; they must be the same")
 
 
 def _is_plain_name(name: Any) -> bool:
@@ -166,12 +311,32 @@ def _verify_files(directory: Path, checksums: dict[str, str]) -> None:
 
 
 def read_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of ``model.safetensors``: finite, with an item matrix of ``(num_items + 1, size)``."""
+    """The tensors of ``model.safetensors``, checked against the manifest before anything is built
+    from them: the item matrices' shapes, the number of encoder blocks, the settings the weights
+    were exported with (where they record them), and finite values."""
     path = directory / WEIGHTS
+    state, metadata = _load_weights(path)
+    _check_matrices(path, state, manifest)
+    _check_blocks(path, state, manifest["encoder_options"])
+    _check_recorded(directory, _recorded(path, metadata), manifest)
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(f"{path}: {name} holds NaN or infinite values")
+    return state
+
+
+def _load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file, and its metadata (empty when it has none)."""
     try:
-        state = load_file(path, device="cpu")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, f.metadata() or {}
     except SafetensorError as exc:
         raise ExportError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _check_matrices(path: Path, state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+    """The item matrix is ``(num_items + 1, width)``; ``items.output`` is there exactly when the
+    manifest names separate item vectors, ``(num_items + 1, size)``."""
     matrix = state.get("items.matrix")
     expected = (manifest["num_items"] + 1, manifest.get("width", manifest["size"]))
     if matrix is None or tuple(matrix.shape) != expected or not matrix.is_floating_point():
@@ -186,10 +351,75 @@ def read_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.T
                               f"(num_items + 1, size) in {OUTPUT_ITEMS}, got {found}")
     elif output is not None:
         raise ExportError(f"{path}: holds {OUTPUT_ITEMS}, but the manifest does not name separate item vectors")
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ExportError(f"{path}: {name} holds NaN or infinite values")
-    return state
+
+
+def _check_blocks(path: Path, state: dict[str, torch.Tensor], options: dict[str, Any]) -> None:
+    """``encoder_options.n_blocks`` (when given) is the number of encoder blocks the weights hold, so
+    no more are ever built."""
+    if "n_blocks" not in options:
+        return
+    found = {int(m.group(1)) for m in map(_BLOCK.match, state) if m}
+    held = max(found) + 1 if found else 0
+    if options["n_blocks"] != held:
+        raise ExportError(f"{path}: holds {held} encoder block(s), but the manifest's 'encoder_options.n_blocks' is "
+                          f"{options['n_blocks']}")
+
+
+def recorded_settings(manifest: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata an export's weights carry: the manifest's ``RECORDED`` entries, as JSON."""
+    return {SETTINGS: json.dumps({key: manifest[key] for key in RECORDED if key in manifest}, sort_keys=True, default=str)}
+
+
+def _recorded(path: Path, metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The settings the weights were exported with (None: written before they were recorded)."""
+    text = metadata.get(SETTINGS)
+    if text is None:
+        return None
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ExportError(f"{path}: its record of the export settings is {len(text)} characters; at most {MAX_MANIFEST_BYTES}")
+    settings = _parse_json(text, path, "record of the export settings")
+    if not isinstance(settings, dict):
+        raise ExportError(f"{path}: its record of the export settings must be a JSON object, got {type(settings).__name__}")
+    return settings
+
+
+_UNSET = object()
+
+
+def _check_recorded(directory: Path, recorded: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
+    """Each ``RECORDED`` entry of the manifest is the one the weights were exported with, type included."""
+    if recorded is None:
+        return
+    for key in RECORDED:
+        difference = _first_difference(key, manifest.get(key, _UNSET), recorded.get(key, _UNSET))
+        if difference is not None:
+            name, here, there = difference
+            now = "missing" if here is _UNSET else _shown(here)
+            then = "without it" if there is _UNSET else f"with {_shown(there)}"
+            raise ExportError(f"{directory / MANIFEST}: {name!r} is {now}, but {WEIGHTS} was exported {then}; "
+                              "the manifest was changed after export")
+
+
+def _first_difference(name: str, here: Any, there: Any) -> tuple[str, Any, Any] | None:
+    """``(dotted name, here, there)`` of the first value that differs in kind or value, looking into
+    JSON objects key by key (``encoder_options.n_blocks``); None when all are the same."""
+    if isinstance(here, dict) and isinstance(there, dict):
+        for key in sorted(here.keys() | there.keys()):
+            difference = _first_difference(f"{name}.{key}", here.get(key, _UNSET), there.get(key, _UNSET))
+            if difference is not None:
+                return difference
+        return None
+    same = here is there if here is _UNSET or there is _UNSET else _canonical(here) == _canonical(there)
+    return None if same else (name, here, there)
+
+
+def _canonical(value: Any) -> str:
+    """JSON text that tells kinds apart: ``true``, ``1`` and ``1.0`` differ."""
+    return json.dumps(value, sort_keys=True)
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value)[:200]
 
 
 def read_items(directory: Path, num_items: int) -> pl.DataFrame:

@@ -76,12 +76,13 @@ class SizedRecommender:
         self.depth: int | None = m.get("depth")
         self.max_len: int = m["max_len"]
         self.device = torch.device(device)
+        # every file is checked against the manifest before anything is built from it
         state = read_weights(self.directory, m)
+        items = read_items(self.directory, m["num_items"])
         output = state.pop(OUTPUT_ITEMS, None)  # this size's own item vectors (separate_item_vectors)
         self.net = self._network(state)
         self.net.eval().to(self.device)
         self._own_items = None if output is None else output.float().to(self.device)
-        items = read_items(self.directory, m["num_items"])
         self.item_ids: list[Hashable] = items["item_id"].to_list()
         self.popularity = torch.from_numpy(items["popularity"].to_numpy().astype(np.float32))
         self.item_lookup = ItemLookup(items["item_id"])
