@@ -672,6 +672,15 @@ def _link_out(name: str) -> Callable[[Path, Resources], None]:
     return link
 
 
+def _nan_checkpoint(tensor: str) -> Callable[[Path, Resources], None]:
+    """The checkpoint with one NaN in ``tensor`` (an item feature or a weight)."""
+    def write(workdir, resources):
+        checkpoint = torch.load(resources.checkpoint, weights_only=True)
+        checkpoint["state_dict"][tensor].view(-1)[3] = float("nan")
+        torch.save(checkpoint, workdir / "model.ckpt")
+    return write
+
+
 def _fewer_items(workdir, resources):
     """The item table cut to 5 rows, its checksum in the manifest updated to match."""
     from serving.export_dir import sha256_of
@@ -857,6 +866,38 @@ BAD_INPUTS = [
              r"^--cold-start-fraction: must be a number in \[0, 1\), got 1\.0$", good_log),
     BadInput("recsys.data prepare", "output directory exists", PREPARE,
              r"^out: the output directory already exists; remove it or pass --overwrite$", _all(good_log, _mkdir("out", "keep.txt"))),
+    BadInput("recsys.data prepare", "`--out` is the folder of the interaction log (`--out . --overwrite true`)",
+             (*PREPARE[:4], ".", *PREPARE[5:], "--overwrite", "true"),
+             r"^--out: \. holds the input file log\.csv \(given by --interactions\); writing the output there would delete it; choose another directory$",
+             good_log),
+    BadInput("recsys.data prepare", "`--out` is the item table (`--out items.csv --overwrite true`)",
+             (*PREPARE[:4], "items.csv", *PREPARE[5:], "--items", "items.csv", "--overwrite", "true"),
+             r"^--out: items\.csv is the input file given by --items; writing the output there would delete it; choose another directory$",
+             _all(good_log, good_items)),
+    BadInput("recsys.data prepare", "times that 64-bit floats cannot tell apart (10^25 + 2, 10^25 + 1)", PREPARE,
+             r"^log\.csv: time column 'timestamp' has the values '10000000000000000000000002' \(row 2\) and '10000000000000000000000001' \(row 3\), "
+             r"which differ but read as the same 64-bit float, so their order would be lost; give times with fewer digits$",
+             _text("log.csv", LOG.replace("\nu0,i1,1\n", "\nu0,i1,10000000000000000000000002\n")
+                               .replace("\nu0,i2,2\n", "\nu0,i2,10000000000000000000000001\n"))),
+    BadInput("recsys.data prepare", "vector value beyond float32 (1e39)", (*PREPARE, "--vectors", "img=vectors.parquet"),
+             r"^vectors\.parquet: the vector of id 'i1' \(row 2\) holds 1e\+39, beyond the float32 range \(±3\.403e\+38\) that training reads; it would become infinite$",
+             _all(good_log, _vectors({"item_id": ["i0", "i1"], "v": [[0.1, 0.2], [1e39, 0.3]]}))),
+    BadInput("recsys.data prepare", "npz vectors of width 0", (*PREPARE, "--vectors", "img=vectors.npz"),
+             r"^vectors\.npz: 'vectors' has shape \(2, 0\): every vector is empty \(width 0\)$",
+             _all(good_log, lambda w, r: np.savez(w / "vectors.npz", ids=np.array(["i0", "i1"]), vectors=np.zeros((2, 0))))),
+    BadInput("recsys.data prepare", "complex npz vectors", (*PREPARE, "--vectors", "img=vectors.npz"),
+             r"^vectors\.npz: 'vectors' has dtype complex128; expected real numbers \(the imaginary parts would be lost\)$",
+             _all(good_log, lambda w, r: np.savez(w / "vectors.npz", ids=np.array(["i0", "i1"]), vectors=np.ones((2, 2)) * (1 + 2j)))),
+    BadInput("recsys.data prepare", "negative weight (`--weight-col weight`)", (*PREPARE, "--weight-col", "weight"),
+             r"^log\.csv: weight column 'weight' has the value '-5' at row 2; weights must be finite and 0 or more$",
+             _text("log.csv", "".join(line + (",weight" if n == 0 else ",-5" if n == 2 else ",1") + "\n"
+                                      for n, line in enumerate(LOG.splitlines())))),
+    BadInput("recsys.data prepare", "a row with a field too many", PREPARE,
+             r"^log\.csv: cannot read the file: 4 fields where the header has 3, at line 6 \(data row 5\)$",
+             _text("log.csv", LOG.replace("\nu1,i1,0\n", "\nu1,i1,0,x\n"))),
+    BadInput("recsys.data prepare", "a quote never closed", PREPARE,
+             r"^log\.csv: cannot read the file: a quote character at line 6 \(data row 5\) opens a field that is never closed$",
+             _text("log.csv", LOG.replace("\nu1,i1,0\n", '\nu1,"i1,0\n'))),
     # -- python -m recsys.train -----------------------------------------------------------------------------
     BadInput("recsys.train", "sizes not increasing (`--model.sizes [32, 16]`)", (*TRAIN, "--model.sizes", "[32, 16]"),
              r"^--model\.sizes: sizes must be strictly increasing"),
@@ -948,6 +989,26 @@ BAD_INPUTS = [
     BadInput("serving.export", "checkpoint of something else", EXPORT,
              r"^model\.ckpt: not a checkpoint of this project \(no state_dict and hyper_parameters\)$", _foreign_checkpoint),
     # -- serving.load(DIR) ----------------------------------------------------------------------------------
+    BadInput("serving.export", "checkpoint with a NaN item feature", EXPORT,
+             r"^model\.ckpt: net\.items\.dense_text holds NaN or infinite values; an export of it could not be loaded, "
+             r"so none was written$",
+             _nan_checkpoint("net.items.dense_text")),
+    BadInput("serving.load", "manifest edited: `sizes` [8, 16] to [16]", ("export",),
+             r"^export/manifest\.json: 'sizes' is \[16\], but model\.safetensors was exported with \[8, 16\]; "
+             r"the manifest was changed after export$",
+             _all(_copy_export, _edit_manifest('"sizes": [\n    8,\n    16\n  ]', '"sizes": [16]'))),
+    BadInput("serving.load", "manifest edited: `format_version` 1.0", ("export",),
+             r"^export/manifest\.json: export format 1\.0, this code reads 1$",
+             _all(_copy_export, _edit_manifest('"format_version": 1', '"format_version": 1.0'))),
+    BadInput("serving.load", "manifest with 10^5 nested brackets", ("export",),
+             r"^export/manifest\.json: the manifest nests brackets more than 32 deep$",
+             _all(_copy_export, _edit_manifest('"data_stats": {}', '"data_stats": ' + "[" * 10**5 + "]" * 10**5))),
+    BadInput("serving.load", "manifest with a 5000-digit integer", ("export",),
+             r"^export/manifest\.json: the manifest holds an integer of 5000 digits; at most 20 are allowed$",
+             _all(_copy_export, _edit_manifest('"data_stats": {}', '"data_stats": ' + "1" * 5000))),
+    BadInput("serving.load", "manifest asks for 10^7 encoder blocks (`n_blocks`)", ("export",),
+             r"^export/manifest\.json: 'encoder_options\.n_blocks' is 10000000; an export may ask for at most 1024$",
+             _all(_copy_export, _edit_manifest('"n_blocks": 2', '"n_blocks": 10000000'))),
     BadInput("serving.load", "directory not found", ("export",), r"^export: no such export directory$"),
     BadInput("serving.load", "not an export directory", ("export",), r"^export: not an export directory \(no manifest\.json\)",
              _mkdir("export", "model.ckpt")),
