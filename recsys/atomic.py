@@ -5,13 +5,19 @@ Standard library only, and ``recsys.errors`` (``serving`` and ``bench`` import i
 - ``atomic_file(path)``: a context manager yielding a temporary path in the same directory; the
   caller writes it by any means (``write_parquet``, ``faiss.write_index``, ...). On success its
   contents are fsynced, it is renamed onto ``path`` (``os.replace``) and the directory is fsynced;
-  on an error it is removed and ``path`` is untouched. ``write_text_atomically`` and
-  ``write_json_atomically`` are the usual one-liners on top of it.
+  on an error it is removed and ``path`` is untouched. ``write_bytes_atomically``,
+  ``write_text_atomically`` and ``write_json_atomically`` are the usual one-liners on top of it
+  (``recsys.train`` writes every checkpoint with the first). The temporary file lies beside
+  ``path``, never in the system's temporary directory: a rename within one directory replaces
+  ``path`` in one step on any file system, where a rename from another file system is a copy
+  into ``path`` itself.
 - ``check_writable(directory)``: before a long job, fail at once (one line, :class:`NotWritable`)
   unless ``directory`` is, or can be created as, a directory this process can write into.
 - ``reported_write_failures(place)``: a context manager turning a failure of the system to write
   (disk full, quota, read-only, no permission: an ``OSError``, or a library's error naming one,
   such as polars' ``(os error 28)``) into one :class:`NotWritable` line naming ``place``.
+- ``FileLock(path)``: an exclusive ``fcntl.flock`` on a file, held until released or until the
+  process ends (even by SIGKILL), so that only one writer at a time works in a directory.
 - ``atomic_directory(final)``: a context manager yielding a fresh empty directory beside
   ``final``; on success it replaces ``final`` so that the old directory stays complete and
   loadable until the new one is in place (``AtomicDirectory`` is the same with explicit
@@ -72,8 +78,14 @@ from typing import Any
 
 from recsys.errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: FileLock locks nothing
+    fcntl = None
+
 __all__ = [
     "AtomicDirectory",
+    "FileLock",
     "NotWritable",
     "TargetExists",
     "atomic_directory",
@@ -81,6 +93,7 @@ __all__ = [
     "check_writable",
     "clean_leftovers",
     "reported_write_failures",
+    "write_bytes_atomically",
     "write_json_atomically",
     "write_text_atomically",
 ]
@@ -365,6 +378,15 @@ def atomic_file(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
         _fsync_dir(path.parent)
 
 
+def write_bytes_atomically(path: str | os.PathLike, data: bytes | memoryview, *, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` whole or not at all (creating the parent directories)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, durable=durable) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 def write_text_atomically(path: str | os.PathLike, text: str, *, encoding: str = "utf-8", durable: bool = True) -> Path:
     """Write ``text`` to ``path`` whole or not at all (creating the parent directories)."""
     path = Path(path)
@@ -377,6 +399,51 @@ def write_text_atomically(path: str | os.PathLike, text: str, *, encoding: str =
 def write_json_atomically(path: str | os.PathLike, data: Any, *, durable: bool = True, **dumps: Any) -> Path:
     """``json.dumps(data, **dumps)`` plus a newline, written with ``write_text_atomically``."""
     return write_text_atomically(path, json.dumps(data, **dumps) + "\n", durable=durable)
+
+
+# -- one writer at a time ------------------------------------------------------------------------------
+
+
+class FileLock:
+    """An exclusive lock on the file ``path`` (``fcntl.flock``), held from :meth:`acquire` until
+    :meth:`release` or the end of the process: the system releases it then, even after SIGKILL, so a
+    lock is never stale and no one has to delete a lock file. The holder writes its process id into
+    the file, for the message of whoever finds the lock taken. The lock lasts as long as this object's
+    open file: keep the object. Without ``fcntl`` (not POSIX) every ``acquire`` succeeds and nothing
+    is locked."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._file = None
+
+    def acquire(self) -> bool:
+        """Take the lock (creating the file); False, at once, when another holder has it."""
+        if fcntl is None:
+            return True
+        file = open(self.path, "a+")  # not "w": truncating is for the holder only
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            return False
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self._file = file
+        return True
+
+    def holder(self) -> int | None:
+        """The process id the holder wrote; None when it is not known (yet)."""
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases it); nothing when not held."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 # -- directories --------------------------------------------------------------------------------------

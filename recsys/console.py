@@ -5,17 +5,24 @@
 run: our log lines (``recsys.*``, ``serving.*``) at INFO, every other library's at WARNING, and the
 few third-party notices that say nothing about the user's data or settings switched off at their
 source, each by its logger, its message or an MLflow setting (never all warnings).
+:func:`ctrl_c_interrupts` makes Ctrl-C one line and exit status 130 instead of a traceback.
 
 Standard library only: importing this costs nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
 
-__all__ = ["help_asked", "quiet_console"]
+from recsys.errors import Interrupted
+
+__all__ = ["ctrl_c_interrupts", "help_asked", "quiet_console"]
 
 OUR_LOGGERS = ("recsys", "serving")
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -52,3 +59,27 @@ def quiet_console() -> None:
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     for message, category, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+@contextlib.contextmanager
+def ctrl_c_interrupts() -> Iterator[None]:
+    """Inside the block, Ctrl-C (SIGINT) raises :class:`~recsys.errors.Interrupted` instead of
+    ``KeyboardInterrupt``: Lightning turns the latter into a silent exit status 1, but lets any
+    other exception through after its own cleanup (loggers closed, ``metrics.csv`` written), and
+    ``exit_code_of`` prints it as one line. Processes forked meanwhile (data loader workers) get
+    ``KeyboardInterrupt`` as before. Outside the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ours = os.getpid()
+
+    def interrupt(signum, frame) -> None:
+        if os.getpid() != ours:
+            raise KeyboardInterrupt
+        raise Interrupted(signum, "stopped by SIGINT (Ctrl-C)")
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

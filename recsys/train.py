@@ -37,6 +37,13 @@ Tracking (``--tracking``), the same metric names either way (``train/loss``, ``v
   ``results.json``, ``accuracy_vs_size.png`` and, unless ``--checkpoint.dirpath`` says otherwise,
   ``checkpoints/``. ``--mlflow.*`` settings are accepted and ignored; no models are logged.
 
+Stopping and resuming: SIGTERM (a scheduler, ``kill``) ends the step in progress, saves
+``last.ckpt`` and exits with status 143, its one line saying how to resume (``--ckpt_path``);
+Ctrl-C exits with 130 and one line naming the last checkpoint. A resumed run logs every step once.
+Checkpoints are written under a hidden name beside their own and renamed in place, so a kill or a
+full disk never leaves a partial one. One training at a time writes in a run directory (``--run_dir``)
+or checkpoint directory (``--checkpoint.dirpath``): a second one is refused in one line.
+
 ``--float32_matmul_precision highest|high|medium`` (default ``high``) is passed to
 ``torch.set_float32_matmul_precision``: ``high`` lets CUDA GPUs multiply float32 matrices in TF32,
 as the MovieLens-1M results were trained; it changes nothing on CPU. ``highest`` is exact float32.
@@ -51,27 +58,41 @@ from __future__ import annotations
 
 import sys
 
-from recsys.console import help_asked, quiet_console
+from recsys.console import ctrl_c_interrupts, help_asked, quiet_console
 
 if __name__ == "__main__" and help_asked(sys.argv[1:]):  # answered before Lightning is imported (seconds)
     print(__doc__.replace("``", "`"))
     sys.exit(0)
 
 # the imports below take seconds (Lightning, torch, transformers), so the help comes first
+import io
 import logging
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from recsys.atomic import write_json_atomically, write_text_atomically
+from recsys.atomic import (
+    FileLock,
+    check_writable,
+    reported_write_failures,
+    write_bytes_atomically,
+    write_json_atomically,
+    write_text_atomically,
+)
 from recsys.data import SequenceDataModule
-from recsys.errors import UserError, exit_code_of
+from recsys.errors import Interrupted, UserError, exit_code_of
 from recsys.model import (
     CHECKPOINT_DEFAULTS,
     EARLY_STOPPING_DEFAULTS,
@@ -97,6 +118,9 @@ from recsys.tracking import MLflowSettings, default_run_name
 log = logging.getLogger("recsys.train")
 
 DEFAULT_RUNS_DIR = "lightning_logs"  # already ignored by git; Lightning's own default
+RUN_LOCK = ".training.lock"  # inside a run directory: held by the training that writes there
+#: how often a run without --run_dir takes the next free version_<n> when another run took it at the same moment
+NEXT_FREE_ATTEMPTS = 10
 
 
 class ConfigError(UserError, ValueError):
@@ -191,6 +215,137 @@ def nest_flat_args(args: list[str]) -> list[str]:
     return out
 
 
+# -- checkpoints written whole, one training per directory, stopping on a signal ------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Every checkpoint written whole or not at all, on any file system: serialised in memory, then
+    :func:`recsys.atomic.write_bytes_atomically` (a hidden temporary file beside it, fsync, rename).
+
+    Lightning's own writer keeps its temporary file in the system's temporary directory; from another
+    file system (a tmpfs ``--run_dir``) its rename becomes a copy into the checkpoint itself, which a
+    kill left empty and a full disk left truncated. Here a disk that cannot take a checkpoint (full,
+    read-only) is one :class:`~recsys.atomic.NotWritable` line and the previous checkpoint stays.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):  # a remote store (s3://...): Lightning's writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with reported_write_failures(path, "checkpoint"):
+            write_bytes_atomically(path, buffer.getbuffer())
+
+
+def with_atomic_checkpoints(plugins: Any) -> list:
+    """The Trainer's ``plugins`` with an :class:`AtomicCheckpointIO`, unless they hold a CheckpointIO already."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+class DirectoryBusy(UserError):
+    """Another training is writing in a directory this run would write in."""
+
+
+def lock_directory(lock_file: Path, directory: Path, named: str, option: str | None) -> FileLock | None:
+    """Hold ``lock_file`` for the rest of the run, so that one training at a time writes in
+    ``directory``; :class:`DirectoryBusy` (calling it ``named``; ``option`` names the setting to
+    change) when another training holds it. Only the process of global rank zero locks (the one that
+    writes; the other processes of a distributed run share its directories): None elsewhere."""
+    if rank_zero_only.rank != 0:
+        return None
+    check_writable(directory, named)  # a file in the way, or a place this process cannot write into: one line
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file)
+    if lock.acquire():
+        return lock
+    pid = lock.holder()
+    who = "another training" if pid is None else f"another training (pid {pid})"
+    instead = "" if option is None else f" or use another {option}"
+    raise DirectoryBusy(f"{named} {directory}: {who} is writing there; wait for it to end{instead}")
+
+
+def lock_checkpoint_directory(dirpath: str, named: str, option: str | None) -> FileLock | None:
+    """:func:`lock_directory` for a checkpoint directory. Its lock file lies beside it
+    (``.NAME.lock``), so the directory holds checkpoints only: Lightning warns about any other file there."""
+    directory = Path(dirpath)
+    place = directory.resolve()
+    return lock_directory(place.parent / f".{place.name}.lock", directory, named, option)
+
+
+def last_checkpoint(trainer) -> Path | None:
+    """Where ModelCheckpoint keeps the last checkpoint (``DIR/last.ckpt``); None when it keeps none."""
+    callback = trainer.checkpoint_callback
+    if callback is None or callback.dirpath is None:
+        return None
+    return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+
+
+class SaveOnSigterm(Callback):
+    """On SIGTERM Lightning ends the step it is in and stops (``SIGTERMException``); this callback
+    saves ``last.ckpt`` there, through the atomic writer, so ``--ckpt_path`` goes on at the next step.
+
+    Not when the signal cut a validation short: Lightning would resume from such a checkpoint
+    without that validation, so ``last.ckpt`` stays the last one ModelCheckpoint saved.
+    """
+
+    def __init__(self) -> None:
+        self.saved: Path | None = None
+        self._validated_at: int | None = None  # the step after which validation last ran
+        self._epoch_ended_at: int | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._validated_at = trainer.global_step
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._epoch_ended_at = trainer.global_step
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        path = last_checkpoint(trainer)
+        if isinstance(exception, SIGTERMException) and trainer.training and path is not None:
+            validated_in_epoch = self._validated_at == trainer.global_step != self._epoch_ended_at
+            save_after_the_step(trainer, path, validated_in_epoch)
+            self.saved = path
+
+
+def save_after_the_step(trainer, path: Path, validated_in_epoch: bool) -> None:
+    """Save a checkpoint where Lightning stops on SIGTERM: after a step, once it has counted the step
+    for its loggers (``_batches_that_stepped``).
+
+    Resuming from a checkpoint taken right after a validation inside an epoch, Lightning (2.6) takes it
+    for one that ModelCheckpoint saved during that validation, before the count, and counts the step
+    again: every later metric would be logged one step too far. Such a checkpoint is saved with the
+    count taken back, as ModelCheckpoint would have saved it (Lightning's epoch-end logging takes the
+    count back the same way). A step inside gradient accumulation is not counted in the first place.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    back = int(validated_in_epoch and not loop._should_accumulate())
+    loop._batches_that_stepped -= back
+    try:
+        trainer.save_checkpoint(path)
+    finally:
+        loop._batches_that_stepped += back
+
+
+def stopped(trainer, signum: int, saved: Path | None) -> Interrupted:
+    """The one line of a run stopped by ``signum``: where it stopped and how to go on."""
+    name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
+    if trainer.state.fn == TrainerFn.FITTING:
+        where = f"at epoch {trainer.current_epoch}, step {trainer.global_step}"
+    else:
+        where = "while testing"
+    last = last_checkpoint(trainer)
+    if saved is not None:
+        how = f"saved {saved}; resume with the same options and --ckpt_path {saved}"
+    elif last is not None and last.is_file():
+        how = f"resume from the last checkpoint with the same options and --ckpt_path {last}"
+    else:
+        how = "no checkpoint was saved yet"
+    return Interrupted(signum, f"stopped by {name} {where}: {how}")
+
+
 # -- tracking ----------------------------------------------------------------------------------------
 
 
@@ -208,6 +363,9 @@ class MLflowRun:
     @property
     def checkpoint_dir(self) -> Path:
         return Path("checkpoints") / str(self.run_id)
+
+    def release(self) -> None:
+        """Nothing to give up: an MLflow run has no directory of its own (its checkpoint directory is locked apart)."""
 
     def record(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "tracking_uri": self.settings.resolved_uri(), "run_dir": None}
@@ -286,32 +444,59 @@ class CSVRun:
     """A run directory: Lightning's ``metrics.csv`` and the same reports as files. No MLflow."""
 
     def __init__(self, run_dir: str | None, resume_from: str | None) -> None:
-        from lightning.pytorch.loggers import CSVLogger
-
-        if run_dir is None and resume_from:
-            run_dir = read_checkpoint(resume_from).get("run_dir")  # the same directory
-        if run_dir is None:  # lightning_logs/version_<n>, the next free one
-            self.logger = CSVLogger(DEFAULT_RUNS_DIR, name="")
-        else:
-            self.logger = CSVLogger(run_dir, name="", version="")
+        resumed = read_checkpoint(resume_from) if resume_from else None
+        named = "run directory" if run_dir is None else "--run_dir"
+        if run_dir is None and resumed is not None:
+            run_dir = resumed.get("run_dir")  # the same directory
+        self.logger, self.lock = self._open(run_dir, named)
         self.run_dir = Path(self.logger.log_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self._start(keep_curves=bool(resume_from))
+        try:
+            self._start(None if resumed is None else resumed.get("global_step", float("inf")))
+        except BaseException:
+            self.release()
+            raise
 
-    def _start(self, keep_curves: bool) -> None:
+    @staticmethod
+    def _open(run_dir: str | None, named: str):
+        """Lightning's CSV logger of the run directory (``run_dir``, or else the next free
+        ``lightning_logs/version_<n>``) and the lock held on that directory."""
+        from lightning.pytorch.loggers import CSVLogger
+
+        if run_dir is not None:
+            logger = CSVLogger(run_dir, name="", version="")
+            return logger, lock_directory(Path(logger.log_dir) / RUN_LOCK, Path(logger.log_dir), named, "--run_dir")
+        for attempt in range(NEXT_FREE_ATTEMPTS):  # another run may have taken the same version_<n> just now
+            logger = CSVLogger(DEFAULT_RUNS_DIR, name="")
+            try:
+                return logger, lock_directory(Path(logger.log_dir) / RUN_LOCK, Path(logger.log_dir), named, "--run_dir")
+            except DirectoryBusy:
+                if attempt == NEXT_FREE_ATTEMPTS - 1:
+                    raise
+
+    def _start(self, resumed_at: float | None) -> None:
         """Open ``metrics.csv`` before anything else is written to the directory. Lightning's writer
-        drops an existing one; a resumed run keeps its earlier curves, written back first."""
+        drops an existing one; a run resumed from a checkpoint of step ``resumed_at`` keeps the rows
+        logged before that step, written back first. The later rows go: the steps that logged them
+        (after the checkpoint, before a kill or Ctrl-C) are trained and logged again."""
         import csv
         import warnings
 
         path = self.run_dir / "metrics.csv"
-        earlier = list(csv.DictReader(path.open(newline=""))) if keep_curves and path.is_file() else []
+        earlier = list(csv.DictReader(path.open(newline=""))) if resumed_at is not None and path.is_file() else []
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
             writer = self.logger.experiment  # on rank zero; a no-op stand-in elsewhere
         for row in earlier:
+            if int(row["step"]) >= resumed_at:
+                continue
             values = {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}
             writer.log_metrics(values, step=int(row["step"]))
+
+    def release(self) -> None:
+        """Give up the run directory's lock (the system does it anyway when the process ends)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def record(self) -> dict[str, Any]:
         return {"run_id": None, "tracking_uri": None, "run_dir": str(self.run_dir)}
@@ -382,16 +567,39 @@ class TrainCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         if self.config.ckpt_path:  # before the run is opened: a refused resume leaves it, and its checkpoints, as they were
             check_resume(self.config.ckpt_path, self.model, self.datamodule)
+        self.run = None
+        self.checkpoint_lock = None
+        try:
+            self._open_run()
+            plugins = with_atomic_checkpoints(self._get(self.config_init, "trainer", default={}).get("plugins"))
+            return super().instantiate_trainer(logger=self.run.logger, plugins=plugins, **kwargs)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open_run(self) -> None:
+        """Open the run (MLflow or a run directory) and lock the directories it writes in, each
+        before anything is written there: one training at a time per directory."""
+        checkpoint: ModelCheckpoint = self.config_init.checkpoint
+        if checkpoint.dirpath is not None:  # before the run is opened: a refused run opens none
+            self.checkpoint_lock = lock_checkpoint_directory(checkpoint.dirpath, "--checkpoint.dirpath", "--checkpoint.dirpath")
         if self.config.tracking == "csv":
-            self.run = CSVRun(self.config.run_dir, self.config.ckpt_path)
+            self.run = CSVRun(self.config.run_dir, self.config.ckpt_path)  # locks its run directory
         else:
             model, data = self.config.model, self.config.data
             name = default_run_name(model.encoder, model.sizes, dataset_name(data.data_dir))
             self.run = MLflowRun(self.config_init.mlflow, self.config.ckpt_path, name)
-        checkpoint: ModelCheckpoint = self.config_init.checkpoint
         if checkpoint.dirpath is None:
             checkpoint.dirpath = str(self.run.checkpoint_dir)
-        return super().instantiate_trainer(logger=self.run.logger, **kwargs)
+            if self.config.tracking != "csv":  # csv: inside the run directory, locked already
+                self.checkpoint_lock = lock_checkpoint_directory(checkpoint.dirpath, "checkpoint directory", None)
+
+    def release(self) -> None:
+        """Give up the locks of the run's directories."""
+        if self.checkpoint_lock is not None:
+            self.checkpoint_lock.release()
+        if self.run is not None:
+            self.run.release()
 
 
 @dataclass
@@ -419,9 +627,21 @@ def fit_and_test(trainer, model: MatryoshkaRecommender, datamodule, ckpt_path: s
     return FitResult(best, None if score is None else float(score), trainer.current_epoch, metrics, rows, ranks)
 
 
+def fit_or_stop(trainer, model: MatryoshkaRecommender, datamodule, ckpt_path: str | None, on_sigterm: SaveOnSigterm) -> FitResult:
+    """:func:`fit_and_test`, or :class:`~recsys.errors.Interrupted` with where it stopped and how to
+    resume when SIGTERM or Ctrl-C (see :func:`recsys.console.ctrl_c_interrupts`) stopped it."""
+    try:
+        return fit_and_test(trainer, model, datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # a SystemExit(None): it would end the command with status 0
+        raise stopped(trainer, signal.SIGTERM, on_sigterm.saved) from None
+    except Interrupted as exc:
+        raise stopped(trainer, exc.signum, None) from None
+
+
 def run(args: list[str] | None = None) -> dict[str, Any]:
     """Train, test the best checkpoint, record everything; returns what was recorded (for tests)."""
     reuse_freed_memory()
+    on_sigterm = SaveOnSigterm()
     cli = TrainCLI(
         MatryoshkaRecommender,
         SequenceDataModule,
@@ -429,11 +649,19 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         args=args,
         # bf16-mixed where this machine multiplies bfloat16 natively (recsys/runtime.py); the
         # per-size table says more than Lightning's model summary
-        trainer_defaults={**TRAINER_DEFAULTS, "precision": default_precision(), "enable_model_summary": False},
+        trainer_defaults={**TRAINER_DEFAULTS, "precision": default_precision(), "enable_model_summary": False,
+                          "callbacks": [on_sigterm]},
         save_config_callback=None,
         seed_everything_default=0,
         auto_configure_optimizers=False,
     )
+    try:
+        return _train_and_record(cli, on_sigterm)
+    finally:
+        cli.release()
+
+
+def _train_and_record(cli: TrainCLI, on_sigterm: SaveOnSigterm) -> dict[str, Any]:
     trainer, model, datamodule, tracked = cli.trainer, cli.model, cli.datamodule, cli.run
     if trainer.is_global_zero and not cli.config.ckpt_path:
         import yaml
@@ -441,7 +669,7 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
         config = cli.parser.dump(cli.config, skip_none=False)
         tracked.log_config(yaml.safe_load(config), config, datamodule.dataset.stats)
 
-    fitted = fit_and_test(trainer, model, datamodule, ckpt_path=cli.config.ckpt_path)
+    fitted = fit_or_stop(trainer, model, datamodule, cli.config.ckpt_path, on_sigterm)
     plan = getattr(trainer.strategy, "plan", None)  # --trainer.strategy sharded: what torchrec's planner chose
     if plan and trainer.is_global_zero:
         choices = {f"sharding/{table}": f"{p['sharding_type']} ranks {p['ranks']}" for table, p in plan.items()}
@@ -471,7 +699,8 @@ def run(args: list[str] | None = None) -> dict[str, Any]:
 
 def main(args: list[str] | None = None) -> int:
     quiet_console()
-    return exit_code_of(lambda: run(args))
+    with ctrl_c_interrupts():
+        return exit_code_of(lambda: run(args))
 
 
 if __name__ == "__main__":

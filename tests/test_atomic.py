@@ -23,7 +23,16 @@ from pathlib import Path
 import pytest
 
 import recsys.atomic as atomic
-from recsys.atomic import TargetExists, atomic_directory, atomic_file, clean_leftovers, write_json_atomically, write_text_atomically
+from recsys.atomic import (
+    FileLock,
+    TargetExists,
+    atomic_directory,
+    atomic_file,
+    clean_leftovers,
+    write_bytes_atomically,
+    write_json_atomically,
+    write_text_atomically,
+)
 
 needs_sigkill = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 
@@ -71,6 +80,42 @@ def test_text_and_json_helpers(tmp_path):
     assert path.read_text() == json.dumps({"a": [1, 2], "b": 1}, indent=2) + "\n"
     assert write_text_atomically(tmp_path / "t.txt", "héllo").read_text(encoding="utf-8") == "héllo"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "t.txt"]
+
+
+def test_bytes_are_written_beside_and_renamed_in_place(tmp_path):
+    path = tmp_path / "deep" / "last.ckpt"
+    assert write_bytes_atomically(path, memoryview(b"new bytes")).read_bytes() == b"new bytes"
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+@needs_sigkill
+@pytest.mark.skipif(atomic.fcntl is None, reason="needs fcntl.flock")
+def test_a_file_lock_is_held_by_one_process_and_released_when_it_is_killed(tmp_path):
+    """A child takes the lock and waits; here it is taken (and its pid known) until the child is
+    killed with SIGKILL: then the system has released it, and nobody has to delete the file."""
+    code = textwrap.dedent(
+        """
+        import sys, time
+        from recsys.atomic import FileLock
+        lock = FileLock(sys.argv[1])
+        assert lock.acquire()
+        print("held", flush=True)
+        time.sleep(600)
+        """
+    )
+    path = tmp_path / ".training.lock"
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "held\n"
+        lock = FileLock(path)
+        assert not lock.acquire() and lock.holder() == child.pid
+    finally:
+        child.kill()
+        child.wait()
+    assert lock.acquire() and lock.holder() == os.getpid()
+    assert not FileLock(path).acquire()  # exclusive within one process too
+    lock.release()
+    assert FileLock(path).acquire()
 
 
 def test_atomic_directory_creates_replaces_and_refuses(tmp_path):
