@@ -156,7 +156,9 @@ def validate_config(config) -> None:
                       model.distill, model.distill_teacher,
                       model.n_blocks, model.depths, model.pairs, model.grid, model.triples,
                       model.use_id_embedding, model.id_dropout, model.learned_temperature,
-                      model.separate_item_vectors, model.prefix_gradient)
+                      model.separate_item_vectors, model.prefix_gradient,
+                      **{name: model[name] for name in ("dropout", "input_dropout", "lr", "weight_decay",
+                                                         "warmup_steps", "loss_block_rows")})
     except OptionError as exc:
         raise ConfigError(exc.render("--model.")) from None
     if data.data_dir is None and data.synthetic is not None:

@@ -704,6 +704,19 @@ def _running_job(workdir, resources):
     _HELD_LOCKS.append(lock)
 
 
+def _training_in(lock_file: str) -> Callable[[Path, Resources], None]:
+    """A training in progress: it holds ``lock_file`` (a run directory's, or the one beside a
+    checkpoint directory)."""
+    def hold(workdir, resources):
+        from recsys.atomic import FileLock
+
+        (workdir / lock_file).parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(workdir / lock_file)
+        assert lock.acquire()
+        _HELD_LOCKS.append(lock)
+    return hold
+
+
 def _parquet(name: str, data: dict) -> Callable[[Path, Resources], None]:
     def write(workdir, resources):
         pl.DataFrame(data).write_parquet(workdir / name)
@@ -919,6 +932,20 @@ BAD_INPUTS = [
     BadInput("recsys.train", "no negatives for the sampled loss (`--model.negatives 0`)",
              (*TRAIN, "--model.loss", "sampled", "--model.negatives", "0"),
              r"^--model\.negatives must be a positive integer, got 0$"),
+    BadInput("recsys.train", "negative learning rate (`--model.lr -0.001`)", (*TRAIN, "--model.lr", "-0.001"),
+             r"^--model\.lr must be a finite positive number, got -0\.001$"),
+    BadInput("recsys.train", "dropout above 1 (`--model.dropout 1.5`)", (*TRAIN, "--model.dropout", "1.5"),
+             r"^--model\.dropout must be a probability in \[0, 1\), got 1\.5$"),
+    BadInput("recsys.train", "no encoder blocks (`--model.n_blocks 0`)", (*TRAIN, "--model.n_blocks", "0"),
+             r"^--model\.n_blocks must be a positive integer, got 0$"),
+    BadInput("recsys.train", "`--run_dir` in use by another training", (*TRAIN, "--tracking", "csv", "--run_dir", "run"),
+             r"^--run_dir run: another training \(pid \d+\) is writing there; wait for it to end or use another --run_dir$",
+             _training_in("run/.training.lock"), TRAIN_CREATES),
+    BadInput("recsys.train", "`--checkpoint.dirpath` in use by another training", (*TRAIN, "--checkpoint.dirpath", "ckpt"),
+             r"^--checkpoint\.dirpath .*ckpt: another training \(pid \d+\) is writing there; wait for it to end or use another --checkpoint\.dirpath$",
+             _training_in(".ckpt.lock"), TRAIN_CREATES),
+    BadInput("recsys.train", "`--run_dir` inside a file", (*TRAIN, "--tracking", "csv", "--run_dir", "notes.txt/run"),
+             r"^--run_dir notes\.txt/run: notes\.txt is a file, not a directory$", _text("notes.txt", "mine"), TRAIN_CREATES),
     BadInput("recsys.train", "no epochs to train (`--trainer.max_epochs 0`)", (*TRAIN, "--trainer.max_epochs", "0"),
              r"^--trainer\.max_epochs 0: trains nothing; give at least 1 \(or -1: until early stopping ends the run\)$"),
     BadInput("recsys.train", "wrong type (`--trainer.max_epochs ten`)", (*TRAIN, "--trainer.max_epochs", "ten"),
