@@ -15,10 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
+
+from pathlib import Path
 
 from recsys.errors import Interrupted
 
@@ -83,3 +87,14 @@ def ctrl_c_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def command_of(module: str) -> str:
+    """``python -m module`` as it works when printed: with this environment's interpreter (its
+    path relative to the working directory when it lies under it, e.g. ``.venv/bin/python``), so
+    that the line runs outside an activated environment too."""
+    shown = str(Path(sys.executable))
+    with contextlib.suppress(ValueError):
+        shown = str(Path(sys.executable).relative_to(Path.cwd()))
+        shown = shown if "/" in shown else f"./{shown}"  # a bare name would be looked up on PATH
+    return f"{shlex.quote(shown)} -m {module}"

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import sys
 
-from recsys.console import ctrl_c_interrupts, help_asked, quiet_console
+from recsys.console import command_of, ctrl_c_interrupts, help_asked, quiet_console
 
 if __name__ == "__main__" and help_asked(sys.argv[1:]):  # answered before Lightning is imported (seconds)
     print(__doc__.replace("``", "`"))
@@ -439,7 +439,7 @@ class MLflowRun:
         return f"MLflow run '{run.info.run_name}' ({self.run_id}) in {uri}\nsee every size: {see}"
 
     def export_hint(self, best: str, dims: int) -> str:
-        return f"python -m serving.export --run-id {self.run_id} --dims {dims} --out exports/"
+        return f"{command_of('serving.export')} --run-id {self.run_id} --dims {dims} --out exports/"
 
 
 class CSVRun:
@@ -520,7 +520,7 @@ class CSVRun:
                 f"{PLOT_FILE} or, for a grid of sub-models, {GRID_PLOT_FILE})")
 
     def export_hint(self, best: str, dims: int) -> str:
-        return f"python -m serving.export --checkpoint {best} --dims {dims} --out exports/"
+        return f"{command_of('serving.export')} --checkpoint {best} --dims {dims} --out exports/"
 
 
 # -- the CLI -----------------------------------------------------------------------------------------

@@ -121,3 +121,15 @@ def test_a_training_console_shows_our_progress_and_table_and_no_third_party_noti
     assert "| size | parameters | NDCG@10 |" in out and re.search(r"^\| 16 \| [\d,]+ \| 0\.\d{4} \|", out, re.MULTILINE)
     assert re.search(r"^MLflow run 'lru d8-16 synthetic [\d: -]+' \(\w+\) in sqlite:///", out, re.MULTILINE)
     assert "?workflowType=machine_learning" in out
+
+
+def test_printed_commands_name_this_environments_python(tmp_path, monkeypatch):
+    """The hint printed after training runs as printed, outside an activated environment too."""
+    import sys
+
+    from recsys.console import command_of
+
+    monkeypatch.chdir(tmp_path)
+    assert command_of("serving.export") == f"{sys.executable} -m serving.export"
+    monkeypatch.chdir(Path(sys.executable).parent)
+    assert command_of("serving.export") == f"./{Path(sys.executable).name} -m serving.export"
