@@ -1012,6 +1012,7 @@ TWIN_ARMS = {
     "ml-1m-cpu-untied-temperature": "ml-1m-cpu-untied",
     "ml-1m-cpu-prefix-gradient-0.5": "ml-1m-cpu-untied",
     "ml-1m-cpu-prefix-gradient-0": "ml-1m-cpu-untied",
+    "ml-1m-cpu-untied-largest-loss-only": "ml-1m-cpu-untied",
 }
 #: overrides every arm shares (the reduced protocol), left out of what an arm changes
 PROTOCOL_OVERRIDES = ("--trainer.max_epochs", "--data.max_len", "--model.sizes")
