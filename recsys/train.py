@@ -584,7 +584,9 @@ class TrainCLI(LightningCLI):
         before anything is written there: one training at a time per directory."""
         checkpoint: ModelCheckpoint = self.config_init.checkpoint
         if checkpoint.dirpath is not None:  # before the run is opened: a refused run opens none
-            self.checkpoint_lock = lock_checkpoint_directory(checkpoint.dirpath, "--checkpoint.dirpath", "--checkpoint.dirpath")
+            # as the user wrote it (Lightning has made checkpoint.dirpath absolute); the same place
+            self.checkpoint_lock = lock_checkpoint_directory(self.config.checkpoint.dirpath, "--checkpoint.dirpath",
+                                                             "--checkpoint.dirpath")
         if self.config.tracking == "csv":
             self.run = CSVRun(self.config.run_dir, self.config.ckpt_path)  # locks its run directory
         else:

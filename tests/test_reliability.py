@@ -942,7 +942,7 @@ BAD_INPUTS = [
              r"^--run_dir run: another training \(pid \d+\) is writing there; wait for it to end or use another --run_dir$",
              _training_in("run/.training.lock"), TRAIN_CREATES),
     BadInput("recsys.train", "`--checkpoint.dirpath` in use by another training", (*TRAIN, "--checkpoint.dirpath", "ckpt"),
-             r"^--checkpoint\.dirpath .*ckpt: another training \(pid \d+\) is writing there; wait for it to end or use another --checkpoint\.dirpath$",
+             r"^--checkpoint\.dirpath ckpt: another training \(pid \d+\) is writing there; wait for it to end or use another --checkpoint\.dirpath$",
              _training_in(".ckpt.lock"), TRAIN_CREATES),
     BadInput("recsys.train", "`--run_dir` inside a file", (*TRAIN, "--tracking", "csv", "--run_dir", "notes.txt/run"),
              r"^--run_dir notes\.txt/run: notes\.txt is a file, not a directory$", _text("notes.txt", "mine"), TRAIN_CREATES),
