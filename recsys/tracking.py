@@ -120,11 +120,19 @@ def prepare_store(settings: MLflowSettings) -> None:
     """
     from mlflow.tracking import MlflowClient
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     uri = settings.resolved_uri()
-    with _store_lock(uri):
-        client = MlflowClient(uri)
-        if client.get_experiment_by_name(settings.experiment) is None:
-            client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+    try:
+        with _store_lock(uri):
+            client = MlflowClient(uri)
+            if client.get_experiment_by_name(settings.experiment) is None:
+                client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+    except SQLAlchemyError as exc:  # not a database, read-only, a full disk: the database's own words
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise TrackingUnavailableError(
+            f"the MLflow store {uri} cannot be used ({reason}); fix it, or give another --mlflow.tracking_uri"
+        ) from None
 
 
 def default_run_name(encoder: str, sizes: list[int], dataset: str, started: float | None = None) -> str:

@@ -964,6 +964,9 @@ BAD_INPUTS = [
     BadInput("recsys.train", "MLflow server does not answer", (*TRAIN, "--mlflow.tracking_uri", "http://127.0.0.1:9"),
              r"^the MLflow tracking server http://127\.0\.0\.1:9 does not answer \(.*\); start it, fix --mlflow\.tracking_uri",
              _nothing, TRAIN_CREATES),
+    BadInput("recsys.train", "MLflow store that is not a database", (*TRAIN, "--mlflow.tracking_uri", "sqlite:///store.db"),
+             r"^the MLflow store sqlite:///store\.db cannot be used \(file is not a database\); fix it, or give another "
+             r"--mlflow\.tracking_uri$", _text("store.db", "my notes, not a database\n"), (*TRAIN_CREATES, "store.db.lock")),
     # -- python -m recsys.train: bad prepared data, settings and resumes (issue 18) --------------------------
     BadInput("recsys.train", "`--data.max_len 0`", (*TRAIN, "--data.max_len", "0"), r"^--data\.max_len must be an integer of at least 1, got 0$"),
     BadInput("recsys.train", "`--data.synthetic.num_users 0`", (*TRAIN, "--data.synthetic.num_users", "0"),
