@@ -331,6 +331,7 @@ def _default_dims(checkpoint, args) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = export_parser(__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every CPU variant it tries
     return exit_code_of(lambda: _run(args))
 
 
