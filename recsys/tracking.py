@@ -122,9 +122,11 @@ def prepare_store(settings: MLflowSettings) -> None:
 
     from sqlalchemy.exc import SQLAlchemyError
 
+    from recsys.atomic import reported_write_failures
+
     uri = settings.resolved_uri()
     try:
-        with _store_lock(uri):
+        with reported_write_failures(uri, "--mlflow.tracking_uri"), _store_lock(uri):
             client = MlflowClient(uri)
             if client.get_experiment_by_name(settings.experiment) is None:
                 client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)

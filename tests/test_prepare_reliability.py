@@ -252,3 +252,28 @@ def test_infinite_weight_in_parquet_is_refused(tmp_path):
     pl.DataFrame({"user": [1, 1, 1], "item": [1, 2, 3], "ts": [1, 2, 3], "w": [1.0, 2.0, float("inf")]}).write_parquet(tmp_path / "log.parquet")
     with pytest.raises(DataValidationError, match=r"log\.parquet: weight column 'w' has the value inf at row 3"):
         prepare(tmp_path / "log.parquet", tmp_path / "out", weight_col="w", **OPTIONS)
+
+
+# -- 9: a disk that fills up while prepare writes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", ["OSError", "polars"])
+def test_a_full_disk_is_one_line_and_the_old_output_stays_whole(tmp_path, monkeypatch, capsys, error):
+    import errno
+
+    data = _inputs(tmp_path)
+    out = tmp_path / "prepared"
+    prepare(data / "log.csv", out, **OPTIONS)
+    before = snapshot(tmp_path)
+
+    def disk_full(self, *args, **kwargs):
+        if error == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise pl.exceptions.ComputeError("parquet: File out of specification: underlying IO error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", disk_full)
+    args = ["prepare", "--interactions", str(data / "log.csv"), "--out", str(out), "--overwrite", "true", "--user-col", "user",
+            "--item-col", "item", "--time-col", "ts", "--min-count", "1", "--cache-dir", "null"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --out {out}: cannot write there: No space left on device"
+    assert snapshot(tmp_path) == before

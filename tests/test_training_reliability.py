@@ -313,3 +313,30 @@ def test_ctrl_c_is_one_line_exit_130_and_the_resume_logs_each_step_once(cache, t
     assert main([*args, "--ckpt_path", str(last)]) == 0
     assert _steps(run_dir) == _steps(uninterrupted)
     assert _losses(run_dir) == pytest.approx(_losses(uninterrupted))
+
+
+@pytest.mark.parametrize("failure", ["read-only", "not a database"])
+def test_an_mlflow_store_that_cannot_be_used_is_one_line(tmp_path, monkeypatch, failure):
+    """A store on a read-only disk (the lock file beside it cannot be made) or a file that is not a
+    database: one user error naming the store, not an OSError or SQLAlchemy traceback."""
+    import contextlib
+    import errno
+
+    import recsys.tracking as tracking
+    from recsys.errors import UserError
+
+    store = tmp_path / "store.db"
+    if failure == "read-only":
+        @contextlib.contextmanager
+        def read_only(uri):
+            raise OSError(errno.EROFS, "Read-only file system", str(store) + ".lock")
+            yield
+
+        monkeypatch.setattr(tracking, "_store_lock", read_only)
+        expected = f"--mlflow.tracking_uri sqlite:///{store}: cannot write there: Read-only file system"
+    else:
+        store.write_text("my notes, not a database\n")
+        expected = f"the MLflow store sqlite:///{store} cannot be used (file is not a database); fix it, or give another --mlflow.tracking_uri"
+    with pytest.raises(UserError) as error:
+        tracking.prepare_store(tracking.MLflowSettings(tracking_uri=f"sqlite:///{store}", experiment="x"))
+    assert str(error.value) == expected

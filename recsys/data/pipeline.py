@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from recsys.atomic import TargetExists, atomic_directory
+from recsys.atomic import TargetExists, atomic_directory, check_writable, reported_write_failures
 from recsys.data.cleaning import REPEAT_POLICIES, TIE_BREAK, CleanLog, RepeatPolicy, clean_log
 from recsys.data.errors import DataValidationError
 from recsys.data.features import build_item_features
@@ -111,6 +111,7 @@ def prepare(
     text_cols, category_cols = list(text_cols or []), list(category_cols or [])
     vector_files = {name: Path(p) for name, p in (vectors or {}).items()}
     _refuse_output_over_inputs(out, _input_files(interactions, items, vector_files))
+    check_writable(out, "--out")  # a read-only place is one line before the long work, not after it
     _check_options(out, items, user_col, item_col, text_cols, category_cols, category_sep, vector_files, min_count, repeats, overwrite)
     if isinstance(cold_start_fraction, bool) or not isinstance(cold_start_fraction, (int, float)) or not 0 <= cold_start_fraction < 1:
         raise DataValidationError("--cold-start-fraction", f"must be a number in [0, 1), got {cold_start_fraction!r}")
@@ -449,7 +450,7 @@ def _write_atomically(out: Path, overwrite: bool, interactions, users, items, fe
     """Write into a temporary sibling directory, then put it in place of ``out`` (``recsys.atomic``:
     an existing ``out`` stays whole until the new one replaces it); clean up on any error."""
     try:
-        with atomic_directory(out, overwrite=overwrite) as partial:
+        with reported_write_failures(out), atomic_directory(out, overwrite=overwrite) as partial:
             interactions.write_parquet(partial / "interactions.parquet")
             users.write_parquet(partial / "users.parquet")
             items.write_parquet(partial / "items.parquet")
