@@ -1141,7 +1141,7 @@ def block_serve() -> list[str]:
     lines = [
         f"`{d['command']}` → `bench/results/serve.json` ({d['date']}): {source}, exported at size {model['size']} "
         f"({model['num_items']:,} items, {model['retriever']} search), served by `python -m serving.rest` in its own "
-        f"process ({d['server_workers']} workers, each request on {d['threads_per_request']} thread, as in process); "
+        f"process (at most {d['server_workers']} requests computed at once, each on {d['threads_per_request']} thread, as in process); "
         f"each request one real user's history (mean length {d['history_length_mean']:.1f}), k={d['k']}; "
         f"{local['seconds']:.0f} s in process, {d['single_client']['seconds']:.0f} s with one client, "
         f"{d['loaded']['seconds']:.0f} s loaded; {d['note']}. "
