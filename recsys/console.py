@@ -21,12 +21,11 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
-
 from pathlib import Path
 
 from recsys.errors import Interrupted
 
-__all__ = ["ctrl_c_interrupts", "help_asked", "quiet_console"]
+__all__ = ["command_of", "ctrl_c_interrupts", "help_asked", "quiet_console"]
 
 OUR_LOGGERS = ("recsys", "serving")
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"

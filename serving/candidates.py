@@ -139,6 +139,7 @@ except ImportError:  # not POSIX: no lock; run each shard in one process at a ti
     fcntl = None
 
 from recsys.atomic import (
+    FileLock,
     atomic_directory,
     atomic_file,
     check_writable,
@@ -482,17 +483,15 @@ def _refuse_if_running(out: Path, shard: tuple[int, int]) -> None:
 
 @contextmanager
 def _one_run_at_a_time(out: Path, shard: tuple[int, int]) -> Iterator[None]:
-    """Hold the lock file of this shard while writing (``fcntl.flock``: the system releases it when
-    the process ends, killed or not, so a lock is never stale); a second run fails at once."""
-    if fcntl is None:
+    """Hold the lock file of this shard while writing (:class:`recsys.atomic.FileLock`: the system
+    releases it when the process ends, killed or not, so a lock is never stale); a second run fails at once."""
+    lock = FileLock(_lock_path(out, shard))
+    if not lock.acquire():
+        raise _running(out, shard)
+    try:
         yield
-        return
-    with open(_lock_path(out, shard), "ab") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _running(out, shard) from None
-        yield
+    finally:
+        lock.release()
 
 
 def _check_out_dir(out: Path, job_path: Path, job: dict[str, Any]) -> None:

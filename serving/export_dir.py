@@ -61,6 +61,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from recsys.errors import UserError
+from serving.json_depth import nests_deeper_than
 
 __all__ = [
     "ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "OUTPUT_ITEMS", "WEIGHTS", "SETTINGS", "read_items", "read_manifest",
@@ -157,7 +158,7 @@ def _parse_json(text: str, path: Path, what: str) -> Any:
         raise _too_deep(path, what) from None
     except ValueError as exc:  # from the three hooks
         raise ExportError(f"{path}: the {what} holds {exc}") from None
-    if _nesting(value) > MAX_NESTING:
+    if nests_deeper_than(value, MAX_NESTING):
         raise _too_deep(path, what)
     return value
 
@@ -183,18 +184,6 @@ def _json_float(text: str) -> float:
 
 def _json_constant(name: str) -> float:
     raise ValueError(f"{name}, which is not a JSON number")
-
-
-def _nesting(value: Any) -> int:
-    """How deep JSON objects and lists nest in ``value`` (a scalar: 0), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is not None:
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 def _check_format(path: Path, manifest: dict[str, Any]) -> None:

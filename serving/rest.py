@@ -53,6 +53,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors import Multiprocess
 
 from recsys.errors import UserError
+from serving.json_depth import nests_deeper_than
 from serving.online import FIELDS, Limits, RequestError, answer, parse_request
 
 __all__ = ["ServeError", "Server", "make_app", "make_server", "resolve_model", "main"]
@@ -169,18 +170,6 @@ def _finite(text: str) -> float:
     return value
 
 
-def _too_deep(value: Any) -> bool:
-    """Whether ``value`` nests lists and objects more than ``MAX_DEPTH`` deep (level by level, no recursion)."""
-    level, depth = [value], 0
-    while level:
-        children = (c for node in level for c in (node.values() if isinstance(node, dict) else node))
-        level = [c for c in children if isinstance(c, (list, dict))]
-        depth += 1
-        if depth > MAX_DEPTH:
-            return True
-    return False
-
-
 def _decode(raw: bytes) -> Any:
     """A body as strict JSON (no NaN or Infinity) nested at most ``MAX_DEPTH`` deep; RequestError otherwise."""
     too_deep = RequestError(f"the body nests lists and objects more than {MAX_DEPTH} deep")
@@ -193,7 +182,7 @@ def _decode(raw: bytes) -> Any:
     except ValueError:  # an integer too long to convert
         raise RequestError(f"the body has an integer of more than {sys.get_int_max_str_digits()} digits") from None
     # fewer opening brackets than the limit cannot nest deeper: most requests skip the walk
-    if isinstance(value, (list, dict)) and raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(value):
+    if isinstance(value, (list, dict)) and raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and nests_deeper_than(value, MAX_DEPTH):
         raise too_deep
     return value
 

@@ -185,3 +185,15 @@ def test_an_export_of_a_checkpoint_with_nan_is_refused_before_anything_is_writte
     assert line == (f"error: {path}: {tensor} holds NaN or infinite values; an export of it could not be loaded, "
                     "so none was written")
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_json_depth_counts_each_level_of_lists_and_objects():
+    """The one depth bound the loader and the endpoint share (``serving/json_depth.py``)."""
+    from serving.json_depth import nests_deeper_than
+
+    assert not nests_deeper_than(7, 0) and nests_deeper_than([], 0) and not nests_deeper_than([], 1)
+    assert nests_deeper_than({"a": [1, {}]}, 2) and not nests_deeper_than({"a": [1, {}]}, 3)
+    deep = []
+    for _ in range(10**5):
+        deep = [deep]
+    assert nests_deeper_than(deep, 32)
