@@ -38,6 +38,8 @@ from recsys.nn.loss import (
 )
 from recsys.nn.grid import GRIDS, Triple, build_grid, vector_groups
 from recsys.nn.nested import (
+    NESTINGS,
+    SizeSlices,
     check_sizes,
     cut_sizes,
     cut_to_size,
@@ -191,6 +193,7 @@ def check_options(
     learned_temperature: Any = False,
     separate_item_vectors: Any = False,
     prefix_gradient: Any = 1.0,
+    nesting: Any = "blocks",
     **numbers: Any,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
     """The model's checks of its settings, in one place: the constructor runs them, and the
@@ -236,15 +239,21 @@ def check_options(
         raise OptionError(f"{{separate_item_vectors}} must be true, false or 'all', got {separate_item_vectors!r}")
     if separate_item_vectors and distill > 0:
         raise OptionError("{separate_item_vectors} and {distill} do not combine: each size scores its own item vectors")
-    if prefix_gradient < 1 and not separate_item_vectors:
+    if nesting not in NESTINGS:
+        raise OptionError(f"{{nesting}}: unknown nesting {nesting!r}; choose one of {', '.join(NESTINGS)}")
+    if nesting == "slices" and encoder != "lru":
+        raise OptionError(f"{{nesting}} 'slices' is built for the lru encoder, not {encoder!r}")
+    if nesting == "slices" and distill > 0:
+        raise OptionError("{nesting} 'slices' and {distill} do not combine: each size runs as its own network and loss")
+    if prefix_gradient < 1 and not separate_item_vectors and nesting == "blocks":
         raise OptionError("{prefix_gradient} below 1 needs {separate_item_vectors} true or 'all': "
                           "with tied item vectors every size's softmax reads the smaller sizes' item chunks")
     if prefix_gradient < 1 and encoder == "sasrec":
         raise OptionError("{prefix_gradient} below 1 needs a nested encoder (lru or mamba): SASRec's layers are shared whole")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
-    if trained is not None and (learned_temperature or separate_item_vectors):
-        name = "learned_temperature" if learned_temperature else "separate_item_vectors"
+    if trained is not None and (learned_temperature or separate_item_vectors or nesting == "slices"):
+        name = "learned_temperature" if learned_temperature else "separate_item_vectors" if separate_item_vectors else "nesting"
         raise OptionError(f"{{{name}}} is per size; it is not available with a grid of triples")
     if trained is not None:
         if monitor_size not in (None, "mean"):
@@ -336,12 +345,18 @@ class MatryoshkaRecommender(L.LightningModule):
             size: output item vectors untied from the input ones). An export of such a size holds
             and searches its own item vectors (``serving/export_dir.py``). The loss is one per
             size, each against its own matrix; no funnel over those vectors.
-        prefix_gradient: with ``separate_item_vectors``, the factor on the gradient that a size's
-            loss sends to the weights of the smaller sizes' chunks (every layer's cross-chunk
-            blocks and the loss's own read of the smaller chunks; forward values never change).
+        prefix_gradient: with ``separate_item_vectors`` (or ``nesting="slices"``), the factor on the
+            gradient that a size's loss sends to the weights of the smaller sizes' chunks (every
+            layer's cross-chunk blocks and the loss's own read of the smaller chunks; with slices,
+            the slice of every weight that the size below holds; forward values never change).
             1 is plain training; 0 trains each chunk by its own size's loss alone, so the
             smallest size learns exactly as if it were trained alone and each larger size adds
             its chunk on top of the smaller ones. Training only.
+        nesting: how the sizes share weights (``recsys/nn/nested.py``): ``blocks`` (block-lower-
+            triangular layers, one LayerNorm per chunk; one forward computes every size) or
+            ``slices`` (dense layers, the size-``s`` network is the top-left slice of every weight
+            with LayerNorms over its whole width; the largest size is a dense network, and every
+            size runs its own forward in training and evaluation). ``slices``: LRU encoder only.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -411,12 +426,13 @@ class MatryoshkaRecommender(L.LightningModule):
         learned_temperature: bool = False,
         separate_item_vectors: bool | Literal["all"] = False,
         prefix_gradient: float = 1.0,
+        nesting: Literal["blocks", "slices"] = "blocks",
     ) -> None:
         super().__init__()
         self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(
             sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
             distill, distill_teacher, n_blocks, depths, pairs, grid, triples, use_id_embedding, id_dropout,
-            learned_temperature, separate_item_vectors, prefix_gradient,
+            learned_temperature, separate_item_vectors, prefix_gradient, nesting,
             dropout=dropout, input_dropout=input_dropout, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, loss_block_rows=loss_block_rows,
         )
@@ -434,12 +450,15 @@ class MatryoshkaRecommender(L.LightningModule):
 
         self.net = SequentialRecommender(
             ItemTower(self.sizes, item_features, use_id_embedding=use_id_embedding, modalities=modalities,
-                      id_dropout=id_dropout),
+                      id_dropout=id_dropout, nesting=nesting),
             build_encoder(encoder, self.sizes, **self.encoder_options()),
             input_dropout=input_dropout,
             grid=self.trained_triples,
         )
-        set_prefix_gradient(self.net, prefix_gradient)
+        # slices: every size its own network over the weights' slices (which carry the prefix gradient)
+        self._slices = SizeSlices(self.net, self.sizes) if nesting == "slices" else None
+        if self._slices is None:
+            set_prefix_gradient(self.net, prefix_gradient)
         # the output item towers of the sizes below the largest (or of all), with separate_item_vectors
         head_sizes = self.sizes if separate_item_vectors == "all" else self.sizes[:-1] if separate_item_vectors else ()
         self.item_heads = torch.nn.ModuleList(
@@ -447,6 +466,7 @@ class MatryoshkaRecommender(L.LightningModule):
             for size in head_sizes
         ) if head_sizes else None  # (true with one size: the plain model)
         self._eval_head_items: list[torch.Tensor] | None = None
+        self._eval_nets: list | None = None  # slices: (network, item matrix, candidates) per size
         # log of each size's logit factor (outside ``net``: exports never see it)
         self.log_logit_scale = torch.nn.Parameter(torch.zeros(len(self.sizes))) if learned_temperature else None
         # with a grid, metrics rows are the triples (numbered 1..T, renamed by metric_name)
@@ -500,6 +520,8 @@ class MatryoshkaRecommender(L.LightningModule):
         specific = asdict(self.encoder_configs[h.encoder])
         if h.encoder == "sasrec":
             specific["max_len"] = h.max_len
+        if h.get("nesting", "blocks") != "blocks":  # (absent from the options of every earlier model)
+            specific["nesting"] = h.nesting
         return {"n_blocks": h.n_blocks, "dropout": h.dropout, **specific}
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -590,12 +612,14 @@ class MatryoshkaRecommender(L.LightningModule):
         step = self.step_inputs(batch)
         valid = step.targets > 0
         if self.trained_triples is None:
-            states = self.net.sequence_states(step.input_ids, step.items)
             scales = None if self.log_logit_scale is None else self.log_logit_scale.exp()
-            if self.item_heads is None:
-                loss = self._loss(states[valid], step, self.sizes, self.hparams.loss_weights, scales)
+            if self._slices is not None:
+                loss = self._sliced_loss(step, valid, scales)
+            elif self.item_heads is None:
+                loss = self._loss(self.net.sequence_states(step.input_ids, step.items)[valid], step, self.sizes,
+                                  self.hparams.loss_weights, scales)
             else:
-                loss = self._separate_items_loss(states[valid], step, scales)
+                loss = self._separate_items_loss(self.net.sequence_states(step.input_ids, step.items)[valid], step, scales)
             names = [f"d{size}" for size in self.sizes]
             total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
         else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
@@ -659,18 +683,46 @@ class MatryoshkaRecommender(L.LightningModule):
         """Every size's softmax against its own item vectors (``separate_item_vectors``), one loss
         per size against its own matrix (each full softmax memory-flat, each sampled one over the
         step's rows of that size's tower): ``M`` products of ``s_m`` columns instead of one of ``D``."""
-        if self.hparams.loss == "sampled":
-            heads = [head(step.rows) for head in self.item_heads]
-        else:
-            heads = [head() if self._train_rows is None else head()[self._train_rows] for head in self.item_heads]
+        heads = self._training_head_items(step)
         factor = self.hparams.prefix_gradient
         starts = (0, *self.sizes[:-1])  # where each size's own chunk starts
-        per_size = torch.stack([
+        return self._per_size_loss([
             self._loss(scale_prefix_gradient(user[:, :size], start, factor),
                        step._replace(candidates=items if m < len(heads) else scale_prefix_gradient(items, start, factor)),
                        (size,), None, None if logit_scales is None else logit_scales[m : m + 1]).total
             for m, (size, start, items) in enumerate(zip(self.sizes, starts, [*heads, step.candidates]))
         ])
+
+    def _sliced_loss(self, step: StepInputs, valid: torch.Tensor, logit_scales=None) -> MatryoshkaLoss:
+        """``nesting="slices"``: every size is its own network over the top-left slices of the
+        weights (:class:`~recsys.nn.nested.SizeSlices`, which also applies ``prefix_gradient``): its
+        own item matrix, its own states, its softmax against its own item vectors (or that matrix)."""
+        heads = self._training_head_items(step)
+        losses = []
+        for m, size in enumerate(self.sizes):
+            net = self._slices.network(self.net, size, self.hparams.prefix_gradient)
+            items = net("item_matrix") if step.rows is None else net("items", step.rows)
+            if m < len(heads):
+                candidates = heads[m]
+            else:
+                candidates = items if step.rows is not None or self._train_rows is None else items[self._train_rows]
+            states = net("sequence_states", step.input_ids, items)[valid]
+            losses.append(self._loss(states, step._replace(items=items, candidates=candidates), (size,), None,
+                                     None if logit_scales is None else logit_scales[m : m + 1]).total)
+        return self._per_size_loss(losses)
+
+    def _training_head_items(self, step: StepInputs) -> list[torch.Tensor]:
+        """The item vectors of the sizes that have their own (``separate_item_vectors``), smallest
+        first, as this step's loss reads them (the sampled rows, or the training candidates)."""
+        if self.item_heads is None:
+            return []
+        if self.hparams.loss == "sampled":
+            return [head(step.rows) for head in self.item_heads]
+        return [head() if self._train_rows is None else head()[self._train_rows] for head in self.item_heads]
+
+    def _per_size_loss(self, losses: list[torch.Tensor]) -> MatryoshkaLoss:
+        """One loss per size, weighted by ``loss_weights``, as one :class:`MatryoshkaLoss`."""
+        per_size = torch.stack(losses)
         weights = self.hparams.loss_weights or [1.0] * len(self.sizes)
         return MatryoshkaLoss((per_size * per_size.new_tensor(weights)).sum(), per_size.detach())
 
@@ -764,7 +816,9 @@ class MatryoshkaRecommender(L.LightningModule):
             self._eval_items = self.net.item_matrix()
             self._check_finite("item vectors", self._eval_items, stage)
         seen = batch["seen_ids"] if self.hparams.mask_seen else None
-        if self.trained_triples is None:
+        if self._slices is not None:
+            ranks = self._sliced_ranks(batch, seen, stage)
+        elif self.trained_triples is None:
             users = self.net.user_vectors(batch["input_ids"], self._eval_items)
             self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
             if self.item_heads is None:
@@ -779,6 +833,24 @@ class MatryoshkaRecommender(L.LightningModule):
         else:
             ranks = self._grid_ranks(batch, seen)
         metrics.update(ranks, batch["user"] if metrics.keep_ranks else None)
+
+    def _sliced_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None, stage: str) -> torch.Tensor:
+        """``(M, B)`` target ranks with ``nesting="slices"``: every size's own network (cut once per
+        evaluation, the largest is the model's) against its own item vectors or item matrix."""
+        if self._eval_nets is None:
+            heads = [head() for head in self.item_heads] if self.item_heads is not None else []
+            self._eval_nets = []
+            for m, size in enumerate(self.sizes):
+                net = self.net if size == self.sizes[-1] else cut_to_size(self.net, size)
+                items = net.item_matrix()
+                self._check_finite("item vectors", items, stage)
+                self._eval_nets.append((net, items, heads[m] if m < len(heads) else items))
+        ranks = []
+        for size, (net, items, candidates) in zip(self.sizes, self._eval_nets):
+            users = net.user_vectors(batch["input_ids"], items)
+            self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()
+            ranks.append(target_ranks(users, candidates, batch["target"], (size,), seen_ids=seen))
+        return torch.cat(ranks)
 
     def _grid_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None) -> torch.Tensor:
         """``(T, B)`` target ranks of every trained triple, in grid order: one encoder pass for all
@@ -818,7 +890,7 @@ class MatryoshkaRecommender(L.LightningModule):
             )
 
     def _start_evaluation(self, metrics: RankingMetrics) -> None:
-        self._eval_items = self._eval_head_items = None
+        self._eval_items = self._eval_head_items = self._eval_nets = None
         self._non_finite_users = torch.zeros((), dtype=torch.long, device=self.device)
         metrics.reset()
 
@@ -829,7 +901,7 @@ class MatryoshkaRecommender(L.LightningModule):
             raise DivergedError(f"{bad} user vectors are not finite in {stage} at {self._where()}: {DIVERGED_CAUSES}; stopped")
         values = metrics.compute()
         metrics.reset()
-        self._eval_items = self._eval_head_items = None
+        self._eval_items = self._eval_head_items = self._eval_nets = None
         values = {self.metric_name(key): value for key, value in values.items()}
         for key, value in values.items():
             if key != "count":

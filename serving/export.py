@@ -144,10 +144,17 @@ def export_size(
     from recsys.nn.recommender import SequentialRecommender
     from serving.retrieval import build_retriever
 
-    items = model.net.item_matrix()
-    full = SequentialRecommender(FixedItemMatrix(items, model.sizes), model.net.encoder, grid=model.net.grid)
-    if hasattr(model.net, "heads"):
-        full.heads = model.net.heads
+    sliced = model.hparams.get("nesting", "blocks") == "slices"
+    if sliced and (funnel_prefix is not None or elastic):
+        raise ExportError(
+            f"size {size} is a network of its own (--model.nesting slices), not a prefix of a larger one: "
+            "export it without a funnel and without width or depth"
+        )
+    # with slices the size's own item tower computes its matrix; with blocks it is the full one's prefix
+    net = cut_to_size(model.net, size) if sliced else model.net
+    full = SequentialRecommender(FixedItemMatrix(net.item_matrix(), net.sizes), net.encoder, grid=net.grid)
+    if hasattr(net, "heads"):
+        full.heads = net.heads
     try:
         small = cut_to_size(full, size, width=width, depth=depth)
     except ValueError as exc:  # no head trained for this depth and width

@@ -369,3 +369,31 @@ def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_thro
     _rewrite_manifest(small, lambda m: m.update(separate_item_vectors=False))
     with pytest.raises(ExportError, match="holds items.output, but the manifest does not name separate item vectors"):
         serving.load(small)
+
+
+def test_a_sliced_size_exports_as_the_dense_network_it_is(tmp_path):
+    """``--model.nesting slices``: an export of a size is that size's own network (its weights'
+    slices, its own item matrix), a dense network of its width: served vectors and
+    recommendations equal those of the model cut to the size; a funnel or a width is refused."""
+    torch.manual_seed(0)
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, nesting="slices").eval()
+    path = tmp_path / "model.ckpt"
+    item_ids = [f"item-{i:03d}" for i in range(1, N + 1)]
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "catalogue": {"item_ids": item_ids, "popularity": [1] * N, "stats": {}}}, path)
+    dirs = export_sizes(path, SIZES, tmp_path / "out")
+    histories = [item_ids[:5], item_ids[10:12]]
+    batch = torch.tensor([[0] * 7 + list(range(1, 6)), [0] * 10 + [11, 12]])
+    for size, directory in zip(SIZES, dirs):
+        small = cut_to_size(model.net, size)
+        with torch.no_grad():
+            items = small.item_matrix()
+            users = small.user_vectors(batch, items)
+        m = serving.load(directory)
+        assert json.loads((directory / "manifest.json").read_text())["encoder_options"]["nesting"] == "slices"
+        np.testing.assert_allclose(m.encode(histories), users.numpy(), rtol=1e-5, atol=1e-5)
+        for got, row in zip(m.recommend(histories, k=5, exclude_seen=False), users @ items[1:].t()):
+            assert [item for item, _ in got] == [item_ids[int(i)] for i in row.topk(5).indices]
+        assert m.num_parameters == nested_parameter_count(small.encoder)
+    with pytest.raises(ExportError, match="network of its own .* without a funnel"):
+        export_sizes(path, [16], tmp_path / "funnel", funnel_prefix=8)

@@ -102,3 +102,23 @@ def test_layer_runs_the_same_on_either_recurrence_with_gradients():
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_sliced_encoder_is_a_dense_encoder_at_every_size():
+    """``nesting="slices"``: the full width is the dense one-size encoder with the same weights,
+    and the encoder cut to a size is the dense encoder of that size holding the weights' slices."""
+    torch.manual_seed(0)
+    sizes = (4, 8, 16)
+    sliced = NestedLRUEncoder(sizes, n_blocks=2, dropout=0.0, nesting="slices").eval()
+    x, mask = torch.randn(3, 6, 16), torch.ones(3, 6, dtype=torch.bool)
+    mask[0, :2] = False
+    for size in sizes:
+        dense = NestedLRUEncoder((size,), n_blocks=2, dropout=0.0).eval()
+        state = {k: v[tuple(slice(0, n) for n in dense.state_dict()[k].shape)] for k, v in sliced.state_dict().items()}
+        dense.load_state_dict(state)
+        expected = dense(x[..., :size], mask)
+        torch.testing.assert_close(cut_to_size(sliced, size)(x[..., :size], mask), expected)
+        if size == sizes[-1]:
+            torch.testing.assert_close(sliced(x, mask), expected)
+        else:  # not a prefix of the full width's outputs
+            assert not torch.allclose(sliced(x, mask)[..., :size], expected, atol=1e-3)

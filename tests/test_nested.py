@@ -200,3 +200,54 @@ def test_prefix_scores_differentiate_like_separate_products():
     )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# -- nesting="slices": every weight dense, a size is its top-left slice -----------------------------
+
+
+@pytest.mark.parametrize("in_mult,out_mult", [(1, 1), (1, 2), (2, 1)])
+def test_sliced_linear_is_dense_and_cuts_to_the_top_left_slice(in_mult, out_mult):
+    torch.manual_seed(0)
+    layer = NestedLinear(SIZES, in_mult=in_mult, out_mult=out_mult, nesting="slices")
+    x = torch.randn(5, in_mult * SIZES[-1])
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert nested_parameter_count(layer) == layer.weight.numel() + layer.bias.numel()
+    for s in SIZES:
+        small = cut_to_size(layer, s)
+        weight, bias = layer.weight[: out_mult * s, : in_mult * s], layer.bias[: out_mult * s]
+        torch.testing.assert_close(small(x[:, : in_mult * s]), torch.nn.functional.linear(x[:, : in_mult * s], weight, bias))
+    # the outputs of a slice read inputs beyond it: the full width is not a prefix of itself
+    assert not torch.allclose(layer(_perturb_beyond(x, SIZES[0], in_mult))[:, :out_mult * SIZES[0]],
+                              layer(x)[:, :out_mult * SIZES[0]])
+
+
+def test_sliced_linear_initialises_every_size_like_a_dense_layer_of_its_width():
+    """Each size's ring (its slice outside the smaller size's) is drawn with the fan-in of its
+    slice, as ``nn.Linear`` of that width would be: the smallest slice is wider than the full one."""
+    torch.manual_seed(0)
+    sizes = (16, 64, 256)
+    layer = NestedLinear(sizes, nesting="slices")
+    for size, below in zip(sizes, (0, *sizes[:-1])):
+        ring = layer.weight[:size, :size].clone()
+        ring[:below, :below] = float("nan")
+        ring = ring[~ring.isnan()]
+        bound = 1 / size**0.5
+        assert ring.abs().max() <= bound and ring.abs().max() > 0.9 * bound, size
+
+
+def test_sliced_layer_norm_normalises_the_whole_width_of_every_size():
+    torch.manual_seed(0)
+    norm = NestedLayerNorm(SIZES, nesting="slices")
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(3, SIZES[-1]) * 4 + 1
+    for s in SIZES:
+        expected = torch.nn.functional.layer_norm(x[:, :s], (s,), norm.weight[:s], norm.bias[:s], norm.eps)
+        torch.testing.assert_close(cut_to_size(norm, s)(x[:, :s]), expected)
+    torch.testing.assert_close(norm(x), torch.nn.functional.layer_norm(x, (SIZES[-1],), norm.weight, norm.bias, norm.eps))
+
+
+def test_an_unknown_nesting_is_refused():
+    with pytest.raises(ValueError, match="nesting must be one of blocks, slices"):
+        NestedLinear(SIZES, nesting="diagonal")

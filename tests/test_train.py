@@ -621,3 +621,77 @@ def test_prefix_gradient_below_one_is_refused_where_it_has_no_meaning():
         _tiny_model(prefix_gradient=0.5)
     with pytest.raises(OptionError, match=r"must be a number in \[0, 1\]"):
         _tiny_model(separate_item_vectors="all", prefix_gradient=-0.1)
+
+
+@pytest.mark.parametrize("separate", [False, "all"])
+def test_sliced_training_runs_every_size_as_its_own_network(separate):
+    """``nesting slices``: each size's loss is that of the network cut to the size (its own item
+    matrix, its own states), computed on views of the model's weights so that every size's loss
+    reaches them; evaluation ranks with those same cut networks."""
+    from recsys.nn.nested import cut_to_size
+
+    model = _tiny_model(nesting="slices", separate_item_vectors=separate)
+    total, names, per_size, _, _ = model.training_loss(TINY_BATCH)
+    step = model.step_inputs(TINY_BATCH)
+    valid = step.targets > 0
+    targets = step.targets[valid] - 1
+    for m, (size, got) in enumerate(zip(model.sizes, per_size)):
+        small = cut_to_size(model.net, size)
+        items = small.item_matrix()
+        user = small.sequence_states(step.input_ids, items)[valid]
+        candidates = model.item_heads[m]() if separate else items
+        expected = torch.nn.functional.cross_entropy(user @ candidates[1:].t(), targets)
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+    total.backward()
+    assert all(p.grad is not None and bool(p.grad.any()) for p in model.parameters())
+
+    model.eval()
+    model._start_evaluation(model.test_metrics)
+    batch = {"input_ids": TINY_BATCH["input_ids"], "target": torch.tensor([2, 1]), "user": torch.tensor([0, 1])}
+    with torch.no_grad():
+        ranks = model._sliced_ranks(batch, None, "test")
+        for m, size in enumerate(model.sizes):
+            small = cut_to_size(model.net, size)
+            items = small.item_matrix()
+            scores = small.user_vectors(batch["input_ids"], items) @ (model.item_heads[m]() if separate else items)[1:].t()
+            expected = (scores > scores.gather(1, batch["target"][:, None] - 1)).sum(1) + 1
+            assert ranks[m].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("separate", [False, "all"])
+def test_sliced_prefix_gradient_zero_trains_the_smallest_slice_by_its_own_loss_alone(separate):
+    """With slices, ``prefix_gradient 0`` leaves the size-4 slice of every weight to the size-4 loss:
+    its gradient equals that of the size-4 loss alone (the smallest size learns as its twin), while
+    the larger size's loss changes it at 1; forward values are those of plain training."""
+    from recsys.nn.nested import cut_to_size
+
+    def trained_on(weights, factor):
+        model = _tiny_model(nesting="slices", separate_item_vectors=separate, prefix_gradient=factor,
+                            loss_weights=weights)
+        total = model.training_loss(TINY_BATCH)[0]
+        total.backward()
+        return {name: p.grad for name, p in model.named_parameters()}, model, total.detach()
+
+    every, model, loss_at_0 = trained_on([1.0, 1.0], 0.0)
+    alone, _, _ = trained_on([1.0, 0.0], 0.0)
+    plain, _, loss_at_1 = trained_on([1.0, 1.0], 1.0)
+    kept = {f"net.{name}": p.shape for name, p in cut_to_size(model.net, 4).named_parameters()}
+    assert len(kept) > 10
+    differs = []
+    for name, shape in kept.items():
+        prefix = tuple(slice(0, n) for n in shape)
+        torch.testing.assert_close(every[name][prefix], alone[name][prefix], rtol=1e-5, atol=1e-7, msg=name)
+        differs.append(not torch.allclose(plain[name][prefix], alone[name][prefix], rtol=1e-5, atol=1e-7))
+    assert sum(differs) > len(kept) // 2
+    torch.testing.assert_close(loss_at_0, loss_at_1)
+
+
+def test_sliced_nesting_is_refused_where_it_is_not_built():
+    with pytest.raises(OptionError, match="'slices' is built for the lru encoder"):
+        _tiny_model(nesting="slices", encoder="mamba")
+    with pytest.raises(OptionError, match="unknown nesting 'rings'"):
+        _tiny_model(nesting="rings")
+    with pytest.raises(OptionError, match="'slices' and distill do not combine"):
+        _tiny_model(nesting="slices", distill=0.5)
+    with pytest.raises(OptionError, match="nesting is per size"):
+        _tiny_model(nesting="slices", depths=[1, 2])

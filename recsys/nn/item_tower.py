@@ -58,6 +58,7 @@ class ItemTower(NestedModule):
         use_id_embedding: bool = False,
         modalities: Sequence[str] | None = None,
         id_dropout: float = 0.0,
+        nesting: str = "blocks",
     ):
         super().__init__()
         self.sizes = check_sizes(sizes)
@@ -91,7 +92,7 @@ class ItemTower(NestedModule):
         if use_id_embedding:
             self.register_buffer("in_training", features.in_training.float())
             self.ids = id_table(self.num_items + 1, d)
-        self.norm = NestedLayerNorm(self.sizes)
+        self.norm = NestedLayerNorm(self.sizes, nesting=nesting)  # slices: the size-s tower normalises its s dims
         self.register_buffer("num_rows", torch.tensor(self.num_items + 1))
         row_is_item = torch.ones(self.num_items + 1)
         row_is_item[0] = 0.0

@@ -137,7 +137,8 @@ def linear_recurrence_loop(decay: torch.Tensor, inputs: torch.Tensor) -> torch.T
 class LRULayer(NestedModule):
     """One LRU layer over nested channels; padded positions (``mask`` False) contribute nothing."""
 
-    def __init__(self, sizes: Sequence[int], r_min: float = 0.0, r_max: float = 0.1, max_phase: float = 2 * math.pi):
+    def __init__(self, sizes: Sequence[int], r_min: float = 0.0, r_max: float = 0.1, max_phase: float = 2 * math.pi,
+                 nesting: str = "blocks"):
         super().__init__()
         self.sizes = check_sizes(sizes)
         if not 0.0 <= r_min < r_max <= 1.0:
@@ -148,10 +149,7 @@ class LRULayer(NestedModule):
         self.nu_log = nn.Parameter(torch.log(-0.5 * torch.log(radius_sq)))
         self.theta_log = nn.Parameter(torch.log(torch.empty(d).uniform_(1e-3, max_phase)))
         self.gamma_log = nn.Parameter(0.5 * torch.log1p(-radius_sq))  # log sqrt(1 - |lambda|^2)
-        self.b_re = NestedLinear(self.sizes, bias=False)
-        self.b_im = NestedLinear(self.sizes, bias=False)
-        self.c_re = NestedLinear(self.sizes, bias=False)
-        self.c_im = NestedLinear(self.sizes, bias=False)
+        self.b_re, self.b_im, self.c_re, self.c_im = (NestedLinear(self.sizes, bias=False, nesting=nesting) for _ in range(4))
         self.skip = nn.Parameter(torch.randn(d) * 0.1)
 
     def decay(self) -> torch.Tensor:
@@ -205,12 +203,12 @@ class LRULayer(NestedModule):
 class GatedFFN(NestedModule):
     """Gated feed-forward ``W2(SiLU(G x) * W1 x)`` with nested linears expanding by ``mult``."""
 
-    def __init__(self, sizes: Sequence[int], mult: int = 2, dropout: float = 0.1):
+    def __init__(self, sizes: Sequence[int], mult: int = 2, dropout: float = 0.1, nesting: str = "blocks"):
         super().__init__()
         self.sizes = check_sizes(sizes)
-        self.gate = NestedLinear(self.sizes, out_mult=mult)
-        self.up = NestedLinear(self.sizes, out_mult=mult)
-        self.down = NestedLinear(self.sizes, in_mult=mult)
+        self.gate = NestedLinear(self.sizes, out_mult=mult, nesting=nesting)
+        self.up = NestedLinear(self.sizes, out_mult=mult, nesting=nesting)
+        self.down = NestedLinear(self.sizes, in_mult=mult, nesting=nesting)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,13 +218,14 @@ class GatedFFN(NestedModule):
 class LRUBlock(NestedModule):
     """Pre-norm residual block: ``h = x + LRU(LN1(x))``, ``out = h + FFN(LN2(h))``."""
 
-    def __init__(self, sizes: Sequence[int], dropout: float, r_min: float, r_max: float, ffn_mult: int):
+    def __init__(self, sizes: Sequence[int], dropout: float, r_min: float, r_max: float, ffn_mult: int,
+                 nesting: str = "blocks"):
         super().__init__()
         self.sizes = check_sizes(sizes)
-        self.norm_lru = NestedLayerNorm(self.sizes)
-        self.lru = LRULayer(self.sizes, r_min=r_min, r_max=r_max)
-        self.norm_ffn = NestedLayerNorm(self.sizes)
-        self.ffn = GatedFFN(self.sizes, mult=ffn_mult, dropout=dropout)
+        self.norm_lru = NestedLayerNorm(self.sizes, nesting=nesting)
+        self.lru = LRULayer(self.sizes, r_min=r_min, r_max=r_max, nesting=nesting)
+        self.norm_ffn = NestedLayerNorm(self.sizes, nesting=nesting)
+        self.ffn = GatedFFN(self.sizes, mult=ffn_mult, dropout=dropout, nesting=nesting)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sequential: bool | None = None, last_only: bool = False) -> torch.Tensor:
@@ -252,15 +251,17 @@ class NestedLRUEncoder(StackedBlocks, NestedModule):
         r_min: float = 0.0,
         r_max: float = 0.1,
         ffn_mult: int = 2,
+        nesting: str = "blocks",
     ):
         super().__init__()
         self.sizes = check_sizes(sizes)
         if n_blocks < 1:
             raise ValueError(f"n_blocks must be at least 1, got {n_blocks}")
         self.blocks = nn.ModuleList(
-            LRUBlock(self.sizes, dropout=dropout, r_min=r_min, r_max=r_max, ffn_mult=ffn_mult) for _ in range(n_blocks)
+            LRUBlock(self.sizes, dropout=dropout, r_min=r_min, r_max=r_max, ffn_mult=ffn_mult, nesting=nesting)
+            for _ in range(n_blocks)
         )
-        self.final_norm = NestedLayerNorm(self.sizes)
+        self.final_norm = NestedLayerNorm(self.sizes, nesting=nesting)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sequential: bool | None = None) -> torch.Tensor:
         for block in self.blocks:

@@ -11,6 +11,16 @@ nested module in it; training, export and serving all use that one function, and
 :func:`cut_sizes` says which sizes a model can be cut to (a module that holds a part that is not
 nested, such as a SASRec encoder, narrows them to its full width). It also cuts elastic
 sub-models (``recsys/nn/grid.py``): an encoder width apart from the vector size, and a depth.
+
+Two ways to share the weights between the sizes (``nesting``):
+
+- ``"blocks"`` (the default, above): block-lower-triangular layers and one LayerNorm per chunk, so
+  one forward pass at the full width computes every size (its prefixes);
+- ``"slices"`` (slimmable networks): every weight dense, and the size-``s`` network is the top-left
+  ``s``-slice of every weight, with LayerNorms over its whole width. The full width is then exactly
+  a dense network (its twin's architecture), but a size is no longer a prefix of the full width's
+  outputs: each size runs its own forward (:class:`SizeSlices`). :func:`cut_to_size` is the same
+  slicing either way.
 """
 
 from __future__ import annotations
@@ -43,9 +53,21 @@ __all__ = [
     "linear_with_input_gradient",
     "scale_prefix_gradient",
     "set_prefix_gradient",
+    "NESTINGS",
+    "check_nesting",
+    "SizeSlices",
 ]
 
 M = TypeVar("M", bound=nn.Module)
+
+#: how the sizes share weights: block-lower-triangular prefixes, or top-left slices of dense weights
+NESTINGS = ("blocks", "slices")
+
+
+def check_nesting(nesting: str) -> str:
+    if nesting not in NESTINGS:
+        raise ValueError(f"nesting must be one of {', '.join(NESTINGS)}, got {nesting!r}")
+    return nesting
 
 
 def check_sizes(sizes: Sequence[int], width: int | None = None) -> tuple[int, ...]:
@@ -308,6 +330,10 @@ class NestedLinear(PrefixGradient, NestedModule):
     computes: ``"masked"`` (one dense product with the masked weight) or ``"blocks"`` (one product
     per output chunk over its input prefix, about 2/3 of the FLOPs for doubling sizes). Both give
     the same numbers; ``bench/nested_linear.py`` measures which is faster.
+
+    ``nesting="slices"``: no mask (a dense layer); the size-``s`` layer is the weight's top-left
+    slice. Each size's ring of weights (in its slice, outside the smaller size's) is initialised
+    with the fan-in of its own slice, so every size starts as a dense layer of its width would.
     """
 
     def __init__(
@@ -317,12 +343,15 @@ class NestedLinear(PrefixGradient, NestedModule):
         out_mult: int = 1,
         bias: bool = True,
         mode: str = "masked",
+        nesting: str = "blocks",
     ) -> None:
         super().__init__()
         if mode not in ("masked", "blocks"):
             raise ValueError(f"mode must be 'masked' or 'blocks', got {mode!r}")
         self.sizes = check_sizes(sizes)
-        self.in_mult, self.out_mult, self.mode = in_mult, out_mult, mode
+        self.nesting = check_nesting(nesting)
+        self.in_mult, self.out_mult = in_mult, out_mult
+        self.mode = "masked" if nesting == "slices" else mode
         d = self.sizes[-1]
         self.weight = nn.Parameter(torch.empty(out_mult * d, in_mult * d))
         self.bias = nn.Parameter(torch.zeros(out_mult * d)) if bias else None
@@ -334,6 +363,8 @@ class NestedLinear(PrefixGradient, NestedModule):
 
     def _make_mask(self) -> torch.Tensor:
         d = self.sizes[-1]
+        if self.nesting == "slices":
+            return torch.ones(self.out_mult * d, self.in_mult * d)
         mask = torch.zeros(self.out_mult * d, self.in_mult * d)
         for (o0, o1), (_, i1) in zip(
             chunk_bounds(self.sizes, self.out_mult), chunk_bounds(self.sizes, self.in_mult)
@@ -343,6 +374,14 @@ class NestedLinear(PrefixGradient, NestedModule):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.nesting == "slices":  # each size's slice like nn.Linear of its width, smaller slices last
+            for size in reversed(self.sizes):
+                rows, cols = self.out_mult * size, self.in_mult * size
+                bound = 1.0 / math.sqrt(cols)
+                self.weight[:rows, :cols].uniform_(-bound, bound)
+                if self.bias is not None:
+                    self.bias[:rows].uniform_(-bound, bound)
+            return
         # Each output chunk has its own fan-in (its input prefix); initialise it like nn.Linear.
         for (o0, o1), (_, i1) in zip(
             chunk_bounds(self.sizes, self.out_mult), chunk_bounds(self.sizes, self.in_mult)
@@ -386,7 +425,7 @@ class NestedLinear(PrefixGradient, NestedModule):
     def extra_repr(self) -> str:
         return (
             f"sizes={list(self.sizes)}, in={self.in_features}, out={self.out_features}, "
-            f"bias={self.bias is not None}, mode={self.mode}"
+            f"bias={self.bias is not None}, mode={self.mode}, nesting={self.nesting}"
         )
 
 
@@ -394,16 +433,21 @@ class NestedLayerNorm(NestedModule):
     """One LayerNorm per chunk, each normalising only its own slice of ``mult`` times the chunk.
 
     A single LayerNorm over all dimensions would mix large chunks into small ones and break nesting.
+    ``nesting="slices"`` is that single LayerNorm: the size-``s`` network normalises its whole width
+    (the first ``s`` dimensions, with the first ``s`` weights), as a dense network of that width does.
     """
 
-    def __init__(self, sizes: Sequence[int], mult: int = 1, eps: float = 1e-6) -> None:
+    def __init__(self, sizes: Sequence[int], mult: int = 1, eps: float = 1e-6, nesting: str = "blocks") -> None:
         super().__init__()
         self.sizes = check_sizes(sizes)
+        self.nesting = check_nesting(nesting)
         self.mult, self.eps = mult, eps
         self.weight = nn.Parameter(torch.ones(mult * self.sizes[-1]))
         self.bias = nn.Parameter(torch.zeros(mult * self.sizes[-1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nesting == "slices":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
         widths = chunk_widths(self.sizes, self.mult)
         parts = zip(x.split(widths, dim=-1), self.weight.split(widths), self.bias.split(widths))
         return torch.cat([F.layer_norm(p, (p.shape[-1],), w, b, self.eps) for p, w, b in parts], dim=-1)
@@ -413,7 +457,7 @@ class NestedLayerNorm(NestedModule):
         shrink_parameter_(self, "bias", slice(0, self.mult * size))
 
     def extra_repr(self) -> str:
-        return f"sizes={list(self.sizes)}, mult={self.mult}"
+        return f"sizes={list(self.sizes)}, mult={self.mult}, nesting={self.nesting}"
 
 
 class PrefixProjection(NestedModule):
@@ -487,3 +531,67 @@ class ChunkwiseProjection(PrefixGradient, NestedModule):
 
     def extra_repr(self) -> str:
         return f"sizes={list(self.sizes)}, in_mult={self.in_mult}, out_per_chunk={self.out_features}"
+
+
+class _MethodCall(nn.Module):
+    """``forward(method, *args)`` calls ``net.method(*args)``: ``torch.func.functional_call`` calls
+    ``forward`` alone, and a recommender is used through several methods."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self.net, method)(*args, **kwargs)
+
+
+class SizeSlices:
+    """The size-``s`` networks of a ``nesting="slices"`` model, computing with the model's own weights.
+
+    :func:`cut_to_size` copies a size's slices, which is what evaluation and export need; training
+    needs them as views of the model's tensors, so that every size's loss reaches the shared
+    weights. ``network(model, s)`` returns a callable ``net(method, *args)`` that runs
+    ``cut_to_size(model, s).method(*args)`` with every parameter and buffer read as the top-left
+    slice of the model's own (``torch.func.functional_call`` over a structure-only cut, kept on
+    the meta device, so it holds no memory).
+
+    ``prefix_gradient`` multiplies the gradient that the size-``s`` network sends to the slice of
+    the size below it (forward values unchanged): at 0, a size's loss trains only its own ring of
+    every weight, and the smallest size learns exactly as a dense network of its width would.
+    """
+
+    def __init__(self, model: nn.Module, sizes: Sequence[int]) -> None:
+        self.sizes = check_sizes(sizes)
+        self._frames = {s: _MethodCall(cut_to_size(model, s)).to("meta") for s in self.sizes}
+        self._shapes = {
+            s: {name[len("net."):]: t.shape for name, t in (*frame.named_parameters(), *frame.named_buffers())}
+            for s, frame in self._frames.items()
+        }
+        self._scales: dict[tuple, torch.Tensor] = {}
+
+    def network(self, model: nn.Module, size: int, prefix_gradient: float = 1.0):
+        """``net(method, *args)``: the size-``size`` network's ``method`` on the model's weights."""
+        frame = self._frames[size]
+        frame.train(model.training)  # dropout as in the model
+        below = self.sizes.index(size) - 1
+        scaled = prefix_gradient != 1 and below >= 0 and torch.is_grad_enabled()
+        views = {}
+        for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+            shape = self._shapes[size].get(name)
+            if shape is None:  # a tensor the network of this size does not have
+                continue
+            view = tensor[tuple(slice(0, n) for n in shape)]
+            if scaled and view.requires_grad:
+                view = view.detach() + _passed_through(view) * self._scale(size, name, view, prefix_gradient)
+            views[f"net.{name}"] = view
+        return lambda method, *args, **kwargs: torch.func.functional_call(frame, views, (method, *args), kwargs)
+
+    def _scale(self, size: int, name: str, view: torch.Tensor, factor: float) -> torch.Tensor:
+        """Ones, with ``factor`` over the slice of the size below ``size``."""
+        key = (size, name, factor, view.device, view.dtype)
+        if key not in self._scales:
+            below = self._shapes[self.sizes[self.sizes.index(size) - 1]][name]
+            scale = torch.ones_like(view)
+            scale[tuple(slice(0, n) for n in below)] = factor
+            self._scales[key] = scale
+        return self._scales[key]
