@@ -18,6 +18,9 @@ Standard library only, and ``recsys.errors`` (``serving`` and ``bench`` import i
   such as polars' ``(os error 28)``) into one :class:`NotWritable` line naming ``place``.
 - ``FileLock(path)``: an exclusive ``fcntl.flock`` on a file, held until released or until the
   process ends (even by SIGKILL), so that only one writer at a time works in a directory.
+- ``give_default_mode(path)``: give a file the mode ``open()`` gives a new one (``0o666`` less the
+  umask), for files that a library writes with a mode of its own (safetensors' ``save_file``
+  writes ``0600``), so that every file of one output directory has the same mode.
 - ``atomic_directory(final)``: a context manager yielding a fresh empty directory beside
   ``final``; on success it replaces ``final`` so that the old directory stays complete and
   loadable until the new one is in place (``AtomicDirectory`` is the same with explicit
@@ -92,6 +95,7 @@ __all__ = [
     "atomic_file",
     "check_writable",
     "clean_leftovers",
+    "give_default_mode",
     "reported_write_failures",
     "write_bytes_atomically",
     "write_json_atomically",
@@ -399,6 +403,28 @@ def write_text_atomically(path: str | os.PathLike, text: str, *, encoding: str =
 def write_json_atomically(path: str | os.PathLike, data: Any, *, durable: bool = True, **dumps: Any) -> Path:
     """``json.dumps(data, **dumps)`` plus a newline, written with ``write_text_atomically``."""
     return write_text_atomically(path, json.dumps(data, **dumps) + "\n", durable=durable)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux's
+    ``/proc/self/status``); elsewhere set and restored at once (``os.umask`` has no read-only form)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Give the file ``path`` the mode a file created with ``open()`` gets: ``0o666`` less the umask
+    (``0644`` under the usual ``022``). For files written by libraries that choose a mode of their
+    own, such as safetensors' ``save_file`` (``0600``: it writes a temporary file and renames it)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 # -- one writer at a time ------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ run: our log lines (``recsys.*``, ``serving.*``) at INFO, every other library's 
 few third-party notices that say nothing about the user's data or settings switched off at their
 source, each by its logger, its message or an MLflow setting (never all warnings).
 :func:`ctrl_c_interrupts` makes Ctrl-C one line and exit status 130 instead of a traceback.
+:func:`epoch_description` is what the training progress bar says of the epoch (``recsys.train``'s
+bars): ``Epoch 8/8`` for the last of 8 epochs, where Lightning's own bars say ``Epoch 7/7``.
 
 Standard library only: importing this costs nothing.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from recsys.errors import Interrupted
 
-__all__ = ["command_of", "ctrl_c_interrupts", "help_asked", "quiet_console"]
+__all__ = ["command_of", "ctrl_c_interrupts", "epoch_description", "help_asked", "quiet_console"]
 
 OUR_LOGGERS = ("recsys", "serving")
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -62,6 +64,14 @@ def quiet_console() -> None:
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     for message, category, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def epoch_description(current_epoch: int, max_epochs: int | None) -> str:
+    """The progress bar's name of an epoch, counted from 1 as people count: ``Epoch 8/8`` for
+    Lightning's 0-based ``current_epoch`` 7 of ``max_epochs`` 8; ``Epoch 8`` without a bound
+    (``max_epochs`` None, or -1: train until stopped)."""
+    bound = f"/{max_epochs}" if max_epochs is not None and max_epochs > 0 else ""
+    return f"Epoch {current_epoch + 1}{bound}"
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import sys
 
-from recsys.console import command_of, ctrl_c_interrupts, help_asked, quiet_console
+from recsys.console import command_of, ctrl_c_interrupts, epoch_description, help_asked, quiet_console
 
 if __name__ == "__main__" and help_asked(sys.argv[1:]):  # answered before Lightning is imported (seconds)
     print(__doc__.replace("``", "`"))
@@ -76,7 +76,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -523,6 +523,47 @@ class CSVRun:
         return f"{command_of('serving.export')} --checkpoint {best} --dims {dims} --out exports/"
 
 
+# -- the progress bar ---------------------------------------------------------------------------------
+
+
+class EpochRichProgressBar(RichProgressBar):
+    """Lightning's rich bar, with epochs counted from 1 (:func:`recsys.console.epoch_description`):
+    ``Epoch 8/8`` for the last of 8 epochs, where Lightning's says ``Epoch 7/7``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = epoch_description(current_epoch, self.trainer.max_epochs)
+        return f"{text:{len(self.validation_description)}}"  # padded as Lightning pads it (no flicker)
+
+
+class EpochTQDMProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar (where rich is not installed), with epochs counted from 1 of
+    ``max_epochs``: ``Epoch 8/8``, where Lightning's says ``Epoch 7``."""
+
+    def on_train_epoch_start(self, trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(epoch_description(trainer.current_epoch, trainer.max_epochs))
+
+
+def epoch_progress_bar() -> ProgressBar:
+    """The bar Lightning would choose (rich where it is installed, else tqdm), counting epochs from 1."""
+    try:
+        return EpochRichProgressBar()
+    except ModuleNotFoundError:  # rich is not installed
+        return EpochTQDMProgressBar()
+
+
+def with_epoch_progress_bar(trainer_defaults: dict[str, Any], trainer_config: dict[str, Any]) -> dict[str, Any]:
+    """``trainer_defaults`` with :func:`epoch_progress_bar` among its callbacks where Lightning would
+    add its own bar: the bar is on (``--trainer.enable_progress_bar``) and no callback given is a bar."""
+    def as_list(value: Any) -> list:
+        return [] if value is None else value if isinstance(value, list) else [value]
+
+    given, ours = as_list(trainer_config.get("callbacks")), as_list(trainer_defaults.get("callbacks"))
+    if trainer_config.get("enable_progress_bar") is False or any(isinstance(c, ProgressBar) for c in given + ours):
+        return trainer_defaults
+    return {**trainer_defaults, "callbacks": [*ours, epoch_progress_bar()]}
+
+
 # -- the CLI -----------------------------------------------------------------------------------------
 
 
@@ -573,7 +614,9 @@ class TrainCLI(LightningCLI):
         self.checkpoint_lock = None
         try:
             self._open_run()
-            plugins = with_atomic_checkpoints(self._get(self.config_init, "trainer", default={}).get("plugins"))
+            trainer_config = self._get(self.config_init, "trainer", default={})
+            plugins = with_atomic_checkpoints(trainer_config.get("plugins"))
+            self.trainer_defaults = with_epoch_progress_bar(self.trainer_defaults, trainer_config)  # "Epoch 8/8", not 7/7
             return super().instantiate_trainer(logger=self.run.logger, plugins=plugins, **kwargs)
         except BaseException:
             self.release()

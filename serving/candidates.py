@@ -33,7 +33,8 @@ checked by ``recsys/data/readers.py``, as ``prepare`` reads its log, with the sa
 Output
 ------
 ``OUT_DIR`` receives parquet files ``part-SSSSS-PPPPP.parquet`` (shard ``S``, part ``P``) with the
-columns ``user_id``, ``rank`` (1 = best), ``item_id`` (original ids) and ``score`` (float32), sorted
+columns ``user_id``, ``rank`` (1 = best), ``item_id`` (original ids, of the catalogue's type: see
+``serving/item_ids.py``) and ``score`` (float32), sorted
 by user then rank; read them all with ``polars.scan_parquet("OUT_DIR/part-*.parquet")``. Every input
 user appears in exactly one part, with ``k`` rows, or fewer when fewer than ``k`` items are left
 after removing the ones they have seen. Seen items are excluded by default
@@ -151,6 +152,7 @@ from recsys.data.readers import (
     check_input_schema,
     checked_chunks,
     input_files,
+    integer_spellings,
     reject_repeated_users,
     scan_input,
 )
@@ -269,12 +271,6 @@ def _check_schema(spec: InputSpec, frame: pl.LazyFrame) -> pl.Schema:
     options = {"user": "--user-col", "item": "--item-col", "time": "--time-col", "history": "--history-col"}
     columns = [(options[role], column) for role, column in spec.columns().items()]
     return check_input_schema(spec.path, frame, columns, spec.what, spec.id_columns(), spec.list_columns())
-
-
-def _canonical_ints(ids: pl.Series) -> bool:
-    """True when every text id is the usual spelling of an integer ("7", not "007" or "+7")."""
-    as_int = ids.cast(pl.Int64, strict=False)
-    return as_int.null_count() == 0 and bool((as_int.cast(pl.String) == ids).all())
 
 
 def _distinct_users(spec: InputSpec, frame: pl.LazyFrame) -> tuple[pl.Series, int]:
@@ -614,7 +610,7 @@ def prepare_job(
     _check_schema(spec, frame)
     log.info("reading %s to validate it and list its users", spec.path)
     users, num_rows = _distinct_users(spec, frame)
-    if users.dtype == pl.String and _canonical_ints(users):
+    if integer_spellings(users):  # text user ids that are all integers ("7", not "007"): integers, as prepare reads them
         users = users.cast(pl.Int64)
     assign, num_parts = _assign(users, shard, users_per_part)
     job = {

@@ -42,7 +42,7 @@ import polars as pl
 import torch
 from safetensors.torch import save_file
 
-from recsys.atomic import AtomicDirectory, check_writable, reported_write_failures
+from recsys.atomic import AtomicDirectory, check_writable, give_default_mode, reported_write_failures
 from recsys.errors import exit_code_of
 from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
 from serving.export_dir import (
@@ -202,6 +202,7 @@ def export_size(
     try:
         # the weights record the entries that decide what they compute: a manifest edited later is refused
         save_file(state, tmp / "model.safetensors", metadata=recorded_settings(manifest))
+        give_default_mode(tmp / "model.safetensors")  # safetensors writes 0600; the other files follow the umask
         pl.DataFrame(
             {
                 "row": np.arange(1, len(item_ids) + 1, dtype=np.int64),

@@ -14,6 +14,14 @@ An id names an item when it *is* one of the catalogue's ids:
 
 Ids that name no item are *unknown*; each caller says what happens to them (an error, skipped and
 counted, reported in the response).
+
+The other way, from items to ids: answers (``recommend``, the REST responses, the ``item_id``
+column of candidate files) give each item its catalogue id, of the catalogue's type, whatever type
+the request used: integers for a catalogue of integer ids, text for one of text ids. The catalogue
+is the export's ``items.parquet``, whose ``item_id`` column has the type ``prepare`` gave the ids:
+the type of the user's parquet files, and for CSV and TSV files (which have no types) integers
+when every id is the usual spelling of an integer, text otherwise (one ``"007"`` keeps them all
+text). Exports made before ``prepare`` read CSV and TSV ids so hold text ids, and answer with text.
 """
 
 from __future__ import annotations

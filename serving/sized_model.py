@@ -215,6 +215,7 @@ class SizedRecommender:
         self, histories: Sequence[Sequence[Hashable]], k: int = 10, exclude_seen: bool = True, on_unknown: str = "error"
     ) -> list[list[tuple[Hashable, float]]]:
         """Top-``k`` ``(item_id, score)`` per history, best first; seen items excluded by default.
+        Item ids are the catalogue's, of its type (integers or text; ``serving/item_ids.py``).
 
         A history with no known item gets the most popular items of the training data (scored by
         their training counts).

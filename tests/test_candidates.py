@@ -127,6 +127,24 @@ def test_history_table_csv_and_parquet_folder_give_the_same_candidates(export_di
     assert manifest["input"]["kind"] == "histories"
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_integer_ids_of_a_text_log_come_back_as_integers_in_candidate_files(tmp_path, suffix):
+    """Issue 32: user ids were integers and item ids text; both columns now have the ids' own type."""
+    from csv_exports import INT_ITEMS, INT_USERS, export_of_log, write_log  # tests/ is on the path
+
+    log = write_log(tmp_path / f"log{suffix}")
+    directory = export_of_log(log, tmp_path)
+    generate_candidates(directory, log, tmp_path / "out", 2, progress=False)
+    got = _read(tmp_path / "out")
+    assert got.schema["user_id"] == pl.Int64 and got.schema["item_id"] == pl.Int64
+    assert got["user_id"].unique().sort().to_list() == INT_USERS and set(got["item_id"]) <= set(INT_ITEMS)
+    model = serving.load(directory)
+    events = pl.read_csv(log, separator="\t" if suffix == ".tsv" else ",")
+    histories = events.group_by("user_id", maintain_order=True).agg("item_id")
+    want = [[item for item, _ in recs] for recs in model.recommend(histories["item_id"].to_list(), k=2)]
+    assert [got.filter(pl.col("user_id") == u)["item_id"].to_list() for u in histories["user_id"]] == want
+
+
 def test_killed_job_resumes_with_every_user_exactly_once(export_dir, log, tmp_path, monkeypatch):
     path, frame = log
     real_write = candidates._write_part

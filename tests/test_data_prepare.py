@@ -204,6 +204,124 @@ def test_integer_log_and_csv_item_table_match_as_integers(tmp_path):
     np.testing.assert_array_equal(data.item_index(["40"]), [4])  # strings compare by spelling
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_integer_ids_of_a_text_log_stay_integers(tmp_path, suffix):
+    """Issue 32: CSV and TSV carry no types; ids that are all spelled as integers are integers, in the
+    ascending numeric order (not "10" < "2"), as they would be from a parquet log."""
+    rows = [(u, i, t) for u in (3, 20, 100) for t, i in enumerate([2, 10, 33, -4])]
+    text = "\n".join(("\t" if suffix == ".tsv" else ",").join(map(str, r)) for r in [("user", "item", "ts"), *rows]) + "\n"
+    (tmp_path / f"log{suffix}").write_text(text)
+    out = prep(tmp_path, tmp_path / f"log{suffix}")
+    data = load_prepared(out)
+    assert list(data.item_ids[1:]) == [-4, 2, 10, 33] and all(type(i) is int for i in data.item_ids[1:])
+    assert list(data.user_ids[1:]) == [3, 20, 100] and all(type(u) is int for u in data.user_ids[1:])
+    assert histories(out)[20] == [2, 10, 33, -4]
+    assert pl.read_parquet(out / "items.parquet").schema["item_id"] == pl.Int64
+    assert pl.read_parquet(out / "users.parquet").schema["user_id"] == pl.Int64
+    assert json.loads((out / "stats.json").read_text())["id_dtypes"] == {"user_id": "Int64", "item_id": "Int64"}
+    np.testing.assert_array_equal(data.item_index([10, 33]), [3, 4])
+    np.testing.assert_array_equal(data.item_index(["10"]), [3])  # the spelling still names the item
+    # the same log as parquet, typed by its writer, gives the same ids
+    pl.DataFrame(rows, schema=["user", "item", "ts"], orient="row").write_parquet(tmp_path / "log.parquet")
+    typed = load_prepared(prep(tmp_path, tmp_path / "log.parquet", name="typed"))
+    assert list(typed.item_ids[1:]) == list(data.item_ids[1:]) and list(typed.user_ids[1:]) == list(data.user_ids[1:])
+
+
+def test_text_item_table_and_log_of_integer_spellings_make_integer_ids(tmp_path):
+    write_log(tmp_path / "log.csv", [(1, 10, 1), (1, 20, 2), (1, 30, 3)])
+    pl.DataFrame({"item": ["10", "20", "30", "400"], "name": ["a", "b", "c", "d"]}).write_csv(tmp_path / "items.csv")
+    data = load_prepared(prep(tmp_path, tmp_path / "log.csv", items=tmp_path / "items.csv"))
+    assert list(data.item_ids[1:]) == [10, 20, 30, 400]  # the cold item of the table too
+
+
+@pytest.mark.parametrize("case", ["a spelling that is not an integer's", "an id that is not a number",
+                                  "a parquet item table of text", "vectors with text ids"])
+def test_text_ids_stay_text_when_one_id_or_a_typed_file_says_so(tmp_path, case):
+    """One id like "007" (not "7") keeps every item id text, spelled as in the file; so does a typed
+    file (parquet, vectors) whose ids are text: the user's own type wins over the spelling."""
+    write_log(tmp_path / "log.csv", [(1, 7, 1), (1, 8, 2), (1, 9, 3)])
+    kwargs = {}
+    if case == "a spelling that is not an integer's":
+        pl.DataFrame({"item": ["007", "8", "9"]}).write_csv(tmp_path / "items.csv")
+        kwargs["items"], expected = tmp_path / "items.csv", ["007", "7", "8", "9"]
+    elif case == "an id that is not a number":
+        pl.DataFrame({"item": ["7", "8", "9", "x"]}).write_csv(tmp_path / "items.csv")
+        kwargs["items"], expected = tmp_path / "items.csv", ["7", "8", "9", "x"]
+    elif case == "a parquet item table of text":
+        pl.DataFrame({"item": ["7", "8", "9"]}).write_parquet(tmp_path / "items.parquet")
+        kwargs["items"], expected = tmp_path / "items.parquet", ["7", "8", "9"]
+    else:
+        pl.DataFrame({"item_id": ["7", "8", "9"], "vector": [[1.0, 0.0]] * 3}).write_parquet(tmp_path / "vectors.parquet")
+        kwargs["vectors"], expected = {"v": tmp_path / "vectors.parquet"}, ["7", "8", "9"]
+    data = load_prepared(prep(tmp_path, tmp_path / "log.csv", **kwargs))
+    assert list(data.item_ids[1:]) == expected
+    assert list(data.user_ids[1:]) == [1]  # user ids come from the log alone: integers
+
+
+# -- the warning about what cleaning dropped (issue 32) -------------------------------------------------
+
+
+def _dropping_log(tmp_path):
+    """User a repeats item x (1 repeat event); user b has 2 events, fewer than the 3 every user needs."""
+    rows = [("a", "x", 1), ("a", "y", 2), ("a", "x", 3), ("a", "z", 4), ("b", "x", 1), ("b", "w", 2)]
+    return write_log(tmp_path / "log.csv", rows)
+
+
+def test_prepare_warns_what_cleaning_dropped_by_which_step_and_option(tmp_path, caplog):
+    log = _dropping_log(tmp_path)
+    with caplog.at_level("WARNING", logger="recsys.data.pipeline"):
+        prep(tmp_path, log)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(
+        "prepare kept 3 of the log's 6 rows as events (50%), 1 of its 2 users and 3 of its 4 items; dropped: ")
+    assert "1 repeated (user, item) event by --repeats drop (--repeats keep keeps them all" in warning
+    assert ("2 events, 1 user and 1 item by the k-core filter (--min-count 0: every user needs 3 events "
+            "(the least for train, validation and test) and every item 1") in warning
+    assert "\n" not in warning
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="recsys.data.pipeline"):
+        prep(tmp_path, log, name="keep", repeats="keep")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "repeated" not in warning and "by the k-core filter (--min-count 0" in warning
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="recsys.data.pipeline"):  # nothing dropped: no warning
+        prep(tmp_path, write_log(tmp_path / "whole.csv", [("a", "x", 1), ("a", "y", 2), ("a", "z", 3)]), name="whole")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_the_dropped_warning_names_every_step():
+    from recsys.data.pipeline import dropped_warning
+
+    stats = {
+        "raw": {"rows": 64286, "users": 1362, "items": 9000}, "interactions": 15674, "users": 769, "interacted_items": 4000,
+        "dropped": {"duplicate_rows": 12, "repeat_events": 40000, "kcore_events": 8000, "kcore_users": 590, "kcore_items": 5000},
+        "min_user_events": 5, "options": {"repeats": "collapse", "min_count": 5},
+        "cold_start": {"fraction": 0.1, "items": 400, "events_removed": 600, "users_dropped": 3},
+    }
+    warning = dropped_warning(stats)
+    assert warning.startswith(
+        "prepare kept 15,674 of the log's 64,286 rows as events (24%), 769 of its 1,362 users and 4,000 of its 9,000 items")
+    assert "12 exact duplicate rows" in warning
+    assert "40,000 repeated (user, item) events by --repeats collapse (--repeats keep keeps them)" in warning
+    assert ("8,000 events, 590 users and 5,000 items by the k-core filter (--min-count 5: every user needs 5 events "
+            "and every item 5, counted again") in warning
+    assert "a lower --min-count keeps more" in warning
+    assert "600 events and 3 users by --cold-start-fraction 0.1" in warning
+    assert dropped_warning({**stats, "interactions": 64286}) is None
+
+
+def test_the_command_prints_the_dropped_warning(tmp_path, capsys):
+    log = _dropping_log(tmp_path)
+    args = ["prepare", "--interactions", str(log), "--out", str(tmp_path / "cli"), "--user-col", "user", "--item-col", "item",
+            "--time-col", "ts", "--min-count", "0", "--cache-dir", "null"]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    assert len(lines) == 1 and "WARNING recsys.data.pipeline: prepare kept 3 of the log's 6 rows as events" in lines[0]
+    assert "--repeats drop" in lines[0] and "--min-count 0" in lines[0]
+
+
 def test_zero_padded_item_table_ids_compare_as_strings(tmp_path):
     log = pl.DataFrame({"user": [1, 1, 1], "item": [7, 8, 9], "ts": [1, 2, 3]})
     log.write_parquet(tmp_path / "log.parquet")

@@ -49,11 +49,12 @@ def test_movielens_without_cold_items_ranks_the_published_catalogue(ml1m_dir, tm
     assert (lengths[1:] > 0).all()  # every movie has its genres from the item table
 
 def read_lastfm_rows(path) -> list[tuple]:
-    """(user, item, plays, timestamp, row) per line, with plain Python: the reference reader."""
+    """(user, item, plays, timestamp, row) per line, with plain Python: the reference reader. The ids
+    are integers (all spelled as integers, so prepare reads them as such: issue 32)."""
     with open(path, newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         next(reader)
-        return [(u, i, p, int(t), row) for row, (u, i, p, t) in enumerate(reader)]
+        return [(int(u), int(i), p, int(t), row) for row, (u, i, p, t) in enumerate(reader)]
 
 
 def reference_histories(rows, policy: str) -> dict:

@@ -1,10 +1,14 @@
 """Export at a size, load it back without training code, and serve from it."""
 
 import json
+import os
+import stat
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
+from csv_exports import INT_ITEMS, export_of_log, write_log  # tests/ is on the path
 
 import serving
 from recsys.item_features import CategoricalBag, ItemFeatures
@@ -237,6 +241,48 @@ def test_ids_that_only_compare_equal_to_catalogue_ids_are_unknown(tmp_path):
     for history in ([True], [1.0], [2.5]):
         with pytest.raises(serving.UnknownItemsError):
             m.rows([history])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_integer_ids_of_a_text_log_come_back_as_integers(tmp_path, suffix):
+    """Issue 32: a TSV or CSV log of integer ids gives an export that answers with integers, and
+    takes them as sent: integers, or their usual spelling as text (serving/item_ids.py)."""
+    d = export_of_log(write_log(tmp_path / f"log{suffix}"), tmp_path)
+    assert pl.read_parquet(d / "items.parquet").schema["item_id"] == pl.Int64
+    m = serving.load(d)
+    assert m.item_ids == INT_ITEMS and all(type(i) is int for i in m.item_ids)
+    (recs,) = m.recommend([[2, 10]], k=3)
+    assert len(recs) == 3 and all(type(item) is int for item, _ in recs) and not {2, 10} & {item for item, _ in recs}
+    assert m.recommend([["2", "10"]], k=3) == [recs]  # the text "10" is item 10
+    assert m.lookup([["010", "+2", 10.0, True, "x"]]) == ([[]], [["010", "+2", 10.0, True, "x"]])
+
+
+def test_an_export_of_text_ids_still_answers_with_text(tmp_path):
+    """Exports from before issue 32 (a CSV log's integer ids held as text) load and answer as before."""
+    torch.manual_seed(0)
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12).eval()
+    path = tmp_path / "model.ckpt"
+    catalogue = {"item_ids": [str(i) for i in range(1, N + 1)], "popularity": list(range(N, 0, -1)), "stats": {}}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "catalogue": catalogue}, path)
+    (d,) = export_sizes(path, [SIZES[0]], tmp_path / "exports")
+    m = serving.load(d)
+    assert pl.read_parquet(d / "items.parquet").schema["item_id"] == pl.String
+    (recs,) = m.recommend([[1, "2"]], k=3)
+    assert all(type(item) is str for item, _ in recs) and m.rows([[1, "2"]]) == [[1, 2]]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_every_file_of_an_export_has_the_mode_the_umask_gives(checkpoint, tmp_path, mask):
+    """Issue 32: model.safetensors was 0600 (safetensors' own mode) beside 0644 files."""
+    path, _, _ = checkpoint
+    previous = os.umask(mask)
+    try:
+        (d,) = export_sizes(path, [8], tmp_path, index="flat")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()}
+    assert set(modes) == {"model.safetensors", "items.parquet", "index.faiss", "manifest.json"}
+    assert modes == dict.fromkeys(modes, 0o666 & ~mask), modes
 
 
 # -- places that cannot be written, a full disk, exports racing, and which errors are the user's ---------

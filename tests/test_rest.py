@@ -171,6 +171,25 @@ def test_integer_catalogue_takes_integer_ids(int_server):
     assert got["k"] == 4
 
 
+def test_integer_ids_of_a_text_log_come_back_as_json_integers(tmp_path):
+    """Issue 32: a TSV log of integer ids gives answers whose ids are JSON integers, not strings;
+    a request may send them as integers or as their usual spelling in text."""
+    from csv_exports import INT_ITEMS, export_of_log, write_log  # tests/ is on the path
+
+    running = Running(export_of_log(write_log(tmp_path / "log.tsv"), tmp_path), Limits())
+    try:
+        status, kind, raw = running.request("POST", "/recommend", json.dumps(
+            {"histories": [[2, 10], ["2", "10"], ["010"]], "k": 3}).encode())
+    finally:
+        running.stop()
+    assert (status, kind) == (200, "application/json")
+    results = json.loads(raw)["results"]
+    assert all(type(i) is int and i in INT_ITEMS for r in results for i in r["item_ids"])
+    assert results[0]["item_ids"] == results[1]["item_ids"] and results[0]["unknown"] == results[1]["unknown"] == []
+    assert results[2]["unknown"] == ["010"] and results[2]["fallback"] is True
+    assert not re.search(rb'"item_ids": ?\[[^\]]*"', raw)  # no quoted id anywhere
+
+
 def test_default_k_is_ten(int_server):
     status, got = int_server.post({"histories": [[101]]})
     assert status == 200 and got["k"] == 10 and len(got["results"][0]["item_ids"]) == 10

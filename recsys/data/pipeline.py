@@ -2,12 +2,15 @@
 
 Steps, in order: check that the output is not, and does not hold, an input file; check the options
 and every input file's columns (before any heavy work); read the
-log and the item table; match their id types; clean the log (exact duplicates, repeat policy,
+log and the item table; type the ids of CSV and TSV files (integers when every id is spelled as
+one) and match the id types of all files; clean the log (exact duplicates, repeat policy,
 iterated k-core, time order); build the user and item vocabularies (0 = padding); mark each user's
 training part (leave-one-out: the last event is test, the one before validation); build the item
 features; write everything into a temporary directory next to the output and put it in place at
 the end (``recsys.atomic``), so that an error or a kill never leaves a partial output behind and an
-overwritten output stays whole until the new one replaces it. ``data/README.md`` documents the layout.
+overwritten output stays whole until the new one replaces it; last, when cleaning dropped events,
+warn in one line how many, by which step and option (:func:`dropped_warning`).
+``data/README.md`` documents the layout.
 """
 
 from __future__ import annotations
@@ -29,12 +32,22 @@ from recsys.atomic import TargetExists, atomic_directory, check_writable, report
 from recsys.data.cleaning import REPEAT_POLICIES, TIE_BREAK, CleanLog, RepeatPolicy, clean_log
 from recsys.data.errors import DataValidationError
 from recsys.data.features import build_item_features
-from recsys.data.readers import ROW, ROW_HASH, check_columns, check_id_column, read_columns, scan_table, unify_id_dtype
+from recsys.data.readers import (
+    ROW,
+    ROW_HASH,
+    check_columns,
+    check_id_column,
+    integer_spellings,
+    is_text_table,
+    read_columns,
+    scan_table,
+    unify_id_dtype,
+)
 from recsys.data.text_encoding import PACKAGED_TEXT_MODEL
 from recsys.data.time_order import parse_order_key, parse_weight
 from recsys.data.vectors import read_item_vectors
 
-__all__ = ["FORMAT_VERSION", "MIN_HISTORY", "prepare"]
+__all__ = ["FORMAT_VERSION", "MIN_HISTORY", "dropped_warning", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +141,7 @@ def prepare(
         item_table = None if items is None else _read_item_table(items, items_id_col, text_cols, category_cols)
         item_vectors = {name: read_item_vectors(p, [items_id_col, item_col, "item_id", "id"]) for name, p in vector_files.items()}
 
+        log_frame, item_table = _integer_ids_of_text_files(interactions, log_frame, items, item_table, bool(item_vectors))
         item_id_dtype = unify_id_dtype(
             [log_frame["item_id"]]
             + ([] if item_table is None else [item_table["item_id"]])
@@ -252,7 +266,57 @@ def prepare(
         _write_atomically(out, overwrite, interactions_out, users, items_out, features, bag_vocabularies, stats)
         progress.update()
         log.info("prepared %s: %d users, %d items, %d interactions", out, stats["users"], stats["items"], stats["interactions"])
+    warning = dropped_warning(stats)
+    if warning is not None:
+        log.warning("%s", warning)
     return out
+
+
+def dropped_warning(stats: dict) -> str | None:
+    """One line saying what cleaning dropped from the log, by which step, and the option deciding
+    each step; None when every row of the log became an event of the prepared data.
+
+    Steps: exact duplicate rows (always), repeated (user, item) events (``--repeats``), the
+    iterated k-core (``--min-count``; users need 3 events in any case), the cold-start hold-out
+    (``--cold-start-fraction``). Ids that name no item are not a step: every item of the log is in
+    the catalogue unless a step above removed all its events. ``stats`` is ``stats.json``'s content.
+    """
+    raw, dropped, options = stats["raw"], stats["dropped"], stats["options"]
+    if raw["rows"] - stats["interactions"] <= 0:
+        return None
+    steps = []
+    if dropped["duplicate_rows"]:
+        steps.append(f"{_count(dropped['duplicate_rows'], 'exact duplicate row')} (identical in every column; always dropped)")
+    if dropped["repeat_events"]:
+        policy = options["repeats"]
+        keeps = "--repeats keep keeps them" if policy == "collapse" else \
+            "--repeats keep keeps them all, --repeats collapse all but back-to-back repeats"
+        steps.append(f"{_count(dropped['repeat_events'], 'repeated (user, item) event')} by --repeats {policy} ({keeps})")
+    if dropped["kcore_events"]:
+        min_count, min_user = options["min_count"], stats["min_user_events"]
+        users_need = f"{min_user} events" + (" (the least for train, validation and test)" if min_user > min_count else "")
+        steps.append(
+            f"{_count(dropped['kcore_events'], 'event')}, {_count(dropped['kcore_users'], 'user')} and "
+            f"{_count(dropped['kcore_items'], 'item')} by the k-core filter (--min-count {min_count}: every user needs "
+            f"{users_need} and every item {max(min_count, 1)}, counted again until none falls short; "
+            "a lower --min-count keeps more)"
+        )
+    cold = stats.get("cold_start")
+    if cold and (cold["events_removed"] or cold["users_dropped"]):
+        steps.append(
+            f"{_count(cold['events_removed'], 'event')} and {_count(cold['users_dropped'], 'user')} by --cold-start-fraction "
+            f"{cold['fraction']} (the events of its {_count(cold['items'], 'held-out item')}, test targets aside; 0 turns it off)"
+        )
+    kept = stats["interactions"]
+    return (
+        f"prepare kept {kept:,} of the log's {_count(raw['rows'], 'row')} as events ({kept / raw['rows']:.0%}), "
+        f"{stats['users']:,} of its {_count(raw['users'], 'user')} and {stats['interacted_items']:,} of its "
+        f"{_count(raw['items'], 'item')}; dropped: {'; '.join(steps)}"
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -431,6 +495,31 @@ def _read_item_table(path: Path, id_col: str, text_cols: list[str], category_col
         raise DataValidationError(path, f"item id {first!r} occurs more than once in column {id_col!r} (rows {', '.join(str(r + 1) for r in rows[:5])})")
     extra = [c for c in dict.fromkeys(text_cols + category_cols) if c != id_col]
     return table.select(pl.col(id_col).alias("item_id"), pl.col(ROW), *[pl.col(c) for c in extra])
+
+
+def _integer_ids_of_text_files(
+    interactions: Path, log_frame: pl.DataFrame, items: Path | None, item_table: pl.DataFrame | None, typed_item_ids: bool
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """Ids keep the type they had in the user's files; CSV and TSV have none, so there it is read off the ids.
+
+    A CSV or TSV file delivers every id as text. User ids of a text log become Int64 when every one
+    is the usual spelling of an integer (``"42"``; not ``"007"``, ``"+7"``, ``"7.0"``:
+    :func:`~recsys.data.readers.integer_spellings`). Item ids likewise, when every file they come
+    from is text (the log, the item table) and all of them are integer spellings; a typed file
+    among them (a parquet log or item table, vector files: ``typed_item_ids``) decides instead, by
+    :func:`~recsys.data.readers.unify_id_dtype`, as before. So integer ids come back as integers
+    (``recommend``, the REST answers, candidate files), while a catalogue with one id like
+    ``"007"`` keeps every id as text, spelled as in the file.
+    """
+    if is_text_table(interactions) and integer_spellings(log_frame["user_id"]):
+        log_frame = log_frame.with_columns(pl.col("user_id").cast(pl.Int64))
+    text_sources = is_text_table(interactions) and (items is None or is_text_table(items)) and not typed_item_ids
+    item_columns = [log_frame["item_id"]] + ([] if item_table is None else [item_table["item_id"]])
+    if text_sources and all(integer_spellings(ids) for ids in item_columns):
+        log_frame = log_frame.with_columns(pl.col("item_id").cast(pl.Int64))
+        if item_table is not None:
+            item_table = item_table.with_columns(pl.col("item_id").cast(pl.Int64))
+    return log_frame, item_table
 
 
 def _cast_ids(ids: pl.Series, dtype: pl.DataType) -> pl.Series:

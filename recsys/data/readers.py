@@ -2,7 +2,9 @@
 
 CSV and TSV files are read with every column as a string: ids keep their exact spelling (``"007"``
 stays ``"007"``), and the columns that carry numbers (times, weights) are parsed afterwards by code
-that can say which row failed. TSV is read with quoting off, because names in real TSV dumps (Last.fm
+that can say which row failed. An id column whose every value is the usual spelling of an integer
+holds integer ids the file could not type (:func:`integer_spellings`): ``prepare`` and
+``serving.candidates`` make it Int64. TSV is read with quoting off, because names in real TSV dumps (Last.fm
 artists) contain bare quote characters. Parquet files keep their own types.
 
 Both commands that read user tables use this module, so that one fault gets one message:
@@ -26,7 +28,7 @@ from recsys.data.errors import DataValidationError
 __all__ = [
     "ROW", "ROW_HASH", "TABLE_EXTENSIONS", "scan_table", "scan_input", "input_files", "check_columns", "column_list",
     "read_columns", "check_id_column", "check_id_type", "check_input_schema", "checked_chunks", "reject_repeated_users",
-    "unify_id_dtype",
+    "unify_id_dtype", "is_text_table", "integer_spellings",
 ]
 
 #: name of the 0-based row-number column added to every table read here (rows are reported 1-based)
@@ -92,7 +94,7 @@ def unreadable(path: str | Path, exc: BaseException) -> DataValidationError:
     """The error for a file polars could not read: for a CSV or TSV file, the line at fault (found by a
     second pass over the file, made only now that the read has failed), else polars' first line."""
     problem = None
-    if _is_text(path):
+    if is_text_table(path):
         separator, quote = _text_dialect(path)
         problem = find_bad_line(path, separator, quoting=quote is not None)
     return DataValidationError(path, f"cannot read the file: {problem or _first_line(exc)}")
@@ -145,14 +147,27 @@ def read_columns(path: str | Path, columns: list[tuple[str, str | None]], what: 
         raise unreadable(path, exc) from None
     if table.height == 0:
         raise DataValidationError(path, f"{what} has no rows")
-    if _is_text(path):
+    if is_text_table(path):
         reject_repeated_header(path, table, [c for c in table.columns if c not in (ROW, ROW_HASH)])
     return table
 
 
-def _is_text(path: str | Path) -> bool:
-    """CSV or TSV: read as text, where a repeated header line is a row of strings."""
+def is_text_table(path: str | Path) -> bool:
+    """Whether the file is CSV or TSV: a table without types, whose columns are all read as text."""
     return Path(path).suffix.lower() in (".csv", ".tsv")
+
+
+def integer_spellings(ids: pl.Series) -> bool:
+    """True when ``ids`` is a non-empty text column whose every value is the usual decimal spelling
+    of a 64-bit integer: ``"7"`` and ``"-3"``, never ``"007"``, ``"+7"``, ``" 7"``, ``"7.0"`` or ``"-0"``.
+
+    Such a column read from CSV or TSV holds integer ids (the file could not say so): the readers of
+    ``prepare`` and ``serving.candidates`` turn it into Int64, so that ids come back as integers.
+    """
+    if ids.dtype != pl.String or len(ids) == 0 or ids.null_count():
+        return False
+    as_int = ids.cast(pl.Int64, strict=False)
+    return as_int.null_count() == 0 and bool((as_int.cast(pl.String) == ids).all())
 
 
 def reject_repeated_header(path: str | Path, table: pl.DataFrame, columns: list[str]) -> None:
@@ -240,7 +255,7 @@ def checked_chunks(
     rows = 0
     try:
         for chunk in frame.select(columns).with_row_index(ROW).collect_batches(chunk_size=chunk_rows):
-            if _is_text(path):
+            if is_text_table(path):
                 reject_repeated_header(path, chunk, columns)
             for column, role in ids.items():
                 check_id_column(path, chunk, column, role)
