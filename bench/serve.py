@@ -19,16 +19,37 @@ second, p50 and p99 latency, the error count (any status but 200, or a failed co
 ratio of endpoint latency to in-process ``recommend`` time. Afterwards the server must still
 answer correctly: ``--check`` histories, one request each, must equal in-process ``recommend``
 exactly (ids and scores), and ``/health`` must answer. Writes ``bench/results/serve.json``.
+
+Then, with an external client, Apache Bench (``ab``; Debian package ``apache2-utils``), it
+load-tests the same uvicorn endpoint and the same application as a Ray Serve deployment
+(``python -m serving.ray_serve``, ``--ray-replicas`` replicas, started as its own process at a free
+port): ``--ab-requests`` POST /recommend of one fixed body (the first request's histories), at 1
+client and at 8, each without and with keep-alive (``ab -k``), beside in-process ``recommend`` of
+that same batch. ab speaks HTTP/1.0, and ``-k`` asks for HTTP/1.0 keep-alive, which uvicorn (the
+server of ``serving.rest`` and Ray Serve's proxy alike) answers with ``Connection: close``: its
+connections stay one per request, as ab's ``Keep-Alive requests`` count (``keep_alive_requests``)
+shows; the Python clients above keep HTTP/1.1 connections alive. Each run
+reports requests per second, p50 and p99 latency (ab's percentiles, connecting included), and
+errors (ab's failed requests plus non-2xx answers); afterwards the deployment's answers must equal
+in-process ``recommend`` as above. Without ``ab`` (or without Ray Serve, for its part) that part is
+skipped with one line. These results go under the key ``external_load``; the keys already in
+``--out`` that a run does not write are kept. ``--external-only`` runs the ab part alone and
+updates only ``external_load``.
+
+    python bench/serve.py --clients 8 --seconds 20 --ab-requests 5000 --ray-replicas 2
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import platform
 import re
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +70,12 @@ from recsys.atomic import write_json_atomically  # noqa: E402
 RESULT = ROOT / "bench" / "results" / "serve.json"
 #: the server's default threads per request (``python -m serving.rest --threads``), used in process too
 SERVER_THREADS = 1
+#: the external runs: clients (ab -c) and keep-alive (ab -k)
+AB_CLIENTS = (1, 8)
+AB_KEEP_ALIVE = (False, True)
+#: ab's percentile file (-e) reads past its samples below about 50 requests: every run sends at least this many
+AB_MIN_REQUESTS = 100
+AB_MISSING = "ab (Apache Bench) is not installed: the external load test is skipped (apt-get install apache2-utils)"
 
 
 def run(command: list[str], log: Path) -> None:
@@ -80,13 +107,20 @@ def histories_of(data_dir: Path, max_len: int, count: int, seed: int) -> list[li
     return [[data.item_ids[row] for row in data.history(int(u))[-max_len:]] for u in users]
 
 
-class Server:
-    """``python -m serving.rest`` in its own process, at a free port."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    def __init__(self, export: Path, log: Path):
+
+class Server:
+    """``python -m serving.rest`` in its own process, at a free port (or another serving ``module``
+    with its own ``options``: ``serving.ray_serve`` with a free ``--port``)."""
+
+    def __init__(self, export: Path, log: Path, module: str = "serving.rest", options: tuple[str, ...] = ("--port", "0")):
         self.log = open(log, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.rest", "--model", str(export), "--port", "0"],
+            [sys.executable, "-m", module, "--model", str(export), *options],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 300
@@ -210,6 +244,117 @@ def check(port: int, model, histories: list[list], k: int) -> dict:
     return {"checked": len(histories), "equal": equal, "health_status": health}
 
 
+def _number(pattern: str, text: str, default: float | None = None) -> float:
+    found = re.search(pattern, text)
+    if found is None:
+        if default is None:
+            raise SystemExit(f"ab's output has no {pattern!r}:\n{text[-3000:]}")
+        return default
+    return float(found[1])
+
+
+def ab(ab_path: str, port: int, body: Path, requests: int, clients: int, keep_alive: bool, work: Path) -> dict:
+    """One Apache Bench run: ``requests`` POST /recommend of ``body`` from ``clients`` concurrent
+    clients; requests per second, p50 and p99 (ms, ab's percentiles of the total time of each
+    request, connecting included), and errors (failed requests plus non-2xx answers)."""
+    percentiles = work / f"ab-{port}-{clients}-{int(keep_alive)}.csv"
+    command = [ab_path, "-q", "-r", "-s", "60", "-n", str(requests), "-c", str(clients), "-T", "application/json",
+               "-p", str(body), "-e", str(percentiles), *(["-k"] if keep_alive else []),
+               f"http://127.0.0.1:{port}/recommend"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"ab failed ({done.returncode}): {done.stderr[-2000:]}")
+    out = done.stdout
+    served = {}
+    for line in percentiles.read_text().splitlines()[1:]:
+        at, ms = line.split(",")
+        served[int(at)] = float(ms)
+    failed, non_2xx = int(_number(r"Failed requests:\s+(\d+)", out)), int(_number(r"Non-2xx responses:\s+(\d+)", out, 0))
+    return {
+        "clients": clients, "keep_alive": keep_alive,
+        "requests": int(_number(r"Complete requests:\s+(\d+)", out)),
+        "errors": failed + non_2xx, "failed": failed, "non_2xx": non_2xx,
+        "keep_alive_requests": int(_number(r"Keep-Alive requests:\s+(\d+)", out, 0)),
+        "seconds": _number(r"Time taken for tests:\s+([\d.]+) seconds", out),
+        "requests_per_s": _number(r"Requests per second:\s+([\d.]+)", out),
+        "p50_ms": served[50], "p99_ms": served[99],
+        "mean_ms": _number(r"Time per request:\s+([\d.]+) \[ms\] \(mean\)\n", out),
+        "answer_bytes": int(_number(r"Document Length:\s+(\d+) bytes", out)),
+    }
+
+
+def ab_runs(ab_path: str, port: int, body: Path, requests: int, work: Path, name: str) -> list[dict]:
+    """The four runs (1 and 8 clients, without and with keep-alive) against one endpoint."""
+    ab(ab_path, port, body, AB_MIN_REQUESTS, 1, False, work)  # warm-up
+    runs = []
+    for clients in AB_CLIENTS:
+        for keep_alive in AB_KEEP_ALIVE:
+            run_ = ab(ab_path, port, body, requests, clients, keep_alive, work)
+            print(f"ab {name}, {clients} client(s){', keep-alive' if keep_alive else ''}: {run_['requests_per_s']:.0f} req/s, "
+                  f"p50 {run_['p50_ms']:.2f} ms, p99 {run_['p99_ms']:.2f} ms, {run_['errors']} errors "
+                  f"({run_['keep_alive_requests']} kept alive)", flush=True)
+            runs.append(run_)
+    return runs
+
+
+def ray_serve_missing() -> str | None:
+    """Why the Ray Serve deployment cannot run here, or None."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        return "ray.serve cannot be imported (pip install -e .[ray])"
+    return None
+
+
+def external_load(args, model, export: Path, request: dict, histories: list[list], work: Path, uvicorn_port: int) -> dict:
+    """The ab part: the uvicorn endpoint (at ``uvicorn_port``, already serving ``export``) and the
+    Ray Serve deployment, beside in-process ``recommend`` of the same batch; ``histories`` are
+    checked against in-process ``recommend`` on the deployment afterwards."""
+    ab_path = shutil.which("ab")
+    if ab_path is None:
+        print(AB_MISSING, flush=True)
+        return {"skipped": AB_MISSING}
+    body = work / "ab-body.json"
+    body.write_text(json.dumps(request))
+    version = subprocess.run([ab_path, "-V"], capture_output=True, text=True).stdout.splitlines()[0].removeprefix("This is ")
+    in_process(model, [request], 1.0)  # warm-up
+    local = in_process(model, [request], args.single_seconds)
+    print(f"in process, the ab batch: p50 {local['p50_ms']:.2f} ms, p99 {local['p99_ms']:.2f} ms", flush=True)
+    result = {
+        "tool": version, "requests_per_run": args.ab_requests, "body_bytes": body.stat().st_size,
+        "histories_per_request": len(request["histories"]), "k": request["k"],
+        "uvicorn_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "in_process_same_batch": local,
+        "uvicorn": {"command": "python -m serving.rest --port 0", "runs": ab_runs(ab_path, uvicorn_port, body, args.ab_requests, work, "uvicorn")},
+    }
+    missing = "skipped by --no-ray" if args.no_ray else ray_serve_missing()
+    if missing is not None:
+        print(f"Ray Serve: {missing}: its external load test is skipped", flush=True)
+        result["ray_serve"] = {"skipped": missing}
+        return result
+    port = free_port()
+    options = ("--replicas", str(args.ray_replicas), "--port", str(port))
+    started = time.perf_counter()
+    server = Server(export, work / "ray_serve.log", "serving.ray_serve", options)
+    start_s = time.perf_counter() - started
+    try:
+        runs = ab_runs(ab_path, server.port, body, args.ab_requests, work, f"Ray Serve ({args.ray_replicas} replicas)")
+        after = check(server.port, model, histories[: args.check], args.k)
+        print(f"Ray Serve afterwards: {after['equal']} of {after['checked']} answers equal to in-process recommend, "
+              f"/health {after['health_status']}", flush=True)
+    finally:
+        exit_code = server.stop()
+    result["ray_serve"] = {"command": f"python -m serving.ray_serve {' '.join(options)}", "replicas": args.ray_replicas,
+                           "start_s": start_s, "runs": runs, "after_load": after, "exit_code_on_sigterm": exit_code}
+    return result
+
+
+def write_merged(path: Path, report: dict) -> None:
+    """``report`` written into ``path``: its keys replaced or added, the file's other keys kept."""
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    write_json_atomically(path, {**existing, **report}, indent=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint (default: train the built-in recipe)")
@@ -222,10 +367,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of the loaded run")
     parser.add_argument("--single-seconds", type=float, default=10.0, help="duration of the one-client run and of in-process timing")
     parser.add_argument("--check", type=int, default=100, help="histories checked against in-process recommend afterwards")
+    parser.add_argument("--ab-requests", type=int, default=5000,
+                        help=f"requests of each ab run (external load test; at least {AB_MIN_REQUESTS})")
+    parser.add_argument("--ray-replicas", type=int, default=2, help="replicas of the Ray Serve deployment")
+    parser.add_argument("--no-ray", action="store_true", help="leave the Ray Serve deployment out of the ab part")
+    parser.add_argument("--external-only", action="store_true",
+                        help="run the ab part alone and update only external_load in --out")
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
     if (args.checkpoint is None) != (args.data_dir is None):
         parser.error("give --checkpoint and --data-dir together, or neither")
+    if args.ab_requests < AB_MIN_REQUESTS:
+        parser.error(f"--ab-requests must be at least {AB_MIN_REQUESTS} (ab's percentiles need them)")
+    if args.ray_replicas < 1:
+        parser.error("--ray-replicas must be positive")
+    if args.external_only and shutil.which("ab") is None:
+        print(AB_MISSING + f"; {args.out} is left as it is")
+        return
+    command = "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+               "python": platform.python_version()}
 
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -253,40 +414,55 @@ def main(argv: list[str] | None = None) -> None:
         per = args.histories_per_request
         requests = [{"histories": histories[i : i + per], "k": args.k} for i in range(0, len(histories) - per + 1, per)]
         print(f"size {model.size}, {len(model.item_ids):,} items; {len(requests)} distinct requests", flush=True)
+        model_info = {"size": model.size, "num_items": len(model.item_ids), "encoder": model.manifest["encoder"],
+                      "max_len": model.max_len, "num_parameters": model.num_parameters,
+                      "retriever": model.manifest["retriever"]["kind"], "trained": trained}
 
-        in_process(model, requests[:20], 1.0)  # warm-up
-        local = in_process(model, requests, args.single_seconds)
-        print(f"in process: p50 {local['p50_ms']:.2f} ms, p99 {local['p99_ms']:.2f} ms", flush=True)
+        if not args.external_only:
+            in_process(model, requests[:20], 1.0)  # warm-up
+            local = in_process(model, requests, args.single_seconds)
+            print(f"in process: p50 {local['p50_ms']:.2f} ms, p99 {local['p99_ms']:.2f} ms", flush=True)
 
         server = Server(export, work / "server.log")
         try:
-            load(server.port, requests[:20], 1, 1.0)  # warm-up
-            rss_before = server.rss_mb()
-            single = load(server.port, requests, 1, args.single_seconds)
-            print(f"1 client: {single['requests_per_s']:.0f} req/s, p50 {single['p50_ms']:.2f} ms, "
-                  f"p99 {single['p99_ms']:.2f} ms, {single['errors']} errors", flush=True)
-            loaded = load(server.port, requests, args.clients, args.seconds)
-            print(f"{args.clients} clients: {loaded['requests_per_s']:.0f} req/s, p50 {loaded['p50_ms']:.2f} ms, "
-                  f"p99 {loaded['p99_ms']:.2f} ms, {loaded['errors']} errors", flush=True)
-            rss_after = server.rss_mb()
-            after = check(server.port, model, histories[: args.check], args.k)
-            print(f"afterwards: {after['equal']} of {after['checked']} answers equal to in-process recommend, "
-                  f"/health {after['health_status']}", flush=True)
+            if not args.external_only:
+                load(server.port, requests[:20], 1, 1.0)  # warm-up
+                rss_before = server.rss_mb()
+                single = load(server.port, requests, 1, args.single_seconds)
+                print(f"1 client: {single['requests_per_s']:.0f} req/s, p50 {single['p50_ms']:.2f} ms, "
+                      f"p99 {single['p99_ms']:.2f} ms, {single['errors']} errors", flush=True)
+                loaded = load(server.port, requests, args.clients, args.seconds)
+                print(f"{args.clients} clients: {loaded['requests_per_s']:.0f} req/s, p50 {loaded['p50_ms']:.2f} ms, "
+                      f"p99 {loaded['p99_ms']:.2f} ms, {loaded['errors']} errors", flush=True)
+                rss_after = server.rss_mb()
+                after = check(server.port, model, histories[: args.check], args.k)
+                print(f"afterwards: {after['equal']} of {after['checked']} answers equal to in-process recommend, "
+                      f"/health {after['health_status']}", flush=True)
+            external_start = os.getloadavg()
+            external = external_load(args, model, export, requests[0], histories, work, server.port)
         finally:
             exit_code = server.stop()
 
+    external = {
+        "command": command, "date": date.today().isoformat(), "machine": machine,
+        "load_average_start": external_start, "load_average_end": os.getloadavg(),
+        "model": {k: model_info[k] for k in ("size", "num_items", "encoder", "retriever")}, **external,
+        "note": ("ab, the server and (for Ray Serve) Ray's processes share the machine's cores; runs one after "
+                 "another; latency is ab's total time of a request, connecting included"),
+    }
+    if args.external_only:
+        write_merged(args.out, {"external_load": external})
+        print(f"wrote external_load into {args.out}")
+        return
     report = {
-        "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "date": date.today().isoformat(),
-        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": machine,
         "threads_per_request": SERVER_THREADS,
         "server_workers": os.cpu_count(),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
-        "model": {"size": model.size, "num_items": len(model.item_ids), "encoder": model.manifest["encoder"],
-                  "max_len": model.max_len, "num_parameters": model.num_parameters,
-                  "retriever": model.manifest["retriever"]["kind"], "trained": trained},
+        "model": model_info,
         "k": args.k,
         "histories_per_request": per,
         "history_length_mean": statistics.fmean(len(h) for h in histories),
@@ -300,8 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         "server_exit_code_on_sigterm": exit_code,
         "note": ("the server is a separate process on the same cores as the clients; phases run one after another; "
                  "latency is the client's wall time from sending a request to reading the whole answer"),
+        "external_load": external,
     }
-    write_json_atomically(args.out, report, indent=2)
+    write_merged(args.out, report)
     print(f"wrote {args.out}")
 
 

@@ -398,7 +398,7 @@ def _config(app, workers: int = 1) -> uvicorn.Config:
     )
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket (bound here, so that a busy port is one clear line before anything starts)."""
     # IPPROTO_TCP named: asyncio turns Nagle's algorithm off only on sockets that say so, and an
     # answer's headers and body are separate writes (the body would wait for a delayed ACK, ~40 ms)
@@ -440,7 +440,7 @@ def make_server(
 ) -> Server:
     """A server for ``model`` (a loaded :class:`serving.SizedRecommender`), listening and ready to
     :meth:`Server.run`; ``port=0`` picks a free port (``server.port``)."""
-    return Server(make_app(model, limits, max_body_bytes, concurrency), _bind(host, port))
+    return Server(make_app(model, limits, max_body_bytes, concurrency), bind_socket(host, port))
 
 
 def resolve_model(model: str, workdir: Path) -> Path:
@@ -459,7 +459,7 @@ def resolve_model(model: str, workdir: Path) -> Path:
     return export_dir
 
 
-def _load(settings: dict[str, Any]):
+def load_model(settings: dict[str, Any]):
     """The model of ``settings`` (from the command line), with its threads per request set."""
     import serving
     import torch
@@ -473,21 +473,23 @@ def _load(settings: dict[str, Any]):
     return model
 
 
-def _app_of(model, settings: dict[str, Any]) -> FastAPI:
+def app_of(model, settings: dict[str, Any]) -> FastAPI:
+    """The application over a loaded model with the limits of ``settings`` (also Ray Serve's replicas')."""
     limits = Limits(settings["max_batch"], settings["max_k"])
     return make_app(model, limits, settings["max_body_bytes"], settings["concurrency"])
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
+    """Our log lines at INFO with a time stamp, faiss's loader quiet (the servers' console)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every CPU variant it tries
 
 
 def app_from_environment() -> FastAPI:
     """The application of one ``--workers`` process (uvicorn starts each afresh and calls this)."""
-    _configure_logging()
+    configure_logging()
     settings = json.loads(os.environ[SETTINGS_VARIABLE])
-    return _app_of(_load(settings), settings)
+    return app_of(load_model(settings), settings)
 
 
 def _positive(text: str) -> int:
@@ -522,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch and faiss threads for each request (default 1: one request's work is small)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
-    _configure_logging()
+    configure_logging()
     with tempfile.TemporaryDirectory(prefix="serving-rest-") as workdir:
         try:
             settings = {
@@ -530,8 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                 "max_batch": args.max_batch, "max_k": args.max_k, "max_body_bytes": args.max_body_bytes,
                 "concurrency": args.concurrency or max(1, cores // args.workers),
             }
-            model = _load(settings)
-            sock = _bind(args.host, args.port)
+            model = load_model(settings)
+            sock = bind_socket(args.host, args.port)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -543,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stop)
         try:
             if args.workers == 1:
-                Server(_app_of(model, settings), sock).run()
+                Server(app_of(model, settings), sock).run()
             else:
                 del model  # each process loads its own
                 os.environ[SETTINGS_VARIABLE] = json.dumps(settings)
