@@ -11,7 +11,12 @@ package, driven over the DevTools protocol with aiohttp, which MLflow already de
    (not MLflow's GenAI pages) and the run by its name;
 2. the run the training printed: its page must show the per-size table (every size with its
    parameters and NDCG@10), and its *Model metrics* the chart of ``test/ndcg_10`` against size;
-3. the experiment's logged models: one per size, each with its size and test NDCG@10.
+3. the experiment's logged models: one per size, each with its size and test NDCG@10;
+4. the experiment's runs with the training run unfolded, in MLflow's default layout: one row per
+   size (its child run), each with its logged model; and the runs' chart view: the section
+   ``sizes`` first, one bar per size for each of its metrics (``sizes/test_ndcg_10``, ...). Both at
+   1280x800 and 1600x1200 (``sizes_table_1280.png``, ``sizes_chart_1600.png``, ...; the
+   ``docs/mlflow-sizes-*.png`` screenshots are these).
 
 Each page is saved as a screenshot in ``--out``; the first failed check stops with its page saved
 and the text the page showed. Exit status 0 when every check passes.
@@ -37,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [8, 16, 32]
 VIEWPORT = (1280, 860)
+SIZES_VIEWPORTS = [(1280, 800), (1600, 1200)]  # the screenshots of the sizes side by side
 
 
 class CheckFailed(AssertionError):
@@ -117,9 +123,11 @@ class Browser:
         async with self.session.get(f"http://127.0.0.1:{port}/json/list") as response:
             page = next(t for t in await response.json() if t["type"] == "page")
         self.ws = await self.session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
-        width, height = VIEWPORT
-        await self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        await self.resize(*VIEWPORT)
         return self
+
+    async def resize(self, width: int, height: int) -> None:
+        await self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     async def __aexit__(self, *exc) -> None:
         await self.ws.close()
@@ -179,6 +187,20 @@ class Browser:
         )
         if not found:
             raise CheckFailed(f"no {selector} reading {text!r} on the page")
+
+    async def unfold(self, run_name: str) -> None:
+        """Unfold the runs table's row of ``run_name`` (the button in its name cell), showing its child runs."""
+        found = await self.evaluate(
+            f"""(() => {{
+                const cell = [...document.querySelectorAll('[role=gridcell]')]
+                    .find(c => c.innerText.split('\\n').some(line => line.trim() === {json.dumps(run_name)}));
+                const button = cell && cell.querySelector('button');
+                if (button) button.click();
+                return Boolean(button);
+            }})()"""
+        )
+        if not found:
+            raise CheckFailed(f"no row of {run_name!r} to unfold in the runs table")
 
     async def screenshot(self, path: Path) -> None:
         shot = await self.send("Page.captureScreenshot", format="png")
@@ -268,7 +290,50 @@ async def check_pages(browser: Browser, base: str, run: dict, out: Path) -> list
     await browser.close_assistant()
     await browser.screenshot(out / "models_chart.png")
     passed.append("models, chart view: test/ndcg_10 of every size side by side")
+
+    passed += await check_sizes(browser, f"{base}/#/experiments/{experiment_id}/runs?{training_pages}", rows, name, out)
     return passed
+
+
+async def check_sizes(browser: Browser, runs_url: str, rows: list[dict], name: str, out: Path) -> list[str]:
+    """The runs table with the training run unfolded (a row per size, each with its model) and the
+    runs' chart view (the ``sizes`` section first, a bar per size), at each of ``SIZES_VIEWPORTS``."""
+    labels = [f"d{s}" for s in SIZES]
+    await browser.goto(runs_url)
+    await browser.wait_for([name, "Run Name", "Models"])
+    await browser.close_assistant()
+    await browser.unfold(name)
+    # a size's row reads its label twice: its name, and its logged model in the Models column
+    await browser.wait_until(" && ".join(f"({cells_reading(label)} >= 2)" for label in labels),
+                             f"rows {labels}, each with its logged model")
+    for width, height in SIZES_VIEWPORTS:
+        await browser.resize(width, height)
+        await asyncio.sleep(1)
+        await browser.screenshot(out / f"sizes_table_{width}.png")
+    passed = ["runs table, the training run unfolded: one row per size, each with its logged model"]
+
+    await browser.resize(*SIZES_VIEWPORTS[0])
+    await browser.goto(f"{runs_url}&compareRunsMode=CHART")
+    ndcg = [f"{float(r['ndcg_10']):.2f}" for r in rows]
+    shown = await browser.wait_for(["sizes/test_ndcg_10", "sizes/parameters", *ndcg])
+    lines = [line.strip() for line in shown.splitlines()]
+    sections = [line for line, after in zip(lines, lines[1:]) if re.fullmatch(r"\(\d+\)", after)]  # "sizes", "(7)"
+    if sections[:1] != ["sizes"]:
+        raise CheckFailed(f"the chart view's first section is not 'sizes': its sections {sections}")
+    for width, height in SIZES_VIEWPORTS:
+        await browser.resize(width, height)
+        await asyncio.sleep(2)  # the charts redraw at the new width
+        await browser.screenshot(out / f"sizes_chart_{width}.png")
+    await browser.resize(*VIEWPORT)
+    passed.append("runs, chart view: the section 'sizes' first, one bar per size (test NDCG@10 of every size)")
+    return passed
+
+
+def cells_reading(label: str) -> str:
+    """A JavaScript expression: how many cells of the page's grid read ``label`` on their last line
+    (a run's name cell begins with its colour)."""
+    return (f"[...document.querySelectorAll('[role=gridcell]')].filter(c => c.innerText.trim().split('\\n').pop().trim() === "
+            f"{json.dumps(label)}).length")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,6 +128,7 @@ def encode_ms_per_1k(net, datamodule, size: int, small=None) -> float:
     small.eval()
     with torch.no_grad():
         items = small.item_matrix()
+        small.user_vectors(batch["input_ids"], items)  # untimed: the first call pays one-off costs
         times = []
         for _ in range(3):
             start = time.perf_counter()

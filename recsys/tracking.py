@@ -20,6 +20,15 @@ description is the per-size table and the plot; and each size's results are logg
 size-free names at step = size (``test/ndcg_10``, ``parameters``), the test metrics linked to that
 size's model, so that the run's chart of ``test/ndcg_10`` is NDCG@10 against size and the
 experiment's model list has one column per metric.
+
+Each size is also a child run of the training run, named by it (``d64``; ``L2_w128_d64`` for a
+triple), so that the experiment's runs table, with the training run unfolded, lists the sizes as rows
+(each with its model) and its chart view draws them side by side, one bar per size, in its first
+section: the size (and a triple's depth and width) as params; its costs and test metrics as
+``sizes/parameters``, ``sizes/encode_ms_per_1k``, ``sizes/test_ndcg_10``, ... (the same names in
+every size run, none of the training run's: see :func:`child_metric_name`); and its logged model
+(the model's source run; the training run keeps it as an output). ``python -m recsys.register``
+registers one size's model and points an alias at it.
 """
 
 from __future__ import annotations
@@ -220,7 +229,9 @@ def run_description(run_id: str, rows: list[dict[str, Any]]) -> str:
             results_table(rows),
             f"![NDCG@10 over the grid](get-artifact?path={GRID_PLOT_FILE}&run_uuid={run_id})",
             "Per triple as metrics: `test/ndcg_10/L2_w128_d64`, `parameters/...`, `encode_ms_per_1k/...`, "
-            "`retrieval_flops_per_user/...`; one logged model per triple, named by it.",
+            "`retrieval_flops_per_user/...`; one logged model per triple, named by it. Side by side: one child run "
+            "per triple (*Child runs*; unfold this run among the experiment's runs, whose chart view draws a bar "
+            "per triple under `sizes`).",
         ])
     glance = " · ".join(f"d{r['size']} **{r['ndcg_10']:.4f}** ({r['parameters']:,} parameters)" for r in rows)
     return "\n\n".join([
@@ -228,8 +239,10 @@ def run_description(run_id: str, rows: list[dict[str, Any]]) -> str:
         results_table(rows),
         f"![NDCG@10 and Recall@10 against size](get-artifact?path={PLOT_FILE}&run_uuid={run_id})",
         "Against size as charts: *Model metrics* (`test/ndcg_10`, `parameters`, ...; step = size). "
-        "The sizes side by side: the experiment's *Models*, as a table or a chart (one logged model "
-        "per size, with its size, parameters and test metrics).",
+        "The sizes side by side: one child run per size (*Child runs*; unfold this run among the "
+        "experiment's runs, whose chart view draws a bar per size under `sizes`), and the experiment's "
+        "*Models*, as a table or a chart (one logged model per size, with its size, parameters and test "
+        "metrics). `python -m recsys.register` registers a size's model and gives it an alias.",
     ])
 
 
@@ -238,9 +251,12 @@ def size_metric_name(key: str) -> str:
     return key if key == "parameters" else f"test/{key}"
 
 
-def log_size_metrics(client, run_id: str, rows: list[dict[str, Any]], model_ids: dict[int, str]) -> None:
+def log_size_metrics(
+    client, run_id: str, rows: list[dict[str, Any]], model_ids: dict[int, str], size_runs: dict[str, str] | None = None
+) -> None:
     """Each size's results under size-free names at step = size; its test metrics linked to that
-    size's model if any (its parameter count is already the model's param)."""
+    size's model if any (its parameter count is already the model's param). Then each size's child
+    run (:func:`start_size_runs`, made here unless given) gets its results."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -252,14 +268,18 @@ def log_size_metrics(client, run_id: str, rows: list[dict[str, Any]], model_ids:
         if key != "size"
     ]
     client.log_batch(run_id, metrics=metrics)
+    finish_size_runs(client, start_size_runs(client, run_id, rows) if size_runs is None else size_runs, rows)
 
 
 GRID_COSTS = ("parameters", "encode_ms_per_1k", "retrieval_flops_per_user")
 
 
-def log_grid_metrics(client, run_id: str, rows: list[dict[str, Any]], model_ids: dict[str, str]) -> None:
+def log_grid_metrics(
+    client, run_id: str, rows: list[dict[str, Any]], model_ids: dict[str, str], size_runs: dict[str, str] | None = None
+) -> None:
     """Each triple's costs as ``parameters/L2_w128_d64`` (and encode time, retrieval FLOPs), and
-    its test metrics once more, linked to its logged model if any."""
+    its test metrics once more, linked to its logged model if any; then each triple's child run
+    (:func:`start_size_runs`, made here unless given) gets its results."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -273,6 +293,7 @@ def log_grid_metrics(client, run_id: str, rows: list[dict[str, Any]], model_ids:
             metrics.append(Metric(name, float(value), now, 0, model_id=None if key in GRID_COSTS else model_ids.get(label)))
     for start in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[start : start + 500])
+    finish_size_runs(client, start_size_runs(client, run_id, rows) if size_runs is None else size_runs, rows)
 
 
 def log_grid_models(
@@ -283,21 +304,26 @@ def log_grid_models(
     import mlflow
 
     by_label = {r["triple"]: r for r in rows}
+    client = mlflow.MlflowClient()
+    size_runs = start_size_runs(client, run_id, rows)
     logged = {}
-    with mlflow.start_run(run_id=run_id):
-        for label, directory in export_dirs.items():
-            r = by_label[label]
-            params = {"depth": str(r["depth"]), "width": str(r["width"]), "size": str(r["size"]),
-                      "parameters": str(r["parameters"])}
-            logged[label] = _log_pyfunc(run_id, label, directory, params, f"{register_as}-{label}" if register_as else None)
-    log_grid_metrics(mlflow.MlflowClient(), run_id, rows, {label: info.model_id for label, info in logged.items()})
+    for label, directory in export_dirs.items():
+        r = by_label[label]
+        params = {"depth": str(r["depth"]), "width": str(r["width"]), "size": str(r["size"]),
+                  "parameters": str(r["parameters"])}
+        logged[label] = _log_pyfunc(size_runs[label], label, directory, params,
+                                    f"{register_as}-{label}" if register_as else None, training_run_id=run_id)
+    log_grid_metrics(client, run_id, rows, {label: info.model_id for label, info in logged.items()}, size_runs)
     return {label: info.model_uri for label, info in logged.items()}
 
 
-def _log_pyfunc(run_id: str, name: str, directory: Path, params: dict[str, str], registered: str | None):
-    """Log the export in ``directory`` as pyfunc model ``name`` of ``run_id`` (model from code)."""
+def _log_pyfunc(run_id: str, name: str, directory: Path, params: dict[str, str], registered: str | None,
+                training_run_id: str | None = None):
+    """Log the export in ``directory`` as pyfunc model ``name`` of ``run_id`` (model from code); a
+    size's run (``run_id``) lists it as its model, and ``training_run_id``, its parent, as an output too."""
     import mlflow
     import pandas as pd
+    from mlflow.entities import LoggedModelOutput
 
     import serving
     from serving import pyfunc
@@ -305,19 +331,23 @@ def _log_pyfunc(run_id: str, name: str, directory: Path, params: dict[str, str],
     wrapper = pyfunc.SizedRecommenderPyfunc()
     wrapper.model = serving.load(directory)
     example = pd.DataFrame({"history": [wrapper.model.item_ids[:3]]})
-    # created first, so that it keeps these params only (log_model would copy in the run's ~150)
-    entry = mlflow.initialize_logged_model(name=name, source_run_id=run_id,
-                                           params={**params, "encoder": wrapper.model.manifest["encoder"]})
-    return mlflow.pyfunc.log_model(
-        name=entry.name,
-        model_id=entry.model_id,
-        python_model=str(Path(pyfunc.__file__)),
-        artifacts={"export": str(directory)},
-        signature=pyfunc.signature(),
-        input_example=example,
-        pip_requirements=_requirements(),
-        registered_model_name=registered,
-    )
+    with mlflow.start_run(run_id=run_id):
+        # created first, so that it keeps these params only (log_model would copy in the run's params)
+        entry = mlflow.initialize_logged_model(name=name, source_run_id=run_id,
+                                               params={**params, "encoder": wrapper.model.manifest["encoder"]})
+        info = mlflow.pyfunc.log_model(
+            name=entry.name,
+            model_id=entry.model_id,
+            python_model=str(Path(pyfunc.__file__)),
+            artifacts={"export": str(directory)},
+            signature=pyfunc.signature(),
+            input_example=example,
+            pip_requirements=_requirements(),
+            registered_model_name=registered,
+        )
+    if training_run_id is not None:
+        mlflow.MlflowClient().log_outputs(training_run_id, [LoggedModelOutput(entry.model_id, step=0)])
+    return info
 
 
 def log_size_models(
@@ -327,15 +357,86 @@ def log_size_models(
     import mlflow
 
     by_size = {r["size"]: r for r in rows}
+    client = mlflow.MlflowClient()
+    size_runs = start_size_runs(client, run_id, rows)
     logged = {}
-    with mlflow.start_run(run_id=run_id):
-        for size, directory in export_dirs.items():
-            params = {"size": str(size), "parameters": str(by_size[size]["parameters"])}
-            logged[size] = _log_pyfunc(run_id, f"d{size}", directory, params, f"{register_as}-d{size}" if register_as else None)
+    for size, directory in export_dirs.items():
+        params = {"size": str(size), "parameters": str(by_size[size]["parameters"])}
+        logged[size] = _log_pyfunc(size_runs[f"d{size}"], f"d{size}", directory, params,
+                                   f"{register_as}-d{size}" if register_as else None, training_run_id=run_id)
     # Link each model's own test metrics only after all are logged (log_model links every metric
-    # already in the run at its step, 0, to the new model).
-    log_size_metrics(mlflow.MlflowClient(), run_id, rows, {size: info.model_id for size, info in logged.items()})
+    # already in its run at its step, 0, to the new model); the size runs get theirs after it too.
+    log_size_metrics(client, run_id, rows, {size: info.model_id for size, info in logged.items()}, size_runs)
     return {size: info.model_uri for size, info in logged.items()}
+
+
+# -- one child run per size --------------------------------------------------------------------------
+
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the runs table nests the run under its parent
+SIZE_RUN_TAG = "recsys.size"  # a size's run: its label (d64, or a triple's L2_w128_d64)
+#: tags of the training run its size runs carry too (the runs table's user and source columns)
+SHARED_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit", "git_commit")
+ROW_PARAMS = ("depth", "width", "size")  # a row's keys that say what was trained: params of its run
+RUN_COLOR_TAG = "mlflow.runColor"  # the UI's colour of a run (its colour picker sets the same tag)
+#: one colour per size run, in order, so that no two sizes share one in a chart (the UI's own are
+#: drawn at random); again from the first after the tenth
+SIZE_RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                   "#bcbd22", "#17becf")
+
+
+def size_label(row: dict[str, Any]) -> str:
+    """``d64`` for a size's row, ``L2_w128_d64`` for a trained triple's."""
+    return row["triple"] if "triple" in row else f"d{row['size']}"
+
+
+SIZE_RUN_METRICS = "sizes"  # the size runs' metrics: sizes/test_ndcg_10, sizes/parameters, ...
+
+
+def child_metric_name(key: str) -> str:
+    """A size run's name for a result: ``sizes/test_ndcg_10``, ``sizes/parameters``,
+    ``sizes/encode_ms_per_1k``. The same names in every size run and none of the training run's,
+    so that a chart of one holds the sizes only; and the UI's chart view draws the section named
+    before the last ``/`` first of all (its sections are in alphabetical order: ``sizes`` comes
+    before the training run's ``test``, ``train`` and ``val``; names without a ``/`` come last)."""
+    return f"{SIZE_RUN_METRICS}/{key if key in GRID_COSTS else f'test_{key}'}"
+
+
+def start_size_runs(client, run_id: str, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """One child run of the training run ``run_id`` per row (size or triple), named by its label and
+    holding its size (a triple's depth and width too) as params; the ones it has already (a resumed
+    run records its results again) are used again. Returns run ids by label."""
+    from mlflow.entities import Param
+
+    parent = client.get_run(run_id)
+    experiment_id = parent.info.experiment_id
+    existing = client.search_runs([experiment_id], filter_string=f"tags.{PARENT_RUN_TAG} = '{run_id}'")
+    found = {r.data.tags[SIZE_RUN_TAG]: r.info.run_id for r in existing if SIZE_RUN_TAG in r.data.tags}
+    shared = {k: v for k, v in parent.data.tags.items() if k in SHARED_TAGS}
+    now = int(time.time() * 1000)
+    # The runs table lists the newest first: the last row starts first, so the sizes read in order.
+    for index in reversed(range(len(rows))):
+        label = size_label(rows[index])
+        if label not in found:
+            tags = {**shared, PARENT_RUN_TAG: run_id, SIZE_RUN_TAG: label,
+                    RUN_COLOR_TAG: SIZE_RUN_COLORS[index % len(SIZE_RUN_COLORS)]}
+            started = now + len(rows) - 1 - index
+            found[label] = client.create_run(experiment_id, start_time=started, tags=tags, run_name=label).info.run_id
+    runs = {size_label(row): found[size_label(row)] for row in rows}
+    for row in rows:
+        client.log_batch(runs[size_label(row)], params=[Param(k, str(row[k])) for k in ROW_PARAMS if k in row])
+    return runs
+
+
+def finish_size_runs(client, size_runs: dict[str, str], rows: list[dict[str, Any]]) -> None:
+    """Each size run's results (:func:`child_metric_name`), and the run marked finished."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    for row in rows:
+        child = size_runs[size_label(row)]
+        metrics = [Metric(child_metric_name(k), float(v), now, 0) for k, v in row.items() if k not in ("triple", *ROW_PARAMS)]
+        client.log_batch(child, metrics=metrics)
+        client.set_terminated(child)
 
 
 def _requirements() -> list[str]:

@@ -156,7 +156,7 @@ def validate_config(config) -> None:
                       model.distill, model.distill_teacher,
                       model.n_blocks, model.depths, model.pairs, model.grid, model.triples,
                       model.use_id_embedding, model.id_dropout, model.learned_temperature,
-                      model.separate_item_vectors, model.prefix_gradient,
+                      model.separate_item_vectors, model.prefix_gradient, model.nesting,
                       **{name: model[name] for name in ("dropout", "input_dropout", "lr", "weight_decay",
                                                          "warmup_steps", "loss_block_rows")})
     except OptionError as exc:

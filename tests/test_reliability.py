@@ -929,6 +929,9 @@ BAD_INPUTS = [
     BadInput("recsys.train", "prefix gradient with tied item vectors (`--model.prefix_gradient 0`)",
              (*TRAIN, "--model.prefix_gradient", "0"),
              r"^--model\.prefix_gradient below 1 needs --model\.separate_item_vectors true or 'all': with tied item vectors"),
+    BadInput("recsys.train", "sliced nesting with another encoder (`--model.nesting slices --model.encoder mamba`)",
+             (*TRAIN, "--model.nesting", "slices", "--model.encoder", "mamba"),
+             r"^--model\.nesting 'slices' is built for the lru encoder, not 'mamba'$"),
     BadInput("recsys.train", "no negatives for the sampled loss (`--model.negatives 0`)",
              (*TRAIN, "--model.loss", "sampled", "--model.negatives", "0"),
              r"^--model\.negatives must be a positive integer, got 0$"),
@@ -1073,6 +1076,18 @@ BAD_INPUTS = [
              r"^--shard must be i/n with 0 <= i < n, e\.g\. 0/4; got '3/2'$", histories),
     BadInput("serving.candidates", "output directory holds other files", CANDIDATES, r"notes\.txt",
              _all(histories, _mkdir("cands", "notes.txt"))),
+    # -- python -m recsys.register ----------------------------------------------------------------------------
+    BadInput("recsys.register", "not a size (`--size big`)", ("--run-id", "0123abcd", "--size", "big", "--name", "shop"),
+             r"^--size 'big': give a size such as 64 or d64"),
+    BadInput("recsys.register", "store file missing (`--tracking-uri sqlite:///elsewhere.db`)",
+             ("--run-id", "0123abcd", "--size", "64", "--name", "shop", "--tracking-uri", "sqlite:///elsewhere.db"),
+             r"^the MLflow store sqlite:///elsewhere\.db: elsewhere\.db: no such file"),
+    BadInput("recsys.register", "bad model name (`--name 'my recs'`)", ("--run-id", "0123abcd", "--size", "64", "--name", "my recs"),
+             r"^--name 'my recs': a model name here holds letters, digits"),
+    # -- python -m serving.ray_serve -------------------------------------------------------------------------
+    BadInput("serving.ray_serve", "no replicas (`--replicas 0`)", ("--model", "export", "--replicas", "0"),
+             r"^--replicas must be a positive integer, got '0'$"),
+    BadInput("serving.ray_serve", "export directory not found", ("--model", "nothing"), r"^nothing: no such export directory$"),
     # -- export, loading and batch candidates: places that cannot be written, tampered exports, a second run --
     BadInput("serving.export", "`--out` is a file", EXPORT, r"^--out exports is a file, not a directory$",
              _all(_copy_checkpoint, _text("exports", "x"))),
@@ -1130,9 +1145,11 @@ def _mains() -> dict[str, Callable[[list[str]], int]]:
     from recsys.train import main as train_main
     from serving.candidates import main as candidates_main
     from serving.export import main as export_main
+    from recsys.register import main as register_main
+    from serving.ray_serve import main as ray_serve_main
 
     return {"recsys.data prepare": data_main, "recsys.data synthetic": data_main, "recsys.train": train_main, "serving.export": export_main,
-            "serving.candidates": candidates_main}
+            "serving.candidates": candidates_main, "recsys.register": register_main, "serving.ray_serve": ray_serve_main}
 
 
 def _tree(directory: Path) -> set[str]:
