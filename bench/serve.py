@@ -20,30 +20,36 @@ ratio of endpoint latency to in-process ``recommend`` time. Afterwards the serve
 answer correctly: ``--check`` histories, one request each, must equal in-process ``recommend``
 exactly (ids and scores), and ``/health`` must answer. Writes ``bench/results/serve.json``.
 
-Then, with an external client, Apache Bench (``ab``; Debian package ``apache2-utils``), it
-load-tests the same uvicorn endpoint and the same application as a Ray Serve deployment
-(``python -m serving.ray_serve``, ``--ray-replicas`` replicas, started as its own process at a free
-port): ``--ab-requests`` POST /recommend of one fixed body (the first request's histories), at 1
-client and at 8, each without and with keep-alive (``ab -k``), beside in-process ``recommend`` of
-that same batch. ab speaks HTTP/1.0, and ``-k`` asks for HTTP/1.0 keep-alive, which uvicorn (the
-server of ``serving.rest`` and Ray Serve's proxy alike) answers with ``Connection: close``: its
-connections stay one per request, as ab's ``Keep-Alive requests`` count (``keep_alive_requests``)
-shows; the Python clients above keep HTTP/1.1 connections alive. Each run
-reports requests per second, p50 and p99 latency (ab's percentiles, connecting included), and
-errors (ab's failed requests plus non-2xx answers); afterwards the deployment's answers must equal
-in-process ``recommend`` as above. Without ``ab`` (or without Ray Serve, for its part) that part is
-skipped with one line. These results go under the key ``external_load``; the keys already in
-``--out`` that a run does not write are kept. ``--external-only`` runs the ab part alone and
-updates only ``external_load``.
+Then, with an external client, it load-tests the same uvicorn endpoint and the same application as
+a Ray Serve deployment (``python -m serving.ray_serve``, ``--ray-replicas`` replicas, started as its
+own process at a free port): ``--external-requests`` POST /recommend of one fixed body (the first
+request's histories), at 1 client and at 8, each without and with keep-alive, beside in-process
+``recommend`` of that same batch. The client (``--external-client``): ``hey`` (Debian package
+``hey``; HTTP/1.1, keep-alive unless ``-disable-keepalive``) when installed, else Apache Bench
+(``ab``; Debian package ``apache2-utils``), or ``both``. ab speaks HTTP/1.0, and ``ab -k`` asks for
+HTTP/1.0 keep-alive, which uvicorn (the server of ``serving.rest`` and Ray Serve's proxy alike)
+answers with ``Connection: close``: ab's connections stay one per request (``keep_alive_requests``
+0), so only hey measures keep-alive. Each run reports requests per second, p50 and p99 latency
+(the total time of each answered request, connecting included: ab's percentiles, or computed from
+hey's per-request rows, ``-o csv``), errors (failed requests plus non-2xx answers), and
+``connections_accepted``: the TCP connections accepted on this machine during the run (the kernel's
+``PassiveOpens``, /proc/net/snmp), the clients' count when keep-alive holds, one per request when it
+does not. hey sends ``--external-requests`` rounded down to a multiple of the clients. Afterwards the
+deployment's answers must equal in-process ``recommend`` as above. Without either client (or without
+Ray Serve, for its part) that part is skipped with one line. These results go under the key
+``external_load``; the keys already in ``--out`` that a run does not write are kept.
+``--external-only`` runs the external part alone and updates only ``external_load``.
 
-    python bench/serve.py --clients 8 --seconds 20 --ab-requests 5000 --ray-replicas 2
+    python bench/serve.py --clients 8 --seconds 20 --external-requests 5000 --ray-replicas 2
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import http.client
 import importlib.util
+import io
 import json
 import os
 import platform
@@ -70,12 +76,13 @@ from recsys.atomic import write_json_atomically  # noqa: E402
 RESULT = ROOT / "bench" / "results" / "serve.json"
 #: the server's default threads per request (``python -m serving.rest --threads``), used in process too
 SERVER_THREADS = 1
-#: the external runs: clients (ab -c) and keep-alive (ab -k)
-AB_CLIENTS = (1, 8)
-AB_KEEP_ALIVE = (False, True)
+#: the external runs: clients (-c) and keep-alive (hey unless -disable-keepalive, ab -k)
+EXTERNAL_CLIENTS = (1, 8)
+EXTERNAL_KEEP_ALIVE = (False, True)
 #: ab's percentile file (-e) reads past its samples below about 50 requests: every run sends at least this many
-AB_MIN_REQUESTS = 100
-AB_MISSING = "ab (Apache Bench) is not installed: the external load test is skipped (apt-get install apache2-utils)"
+MIN_EXTERNAL_REQUESTS = 100
+#: the external clients, the preferred first (--external-client auto takes the first installed)
+EXTERNAL_TOOLS = ("hey", "ab")
 
 
 def run(command: list[str], log: Path) -> None:
@@ -271,7 +278,7 @@ def ab(ab_path: str, port: int, body: Path, requests: int, clients: int, keep_al
         served[int(at)] = float(ms)
     failed, non_2xx = int(_number(r"Failed requests:\s+(\d+)", out)), int(_number(r"Non-2xx responses:\s+(\d+)", out, 0))
     return {
-        "clients": clients, "keep_alive": keep_alive,
+        "tool": "ab", "clients": clients, "keep_alive": keep_alive,
         "requests": int(_number(r"Complete requests:\s+(\d+)", out)),
         "errors": failed + non_2xx, "failed": failed, "non_2xx": non_2xx,
         "keep_alive_requests": int(_number(r"Keep-Alive requests:\s+(\d+)", out, 0)),
@@ -283,18 +290,85 @@ def ab(ab_path: str, port: int, body: Path, requests: int, clients: int, keep_al
     }
 
 
-def ab_runs(ab_path: str, port: int, body: Path, requests: int, work: Path, name: str) -> list[dict]:
-    """The four runs (1 and 8 clients, without and with keep-alive) against one endpoint."""
-    ab(ab_path, port, body, AB_MIN_REQUESTS, 1, False, work)  # warm-up
+def hey(hey_path: str, port: int, body: Path, requests: int, clients: int, keep_alive: bool, work: Path) -> dict:
+    """One hey run: ``requests // clients`` POST /recommend of ``body`` from each of ``clients``
+    concurrent workers, over HTTP/1.1 (keep-alive unless ``keep_alive`` is False); requests per
+    second, p50 and p99 (ms, of the total time of each answered request, connecting included) and
+    errors, from hey's per-request rows (``-o csv``: one per answer, none for a failed request)."""
+    command = [hey_path, "-n", str(requests), "-c", str(clients), "-t", "60", "-m", "POST", "-T", "application/json",
+               "-D", str(body), "-o", "csv", *([] if keep_alive else ["-disable-keepalive"]),
+               f"http://127.0.0.1:{port}/recommend"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"hey failed ({done.returncode}): {done.stderr[-2000:]}")
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    sent = requests // clients * clients  # hey's workers send requests // clients each
+    latencies = [float(row["response-time"]) for row in rows]
+    non_2xx = sum(not 200 <= int(row["status-code"]) < 300 for row in rows)
+    seconds = max((float(row["offset"]) + float(row["response-time"]) for row in rows), default=float("nan"))
+    return {
+        "tool": "hey", "clients": clients, "keep_alive": keep_alive, "requests": sent,
+        "errors": sent - len(rows) + non_2xx, "failed": sent - len(rows), "non_2xx": non_2xx,
+        "seconds": seconds, "requests_per_s": len(rows) / seconds,
+        "p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
+        "mean_ms": statistics.fmean(latencies) * 1e3 if latencies else float("nan"),
+    }
+
+
+def tcp_accepted() -> int | None:
+    """TCP connections accepted so far in this network namespace (``PassiveOpens`` of /proc/net/snmp), or None."""
+    try:
+        lines = Path("/proc/net/snmp").read_text().splitlines()
+        names, values = (line.split() for line in lines if line.startswith("Tcp:"))
+        return int(values[names.index("PassiveOpens")])
+    except (OSError, ValueError):
+        return None
+
+
+def external_runs(tools: dict[str, str], port: int, body: Path, requests: int, work: Path, name: str,
+                  in_process_p50_ms: float) -> list[dict]:
+    """Each tool's four runs (1 and 8 clients, without and with keep-alive) against one endpoint."""
     runs = []
-    for clients in AB_CLIENTS:
-        for keep_alive in AB_KEEP_ALIVE:
-            run_ = ab(ab_path, port, body, requests, clients, keep_alive, work)
-            print(f"ab {name}, {clients} client(s){', keep-alive' if keep_alive else ''}: {run_['requests_per_s']:.0f} req/s, "
-                  f"p50 {run_['p50_ms']:.2f} ms, p99 {run_['p99_ms']:.2f} ms, {run_['errors']} errors "
-                  f"({run_['keep_alive_requests']} kept alive)", flush=True)
-            runs.append(run_)
+    for tool, path in tools.items():
+        measure = hey if tool == "hey" else ab
+        measure(path, port, body, MIN_EXTERNAL_REQUESTS, 1, False, work)  # warm-up
+        for clients in EXTERNAL_CLIENTS:
+            for keep_alive in EXTERNAL_KEEP_ALIVE:
+                before = tcp_accepted()
+                run_ = measure(path, port, body, requests, clients, keep_alive, work)
+                after = tcp_accepted()
+                accepted = None if None in (before, after) else after - before
+                run_ = {"endpoint": name, **run_, "connections_accepted": accepted,
+                        "ratio_p50_to_in_process": run_["p50_ms"] / in_process_p50_ms}
+                print(f"{tool:3} {name}, {clients} client(s), keep-alive {'on ' if keep_alive else 'off'}: "
+                      f"{run_['requests']} requests, {run_['requests_per_s']:.0f} req/s, p50 {run_['p50_ms']:.2f} ms "
+                      f"({run_['ratio_p50_to_in_process']:.1f}x in process), p99 {run_['p99_ms']:.2f} ms, "
+                      f"{run_['errors']} errors, {run_['connections_accepted']} connections accepted", flush=True)
+                runs.append(run_)
     return runs
+
+
+def external_tools(choice: str) -> tuple[dict[str, str], str | None]:
+    """The external clients to run (name: path) for ``--external-client``, and a line naming those
+    wanted but not installed (None if none is missing)."""
+    found = {tool: path for tool in EXTERNAL_TOOLS if (path := shutil.which(tool)) is not None}
+    if choice == "auto":
+        tools = dict(list(found.items())[:1])
+        return tools, None if tools else "neither hey nor ab (Apache Bench) is installed (apt-get install hey)"
+    wanted = EXTERNAL_TOOLS if choice == "both" else (choice,)
+    tools = {tool: found[tool] for tool in wanted if tool in found}
+    missing = [tool for tool in wanted if tool not in found]
+    return tools, f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed" if missing else None
+
+
+def tool_version(tool: str, path: str) -> str:
+    """``ab -V``'s first line; for hey (which has no version option) its Debian package's version."""
+    if tool == "ab":
+        return subprocess.run([path, "-V"], capture_output=True, text=True).stdout.splitlines()[0].removeprefix("This is ")
+    if shutil.which("dpkg-query") is None:
+        return "hey"
+    done = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "hey"], capture_output=True, text=True)
+    return f"hey {done.stdout}" if done.returncode == 0 else "hey"
 
 
 def ray_serve_missing() -> str | None:
@@ -307,25 +381,27 @@ def ray_serve_missing() -> str | None:
 
 
 def external_load(args, model, export: Path, request: dict, histories: list[list], work: Path, uvicorn_port: int) -> dict:
-    """The ab part: the uvicorn endpoint (at ``uvicorn_port``, already serving ``export``) and the
+    """The external part: the uvicorn endpoint (at ``uvicorn_port``, already serving ``export``) and the
     Ray Serve deployment, beside in-process ``recommend`` of the same batch; ``histories`` are
     checked against in-process ``recommend`` on the deployment afterwards."""
-    ab_path = shutil.which("ab")
-    if ab_path is None:
-        print(AB_MISSING, flush=True)
-        return {"skipped": AB_MISSING}
-    body = work / "ab-body.json"
+    tools, missing = external_tools(args.external_client)
+    if missing is not None:
+        print(f"{missing}: the external load test {'runs ' + ' and '.join(tools) + ' only' if tools else 'is skipped'}", flush=True)
+    if not tools:
+        return {"skipped": missing}
+    body = work / "external-body.json"
     body.write_text(json.dumps(request))
-    version = subprocess.run([ab_path, "-V"], capture_output=True, text=True).stdout.splitlines()[0].removeprefix("This is ")
     in_process(model, [request], 1.0)  # warm-up
     local = in_process(model, [request], args.single_seconds)
-    print(f"in process, the ab batch: p50 {local['p50_ms']:.2f} ms, p99 {local['p99_ms']:.2f} ms", flush=True)
+    print(f"in process, the external batch: p50 {local['p50_ms']:.2f} ms, p99 {local['p99_ms']:.2f} ms", flush=True)
     result = {
-        "tool": version, "requests_per_run": args.ab_requests, "body_bytes": body.stat().st_size,
+        "tools": {tool: tool_version(tool, path) for tool, path in tools.items()},
+        "requests_per_run": args.external_requests, "body_bytes": body.stat().st_size,
         "histories_per_request": len(request["histories"]), "k": request["k"],
         "uvicorn_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "in_process_same_batch": local,
-        "uvicorn": {"command": "python -m serving.rest --port 0", "runs": ab_runs(ab_path, uvicorn_port, body, args.ab_requests, work, "uvicorn")},
+        "uvicorn": {"command": "python -m serving.rest --port 0",
+                    "runs": external_runs(tools, uvicorn_port, body, args.external_requests, work, "uvicorn", local["p50_ms"])},
     }
     missing = "skipped by --no-ray" if args.no_ray else ray_serve_missing()
     if missing is not None:
@@ -338,7 +414,8 @@ def external_load(args, model, export: Path, request: dict, histories: list[list
     server = Server(export, work / "ray_serve.log", "serving.ray_serve", options)
     start_s = time.perf_counter() - started
     try:
-        runs = ab_runs(ab_path, server.port, body, args.ab_requests, work, f"Ray Serve ({args.ray_replicas} replicas)")
+        runs = external_runs(tools, server.port, body, args.external_requests, work,
+                             f"Ray Serve ({args.ray_replicas} replicas)", local["p50_ms"])
         after = check(server.port, model, histories[: args.check], args.k)
         print(f"Ray Serve afterwards: {after['equal']} of {after['checked']} answers equal to in-process recommend, "
               f"/health {after['health_status']}", flush=True)
@@ -367,22 +444,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of the loaded run")
     parser.add_argument("--single-seconds", type=float, default=10.0, help="duration of the one-client run and of in-process timing")
     parser.add_argument("--check", type=int, default=100, help="histories checked against in-process recommend afterwards")
-    parser.add_argument("--ab-requests", type=int, default=5000,
-                        help=f"requests of each ab run (external load test; at least {AB_MIN_REQUESTS})")
+    parser.add_argument("--external-requests", "--ab-requests", dest="external_requests", type=int, default=5000,
+                        help=f"requests of each external client's run (at least {MIN_EXTERNAL_REQUESTS})")
+    parser.add_argument("--external-client", choices=("auto", *EXTERNAL_TOOLS, "both"), default="auto",
+                        help="the external client: auto (hey when installed, else ab), hey, ab or both")
     parser.add_argument("--ray-replicas", type=int, default=2, help="replicas of the Ray Serve deployment")
-    parser.add_argument("--no-ray", action="store_true", help="leave the Ray Serve deployment out of the ab part")
+    parser.add_argument("--no-ray", action="store_true", help="leave the Ray Serve deployment out of the external part")
     parser.add_argument("--external-only", action="store_true",
-                        help="run the ab part alone and update only external_load in --out")
+                        help="run the external part alone and update only external_load in --out")
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
     if (args.checkpoint is None) != (args.data_dir is None):
         parser.error("give --checkpoint and --data-dir together, or neither")
-    if args.ab_requests < AB_MIN_REQUESTS:
-        parser.error(f"--ab-requests must be at least {AB_MIN_REQUESTS} (ab's percentiles need them)")
+    if args.external_requests < MIN_EXTERNAL_REQUESTS:
+        parser.error(f"--external-requests must be at least {MIN_EXTERNAL_REQUESTS} (ab's percentiles need them)")
     if args.ray_replicas < 1:
         parser.error("--ray-replicas must be positive")
-    if args.external_only and shutil.which("ab") is None:
-        print(AB_MISSING + f"; {args.out} is left as it is")
+    tools, missing = external_tools(args.external_client)
+    if args.external_only and not tools:
+        print(f"{missing}: the external load test is skipped; {args.out} is left as it is")
         return
     command = "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -447,8 +527,9 @@ def main(argv: list[str] | None = None) -> None:
         "command": command, "date": date.today().isoformat(), "machine": machine,
         "load_average_start": external_start, "load_average_end": os.getloadavg(),
         "model": {k: model_info[k] for k in ("size", "num_items", "encoder", "retriever")}, **external,
-        "note": ("ab, the server and (for Ray Serve) Ray's processes share the machine's cores; runs one after "
-                 "another; latency is ab's total time of a request, connecting included"),
+        "note": ("the client, the server and (for Ray Serve) Ray's processes share the machine's cores; runs one after "
+                 "another; latency is the client's total time of a request, connecting included; connections_accepted "
+                 "counts the whole network namespace (/proc/net/snmp PassiveOpens)"),
     }
     if args.external_only:
         write_merged(args.out, {"external_load": external})
