@@ -70,6 +70,7 @@ np.savez(os.environ["BENCH_RANKS_FILE"], users=users, ranks=ranks)
 print("BENCH-RESULT " + json.dumps({
     "rows": result["rows"], "run_id": result["run_id"], "best": result.get("best"),
     "best_val": result.get("best_val"), "epochs": result.get("epochs"),
+    "best_val_by_size": result.get("best_val_by_size"),
     "wall_s": time.perf_counter() - start,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))

@@ -467,6 +467,7 @@ class MatryoshkaRecommender(L.LightningModule):
         ) if head_sizes else None  # (true with one size: the plain model)
         self._eval_head_items: list[torch.Tensor] | None = None
         self._eval_nets: list | None = None  # slices: (network, item matrix, candidates) per size
+        self.best_val_by_size: dict[str, tuple[float, int]] = {}  # label -> (best val NDCG@10, its epoch)
         # log of each size's logit factor (outside ``net``: exports never see it)
         self.log_logit_scale = torch.nn.Parameter(torch.zeros(len(self.sizes))) if learned_temperature else None
         # with a grid, metrics rows are the triples (numbered 1..T, renamed by metric_name)
@@ -576,12 +577,20 @@ class MatryoshkaRecommender(L.LightningModule):
             checkpoint["data_fingerprint"] = datamodule.fingerprint()  # checked before a resume
         if getattr(self, "catalogue", None) is not None:
             checkpoint["catalogue"] = self.catalogue
+        checkpoint["best_val_by_size"] = {k: list(v) for k, v in self.best_val_by_size.items()}  # kept on resume
         logger = self.logger if self._trainer is not None else None
         run_id = getattr(logger, "run_id", None)
         if run_id:
             checkpoint["mlflow_run_id"] = run_id  # so that a resumed training continues the same run
         elif type(logger).__name__ == "CSVLogger":
             checkpoint["run_dir"] = str(logger.log_dir)  # ... or the same run directory
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run keeps its sizes' best validation scores; testing an earlier checkpoint
+        keeps the later ones (the better of the two is kept)."""
+        for label, (value, epoch) in checkpoint.get("best_val_by_size", {}).items():
+            if label not in self.best_val_by_size or value > self.best_val_by_size[label][0]:
+                self.best_val_by_size[label] = (float(value), int(epoch))
 
     # -- training -----------------------------------------------------------------------------
 
@@ -916,6 +925,7 @@ class MatryoshkaRecommender(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_metrics("val", self.val_metrics)
+        self._note_best_validation(values)
         if self.trained_triples is not None:
             monitor = sum(values[f"ndcg_10/{t.label}"] for t in self.trained_triples) / len(self.trained_triples)
         elif self.monitor_size == "mean":
@@ -923,6 +933,15 @@ class MatryoshkaRecommender(L.LightningModule):
         else:
             monitor = values[f"ndcg_10/d{self.monitor_size}"]
         self.log("val/monitor", monitor, prog_bar=True)
+
+    def _note_best_validation(self, values: dict[str, float]) -> None:
+        """Each size's (or triple's) best validation NDCG@10 so far and its epoch (``best_val_by_size``):
+        the sizes of one run peak at different epochs, and one checkpoint serves them all."""
+        for key, value in values.items():
+            if key.startswith("ndcg_10/"):
+                label = key[len("ndcg_10/"):]
+                if label not in self.best_val_by_size or value > self.best_val_by_size[label][0]:
+                    self.best_val_by_size[label] = (float(value), int(self.current_epoch))
 
     def on_test_epoch_start(self) -> None:
         self._start_evaluation(self.test_metrics)

@@ -722,7 +722,8 @@ def _train_and_record(cli: TrainCLI, on_sigterm: SaveOnSigterm) -> dict[str, Any
         choices = {f"sharding/{table}": f"{p['sharding_type']} ranks {p['ranks']}" for table, p in plan.items()}
         trainer.logger.log_hyperparams(choices)
         print("\n".join(f"{k}: {v}" for k, v in choices.items()))
-    result: dict[str, Any] = {**tracked.record(), "best": fitted.best, "best_val": fitted.best_val, "epochs": fitted.epochs}
+    result: dict[str, Any] = {**tracked.record(), "best": fitted.best, "best_val": fitted.best_val, "epochs": fitted.epochs,
+                              "best_val_by_size": dict(model.best_val_by_size)}
     if not trainer.is_global_zero:
         return result
 

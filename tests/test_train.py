@@ -66,6 +66,10 @@ def test_run_records_every_size_and_one_model_per_size(trained):
     # --model.monitor_size mean: early stopping and the best checkpoint follow the mean over sizes
     mean = np.mean([r.data.metrics[f"val/ndcg_10/d{s}"] for s in SIZES])
     assert r.data.metrics["val/monitor"] == pytest.approx(mean, abs=1e-6)
+    # each size's best validation NDCG@10 and its epoch (the sizes of one run peak at different epochs)
+    assert {label: value for label, (value, _) in result["best_val_by_size"].items()} == pytest.approx(
+        {f"d{s}": r.data.metrics[f"val/ndcg_10/d{s}"] for s in SIZES})
+    assert {epoch for _, epoch in result["best_val_by_size"].values()} == {0}
     assert r.data.params["model.sizes"] == json.dumps(SIZES)
     assert r.data.params["model.encoder"] == "lru"
     (stats_file,) = (tmp / "synthetic").rglob("stats.json")

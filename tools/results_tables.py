@@ -1013,6 +1013,11 @@ TWIN_ARMS = {
     "ml-1m-cpu-prefix-gradient-0.5": "ml-1m-cpu-untied",
     "ml-1m-cpu-prefix-gradient-0": "ml-1m-cpu-untied",
     "ml-1m-cpu-untied-largest-loss-only": "ml-1m-cpu-untied",
+    "ml-1m-cpu-slices-prefix-gradient-0": "ml-1m-cpu-prefix-gradient-0",
+}
+#: the same on Sports' reduced protocol (sizes up to 64, full softmax, LRURec's decay ring)
+SPORTS_TWIN_ARMS = {
+    "sports-cpu-slices-prefix-gradient-0": None,
 }
 #: overrides every arm shares (the reduced protocol), left out of what an arm changes
 PROTOCOL_OVERRIDES = ("--trainer.max_epochs", "--data.max_len", "--model.sizes")
@@ -1025,13 +1030,27 @@ def arm_change(report: dict) -> str:
     return ", ".join(f"`{c}`" for c in changed) or "none (the config)"
 
 
-def block_twin_arms() -> list[str]:
+def own_best_validation(report: dict, size: int) -> str:
+    """``one run / twin``: each one's best validation NDCG@10 at its own best epoch (means over the
+    seeds; runs from before ``best_val_by_size`` was recorded leave it empty)."""
+    seeds = report["seeds"]
+    runs = [report["per_seed"].get(f"matryoshka-seed{n}", {}) for n in seeds]
+    twins = [report["per_seed"].get(f"separate-d{size}-seed{n}", {}) for n in seeds]
+    if any(not (r.get("best_val_by_size") or {}).get(f"d{size}") for r in runs) or any(t.get("best_val") is None for t in twins):
+        return ""
+    one = [r["best_val_by_size"][f"d{size}"] for r in runs]
+    epochs = "/".join(str(int(epoch) + 1) for _, epoch in one)
+    return (f"{f4(sum(v for v, _ in one) / len(one))} (epoch {epochs}) / "
+            f"{f4(sum(t['best_val'] for t in twins) / len(twins))}")
+
+
+def block_twin_arms(arms: dict[str, str | None] = TWIN_ARMS) -> list[str]:
     """The one run of each arm (an option changed) at every size: against the one run of the arm it
     extends (paired bootstrap), and against the twins at the twin sizes. An arm with twins of its own
     (trained with its option) has their bootstrap; an arm screened without twins is set against the
-    twins of the arm it extends, same seeds, with no interval."""
-    base = load("accuracy_ml-1m-cpu-base.json")
-    reports = [load(f"accuracy_{name}.json") for name in TWIN_ARMS if (RESULTS / f"accuracy_{name}.json").exists()]
+    twins of the arm it extends, same seeds, with no interval. The first arm is the baseline."""
+    reports = [load(f"accuracy_{name}.json") for name in arms if (RESULTS / f"accuracy_{name}.json").exists()]
+    base = reports[0]
     rows = []
     for report in reports:
         seeds = report["seeds"]
@@ -1043,22 +1062,24 @@ def block_twin_arms() -> list[str]:
             twin, note = own.get(size), ""
             if size in own:
                 note = interval(against_twin[size])
-            elif TWIN_ARMS[report["name"]] and size in {r["size"] for r in base["separate"]}:
-                theirs = load(f"accuracy_{TWIN_ARMS[report['name']]}.json")  # the twins of the arm it extends
+            elif arms[report["name"]] and size in {r["size"] for r in base["separate"]}:
+                theirs = load(f"accuracy_{arms[report['name']]}.json")  # the twins of the arm it extends
                 alone = [theirs["per_seed"][f"separate-d{size}-seed{n}"]["rows"][0]["ndcg_10"] for n in seeds]
                 twin, note = sum(alone) / len(alone), "its baseline's twins"
             rows.append([
                 arm_change(report), " ".join(str(n) for n in seeds), str(size), f4(row["ndcg_10"]),
                 interval(against_base[size]) if size in against_base else "",
                 f4(twin) if twin is not None else "", f3(row["ndcg_10"] / twin) + "x" if twin is not None else "", note,
+                own_best_validation(report, size),
             ])
     lines = [protocol_line(base), ""]
     lines += [f"- `{accuracy_command(r)}` → `bench/results/accuracy_{r['name']}.json` ({r['date']})"
-              + (f"; its baseline: the work directory of `{TWIN_ARMS[r['name']]}`" if TWIN_ARMS[r["name"]] else "")
+              + (f"; its baseline: the work directory of `{arms[r['name']]}`" if arms[r["name"]] else "")
               for r in reports]
     lines += ["", *table(["arm (what it changes)", "seeds", "size", "NDCG@10 one run",
                           "one run - its baseline's one run, paired bootstrap 95%", "NDCG@10 twin", "one run / twin",
-                          "one run - twin, paired bootstrap 95%"], "llrrrrrr", rows)]
+                          "one run - twin, paired bootstrap 95%",
+                          "best validation NDCG@10 at its own best epoch: one run / twin"], "llrrrrrrr", rows)]
     lines += ["", measured_on(base["machine"], base.get("threads"), None) + " The arms' runs took turns on the "
               "same two cores, several at a time."]
     return lines
@@ -1342,6 +1363,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "accuracy-sports-config": block_accuracy_sports_config,
     "accuracy-sports": block_accuracy_sports,
     "twin-arms-ml-1m-cpu": block_twin_arms,
+    "twin-arms-sports-cpu": lambda: block_twin_arms(SPORTS_TWIN_ARMS),
     "sports-yardstick": block_sports_yardstick,
     "serve": block_serve,
     "elastic-sports": block_elastic,
