@@ -17,6 +17,20 @@ DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 SMALL_SYNTHETIC = SyntheticConfig(num_users=200, num_items=120, num_clusters=6, mean_history=20, vector_dim=8, seed=3)
 
 
+@pytest.fixture(autouse=True)
+def _root_logger_as_it_was():
+    """Every test leaves the root logger as it found it: the commands set it up themselves
+    (``logging.basicConfig(force=True)`` on the test's captured stderr, closed once the test ends),
+    and a handler left behind would fail the log lines of a later test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def _dataset(name: str) -> Path:
     path = DATASETS / name
     if not path.is_dir():

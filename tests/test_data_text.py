@@ -40,7 +40,7 @@ def test_text_vectors_match_the_model_and_are_cached(inputs, monkeypatch):
     text = data.item_features.dense["text"].numpy()
     mask = data.item_features.dense_mask["text"].numpy()
     assert text.shape == (6, 384)
-    order = list(data.item_ids[1:])  # "1", "2", "3114", "6", "99"
+    order = [str(i) for i in data.item_ids[1:]]  # integers, since every id of the CSV files spells one
     assert mask.tolist() == [False] + [ITEMS["title"][ITEMS["item_id"].index(i)] is not None for i in order]
     assert (text[~mask] == 0).all()
 

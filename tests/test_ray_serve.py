@@ -6,7 +6,6 @@ Skipped where Ray Serve is not installed (``pip install -e .[ray]``)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -43,17 +42,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture()
-def root_logging():
-    """The root logger as it was: the command sets it up (basicConfig, on this test's captured stderr)."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys, root_logging):
+def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
