@@ -1178,6 +1178,30 @@ def block_serve() -> list[str]:
         f"scores), `/health` answered {after['health_status']}; the server's resident memory was {rss['before']:,.0f} MB "
         f"before the load and {rss['after']:,.0f} MB after; it exited with status {d['server_exit_code_on_sigterm']} on SIGTERM.",
     ]
+    external = d.get("external_load")
+    if external:
+        local = external["in_process_same_batch"]
+        tools = ", ".join(external["tools"].values())
+        rows = [[r["endpoint"], r["tool"], str(r["clients"]), "on" if r["keep_alive"] else "off", f"{r['requests']:,}",
+                 f"{r['requests_per_s']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", str(r["errors"]),
+                 f"{r['connections_accepted']:,}", ratio(r["p50_ms"] / local["p50_ms"])]
+                for part in ("uvicorn", "ray_serve") if part in external for r in external[part]["runs"]]
+        ray = external.get("ray_serve", {})
+        lines += [
+            "",
+            f"An external client ({tools}) against the same export: one request body ({external['histories_per_request']} "
+            f"history, k={external['k']}) sent {external['requests_per_run']:,} times per run, to `python -m serving.rest` "
+            f"(uvicorn, {external['uvicorn_loop']} loop) and to `python -m serving.ray_serve` with {ray.get('replicas', '-')} replicas; "
+            f"in process the same body takes p50 {local['p50_ms']:.2f} ms. Connections accepted: the TCP connections the "
+            f"machine accepted during the run (one per client when keep-alive holds). {external['note'][:1].upper()}{external['note'][1:]}.",
+            "",
+            *table(["server", "client", "clients", "keep-alive", "requests", "requests/s", "p50 ms", "p99 ms", "errors",
+                    "connections accepted", "p50 / in-process p50"], "llrlrrrrrrr", rows),
+        ]
+        if ray.get("after_load"):
+            lines += ["", f"Ray Serve afterwards: {ray['after_load']['equal']} of {ray['after_load']['checked']} answers equal to "
+                          f"in-process `recommend`, `/health` {ray['after_load']['health_status']}; it started in "
+                          f"{ray['start_s']:.0f} s and exited with status {ray['exit_code_on_sigterm']} on SIGTERM."]
     return lines
 
 
