@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import logging
 import os
 import platform
@@ -148,7 +149,18 @@ class Step:
         """The forward as ``training_step`` computes it (under bf16 autocast for ``bf16``), marking each part."""
         model = self.model
         with self.autocast():
-            if hasattr(model, "step_inputs"):  # the model's own split of its training_loss (issue 30 on)
+            if getattr(model, "_slices", None) is not None or getattr(model, "item_heads", None) is not None:
+                # slices or own item vectors: the encoders run inside the per-size loss (the encoder
+                # phase holds both, the loss phase is empty)
+                step = model.step_inputs(batch)
+                self.mark(marks)
+                valid = step.targets > 0
+                if model._slices is not None:
+                    loss = model._sliced_loss(step, valid)
+                else:
+                    loss = model._separate_items_loss(model.net.sequence_states(step.input_ids, step.items)[valid], step)
+                self.mark(marks)
+            elif hasattr(model, "step_inputs"):  # the model's own split of its training_loss (issue 30 on)
                 step = model.step_inputs(batch)
                 self.mark(marks)
                 states = model.net.sequence_states(step.input_ids, step.items)
@@ -286,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                              "arm by arm beside this checkout's; writes both and their ratios (see above)")
     parser.add_argument("--package", default=str(ROOT), help=argparse.SUPPRESS)  # the recsys measured (read at import)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="model settings beyond the config's (VALUE as JSON), e.g. nesting='\"slices\"' prefix_gradient=0")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_step.json")
     args = parser.parse_args(argv)
     data = parse_data(args.data, parser)
@@ -320,6 +334,12 @@ def main(argv: list[str] | None = None) -> None:
         model_settings, data_settings = dataset_settings(name)
         if args.loss != "config":
             model_settings["loss"] = args.loss
+        for value in args.model_set:
+            key, eq, text = value.partition("=")
+            try:
+                model_settings[key] = json.loads(text)
+            except json.JSONDecodeError:
+                parser.error(f"--model-set {value!r}: VALUE must be JSON (a string in double quotes)")
         if args.max_len:
             data_settings["max_len"] = args.max_len
         modules, orders, epoch = {}, {}, {}
@@ -376,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
             + ([f"--batchings {' '.join(args.batchings)}"] if args.batchings != list(BATCHINGS) else [])
             + ([f"--max-len {args.max_len}"] if args.max_len else [])
             + ([f"--loss {args.loss}"] if args.loss != "config" else [])
+            + ([f"--model-set {' '.join(shlex.quote(v) for v in args.model_set)}"] if args.model_set else [])
         ),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),

@@ -1082,7 +1082,25 @@ def block_twin_arms(arms: dict[str, str | None] = TWIN_ARMS) -> list[str]:
                           "best validation NDCG@10 at its own best epoch: one run / twin"], "llrrrrrrr", rows)]
     lines += ["", measured_on(base["machine"], base.get("threads"), None) + " The arms' runs took turns on the "
               "same two cores, several at a time."]
+    if arms is TWIN_ARMS:
+        lines += ["", *nesting_step_cost()]
     return lines
+
+
+def nesting_step_cost() -> list[str]:
+    """What slices cost per training step against blocks (``bench/train_step.py``, a quiet machine)."""
+    runs = {n: load(f"train_step_ml-1m-{n}.json") for n in ("blocks", "slices") if (RESULTS / f"train_step_ml-1m-{n}.json").exists()}
+    if len(runs) < 2:
+        return []
+    step = {n: d["datasets"]["ml-1m"]["encoders"]["lru"]["length"]["mean_step_s"] for n, d in runs.items()}
+    steps = runs["slices"]["datasets"]["ml-1m"]["encoders"]["lru"]["steps"]
+    return [
+        f"Training step, the arms' settings with blocks and with slices: `{runs['blocks']['command']}` and the same with "
+        f"`nesting=\"slices\"` → `bench/results/train_step_ml-1m-{{blocks,slices}}.json`: mean of {len(steps) if isinstance(steps, list) else steps} "
+        f"steps, {step['blocks']:.2f} s with blocks, {step['slices']:.2f} s with slices ({step['slices'] / step['blocks']:.2f}x). "
+        + measured_on(platform_machine(runs["slices"]["machine"]), None,
+                      [runs["blocks"]["load_average_start"][0], runs["slices"]["load_average_start"][0]], "1 minute, at the start of each"),
+    ]
 
 
 #: single Sports models of LRURec's size against its published figure: the yardstick question
