@@ -152,7 +152,7 @@ class Step:
             if getattr(model, "_slices", None) is not None or getattr(model, "item_heads", None) is not None:
                 # slices or own item vectors: the encoders run inside the per-size loss (the encoder
                 # phase holds both, the loss phase is empty)
-                step = model.step_inputs(batch)
+                step = model.step_inputs(batch, with_items=model._slices is None)
                 self.mark(marks)
                 valid = step.targets > 0
                 if model._slices is not None:

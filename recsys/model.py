@@ -293,9 +293,9 @@ class StepInputs(NamedTuple):
     the sampled softmax the shared negatives (indices into ``candidates``), their log sampling
     probabilities (None: no correction) and the item ids of the rows computed (``rows``)."""
 
-    items: torch.Tensor
+    items: torch.Tensor | None  # None: each size computes its own (step_inputs(with_items=False))
     input_ids: torch.Tensor
-    candidates: torch.Tensor
+    candidates: torch.Tensor | None
     targets: torch.Tensor
     negatives: torch.Tensor | None = None
     log_q: torch.Tensor | None = None
@@ -618,7 +618,7 @@ class MatryoshkaRecommender(L.LightningModule):
         the sizes, or with a grid the sum of one memory-flat loss per group of triples (named by
         their labels) whose vectors are prefixes of one tensor (``recsys/nn/grid.py``). The KL
         entry is None where there is none (the largest size of each loss, or no distillation)."""
-        step = self.step_inputs(batch)
+        step = self.step_inputs(batch, with_items=self._slices is None)  # slices: each size its own items
         valid = step.targets > 0
         if self.trained_triples is None:
             scales = None if self.log_logit_scale is None else self.log_logit_scale.exp()
@@ -643,8 +643,10 @@ class MatryoshkaRecommender(L.LightningModule):
                 names += [t.label for t in group.triples]
         return total, names, per_size, distill, int(valid.sum())
 
-    def step_inputs(self, batch: dict[str, torch.Tensor]) -> StepInputs:
-        """The item vectors of one training step and the batch's indices into them.
+    def step_inputs(self, batch: dict[str, torch.Tensor], with_items: bool = True) -> StepInputs:
+        """The item vectors of one training step and the batch's indices into them (``with_items``
+        False: the indices alone, items and candidates None, for a loss whose sizes compute their
+        own item vectors, ``nesting="slices"``).
 
         The full softmax needs every item: the item matrix, the histories as they are, and the
         targets as rows of the training candidates (cold-start items held out: ``_train_rows``).
@@ -655,11 +657,11 @@ class MatryoshkaRecommender(L.LightningModule):
         """
         input_ids, targets = batch["input_ids"], batch["target_ids"]
         if self.hparams.loss == "full":
-            items = self.net.item_matrix()
+            items = self.net.item_matrix() if with_items else None
             if self._train_rows is None:
                 return StepInputs(items, input_ids, items, targets)
             # cold-start items are no candidates in training
-            return StepInputs(items, input_ids, items[self._train_rows], self._train_row_of[targets])
+            return StepInputs(items, input_ids, None if items is None else items[self._train_rows], self._train_row_of[targets])
         if self._log_q is None:
             raise ValueError("negative_sampling 'popularity' needs item_counts (the training CLI links them from the data)")
         # shared negatives drawn from q, every logit corrected by -log q (unbiased as K grows); in item ids
@@ -670,7 +672,7 @@ class MatryoshkaRecommender(L.LightningModule):
             targets = torch.where(self._train_row_of[targets] > 0, targets, 0)
             log_q = torch.full((self.net.items.num_items + 1,), -math.inf, device=log_q.device).index_put((self._train_rows,), log_q)
         rows = torch.unique(torch.cat([targets.new_zeros(1), input_ids.flatten(), targets.flatten(), drawn]))
-        items = self.net.items(rows)
+        items = self.net.items(rows) if with_items else None
         log_q = log_q[rows] if self.hparams.negative_sampling == "popularity" else None
         input_ids, targets, drawn = (torch.searchsorted(rows, ids.contiguous()) for ids in (input_ids, targets, drawn))
         return StepInputs(items, input_ids, items, targets, drawn, log_q, rows)
