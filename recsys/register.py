@@ -66,7 +66,7 @@ def check_alias(alias: str) -> None:
                             "neither 'latest' nor a version such as v2 (MLflow keeps those)")
 
 
-def size_label(size: str) -> str:
+def label_of_size_option(size: str) -> str:
     """``64`` and ``d64`` -> ``d64``; a triple ``L2_w128_d64`` as it is."""
     if TRIPLE.fullmatch(size):
         return size
@@ -150,7 +150,7 @@ def register_size(run_id: str, size: str, name: str, alias: str, tracking_uri: s
     at it; returns ``models:/NAME@ALIAS``."""
     check_name(name)
     check_alias(alias)
-    label = size_label(size)
+    label = label_of_size_option(size)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     check_store(uri)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its store migrations and notices
