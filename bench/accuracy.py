@@ -400,8 +400,9 @@ def main() -> None:
         [int(x) for x in args.separate_sizes.split(",")] if args.separate_sizes else sizes)
     for seed in args.seeds:
         seeded = ["--seed_everything", str(seed)]
-        # the one run stops when no size improves any more, not when the largest does
-        runs.add(f"matryoshka-seed{seed}", sized(sizes, "--model.monitor_size", "mean", *seeded))
+        # the one run stops when no size improves any more, not when the largest does (or as --set says)
+        monitor = [] if "--model.monitor_size" in overrides else ["--model.monitor_size", "mean"]
+        runs.add(f"matryoshka-seed{seed}", sized(sizes, *monitor, *seeded))
         for s in separate_sizes:
             runs.add(f"separate-d{s}-seed{seed}", sized([s], *seeded))
         if not args.skip_sasrec:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -210,8 +211,8 @@ def check_options(
         raise OptionError("{sizes}: " + str(exc)) from None
     if encoder not in ENCODERS:
         raise OptionError(f"{{encoder}}: unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
-    if monitor_size not in (None, "mean", *sizes):
-        raise OptionError(f"{{monitor_size}} {monitor_size} is neither one of {{sizes}} {list(sizes)} nor 'mean'")
+    if monitor_size not in (None, "mean", "each", *sizes):
+        raise OptionError(f"{{monitor_size}} {monitor_size} is neither one of {{sizes}} {list(sizes)} nor 'mean' or 'each'")
     if loss_weights is not None and len(loss_weights) != len(sizes):
         raise OptionError(f"{{loss_weights}} has {len(loss_weights)} entries for {len(sizes)} sizes {list(sizes)}")
     if loss_weights is not None and (
@@ -257,7 +258,8 @@ def check_options(
         raise OptionError(f"{{{name}}} is per size; it is not available with a grid of triples")
     if trained is not None:
         if monitor_size not in (None, "mean"):
-            raise OptionError(f"{{monitor_size}} {monitor_size}: with a grid of triples the monitor is their mean NDCG@10")
+            raise OptionError(f"{{monitor_size}} {monitor_size}: with a grid of triples the monitor is their mean NDCG@10 "
+                              "(one checkpoint for every triple)")
         if loss_weights is not None:
             raise OptionError("{loss_weights} are per size; with a grid of triples every triple has weight 1")
     if encoder == "sasrec":
@@ -364,7 +366,10 @@ class MatryoshkaRecommender(L.LightningModule):
         loss_block_rows: logit rows (over all sizes) held at once by the memory-flat loss.
         monitor_size: the size whose validation NDCG@10 is logged as ``val/monitor`` for early
             stopping and best-checkpoint selection (default: the largest); ``"mean"``: the mean
-            over all sizes, so training goes on while any size still improves.
+            over all sizes, so training goes on while any size still improves; ``"each"``: every
+            size keeps its own best checkpoint (the training CLI saves ``best-d<size>.ckpt``; it is
+            tested and exported from it), ``val/monitor`` is the mean of the sizes' best scores so
+            far, so early stopping waits until no size has improved for its patience.
         loss: ``full`` (softmax over the whole catalogue, memory flat in the number of sizes) or
             ``sampled`` (``negatives`` shared negatives per step, for catalogues too large for a
             full softmax per step).
@@ -413,7 +418,7 @@ class MatryoshkaRecommender(L.LightningModule):
         warmup_steps: int = 100,
         mask_seen: bool = True,
         loss_block_rows: int = 1024,
-        monitor_size: int | Literal["mean"] | None = None,
+        monitor_size: int | Literal["mean", "each"] | None = None,
         loss: Literal["full", "sampled"] = "full",
         negatives: int = 1024,
         negative_sampling: Literal["uniform", "popularity"] = "popularity",
@@ -466,7 +471,9 @@ class MatryoshkaRecommender(L.LightningModule):
             for size in head_sizes
         ) if head_sizes else None  # (true with one size: the plain model)
         self._eval_head_items: list[torch.Tensor] | None = None
-        self._eval_nets: list | None = None  # slices: (network, item matrix, candidates) per size
+        self._eval_nets: list | None = None  # per size: (network, item matrix, candidates); see _size_networks
+        #: size -> checkpoint whose weights rank that size in test (``monitor_size="each"``; set by the training CLI)
+        self.test_checkpoints: dict[int, str] | None = None
         self.best_val_by_size: dict[str, tuple[float, int]] = {}  # label -> (best val NDCG@10, its epoch)
         # log of each size's logit factor (outside ``net``: exports never see it)
         self.log_logit_scale = torch.nn.Parameter(torch.zeros(len(self.sizes))) if learned_temperature else None
@@ -823,45 +830,67 @@ class MatryoshkaRecommender(L.LightningModule):
 
     def _rank_batch(self, batch: dict[str, torch.Tensor], metrics: RankingMetrics) -> None:
         stage = "validation" if metrics is self.val_metrics else "test"
-        if self._eval_items is None:  # the item matrix is fixed during evaluation: compute it once
-            self._eval_items = self.net.item_matrix()
-            self._check_finite("item vectors", self._eval_items, stage)
         seen = batch["seen_ids"] if self.hparams.mask_seen else None
-        if self._slices is not None:
-            ranks = self._sliced_ranks(batch, seen, stage)
-        elif self.trained_triples is None:
-            users = self.net.user_vectors(batch["input_ids"], self._eval_items)
-            self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
-            if self.item_heads is None:
-                ranks = target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
-            else:  # each size against its own item vectors
-                if self._eval_head_items is None:
-                    self._eval_head_items = [head() for head in self.item_heads]
-                ranks = torch.cat([
-                    target_ranks(users[:, :size], items, batch["target"], (size,), seen_ids=seen)
-                    for size, items in zip(self.sizes, [*self._eval_head_items, self._eval_items])
-                ])
+        if self._slices is not None or (stage == "test" and self.test_checkpoints):
+            ranks = self._per_size_ranks(batch, seen, stage)
         else:
-            ranks = self._grid_ranks(batch, seen)
+            if self._eval_items is None:  # the item matrix is fixed during evaluation: compute it once
+                self._eval_items = self.net.item_matrix()
+                self._check_finite("item vectors", self._eval_items, stage)
+            ranks = self._prefix_ranks(batch, seen) if self.trained_triples is None else self._grid_ranks(batch, seen)
         metrics.update(ranks, batch["user"] if metrics.keep_ranks else None)
 
-    def _sliced_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None, stage: str) -> torch.Tensor:
-        """``(M, B)`` target ranks with ``nesting="slices"``: every size's own network (cut once per
-        evaluation, the largest is the model's) against its own item vectors or item matrix."""
+    def _prefix_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None) -> torch.Tensor:
+        """``(M, B)`` target ranks of every size from one pass of the network: each size's prefix of
+        the user vectors against its prefix of the item matrix, or its own item vectors."""
+        users = self.net.user_vectors(batch["input_ids"], self._eval_items)
+        self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
+        if self.item_heads is None:
+            return target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
+        if self._eval_head_items is None:
+            self._eval_head_items = [head() for head in self.item_heads]
+        return torch.cat([
+            target_ranks(users[:, :size], items, batch["target"], (size,), seen_ids=seen)
+            for size, items in zip(self.sizes, [*self._eval_head_items, self._eval_items])
+        ])
+
+    def _per_size_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None, stage: str) -> torch.Tensor:
+        """``(M, B)`` target ranks, every size by its own network (:meth:`_size_networks`) against
+        its own item vectors or item matrix (``target_ranks`` takes a size's prefix of both)."""
         if self._eval_nets is None:
-            heads = [head() for head in self.item_heads] if self.item_heads is not None else []
-            self._eval_nets = []
-            for m, size in enumerate(self.sizes):
-                net = self.net if size == self.sizes[-1] else cut_to_size(self.net, size)
-                items = net.item_matrix()
-                self._check_finite("item vectors", items, stage)
-                self._eval_nets.append((net, items, heads[m] if m < len(heads) else items))
+            self._eval_nets = self._size_networks(stage)
         ranks = []
         for size, (net, items, candidates) in zip(self.sizes, self._eval_nets):
             users = net.user_vectors(batch["input_ids"], items)
             self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()
             ranks.append(target_ranks(users, candidates, batch["target"], (size,), seen_ids=seen))
         return torch.cat(ranks)
+
+    @torch.no_grad()
+    def _size_networks(self, stage: str) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
+        """``(network, item matrix, candidates)`` per size, once per evaluation: the network cut to
+        the size where it can be (``slices`` must be), and in test with ``test_checkpoints`` the
+        weights of that size's own checkpoint."""
+        owners = [self] * len(self.sizes)
+        if stage == "test" and self.test_checkpoints:
+            owners = [self._weights_of(self.test_checkpoints[size]) for size in self.sizes]
+        networks = []
+        for m, (size, owner) in enumerate(zip(self.sizes, owners)):
+            net = owner.net if size == self.sizes[-1] or size not in cut_sizes(owner.net) else cut_to_size(owner.net, size)
+            items = net.item_matrix()
+            self._check_finite("item vectors", items, stage)
+            heads = owner.item_heads if owner.item_heads is not None else ()
+            networks.append((net, items, heads[m]() if m < len(heads) else items))
+        return networks
+
+    def _weights_of(self, checkpoint: str) -> torch.nn.Module:
+        """This model's network and item heads (``net``, ``item_heads``) holding a checkpoint's weights."""
+        modules = torch.nn.Module()
+        modules.net, modules.item_heads = self.net, self.item_heads
+        copy = deepcopy(modules)
+        state = read_checkpoint(checkpoint, map_location=self.device)["state_dict"]
+        copy.load_state_dict({k: v for k, v in state.items() if k.startswith(("net.", "item_heads."))})
+        return copy
 
     def _grid_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None) -> torch.Tensor:
         """``(T, B)`` target ranks of every trained triple, in grid order: one encoder pass for all
@@ -932,6 +961,8 @@ class MatryoshkaRecommender(L.LightningModule):
             monitor = sum(values[f"ndcg_10/{t.label}"] for t in self.trained_triples) / len(self.trained_triples)
         elif self.monitor_size == "mean":
             monitor = sum(values[f"ndcg_10/d{s}"] for s in self.sizes) / len(self.sizes)
+        elif self.monitor_size == "each":  # rises while any size improves on its own best
+            monitor = sum(self.best_val_by_size[f"d{s}"][0] for s in self.sizes) / len(self.sizes)
         else:
             monitor = values[f"ndcg_10/d{self.monitor_size}"]
         self.log("val/monitor", monitor, prog_bar=True)
@@ -954,7 +985,7 @@ class MatryoshkaRecommender(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         # (users, ranks (M, users)): every test user's target rank at each size
         self.last_test_ranks = self.test_metrics.per_user_ranks()
-        self.last_test_metrics = self._log_metrics("test", self.test_metrics)
+        self.last_test_metrics = self._log_metrics("test", self.test_metrics)  # frees the copied networks
 
     # -- reporting ----------------------------------------------------------------------------
 

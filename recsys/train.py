@@ -285,6 +285,23 @@ def last_checkpoint(trainer) -> Path | None:
     return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
 
 
+class SizeCheckpoint(ModelCheckpoint):
+    """One size's best checkpoint by its own validation NDCG@10 (``--model.monitor_size each``):
+    ``<filename>-d<size>.ckpt`` beside the run's other checkpoints, weights only (it is tested and
+    exported, never resumed from)."""
+
+    def __init__(self, size: int, dirpath: str, filename: str) -> None:
+        super().__init__(dirpath=dirpath, filename=f"{filename}-d{size}", monitor=f"val/ndcg_10/d{size}", mode="max",
+                         save_top_k=1, save_weights_only=True, auto_insert_metric_name=False)
+        self.size = size
+
+
+def best_by_size(trainer) -> dict[int, str] | None:
+    """Each size's best checkpoint (:class:`SizeCheckpoint`); None without them or before any was saved."""
+    found = {c.size: c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, SizeCheckpoint)}
+    return found if found and all(found.values()) else None
+
+
 class SaveOnSigterm(Callback):
     """On SIGTERM Lightning ends the step it is in and stops (``SIGTERMException``); this callback
     saves ``last.ckpt`` there, through the atomic writer, so ``--ckpt_path`` goes on at the next step.
@@ -377,14 +394,15 @@ class MLflowRun:
 
         log_config(self.logger.experiment, self.run_id, config, config_yaml, stats)
 
-    def log_results(self, rows: list[dict[str, Any]], title: str, best: str | None, ranks=None) -> None:
+    def log_results(self, rows: list[dict[str, Any]], title: str, checkpoints: list[str], ranks=None) -> None:
         from recsys.tracking import log_results
 
         log_results(self.logger.experiment, self.run_id, rows, title, ranks)
-        if best:
-            self.logger.experiment.log_artifact(self.run_id, best, "checkpoints")
+        for path in checkpoints:  # the best one, or each size's (serving.export --run-id takes a size's own)
+            self.logger.experiment.log_artifact(self.run_id, path, "checkpoints")
 
-    def log_models(self, best: str | None, model: MatryoshkaRecommender, rows: list[dict[str, Any]]) -> dict[int, str] | None:
+    def log_models(self, best: str | None, model: MatryoshkaRecommender, rows: list[dict[str, Any]],
+                   best_by_size: dict[int, str] | None = None) -> dict[int, str] | None:
         from recsys.nn.nested import cut_sizes
         from recsys.tracking import log_size_metrics, log_size_models
 
@@ -396,7 +414,7 @@ class MLflowRun:
             else:
                 log_size_metrics(self.logger.experiment, self.run_id, rows, {})
             return None
-        from serving.export import export_sizes
+        from serving.export import export_each_size
 
         if model.trained_triples is not None:  # an elastic run: one model per trained triple
             return self._log_grid_models(best, model, rows)
@@ -406,7 +424,8 @@ class MLflowRun:
         export_log.setLevel(logging.WARNING)  # it exports to temporary directories here: no news for the user
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                dirs = export_sizes(best, sizes, tmp, source={"mlflow_run_id": self.run_id})
+                checkpoint_of = {s: (best_by_size or {}).get(s, best) for s in sizes}
+                dirs = export_each_size(checkpoint_of, tmp, source={"mlflow_run_id": self.run_id})
                 return log_size_models(self.run_id, dict(zip(sizes, dirs)), rows, self.settings.register_as)
         finally:
             export_log.setLevel(level)
@@ -509,10 +528,10 @@ class CSVRun:
         info = {"git_commit": git_commit(), "data": stats}
         write_json_atomically(self.run_dir / "run.json", info, indent=2, default=str)
 
-    def log_results(self, rows: list[dict[str, Any]], title: str, best: str | None, ranks=None) -> None:
+    def log_results(self, rows: list[dict[str, Any]], title: str, checkpoints: list[str], ranks=None) -> None:
         write_results(self.run_dir, rows, title, ranks)
 
-    def log_models(self, best, model, rows) -> None:
+    def log_models(self, best, model, rows, best_by_size=None) -> None:
         return None  # logged models are MLflow's; export a size with serving.export --checkpoint
 
     def where(self) -> str:
@@ -617,6 +636,10 @@ class TrainCLI(LightningCLI):
             trainer_config = self._get(self.config_init, "trainer", default={})
             plugins = with_atomic_checkpoints(trainer_config.get("plugins"))
             self.trainer_defaults = with_epoch_progress_bar(self.trainer_defaults, trainer_config)  # "Epoch 8/8", not 7/7
+            if self.model.monitor_size == "each":
+                checkpoint = self.config_init.checkpoint
+                sized = [SizeCheckpoint(s, checkpoint.dirpath, checkpoint.filename or "best") for s in self.model.sizes]
+                self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*self.trainer_defaults["callbacks"], *sized]}
             return super().instantiate_trainer(logger=self.run.logger, plugins=plugins, **kwargs)
         except BaseException:
             self.release()
@@ -652,7 +675,8 @@ class TrainCLI(LightningCLI):
 @dataclass
 class FitResult:
     """What :func:`fit_and_test` found: the best checkpoint and its validation score, the epochs
-    trained, the test metrics of the best checkpoint and its per-size rows (rank zero only)."""
+    trained, the test metrics of the best checkpoint and its per-size rows (rank zero only); with
+    ``--model.monitor_size each`` every size's own best checkpoint (``best`` is the largest's)."""
 
     best: str | None
     best_val: float | None
@@ -660,18 +684,24 @@ class FitResult:
     test_metrics: dict[str, float]
     rows: list[dict[str, Any]] | None
     test_ranks: tuple[np.ndarray, np.ndarray] | None = None  # (users, ranks (M, users)), rank zero only
+    best_by_size: dict[int, str] | None = None
 
 
 def fit_and_test(trainer, model: MatryoshkaRecommender, datamodule, ckpt_path: str | None = None) -> FitResult:
-    """Fit (resuming from ``ckpt_path``), then test the best checkpoint by ``val/monitor``."""
+    """Fit (resuming from ``ckpt_path``), then test the best checkpoint by ``val/monitor``, or each
+    size from its own best checkpoint (``--model.monitor_size each``)."""
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path or None
+    sized = best_by_size(trainer)
+    if sized:
+        best = sized[model.sizes[-1]]  # the model holds the largest size's; each size ranks with its own
+        model.test_checkpoints = sized
     trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     score = trainer.checkpoint_callback.best_model_score
     metrics = dict(model.last_test_metrics)
     rows = summarise(model, datamodule, metrics) if trainer.is_global_zero else None
     ranks = model.last_test_ranks if trainer.is_global_zero else None
-    return FitResult(best, None if score is None else float(score), trainer.current_epoch, metrics, rows, ranks)
+    return FitResult(best, None if score is None else float(score), trainer.current_epoch, metrics, rows, ranks, sized)
 
 
 def fit_or_stop(trainer, model: MatryoshkaRecommender, datamodule, ckpt_path: str | None, on_sigterm: SaveOnSigterm) -> FitResult:
@@ -723,22 +753,27 @@ def _train_and_record(cli: TrainCLI, on_sigterm: SaveOnSigterm) -> dict[str, Any
         trainer.logger.log_hyperparams(choices)
         print("\n".join(f"{k}: {v}" for k, v in choices.items()))
     result: dict[str, Any] = {**tracked.record(), "best": fitted.best, "best_val": fitted.best_val, "epochs": fitted.epochs,
-                              "best_val_by_size": dict(model.best_val_by_size)}
+                              "best_val_by_size": dict(model.best_val_by_size), "best_by_size": fitted.best_by_size}
     if not trainer.is_global_zero:
         return result
 
     title = f"{model.hparams.encoder} on {dataset_name(cli.config.data.data_dir)}"
     rank_names = model.sizes if model.trained_triples is None else [t.label for t in model.trained_triples]
-    tracked.log_results(fitted.rows, title, fitted.best, test_ranks_table(fitted.test_ranks, rank_names))
-    model_uris = tracked.log_models(fitted.best, model, fitted.rows)
+    checkpoints = sorted(set(fitted.best_by_size.values())) if fitted.best_by_size else [fitted.best] if fitted.best else []
+    tracked.log_results(fitted.rows, title, checkpoints, test_ranks_table(fitted.test_ranks, rank_names))
+    model_uris = tracked.log_models(fitted.best, model, fitted.rows, fitted.best_by_size)
     if model_uris is not None:
         result["model_uris"] = model_uris
     print("\n" + results_table(fitted.rows))
     print(f"\n{tracked.where()}")
     if model_uris:
         print("logged models: " + ", ".join(f"{k if isinstance(k, str) else f'd{k}'} {uri}" for k, uri in model_uris.items()))
+    if fitted.best_by_size:
+        print("best checkpoint of each size: " + ", ".join(f"d{s} {path}" for s, path in fitted.best_by_size.items()))
+    elif fitted.best:
+        print(f"best checkpoint: {fitted.best}")
     if fitted.best:
-        print(f"best checkpoint: {fitted.best}\nexport a size: {tracked.export_hint(fitted.best, model.sizes[-1])}")
+        print(f"export a size: {tracked.export_hint(fitted.best, model.sizes[-1])}")
     result["rows"] = fitted.rows
     result["test_metrics"] = fitted.test_metrics
     result["test_ranks"] = fitted.test_ranks

@@ -31,6 +31,7 @@ if __name__ == "__main__" and help_asked(sys.argv[1:]):  # answered before torch
 # the imports below take seconds (torch), so the help comes first
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -277,6 +278,20 @@ def export_sizes(
         return [export_size(model, catalogue, size, Path(out) / label, source, width=width, depth=depth, **options)]
 
 
+def export_each_size(checkpoint_of: dict[int, str | Path], out: str | Path, source: dict[str, Any] | None = None,
+                     **options: Any) -> list[Path]:
+    """:func:`export_sizes` with each size from its own checkpoint (``--model.monitor_size each``
+    keeps one per size); sizes that share a checkpoint are exported from one reading of it. Returns
+    the export directories in the order of ``checkpoint_of``."""
+    by_checkpoint: dict[str, list[int]] = {}
+    for size, checkpoint in checkpoint_of.items():
+        by_checkpoint.setdefault(str(checkpoint), []).append(size)
+    written = {}
+    for checkpoint, dims in by_checkpoint.items():
+        written.update(zip(dims, export_sizes(checkpoint, dims, out, source, **options)))
+    return [written[size] for size in checkpoint_of]
+
+
 @torch.no_grad()
 def _check_finite(checkpoint: str | Path, model) -> None:
     """Weights, item features and the item matrix computed from them hold finite values only: an
@@ -291,7 +306,12 @@ def _check_finite(checkpoint: str | Path, model) -> None:
                           "loaded, so none was written")
 
 
-def _checkpoint_of_run(run_id: str, workdir: Path) -> Path:
+SIZE_CHECKPOINT = re.compile(r"-d(\d+)\.ckpt$")  # a size's own best checkpoint (best-d64.ckpt)
+
+
+def _checkpoints_of_run(run_id: str, workdir: Path) -> tuple[Path, dict[int, Path]]:
+    """The run's checkpoint and, where it kept one per size (``--model.monitor_size each``), each
+    size's: ``(the best, or the largest size's; {size: its own})``."""
     import mlflow
 
     try:
@@ -301,7 +321,9 @@ def _checkpoint_of_run(run_id: str, workdir: Path) -> Path:
     found = sorted(Path(local).glob("*.ckpt"))
     if not found:
         raise ExportError(f"MLflow run {run_id}: the checkpoints artifact holds no .ckpt file")
-    return found[0]
+    own = {int(m.group(1)): path for path in found if (m := SIZE_CHECKPOINT.search(path.name))}
+    shared = [path for path in found if path not in own.values()]
+    return (shared[0] if shared else own[max(own)]), own
 
 
 def _export_of_model_uri(model_uri: str, dims: list[int] | None, out: Path) -> list[Path]:
@@ -360,9 +382,13 @@ def _run(args) -> None:
         paths = _export_of_model_uri(args.model_uri, dims, out)
     elif args.run_id:
         with tempfile.TemporaryDirectory() as work:
-            ckpt = _checkpoint_of_run(args.run_id, Path(work))
+            ckpt, own = _checkpoints_of_run(args.run_id, Path(work))
             dims = dims or _default_dims(ckpt, args)
-            paths = export_sizes(ckpt, list(dims), out, source={"mlflow_run_id": args.run_id}, **options)
+            source = {"mlflow_run_id": args.run_id}
+            if own and args.width is None and args.depth is None:
+                paths = export_each_size({d: own.get(d, ckpt) for d in dims}, out, source, **options)
+            else:
+                paths = export_sizes(ckpt, list(dims), out, source=source, **options)
     else:
         dims = dims or _default_dims(args.checkpoint, args)
         paths = export_sizes(args.checkpoint, list(dims), out, **options)

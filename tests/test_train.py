@@ -657,7 +657,7 @@ def test_sliced_training_runs_every_size_as_its_own_network(separate):
     model._start_evaluation(model.test_metrics)
     batch = {"input_ids": TINY_BATCH["input_ids"], "target": torch.tensor([2, 1]), "user": torch.tensor([0, 1])}
     with torch.no_grad():
-        ranks = model._sliced_ranks(batch, None, "test")
+        ranks = model._per_size_ranks(batch, None, "test")
         for m, size in enumerate(model.sizes):
             small = cut_to_size(model.net, size)
             items = small.item_matrix()
