@@ -285,21 +285,31 @@ def last_checkpoint(trainer) -> Path | None:
     return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
 
 
-class SizeCheckpoint(ModelCheckpoint):
-    """One size's best checkpoint by its own validation NDCG@10 (``--model.monitor_size each``):
-    ``<filename>-d<size>.ckpt`` beside the run's other checkpoints, weights only (it is tested and
-    exported, never resumed from)."""
+class BestCheckpointPerSize(Callback):
+    """Each size's best checkpoint by its own validation NDCG@10 (``--model.monitor_size each``):
+    ``<dirpath>/<filename>-d<size>.ckpt``, weights only (tested and exported, never resumed from),
+    written after every validation that improved the size's best (the model's ``best_val_by_size``,
+    which checkpoints keep). A plain callback, so it runs before the ModelCheckpoint that saves
+    ``last.ckpt``: that checkpoint never holds a best score whose file is not written yet."""
 
-    def __init__(self, size: int, dirpath: str, filename: str) -> None:
-        super().__init__(dirpath=dirpath, filename=f"{filename}-d{size}", monitor=f"val/ndcg_10/d{size}", mode="max",
-                         save_top_k=1, save_weights_only=True, auto_insert_metric_name=False)
-        self.size = size
+    def __init__(self, sizes: tuple[int, ...], dirpath: str, filename: str) -> None:
+        self.paths = {s: Path(dirpath) / f"{filename}-d{s}.ckpt" for s in sizes}
+        self._before: dict[str, tuple[float, int]] = {}
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._before = dict(pl_module.best_val_by_size)
 
-def best_by_size(trainer) -> dict[int, str] | None:
-    """Each size's best checkpoint (:class:`SizeCheckpoint`); None without them or before any was saved."""
-    found = {c.size: c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, SizeCheckpoint)}
-    return found if found and all(found.values()) else None
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        for size, path in self.paths.items():
+            label = f"d{size}"
+            if pl_module.best_val_by_size.get(label) != self._before.get(label):
+                trainer.save_checkpoint(path, weights_only=True)
+
+    def best(self) -> dict[int, str] | None:
+        """Each size's best checkpoint; None before every size has one."""
+        return {s: str(p) for s, p in self.paths.items()} if all(p.is_file() for p in self.paths.values()) else None
 
 
 class SaveOnSigterm(Callback):
@@ -638,8 +648,8 @@ class TrainCLI(LightningCLI):
             self.trainer_defaults = with_epoch_progress_bar(self.trainer_defaults, trainer_config)  # "Epoch 8/8", not 7/7
             if self.model.monitor_size == "each":
                 checkpoint = self.config_init.checkpoint
-                sized = [SizeCheckpoint(s, checkpoint.dirpath, checkpoint.filename or "best") for s in self.model.sizes]
-                self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*self.trainer_defaults["callbacks"], *sized]}
+                per_size = BestCheckpointPerSize(self.model.sizes, checkpoint.dirpath, checkpoint.filename or "best")
+                self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*self.trainer_defaults["callbacks"], per_size]}
             return super().instantiate_trainer(logger=self.run.logger, plugins=plugins, **kwargs)
         except BaseException:
             self.release()
@@ -692,7 +702,8 @@ def fit_and_test(trainer, model: MatryoshkaRecommender, datamodule, ckpt_path: s
     size from its own best checkpoint (``--model.monitor_size each``)."""
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path or None
-    sized = best_by_size(trainer)
+    per_size = next((c for c in trainer.callbacks if isinstance(c, BestCheckpointPerSize)), None)
+    sized = per_size.best() if per_size is not None else None
     if sized:
         best = sized[model.sizes[-1]]  # the model holds the largest size's; each size ranks with its own
         model.test_checkpoints = sized
