@@ -28,7 +28,8 @@ def export_parser(doc: str) -> ArgumentParser:
                         help="exact (torch search, no index file) or a faiss index: flat, ivf_flat, hnsw or ivf_pq")
     parser.add_argument("--item-dtype", type=str, default="float32", help="float32 or float16 item matrix")
     parser.add_argument("--funnel-prefix", type=int | None, default=None,
-                        help="serve with a funnel: shortlist with this many dimensions, re-rank at the full size")
+                        help="serve with a funnel: shortlist with this many dimensions, re-rank at the full size; "
+                             "with own item vectors or sliced nesting, a smaller size whose own export shortlists")
     parser.add_argument("--funnel-shortlist", type=int, default=1000, help="items shortlisted by the funnel")
     return parser
 

@@ -49,7 +49,10 @@ from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
 from serving.export_dir import (
     FORMAT_VERSION,
     MANIFEST,
+    NESTED_EXPORTS,
     OUTPUT_ITEMS,
+    OWN_FUNNEL,
+    SHORTLIST_EXPORT,
     ExportError,
     read_items,
     read_manifest,
@@ -114,7 +117,10 @@ def export_size(
     faiss flat index, per device, is in ``bench/results/candidates.json``) or a faiss index kind. With
     ``funnel_prefix`` the index covers only the first ``funnel_prefix`` dimensions and
     serving runs a funnel search: shortlist ``funnel_shortlist`` items with it, then re-rank them
-    exactly at ``size`` (docs/method.md §6).
+    exactly at ``size`` (docs/method.md §6). Where ``size`` or the size ``funnel_prefix`` serves with
+    a network of its own (its own item vectors, or ``nesting slices``), ``funnel_prefix`` must be
+    one of the model's sizes below ``size``: the export then holds that size's complete export
+    (with ``index``) in ``shortlist/``, whose own network shortlists (an own-network funnel).
     """
     if size not in model.sizes:
         raise ExportError(f"size {size} is not one of the model's sizes {list(model.sizes)}")
@@ -132,11 +138,10 @@ def export_size(
             f"{model.sizes[-1]} only, not {width}"
         )
     output = model.own_item_vectors(size)
-    if output is not None and (funnel_prefix is not None or elastic):
-        raise ExportError(
-            f"size {size} scores items with its own item vectors (--model.separate_item_vectors), whose prefixes were "
-            "never trained to rank: export it without a funnel and without width or depth"
-        )
+    own = _own_network(model, size)
+    if own is not None and elastic:
+        raise ExportError(f"size {size} {own}: export it without width or depth")
+    own_funnel = funnel_prefix is not None and _is_own_funnel(model, size, funnel_prefix)
     if funnel_prefix is not None and not 0 < funnel_prefix < size:
         raise ExportError(f"the funnel prefix must be between 1 and the size {size} (exclusive), got {funnel_prefix}")
     if item_dtype not in ("float32", "float16"):
@@ -146,11 +151,6 @@ def export_size(
     from serving.retrieval import build_retriever
 
     sliced = model.hparams.get("nesting", "blocks") == "slices"
-    if sliced and (funnel_prefix is not None or elastic):
-        raise ExportError(
-            f"size {size} is a network of its own (--model.nesting slices), not a prefix of a larger one: "
-            "export it without a funnel and without width or depth"
-        )
     # with slices the size's own item tower computes its matrix; with blocks it is the full one's prefix
     net = cut_to_size(model.net, size) if sliced else model.net
     full = SequentialRecommender(FixedItemMatrix(net.item_matrix(), net.sizes), net.encoder, grid=net.grid)
@@ -167,14 +167,17 @@ def export_size(
         state = {k: v.half() if k in ("items.matrix", OUTPUT_ITEMS) else v for k, v in state.items()}
 
     vectors = (small.items.matrix if output is None else output)[1:, :size].float().numpy()
-    settings = _retriever_settings(index, size, len(vectors), funnel_prefix, funnel_shortlist)
-    try:
-        retriever = build_retriever(vectors, settings)  # before anything is written
-    except ValueError as exc:  # settings that do not fit this model (e.g. too few items for ivf_pq)
-        raise ExportError(f"size {size}: cannot build the retriever {settings}: {exc}") from None
+    if own_funnel:  # no retriever at this size: the shortlist export's searches, this size re-ranks
+        retriever, entry = None, _own_funnel_entry(size, funnel_prefix, funnel_shortlist, len(vectors))
+    else:
+        settings = _retriever_settings(index, size, len(vectors), funnel_prefix, funnel_shortlist)
+        try:
+            retriever = build_retriever(vectors, settings)  # before anything is written
+        except ValueError as exc:  # settings that do not fit this model (e.g. too few items for ivf_pq)
+            raise ExportError(f"size {size}: cannot build the retriever {settings}: {exc}") from None
+        entry = retriever.to_dict()
 
     item_ids = catalogue["item_ids"]
-    entry = retriever.to_dict()
     manifest = {
         "format_version": FORMAT_VERSION,
         "size": size,
@@ -211,8 +214,12 @@ def export_size(
                 "popularity": np.asarray(catalogue["popularity"], dtype=np.int64),
             }
         ).write_parquet(tmp / "items.parquet")
-        retriever.save(tmp)
-        manifest["checksums"] = {p.name: sha256_of(p) for p in sorted(tmp.iterdir())}
+        if retriever is not None:
+            retriever.save(tmp)
+        else:  # the smaller size's complete export, verified as it is written
+            export_size(model, catalogue, funnel_prefix, tmp / SHORTLIST_EXPORT, source, index=index, item_dtype=item_dtype)
+            manifest[NESTED_EXPORTS] = {SHORTLIST_EXPORT: sha256_of(tmp / SHORTLIST_EXPORT / MANIFEST)}
+        manifest["checksums"] = {p.name: sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         _check_written(tmp)
         path = commit()
@@ -222,6 +229,46 @@ def export_size(
     log.info("exported size %d, width %d, depth %d (%d encoder parameters) to %s", size, width, depth,
              manifest["num_parameters"], path)
     return path
+
+
+def _own_network(model, size: int) -> str | None:
+    """Why ``size`` serves with a network of its own rather than the prefix of a larger size's
+    vectors (its own item vectors, or sliced weights); None when it does not."""
+    if model.hparams.get("nesting", "blocks") == "slices":
+        return "is a network of its own (--model.nesting slices)"
+    if model.own_item_vectors(size) is not None:
+        return "scores items with its own item vectors (--model.separate_item_vectors)"
+    return None
+
+
+def _is_own_funnel(model, size: int, prefix: int) -> bool:
+    """Whether the funnel of ``size`` shortlists with size ``prefix``'s own network, as that size
+    serves alone: where either size serves with a network of its own, and then ``prefix`` must be
+    one of the model's sizes below ``size``. Otherwise it shortlists with the prefix of ``size``'s vectors."""
+    reasons = [(s, why) for s in (size, prefix) if (why := _own_network(model, s)) is not None]
+    if not reasons:
+        return False
+    smaller = [s for s in model.sizes if s < size]
+    if prefix not in smaller:
+        owner, why = reasons[0]
+        raise ExportError(
+            f"the funnel prefix {prefix} must be one of the model's sizes below {size} ({smaller or 'none'}): "
+            f"size {owner} {why}, so the funnel shortlists with a smaller size's own network"
+        )
+    return True
+
+
+def _own_funnel_entry(size: int, prefix: int, shortlist: int, num_items: int) -> dict[str, Any]:
+    """The manifest entry of an own-network funnel: size ``prefix``'s export in ``SHORTLIST_EXPORT``
+    shortlists ``shortlist`` items (at most all), which ``size`` re-ranks."""
+    from serving.retrieval.checks import check_int
+
+    try:
+        shortlist = check_int("shortlist", shortlist)
+    except ValueError as exc:
+        raise ExportError(f"size {size}: cannot build the funnel: {exc}") from None
+    return {"kind": OWN_FUNNEL, "shortlist_export": SHORTLIST_EXPORT, "shortlist": min(shortlist, num_items),
+            "prefix_size": prefix}
 
 
 def _check_written(directory: Path) -> None:
@@ -337,7 +384,7 @@ def _export_of_model_uri(model_uri: str, dims: list[int] | None, out: Path) -> l
         manifests = list(local.rglob(MANIFEST))
         if not manifests:
             raise ExportError(f"{model_uri}: not a size-specific model logged by recsys.train (no export inside)")
-        export_dir = manifests[0].parent
+        export_dir = min(manifests, key=lambda p: len(p.parts)).parent  # not an export inside it (shortlist/)
         manifest = read_manifest(export_dir)
         if dims and dims != [manifest["size"]]:
             raise ExportError(f"{model_uri} is the size-{manifest['size']} model; it cannot be exported at {dims}")

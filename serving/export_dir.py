@@ -13,7 +13,9 @@ An export directory (written by ``serving/export.py``) holds:
   own item vectors, which it searches, while histories are read through ``items.matrix``;
 - ``items.parquet``: ``row`` (1..N), ``item_id`` (the catalogue's original ids), ``popularity``;
 - ``index.faiss``: the faiss index of the retriever the manifest names (``"retriever"``, see
-  ``serving/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1).
+  ``serving/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1);
+- ``shortlist/``: only in an own-network funnel (retriever ``"own_funnel"``, ``OWN_FUNNEL``), the
+  complete export of the smaller size whose own network shortlists, listed in ``nested_exports``.
 
 What is checked before any file is used
 ---------------------------------------
@@ -24,7 +26,11 @@ The manifest is the root of trust; every other file must be vouched for by it:
   check reads outside the directory;
 - the directory holds nothing but ``manifest.json`` and the files ``checksums`` lists, each a plain
   file: a symbolic link (which could lead anywhere), a subdirectory or an unlisted file is refused;
-- every listed file is there and has its sha256.
+- every listed file is there and has its sha256;
+- ``nested_exports`` (optional) is a JSON object of directory name -> sha256 of that directory's
+  ``manifest.json``: each such subdirectory (a plain name, a directory, not a link) is an export
+  of its own whose manifest has that sha256 and which passes all of these checks itself; it holds
+  no nested export in turn. No other subdirectory is allowed.
 
 So every file the loader reads was listed and verified. The manifest's entries the loader uses
 have their types checked, the weights must fit the encoder the manifest describes, and the item
@@ -64,8 +70,8 @@ from recsys.errors import UserError
 from serving.json_depth import nests_deeper_than
 
 __all__ = [
-    "ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "OUTPUT_ITEMS", "WEIGHTS", "SETTINGS", "read_items", "read_manifest",
-    "read_weights", "recorded_settings", "sha256_of",
+    "ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "OUTPUT_ITEMS", "WEIGHTS", "SETTINGS", "NESTED_EXPORTS",
+    "OWN_FUNNEL", "SHORTLIST_EXPORT", "read_items", "read_manifest", "read_weights", "recorded_settings", "sha256_of",
 ]
 
 FORMAT_VERSION = 1
@@ -74,6 +80,12 @@ WEIGHTS = "model.safetensors"
 ITEMS = "items.parquet"
 #: the weight that holds a size's own item vectors (``separate_item_vectors``), searched instead of the matrix
 OUTPUT_ITEMS = "items.output"
+
+#: the manifest entry naming the exports inside this one: directory name -> sha256 of its manifest
+NESTED_EXPORTS = "nested_exports"
+#: the retriever kind whose shortlist is a smaller size's own export (``SHORTLIST_EXPORT``), re-ranked at this size
+OWN_FUNNEL = "own_funnel"
+SHORTLIST_EXPORT = "shortlist"
 
 #: the metadata entry of ``model.safetensors`` that records the manifest entries below, as JSON
 SETTINGS = "export_settings"
@@ -113,8 +125,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """The manifest of an export directory, after checking it and (``verify``) every file against it."""
-    d = Path(directory)
+    """The manifest of an export directory, after checking it and (``verify``) every file against it,
+    the exports inside it included."""
+    return _read_manifest(Path(directory), verify, outer=True)
+
+
+def _read_manifest(d: Path, verify: bool, outer: bool) -> dict[str, Any]:
+    """:func:`read_manifest`; an export that is not ``outer`` (one inside another) may hold no export itself."""
     if not d.is_dir():
         raise ExportError(f"{d}: no such export directory")
     path = d / MANIFEST
@@ -131,8 +148,12 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict[str
     _check_encoder_options(path, manifest["encoder_options"])
     _check_depth(path, manifest)
     checksums = _checksums(path, manifest)
+    nested = _nested_exports(path, manifest, checksums)
+    if nested and not outer:
+        raise ExportError(f"{path}: an export inside another export may not hold exports of its own ({NESTED_EXPORTS!r})")
     if verify:
-        _verify_files(d, checksums)
+        _verify_files(d, checksums, nested)
+        _verify_nested(d, nested)
     return manifest
 
 
@@ -278,12 +299,31 @@ def _checksums(path: Path, manifest: dict[str, Any]) -> dict[str, str]:
     return checksums
 
 
-def _verify_files(directory: Path, checksums: dict[str, str]) -> None:
+def _nested_exports(path: Path, manifest: dict[str, Any], checksums: dict[str, str]) -> dict[str, str]:
+    """``nested_exports`` (none when absent): plain directory names, not among the files, each with a sha256."""
+    nested = manifest.get(NESTED_EXPORTS, {})
+    if not isinstance(nested, dict):
+        raise ExportError(f"{path}: {NESTED_EXPORTS!r} must be a JSON object of directory name -> sha256 of its manifest, "
+                          f"got {nested!r:.80}")
+    for name, digest in nested.items():
+        if not _is_plain_name(name) or name in checksums:
+            raise ExportError(f"{path}: the nested export entry {name!r} is not the name of a directory inside the export")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ExportError(f"{path}: the manifest checksum of the nested export {name} must be 64 lowercase hex digits, "
+                              f"got {digest!r:.80}")
+    return nested
+
+
+def _verify_files(directory: Path, checksums: dict[str, str], nested: dict[str, str]) -> None:
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         if entry.name == MANIFEST:
             continue
         if entry.is_symlink():
             raise ExportError(f"{directory}: {entry.name} is a symbolic link; an export holds plain files only")
+        if entry.name in nested:
+            if not entry.is_dir(follow_symlinks=False):
+                raise ExportError(f"{directory}: {entry.name} is listed in {NESTED_EXPORTS!r} but is not a directory")
+            continue
         if not entry.is_file(follow_symlinks=False):
             raise ExportError(f"{directory}: {entry.name} is not a plain file; an export holds plain files only")
         if entry.name not in checksums:
@@ -297,6 +337,19 @@ def _verify_files(directory: Path, checksums: dict[str, str]) -> None:
             raise ExportError(f"{directory}: {name} is missing (listed in the manifest)")
         if sha256_of(file) != expected:
             raise ExportError(f"{file}: checksum mismatch: the file was changed or corrupted after export")
+
+
+def _verify_nested(directory: Path, nested: dict[str, str]) -> None:
+    """Each nested export is there, its manifest has the listed sha256, and it verifies as a whole export."""
+    for name, expected in nested.items():
+        manifest = directory / name / MANIFEST
+        if not (directory / name).is_dir():  # links and files were refused above
+            raise ExportError(f"{directory}: {name} is missing (listed in the manifest's {NESTED_EXPORTS!r})")
+        if manifest.is_symlink() or not manifest.is_file():
+            raise ExportError(f"{directory / name}: not an export directory (no {MANIFEST} as a plain file)")
+        if sha256_of(manifest) != expected:
+            raise ExportError(f"{manifest}: checksum mismatch: the file was changed or corrupted after export")
+        _read_manifest(directory / name, verify=True, outer=False)
 
 
 def read_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,7 +23,9 @@ from recsys.nn.recommender import SequentialRecommender
 from serving.export_dir import (
     FORMAT_VERSION,
     MANIFEST,
+    NESTED_EXPORTS,
     OUTPUT_ITEMS,
+    OWN_FUNNEL,
     WEIGHTS,
     ExportError,
     read_items,
@@ -31,6 +34,9 @@ from serving.export_dir import (
     sha256_of,
 )
 from serving.item_ids import ItemLookup, id_column
+
+if TYPE_CHECKING:
+    from serving.retrieval import Retriever
 
 __all__ = ["ExportError", "UnknownItemsError", "SizedRecommender", "load", "sha256_of", "FORMAT_VERSION"]
 
@@ -59,7 +65,10 @@ class SizedRecommender:
     that width and depth (from ``Z[:, :width]``), through its vector head when ``s < width``.
 
     ``retriever`` (a :class:`serving.retrieval.Retriever`, the one the manifest names) searches
-    ``Z[1:, :s]``; its row ``r`` is item row ``r + 1``.
+    ``Z[1:, :s]``; its row ``r`` is item row ``r + 1``. An own-network funnel (retriever
+    ``"own_funnel"``) has none: ``shortlister``, the smaller size's export inside this one, finds
+    each history's ``shortlist`` best items with its own encoder, item vectors and retriever, and
+    this size re-scores them exactly (docs/method.md §6).
 
     ``stage_seconds`` adds up the wall time :meth:`recommend_rows` spends encoding histories
     (``"encode"``) and searching (``"search"``), for instrumentation.
@@ -88,13 +97,43 @@ class SizedRecommender:
         self.item_lookup = ItemLookup(items["item_id"])
         from serving.retrieval import ExactRetriever, load_retriever, retriever_entry
 
+        self.retriever: Retriever | None = None  # None for an own-network funnel
+        self.shortlister: SizedRecommender | None = None
+        self.shortlist = 0
+        self._rerank_vectors: np.ndarray | None = None  # Z[1:, :s] on the CPU, for the own-network funnel
         try:
             entry = retriever_entry(m) if use_index else {"kind": ExactRetriever.kind}
-            # rows 0..N-1 of the retriever are item rows 1..N (row 0 is padding)
-            self.retriever = load_retriever(self.directory, entry, self.item_matrix[1:])
+            if isinstance(entry, dict) and entry.get("kind") == OWN_FUNNEL:
+                self.shortlister, self.shortlist = self._shortlister(entry)
+                self._rerank_vectors = self.item_matrix[1:].float().cpu().numpy()
+            else:
+                # rows 0..N-1 of the retriever are item rows 1..N (row 0 is padding)
+                self.retriever = load_retriever(self.directory, entry, self.item_matrix[1:])
+        except ExportError:  # the shortlist export's own, naming its file
+            raise
         except (ValueError, TypeError, KeyError, OSError) as exc:  # the manifest's entry, or its files
             raise ExportError(f"{self.directory / MANIFEST}: its retriever cannot be loaded ({exc})") from None
         self.stage_seconds = {"encode": 0.0, "search": 0.0}
+
+    def _shortlister(self, entry: dict) -> tuple[SizedRecommender, int]:
+        """The export inside this one that shortlists for an own-network funnel, and its shortlist
+        length: of a smaller size, over the same items, and listed in the manifest's nested exports."""
+        from serving.retrieval.checks import check_int
+
+        unknown = sorted(set(entry) - {"kind", "shortlist_export", "shortlist", "prefix_size"})
+        if unknown:
+            raise ValueError(f"unknown {OWN_FUNNEL} settings {unknown}")
+        name = entry.get("shortlist_export")
+        if not isinstance(name, str) or name not in self.manifest.get(NESTED_EXPORTS, {}):
+            raise ValueError(f"its shortlist export {name!r} is not one of the manifest's {NESTED_EXPORTS!r}")
+        shortlist = check_int("shortlist", entry.get("shortlist"))
+        inner = SizedRecommender(self.directory / name, device=self.device)
+        if inner.size != entry.get("prefix_size") or inner.size >= self.size:
+            raise ValueError(f"its shortlist export is of size {inner.size}; 'prefix_size' is {entry.get('prefix_size')!r} "
+                             f"and must be that size, below {self.size}")
+        if inner.shortlister is not None or inner.item_ids != self.item_ids:
+            raise ValueError("its shortlist export must search its own retriever over this export's items")
+        return inner, shortlist
 
     def _network(self, state: dict[str, torch.Tensor]) -> SequentialRecommender:
         """The encoder the manifest describes, with the exported weights (which must fit it)."""
@@ -202,7 +241,7 @@ class SizedRecommender:
         empty = np.fromiter((len(r) == 0 for r in rows), dtype=bool, count=len(rows))
         exclude = [np.asarray(r, dtype=np.int64) - 1 for r in rows] if exclude_seen else None
         searching = time.perf_counter()
-        scores, idx = self.retriever.search(users, k, exclude=exclude)
+        scores, idx = self._search(rows, users, k, exclude)
         self.stage_seconds["encode"] += encoded - started
         self.stage_seconds["search"] += time.perf_counter() - searching
         top_rows = idx + 1  # a -1 (no result) becomes 0, which recommend() drops
@@ -210,6 +249,20 @@ class SizedRecommender:
             popular = torch.topk(self.popularity, k)
             scores[empty], top_rows[empty] = popular.values.numpy(), popular.indices.numpy() + 1
         return top_rows, scores
+
+    def _search(
+        self, rows: list[list[int]], users: torch.Tensor, k: int, exclude: list[np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` retriever rows and scores of each user vector (``rows``: their histories). An
+        own-network funnel takes the shortlist export's top ``shortlist`` (its own user vectors from
+        ``rows``, seen items excluded there) and re-scores them with ``users`` and this size's items."""
+        if self.shortlister is None:
+            return self.retriever.search(users, k, exclude=exclude)
+        from serving.retrieval import rerank
+
+        inner = self.shortlister
+        _, candidates = inner._search(rows, inner.encode_rows(rows), max(self.shortlist, k), exclude)
+        return rerank(users, self._rerank_vectors, candidates, k)
 
     def recommend(
         self, histories: Sequence[Sequence[Hashable]], k: int = 10, exclude_seen: bool = True, on_unknown: str = "error"

@@ -387,7 +387,8 @@ def test_the_command_catches_user_errors_only(checkpoint, tmp_path, monkeypatch)
 def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_through_the_shared_ones(tmp_path):
     """``--model.separate_item_vectors``: an export of a smaller size holds its own item vectors
     (``items.output``) and recommends by them; the largest size scores the shared matrix as before.
-    A funnel over such a size is refused, and so is a manifest that disagrees with the weights."""
+    A width is refused (a funnel shortlists with a smaller size's own export: tests/test_own_funnel.py),
+    and so is a manifest that disagrees with the weights."""
     torch.manual_seed(0)
     model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, separate_item_vectors=True).eval()
     path = tmp_path / "model.ckpt"
@@ -410,8 +411,8 @@ def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_thro
             np.testing.assert_allclose([s for _, s in got], top.values.numpy(), rtol=1e-5, atol=1e-5)
     assert json.loads((small / "manifest.json").read_text())["separate_item_vectors"] is True
     assert json.loads((full / "manifest.json").read_text())["separate_item_vectors"] is False
-    with pytest.raises(ExportError, match="own item vectors .* without a funnel"):
-        export_sizes(path, [16], tmp_path / "funnel", funnel_prefix=8)
+    with pytest.raises(ExportError, match=r"^size 16 scores items with its own item vectors .*: export it without width or depth$"):
+        export_sizes(path, [16], tmp_path / "elastic", width=32)
     _rewrite_manifest(small, lambda m: m.update(separate_item_vectors=False))
     with pytest.raises(ExportError, match="holds items.output, but the manifest does not name separate item vectors"):
         serving.load(small)
@@ -420,7 +421,8 @@ def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_thro
 def test_a_sliced_size_exports_as_the_dense_network_it_is(tmp_path):
     """``--model.nesting slices``: an export of a size is that size's own network (its weights'
     slices, its own item matrix), a dense network of its width: served vectors and
-    recommendations equal those of the model cut to the size; a funnel or a width is refused."""
+    recommendations equal those of the model cut to the size; a width is refused (a funnel
+    shortlists with a smaller size's own export: tests/test_own_funnel.py)."""
     torch.manual_seed(0)
     model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, nesting="slices").eval()
     path = tmp_path / "model.ckpt"
@@ -441,5 +443,5 @@ def test_a_sliced_size_exports_as_the_dense_network_it_is(tmp_path):
         for got, row in zip(m.recommend(histories, k=5, exclude_seen=False), users @ items[1:].t()):
             assert [item for item, _ in got] == [item_ids[int(i)] for i in row.topk(5).indices]
         assert m.num_parameters == nested_parameter_count(small.encoder)
-    with pytest.raises(ExportError, match="network of its own .* without a funnel"):
-        export_sizes(path, [16], tmp_path / "funnel", funnel_prefix=8)
+    with pytest.raises(ExportError, match=r"^size 16 is a network of its own .*: export it without width or depth$"):
+        export_sizes(path, [16], tmp_path / "elastic", width=32)

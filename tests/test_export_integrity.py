@@ -178,3 +178,88 @@ def test_an_export_reached_through_a_link_to_its_directory_loads(export, tmp_pat
     """Only links inside the export are refused: ``current -> d16`` is a usual way to deploy."""
     (tmp_path / "current").symlink_to(export, target_is_directory=True)
     assert serving.load(tmp_path / "current").size == 16
+
+
+# -- an own-network funnel: the export of the smaller size inside it is covered too ---------------------
+
+
+@pytest.fixture(scope="module")
+def funnel_export(tmp_path_factory) -> Path:
+    """A size-16 own-network funnel (own item vectors for every size) whose size-8 export, with a
+    faiss index, shortlists from ``shortlist/``."""
+    torch.manual_seed(0)
+    features = ItemFeatures(num_items=N_ITEMS, dense={"text": torch.randn(N_ITEMS + 1, 6)})
+    model = MatryoshkaRecommender(item_features=features, sizes=[8, 16], max_len=10, separate_item_vectors="all").eval()
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    catalogue = {"item_ids": [f"i{i:02d}" for i in range(1, N_ITEMS + 1)], "popularity": list(range(N_ITEMS, 0, -1))}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "catalogue": catalogue}, path)
+    (directory,) = export_sizes(path, [16], tmp_path_factory.mktemp("exports"), index="flat", funnel_prefix=8,
+                                funnel_shortlist=10)
+    return directory
+
+
+def _inner_rechecksum(d: Path, name: str) -> None:
+    """A file of the shortlist export re-listed in its manifest, as a careless tool would."""
+    _manifest(d / "shortlist", lambda m: m["checksums"].update({name: sha256_of(d / "shortlist" / name)}))
+
+
+def _nested(change):
+    return lambda d: _manifest(d, lambda m: change(m["nested_exports"]))
+
+
+def _retriever(**changes):
+    return lambda d: _manifest(d, lambda m: m["retriever"].update(changes))
+
+
+def _moved_out(d: Path) -> None:
+    shutil.move(d / "shortlist", d.parent / "elsewhere")
+    os.symlink((d.parent / "elsewhere").resolve(), d / "shortlist")
+
+
+def _holds_one_more(d: Path) -> None:
+    """The shortlist export names an export of its own (its manifest's checksum updated in the outer one)."""
+    _manifest(d / "shortlist", lambda m: m.update(nested_exports={"x": "0" * 64}))
+    _manifest(d, lambda m: m["nested_exports"].update(shortlist=sha256_of(d / "shortlist" / "manifest.json")))
+
+
+NESTED_CASES = {
+    "shortlist weights changed": (lambda d: _flip(d / "shortlist", "model.safetensors"),
+                                  r"shortlist/model\.safetensors: checksum mismatch"),
+    "shortlist index changed, its checksum updated": (
+        lambda d: (_flip(d / "shortlist", "index.faiss"), _inner_rechecksum(d, "index.faiss")),
+        r"shortlist/manifest\.json: checksum mismatch: the file was changed or corrupted after export$"),
+    "shortlist manifest edited": (lambda d: _manifest(d / "shortlist", lambda m: m["retriever"]["index"].update(nprobe=3)),
+                                  r"shortlist/manifest\.json: checksum mismatch"),
+    "shortlist removed": (lambda d: shutil.rmtree(d / "shortlist"), r"shortlist is missing \(listed in the manifest's 'nested_exports'\)$"),
+    "shortlist a file": (lambda d: (shutil.rmtree(d / "shortlist"), (d / "shortlist").write_bytes(b"x")),
+                         r"shortlist is listed in 'nested_exports' but is not a directory$"),
+    "shortlist a symbolic link out of the export": (_moved_out, r"shortlist is a symbolic link; an export holds plain files only$"),
+    "shortlist unlisted": (_nested(lambda n: n.clear()), r"shortlist is not a plain file; an export holds plain files only$"),
+    "nested_exports a list": (lambda d: _manifest(d, lambda m: m.update(nested_exports=[])),
+                              r"'nested_exports' must be a JSON object of directory name -> sha256 of its manifest, got \[\]$"),
+    "nested export entry with ../": (_nested(lambda n: n.update({"../x": "0" * 64})),
+                                     r"the nested export entry '\.\./x' is not the name of a directory inside the export$"),
+    "nested export digest not hex": (_nested(lambda n: n.update(shortlist="x")),
+                                     r"the manifest checksum of the nested export shortlist must be 64 lowercase hex digits"),
+    "the shortlist holds an export of its own": (
+        _holds_one_more, r"shortlist/manifest\.json: an export inside another export may not hold exports of its own"),
+    "retriever names another shortlist export": (
+        _retriever(shortlist_export="other"),
+        r"its retriever cannot be loaded \(its shortlist export 'other' is not one of the manifest's 'nested_exports'\)$"),
+    "prefix_size edited": (_retriever(prefix_size=4),
+                           r"its retriever cannot be loaded \(its shortlist export is of size 8; 'prefix_size' is 4 and must be that size"),
+    "shortlist 0": (_retriever(shortlist=0), r"its retriever cannot be loaded \(shortlist must be an integer >= 1, got 0\)$"),
+    "unknown setting": (_retriever(bogus=1), r"its retriever cannot be loaded \(unknown own_funnel settings \['bogus'\]\)$"),
+}
+
+
+@pytest.mark.parametrize("case", list(NESTED_CASES))
+def test_a_tampered_own_funnel_export_is_refused_with_one_export_error(funnel_export, tmp_path, case):
+    edit, message = NESTED_CASES[case]
+    d = tmp_path / "export"
+    shutil.copytree(funnel_export, d)
+    serving.load(d)  # the copy loads before the edit
+    edit(d)
+    with pytest.raises(ExportError, match=message) as caught:
+        serving.load(d)
+    assert len(str(caught.value).splitlines()) == 1

@@ -197,3 +197,36 @@ def test_json_depth_counts_each_level_of_lists_and_objects():
     for _ in range(10**5):
         deep = [deep]
     assert nests_deeper_than(deep, 32)
+
+
+@pytest.fixture(scope="module")
+def funnel_export(tmp_path_factory) -> Path:
+    """A size-16 own-network funnel (own item vectors for every size): size 8's export in ``shortlist/``."""
+    torch.manual_seed(0)
+    features = ItemFeatures(num_items=N_ITEMS, dense={"text": torch.randn(N_ITEMS + 1, 6)})
+    model = MatryoshkaRecommender(item_features=features, sizes=[8, 16], max_len=10, n_blocks=1,
+                                  separate_item_vectors="all").eval()
+    path = tmp_path_factory.mktemp("ckpt") / "own.ckpt"
+    catalogue = {"item_ids": [f"i{i:02d}" for i in range(1, N_ITEMS + 1)], "popularity": list(range(N_ITEMS, 0, -1))}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "catalogue": catalogue}, path)
+    (directory,) = export_sizes(path, [16], tmp_path_factory.mktemp("exports"), funnel_prefix=8, funnel_shortlist=10)
+    return directory
+
+
+#: edits of the shortlist export's manifest (its checksum updated in the outer one) -> the message
+NESTED_CASES = {
+    "40 nested brackets": (_stats(_nested(40)), r"shortlist/manifest\.json: the manifest nests brackets more than 32 deep$"),
+    "max_len edited": (_edit(lambda m: m.update(max_len=5)), r"shortlist/manifest\.json: 'max_len' is 5" + EXPORTED + "with 10;"),
+    "num_items 10**12": (_edit(lambda m: m.update(num_items=10**12)), r"'num_items' is 1000000000000" + TOO_MANY + "2147483648$"),
+}
+
+
+@pytest.mark.parametrize("case", list(NESTED_CASES))
+def test_the_manifest_of_an_export_inside_another_has_the_same_bounds(funnel_export, tmp_path, case):
+    edit, message = NESTED_CASES[case]
+    d = tmp_path / "export"
+    shutil.copytree(funnel_export, d)
+    edit(d / "shortlist")
+    _edit(lambda m: m["nested_exports"].update(shortlist=sha256_of(d / "shortlist" / "manifest.json")))(d)
+    with _within(20), pytest.raises(ExportError, match=message):
+        serving.load(d)

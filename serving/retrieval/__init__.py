@@ -9,7 +9,9 @@ Every way of doing it is a :class:`Retriever` with ``search(queries, k, exclude=
 - :class:`FaissRetriever` (``"faiss"``, :mod:`.faiss_index`): a faiss index (flat, IVF-flat, HNSW,
   IVF-PQ; :class:`IndexSpec`), on the GPU when the GPU build of faiss and a GPU are present;
 - :class:`FunnelRetriever` (``"funnel"``, :mod:`.funnel`): any retriever over a prefix of the
-  vectors shortlists, exact re-ranking at larger prefixes finishes (docs/method.md §6).
+  vectors shortlists, exact re-ranking at larger prefixes finishes (docs/method.md §6); its
+  :func:`rerank` (the exact re-ranking of given candidate rows) also finishes the own-network
+  funnel of ``serving/sized_model.py``, whose shortlist comes from a smaller size's own export.
 
 Row convention
 --------------
@@ -45,7 +47,7 @@ from typing import Any
 from serving.retrieval.base import Retriever
 from serving.retrieval.exact import ExactRetriever, torch_topk
 from serving.retrieval.faiss_index import INDEX_FILE, KINDS, FaissRetriever, IndexSpec, gpu_available
-from serving.retrieval.funnel import FunnelRetriever, FunnelSpec
+from serving.retrieval.funnel import FunnelRetriever, FunnelSpec, rerank
 from serving.retrieval.recall import recall_at_k
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "retriever_entry",
     "gpu_available",
     "recall_at_k",
+    "rerank",
     "torch_topk",
 ]
 

@@ -31,7 +31,7 @@ from serving.retrieval.checks import as_matrix, check_int, check_k, check_spec_k
 from serving.retrieval.exclusion import pad
 from serving.retrieval.faiss_index import FaissRetriever, IndexSpec
 
-__all__ = ["FunnelSpec", "FunnelRetriever"]
+__all__ = ["FunnelSpec", "FunnelRetriever", "rerank"]
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,18 @@ class FunnelRetriever(Retriever):
             scores = part if scores is None else scores + part  # scores at hi = scores at lo + chunk
             rows, scores = _top_per_row(rows, scores, min(max(keep, k), rows.shape[1]))
         return pad(scores, rows, k)
+
+
+def rerank(queries: Any, vectors: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` of each query's candidate ``rows`` (``(B, L)``, ``-1`` for none) scored exactly
+    as ``queries[b] @ vectors[row]`` (``vectors``: float32 ``(N, d)``, queries ``(B, d)``), as a
+    search returns them: ``(scores, rows)``, ``-inf`` / ``-1`` past the candidates."""
+    k = check_k(k)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    q = as_matrix("queries", queries, dim=vectors.shape[1])
+    scores = _inner_products(q, vectors, rows)
+    top_rows, top_scores = _top_per_row(rows, scores, min(k, rows.shape[1]))
+    return pad(top_scores, top_rows, k)
 
 
 def _split_entry(entry: dict[str, Any]) -> tuple[FunnelSpec, dict[str, Any] | None]:
