@@ -24,6 +24,8 @@ import polars as pl
 
 from recsys.data.bad_lines import find_bad_line
 from recsys.data.errors import DataValidationError
+from recsys.data.rows import ROW, first_row_where
+from recsys.data.time_order import parse_order_key
 
 __all__ = [
     "ROW", "ROW_HASH", "TABLE_EXTENSIONS", "scan_table", "scan_input", "input_files", "check_columns", "column_list",
@@ -31,8 +33,6 @@ __all__ = [
     "unify_id_dtype", "is_text_table", "integer_spellings",
 ]
 
-#: name of the 0-based row-number column added to every table read here (rows are reported 1-based)
-ROW = "__row"
 #: name of the hash-of-all-columns column (see :func:`read_columns`)
 ROW_HASH = "__row_hash"
 TABLE_EXTENSIONS = (".csv", ".tsv", ".parquet")
@@ -178,12 +178,6 @@ def reject_repeated_header(path: str | Path, table: pl.DataFrame, columns: list[
         raise DataValidationError(path, f"row {bad[ROW] + 1} repeats the header line ({', '.join(columns)}); were files concatenated?")
 
 
-def first_row_where(table: pl.DataFrame, condition: pl.Expr) -> dict | None:
-    """The first row (as a dict, with its 0-based :data:`ROW`) where ``condition`` holds, or None."""
-    hit = table.filter(condition).head(1)
-    return None if hit.height == 0 else hit.row(0, named=True)
-
-
 def check_id_type(path: str | Path, dtype: pl.DataType, column: str, role: str | None = None) -> None:
     """Ids must be integers or strings; ``role`` ("user", "item") names the column in the message."""
     if not (dtype.is_integer() or dtype == pl.String):
@@ -250,8 +244,6 @@ def checked_chunks(
     :func:`check_id_column`), null item ids inside list columns (``lists``), an unparsable time; an
     input without rows is an error. Only one chunk is in memory at a time.
     """
-    from recsys.data.time_order import parse_order_key  # time_order imports this module
-
     rows = 0
     try:
         for chunk in frame.select(columns).with_row_index(ROW).collect_batches(chunk_size=chunk_rows):

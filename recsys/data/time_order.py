@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from recsys.data.errors import DataValidationError
-from recsys.data.readers import ROW, first_row_where
+from recsys.data.rows import ROW, first_row_where
 
 __all__ = ["parse_order_key", "parse_weight"]
 

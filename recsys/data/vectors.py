@@ -16,7 +16,8 @@ import numpy as np
 import polars as pl
 
 from recsys.data.errors import DataValidationError
-from recsys.data.readers import ROW, available_columns, check_id_column, column_list, existing_file, first_row_where, scan_table
+from recsys.data.readers import available_columns, check_id_column, column_list, existing_file, scan_table
+from recsys.data.rows import ROW, first_row_where
 
 __all__ = ["ItemVectors", "read_item_vectors"]
 
