@@ -14,6 +14,17 @@ full-size top-``k`` it measures, per thread count and side by side in one run:
 Each funnel setting is also timed without its re-ranking (the first stage alone), with the share
 of the exact top-``k`` its shortlist holds.
 
+Where the checkpoint's sizes are networks of their own (``--model.separate_item_vectors``,
+``--model.nesting slices``: the rule of ``serving.export.own_network``) the prefix of the full-size
+vectors was never trained to rank, and the funnels are own-network funnels instead
+(``"funnel_mode": "own_network"``; docs/method.md §6): each ``--prefixes`` entry names a smaller
+size ``p`` of the model, whose own user vectors search its own item vectors (the same catalogue,
+synthetic items through size ``p``'s own item tower) for the shortlist, and the full size re-ranks
+it exactly with its own user and item vectors (``serving.retrieval.rerank``). The truth is then the
+exact top-``k`` of the full size's own vectors. The queries of both sizes are computed once; the
+size-``p`` encoder pass the funnel adds is timed on its own (``encode_ms``, ``shortlist_encode_ms``).
+Otherwise (blocks, tied item vectors) ``"funnel_mode": "prefix"``.
+
 Recall@k is of the exact full-size top-``k``; speed-ups are against the faster exact search,
 timed right before and right after the funnels (their mean). Run, e.g.::
 
@@ -34,6 +45,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -46,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 from machine import cpu_model  # noqa: E402  (bench/machine.py: the script directory is on sys.path)
 from recsys.atomic import write_json_atomically  # noqa: E402
 from recsys.model import read_checkpoint  # noqa: E402
+from serving.export import own_network  # noqa: E402
 from serving.sized_model import sha256_of  # noqa: E402
 from serving.retrieval import (  # noqa: E402
     ExactRetriever,
@@ -55,9 +68,20 @@ from serving.retrieval import (  # noqa: E402
     IndexSpec,
     gpu_available,
     recall_at_k,
+    rerank,
     torch_topk,
 )
-from trained_catalogue import item_matrix, load_model, user_vectors  # noqa: E402
+from trained_catalogue import (  # noqa: E402
+    encode_users,
+    item_matrices,
+    item_matrix,
+    load_model,
+    output_tower,
+    output_tower_name,
+    query_histories,
+    size_network,
+    user_vectors,
+)
 
 logger = logging.getLogger("bench.funnel")
 
@@ -114,11 +138,66 @@ def set_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
-def build_prefix_indexes(z: np.ndarray, args) -> dict:
-    """Stage-0 indexes per (prefix, kind), built once (with all threads) and reused at every thread count."""
+@dataclass
+class OwnNetworks:
+    """What an own-network funnel needs besides the full size's vectors: per shortlisting size ``p``
+    its own item vectors and its own user vectors of the queries, and per size (the full one too)
+    the network, input item matrix and histories that time its encoder pass."""
+
+    reason: str  # why the sizes are networks of their own (serving.export.own_network)
+    items: dict[int, np.ndarray]  # p -> (N, p), size p's own item vectors of the catalogue
+    queries: dict[int, np.ndarray]  # p -> (B, p), size p's own user vectors of the query users
+    encoders: dict[int, tuple]  # size -> (network, its input item matrix) for the timed encoder pass
+    histories: torch.Tensor  # (B, max_len) the query users' histories
+
+    def encode(self, size: int) -> np.ndarray:
+        net, inputs = self.encoders[size]
+        return encode_users(net, self.histories, inputs, size)
+
+
+def own_network_reason(model) -> str | None:
+    """Why the funnels of this checkpoint shortlist with a smaller size's own network (one of its
+    sizes serves with a network of its own, ``serving.export.own_network``); None: prefix funnels."""
+    for size in model.sizes:
+        why = own_network(model, size)
+        if why is not None:
+            return f"size {size} {why}"
+    return None
+
+
+def own_networks(model, prefixes: list[int], num_items: int, num_queries: int, data_dir: Path, seed: int, reason: str):
+    """The full size's own item and user vectors (``z``, ``queries``), the catalogue's description,
+    the queries', and :class:`OwnNetworks` for the sizes ``prefixes``: one catalogue (the same
+    synthetic features) through every size's own item tower, one batch of users through every
+    size's own network."""
+    full = model.sizes[-1]
+    sizes = [*prefixes, full]
+    matrices, catalogue = item_matrices(model, num_items, {s: output_tower(model, s) for s in sizes}, seed=seed)
+    histories, query_info = query_histories(model, data_dir, num_queries, seed=seed)
+    encoders = {}
+    with torch.no_grad():
+        for s in sizes:
+            net = size_network(model, s)
+            encoders[s] = (net, net.item_matrix())
+    vectors = {s: np.ascontiguousarray(matrices[s][:, :s]) for s in sizes}  # (a shared tower's prefix; own towers are s wide)
+    own = OwnNetworks(reason, {p: vectors[p] for p in prefixes}, {}, encoders, histories)
+    own.queries = {p: own.encode(p) for p in prefixes}
+    return vectors[full], own.encode(full), catalogue, query_info, own
+
+
+def own_funnel_settings(prefix: int, shortlist: int, stage0, size: int) -> dict:
+    """An own-network funnel's settings, as an export's retriever entry names them (``prefix_size``,
+    ``shortlist``) with the shortlisting size's retriever."""
+    return {"kind": "own_funnel", "prefix_size": prefix, "size": size, "shortlist": shortlist,
+            "shortlist_retriever": stage0.to_dict()}
+
+
+def build_prefix_indexes(z: np.ndarray, args, own: OwnNetworks | None = None) -> dict:
+    """Stage-0 indexes per (prefix, kind), built once (with all threads) and reused at every thread
+    count: over the prefix of ``z``, or with ``own`` over size ``prefix``'s own item vectors."""
     indexes = {}
     for prefix in args.prefixes:
-        zp = np.ascontiguousarray(z[:, :prefix])
+        zp = np.ascontiguousarray(z[:, :prefix]) if own is None else own.items[prefix]
         for kind in args.prefix_kinds:
             start = time.perf_counter()
             if kind == "exact":
@@ -131,7 +210,7 @@ def build_prefix_indexes(z: np.ndarray, args) -> dict:
     return indexes
 
 
-def run_threads(threads: int, z, queries, truth, indexes, exact_flat, args) -> dict:
+def run_threads(threads: int, z, queries, truth, indexes, exact_flat, args, own: OwnNetworks | None = None) -> dict:
     set_threads(threads)
     k, repeats = args.k, args.repeats
     # exact torch search runs where the item matrix is: the GPU when faiss may use one too
@@ -143,7 +222,12 @@ def run_threads(threads: int, z, queries, truth, indexes, exact_flat, args) -> d
         return {"torch_topk_ms": 1e3 * timed(lambda: exact_torch.search(queries_on_device, k), repeats)[0],
                 "faiss_flat_ms": 1e3 * timed(lambda: exact_flat.search(queries, k), repeats)[0]}
 
-    prefixes = {p: np.ascontiguousarray(queries[:, :p]) for p in args.prefixes}
+    if own is None:
+        prefixes = {p: np.ascontiguousarray(queries[:, :p]) for p in args.prefixes}
+    else:  # each size's own user vectors; its encoder pass timed apart (the searches take precomputed queries)
+        prefixes = own.queries
+        encode_ms = {s: 1e3 * timed(lambda: own.encode(s), repeats)[0] for s in [*args.prefixes, z.shape[1]]}
+        logger.info("%d threads, query encoding (ms) per size: %s", threads, encode_ms)
     before = time_exact()
     load_before = os.getloadavg()[0]
     logger.info("%d threads, exact before: %s", threads, before)
@@ -153,15 +237,23 @@ def run_threads(threads: int, z, queries, truth, indexes, exact_flat, args) -> d
         for nprobe in probes:
             stage0 = prefix_index if nprobe is None else prefix_index.with_search_settings(nprobe=nprobe)
             for shortlist in args.shortlists:
-                spec = FunnelSpec(prefix, shortlist, z.shape[1], **({"index": stage0.spec} if kind != "exact" else {}))
-                funnel = FunnelRetriever(z, spec, stage0)
-                seconds, (_, found) = timed(lambda: funnel.search(queries, k), repeats)
-                # the first stage alone (the funnel passes it the queries' prefix and the shortlist)
+                if own is None:
+                    spec = FunnelSpec(prefix, shortlist, z.shape[1], **({"index": stage0.spec} if kind != "exact" else {}))
+                    funnel = FunnelRetriever(z, spec, stage0)
+                    settings = funnel.to_dict()
+                    seconds, (_, found) = timed(lambda: funnel.search(queries, k), repeats)
+                else:  # size `prefix`'s own network shortlists, the full size re-ranks (as serving's own funnel)
+                    settings = own_funnel_settings(prefix, shortlist, stage0, z.shape[1])
+                    seconds, (_, found) = timed(
+                        lambda: rerank(queries, z, stage0.search(prefixes[prefix], max(shortlist, k))[1], k), repeats)
+                # the first stage alone (the funnel passes it the queries' prefix, or own vectors, and the shortlist)
                 stage0_s, (_, shortlisted) = timed(lambda: stage0.search(prefixes[prefix], max(shortlist, k)), repeats)
                 row = {"prefix": prefix, "prefix_index": kind, "nprobe": nprobe, "shortlist": shortlist,
-                       "settings": funnel.to_dict(), "prefix_index_build_s": build_s,
+                       "settings": settings, "prefix_index_build_s": build_s,
                        "latency_ms": 1e3 * seconds, "stage0_ms": 1e3 * stage0_s,
                        "recall": recall_at_k(found, truth), "shortlist_recall": recall_at_k(shortlisted, truth)}
+                if own is not None:
+                    row["shortlist_encode_ms"] = encode_ms[prefix]
                 rows.append(row)
                 logger.info("%d threads: prefix %d %s nprobe %s shortlist %d: %.1f ms recall %.4f", threads, prefix,
                             kind, nprobe, shortlist, row["latency_ms"], row["recall"])
@@ -173,9 +265,12 @@ def run_threads(threads: int, z, queries, truth, indexes, exact_flat, args) -> d
         row["speedup_vs_fastest_exact"] = exact[fastest] / row["latency_ms"]
         row["speedup_vs_torch_topk"] = exact["torch_topk_ms"] / row["latency_ms"]
         row["speedup_vs_faiss_flat"] = exact["faiss_flat_ms"] / row["latency_ms"]
-    return {"threads": threads, "torch_device": device, "exact_ms": exact, "exact_ms_before": before, "exact_ms_after": after,
-            "fastest_exact": fastest, "load_average_1m_before": load_before,
-            "load_average_1m_after": os.getloadavg()[0], "funnel": rows}
+    out = {"threads": threads, "torch_device": device, "exact_ms": exact, "exact_ms_before": before, "exact_ms_after": after,
+           "fastest_exact": fastest, "load_average_1m_before": load_before,
+           "load_average_1m_after": os.getloadavg()[0], "funnel": rows}
+    if own is not None:
+        out["encode_ms"] = {str(s): ms for s, ms in encode_ms.items()}
+    return out
 
 
 def int_list(text: str) -> list[int]:
@@ -195,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=1_000_000, help="catalogue size: real items plus synthetic ones")
     parser.add_argument("--queries", type=int, default=1024, help="real users in the query batch")
     parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--prefixes", type=int_list, default=[16, 32, 64])
+    parser.add_argument("--prefixes", type=int_list, default=[16, 32, 64],
+                        help="shortlisting prefixes; where the sizes are networks of their own, smaller sizes of the model")
     parser.add_argument("--shortlists", type=int_list, default=[400, 1600])
     parser.add_argument("--prefix-kinds", type=lambda t: t.split(","), default=["flat", "ivf_flat"],
                         help="stage-0 searches over the prefix: exact (torch.topk), flat (faiss), ivf_flat (faiss)")
@@ -229,24 +325,42 @@ def main(argv: list[str] | None = None) -> None:
 
     model = load_model(args.checkpoint)
     width = model.net.width
-    if any(p >= width for p in args.prefixes):
+    reason = own_network_reason(model)
+    if reason is not None:
+        smaller = [s for s in model.sizes if s < model.sizes[-1]]
+        wrong = [p for p in args.prefixes if p not in smaller]
+        if wrong:  # one line, no usage: the arguments parsed, the checkpoint decides
+            parser.exit(2, f"{parser.prog}: error: --prefixes {','.join(map(str, wrong))} not among the model's sizes "
+                           f"below {model.sizes[-1]} ({','.join(map(str, smaller)) or 'none'}): {reason}, so each "
+                           f"prefix names the smaller size whose own network shortlists\n")
+    elif any(p >= width for p in args.prefixes):
         parser.error(f"--prefixes must be below the model width {width}, got {args.prefixes}")
     start = time.perf_counter()
-    z, catalogue = item_matrix(model, args.items, seed=args.seed)
-    queries, query_info = user_vectors(model, args.data_dir, args.queries, seed=args.seed)
+    own = None
+    if reason is None:
+        z, catalogue = item_matrix(model, args.items, seed=args.seed)
+        queries, query_info = user_vectors(model, args.data_dir, args.queries, seed=args.seed)
+    else:
+        logger.info("own-network funnels: %s", reason)
+        z, queries, catalogue, query_info, own = own_networks(model, args.prefixes, args.items, args.queries,
+                                                              args.data_dir, args.seed, reason)
     logger.info("item matrix %s and %d queries in %.1fs", z.shape, len(queries), time.perf_counter() - start)
     _, truth = torch_topk(queries, z, args.k)
-    truncation = {p: recall_at_k(torch_topk(queries[:, :p], z[:, :p], args.k)[1], truth) for p in args.prefixes}
+    if own is None:
+        truncation = {p: recall_at_k(torch_topk(queries[:, :p], z[:, :p], args.k)[1], truth) for p in args.prefixes}
+    else:
+        truncation = {p: recall_at_k(torch_topk(own.queries[p], own.items[p], args.k)[1], truth) for p in args.prefixes}
     logger.info("exact top-%d at each prefix, recall of the full-size one: %s", args.k, truncation)
 
     start = time.perf_counter()
     exact_flat = FaissRetriever.build(z, IndexSpec("flat")).on_device(args.device)
-    indexes = build_prefix_indexes(z, args)
+    indexes = build_prefix_indexes(z, args, own)
     logger.info("indexes built in %.1fs", time.perf_counter() - start)
-    per_threads = [run_threads(t, z, queries, truth, indexes, exact_flat, args) for t in args.threads]
+    per_threads = [run_threads(t, z, queries, truth, indexes, exact_flat, args, own) for t in args.threads]
 
     report = {
         "benchmark": "funnel",
+        "funnel_mode": "prefix" if own is None else "own_network",
         "machine": machine,
         "load_average_1m_at_start": load_at_start,
         "load_average_1m_at_end": os.getloadavg()[0],
@@ -259,9 +373,26 @@ def main(argv: list[str] | None = None) -> None:
         "recall_of_exact_prefix_search": {str(p): r for p, r in truncation.items()},
         "results": per_threads,
     }
+    if own is not None:
+        report["own_network"] = {
+            "reason": reason, "nesting": model.hparams.get("nesting", "blocks"),
+            "separate_item_vectors": model.hparams.get("separate_item_vectors", False),
+            "size": model.sizes[-1], "shortlist_sizes": list(args.prefixes),
+            "item_vectors": {str(s): output_tower_name(model, s) for s in [*args.prefixes, model.sizes[-1]]},
+            "queries": "each size's own user vectors of the same users (its own network over the history)",
+            "items": "each size's own item vectors of the same catalogue (synthetic items through its own item tower)",
+            "rerank": "the full size's own user and item vectors (serving.retrieval.rerank)",
+            "timing": "latency_ms and stage0_ms search precomputed queries; encode_ms (per thread count, per size) "
+                      "and shortlist_encode_ms (per row) time the encoder pass of the query batch alone (median)",
+        }
     write_json_atomically(args.out, report, indent=2)
+    if own is not None:
+        print(f"own-network funnels ({reason}): each prefix is a smaller size's own network, "
+              f"re-ranked by size {model.sizes[-1]}")
     for res in per_threads:
         print(f"\n== {res['threads']} threads: exact {res['exact_ms']} (fastest {res['fastest_exact']}) ==")
+        if own is not None:
+            print(f"query encoding, ms per size (not in the funnel times): {res['encode_ms']}")
         print(f"{'prefix':>6} {'index':>9} {'nprobe':>6} {'shortlist':>9} {'ms':>9} {'recall':>7} {'x fastest':>9}")
         for r in res["funnel"]:
             print(f"{r['prefix']:>6} {r['prefix_index']:>9} {str(r['nprobe'] or ''):>6} {r['shortlist']:>9} "

@@ -16,6 +16,12 @@ item tower:
 The catalogue is the real items followed by synthetic ones, ``(num_items, D)`` without the padding
 row. Queries are user vectors of real users: each user's whole history (its last ``max_len``
 items, left-padded) through the trained encoder.
+
+A model whose sizes are networks of their own (``--model.separate_item_vectors``, ``--model.nesting
+slices``; docs/method.md §6, "Own-network funnel") scores each size against its own item vectors:
+:func:`item_matrices` embeds the same catalogue (the same synthetic features) through each size's
+own item tower (:func:`output_tower`), and :func:`size_network` is the network whose user vectors
+size ``s`` serves (:func:`encode_users`).
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from recsys.data.prepared import load_prepared
 from recsys.item_features import CategoricalBag, ItemFeatures
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.item_tower import ItemTower
+from recsys.nn.nested import cut_sizes, cut_to_size
+from recsys.nn.recommender import SequentialRecommender
 
-__all__ = ["FeatureSampler", "load_model", "item_matrix", "user_vectors"]
+__all__ = ["FeatureSampler", "load_model", "item_matrix", "item_matrices", "output_tower", "output_tower_name", "size_network",
+           "query_histories", "encode_users", "user_vectors"]
 
 # Synthetic items pushed through the tower at once (their features are 384 floats each).
 TOWER_BLOCK = 100_000
@@ -125,7 +134,8 @@ class FeatureSampler:
 
 def _tower_over(trained: ItemTower, features: ItemFeatures) -> ItemTower:
     """A tower with the trained weights over other items' features (no ID table: new items have none)."""
-    tower = ItemTower(trained.sizes, features, use_id_embedding=False, modalities=[*trained.dense_names, *trained.bag_names])
+    tower = ItemTower(trained.sizes, features, use_id_embedding=False, modalities=[*trained.dense_names, *trained.bag_names],
+                      nesting=trained.norm.nesting)  # slices: one LayerNorm over the tower's width, as trained
     weights = {name: p for name, p in trained.state_dict().items()
                if not name.startswith("ids.") and name in dict(tower.named_parameters())}
     missing = set(dict(tower.named_parameters())) - set(weights)
@@ -135,29 +145,79 @@ def _tower_over(trained: ItemTower, features: ItemFeatures) -> ItemTower:
     return tower.eval()
 
 
-def item_matrix(model: MatryoshkaRecommender, num_items: int, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """``(num_items, D)``: the real items' vectors, then synthetic items' up to ``num_items`` rows."""
-    trained = model.net.items
-    real = ItemTower.features_from_state_dict(trained.state_dict())
+def output_tower(model: MatryoshkaRecommender, size: int) -> ItemTower:
+    """The item tower whose vectors size ``size`` scores against, as it serves alone
+    (``serving.export``): its own item vectors (``separate_item_vectors``), else with ``nesting
+    slices`` its own cut of the tower, else the shared tower (whose first ``size`` columns it uses)."""
+    return _output_tower(model, size)[0]
+
+
+def output_tower_name(model: MatryoshkaRecommender, size: int) -> str:
+    """Which tower :func:`output_tower` is, in words (for a benchmark's JSON)."""
+    return _output_tower(model, size)[1]
+
+
+def _output_tower(model: MatryoshkaRecommender, size: int) -> tuple[ItemTower, str]:
+    if size not in model.sizes:
+        raise ValueError(f"size {size} is not one of the model's sizes {list(model.sizes)}")
+    if model.item_heads is not None:
+        own = model.sizes[: len(model.item_heads)]  # as MatryoshkaRecommender.own_item_vectors
+        if size in own:
+            return model.item_heads[own.index(size)], f"item_heads[{own.index(size)}] (its own item vectors)"
+    if model.hparams.get("nesting", "blocks") == "slices" and size < model.sizes[-1]:
+        return cut_to_size(model.net, size).items, f"the item tower cut to {size} (nesting slices)"
+    if size < model.sizes[-1]:
+        return model.net.items, f"the shared item tower's first {size} columns"
+    return model.net.items, "the shared item tower"
+
+
+def size_network(model: MatryoshkaRecommender, size: int) -> SequentialRecommender:
+    """The network whose user vectors size ``size`` serves (their first ``size`` columns): the model
+    cut to ``size`` where it can be (``slices`` must be), else the whole model (``_size_networks``)."""
+    if size == model.sizes[-1] or size not in cut_sizes(model.net):
+        return model.net
+    return cut_to_size(model.net, size)
+
+
+def item_matrices(model: MatryoshkaRecommender, num_items: int, towers: dict, seed: int = 0) -> tuple[dict, dict]:
+    """``{key: (num_items, D_key)}``: the same catalogue through each of ``towers`` (``{key: ItemTower}``):
+    each tower's real items' vectors, then the synthetic items', whose features are drawn once (like
+    the real items of the model's shared tower) and go through every tower alike."""
+    shared = model.net.items
+    real = ItemTower.features_from_state_dict(shared.state_dict())
+    num_real = shared.num_items
+    if num_items < num_real:
+        raise ValueError(f"num_items={num_items} is below the {num_real} real items")
+    out = {}
     with torch.no_grad():
-        real_rows = trained()[1:].numpy()
-    if num_items < len(real_rows):
-        raise ValueError(f"num_items={num_items} is below the {len(real_rows)} real items")
+        for key, tower in towers.items():
+            real_rows = tower()[1:].numpy()
+            out[key] = np.empty((num_items, real_rows.shape[1]), dtype=np.float32)
+            out[key][:num_real] = real_rows
     sampler = FeatureSampler(real)
     rng = np.random.default_rng(seed)
-    z = np.empty((num_items, real_rows.shape[1]), dtype=np.float32)
-    z[: len(real_rows)] = real_rows
     with torch.no_grad():
-        for start in range(len(real_rows), num_items, TOWER_BLOCK):
+        for start in range(num_real, num_items, TOWER_BLOCK):
             count = min(TOWER_BLOCK, num_items - start)
-            z[start : start + count] = _tower_over(trained, sampler.sample(count, rng))()[1:].numpy()
-    about = {"real_items": len(real_rows), "synthetic_items": num_items - len(real_rows), "seed": seed,
+            features = sampler.sample(count, rng)
+            for key, tower in towers.items():
+                out[key][start : start + count] = _tower_over(tower, features)()[1:].numpy()
+    about = {"real_items": num_real, "synthetic_items": num_items - num_real, "seed": seed,
              "features": sampler.describe()}
-    return z, about
+    return out, about
 
 
-def user_vectors(model: MatryoshkaRecommender, data_dir: str | Path, num_users: int, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """User vectors ``(num_users, D)`` of real users (a seeded sample without replacement)."""
+def item_matrix(model: MatryoshkaRecommender, num_items: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """``(num_items, D)``: the real items' vectors, then synthetic items' up to ``num_items`` rows
+    (the shared tower's; for a size's own item vectors see :func:`item_matrices`)."""
+    matrices, about = item_matrices(model, num_items, {"shared": model.net.items}, seed=seed)
+    return matrices["shared"], about
+
+
+def query_histories(model: MatryoshkaRecommender, data_dir: str | Path, num_users: int,
+                    seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """``(num_users, max_len)`` left-padded item rows: the histories of real users (a seeded sample
+    without replacement), each its last ``max_len`` items."""
     data = load_prepared(data_dir)
     if data.num_items != model.net.items.num_items:
         raise ValueError(f"{data_dir} has {data.num_items} items but the checkpoint's tower has {model.net.items.num_items}")
@@ -169,10 +229,24 @@ def user_vectors(model: MatryoshkaRecommender, data_dir: str | Path, num_users: 
     for row, user in enumerate(users):
         history = data.history(user)[-max_len:]
         ids[row, max_len - len(history):] = history
+    return torch.from_numpy(ids), {
+        "users": num_users, "of_users": data.num_users, "seed": seed, "history": f"whole history, last {max_len} items"}
+
+
+def encode_users(net: SequentialRecommender, ids: torch.Tensor, items: torch.Tensor, size: int | None = None) -> np.ndarray:
+    """User vectors ``(B, size)`` of histories ``ids`` through ``net``, reading them through its
+    item matrix ``items`` (computed once, as an export holds it), in batches of 256."""
     out = []
     with torch.no_grad():
+        for start in range(0, len(ids), 256):
+            out.append(net.user_vectors(ids[start : start + 256], items).numpy())
+    users = np.concatenate(out)
+    return np.ascontiguousarray(users if size is None else users[:, :size], dtype=np.float32)
+
+
+def user_vectors(model: MatryoshkaRecommender, data_dir: str | Path, num_users: int, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """User vectors ``(num_users, D)`` of real users (a seeded sample without replacement)."""
+    ids, about = query_histories(model, data_dir, num_users, seed=seed)
+    with torch.no_grad():
         z = model.net.item_matrix()
-        for start in range(0, num_users, 256):
-            out.append(model.net.user_vectors(torch.from_numpy(ids[start : start + 256]), z).numpy())
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32), {
-        "users": num_users, "of_users": data.num_users, "seed": seed, "history": f"whole history, last {max_len} items"}
+    return encode_users(model.net, ids, z), about

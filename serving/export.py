@@ -61,7 +61,7 @@ from serving.export_dir import (
     sha256_of,
 )
 
-__all__ = ["export_sizes", "export_size", "load_trained", "main"]
+__all__ = ["export_each_size", "export_sizes", "export_size", "load_trained", "main", "own_network"]
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def export_size(
             f"{model.sizes[-1]} only, not {width}"
         )
     output = model.own_item_vectors(size)
-    own = _own_network(model, size)
+    own = own_network(model, size)
     if own is not None and elastic:
         raise ExportError(f"size {size} {own}: export it without width or depth")
     own_funnel = funnel_prefix is not None and _is_own_funnel(model, size, funnel_prefix)
@@ -231,7 +231,7 @@ def export_size(
     return path
 
 
-def _own_network(model, size: int) -> str | None:
+def own_network(model, size: int) -> str | None:
     """Why ``size`` serves with a network of its own rather than the prefix of a larger size's
     vectors (its own item vectors, or sliced weights); None when it does not."""
     if model.hparams.get("nesting", "blocks") == "slices":
@@ -245,7 +245,7 @@ def _is_own_funnel(model, size: int, prefix: int) -> bool:
     """Whether the funnel of ``size`` shortlists with size ``prefix``'s own network, as that size
     serves alone: where either size serves with a network of its own, and then ``prefix`` must be
     one of the model's sizes below ``size``. Otherwise it shortlists with the prefix of ``size``'s vectors."""
-    reasons = [(s, why) for s in (size, prefix) if (why := _own_network(model, s)) is not None]
+    reasons = [(s, why) for s in (size, prefix) if (why := own_network(model, s)) is not None]
     if not reasons:
         return False
     smaller = [s for s in model.sizes if s < size]
