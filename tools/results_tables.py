@@ -1018,6 +1018,12 @@ TWIN_ARMS = {
 #: the same on Sports' reduced protocol (sizes up to 64, full softmax, LRURec's decay ring)
 SPORTS_TWIN_ARMS = {
     "sports-cpu-slices-prefix-gradient-0": None,
+    "sports-cpu-slices-each": "sports-cpu-slices-prefix-gradient-0",
+}
+#: the same on Last.fm's config (its own protocol: up to 40 epochs, history not masked)
+LASTFM_TWIN_ARMS = {
+    "lastfm-cpu-config": None,
+    "lastfm-cpu-slices-each": "lastfm-cpu-config",
 }
 #: overrides every arm shares (the reduced protocol), left out of what an arm changes
 PROTOCOL_OVERRIDES = ("--trainer.max_epochs", "--data.max_len", "--model.sizes")
