@@ -165,13 +165,18 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_tampered_export_is_refused_with_one_export_error(export, tmp_path, case):
-    edit, message = CASES[case]
+    _refused_after_edit(export, tmp_path, *CASES[case])
+
+
+def _refused_after_edit(export, tmp_path, edit, message) -> None:
+    """A copy of ``export`` loads; after ``edit`` it is refused with one line matching ``message``."""
     d = tmp_path / "export"
     shutil.copytree(export, d)
     serving.load(d)  # the copy loads before the edit
     edit(d)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(ExportError, match=message) as caught:
         serving.load(d)
+    assert len(str(caught.value).splitlines()) == 1
 
 
 def test_an_export_reached_through_a_link_to_its_directory_loads(export, tmp_path):
@@ -255,11 +260,4 @@ NESTED_CASES = {
 
 @pytest.mark.parametrize("case", list(NESTED_CASES))
 def test_a_tampered_own_funnel_export_is_refused_with_one_export_error(funnel_export, tmp_path, case):
-    edit, message = NESTED_CASES[case]
-    d = tmp_path / "export"
-    shutil.copytree(funnel_export, d)
-    serving.load(d)  # the copy loads before the edit
-    edit(d)
-    with pytest.raises(ExportError, match=message) as caught:
-        serving.load(d)
-    assert len(str(caught.value).splitlines()) == 1
+    _refused_after_edit(funnel_export, tmp_path, *NESTED_CASES[case])
