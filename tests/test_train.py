@@ -183,6 +183,17 @@ def test_invalid_settings_fail_before_training(tmp_path, capsys, extra, message)
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_passes_the_option_checks(config, tmp_path, capsys):
+    """The options of every config a user is pointed to pass the model's checks: the data directory,
+    given as one that does not exist, is the first thing refused (it is checked after them)."""
+    missing = tmp_path / "no-data"
+    assert main(["--config", str(config), "--data.data_dir", str(missing)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--data.data_dir {missing}: no such directory; prepare one with "
+        "`python -m recsys.data prepare --interactions FILE --items FILE --out DIR`")
+
+
 # Runs recsys.train with MLflow made unimportable: any `import mlflow` fails the run.
 WITHOUT_MLFLOW = "import sys; sys.modules['mlflow'] = None; from recsys.train import main; sys.exit(main(sys.argv[1:]))"
 
