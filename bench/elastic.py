@@ -57,6 +57,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_GAIN, GOAL_TWIN_RATIO = 1.2, 0.97
 
 
+#: the options an elastic grid needs whatever the config says (recsys.model.check_options refuses
+#: per-size networks and a per-size monitor with a grid)
+GRID_BASE = ["--model.separate_item_vectors", "false", "--model.nesting", "blocks", "--model.prefix_gradient", "1",
+             "--model.monitor_size", "mean"]
+
+
 def parse_triple(label: str) -> Triple:
     """``L2_w256_d16`` -> Triple(2, 256, 16)."""
     try:
@@ -177,7 +183,9 @@ def main() -> None:
         pairs = [[int(x) for x in p.split(":")] for p in args.pairs.split(",")]
         grid_options = ["--model.depths", json.dumps(depths), "--model.pairs", json.dumps(pairs), "--model.grid", args.grid]
     twins = [parse_triple(label) for label in args.twins.split(",")]
-    overrides = ["--seed_everything", str(args.seed)]
+    # a grid's sizes are prefixes of one network: the per-size options of a config are set back to
+    # that (a config may train its sizes as networks of their own), before any --set
+    overrides = [*GRID_BASE, "--seed_everything", str(args.seed)]
     if args.epochs:
         overrides += ["--trainer.max_epochs", str(args.epochs)]
     for item in args.set:
