@@ -1412,6 +1412,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "accuracy-sports": block_accuracy_sports,
     "twin-arms-ml-1m-cpu": block_twin_arms,
     "twin-arms-sports-cpu": lambda: block_twin_arms(SPORTS_TWIN_ARMS),
+    "twin-arms-lastfm-cpu": lambda: block_twin_arms(LASTFM_TWIN_ARMS),
     "sports-yardstick": block_sports_yardstick,
     "serve": block_serve,
     "elastic-sports": block_elastic,
