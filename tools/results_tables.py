@@ -496,9 +496,15 @@ def funnel_command(d: dict) -> str:
             f"--nprobes {joined(s['nprobes'])} --threads {joined(s['threads'])} --repeats {s['repeats']}")
 
 
+def funnel_nlist(row: dict) -> int:
+    """The IVF lists of a funnel row's first stage (an own-network funnel's is its shortlist retriever's)."""
+    settings = row["settings"]
+    return settings.get("shortlist_retriever", settings)["index"]["nlist"]
+
+
 def funnel_stage0(row: dict) -> str:
     if row["prefix_index"] == "ivf_flat":
-        return f"IVF-flat, nprobe {row['nprobe']} of {row['settings']['index']['nlist']:,}"
+        return f"IVF-flat, nprobe {row['nprobe']} of {funnel_nlist(row):,}"
     return {"exact": "exact (torch.topk)", "flat": "faiss flat"}[row["prefix_index"]]
 
 
@@ -507,7 +513,7 @@ def funnel_work_bound(row: dict, width: int) -> float:
     prefix's share of the width, times the share of the lists an IVF index probes."""
     share = row["prefix"] / width
     if row["prefix_index"] == "ivf_flat":
-        share *= row["nprobe"] / row["settings"]["index"]["nlist"]
+        share *= row["nprobe"] / funnel_nlist(row)
     return 1 / share
 
 
@@ -543,8 +549,11 @@ def funnel_goal_line(res: dict, k: int) -> str:
     return head + "; ".join(parts) + f". Goal {'met' if met else 'not met'}."
 
 
-def block_funnel() -> list[str]:
-    d = load("funnel.json")
+def block_funnel(name: str = "funnel.json") -> list[str]:
+    """The funnels of ``bench/funnel.py`` on a trained tower: prefix funnels, or (``funnel_mode``
+    own_network) each shortlist size's own network re-ranked at the full size."""
+    d = load(name)
+    own = d.get("funnel_mode") == "own_network"
     s, m, model, cat = d["settings"], d["machine"], d["model"], d["catalogue"]
     k = s["k"]
     features = cat["features"]
@@ -552,9 +561,10 @@ def block_funnel() -> list[str]:
     bags = "; ".join(f"{name}: {f['method']}" for name, f in features["bags"].items())
     trained = model["training"]
     lines = [
-        f"`{funnel_command(d)}` → `bench/results/funnel.json`. The item matrix of a trained tower: "
+        f"`{funnel_command(d)}` → `bench/results/{name}`. The item matrix of a trained tower: "
         f"{model['encoder']} with sizes {', '.join(str(x) for x in model['sizes'])}, "
         f"{'with' if model['use_id_embedding'] else 'no'} ID embedding"
+        + (f", {d['own_network']['reason']}" if own else "")
         + f", trained {trained['epochs']} epochs on `{s['data_dir']}`"
         + (f" (test NDCG@10 at the full size {f4(trained['test_ndcg_10_full'])})" if "test_ndcg_10_full" in trained else "")
         + f"; {cat['real_items']:,} real items and {cat['synthetic_items']:,} synthetic ones with features drawn like "
@@ -573,15 +583,16 @@ def block_funnel() -> list[str]:
     trunc = d["recall_of_exact_prefix_search"]
     width = model["sizes"][-1]
     first = d["results"][0]
-    lines += [f"What limits them: exact search at a prefix alone finds, of the full-size top-{k}, "
+    where = "each smaller size's own exact search finds" if own else "exact search at a prefix alone finds"
+    lines += [f"What limits them: {where}, of the full-size top-{k}, "
               + ", ".join(f"{f3(r)} at {p} dims" for p, r in trunc.items())
-              + ", so the prefix must shortlist many times k."]
+              + f", so the {'smaller size' if own else 'prefix'} must shortlist many times k."]
     for goal in (FUNNEL_TRAINED_RECALL_GOAL, max(r["recall"] for r in first["funnel"] if r["prefix_index"] == "ivf_flat")):
         ivf = [r for r in first["funnel"] if r["prefix_index"] == "ivf_flat" and r["recall"] >= goal]
         if ivf:
             cheapest = max(ivf, key=lambda r: funnel_work_bound(r, width))
             lines[-1] += (f" The IVF funnel reaches recall {f4(cheapest['recall'])} only probing {cheapest['nprobe']} of "
-                          f"{cheapest['settings']['index']['nlist']:,} lists at {cheapest['prefix']} of {width} dims: at best "
+                          f"{funnel_nlist(cheapest):,} lists at {cheapest['prefix']} of {width} dims: at best "
                           f"{ratio(funnel_work_bound(cheapest, width), 1)} fewer multiply-adds than exact search, before "
                           f"selecting the shortlist.")
             break
@@ -1397,6 +1408,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "loss": block_loss,
     "retrieval": block_retrieval,
     "funnel": block_funnel,
+    "funnel-own": lambda: block_funnel("funnel_own.json"),
     "encoders": block_encoders,
     "candidates": block_candidates,
     "prepare": block_prepare,
