@@ -1035,6 +1035,7 @@ SPORTS_TWIN_ARMS = {
 LASTFM_TWIN_ARMS = {
     "lastfm-cpu-config": None,
     "lastfm-cpu-slices-each": "lastfm-cpu-config",
+    "lastfm-cpu-slices-tied-each": "lastfm-cpu-config",
 }
 #: overrides every arm shares (the reduced protocol), left out of what an arm changes
 PROTOCOL_OVERRIDES = ("--trainer.max_epochs", "--data.max_len", "--model.sizes")
