@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from machine import cpu_model  # noqa: E402  (bench/machine.py: the script directory is on sys.path)
 from recsys.atomic import write_json_atomically  # noqa: E402
-from recsys.model import read_checkpoint  # noqa: E402
+from recsys.model import read_checkpoint, size_network  # noqa: E402
 from serving.export import own_network  # noqa: E402
 from serving.sized_model import sha256_of  # noqa: E402
 from serving.retrieval import (  # noqa: E402
@@ -79,7 +79,6 @@ from trained_catalogue import (  # noqa: E402
     output_tower,
     output_tower_name,
     query_histories,
-    size_network,
     user_vectors,
 )
 
@@ -177,7 +176,7 @@ def own_networks(model, prefixes: list[int], num_items: int, num_queries: int, d
     encoders = {}
     with torch.no_grad():
         for s in sizes:
-            net = size_network(model, s)
+            net = size_network(model.net, s)
             encoders[s] = (net, net.item_matrix())
     vectors = {s: np.ascontiguousarray(matrices[s][:, :s]) for s in sizes}  # (a shared tower's prefix; own towers are s wide)
     own = OwnNetworks(reason, {p: vectors[p] for p in prefixes}, {}, encoders, histories)

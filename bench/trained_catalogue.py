@@ -20,7 +20,7 @@ items, left-padded) through the trained encoder.
 A model whose sizes are networks of their own (``--model.separate_item_vectors``, ``--model.nesting
 slices``; docs/method.md §6, "Own-network funnel") scores each size against its own item vectors:
 :func:`item_matrices` embeds the same catalogue (the same synthetic features) through each size's
-own item tower (:func:`output_tower`), and :func:`size_network` is the network whose user vectors
+own item tower (:func:`output_tower`), and :func:`recsys.model.size_network` is the network whose user vectors
 size ``s`` serves (:func:`encode_users`).
 """
 
@@ -36,10 +36,10 @@ from recsys.data.prepared import load_prepared
 from recsys.item_features import CategoricalBag, ItemFeatures
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.item_tower import ItemTower
-from recsys.nn.nested import cut_sizes, cut_to_size
+from recsys.nn.nested import cut_to_size
 from recsys.nn.recommender import SequentialRecommender
 
-__all__ = ["FeatureSampler", "load_model", "item_matrix", "item_matrices", "output_tower", "output_tower_name", "size_network",
+__all__ = ["FeatureSampler", "load_model", "item_matrix", "item_matrices", "output_tower", "output_tower_name",
            "query_histories", "encode_users", "user_vectors"]
 
 # Synthetic items pushed through the tower at once (their features are 384 floats each).
@@ -160,23 +160,14 @@ def output_tower_name(model: MatryoshkaRecommender, size: int) -> str:
 def _output_tower(model: MatryoshkaRecommender, size: int) -> tuple[ItemTower, str]:
     if size not in model.sizes:
         raise ValueError(f"size {size} is not one of the model's sizes {list(model.sizes)}")
-    if model.item_heads is not None:
-        own = model.sizes[: len(model.item_heads)]  # as MatryoshkaRecommender.own_item_vectors
-        if size in own:
-            return model.item_heads[own.index(size)], f"item_heads[{own.index(size)}] (its own item vectors)"
+    own = model.own_item_tower(size)
+    if own is not None:
+        return own, f"item_heads[{list(model.item_heads).index(own)}] (its own item vectors)"
     if model.hparams.get("nesting", "blocks") == "slices" and size < model.sizes[-1]:
         return cut_to_size(model.net, size).items, f"the item tower cut to {size} (nesting slices)"
     if size < model.sizes[-1]:
         return model.net.items, f"the shared item tower's first {size} columns"
     return model.net.items, "the shared item tower"
-
-
-def size_network(model: MatryoshkaRecommender, size: int) -> SequentialRecommender:
-    """The network whose user vectors size ``size`` serves (their first ``size`` columns): the model
-    cut to ``size`` where it can be (``slices`` must be), else the whole model (``_size_networks``)."""
-    if size == model.sizes[-1] or size not in cut_sizes(model.net):
-        return model.net
-    return cut_to_size(model.net, size)
 
 
 def item_matrices(model: MatryoshkaRecommender, num_items: int, towers: dict, seed: int = 0) -> tuple[dict, dict]:

@@ -311,6 +311,12 @@ def _kl_entries(loss) -> list:
     return [*loss.distill[:-1], None]
 
 
+def size_network(net: SequentialRecommender, size: int) -> SequentialRecommender:
+    """The network whose user vectors size ``size`` serves (their first ``size`` columns): ``net``
+    cut to the size where it can be (with ``nesting slices`` it must be), else ``net`` itself."""
+    return net if size == net.sizes[-1] or size not in cut_sizes(net) else cut_to_size(net, size)
+
+
 class MatryoshkaRecommender(L.LightningModule):
     """Item tower + sequence encoder trained with the Matryoshka loss over ``sizes``.
 
@@ -745,14 +751,21 @@ class MatryoshkaRecommender(L.LightningModule):
         return MatryoshkaLoss((per_size * per_size.new_tensor(weights)).sum(), per_size.detach())
 
     @torch.no_grad()
+    def own_item_tower(self, size: int, heads: torch.nn.ModuleList | None = None) -> torch.nn.Module | None:
+        """The item tower of size ``size``'s own output vectors (``separate_item_vectors``; of
+        ``heads``, a copy of ``item_heads``, where given), or None where it scores the prefix of the
+        item matrix that it also reads histories through."""
+        heads = self.item_heads if heads is None else heads
+        if heads is None:
+            return None
+        own = self.sizes[: len(heads)]  # the sizes below the largest, or with "all" every size
+        return heads[own.index(size)] if size in own else None
+
     def own_item_vectors(self, size: int) -> torch.Tensor | None:
         """``(N + 1, size)``: the item vectors size ``size`` scores against when it has its own
-        (``separate_item_vectors``), or None where it scores the prefix of the shared item matrix
-        that it also reads histories through."""
-        if self.item_heads is None:
-            return None
-        own = self.sizes[: len(self.item_heads)]  # the sizes below the largest, or with "all" every size
-        return self.item_heads[own.index(size)]() if size in own else None
+        (``separate_item_vectors``), or None (:meth:`own_item_tower`)."""
+        tower = self.own_item_tower(size)
+        return None if tower is None else tower()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled
@@ -875,12 +888,12 @@ class MatryoshkaRecommender(L.LightningModule):
         if stage == "test" and self.test_checkpoints:
             owners = [self._weights_of(self.test_checkpoints[size]) for size in self.sizes]
         networks = []
-        for m, (size, owner) in enumerate(zip(self.sizes, owners)):
-            net = owner.net if size == self.sizes[-1] or size not in cut_sizes(owner.net) else cut_to_size(owner.net, size)
+        for size, owner in zip(self.sizes, owners):
+            net = size_network(owner.net, size)
             items = net.item_matrix()
             self._check_finite("item vectors", items, stage)
-            heads = owner.item_heads if owner.item_heads is not None else ()
-            networks.append((net, items, heads[m]() if m < len(heads) else items))
+            own = self.own_item_tower(size, owner.item_heads)
+            networks.append((net, items, items if own is None else own()))
         return networks
 
     def _weights_of(self, checkpoint: str) -> torch.nn.Module:
