@@ -236,7 +236,7 @@ def own_network(model, size: int) -> str | None:
     vectors (its own item vectors, or sliced weights); None when it does not."""
     if model.hparams.get("nesting", "blocks") == "slices":
         return "is a network of its own (--model.nesting slices)"
-    if model.own_item_vectors(size) is not None:
+    if model.own_item_tower(size) is not None:
         return "scores items with its own item vectors (--model.separate_item_vectors)"
     return None
 
