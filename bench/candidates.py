@@ -14,12 +14,12 @@ Each row records the split of the job's wall time: ``read`` (reading each part i
 overlaps the next part) and ``other`` (the rest: validating the input, listing users, the manifest).
 Beside the job, ``search only`` times the two exact retrievers on the same random user vectors
 (``--search-queries`` of them, k=100, no exclusion, median of ``--repeats``): torch exact
-(``serving/retrieval/exact.py``) and faiss flat (``IndexFlatIP``), and names the faster one, on
+(``recsys/retrieval/exact.py``) and faiss flat (``IndexFlatIP``), and names the faster one, on
 the device the job ran on.
 
 Each run is checked complete: every input user exactly once in the output, with k rows each.
 
-The exports come from the real export path (``serving.export.export_size``) applied to an
+The exports come from the real export path (``recsys.export.export_size``) applied to an
 untrained model (nested LRU encoder, max_len 50, sizes 32..256) whose item tower reads synthetic
 32-d features: an untrained model costs the same as a trained one. The log: users with 1 + a
 geometric number of events (mean about 20, at most 200) over Zipf-popular items.
@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recsys.item_features import ItemFeatures  # noqa: E402
 from recsys.model import MatryoshkaRecommender  # noqa: E402
 from serving.candidates import generate_candidates  # noqa: E402
-from serving.export import export_size  # noqa: E402
+from recsys.export import export_size  # noqa: E402
 from serving.sized_model import SizedRecommender  # noqa: E402
 from recsys.atomic import write_json_atomically  # noqa: E402
 from baseline import unpack_commit  # bench/baseline.py (the script directory is on sys.path)
@@ -103,7 +103,7 @@ def make_exports(num_items: int, sizes: tuple[int, ...], out: Path, seed: int = 
 def search_only(export: Path, k: int, num_queries: int, repeats: int, device: str) -> dict:
     """Users per second of torch exact search and of a faiss flat index over the export's item
     matrix, on the same random user vectors (median of ``repeats`` after a warm-up)."""
-    from serving.retrieval import ExactRetriever
+    from recsys.retrieval import ExactRetriever
 
     model = SizedRecommender(export, device=device)
     items = model.item_matrix[1:]

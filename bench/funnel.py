@@ -15,12 +15,12 @@ Each funnel setting is also timed without its re-ranking (the first stage alone)
 of the exact top-``k`` its shortlist holds.
 
 Where the checkpoint's sizes are networks of their own (``--model.separate_item_vectors``,
-``--model.nesting slices``: the rule of ``serving.export.own_network``) the prefix of the full-size
+``--model.nesting slices``: the rule of ``recsys.export.own_network``) the prefix of the full-size
 vectors was never trained to rank, and the funnels are own-network funnels instead
 (``"funnel_mode": "own_network"``; docs/method.md §6): each ``--prefixes`` entry names a smaller
 size ``p`` of the model, whose own user vectors search its own item vectors (the same catalogue,
 synthetic items through size ``p``'s own item tower) for the shortlist, and the full size re-ranks
-it exactly with its own user and item vectors (``serving.retrieval.rerank``). The truth is then the
+it exactly with its own user and item vectors (``recsys.retrieval.rerank``). The truth is then the
 exact top-``k`` of the full size's own vectors. The queries of both sizes are computed once; the
 size-``p`` encoder pass the funnel adds is timed on its own (``encode_ms``, ``shortlist_encode_ms``).
 Otherwise (blocks, tied item vectors) ``"funnel_mode": "prefix"``.
@@ -58,9 +58,9 @@ sys.path.insert(0, str(ROOT))
 from machine import cpu_model  # noqa: E402  (bench/machine.py: the script directory is on sys.path)
 from recsys.atomic import write_json_atomically  # noqa: E402
 from recsys.model import read_checkpoint, size_network  # noqa: E402
-from serving.export import own_network  # noqa: E402
+from recsys.export import own_network  # noqa: E402
 from serving.sized_model import sha256_of  # noqa: E402
-from serving.retrieval import (  # noqa: E402
+from recsys.retrieval import (  # noqa: E402
     ExactRetriever,
     FaissRetriever,
     FunnelRetriever,
@@ -143,7 +143,7 @@ class OwnNetworks:
     its own item vectors and its own user vectors of the queries, and per size (the full one too)
     the network, input item matrix and histories that time its encoder pass."""
 
-    reason: str  # why the sizes are networks of their own (serving.export.own_network)
+    reason: str  # why the sizes are networks of their own (recsys.export.own_network)
     items: dict[int, np.ndarray]  # p -> (N, p), size p's own item vectors of the catalogue
     queries: dict[int, np.ndarray]  # p -> (B, p), size p's own user vectors of the query users
     encoders: dict[int, tuple]  # size -> (network, its input item matrix) for the timed encoder pass
@@ -156,7 +156,7 @@ class OwnNetworks:
 
 def own_network_reason(model) -> str | None:
     """Why the funnels of this checkpoint shortlist with a smaller size's own network (one of its
-    sizes serves with a network of its own, ``serving.export.own_network``); None: prefix funnels."""
+    sizes serves with a network of its own, ``recsys.export.own_network``); None: prefix funnels."""
     for size in model.sizes:
         why = own_network(model, size)
         if why is not None:
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             "item_vectors": {str(s): output_tower_name(model, s) for s in [*args.prefixes, model.sizes[-1]]},
             "queries": "each size's own user vectors of the same users (its own network over the history)",
             "items": "each size's own item vectors of the same catalogue (synthetic items through its own item tower)",
-            "rerank": "the full size's own user and item vectors (serving.retrieval.rerank)",
+            "rerank": "the full size's own user and item vectors (recsys.retrieval.rerank)",
             "timing": "latency_ms and stage0_ms search precomputed queries; encode_ms (per thread count, per size) "
                       "and shortlist_encode_ms (per row) time the encoder pass of the query batch alone (median)",
         }

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["recsys.train", "recsys.data", "serving.export", "serving.candidates"]
+COMMANDS = ["recsys.train", "recsys.data", "recsys.export", "serving.candidates"]
 
 
 def time_help(command: str, tree: Path) -> float:

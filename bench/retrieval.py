@@ -2,7 +2,7 @@
 
 For catalogues of 10^4, 10^5 and 10^6 items and each size ``s`` in (32, 64, 128, 256):
 
-- per index kind (flat, ivf_flat, hnsw, ivf_pq, default settings of ``serving.retrieval.IndexSpec``):
+- per index kind (flat, ivf_flat, hnsw, ivf_pq, default settings of ``recsys.retrieval.IndexSpec``):
   build time, latency per batch of 256 queries at k=100 (median over repeats), recall@100 of the
   exact *full-size* top-100 (what the size-s model loses, truncation plus index) and of the exact
   size-s top-100 (what the index alone loses);
@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsys.atomic import write_json_atomically  # noqa: E402
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
-from serving.retrieval.faiss_index import is_gpu_index  # noqa: E402
-from serving.retrieval import (  # noqa: E402
+from recsys.retrieval.faiss_index import is_gpu_index  # noqa: E402
+from recsys.retrieval import (  # noqa: E402
     KINDS,
     FaissRetriever,
     FunnelRetriever,

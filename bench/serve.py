@@ -5,7 +5,7 @@
 
 Without ``--checkpoint`` it first trains the built-in recipe (``configs/default.yaml``, the
 synthetic log) for ``--epochs`` epochs through ``python -m recsys.train --tracking csv``. Then it
-exports size ``--size`` (``python -m serving.export``), starts the server as its own process at a
+exports size ``--size`` (``python -m recsys.export``), starts the server as its own process at a
 free port, and measures, one after another (so that they never share the cores):
 
 1. in-process ``recommend`` of one history per call (the model loaded in this process): the time
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
                        "test": next(r for r in results if r["size"] == args.size)}
         else:
             checkpoint, data_dir = args.checkpoint, args.data_dir
-        run([sys.executable, "-m", "serving.export", "--checkpoint", str(checkpoint), "--dims", str(args.size),
+        run([sys.executable, "-m", "recsys.export", "--checkpoint", str(checkpoint), "--dims", str(args.size),
              "--out", str(work / "exports")], work / "export.log")
         export = work / "exports" / f"d{args.size}"
 

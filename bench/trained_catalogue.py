@@ -147,7 +147,7 @@ def _tower_over(trained: ItemTower, features: ItemFeatures) -> ItemTower:
 
 def output_tower(model: MatryoshkaRecommender, size: int) -> ItemTower:
     """The item tower whose vectors size ``size`` scores against, as it serves alone
-    (``serving.export``): its own item vectors (``separate_item_vectors``), else with ``nesting
+    (``recsys.export``): its own item vectors (``separate_item_vectors``), else with ``nesting
     slices`` its own cut of the tower, else the shared tower (whose first ``size`` columns it uses)."""
     return _output_tower(model, size)[0]
 

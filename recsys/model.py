@@ -351,7 +351,7 @@ class MatryoshkaRecommender(L.LightningModule):
             its own, from an item tower of its own (MRL's separate classifiers; the histories are
             still read through the shared tower's prefixes); ``"all"``: the largest too (for one
             size: output item vectors untied from the input ones). An export of such a size holds
-            and searches its own item vectors (``serving/export_dir.py``). The loss is one per
+            and searches its own item vectors (``recsys/export_dir.py``). The loss is one per
             size, each against its own matrix; no funnel over those vectors.
         prefix_gradient: with ``separate_item_vectors`` (or ``nesting="slices"``), the factor on the
             gradient that a size's loss sends to the weights of the smaller sizes' chunks (every

@@ -6,7 +6,7 @@
 The size's logged model (``recsys.train`` logs one per size) becomes a version of the registered
 model NAME (created when new; the version it already is when registered before), and ALIAS points at
 that version (moved there from any other). It prints the URI ``models:/NAME@ALIAS``, which
-``make serve MODEL=...``, ``python -m serving.rest --model``, ``python -m serving.export --model-uri``
+``make serve MODEL=...``, ``python -m serving.rest --model``, ``python -m recsys.export --model-uri``
 and ``mlflow.pyfunc.load_model`` take.
 
 RUN_ID is the training run (the training prints it at its end) or one size's run under it (a row
@@ -134,7 +134,7 @@ def _size_runs(client, run) -> list[str]:
 
 
 def _export_options(label: str) -> str:
-    """``serving.export``'s options for the size ``label`` (d64, or a triple L2_w128_d64)."""
+    """``recsys.export``'s options for the size ``label`` (d64, or a triple L2_w128_d64)."""
     if TRIPLE.fullmatch(label):
         depth, width, size = _label_order(label)
         return f"--depth {depth} --width {width} --dims {size}"
@@ -183,7 +183,7 @@ def _register(client, run_id: str, size: str, label: str, name: str, alias: str,
         if label in known:
             raise RegisterError(f"--run-id {run_id}: size {label} of run '{run.info.run_name}' has no logged model "
                                 f"(it was trained with --mlflow.log_models false); export it instead: "
-                                f"python -m serving.export --run-id {run.info.run_id} {_export_options(label)} --out exports/")
+                                f"python -m recsys.export --run-id {run.info.run_id} {_export_options(label)} --out exports/")
         has = f"its sizes: {', '.join(known)}" if known else "it has no sizes (not a run of recsys.train?)"
         raise RegisterError(f"--size {size}: run '{run.info.run_name}' ({run.info.run_id}) has no size {label}; {has}")
     model = models[label]

@@ -15,7 +15,7 @@ whose model is DMP around the LightningModule instead of DDP. It also
   ``sharding_plan``;
 * writes checkpoints with whole tables (gathered from the shards to rank zero), so a checkpoint
   of a sharded run is a plain one: ``MatryoshkaRecommender.from_checkpoint`` and
-  ``serving.export`` load it in one process, without torchrec's distributed parts;
+  ``recsys.export`` load it in one process, without torchrec's distributed parts;
 * gives the LightningModule whole tables back when fitting ends (on every process), so testing
   the best checkpoint, the per-size report and export run on a plain model (the test stage holds
   the tables whole in every process, as DDP does);

@@ -1,7 +1,8 @@
 """MLflow: where a person compares the sizes of one training run and picks one to ship.
 
-Only the MLflow side lives here (settings, the store lock, the logger, params and tags, logged
-models); the tables, plot and per-size rows themselves are :mod:`recsys.reporting`. Nothing here
+Only the MLflow side lives here (settings, the store lock, the logger, params and tags, the size
+runs); the tables, plot and per-size rows themselves are :mod:`recsys.reporting`, the logged models
+:mod:`recsys.logged_models`. Nothing here
 imports ``mlflow`` until a run starts.
 
 One run per training, named after what it trained (``lru d16-128 ml-1m 12-02 07:06:38``), holds:
@@ -296,80 +297,6 @@ def log_grid_metrics(
     finish_size_runs(client, start_size_runs(client, run_id, rows) if size_runs is None else size_runs, rows)
 
 
-def log_grid_models(
-    run_id: str, export_dirs: dict[str, Path], rows: list[dict[str, Any]], register_as: str | None
-) -> dict[str, str]:
-    """One pyfunc model per trained triple, named by its label (``L2_w128_d64``), with its depth,
-    width, size and parameters as params; returns model URIs by label."""
-    import mlflow
-
-    by_label = {r["triple"]: r for r in rows}
-    client = mlflow.MlflowClient()
-    size_runs = start_size_runs(client, run_id, rows)
-    logged = {}
-    for label, directory in export_dirs.items():
-        r = by_label[label]
-        params = {"depth": str(r["depth"]), "width": str(r["width"]), "size": str(r["size"]),
-                  "parameters": str(r["parameters"])}
-        logged[label] = _log_pyfunc(size_runs[label], label, directory, params,
-                                    f"{register_as}-{label}" if register_as else None, training_run_id=run_id)
-    log_grid_metrics(client, run_id, rows, {label: info.model_id for label, info in logged.items()}, size_runs)
-    return {label: info.model_uri for label, info in logged.items()}
-
-
-def _log_pyfunc(run_id: str, name: str, directory: Path, params: dict[str, str], registered: str | None,
-                training_run_id: str | None = None):
-    """Log the export in ``directory`` as pyfunc model ``name`` of ``run_id`` (model from code); a
-    size's run (``run_id``) lists it as its model, and ``training_run_id``, its parent, as an output too."""
-    import mlflow
-    import pandas as pd
-    from mlflow.entities import LoggedModelOutput
-
-    import serving
-    from serving import pyfunc
-
-    wrapper = pyfunc.SizedRecommenderPyfunc()
-    wrapper.model = serving.load(directory)
-    example = pd.DataFrame({"history": [wrapper.model.item_ids[:3]]})
-    with mlflow.start_run(run_id=run_id):
-        # created first, so that it keeps these params only (log_model would copy in the run's params)
-        entry = mlflow.initialize_logged_model(name=name, source_run_id=run_id,
-                                               params={**params, "encoder": wrapper.model.manifest["encoder"]})
-        info = mlflow.pyfunc.log_model(
-            name=entry.name,
-            model_id=entry.model_id,
-            python_model=str(Path(pyfunc.__file__)),
-            artifacts={"export": str(directory)},
-            signature=pyfunc.signature(),
-            input_example=example,
-            pip_requirements=_requirements(),
-            registered_model_name=registered,
-        )
-    if training_run_id is not None:
-        mlflow.MlflowClient().log_outputs(training_run_id, [LoggedModelOutput(entry.model_id, step=0)])
-    return info
-
-
-def log_size_models(
-    run_id: str, export_dirs: dict[int, Path], rows: list[dict[str, Any]], register_as: str | None
-) -> dict[int, str]:
-    """One pyfunc model per size in ``run_id`` (model from code: nothing pickled); returns model URIs."""
-    import mlflow
-
-    by_size = {r["size"]: r for r in rows}
-    client = mlflow.MlflowClient()
-    size_runs = start_size_runs(client, run_id, rows)
-    logged = {}
-    for size, directory in export_dirs.items():
-        params = {"size": str(size), "parameters": str(by_size[size]["parameters"])}
-        logged[size] = _log_pyfunc(size_runs[f"d{size}"], f"d{size}", directory, params,
-                                   f"{register_as}-d{size}" if register_as else None, training_run_id=run_id)
-    # Link each model's own test metrics only after all are logged (log_model links every metric
-    # already in its run at its step, 0, to the new model); the size runs get theirs after it too.
-    log_size_metrics(client, run_id, rows, {size: info.model_id for size, info in logged.items()}, size_runs)
-    return {size: info.model_uri for size, info in logged.items()}
-
-
 # -- one child run per size --------------------------------------------------------------------------
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own: the runs table nests the run under its parent
@@ -437,10 +364,3 @@ def finish_size_runs(client, size_runs: dict[str, str], rows: list[dict[str, Any
         metrics = [Metric(child_metric_name(k), float(v), now, 0) for k, v in row.items() if k not in ("triple", *ROW_PARAMS)]
         client.log_batch(child, metrics=metrics)
         client.set_terminated(child)
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    names = ["torch", "polars", "safetensors", "numpy", "pandas", "mlflow"]
-    return [f"{n}=={version(n)}" for n in names]

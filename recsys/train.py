@@ -408,52 +408,20 @@ class MLflowRun:
         from recsys.tracking import log_results
 
         log_results(self.logger.experiment, self.run_id, rows, title, ranks)
-        for path in checkpoints:  # the best one, or each size's (serving.export --run-id takes a size's own)
+        for path in checkpoints:  # the best one, or each size's (recsys.export --run-id takes a size's own)
             self.logger.experiment.log_artifact(self.run_id, path, "checkpoints")
 
     def log_models(self, best: str | None, model: MatryoshkaRecommender, rows: list[dict[str, Any]],
-                   best_by_size: dict[int, str] | None = None) -> dict[int, str] | None:
-        from recsys.nn.nested import cut_sizes
-        from recsys.tracking import log_size_metrics, log_size_models
+                   best_by_size: dict[int, str] | None = None) -> dict | None:
+        if self.settings.log_models and best:
+            from recsys.logged_models import log_trained_models
 
-        if not (self.settings.log_models and best):
-            if model.trained_triples is not None:
-                from recsys.tracking import log_grid_metrics
+            return log_trained_models(self.run_id, model, best, best_by_size, rows, self.settings.register_as)
+        from recsys.tracking import log_grid_metrics, log_size_metrics
 
-                log_grid_metrics(self.logger.experiment, self.run_id, rows, {})
-            else:
-                log_size_metrics(self.logger.experiment, self.run_id, rows, {})
-            return None
-        from serving.export import export_each_size
-
-        if model.trained_triples is not None:  # an elastic run: one model per trained triple
-            return self._log_grid_models(best, model, rows)
-        sizes = list(cut_sizes(model.net))
-        export_log = logging.getLogger("serving.export")
-        level = export_log.level
-        export_log.setLevel(logging.WARNING)  # it exports to temporary directories here: no news for the user
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint_of = {s: (best_by_size or {}).get(s, best) for s in sizes}
-                dirs = export_each_size(checkpoint_of, tmp, source={"mlflow_run_id": self.run_id})
-                return log_size_models(self.run_id, dict(zip(sizes, dirs)), rows, self.settings.register_as)
-        finally:
-            export_log.setLevel(level)
-
-    def _log_grid_models(self, best: str, model: MatryoshkaRecommender, rows: list[dict[str, Any]]) -> dict[str, str]:
-        from recsys.tracking import log_grid_models
-        from serving.export import export_sizes
-
-        export_log = logging.getLogger("serving.export")
-        level = export_log.level
-        export_log.setLevel(logging.WARNING)
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                dirs = {t.label: export_sizes(best, [t.size], Path(tmp), source={"mlflow_run_id": self.run_id},
-                                              width=t.width, depth=t.depth)[0] for t in model.trained_triples}
-                return log_grid_models(self.run_id, dirs, rows, self.settings.register_as)
-        finally:
-            export_log.setLevel(level)
+        log_metrics = log_size_metrics if model.trained_triples is None else log_grid_metrics
+        log_metrics(self.logger.experiment, self.run_id, rows, {})
+        return None
 
     def where(self) -> str:
         from recsys.tracking import DEFAULT_TRACKING_URI, run_url
@@ -468,7 +436,7 @@ class MLflowRun:
         return f"MLflow run '{run.info.run_name}' ({self.run_id}) in {uri}\nsee every size: {see}"
 
     def export_hint(self, best: str, dims: int) -> str:
-        return f"{command_of('serving.export')} --run-id {self.run_id} --dims {dims} --out exports/"
+        return f"{command_of('recsys.export')} --run-id {self.run_id} --dims {dims} --out exports/"
 
 
 class CSVRun:
@@ -542,14 +510,14 @@ class CSVRun:
         write_results(self.run_dir, rows, title, ranks)
 
     def log_models(self, best, model, rows, best_by_size=None) -> None:
-        return None  # logged models are MLflow's; export a size with serving.export --checkpoint
+        return None  # logged models are MLflow's; export a size with recsys.export --checkpoint
 
     def where(self) -> str:
         return (f"run directory {self.run_dir} (metrics.csv, results.md, results.json, test_ranks.parquet, "
                 f"{PLOT_FILE} or, for a grid of sub-models, {GRID_PLOT_FILE})")
 
     def export_hint(self, best: str, dims: int) -> str:
-        return f"{command_of('serving.export')} --checkpoint {best} --dims {dims} --out exports/"
+        return f"{command_of('recsys.export')} --checkpoint {best} --dims {dims} --out exports/"
 
 
 # -- the progress bar ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Serving: size-specific exports, retrieval indexes and batch candidate generation.
+"""Serving: load a size-specific export (written by ``python -m recsys.export``), answer online
+requests, and run batch candidate jobs.
 
-``serving.load`` and friends are imported on first use, so that ``import serving.retrieval`` does not
-pull in the model code (torch, torchrec, Lightning).
+``serving.load`` and friends are imported on first use, so that ``import serving.rest`` or
+``serving.retrieval`` does not pull in the model code (torch, torchrec).
 """
 
 __all__ = ["load", "SizedRecommender", "ExportError", "UnknownItemsError"]

@@ -2,7 +2,7 @@
 
     python -m serving.candidates --model EXPORT_DIR --input HISTORIES --k 100 --out OUT_DIR
 
-``EXPORT_DIR`` is one size written by ``python -m serving.export`` (e.g. ``exports/d64``): the job
+``EXPORT_DIR`` is one size written by ``python -m recsys.export`` (e.g. ``exports/d64``): the job
 runs at the size the team chose by picking that directory.
 
 Input
@@ -60,7 +60,7 @@ directory ``OUT_DIR/.staging-SSSSS`` with one hive partition per part (its recor
 before it is deleted), deleted at the end. Each
 part is then read alone, turned into histories, scored in batches of ``--batch-size`` users (users
 of similar history length together: each batch is encoded over its real positions only, then
-searched exactly with blocked matrix products and a streaming top-k, ``serving/retrieval/exact.py``)
+searched exactly with blocked matrix products and a streaming top-k, ``recsys/retrieval/exact.py``)
 and handed to a writer thread, which writes it while the next part is read and scored.
 
 Resuming and idempotence
@@ -159,7 +159,7 @@ from recsys.data.readers import (
 from recsys.data.time_order import parse_order_key
 from recsys.errors import UserError, exit_code_of
 from recsys.runtime import reuse_freed_memory
-from serving.export_dir import MANIFEST, sha256_of
+from recsys.export_dir import MANIFEST, sha256_of
 from serving.sized_model import SizedRecommender
 
 __all__ = ["CandidatesError", "InputSpec", "generate_candidates", "stable_user_hash", "parse_shard", "main"]

@@ -20,28 +20,7 @@ from __future__ import annotations
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
-
-
-def signature() -> ModelSignature:
-    """Histories of any id type (text or integers: the catalogue's own, checked by ``serving/item_ids.py``)."""
-    return ModelSignature(
-        inputs=Schema([ColSpec(Array(AnyType()), "history")]),
-        outputs=Schema(
-            [
-                ColSpec(Array(AnyType()), "item_ids"),
-                ColSpec(Array(DataType.double), "scores"),
-                ColSpec(Array(AnyType()), "unknown"),
-                ColSpec(DataType.boolean, "fallback"),
-            ]
-        ),
-        params=ParamSchema(
-            [ParamSpec("k", DataType.long, 10), ParamSpec("exclude_seen", DataType.boolean, True),
-             ParamSpec("strict", DataType.boolean, False)]
-        ),
-    )
 
 
 def _histories(model_input) -> list:

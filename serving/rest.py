@@ -3,7 +3,7 @@
     python -m serving.rest --model exports/d64 --port 8000
     python -m serving.rest --model models:/NAME-d64@champion --port 8000
 
-``--model`` is an export directory (``python -m serving.export``) or an MLflow model URI of a
+``--model`` is an export directory (``python -m recsys.export``) or an MLflow model URI of a
 size logged by ``recsys.train`` (``models:/NAME@alias``, ``models:/NAME/VERSION``), which is then
 downloaded once into a temporary directory; MLflow is imported in that case only. The endpoint is
 an ASGI application (FastAPI) run by uvicorn, on 127.0.0.1 unless ``--host`` says otherwise:
@@ -53,7 +53,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors import Multiprocess
 
 from recsys.errors import UserError
-from serving.json_depth import nests_deeper_than
+from recsys.json_depth import nests_deeper_than
 from serving.online import FIELDS, Limits, RequestError, answer, parse_request
 
 __all__ = ["ServeError", "Server", "make_app", "make_server", "resolve_model", "main"]
@@ -452,10 +452,10 @@ def resolve_model(model: str, workdir: Path) -> Path:
         import mlflow  # noqa: F401 (only for a URI: serving itself runs without MLflow)
     except ImportError:
         raise ServeError(f"--model {model}: an MLflow URI needs MLflow, which is not installed; give an export directory") from None
-    from serving.export import _export_of_model_uri
+    from recsys.export_dir import fetch_export
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
-    (export_dir,) = _export_of_model_uri(model, None, workdir)
+    (export_dir,) = fetch_export(model, None, workdir)
     return export_dir
 
 

@@ -1,7 +1,7 @@
 """A model exported at one size, loaded without the training code: ``serving.load(DIR)``.
 
 The files of an export directory, and what is checked before any of them is used (every file the
-loader reads is listed in the manifest and verified), are described in ``serving/export_dir.py``.
+loader reads is listed in the manifest and verified), are described in ``recsys/export_dir.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from recsys.nn.grid import Triple
 from recsys.nn.item_tower import FixedItemMatrix
 from recsys.nn.nested import nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
-from serving.export_dir import (
+from recsys.export_dir import (
     FORMAT_VERSION,
     MANIFEST,
     NESTED_EXPORTS,
@@ -36,7 +36,7 @@ from serving.export_dir import (
 from serving.item_ids import ItemLookup, id_column
 
 if TYPE_CHECKING:
-    from serving.retrieval import Retriever
+    from recsys.retrieval import Retriever
 
 __all__ = ["ExportError", "UnknownItemsError", "SizedRecommender", "load", "sha256_of", "FORMAT_VERSION"]
 
@@ -64,7 +64,7 @@ class SizedRecommender:
     An elastic export (``width`` and ``depth`` in the manifest) encodes with the encoder cut to
     that width and depth (from ``Z[:, :width]``), through its vector head when ``s < width``.
 
-    ``retriever`` (a :class:`serving.retrieval.Retriever`, the one the manifest names) searches
+    ``retriever`` (a :class:`recsys.retrieval.Retriever`, the one the manifest names) searches
     ``Z[1:, :s]``; its row ``r`` is item row ``r + 1``. An own-network funnel (retriever
     ``"own_funnel"``) has none: ``shortlister``, the smaller size's export inside this one, finds
     each history's ``shortlist`` best items with its own encoder, item vectors and retriever, and
@@ -95,7 +95,7 @@ class SizedRecommender:
         self.item_ids: list[Hashable] = items["item_id"].to_list()
         self.popularity = torch.from_numpy(items["popularity"].to_numpy().astype(np.float32))
         self.item_lookup = ItemLookup(items["item_id"])
-        from serving.retrieval import ExactRetriever, load_retriever, retriever_entry
+        from recsys.retrieval import ExactRetriever, load_retriever, retriever_entry
 
         self.retriever: Retriever | None = None  # None for an own-network funnel
         self.shortlister: SizedRecommender | None = None
@@ -118,7 +118,7 @@ class SizedRecommender:
     def _shortlister(self, entry: dict) -> tuple[SizedRecommender, int]:
         """The export inside this one that shortlists for an own-network funnel, and its shortlist
         length: of a smaller size, over the same items, and listed in the manifest's nested exports."""
-        from serving.retrieval.checks import check_int
+        from recsys.retrieval.checks import check_int
 
         unknown = sorted(set(entry) - {"kind", "shortlist_export", "shortlist", "prefix_size"})
         if unknown:
@@ -258,7 +258,7 @@ class SizedRecommender:
         ``rows``, seen items excluded there) and re-scores them with ``users`` and this size's items."""
         if self.shortlister is None:
             return self.retriever.search(users, k, exclude=exclude)
-        from serving.retrieval import rerank
+        from recsys.retrieval import rerank
 
         inner = self.shortlister
         _, candidates = inner._search(rows, inner.encode_rows(rows), max(self.shortlist, k), exclude)
@@ -284,5 +284,5 @@ class SizedRecommender:
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> SizedRecommender:
-    """Load an export directory written by ``python -m serving.export``."""
+    """Load an export directory written by ``python -m recsys.export``."""
     return SizedRecommender(directory, device=device)

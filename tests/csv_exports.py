@@ -9,7 +9,7 @@ import torch
 
 from recsys.data import load_prepared, prepare
 from recsys.model import MatryoshkaRecommender, catalogue_of
-from serving.export import export_sizes
+from recsys.export import export_sizes
 
 #: integer item ids whose text order ("10" < "1000" < "105" < "2") is not their numeric order
 INT_ITEMS = [2, 7, 10, 33, 105, 1000]

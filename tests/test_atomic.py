@@ -4,7 +4,7 @@ The kill tests run a small child process that replaces a directory and kills its
 (``SIGKILL``: nothing can clean up) at a chosen step of the commit, with the swap
 (``renameat2(RENAME_EXCHANGE)``) and with the fallback (backup name, two renames). After each kill
 the target is the whole old or the whole new directory; the next writer into the directory removes
-the leftovers, but never those of a process still running. The same through ``serving.export``:
+the leftovers, but never those of a process still running. The same through ``recsys.export``:
 ``tests/test_reliability.py::test_reexport_killed_with_sigkill_at_the_commit_keeps_a_whole_export``.
 """
 

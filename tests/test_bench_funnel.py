@@ -15,7 +15,7 @@ from recsys.data.prepared import load_prepared
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.item_tower import ItemTower
 from recsys.nn.nested import cut_to_size
-from serving.retrieval import recall_at_k, torch_topk
+from recsys.retrieval import recall_at_k, torch_topk
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SIZES = [8, 16, 32]

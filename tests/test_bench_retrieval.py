@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.retrieval import FaissRetriever, IndexSpec, torch_topk
+from recsys.retrieval import FaissRetriever, IndexSpec, torch_topk
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

@@ -17,7 +17,7 @@ from recsys.data.errors import DataValidationError
 from recsys.item_features import ItemFeatures
 from recsys.model import MatryoshkaRecommender
 from serving.candidates import CandidatesError, generate_candidates, main, stable_user_hash
-from serving.export import export_sizes
+from recsys.export import export_sizes
 from serving.sized_model import ExportError
 
 N_ITEMS = 40

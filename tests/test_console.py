@@ -19,7 +19,7 @@ from recsys.nn.encoders import FLAT_OPTION_GROUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["lightning", "mlflow", "transformers", "sentence_transformers", "torch"]
-COMMANDS = ["recsys.train", "recsys.data", "serving.export", "serving.candidates"]
+COMMANDS = ["recsys.train", "recsys.data", "recsys.export", "serving.candidates"]
 
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -130,6 +130,6 @@ def test_printed_commands_name_this_environments_python(tmp_path, monkeypatch):
     from recsys.console import command_of
 
     monkeypatch.chdir(tmp_path)
-    assert command_of("serving.export") == f"{sys.executable} -m serving.export"
+    assert command_of("recsys.export") == f"{sys.executable} -m recsys.export"
     monkeypatch.chdir(Path(sys.executable).parent)
-    assert command_of("serving.export") == f"./{Path(sys.executable).name} -m serving.export"
+    assert command_of("recsys.export") == f"./{Path(sys.executable).name} -m recsys.export"

@@ -1,4 +1,4 @@
-"""Exporting one elastic sub-model (``serving.export --depth D --width W --dims S``) and serving it."""
+"""Exporting one elastic sub-model (``recsys.export --depth D --width W --dims S``) and serving it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import serving
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.grid import Triple, vector_groups
 from recsys.nn.nested import nested_parameter_count
-from serving.export import export_sizes, main as export_main
+from recsys.export import export_sizes, main as export_main
 from serving.sized_model import ExportError
 from tests.test_export import N, SIZES, _features
 

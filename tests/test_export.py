@@ -14,7 +14,7 @@ import serving
 from recsys.item_features import CategoricalBag, ItemFeatures
 from recsys.model import MatryoshkaRecommender
 from recsys.nn.nested import cut_to_size, nested_parameter_count
-from serving.export import export_sizes, main as export_main
+from recsys.export import export_sizes, main as export_main
 from serving.sized_model import ExportError, UnknownItemsError
 
 SIZES = [8, 16, 32]
@@ -319,7 +319,7 @@ def test_a_read_only_out_is_one_line(checkpoint, tmp_path, capsys):
 def test_a_full_disk_is_one_line_and_the_old_export_stays_whole(checkpoint, tmp_path, monkeypatch, capsys, error):
     import errno
 
-    import serving.export as export
+    import recsys.export as export
     from safetensors import SafetensorError
 
     path, _, _ = checkpoint
@@ -359,7 +359,7 @@ def test_exports_racing_into_one_place_both_succeed_with_a_whole_export(checkpoi
     out = tmp_path / "exports"
     root = Path(__file__).resolve().parents[1]
     racers = [
-        subprocess.Popen([sys.executable, "-m", "serving.export", "--checkpoint", str(path), "--dims", "8,16", "--out", str(out)],
+        subprocess.Popen([sys.executable, "-m", "recsys.export", "--checkpoint", str(path), "--dims", "8,16", "--out", str(out)],
                          cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(4)
     ]
@@ -372,7 +372,7 @@ def test_exports_racing_into_one_place_both_succeed_with_a_whole_export(checkpoi
 
 def test_the_command_catches_user_errors_only(checkpoint, tmp_path, monkeypatch):
     """A ValueError of our own (a defect) keeps its traceback; it is not shown as a user's error."""
-    import serving.export as export
+    import recsys.export as export
 
     path, _, _ = checkpoint
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 import serving
 from recsys.item_features import ItemFeatures
 from recsys.model import MatryoshkaRecommender
-from serving.export import export_sizes
-from serving.export_dir import ExportError, sha256_of
+from recsys.export import export_sizes
+from recsys.export_dir import ExportError, sha256_of
 
 N_ITEMS = 20
 

@@ -72,7 +72,7 @@ def _items_and_queries():
 
 
 def test_exact_search_matches_cpu():
-    from serving.retrieval import ExactRetriever
+    from recsys.retrieval import ExactRetriever
 
     items, queries = _items_and_queries()
     exclude = [np.arange(b, 20_000, 997) for b in range(len(queries))]  # seen items, per user
@@ -83,8 +83,8 @@ def test_exact_search_matches_cpu():
 
 
 def test_faiss_flat_on_gpu_matches_cpu():
-    from serving.retrieval import FaissRetriever, IndexSpec, gpu_available
-    from serving.retrieval.faiss_index import is_gpu_index
+    from recsys.retrieval import FaissRetriever, IndexSpec, gpu_available
+    from recsys.retrieval.faiss_index import is_gpu_index
 
     if not gpu_available():
         pytest.skip("this faiss is not the GPU build")

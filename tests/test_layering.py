@@ -6,6 +6,7 @@ Each check runs in a fresh interpreter, since this test process has imported eve
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -43,7 +44,7 @@ def _imported(script: str, *args: str, watch: list[str]) -> list[str]:
 def _export(directory: Path) -> tuple[Path, list[str]]:
     """A tiny model with a text vector, a tag bag and an ID table, exported at one size."""
     from recsys.model import MatryoshkaRecommender
-    from serving.export import export_sizes
+    from recsys.export import export_sizes
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 3, (N + 1,), generator=g)
@@ -129,3 +130,55 @@ def test_the_data_package_names_the_leaf_classes():
     assert set(recsys.data.__all__) <= set(dir(recsys.data))
     for name in recsys.data.__all__:
         assert getattr(recsys.data, name) is not None
+
+
+def _import_drawing() -> dict[str, set[str]]:
+    """Which of the project's modules each module of ``recsys`` and ``serving`` imports anywhere (at
+    the top or inside a function), by name: ``{module: {module it imports}}``."""
+    def name_of(path: Path) -> str:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(p): p for package in ("recsys", "serving") for p in (ROOT / package).rglob("*.py")}
+
+    def project_module(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    drawing = {}
+    for module, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            imported |= {m for n in names if (m := project_module(n)) and not (module + ".").startswith(m + ".")}
+        drawing[module] = imported
+    return drawing
+
+
+def test_the_training_side_never_imports_serving():
+    """Training turns a trained model into exports (``recsys.export``, ``recsys.logged_models``);
+    serving reads them. A logged model names ``serving/pyfunc.py`` as a file, not as an import."""
+    drawing = _import_drawing()
+    arrows = sorted((a, b) for a, imported in drawing.items() if a.startswith("recsys") for b in imported
+                    if b.startswith("serving"))
+    assert arrows == []
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    drawing = _import_drawing()
+    reaches = {m: set(imported) for m, imported in drawing.items()}
+    changed = True
+    while changed:  # the closure of the drawing: everything each module reaches
+        changed = False
+        for module, reached in reaches.items():
+            more = set().union(*(reaches[m] for m in reached)) - reached
+            if more:
+                reached |= more
+                changed = True
+    assert sorted(m for m, reached in reaches.items() if m in reached) == []

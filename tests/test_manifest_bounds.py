@@ -6,7 +6,7 @@ an export writes nothing its own reader would refuse.
   file and the entry, never a ``RecursionError``, a ``ValueError`` traceback or minutes of building;
 - the weights record the manifest entries that decide what the model computes, so an edited
   ``sizes``, ``max_len`` or encoder option is refused, not loaded to score differently;
-- ``python -m serving.export`` refuses a checkpoint with NaN weights or item features before writing.
+- ``python -m recsys.export`` refuses a checkpoint with NaN weights or item features before writing.
 
 Each case edits a fresh copy of one small export, under a time limit (a manifest that asks for a
 huge model fails the limit instead of hanging the run).
@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 import serving
 from recsys.item_features import ItemFeatures
 from recsys.model import MatryoshkaRecommender
-from serving.export import export_sizes, main
-from serving.export_dir import MAX_MANIFEST_BYTES, SETTINGS, ExportError, sha256_of
+from recsys.export import export_sizes, main
+from recsys.export_dir import MAX_MANIFEST_BYTES, SETTINGS, ExportError, sha256_of
 
 N_ITEMS = 20
 HISTORIES = [["i01", "i02", "i03"], ["i07"]]
@@ -188,8 +188,8 @@ def test_an_export_of_a_checkpoint_with_nan_is_refused_before_anything_is_writte
 
 
 def test_json_depth_counts_each_level_of_lists_and_objects():
-    """The one depth bound the loader and the endpoint share (``serving/json_depth.py``)."""
-    from serving.json_depth import nests_deeper_than
+    """The one depth bound the loader and the endpoint share (``recsys/json_depth.py``)."""
+    from recsys.json_depth import nests_deeper_than
 
     assert not nests_deeper_than(7, 0) and nests_deeper_than([], 0) and not nests_deeper_than([], 1)
     assert nests_deeper_than({"a": [1, {}]}, 2) and not nests_deeper_than({"a": [1, {}]}, 3)

@@ -2,7 +2,7 @@
 ``python -m recsys.register`` to register one size and point an alias at it.
 
 The run is built without training: an untrained model's checkpoint, exported at three sizes and
-logged the way ``recsys.train`` logs them (``recsys.tracking.log_size_models``), with made-up rows.
+logged the way ``recsys.train`` logs them (``recsys.logged_models.log_size_models``), with made-up rows.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import serving
 from recsys.item_features import ItemFeatures
 from recsys.model import MatryoshkaRecommender
 from recsys.register import main as register_main
+from recsys.export import export_sizes
+from recsys.logged_models import log_size_models
 from recsys.register import register_size
 from recsys.tracking import (
     PARENT_RUN_TAG,
     SIZE_RUN_TAG,
     log_grid_metrics,
     log_size_metrics,
-    log_size_models,
 )
-from serving.export import export_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [8, 16, 32]
@@ -230,7 +230,7 @@ def test_a_size_without_a_logged_model_says_how_to_export_it(store, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert (f"size d16 of run 'no models' has no logged model (it was trained with --mlflow.log_models false); export it "
-            f"instead: python -m serving.export --run-id {run_id} --dims 16 --out exports/") in err
+            f"instead: python -m recsys.export --run-id {run_id} --dims 16 --out exports/") in err
 
 
 def test_register_help_answers_without_mlflow_and_is_a_console_command():

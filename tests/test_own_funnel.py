@@ -18,9 +18,9 @@ import serving
 from recsys.item_features import ItemFeatures
 from recsys.model import MatryoshkaRecommender
 from serving.candidates import generate_candidates
-from serving.export import _export_of_model_uri, export_sizes
-from serving.export import main as export_main
-from serving.export_dir import ExportError, sha256_of
+from recsys.export import export_sizes
+from recsys.export import main as export_main
+from recsys.export_dir import ExportError, fetch_export, sha256_of
 from serving.online import answer, parse_request
 
 SIZES = [8, 16, 32]
@@ -158,7 +158,7 @@ def test_a_logged_model_is_the_outer_export_not_its_shortlist(checkpoint, tmp_pa
     """``--model-uri`` (and ``make serve MODEL=models:/...``) take the export whose manifest is
     shallowest in the downloaded model, never the shortlist export inside it."""
     (d,) = export_sizes(checkpoint, [32], tmp_path / "logged" / "export", funnel_prefix=8, funnel_shortlist=15)
-    (copied,) = _export_of_model_uri(str(tmp_path / "logged"), None, tmp_path / "out")
+    (copied,) = fetch_export(str(tmp_path / "logged"), None, tmp_path / "out")
     assert serving.load(copied).size == 32 and serving.load(copied).shortlister.size == 8
 
 

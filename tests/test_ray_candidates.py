@@ -15,7 +15,7 @@ from recsys.data.errors import DataValidationError  # noqa: E402
 from recsys.item_features import ItemFeatures  # noqa: E402
 from recsys.model import MatryoshkaRecommender  # noqa: E402
 from serving.candidates import CandidatesError, generate_candidates  # noqa: E402
-from serving.export import export_sizes  # noqa: E402
+from recsys.export import export_sizes  # noqa: E402
 from serving.ray_candidates import _start_ray, generate_candidates_ray, main  # noqa: E402
 
 N_ITEMS = 40

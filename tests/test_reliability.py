@@ -13,7 +13,7 @@ Faults
 Safe loading
 - no pickle on the data or model path: an audit of the project's own source;
 - a checkpoint holding a pickled object is refused (and its code never runs) by
-  ``MatryoshkaRecommender.from_checkpoint``, ``serving.export`` and ``recsys.train --ckpt_path``;
+  ``MatryoshkaRecommender.from_checkpoint``, ``recsys.export`` and ``recsys.train --ckpt_path``;
 - an export whose files were changed after export is refused (``model.safetensors`` in
   ``tests/test_export.py``; ``items.parquet``, ``index.faiss`` and a deleted file here).
 
@@ -54,7 +54,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 import serving
 from recsys.data import DataValidationError, ItemFeatures, SequenceDataModule, SyntheticConfig, load_prepared, prepare, write_synthetic
 from recsys.model import CheckpointError, MatryoshkaRecommender
-from serving.export import export_sizes
+from recsys.export import export_sizes
+from recsys.export import main as export_main
 from serving.sized_model import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,8 +256,8 @@ def _loadable(directory: Path) -> bool:
 
 @pytest.mark.parametrize("where", ["weights", "index", "manifest", "rename"])
 def test_export_killed_midway_leaves_nothing_that_looks_complete(checkpoint, tmp_path, monkeypatch, where):
-    import serving.export as export
-    import serving.retrieval.faiss_index as index
+    import recsys.export as export
+    import recsys.retrieval.faiss_index as index
 
     target = {"weights": (export, "save_file"), "index": (index, "save_index"),
               "manifest": (export, "read_manifest"), "rename": (os, "replace")}[where]
@@ -269,7 +270,7 @@ def test_export_killed_midway_leaves_nothing_that_looks_complete(checkpoint, tmp
 
 
 def test_export_killed_during_the_second_size_keeps_the_first_whole(checkpoint, tmp_path, monkeypatch):
-    import serving.retrieval.faiss_index as index
+    import recsys.retrieval.faiss_index as index
 
     real, calls = index.save_index, []
 
@@ -306,8 +307,8 @@ def test_export_and_prepare_killed_with_sigkill_leave_nothing_loadable(checkpoin
         """
         which, checkpoint, out, files = sys.argv[1:]
         if which == "export":
-            import serving.export as export
-            import serving.retrieval.faiss_index as index
+            import recsys.export as export
+            import recsys.retrieval.faiss_index as index
             index.save_index = die
             export.export_sizes(checkpoint, [8], out, index="flat")
         else:
@@ -360,7 +361,7 @@ def test_reexport_killed_with_sigkill_at_the_commit_keeps_a_whole_export(checkpo
 
     script = _kill_script(
         """
-        import recsys.atomic as atomic, serving.export as export
+        import recsys.atomic as atomic, recsys.export as export
         checkpoint, out, where = sys.argv[1:]
         step = {"before the swap": "written", "after the swap": "swapped", "moved aside": "moved_aside"}
         fallback = where.startswith("fallback-")
@@ -562,7 +563,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_and_never_run(tmp_path, c
         MatryoshkaRecommender.from_checkpoint(evil)
     with pytest.raises(ExportError, match=refused):
         export_sizes(evil, [8], tmp_path / "exports")
-    assert serving.export.main(["--checkpoint", str(evil), "--out", str(tmp_path / "exports")]) == 2
+    assert export_main(["--checkpoint", str(evil), "--out", str(tmp_path / "exports")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {evil}: {refused}")
     assert not marker.exists() and not (tmp_path / "exports").exists()
     # the same checkpoint without the object loads: the refusal is about the object, not the file
@@ -683,7 +684,7 @@ def _nan_checkpoint(tensor: str) -> Callable[[Path, Resources], None]:
 
 def _fewer_items(workdir, resources):
     """The item table cut to 5 rows, its checksum in the manifest updated to match."""
-    from serving.export_dir import sha256_of
+    from recsys.export_dir import sha256_of
 
     items = workdir / "export" / "items.parquet"
     old = sha256_of(items)
@@ -1006,23 +1007,23 @@ BAD_INPUTS = [
              _copy_checkpoint, TRAIN_CREATES),
     BadInput("recsys.data synthetic", "`--num-users 0`", ("synthetic", "--out", "raw", "--num-users", "0"),
              r"^SyntheticConfig\.num_users must be at least 1, got 0$"),
-    # -- python -m serving.export ---------------------------------------------------------------------------
-    BadInput("serving.export", "no source given", ("--out", "exports"),
+    # -- python -m recsys.export ---------------------------------------------------------------------------
+    BadInput("recsys.export", "no source given", ("--out", "exports"),
              r"^give exactly one of --checkpoint, --run-id or --model-uri$"),
-    BadInput("serving.export", "checkpoint not found", EXPORT, r"^model\.ckpt: no such checkpoint file$"),
-    BadInput("serving.export", "size the model does not have (`--dims 12`)", (*EXPORT, "--dims", "12"),
+    BadInput("recsys.export", "checkpoint not found", EXPORT, r"^model\.ckpt: no such checkpoint file$"),
+    BadInput("recsys.export", "size the model does not have (`--dims 12`)", (*EXPORT, "--dims", "12"),
              r"^size\(s\) \[12\] are not sizes of this model; valid sizes: \[8, 16\]$", _copy_checkpoint),
-    BadInput("serving.export", "`--dims 8,x`", (*EXPORT, "--dims", "8,x"), r"^--dims must be comma-separated integers, got '8,x'$",
+    BadInput("recsys.export", "`--dims 8,x`", (*EXPORT, "--dims", "8,x"), r"^--dims must be comma-separated integers, got '8,x'$",
              _copy_checkpoint),
-    BadInput("serving.export", "unknown index (`--index annoy`)", (*EXPORT, "--index", "annoy"),
+    BadInput("recsys.export", "unknown index (`--index annoy`)", (*EXPORT, "--index", "annoy"),
              r"^index kind must be one of \['flat', 'ivf_flat', 'hnsw', 'ivf_pq'\], got 'annoy'$", _copy_checkpoint),
-    BadInput("serving.export", "checkpoint holds a pickled object", EXPORT,
+    BadInput("recsys.export", "checkpoint holds a pickled object", EXPORT,
              r"^model\.ckpt: refused: the checkpoint holds a pickled Python object", _evil_checkpoint),
-    BadInput("serving.export", "file is not a checkpoint", EXPORT, r"^model\.ckpt: not a readable checkpoint", _corrupt_checkpoint),
-    BadInput("serving.export", "checkpoint of something else", EXPORT,
+    BadInput("recsys.export", "file is not a checkpoint", EXPORT, r"^model\.ckpt: not a readable checkpoint", _corrupt_checkpoint),
+    BadInput("recsys.export", "checkpoint of something else", EXPORT,
              r"^model\.ckpt: not a checkpoint of this project \(no state_dict and hyper_parameters\)$", _foreign_checkpoint),
     # -- serving.load(DIR) ----------------------------------------------------------------------------------
-    BadInput("serving.export", "checkpoint with a NaN item feature", EXPORT,
+    BadInput("recsys.export", "checkpoint with a NaN item feature", EXPORT,
              r"^model\.ckpt: net\.items\.dense_text holds NaN or infinite values; an export of it could not be loaded, "
              r"so none was written$",
              _nan_checkpoint("net.items.dense_text")),
@@ -1089,11 +1090,11 @@ BAD_INPUTS = [
              r"^--replicas must be a positive integer, got '0'$"),
     BadInput("serving.ray_serve", "export directory not found", ("--model", "nothing"), r"^nothing: no such export directory$"),
     # -- export, loading and batch candidates: places that cannot be written, tampered exports, a second run --
-    BadInput("serving.export", "`--out` is a file", EXPORT, r"^--out exports is a file, not a directory$",
+    BadInput("recsys.export", "`--out` is a file", EXPORT, r"^--out exports is a file, not a directory$",
              _all(_copy_checkpoint, _text("exports", "x"))),
-    BadInput("serving.export", "`--out` inside a file", (*EXPORT[:3], "exports/new"),
+    BadInput("recsys.export", "`--out` inside a file", (*EXPORT[:3], "exports/new"),
              r"^--out exports/new: exports is a file, not a directory$", _all(_copy_checkpoint, _text("exports", "x"))),
-    BadInput("serving.export", "catalogue too small for the index (`--index ivf_pq`)", (*EXPORT, "--dims", "8", "--index", "ivf_pq"),
+    BadInput("recsys.export", "catalogue too small for the index (`--index ivf_pq`)", (*EXPORT, "--dims", "8", "--index", "ivf_pq"),
              r"^size 8: cannot build the retriever .*needs at least 256 items to train its codebooks, got 20", _copy_checkpoint),
     BadInput("serving.load", "weights changed and their checksum entry removed", ("export",),
              r"^export/manifest\.json: 'checksums' does not list model\.safetensors; every file the loader reads must be listed$",
@@ -1144,11 +1145,11 @@ def _mains() -> dict[str, Callable[[list[str]], int]]:
     from recsys.data.__main__ import main as data_main
     from recsys.train import main as train_main
     from serving.candidates import main as candidates_main
-    from serving.export import main as export_main
+    from recsys.export import main as export_main
     from recsys.register import main as register_main
     from serving.ray_serve import main as ray_serve_main
 
-    return {"recsys.data prepare": data_main, "recsys.data synthetic": data_main, "recsys.train": train_main, "serving.export": export_main,
+    return {"recsys.data prepare": data_main, "recsys.data synthetic": data_main, "recsys.train": train_main, "recsys.export": export_main,
             "serving.candidates": candidates_main, "recsys.register": register_main, "serving.ray_serve": ray_serve_main}
 
 

@@ -22,7 +22,7 @@ import torch
 import serving
 from recsys.item_features import ItemFeatures
 from recsys.model import MatryoshkaRecommender
-from serving.export import export_sizes
+from recsys.export import export_sizes
 from serving.online import Limits
 from serving.rest import main as rest_main
 from serving.rest import make_server
@@ -747,7 +747,7 @@ def test_the_logged_pyfunc_answers_like_the_endpoint_and_a_models_uri_serves(tmp
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from recsys.tracking import log_size_models
+    from recsys.logged_models import log_size_models
     from serving.rest import resolve_model
 
     previous = mlflow.get_tracking_uri()

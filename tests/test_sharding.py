@@ -223,7 +223,7 @@ def test_sharded_training_run_checkpoint_loads_unsharded(tmp_path):
         for key in ("ndcg_10", "recall_10", "mrr"):
             assert rows[s][key] == pytest.approx(single[f"{key}/d{s}"], abs=1e-6), (s, key)
 
-    from serving.export import export_sizes
+    from recsys.export import export_sizes
 
     (out,) = export_sizes(str(best), [SIZES[-1]], str(tmp_path / "export"))
     assert os.path.isdir(out)

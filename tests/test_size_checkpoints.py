@@ -14,7 +14,7 @@ import serving
 from recsys.model import MatryoshkaRecommender, OptionError
 from recsys.nn.nested import cut_to_size
 from recsys.train import run
-from serving.export import main as export_main
+from recsys.export import main as export_main
 
 SIZES = [8, 16, 32]
 

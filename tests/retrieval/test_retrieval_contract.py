@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retrieval_data import brute_force, min_gap
-from serving.retrieval import (
+from recsys.retrieval import (
     RETRIEVERS,
     ExactRetriever,
     FaissRetriever,

@@ -1,4 +1,4 @@
-"""Tests of serving.retrieval.exact: blocked torch top-k, its exclusion and padding."""
+"""Tests of recsys.retrieval.exact: blocked torch top-k, its exclusion and padding."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retrieval_data import brute_force
-from serving.retrieval.exact import ExactRetriever, torch_topk
+from recsys.retrieval.exact import ExactRetriever, torch_topk
 
 
 def test_torch_topk_blocked_equals_unblocked(data):
@@ -100,7 +100,7 @@ def test_equal_scores_at_the_cut_keep_the_lower_rows():
 def test_group_shortlist_is_exact_with_ties_exclusion_and_a_ragged_tail(monkeypatch, group):
     """The top-k shortlist (groups of columns by their maxima) used in every block, small groups so
     that ties, excluded rows and a last partial group meet it: rows exactly the reference's."""
-    import serving.retrieval.exact as exact
+    import recsys.retrieval.exact as exact
 
     monkeypatch.setattr(exact, "GROUP", group)
     monkeypatch.setattr(exact, "SHORTLIST_FROM", 1)
@@ -121,7 +121,7 @@ def test_group_shortlist_is_exact_with_ties_exclusion_and_a_ragged_tail(monkeypa
 def test_queries_searched_a_few_at_a_time_give_the_same_rows(monkeypatch):
     """More queries than one block holds at its widest are searched in chunks: same result, exclusions
     kept with their own queries."""
-    import serving.retrieval.exact as exact
+    import recsys.retrieval.exact as exact
 
     rng = np.random.default_rng(3)
     items = (np.round(rng.standard_normal((500, 4)) * 2) / 2).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Tests of serving.retrieval.faiss_index: faiss exact search against torch.topk, recall of the
+"""Tests of recsys.retrieval.faiss_index: faiss exact search against torch.topk, recall of the
 approximate kinds, exclusion, save/load, GPU placement, and clear errors for bad specs and inputs."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from retrieval_data import brute_force, min_gap
-from serving.retrieval.exact import torch_topk
-from serving.retrieval.faiss_index import (
+from recsys.retrieval.exact import torch_topk
+from recsys.retrieval.faiss_index import (
     KINDS,
     FaissRetriever,
     IndexSpec,
@@ -22,8 +22,8 @@ from serving.retrieval.faiss_index import (
     load_index,
     save_index,
 )
-from serving.retrieval.funnel import FunnelSpec
-from serving.retrieval.recall import recall_at_k
+from recsys.retrieval.funnel import FunnelSpec
+from recsys.retrieval.recall import recall_at_k
 
 
 # ---------------------------------------------------------------------------------------------

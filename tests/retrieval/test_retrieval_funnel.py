@@ -1,4 +1,4 @@
-"""Tests of serving.retrieval.funnel: the funnel equals exact search when nothing is cut, re-ranks
+"""Tests of recsys.retrieval.funnel: the funnel equals exact search when nothing is cut, re-ranks
 at prefixes, composes with any prefix retriever, and its settings round-trip and are checked."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from retrieval_data import brute_force, gaussian, min_gap
-from serving.retrieval import build_retriever
-from serving.retrieval.exact import ExactRetriever, torch_topk
-from serving.retrieval.faiss_index import FaissRetriever, IndexSpec
-from serving.retrieval.funnel import FunnelRetriever, FunnelSpec
-from serving.retrieval.recall import recall_at_k
+from recsys.retrieval import build_retriever
+from recsys.retrieval.exact import ExactRetriever, torch_topk
+from recsys.retrieval.faiss_index import FaissRetriever, IndexSpec
+from recsys.retrieval.funnel import FunnelRetriever, FunnelSpec
+from recsys.retrieval.recall import recall_at_k
 
 
 def test_funnel_with_full_shortlist_equals_exact_search(data):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from retrieval_data import brute_force, min_gap
-from serving.retrieval import build_retriever, load_retriever
-from serving.retrieval.exact import torch_topk
-from serving.retrieval.faiss_index import FaissRetriever, IndexSpec
-from serving.retrieval.funnel import FunnelRetriever, FunnelSpec
-from serving.retrieval.recall import recall_at_k
+from recsys.retrieval import build_retriever, load_retriever
+from recsys.retrieval.exact import torch_topk
+from recsys.retrieval.faiss_index import FaissRetriever, IndexSpec
+from recsys.retrieval.funnel import FunnelRetriever, FunnelSpec
+from recsys.retrieval.recall import recall_at_k
 
 NLIST = 16
 

@@ -1,6 +1,6 @@
 """How deep a decoded JSON value nests, checked without recursion: the bound shared by what the
 endpoint reads from clients (``serving/rest.py``) and what the loader reads from a manifest
-(``serving/export_dir.py``). Python's own parser recurses once per bracket, so a value it did
+(``recsys/export_dir.py``). Python's own parser recurses once per bracket, so a value it did
 decode may still be too deep for later code that walks it."""
 
 from __future__ import annotations

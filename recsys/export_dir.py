@@ -1,6 +1,6 @@
 """An export directory, read safely: its manifest, the checksums of its files, its weights and items.
 
-An export directory (written by ``serving/export.py``) holds:
+An export directory (written by ``recsys/export.py``) holds:
 
 - ``manifest.json``: size, encoder name and options, parameter count, source, data stats, the
   retriever and its settings, and the sha256 of every other file (``"checksums"``);
@@ -13,7 +13,7 @@ An export directory (written by ``serving/export.py``) holds:
   own item vectors, which it searches, while histories are read through ``items.matrix``;
 - ``items.parquet``: ``row`` (1..N), ``item_id`` (the catalogue's original ids), ``popularity``;
 - ``index.faiss``: the faiss index of the retriever the manifest names (``"retriever"``, see
-  ``serving/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1);
+  ``recsys/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1);
 - ``shortlist/``: only in an own-network funnel (retriever ``"own_funnel"``, ``OWN_FUNNEL``), the
   complete export of the smaller size whose own network shortlists, listed in ``nested_exports``.
 
@@ -59,6 +59,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +68,13 @@ import polars as pl
 import torch
 from safetensors import SafetensorError, safe_open
 
+from recsys.atomic import AtomicDirectory, reported_write_failures
 from recsys.errors import UserError
-from serving.json_depth import nests_deeper_than
+from recsys.json_depth import nests_deeper_than
 
 __all__ = [
     "ExportError", "FORMAT_VERSION", "MANIFEST", "ITEMS", "OUTPUT_ITEMS", "WEIGHTS", "SETTINGS", "NESTED_EXPORTS",
-    "OWN_FUNNEL", "SHORTLIST_EXPORT", "read_items", "read_manifest", "read_weights", "recorded_settings", "sha256_of",
+    "OWN_FUNNEL", "SHORTLIST_EXPORT", "fetch_export", "read_items", "read_manifest", "read_weights", "recorded_settings", "sha256_of",
 ]
 
 FORMAT_VERSION = 1
@@ -138,7 +141,7 @@ def _read_manifest(d: Path, verify: bool, outer: bool) -> dict[str, Any]:
     if path.is_symlink():
         raise ExportError(f"{path}: is a symbolic link; an export holds plain files only")
     if not path.is_file():
-        raise ExportError(f"{d}: not an export directory (no {MANIFEST}); export one with `python -m serving.export`")
+        raise ExportError(f"{d}: not an export directory (no {MANIFEST}); export one with `python -m recsys.export`")
     manifest = _read_json(path)
     if not isinstance(manifest, dict):
         raise ExportError(f"{path}: the manifest must be a JSON object, got {type(manifest).__name__}")
@@ -488,3 +491,30 @@ def read_items(directory: Path, num_items: int) -> pl.DataFrame:
     if not popularity.dtype.is_integer() or popularity.null_count() or popularity.min() < 0:
         raise ExportError(f"{path}: column 'popularity' must hold counts (integers >= 0, none null)")
     return items
+
+
+def fetch_export(model_uri: str, dims: list[int] | None, out: Path) -> list[Path]:
+    """The export inside the logged model ``model_uri`` (``models:/NAME-d64@champion``, ``runs:/...``),
+    copied whole to ``out/d<size>``; ``dims``, if given, must name its size."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=work))
+        except Exception as exc:
+            raise ExportError(f"{model_uri}: cannot be downloaded ({str(exc).splitlines()[0]})") from None
+        manifests = list(local.rglob(MANIFEST))
+        if not manifests:
+            raise ExportError(f"{model_uri}: not a size-specific model logged by recsys.train (no export inside)")
+        export_dir = min(manifests, key=lambda p: len(p.parts)).parent  # not an export inside it (shortlist/)
+        manifest = read_manifest(export_dir)
+        if dims and dims != [manifest["size"]]:
+            raise ExportError(f"{model_uri} is the size-{manifest['size']} model; it cannot be exported at {dims}")
+        directory = AtomicDirectory(out / f"d{manifest['size']}")
+        try:
+            with reported_write_failures(out, option=""):
+                shutil.copytree(export_dir, directory.path, dirs_exist_ok=True)
+            return [directory.commit()]
+        except BaseException:
+            directory.abort()
+            raise

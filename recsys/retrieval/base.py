@@ -1,10 +1,10 @@
 """The retriever interface: top-``k`` rows of an item matrix by inner product, with exclusion.
 
 Every retriever indexes rows ``0..N-1`` of one matrix and answers
-``search(queries, k, exclude=None) -> (scores, rows)`` under the contract in :mod:`serving.retrieval`.
+``search(queries, k, exclude=None) -> (scores, rows)`` under the contract in :mod:`recsys.retrieval`.
 It also says what it is, as a JSON-able manifest entry (:meth:`Retriever.to_dict`, whose
 ``"kind"`` names the implementation), and writes whatever files it needs into an export directory
-(:meth:`Retriever.save`); :func:`serving.retrieval.load_retriever` reads both back.
+(:meth:`Retriever.save`); :func:`recsys.retrieval.load_retriever` reads both back.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 Kinds: exact flat, IVF-flat, HNSW, IVF-PQ (:class:`IndexSpec`). faiss cannot exclude per-query row
 sets, so :meth:`FaissRetriever.search` fetches more results and filters them
-(:mod:`serving.retrieval.exclusion`).
+(:mod:`recsys.retrieval.exclusion`).
 
 Devices
 -------
@@ -28,9 +28,9 @@ import faiss
 import numpy as np
 
 from recsys.atomic import atomic_file
-from serving.retrieval.base import Retriever
-from serving.retrieval.checks import as_matrix, check_int, check_k, check_spec_keys
-from serving.retrieval.exclusion import check_exclude, drop_excluded, pad
+from recsys.retrieval.base import Retriever
+from recsys.retrieval.checks import as_matrix, check_int, check_k, check_spec_keys
+from recsys.retrieval.exclusion import check_exclude, drop_excluded, pad
 
 __all__ = [
     "KINDS",
@@ -299,7 +299,7 @@ def _apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
 def build_index(vectors: np.ndarray, spec: IndexSpec | None = None) -> faiss.Index:
     """A CPU faiss inner-product index over the rows of ``vectors`` (float32 ``(N, s)``).
 
-    Row ``r`` of ``vectors`` is result row ``r`` (the row convention of :mod:`serving.retrieval`).
+    Row ``r`` of ``vectors`` is result row ``r`` (the row convention of :mod:`recsys.retrieval`).
     IVF kinds train k-means (and PQ codebooks) on ``spec.train_size`` rows sampled with
     ``spec.seed``, so the same inputs give the same index. Catalogues of 10^6 rows or more show a progress bar while adding.
     """

@@ -1,6 +1,6 @@
 """Excluding per-query row sets from result lists, and padding lists to ``k``: shared by every retriever.
 
-Result lists follow the contract of :mod:`serving.retrieval`: float32 scores in descending order,
+Result lists follow the contract of :mod:`recsys.retrieval`: float32 scores in descending order,
 int64 rows, and ``-1`` / ``-inf`` where fewer than ``k`` rows could be returned.
 """
 

@@ -1,7 +1,7 @@
 """Funnel search (docs/method.md §6, after AdANNS): shortlist with a prefix retriever, re-rank exactly.
 
 Stage 0 is any retriever over the first ``prefix`` columns of the item matrix (normally a faiss
-index, :class:`~serving.retrieval.faiss_index.FaissRetriever`); it returns ``shortlist`` rows per
+index, :class:`~recsys.retrieval.faiss_index.FaissRetriever`); it returns ``shortlist`` rows per
 query. Each re-rank stage then scores the surviving rows exactly at a larger prefix ``d`` of the
 vectors with the prefix-logit recurrence: the scores at ``d_i`` are the scores at ``d_{i-1}``
 plus the product of the chunk ``[d_{i-1}, d_i)`` alone (the same recurrence as
@@ -26,10 +26,10 @@ import faiss
 import numpy as np
 import torch
 
-from serving.retrieval.base import Retriever
-from serving.retrieval.checks import as_matrix, check_int, check_k, check_spec_keys
-from serving.retrieval.exclusion import pad
-from serving.retrieval.faiss_index import FaissRetriever, IndexSpec
+from recsys.retrieval.base import Retriever
+from recsys.retrieval.checks import as_matrix, check_int, check_k, check_spec_keys
+from recsys.retrieval.exclusion import pad
+from recsys.retrieval.faiss_index import FaissRetriever, IndexSpec
 
 __all__ = ["FunnelSpec", "FunnelRetriever", "rerank"]
 
@@ -154,7 +154,7 @@ class FunnelRetriever(Retriever):
     @classmethod
     def build(cls, vectors_full: Any, entry: dict[str, Any]) -> FunnelRetriever:
         """Build the funnel of a manifest entry (its prefix retriever included) over ``vectors_full``."""
-        from serving.retrieval import build_retriever
+        from recsys.retrieval import build_retriever
 
         spec, inner = _split_entry(entry)
         if inner is None:
@@ -165,7 +165,7 @@ class FunnelRetriever(Retriever):
     @classmethod
     def load(cls, directory: str | os.PathLike, entry: dict[str, Any], vectors_full: Any, device: str = "auto") -> FunnelRetriever:
         """The funnel of an export: its prefix retriever read from ``directory``, re-ranking over ``vectors_full``."""
-        from serving.retrieval import load_retriever
+        from recsys.retrieval import load_retriever
 
         spec, inner = _split_entry(entry)
         inner = inner or {"kind": FaissRetriever.kind, "index": spec.index.to_dict()}

@@ -1,7 +1,7 @@
 """Exact search with torch: blocked ``q @ Z.T`` and a streaming top-k, with exclusion.
 
 The reference every approximate retriever is measured against, and the default retriever of an
-export (``serving/export.py``). Runs on the device of the item matrix: torch's CPU or CUDA matrix
+export (``recsys/export.py``). Runs on the device of the item matrix: torch's CPU or CUDA matrix
 product and top-k, chosen at run time by where the tensors are.
 
 How it works (docs/method.md §6)
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.retrieval.base import Retriever
-from serving.retrieval.checks import as_matrix, check_k
-from serving.retrieval.exclusion import check_exclude
+from recsys.retrieval.base import Retriever
+from recsys.retrieval.checks import as_matrix, check_k
+from recsys.retrieval.exclusion import check_exclude
 
 __all__ = ["BLOCK_ELEMENTS", "ExactRetriever", "torch_topk"]
 
