@@ -57,7 +57,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_GAIN, GOAL_TWIN_RATIO = 1.2, 0.97
 
 
-#: the options an elastic grid needs whatever the config says (recsys.model.check_options refuses
+#: the options an elastic grid needs whatever the config says (recsys.model_options.check_options refuses
 #: per-size networks and a per-size monitor with a grid)
 GRID_BASE = ["--model.separate_item_vectors", "false", "--model.nesting", "blocks", "--model.prefix_gradient", "1",
              "--model.monitor_size", "mean"]

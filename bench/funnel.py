@@ -57,7 +57,8 @@ sys.path.insert(0, str(ROOT))
 
 from machine import cpu_model  # noqa: E402  (bench/machine.py: the script directory is on sys.path)
 from recsys.atomic import write_json_atomically  # noqa: E402
-from recsys.model import read_checkpoint, size_network  # noqa: E402
+from recsys.checkpoint import read_checkpoint  # noqa: E402
+from recsys.model import size_network  # noqa: E402
 from recsys.export import own_network  # noqa: E402
 from serving.sized_model import sha256_of  # noqa: E402
 from recsys.retrieval import (  # noqa: E402

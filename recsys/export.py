@@ -92,7 +92,8 @@ log = logging.getLogger(__name__)
 
 def load_trained(checkpoint: str | Path):
     """The trained Lightning model and its catalogue (original ids, popularity, data stats)."""
-    from recsys.model import CheckpointError, MatryoshkaRecommender
+    from recsys.checkpoint import CheckpointError
+    from recsys.model import MatryoshkaRecommender
 
     path = Path(checkpoint)
     if not path.is_file():

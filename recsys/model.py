@@ -6,7 +6,6 @@ validation and test rank every catalogue item for every size (docs/method.md §4
 
 from __future__ import annotations
 
-import json
 import math
 from copy import deepcopy
 from dataclasses import asdict
@@ -21,27 +20,17 @@ import torch
 from recsys.errors import UserError
 from recsys.item_features import ItemFeatures
 from recsys.metrics import RankingMetrics, target_ranks
-from recsys.nn.encoders import (
-    ENCODERS,
-    LRUOptions,
-    MambaOptions,
-    OptionError,
-    SASRecOptions,
-    build_encoder,
-    nest_flat_options,
-    options_of,
-)
+from recsys.checkpoint import catalogue_of, read_checkpoint
+from recsys.model_options import check_options
+from recsys.nn.encoders import LRUOptions, MambaOptions, SASRecOptions, build_encoder, nest_flat_options
 from recsys.nn.loss import (
-    TEACHERS,
     MatryoshkaLoss,
     matryoshka_cross_entropy,
     sampled_matryoshka_cross_entropy,
 )
-from recsys.nn.grid import GRIDS, Triple, build_grid, vector_groups
+from recsys.nn.grid import Triple, vector_groups
 from recsys.nn.nested import (
-    NESTINGS,
     SizeSlices,
-    check_sizes,
     cut_sizes,
     cut_to_size,
     nested_parameter_count,
@@ -62,60 +51,12 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 CHECKPOINT_DEFAULTS: dict[str, Any] = {"monitor": "val/monitor", "mode": "max", "filename": "best"}
 EARLY_STOPPING_DEFAULTS: dict[str, Any] = {"monitor": "val/monitor", "mode": "max", "patience": 3}
 
-__all__ = ["CheckpointError", "DivergedError", "MatryoshkaRecommender", "OptionError", "catalogue_of", "check_options", "read_checkpoint"]
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint file that is missing, unreadable, or holds pickled objects (refused, never run)."""
+__all__ = ["DivergedError", "MatryoshkaRecommender", "size_network"]
 
 
 class DivergedError(UserError, FloatingPointError):
     """A training loss, a gradient or a user or item vector is not finite: training stops at once,
     before a step or a checkpoint is taken from it, instead of training (or ranking) on NaN."""
-
-
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint's contents, loaded with ``weights_only=True``: tensors and plain values only.
-
-    A file holding any other pickled object is refused before any of its code can run.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for a file that is not a plain checkpoint
-        detail = _load_failure(exc)
-        if "Unsupported global" in detail:
-            raise CheckpointError(
-                f"{path}: refused: the checkpoint holds a pickled Python object ({detail}), and unpickling it "
-                "could run code; only checkpoints of tensors and plain values are loaded"
-            ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({detail})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict and hyper_parameters)")
-    return checkpoint
-
-
-def _load_failure(exc: Exception) -> str:
-    """The informative line of a ``torch.load`` error (its weights-only explanation is long)."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        rest = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
-        if rest:
-            return rest[0].split(" was not an allowed global")[0].split(". Please")[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
-def catalogue_of(dataset) -> dict[str, Any]:
-    """Original item ids (row order), training popularity and data stats of a prepared dataset."""
-    return {
-        "item_ids": [v.item() if hasattr(v, "item") else v for v in list(dataset.item_ids)[1:]],
-        "popularity": [int(c) for c in list(dataset.train_counts)[1:]],
-        "stats": json.loads(json.dumps(dataset.stats, default=str)),
-    }
 
 
 #: what a DivergedError says may have caused it
@@ -133,160 +74,6 @@ def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") 
         elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
             out.append((f"{prefix}{key}", a, b))
     return out
-
-
-#: the training losses: the full softmax over the catalogue, or a sampled softmax (docs/method.md §4)
-LOSSES = ("full", "sampled")
-#: how the sampled softmax draws its shared negatives: uniformly over the training items, or in
-#: proportion to their training counts with the log-Q correction
-NEGATIVE_SAMPLING = ("uniform", "popularity")
-
-
-def _probability(v) -> bool:
-    return 0 <= v < 1
-
-
-#: every numeric setting's type and range: name -> (integer only, test, what it must be)
-NUMBER_RULES: dict[str, tuple[bool, Any, str]] = {
-    "n_blocks": (True, lambda v: v >= 1, "a positive integer"),
-    "negatives": (True, lambda v: v >= 1, "a positive integer"),
-    "warmup_steps": (True, lambda v: v >= 0, "a non-negative integer"),
-    "loss_block_rows": (True, lambda v: v >= 1, "a positive integer"),
-    "dropout": (False, _probability, "a probability in [0, 1)"),
-    "input_dropout": (False, _probability, "a probability in [0, 1)"),
-    "id_dropout": (False, _probability, "a probability in [0, 1)"),
-    "lr": (False, lambda v: v > 0, "a finite positive number"),
-    "weight_decay": (False, lambda v: v >= 0, "a finite non-negative number"),
-    "distill": (False, lambda v: v >= 0, "a finite non-negative number"),
-    "prefix_gradient": (False, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-}
-
-
-def check_numbers(**values: Any) -> None:
-    """Each named setting against its rule in ``NUMBER_RULES``; raises :class:`OptionError`."""
-    for name, value in values.items():
-        integer, test, what = NUMBER_RULES[name]
-        kinds = int if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or not test(value):
-            raise OptionError(f"{{{name}}} must be {what}, got {value!r}")
-
-
-def check_options(
-    sizes: Any,
-    encoder: str,
-    monitor_size: Any = None,
-    loss_weights: Any = None,
-    lru: Any = None,
-    mamba: Any = None,
-    sasrec: Any = None,
-    loss: str = "full",
-    negatives: Any = 1024,
-    negative_sampling: str = "popularity",
-    distill: Any = 0.0,
-    distill_teacher: str = "largest",
-    n_blocks: Any = 2,
-    depths: Any = None,
-    pairs: Any = None,
-    grid: str = "diagonal",
-    triples: Any = None,
-    use_id_embedding: bool = False,
-    id_dropout: Any = 0.0,
-    learned_temperature: Any = False,
-    separate_item_vectors: Any = False,
-    prefix_gradient: Any = 1.0,
-    nesting: Any = "blocks",
-    **numbers: Any,
-) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
-    """The model's checks of its settings, in one place: the constructor runs them, and the
-    training CLI runs them before it reads any data. Returns the sizes, the monitored size,
-    each encoder's typed options and the trained triples (None without a grid); raises
-    :class:`OptionError` (settings named ``{name}``).
-    :func:`grid_of` checks the elastic options (``depths``, ``pairs``, ``grid``, ``triples``);
-    ``numbers`` are further numeric settings (``lr``, ``dropout``, ...) checked by ``NUMBER_RULES``."""
-    check_numbers(n_blocks=n_blocks, negatives=negatives, distill=distill, id_dropout=id_dropout,
-                  prefix_gradient=prefix_gradient, **numbers)
-    try:
-        sizes = check_sizes(sizes)
-    except ValueError as exc:
-        raise OptionError("{sizes}: " + str(exc)) from None
-    if encoder not in ENCODERS:
-        raise OptionError(f"{{encoder}}: unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
-    if monitor_size not in (None, "mean", "each", *sizes):
-        raise OptionError(f"{{monitor_size}} {monitor_size} is neither one of {{sizes}} {list(sizes)} nor 'mean' or 'each'")
-    if loss_weights is not None and len(loss_weights) != len(sizes):
-        raise OptionError(f"{{loss_weights}} has {len(loss_weights)} entries for {len(sizes)} sizes {list(sizes)}")
-    if loss_weights is not None and (
-        any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in loss_weights)
-        or not any(w > 0 for w in loss_weights)
-    ):
-        raise OptionError(f"{{loss_weights}} must be finite non-negative numbers, not all 0, got {list(loss_weights)}")
-    if loss not in LOSSES:
-        raise OptionError(f"{{loss}}: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if negative_sampling not in NEGATIVE_SAMPLING:
-        raise OptionError(
-            f"{{negative_sampling}}: unknown sampling {negative_sampling!r}; choose one of {', '.join(NEGATIVE_SAMPLING)}"
-        )
-    if distill_teacher not in TEACHERS:
-        raise OptionError(f"{{distill_teacher}}: unknown teacher {distill_teacher!r}; choose one of {', '.join(TEACHERS)}")
-    if distill > 0 and loss != "full":
-        raise OptionError(f"{{distill}} works with the full softmax only; {{loss}} is {loss!r}")
-    if id_dropout > 0 and not use_id_embedding:
-        raise OptionError(f"{{id_dropout}} {id_dropout} drops item-ID vectors, but {{use_id_embedding}} is false")
-    if not isinstance(learned_temperature, bool):
-        raise OptionError(f"{{learned_temperature}} must be true or false, got {learned_temperature!r}")
-    if learned_temperature and distill > 0:
-        raise OptionError("{learned_temperature} and {distill} do not combine: the distillation's teacher is unscaled")
-    if not isinstance(separate_item_vectors, bool) and separate_item_vectors != "all":
-        raise OptionError(f"{{separate_item_vectors}} must be true, false or 'all', got {separate_item_vectors!r}")
-    if separate_item_vectors and distill > 0:
-        raise OptionError("{separate_item_vectors} and {distill} do not combine: each size scores its own item vectors")
-    if nesting not in NESTINGS:
-        raise OptionError(f"{{nesting}}: unknown nesting {nesting!r}; choose one of {', '.join(NESTINGS)}")
-    if nesting == "slices" and encoder != "lru":
-        raise OptionError(f"{{nesting}} 'slices' is built for the lru encoder, not {encoder!r}")
-    if nesting == "slices" and distill > 0:
-        raise OptionError("{nesting} 'slices' and {distill} do not combine: each size runs as its own network and loss")
-    if prefix_gradient < 1 and not separate_item_vectors and nesting == "blocks":
-        raise OptionError("{prefix_gradient} below 1 needs {separate_item_vectors} true or 'all': "
-                          "with tied item vectors every size's softmax reads the smaller sizes' item chunks")
-    if prefix_gradient < 1 and encoder == "sasrec":
-        raise OptionError("{prefix_gradient} below 1 needs a nested encoder (lru or mamba): SASRec's layers are shared whole")
-    options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
-    trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
-    if trained is not None and (learned_temperature or separate_item_vectors or nesting == "slices"):
-        name = "learned_temperature" if learned_temperature else "separate_item_vectors" if separate_item_vectors else "nesting"
-        raise OptionError(f"{{{name}}} is per size; it is not available with a grid of triples")
-    if trained is not None:
-        if monitor_size not in (None, "mean"):
-            raise OptionError(f"{{monitor_size}} {monitor_size}: with a grid of triples the monitor is their mean NDCG@10 "
-                              "(one checkpoint for every triple)")
-        if loss_weights is not None:
-            raise OptionError("{loss_weights} are per size; with a grid of triples every triple has weight 1")
-    if encoder == "sasrec":
-        try:
-            options["sasrec"].check_width(sizes[-1])
-        except OptionError as exc:
-            raise exc.within("sasrec") from None
-    return sizes, sizes[-1] if monitor_size is None else monitor_size, options, trained
-
-
-def grid_of(
-    sizes: tuple[int, ...], encoder: str, n_blocks: Any, depths: Any, pairs: Any, grid: str, triples: Any
-) -> tuple[Triple, ...] | None:
-    """The trained (depth, width, size) triples (``recsys/nn/grid.py``), None without the options;
-    raises :class:`OptionError` naming the option."""
-    if grid not in GRIDS:
-        raise OptionError(f"{{grid}}: unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
-    try:
-        trained = build_grid(sizes, n_blocks, depths, pairs, grid, triples)
-    except ValueError as exc:
-        name = next((n for n in ("triples", "pairs", "depths") if str(exc).startswith(n)), "triples" if triples else "pairs")
-        raise OptionError(f"{{{name}}}: {exc}") from None
-    if trained is not None and encoder == "sasrec":
-        narrow = [t.label for t in trained if t.width != sizes[-1]]
-        if narrow:
-            raise OptionError(f"{{pairs}}: SASRec is not nested, its width is {sizes[-1]} only; got {', '.join(narrow)}")
-    return trained
 
 
 class StepInputs(NamedTuple):
@@ -440,17 +227,11 @@ class MatryoshkaRecommender(L.LightningModule):
         nesting: Literal["blocks", "slices"] = "blocks",
     ) -> None:
         super().__init__()
-        self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(
-            sizes, encoder, monitor_size, loss_weights, lru, mamba, sasrec, loss, negatives, negative_sampling,
-            distill, distill_teacher, n_blocks, depths, pairs, grid, triples, use_id_embedding, id_dropout,
-            learned_temperature, separate_item_vectors, prefix_gradient, nesting,
-            dropout=dropout, input_dropout=input_dropout, lr=lr, weight_decay=weight_decay,
-            warmup_steps=warmup_steps, loss_block_rows=loss_block_rows,
-        )
-        # hparams are read from these names: plain dicts, never the option objects (weights_only loading)
-        lru, mamba, sasrec = (asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec"))
         # the CLI logs the whole config; the item features and cold-start items come from the data
         self.save_hyperparameters(ignore=["item_features", "cold_start_items", "item_counts"], logger=False)
+        self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(**self.hparams)
+        # hparams hold plain dicts, never the option objects (weights_only loading)
+        self.hparams.update({name: asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec")})
         if item_features is None:
             raise ValueError("item_features is required (the training CLI links it from the data module)")
         self._set_training_candidates(item_features.num_items, cold_start_items)

@@ -98,9 +98,9 @@ from recsys.model import (
     EARLY_STOPPING_DEFAULTS,
     TRAINER_DEFAULTS,
     MatryoshkaRecommender,
-    check_options,
-    read_checkpoint,
 )
+from recsys.checkpoint import read_checkpoint
+from recsys.model_options import check_options
 from recsys.nn.encoders import FLAT_OPTION_GROUPS, OptionError, nest_flat_options
 from recsys.runtime import default_precision, reuse_freed_memory
 from recsys.reporting import (
@@ -147,18 +147,11 @@ def check_resume(ckpt_path: str, model: MatryoshkaRecommender, datamodule: Seque
 
 
 def validate_config(config) -> None:
-    """The model's own checks (:func:`recsys.model.check_options`) and the data directory's, named
+    """The model's own checks (:func:`recsys.model_options.check_options`) and the data directory's, named
     as flags, before anything is read or trained."""
     model, data = config.model, config.data
     try:
-        check_options(model.sizes, model.encoder, model.monitor_size, model.loss_weights,
-                      model.lru, model.mamba, model.sasrec, model.loss, model.negatives, model.negative_sampling,
-                      model.distill, model.distill_teacher,
-                      model.n_blocks, model.depths, model.pairs, model.grid, model.triples,
-                      model.use_id_embedding, model.id_dropout, model.learned_temperature,
-                      model.separate_item_vectors, model.prefix_gradient, model.nesting,
-                      **{name: model[name] for name in ("dropout", "input_dropout", "lr", "weight_decay",
-                                                         "warmup_steps", "loss_block_rows")})
+        check_options(**vars(model))
     except OptionError as exc:
         raise ConfigError(exc.render("--model.")) from None
     if data.data_dir is None and data.synthetic is not None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from recsys.data import load_prepared, prepare
-from recsys.model import MatryoshkaRecommender, catalogue_of
+from recsys.checkpoint import catalogue_of
+from recsys.model import MatryoshkaRecommender
 from recsys.export import export_sizes
 
 #: integer item ids whose text order ("10" < "1000" < "105" < "2") is not their numeric order

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from recsys.metrics import target_ranks
-from recsys.model import MatryoshkaRecommender, OptionError
+from recsys.model import MatryoshkaRecommender
+from recsys.model_options import OptionError
 from recsys.nn.encoders import build_encoder
 from recsys.nn.grid import Triple, build_grid, vector_groups
 from recsys.nn.item_tower import FixedItemMatrix

@@ -53,7 +53,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import serving
 from recsys.data import DataValidationError, ItemFeatures, SequenceDataModule, SyntheticConfig, load_prepared, prepare, write_synthetic
-from recsys.model import CheckpointError, MatryoshkaRecommender
+from recsys.checkpoint import CheckpointError
+from recsys.model import MatryoshkaRecommender
 from recsys.export import export_sizes
 from recsys.export import main as export_main
 from serving.sized_model import ExportError

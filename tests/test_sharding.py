@@ -186,7 +186,8 @@ def test_sharded_training_run_checkpoint_loads_unsharded(tmp_path):
     import lightning as L
 
     from recsys.data import SequenceDataModule
-    from recsys.model import MatryoshkaRecommender, read_checkpoint
+    from recsys.checkpoint import read_checkpoint
+    from recsys.model import MatryoshkaRecommender
 
     cache = tmp_path / "synthetic"
     args = small_run_args(

@@ -11,7 +11,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import serving
-from recsys.model import MatryoshkaRecommender, OptionError
+from recsys.model import MatryoshkaRecommender
+from recsys.model_options import OptionError
 from recsys.nn.nested import cut_to_size
 from recsys.train import run
 from recsys.export import main as export_main
