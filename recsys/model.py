@@ -22,7 +22,8 @@ from recsys.item_features import ItemFeatures
 from recsys.metrics import RankingMetrics, target_ranks
 from recsys.checkpoint import catalogue_of, read_checkpoint
 from recsys.model_options import check_options
-from recsys.nn.encoders import LRUOptions, MambaOptions, SASRecOptions, build_encoder, nest_flat_options
+from recsys.compat import nest_flat_options
+from recsys.nn.encoders import LRUOptions, MambaOptions, SASRecOptions, build_encoder
 from recsys.nn.loss import (
     MatryoshkaLoss,
     matryoshka_cross_entropy,

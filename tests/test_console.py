@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.nn.encoders import FLAT_OPTION_GROUPS
+from recsys.compat import FLAT_OPTION_GROUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["lightning", "mlflow", "transformers", "sentence_transformers", "torch"]

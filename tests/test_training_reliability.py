@@ -33,7 +33,8 @@ import pytest
 import torch
 
 from recsys.atomic import FileLock
-from recsys.train import DirectoryBusy, lock_checkpoint_directory, main
+from recsys.train import main
+from recsys.training_runs import DirectoryBusy, lock_checkpoint_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 

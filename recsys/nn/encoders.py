@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import nn
@@ -99,11 +99,6 @@ class SASRecOptions:
 
 
 ENCODER_OPTIONS: dict[str, type] = {"lru": LRUOptions, "mamba": MambaOptions, "sasrec": SASRecOptions}
-# The flat names the options had before they were grouped (``r_min`` -> ``lru``), for old
-# checkpoints and command lines.
-FLAT_OPTION_GROUPS: dict[str, str] = {f.name: name for name, cls in ENCODER_OPTIONS.items() for f in fields(cls)}
-
-
 def options_of(name: str, value: Any) -> Any:
     """``value`` (an options object, a mapping of its fields, or None for the defaults) as the typed
     options of encoder ``name``; an invalid value raises :class:`OptionError` naming ``name.field``."""
@@ -121,18 +116,6 @@ def options_of(name: str, value: Any) -> Any:
         return cls(**value)
     except OptionError as exc:
         raise exc.within(name) from None
-
-
-def nest_flat_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Model settings with the old flat encoder options (``r_min: 0.8``) moved into their groups
-    (``lru: {r_min: 0.8}``); settings already grouped are kept, and win over flat ones."""
-    nested = {k: v for k, v in options.items() if k not in FLAT_OPTION_GROUPS}
-    for key, group in FLAT_OPTION_GROUPS.items():
-        if key in options:
-            grouped = nested.get(group)
-            grouped = {} if grouped is None else dict(grouped if isinstance(grouped, Mapping) else asdict(grouped))
-            nested[group] = {key: options[key], **grouped}
-    return nested
 
 
 def build_encoder(name: str, sizes: Sequence[int], **options: Any) -> nn.Module:
