@@ -4,8 +4,9 @@
     python -m serving.ray_candidates --model EXPORT_DIR --input HISTORIES --k 100 --out OUT_DIR --actors 4
 
 Same input, options, output files (``part-SSSSS-PPPPP.parquet``, ``manifest.json``), lock, job record
-and resuming rules as ``python -m serving.candidates`` (docs/serving.md), which this module reuses
-step by step; only the scoring of the parts is spread over a pool of Ray actors:
+and resuming rules as ``python -m serving.candidates`` (docs/serving.md), whose steps this module
+reuses (``prepare_job``, then ``run_job`` around the writing of the parts); only the scoring of the
+parts, by the same ``PartScorer``, is spread over a pool of Ray actors:
 
 1. on the driver, as the single-process job does: check the options, ``--out`` and the model, read
    and validate the whole input, list its users and assign them to parts (stable hash), take the
@@ -14,8 +15,8 @@ step by step; only the scoring of the parts is spread over a pool of Ray actors:
 2. **read**: a Ray dataset of the parts not yet written (one row per part);
 3. **map_batches** over a pool of ``--actors`` model actors (``ActorPoolStrategy``; each holds the model
    once, on a GPU when the cluster has GPUs: ``num_gpus`` per actor), one part per batch: read the
-   part's rows from staging, build histories, encode and search (the same code as the
-   single-process job), and **write** the part file whole (temporary name, then rename, by
+   part's rows from staging, build histories, encode and search (``PartScorer``, as the
+   single-process job does), and **write** the part file whole (temporary name, then rename, by
    ``recsys/atomic.py``) under its deterministic name; the batch returns the part's counts;
 4. on the driver: the manifest, once every part is written, and the staging directory removed.
 
@@ -68,31 +69,28 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from recsys.atomic import reported_write_failures  # noqa: E402
 from recsys.errors import exit_code_of  # noqa: E402
 from serving.candidates import (  # noqa: E402
     CandidatesError,
-    _complete,
-    _discard_staging,
-    _Job,
-    _one_run_at_a_time,
-    _resolve_device,
-    _shard_frame,
-    ensure_staged,
-    finish,
-    finished_parts,
+    InputSpec,
+    OutputDir,
+    PartScorer,
+    PreparedJob,
     job_options,
     prepare_job,
-    staged_part,
-    start_writing,
+    resolve_device,
+    run_job,
     summary_line,
-    write_part,
 )
 from serving.sized_model import SizedRecommender  # noqa: E402
 
 __all__ = ["generate_candidates_ray", "main"]
 
 log = logging.getLogger("serving.ray_candidates")
+
+#: for the tests, ``(marker file, part)``: the first actor to reach that part kills its own process
+#: (once: it creates the marker file first), so that Ray restarts the actor and retries the part
+_ACTOR_DIES_AT: tuple[str, int] | None = None
 
 
 def _import_ray():
@@ -106,39 +104,37 @@ def _import_ray():
     return ray
 
 
-class _PartScorer:
-    """A model actor: loads the export once, then scores and writes whole parts, one per batch."""
+class _PartActor:
+    """A model actor: loads the export once, then scores (:class:`PartScorer`) and writes whole parts,
+    one per batch."""
 
-    def __init__(self, model_dir: str, spec, out: str, k: int, shard, batch_size: int, exclude_seen: bool,
-                 users_per_part: int, device: str, fail_once: str | None = None, fail_part: int | None = None):
+    def __init__(self, model_dir: str, device: str, spec: InputSpec, k: int, batch_size: int, exclude_seen: bool,
+                 out: OutputDir, dies_at: tuple[str, int] | None):
         import torch
 
         from recsys.runtime import reuse_freed_memory
 
-        reuse_freed_memory()  # as the local job does (serving/candidates.py)
+        reuse_freed_memory()  # as the local job does (serving/candidates/job.py)
         if device == "cuda" and not torch.cuda.is_available():
             device = "cpu"
-        model = SizedRecommender(model_dir, device=device)
-        self.runner = _Job(model, spec, Path(out), k, tuple(shard), batch_size, exclude_seen, users_per_part)
-        self.fail_once, self.fail_part = fail_once, fail_part
+        self.scorer = PartScorer(SizedRecommender(model_dir, device=device), spec, k, batch_size, exclude_seen)
+        self.out, self.dies_at = out, dies_at
 
     def __call__(self, batch: dict) -> dict:
         results = []
         for part in (int(p) for p in batch["part"]):
             self._maybe_die(part)
-            source = staged_part(self.runner, part).collect()
-            users = source[self.runner.spec.user_col].unique().sort()  # every user of the part has a row
-            frame, counts = self.runner.compute_part(users, source.lazy())
-            write_part(frame, counts, self.runner.part_path(part))
+            frame, counts = self.scorer.score(self.out.staged_part(part))
+            self.out.write_part(frame, counts, part)
             results.append(json.dumps(counts, sort_keys=True))
         return {"part": batch["part"], "counts": results}
 
     def _maybe_die(self, part: int) -> None:
-        """For the tests: the first actor to reach ``fail_part`` kills its own process (once)."""
-        if self.fail_once is None or part != self.fail_part:
+        """The test hook ``_ACTOR_DIES_AT``: die on its part, if no actor has yet."""
+        if self.dies_at is None or part != self.dies_at[1]:
             return
         try:
-            fd = os.open(self.fail_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(self.dies_at[0], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return
         os.close(fd)
@@ -166,67 +162,39 @@ def generate_candidates_ray(
     out: str | Path,
     k: int = 100,
     *,
-    user_col: str = "user_id",
-    item_col: str = "item_id",
-    time_col: str | None = "timestamp",
-    history_col: str | None = None,
-    shard: tuple[int, int] | str = (0, 1),
-    batch_size: int = 1024,
-    exclude_seen: bool = True,
-    users_per_part: int = 100_000,
     device: str = "auto",
     actors: int = 2,
     ray_address: str | None = None,
     num_cpus: int | None = None,
     progress: bool = True,
-    _fail_once: str | Path | None = None,
-    _fail_part: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """:func:`serving.candidates.generate_candidates` with the parts scored by a pool of Ray actors.
 
-    Same arguments (``model`` is an export directory), plus ``actors`` (the pool size), and where
-    Ray runs (``ray_address``, or a local instance of ``num_cpus`` CPUs). Returns the manifest
-    written, plus ``elapsed_s``. ``device``: ``auto`` puts each actor on a GPU when the Ray cluster
-    has GPUs (``num_gpus`` 1 per actor, or a share when there are more actors than GPUs).
+    Same arguments and ``options`` (``model`` is an export directory), plus ``actors`` (the pool
+    size), and where Ray runs (``ray_address``, or a local instance of ``num_cpus`` CPUs). Returns
+    the manifest written, plus ``elapsed_s``. ``device``: ``auto`` puts each actor on a GPU when the
+    Ray cluster has GPUs (``num_gpus`` 1 per actor, or a share when there are more actors than GPUs).
     """
     started = time.perf_counter()
     if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
         raise CandidatesError(f"actors must be a positive integer, got {actors!r}")
     if device not in ("auto", "cpu"):
-        _resolve_device(device)  # the same message as the single-process job for a bad --device
+        resolve_device(device)  # the same message as the single-process job for a bad --device
     ray = _import_ray()
     # the driver only checks and writes the manifest: its copy of the model stays on the CPU
-    prepared = prepare_job(
-        model, input_path, out, k, user_col=user_col, item_col=item_col, time_col=time_col, history_col=history_col,
-        shard=shard, batch_size=batch_size, exclude_seen=exclude_seen, users_per_part=users_per_part, device="cpu",
-    )
-    runner, job, num_parts = prepared.runner, prepared.job, prepared.num_parts
-    out = runner.out
-    out.mkdir(parents=True, exist_ok=True)
-    with _one_run_at_a_time(out, runner.shard), reported_write_failures(out):
-        if _complete(runner.manifest_path, out):
-            _discard_staging(runner)
-            log.info("%s: already complete, nothing to do", runner.manifest_path)
-            return {**json.loads(runner.manifest_path.read_text()), "elapsed_s": time.perf_counter() - started}
-        start_writing(runner, job)
-        counts = finished_parts(runner, num_parts)
-        todo = [p for p in range(num_parts) if p not in counts]
-        if todo:
-            ensure_staged(runner, job, _shard_frame(runner, prepared.frame, prepared.users, prepared.assign))
-            log.info("%d of %d parts to write with %d Ray actors", len(todo), num_parts, actors)
-            counts.update(_score_parts(ray, runner, todo, actors, device, ray_address, num_cpus, progress,
-                                       _fail_once, _fail_part))
-        manifest = finish(runner, job, counts, num_parts)
-    c = manifest["counts"]
-    elapsed = time.perf_counter() - started
-    log.info("ray candidates: %d users, %d rows in %d parts, %.1f s -> %s",
-             c["users"], c["rows"], c["parts"], elapsed, runner.manifest_path)
-    manifest["elapsed_s"] = elapsed
-    return manifest
+    prepared = prepare_job(model, input_path, out, k, **options, device="cpu")
+
+    def write_parts(todo: list[int]) -> dict[int, dict[str, int]]:
+        prepared.out.ensure_staged(prepared.record, prepared.shard_rows())  # always: the actors read their part there
+        log.info("%d of %d parts to write with %d Ray actors", len(todo), prepared.num_parts, actors)
+        return _score_parts(ray, prepared, todo, actors, device, ray_address, num_cpus, progress)
+
+    return run_job(prepared, write_parts, "ray candidates", started)
 
 
-def _score_parts(ray, runner: _Job, todo: list[int], actors: int, device: str, address: str | None,
-                 num_cpus: int | None, progress: bool, fail_once, fail_part) -> dict[int, dict[str, int]]:
+def _score_parts(ray, prepared: PreparedJob, todo: list[int], actors: int, device: str, address: str | None,
+                 num_cpus: int | None, progress: bool) -> dict[int, dict[str, int]]:
     """read -> map_batches(score + write, actor pool) over the parts in ``todo``; part -> counts."""
     _start_ray(ray, address, num_cpus)
     context = ray.data.DataContext.get_current()
@@ -235,16 +203,15 @@ def _score_parts(ray, runner: _Job, todo: list[int], actors: int, device: str, a
     gpus_per_actor = 0.0 if gpus == 0 else (1.0 if gpus >= actors else gpus / actors)
     parts = ray.data.from_items([{"part": p} for p in todo], override_num_blocks=len(todo))
     scored = parts.map_batches(
-        _PartScorer,
+        _PartActor,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs={
-            "model_dir": str(runner.model.directory.resolve()), "spec": runner.spec, "out": str(runner.out.resolve()),
-            "k": runner.k, "shard": runner.shard, "batch_size": runner.batch_size,
-            "exclude_seen": runner.exclude_seen, "users_per_part": runner.users_per_part,
-            "device": "cuda" if gpus_per_actor else "cpu",
-            "fail_once": None if fail_once is None else str(fail_once), "fail_part": fail_part,
+            "model_dir": str(prepared.model.directory.resolve()), "device": "cuda" if gpus_per_actor else "cpu",
+            "spec": prepared.spec, "k": prepared.k, "batch_size": prepared.batch_size,
+            "exclude_seen": prepared.exclude_seen,
+            "out": OutputDir(prepared.out.path.resolve(), prepared.out.shard), "dies_at": _ACTOR_DIES_AT,
         },
     )
     done = {int(row["part"]): json.loads(row["counts"]) for row in scored.take_all()}

@@ -12,6 +12,7 @@ import torch
 
 import serving
 import serving.candidates as candidates
+from serving.candidates import plan, store
 from recsys.atomic import NotWritable
 from recsys.data.errors import DataValidationError
 from recsys.item_features import ItemFeatures
@@ -147,7 +148,7 @@ def test_integer_ids_of_a_text_log_come_back_as_integers_in_candidate_files(tmp_
 
 def test_killed_job_resumes_with_every_user_exactly_once(export_dir, log, tmp_path, monkeypatch):
     path, frame = log
-    real_write = candidates._write_part
+    real_write = store._write_part
     written = []
 
     def dies_after_two(frame, counts, target):
@@ -156,14 +157,14 @@ def test_killed_job_resumes_with_every_user_exactly_once(export_dir, log, tmp_pa
         real_write(frame, counts, target)
         written.append(target.name)
 
-    monkeypatch.setattr(candidates, "_write_part", dies_after_two)
+    monkeypatch.setattr(store, "_write_part", dies_after_two)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
     assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(written)
     assert not (out / "manifest.json").exists()  # no manifest: visibly unfinished
 
-    monkeypatch.setattr(candidates, "_write_part", lambda *a: (written.append(a[2].name), real_write(*a)))
+    monkeypatch.setattr(store, "_write_part", lambda *a: (written.append(a[2].name), real_write(*a)))
     manifest = generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
     assert len(written) == 5 and len(set(written)) == 5  # the rerun wrote only the 3 missing parts
     got = _read(out)
@@ -181,7 +182,7 @@ def test_rerun_of_a_finished_job_changes_nothing(export_dir, log, tmp_path, monk
     out = tmp_path / "out"
     first = generate_candidates(export_dir, path, out, K, users_per_part=10, progress=False)
     files = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(candidates, "_write_part", lambda *a: pytest.fail("a finished job must not write again"))
+    monkeypatch.setattr(store, "_write_part", lambda *a: pytest.fail("a finished job must not write again"))
     again = generate_candidates(export_dir, path, out, K, users_per_part=10, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
     assert again["parts"] == first["parts"]
@@ -387,7 +388,7 @@ def test_bad_input_messages_come_from_the_shared_readers(export_dir, tmp_path, c
 
 
 def test_rows_are_counted_over_the_whole_input_when_streamed_in_chunks(export_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(candidates, "_CHUNK_ROWS", 2)
+    monkeypatch.setattr(plan, "_CHUNK_ROWS", 2)
     rows = ["1,i01,5", "1,i02,6", "2,i03,7", "2,i04,8", "3,i05,soon"]
     path = _write(tmp_path / "in.csv", "user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
     with pytest.raises(DataValidationError, match=r"'soon' at row 5, which is neither a number nor a date/time$"):
@@ -421,7 +422,7 @@ def test_parts_are_written_by_the_writer_thread_and_a_failed_write_stops_the_job
     """Writing overlaps computing (one writer thread), with the same guarantees: a failed write
     stops the job with its error and no manifest; the rerun gives the parts of a clean run, byte for byte."""
     path, frame = log
-    real_write = candidates._write_part
+    real_write = store._write_part
     threads = []
 
     def fails_third(frame, counts, target):
@@ -430,13 +431,13 @@ def test_parts_are_written_by_the_writer_thread_and_a_failed_write_stops_the_job
             raise OSError("disk full (simulated)")
         real_write(frame, counts, target)
 
-    monkeypatch.setattr(candidates, "_write_part", fails_third)
+    monkeypatch.setattr(store, "_write_part", fails_third)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
     assert threads and all(name.startswith("candidates-writer") for name in threads)
     assert not (out / "manifest.json").exists() and len(list(out.glob("part-*.parquet"))) < 5
-    monkeypatch.setattr(candidates, "_write_part", real_write)
+    monkeypatch.setattr(store, "_write_part", real_write)
     stages = {}
     manifest = generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False, stage_seconds=stages)
     clean = generate_candidates(export_dir, path, tmp_path / "clean", K, users_per_part=7, progress=False)
@@ -453,14 +454,14 @@ def test_a_second_run_into_the_same_out_refuses_at_once_and_the_first_finishes(e
     first then ends exactly as a lone run would."""
     path, _ = log
     out = tmp_path / "out"
-    real_write, writing, go_on = candidates._write_part, threading.Event(), threading.Event()
+    real_write, writing, go_on = store._write_part, threading.Event(), threading.Event()
 
     def slow_write(frame, counts, target):
         writing.set()
         go_on.wait(60)
         real_write(frame, counts, target)
 
-    monkeypatch.setattr(candidates, "_write_part", slow_write)
+    monkeypatch.setattr(store, "_write_part", slow_write)
     first: dict = {}
     thread = threading.Thread(target=lambda: first.update(generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)))
     thread.start()
@@ -478,7 +479,7 @@ def test_a_second_run_into_the_same_out_refuses_at_once_and_the_first_finishes(e
     assert [p["sha256"] for p in first["parts"]] == [p["sha256"] for p in clean["parts"]]
 
 
-@pytest.mark.skipif(candidates.fcntl is None, reason="the lock needs fcntl.flock")
+@pytest.mark.skipif(store.fcntl is None, reason="the lock needs fcntl.flock")
 def test_the_lock_of_a_killed_run_is_never_stale(export_dir, log, tmp_path):
     """Another process holds the lock (a run in progress), is then SIGKILLed: the system releases
     its lock, and the next run goes ahead without anyone deleting anything."""
@@ -506,7 +507,7 @@ def test_the_lock_of_a_killed_run_is_never_stale(export_dir, log, tmp_path):
 
 
 def _killed_after_two_parts(export_dir, path, out, monkeypatch) -> None:
-    real_write, written = candidates._write_part, []
+    real_write, written = store._write_part, []
 
     def dies_after_two(frame, counts, target):
         if len(written) == 2:
@@ -514,10 +515,10 @@ def _killed_after_two_parts(export_dir, path, out, monkeypatch) -> None:
         real_write(frame, counts, target)
         written.append(target.name)
 
-    monkeypatch.setattr(candidates, "_write_part", dies_after_two)
+    monkeypatch.setattr(store, "_write_part", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         generate_candidates(export_dir, path, out, K, users_per_part=7, progress=False)
-    monkeypatch.setattr(candidates, "_write_part", real_write)
+    monkeypatch.setattr(store, "_write_part", real_write)
     assert (out / ".staging-00000").is_dir() and len(list(out.glob("part-*.parquet"))) == 2
 
 
@@ -596,7 +597,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(export_dir, log, tmp_path
 
     path, _ = log
     out = tmp_path / "out"
-    real_write, calls = candidates._write_part, []
+    real_write, calls = store._write_part, []
 
     def fills_up(frame, counts, target):
         calls.append(target)
@@ -606,13 +607,13 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(export_dir, log, tmp_path
             raise pl.exceptions.ComputeError("parquet: underlying IO error: No space left on device (os error 28)")
         real_write(frame, counts, target)
 
-    monkeypatch.setattr(candidates, "_write_part", fills_up)
+    monkeypatch.setattr(store, "_write_part", fills_up)
     args = ["--model", str(export_dir), "--input", str(path), "--k", str(K), "--out", str(out), "--users-per-part", "7"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == f"error: --out {out}: cannot write there: No space left on device"
     assert "Traceback" not in err
-    monkeypatch.setattr(candidates, "_write_part", real_write)
+    monkeypatch.setattr(store, "_write_part", real_write)
     assert main(args) == 0
     assert _read(out)["user_id"].n_unique() == log[1]["user_id"].n_unique()
 
@@ -624,7 +625,7 @@ def test_the_command_catches_user_errors_only(export_dir, log, tmp_path, monkeyp
     def defect(*args, **kwargs):
         raise ValueError("a defect in the job")
 
-    monkeypatch.setattr(candidates, "_assign", defect)
+    monkeypatch.setattr(plan, "_assign", defect)
     with pytest.raises(ValueError, match="a defect in the job"):
         main(["--model", str(export_dir), "--input", str(path), "--k", str(K), "--out", str(tmp_path / "out")])
 

@@ -16,6 +16,7 @@ from recsys.item_features import ItemFeatures  # noqa: E402
 from recsys.model import MatryoshkaRecommender  # noqa: E402
 from serving.candidates import CandidatesError, generate_candidates  # noqa: E402
 from recsys.export import export_sizes  # noqa: E402
+import serving.ray_candidates as ray_candidates  # noqa: E402
 from serving.ray_candidates import _start_ray, generate_candidates_ray, main  # noqa: E402
 
 N_ITEMS = 40
@@ -117,16 +118,16 @@ def test_same_candidates_and_manifest_as_the_single_process_job(single, ray_out)
     assert on_disk == {k: v for k, v in manifest.items() if k != "elapsed_s"}
 
 
-def test_a_killed_actor_and_a_rerun_give_byte_identical_parts(export_dir, log, ray_out, tmp_path):
+def test_a_killed_actor_and_a_rerun_give_byte_identical_parts(export_dir, log, ray_out, tmp_path, monkeypatch):
     clean = ray_out[0]
     expected = _parts(clean)
 
     # an actor kills its own process on part 2: Ray restarts it and retries the part
     killed = tmp_path / "killed"
     marker = tmp_path / "died"
-    generate_candidates_ray(
-        export_dir, log, killed, K, users_per_part=PER_PART, progress=False, _fail_once=marker, _fail_part=2
-    )
+    monkeypatch.setattr(ray_candidates, "_ACTOR_DIES_AT", (str(marker), 2))
+    generate_candidates_ray(export_dir, log, killed, K, users_per_part=PER_PART, progress=False)
+    monkeypatch.undo()
     assert marker.exists()  # the actor did die
     assert _parts(killed) == expected
     assert (killed / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()  # names no --out
