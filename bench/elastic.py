@@ -64,13 +64,11 @@ GRID_BASE = ["--model.separate_item_vectors", "false", "--model.nesting", "block
 
 
 def parse_triple(label: str) -> Triple:
-    """``L2_w256_d16`` -> Triple(2, 256, 16)."""
+    """``L2_w256_d16`` -> Triple(2, 256, 16), or the command's one-line refusal."""
     try:
-        depth, width, size = label.split("_")
-        assert depth[0] == "L" and width[0] == "w" and size[0] == "d"
-        return Triple(int(depth[1:]), int(width[1:]), int(size[1:]))
-    except (ValueError, AssertionError, IndexError):
-        raise SystemExit(f"--twins: {label!r} is not a triple label such as L2_w256_d16") from None
+        return Triple.from_label(label)
+    except ValueError as exc:
+        raise SystemExit(f"--twins: {exc}") from None
 
 
 def without_workdir(argv: list[str]) -> list[str]:

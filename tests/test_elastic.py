@@ -195,3 +195,11 @@ def test_grid_distillation_and_sampled_loss_run_per_group():
     sampled = _model(pairs=[[8, 8], [32, 8]], loss="sampled", negatives=16, negative_sampling="uniform")
     total, names, per_size, kl, _ = sampled.training_loss(_batch())
     assert torch.isfinite(total) and len(per_size) == 2 and kl == [None, None]
+
+
+def test_a_triple_label_names_its_triple_and_nothing_else():
+    for triple in (Triple(1, 16, 16), Triple(2, 128, 64), Triple(12, 1024, 8)):
+        assert Triple.from_label(triple.label) == triple
+    for label in ("d64", "L2_w128", "L2_w128_d64_x", "l2_w128_d64", "L2_w-1_d64", "L2_w128_d6.4", ""):
+        with pytest.raises(ValueError, match="is not a triple label"):
+            Triple.from_label(label)

@@ -15,7 +15,6 @@ Standard library only: this runs anywhere the repository is checked out.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import sys
@@ -57,12 +56,8 @@ def load(name: str) -> dict:
 
 
 def published_ndcg() -> dict[str, dict[str, float]]:
-    """``PUBLISHED`` of ``bench/accuracy.py`` (the published NDCG@10 per dataset), read without importing it."""
-    tree = ast.parse((ROOT / "bench" / "accuracy.py").read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PUBLISHED" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise SystemExit("bench/accuracy.py has no PUBLISHED table")
+    """The published NDCG@10 per dataset and model (``bench/published.json``, which bench/accuracy.py reads too)."""
+    return json.loads((ROOT / "bench" / "published.json").read_text(encoding="utf-8"))["ndcg_10"]
 
 
 # -- formatting ----------------------------------------------------------------------------------

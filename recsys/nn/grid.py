@@ -23,6 +23,7 @@ loss and the evaluation iterate over. No options: no grid, and the model is toda
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,6 +58,14 @@ class Triple:
     def label(self) -> str:
         """``L2_w128_d64``: the name of its metrics (``test/ndcg_10/L2_w128_d64``) and of its model."""
         return f"L{self.depth}_w{self.width}_d{self.size}"
+
+    @classmethod
+    def from_label(cls, label: str) -> Triple:
+        """The triple a label names (``L2_w128_d64``): the inverse of :attr:`label`."""
+        match = re.fullmatch(r"L(\d+)_w(\d+)_d(\d+)", label)
+        if match is None:
+            raise ValueError(f"{label!r} is not a triple label such as L2_w128_d64")
+        return cls(*(int(g) for g in match.groups()))
 
     @property
     def uses_head(self) -> bool:
