@@ -130,6 +130,7 @@ def export_size(
     funnel_shortlist: int = 1000,
     width: int | None = None,
     depth: int | None = None,
+    shortlist_model=None,
 ) -> Path:
     """Write ``out`` for the model cut to ``size`` and return it.
 
@@ -145,7 +146,9 @@ def export_size(
     exactly at ``size`` (docs/method.md §6). Where ``size`` or the size ``funnel_prefix`` serves with
     a network of its own (its own item vectors, or ``nesting slices``), ``funnel_prefix`` must be
     one of the model's sizes below ``size``: the export then holds that size's complete export
-    (with ``index``) in ``shortlist/``, whose own network shortlists (an own-network funnel).
+    (with ``index``) in ``shortlist/``, whose own network shortlists (an own-network funnel), taken
+    from ``shortlist_model`` where given (the prefix size's own best checkpoint, with a checkpoint
+    per size), else from ``model``.
     """
     if size not in model.sizes:
         raise ExportError(f"size {size} is not one of the model's sizes {list(model.sizes)}")
@@ -242,7 +245,8 @@ def export_size(
         if retriever is not None:
             retriever.save(tmp)
         else:  # the smaller size's complete export, verified as it is written
-            export_size(model, catalogue, funnel_prefix, tmp / SHORTLIST_EXPORT, source, index=index, item_dtype=item_dtype)
+            export_size(shortlist_model or model, catalogue, funnel_prefix, tmp / SHORTLIST_EXPORT, source, index=index,
+                        item_dtype=item_dtype)
             manifest[NESTED_EXPORTS] = {SHORTLIST_EXPORT: sha256_of(tmp / SHORTLIST_EXPORT / MANIFEST)}
         manifest["checksums"] = {p.name: sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
@@ -319,10 +323,12 @@ def _retriever_settings(
 
 def export_sizes(
     checkpoint: str | Path, dims: list[int], out: str | Path, source: dict[str, Any] | None = None,
-    width: int | None = None, depth: int | None = None, **options: Any,
+    width: int | None = None, depth: int | None = None, shortlist_checkpoint: str | Path | None = None, **options: Any,
 ) -> list[Path]:
     """Export every size in ``dims`` from a checkpoint into ``out/d<size>``; with ``width`` or
-    ``depth`` (one size) into ``out/L<depth>_w<width>_d<size>``."""
+    ``depth`` (one size) into ``out/L<depth>_w<width>_d<size>``. An own-network funnel
+    (``funnel_prefix``) shortlists with the size ``funnel_prefix`` of ``shortlist_checkpoint``
+    where given (that size's own best checkpoint), else of ``checkpoint``."""
     from recsys.retrieval import IndexSpec
 
     if options.get("index", "exact") != "exact":
@@ -336,6 +342,9 @@ def export_sizes(
     if bad:
         raise ExportError(f"size(s) {bad} are not sizes of this model; valid sizes: {list(model.sizes)}")
     _check_finite(checkpoint, model)
+    if shortlist_checkpoint is not None and str(shortlist_checkpoint) != str(checkpoint):
+        options["shortlist_model"] = load_trained(shortlist_checkpoint)[0]
+        _check_finite(shortlist_checkpoint, options["shortlist_model"])
     source = source or {"checkpoint": Path(checkpoint).name}
     if width is None and depth is None:
         with reported_write_failures(out, option=""):  # a full disk: one line; an old export stays whole
@@ -351,17 +360,21 @@ def export_sizes(
 
 
 def export_each_size(checkpoint_of: dict[int, str | Path], out: str | Path, source: dict[str, Any] | None = None,
-                     **options: Any) -> list[Path]:
+                     dims: list[int] | None = None, **options: Any) -> list[Path]:
     """:func:`export_sizes` with each size from its own checkpoint (``--model.monitor_size each``
-    keeps one per size); sizes that share a checkpoint are exported from one reading of it. Returns
-    the export directories in the order of ``checkpoint_of``."""
+    keeps one per size): ``checkpoint_of`` maps sizes to their checkpoints, ``dims`` picks the sizes
+    to export (default: all of them). Sizes that share a checkpoint are exported from one reading
+    of it, and an own-network funnel shortlists with its prefix size's own checkpoint. Returns the
+    export directories in the order of ``dims``."""
+    dims = list(checkpoint_of) if dims is None else dims
     by_checkpoint: dict[str, list[int]] = {}
-    for size, checkpoint in checkpoint_of.items():
-        by_checkpoint.setdefault(str(checkpoint), []).append(size)
+    for size in dims:
+        by_checkpoint.setdefault(str(checkpoint_of[size]), []).append(size)
+    shortlist = checkpoint_of.get(options.get("funnel_prefix"))
     written = {}
-    for checkpoint, dims in by_checkpoint.items():
-        written.update(zip(dims, export_sizes(checkpoint, dims, out, source, **options)))
-    return [written[size] for size in checkpoint_of]
+    for checkpoint, group in by_checkpoint.items():
+        written.update(zip(group, export_sizes(checkpoint, group, out, source, shortlist_checkpoint=shortlist, **options)))
+    return [written[size] for size in dims]
 
 
 @torch.no_grad()
@@ -432,7 +445,7 @@ def _run(args) -> None:
             dims = dims or _default_dims(ckpt, args)
             source = {"mlflow_run_id": args.run_id}
             if own and args.width is None and args.depth is None:
-                paths = export_each_size({d: own.get(d, ckpt) for d in dims}, out, source, **options)
+                paths = export_each_size({**dict.fromkeys(dims, ckpt), **own}, out, source, dims=dims, **options)
             else:
                 paths = export_sizes(ckpt, list(dims), out, source=source, **options)
     else:

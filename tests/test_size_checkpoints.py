@@ -121,3 +121,30 @@ def test_export_by_run_id_takes_each_size_from_its_own_checkpoint(trained_each, 
         own = cut_to_size(MatryoshkaRecommender.from_checkpoint(result["best_by_size"][s]).net, s)
         with torch.no_grad():
             torch.testing.assert_close(serving.load(tmp_path / f"d{s}").item_matrix, own.item_matrix())
+
+
+def test_an_own_funnel_shortlists_with_the_prefix_sizes_own_checkpoint(tmp_path):
+    """With a checkpoint per size, size 8's funnel export holds size 4's export from size 4's own
+    checkpoint, exactly as size 4 is exported alone, not size 4 of size 8's checkpoint."""
+    from recsys.export import export_each_size, export_sizes
+
+    model = _tiny_model(monitor_size="each", nesting="slices", separate_item_vectors="all")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    catalogue = {"item_ids": [f"i{n}" for n in range(1, 21)], "popularity": list(range(20, 0, -1)), "stats": {}}
+    saved = {}
+    for name, m in (("d4", other), ("d8", model)):
+        saved[name] = tmp_path / f"best-{name}.ckpt"
+        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams), "catalogue": catalogue}, saved[name])
+
+    (funnel,) = export_each_size({4: saved["d4"], 8: saved["d8"]}, tmp_path / "each", dims=[8], funnel_prefix=4,
+                                 funnel_shortlist=5)
+    (own,) = export_sizes(saved["d4"], [4], tmp_path / "own")
+    (of_d8,) = export_sizes(saved["d8"], [4], tmp_path / "of-d8")
+    shortlist = serving.load(funnel / "shortlist")
+    with torch.no_grad():
+        torch.testing.assert_close(shortlist.item_matrix, serving.load(own).item_matrix)
+        assert not torch.allclose(shortlist.item_matrix, serving.load(of_d8).item_matrix)
+    assert funnel.name == "d8" and serving.load(funnel).manifest["retriever"]["prefix_size"] == 4
