@@ -110,13 +110,6 @@ def load_trained(checkpoint: str | Path):
     return model.eval(), catalogue
 
 
-def _atomic_dir(final: Path):
-    """A temporary directory beside ``final``; ``commit()`` puts it in place of ``final`` (the old
-    export stays whole and loadable until then: ``recsys.atomic``), ``abort()`` removes it."""
-    directory = AtomicDirectory(final)
-    return directory.path, directory.commit, directory.abort
-
-
 @torch.no_grad()
 def export_size(
     model,
@@ -230,7 +223,9 @@ def export_size(
     }
 
     final = Path(out)
-    tmp, commit, abort = _atomic_dir(final)
+    # written under a temporary name beside it, then swapped in whole (the old export stays loadable until then)
+    directory = AtomicDirectory(final)
+    tmp = directory.path
     try:
         # the weights record the entries that decide what they compute: a manifest edited later is refused
         save_file(state, tmp / "model.safetensors", metadata=recorded_settings(manifest))
@@ -251,9 +246,9 @@ def export_size(
         manifest["checksums"] = {p.name: sha256_of(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         _check_written(tmp)
-        path = commit()
+        path = directory.commit()
     except BaseException:
-        abort()
+        directory.abort()
         raise
     log.info("exported size %d, width %d, depth %d (%d encoder parameters) to %s", size, width, depth,
              manifest["num_parameters"], path)
