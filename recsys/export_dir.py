@@ -1,5 +1,8 @@
 """An export directory, read safely: its manifest, the checksums of its files, its weights and items.
 
+The format sits below both sides: ``recsys/export.py`` writes it, ``serving`` reads it, and
+:func:`fetch_export` copies one out of a model that training logged to MLflow.
+
 An export directory (written by ``recsys/export.py``) holds:
 
 - ``manifest.json``: size, encoder name and options, parameter count, source, data stats, the
