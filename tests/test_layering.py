@@ -182,3 +182,17 @@ def test_no_modules_import_each_other_in_a_circle():
                 reached |= more
                 changed = True
     assert sorted(m for m, reached in reaches.items() if m in reached) == []
+
+
+def test_the_earlier_names_of_the_export_command_and_retrieval_still_work(tmp_path):
+    import recsys.export
+    import recsys.retrieval
+    import serving.export
+    import serving.retrieval
+
+    assert serving.export.export_sizes is recsys.export.export_sizes
+    assert all(getattr(serving.retrieval, name) is getattr(recsys.retrieval, name) for name in recsys.retrieval.__all__)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "serving.export", "--checkpoint", str(tmp_path / "none.ckpt"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and "none.ckpt: no such checkpoint file" in done.stderr, done.stderr
