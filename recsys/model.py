@@ -37,6 +37,7 @@ from recsys.nn.nested import (
     nested_parameter_count,
     scale_prefix_gradient,
     set_prefix_gradient,
+    truncated_normal_init_,
 )
 from recsys.nn.recommender import SequentialRecommender
 
@@ -153,6 +154,10 @@ class MatryoshkaRecommender(L.LightningModule):
             ``slices`` (dense layers, the size-``s`` network is the top-left slice of every weight
             with LayerNorms over its whole width; the largest size is a dense network, and every
             size runs its own forward in training and evaluation). ``slices``: LRU encoder only.
+        init_std: None keeps each layer's own initialisation (linear layers scaled by their
+            fan-in, small uniform embedding tables); a number draws every weight matrix and
+            embedding table from a normal of that standard deviation truncated at twice it, as
+            LRURec does with 0.02 (``recsys.nn.nested.truncated_normal_init_``).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -226,6 +231,7 @@ class MatryoshkaRecommender(L.LightningModule):
         separate_item_vectors: bool | Literal["all"] = False,
         prefix_gradient: float = 1.0,
         nesting: Literal["blocks", "slices"] = "blocks",
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         # the CLI logs the whole config; the item features and cold-start items come from the data
@@ -258,6 +264,8 @@ class MatryoshkaRecommender(L.LightningModule):
             ItemTower((size,), item_features, use_id_embedding=use_id_embedding, modalities=modalities, id_dropout=id_dropout)
             for size in head_sizes
         ) if head_sizes else None  # (true with one size: the plain model)
+        if init_std is not None:
+            truncated_normal_init_(self, init_std)
         self._eval_head_items: list[torch.Tensor] | None = None
         self._eval_nets: list | None = None  # per size: (network, item matrix, candidates); see _size_networks
         #: size -> checkpoint whose weights rank that size in test (``monitor_size="each"``; set by the training CLI)

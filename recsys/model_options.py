@@ -41,6 +41,7 @@ NUMBER_RULES: dict[str, tuple[bool, Any, str]] = {
     "weight_decay": (False, lambda v: v >= 0, "a finite non-negative number"),
     "distill": (False, lambda v: v >= 0, "a finite non-negative number"),
     "prefix_gradient": (False, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "init_std": (False, lambda v: v > 0, "a finite positive number (or null: each layer's own initialisation)"),
 }
 
 
@@ -78,6 +79,7 @@ def check_options(
     separate_item_vectors: Any = False,
     prefix_gradient: Any = 1.0,
     nesting: Any = "blocks",
+    init_std: Any = None,
     **other: Any,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
     """The model's checks of its settings, given by name (the constructor's arguments, or the parsed
@@ -135,6 +137,8 @@ def check_options(
                           "with tied item vectors every size's softmax reads the smaller sizes' item chunks")
     if prefix_gradient < 1 and encoder == "sasrec":
         raise OptionError("{prefix_gradient} below 1 needs a nested encoder (lru or mamba): SASRec's layers are shared whole")
+    if init_std is not None:
+        check_numbers(init_std=init_std)
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
     if trained is not None and (learned_temperature or separate_item_vectors or nesting == "slices"):

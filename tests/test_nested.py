@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from recsys.model_options import OptionError
 from recsys.nn.nested import (
     ChunkwiseProjection,
     NestedLayerNorm,
@@ -251,3 +252,34 @@ def test_sliced_layer_norm_normalises_the_whole_width_of_every_size():
 def test_an_unknown_nesting_is_refused():
     with pytest.raises(ValueError, match="nesting must be one of blocks, slices"):
         NestedLinear(SIZES, nesting="diagonal")
+
+
+@pytest.mark.parametrize("encoder", ["lru", "mamba"])
+def test_truncated_normal_init_draws_every_weight_and_keeps_the_nesting(encoder):
+    """``init_std``: every weight matrix and embedding table within two standard deviations and
+    spread like the normal, the masks' zero blocks still zero, and each cut size still computes
+    exactly the first dimensions of the full model's user vectors."""
+    from recsys.model import MatryoshkaRecommender
+    from recsys.nn.nested import NestedLinear, cut_to_size
+    from tests.test_export import _features
+
+    torch.manual_seed(0)
+    model = MatryoshkaRecommender(item_features=_features(), sizes=[8, 16, 32], encoder=encoder, max_len=12,
+                                  use_id_embedding=True, init_std=0.02).eval()
+    drawn = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, torch.nn.EmbeddingBag, NestedLinear))]
+    assert len(drawn) >= 6
+    for weight in drawn:
+        assert float(weight.abs().max()) <= 0.04
+    big = torch.cat([w.detach().flatten() for w in drawn])
+    big = big[big != 0]  # the masks' zeros
+    assert 0.015 < float(big.std()) < 0.02
+    for m in model.modules():
+        if isinstance(m, NestedLinear):
+            assert not bool((m.weight * (1 - m.mask)).any())
+    ids = torch.randint(1, 30, (4, 12))
+    with torch.no_grad():
+        full = model.net.user_vectors(ids)
+        for size in (8, 16):
+            torch.testing.assert_close(cut_to_size(model.net, size).user_vectors(ids), full[:, :size], atol=1e-5, rtol=1e-4)
+    with pytest.raises(OptionError, match="init_std"):
+        MatryoshkaRecommender(item_features=_features(), sizes=[8, 16], use_id_embedding=True, init_std=-1.0)

@@ -56,6 +56,7 @@ __all__ = [
     "NESTINGS",
     "check_nesting",
     "SizeSlices",
+    "truncated_normal_init_",
 ]
 
 M = TypeVar("M", bound=nn.Module)
@@ -595,3 +596,19 @@ class SizeSlices:
             scale[tuple(slice(0, n) for n in below)] = factor
             self._scales[key] = scale
         return self._scales[key]
+
+
+@torch.no_grad()
+def truncated_normal_init_(model: nn.Module, std: float) -> None:
+    """Draw every weight matrix and embedding table of ``model`` anew from a normal of ``std``
+    truncated at two ``std``: LRURec's initialisation, where PyTorch's default scales a linear
+    layer's weights by its fan-in. Masked nested layers keep their masks (their blocks above the
+    diagonal stay zero); biases, norms and per-channel parameters (the LRU's decays and skips,
+    Mamba's state matrix and convolution) keep their own initialisation."""
+    kinds = (nn.Linear, nn.Embedding, nn.EmbeddingBag, NestedLinear, PrefixProjection, ChunkwiseProjection)
+    for module in model.modules():
+        if isinstance(module, kinds) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            mask = getattr(module, "mask", None)
+            if mask is not None:
+                module.weight.mul_(mask)
