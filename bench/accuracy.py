@@ -250,8 +250,9 @@ def markdown(report: dict) -> str:
         "",
         f"Protocol: leave-one-out, full ranking over {p['items']} items, history items "
         f"{'masked' if p['mask_seen'] else 'not masked'}, max length {p['max_len']}, up to {p['epochs']} epochs "
-        f"(early stopping on validation NDCG@10: of the size trained, for the Matryoshka run the mean over its sizes), "
-        f"test metrics of the best checkpoint. {p['label']}",
+        f"(early stopping on validation NDCG@10: of the size trained, for the Matryoshka run the mean over its sizes "
+        f"unless the config or an override sets --model.monitor_size; with `each`, every size is tested with its own "
+        f"best checkpoint), test metrics of the best checkpoint. {p['label']}",
         f"Machine: {report['machine']}, {report['threads']} threads. Overrides: `{' '.join(report['overrides']) or 'none'}`.",
         "",
         f"Seeds: {report.get('seeds', [0])} (every figure a mean over them); M - sep: the paired bootstrap over "
@@ -397,8 +398,10 @@ def main() -> None:
         [int(x) for x in args.separate_sizes.split(",")] if args.separate_sizes else sizes)
     for seed in args.seeds:
         seeded = ["--seed_everything", str(seed)]
-        # the one run stops when no size improves any more, not when the largest does (or as --set says)
-        monitor = [] if "--model.monitor_size" in overrides else ["--model.monitor_size", "mean"]
+        # the one run stops when no size improves any more, not when the largest does (or as the
+        # config or --set says)
+        chosen = "--model.monitor_size" in overrides or config["model"].get("monitor_size") is not None
+        monitor = [] if chosen else ["--model.monitor_size", "mean"]
         runs.add(f"matryoshka-seed{seed}", sized(sizes, *monitor, *seeded))
         for s in separate_sizes:
             runs.add(f"separate-d{s}-seed{seed}", sized([s], *seeded))
