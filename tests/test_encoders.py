@@ -26,13 +26,18 @@ from recsys.nn.nested import NestedModule, cut_sizes, cut_to_size, nested_parame
 SIZES = (4, 8, 16)
 
 
-def make(name: str, train: bool = False) -> torch.nn.Module:
+#: every encoder, and the LRU with its blocks' norms after the residual sums
+VARIANTS = {**{name: (name, {}) for name in ENCODERS}, "lru-post-norm": ("lru", {"post_norm": True})}
+
+
+def make(variant: str, train: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
-    encoder = build_encoder(name, SIZES)
+    name, options = VARIANTS[variant]
+    encoder = build_encoder(name, SIZES, **options)
     return encoder.train(train)
 
 
-@pytest.fixture(scope="module", params=ENCODERS)
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def encoder(request):
     return make(request.param).eval()
 
@@ -98,7 +103,7 @@ def test_left_padded_row_equals_unpadded_sequence(encoder):
 # --- rows with few real items, gradients ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ENCODERS)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_fully_padded_row_is_finite_in_evaluation_and_training(name):
     x, mask = left_padded()
     mask[1] = False
@@ -115,7 +120,7 @@ def test_fully_padded_row_is_finite_in_evaluation_and_training(name):
         assert p.grad is not None and torch.isfinite(p.grad).all(), param_name
 
 
-@pytest.mark.parametrize("name", ENCODERS)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_gradients_reach_every_parameter(name):
     encoder = make(name, train=True)
     x, mask = left_padded()

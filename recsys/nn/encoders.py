@@ -50,14 +50,19 @@ class LRUOptions:
     Args:
         r_min: smallest initial ``|lambda|`` (the decay ring's inner radius).
         r_max: largest initial ``|lambda|``.
+        post_norm: each block's LayerNorms after its residual sums, as LRURec's blocks, instead of
+            before its LRU and FFN (the default, pre-norm).
     """
 
     r_min: float = 0.0
     r_max: float = 0.1
+    post_norm: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.r_min < self.r_max <= 1.0:
             raise OptionError(f"{{r_min}} {self.r_min}, {{r_max}} {self.r_max}: need 0 <= r_min < r_max <= 1")
+        if not isinstance(self.post_norm, bool):
+            raise OptionError(f"{{post_norm}} must be true or false, got {self.post_norm!r}")
 
 
 @dataclass(frozen=True)

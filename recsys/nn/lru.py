@@ -216,12 +216,14 @@ class GatedFFN(NestedModule):
 
 
 class LRUBlock(NestedModule):
-    """Pre-norm residual block: ``h = x + LRU(LN1(x))``, ``out = h + FFN(LN2(h))``."""
+    """Residual block, pre-norm: ``h = x + LRU(LN1(x))``, ``out = h + FFN(LN2(h))``; or with
+    ``post_norm`` (LRURec's): ``h = LN1(x + LRU(x))``, ``out = LN2(h + FFN(h))``."""
 
     def __init__(self, sizes: Sequence[int], dropout: float, r_min: float, r_max: float, ffn_mult: int,
-                 nesting: str = "blocks"):
+                 nesting: str = "blocks", post_norm: bool = False):
         super().__init__()
         self.sizes = check_sizes(sizes)
+        self.post_norm = post_norm
         self.norm_lru = NestedLayerNorm(self.sizes, nesting=nesting)
         self.lru = LRULayer(self.sizes, r_min=r_min, r_max=r_max, nesting=nesting)
         self.norm_ffn = NestedLayerNorm(self.sizes, nesting=nesting)
@@ -229,9 +231,11 @@ class LRUBlock(NestedModule):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sequential: bool | None = None, last_only: bool = False) -> torch.Tensor:
-        h = (x[:, -1:] if last_only else x) + self.dropout(
-            self.lru(self.norm_lru(x), mask, sequential=sequential, last_only=last_only)
-        )
+        residual = x[:, -1:] if last_only else x
+        if self.post_norm:
+            h = self.norm_lru(residual + self.dropout(self.lru(x, mask, sequential=sequential, last_only=last_only)))
+            return self.norm_ffn(h + self.dropout(self.ffn(h)))
+        h = residual + self.dropout(self.lru(self.norm_lru(x), mask, sequential=sequential, last_only=last_only))
         return h + self.dropout(self.ffn(self.norm_ffn(h)))
 
 
@@ -252,13 +256,15 @@ class NestedLRUEncoder(StackedBlocks, NestedModule):
         r_max: float = 0.1,
         ffn_mult: int = 2,
         nesting: str = "blocks",
+        post_norm: bool = False,
     ):
         super().__init__()
         self.sizes = check_sizes(sizes)
         if n_blocks < 1:
             raise ValueError(f"n_blocks must be at least 1, got {n_blocks}")
         self.blocks = nn.ModuleList(
-            LRUBlock(self.sizes, dropout=dropout, r_min=r_min, r_max=r_max, ffn_mult=ffn_mult, nesting=nesting)
+            LRUBlock(self.sizes, dropout=dropout, r_min=r_min, r_max=r_max, ffn_mult=ffn_mult, nesting=nesting,
+                     post_norm=post_norm)
             for _ in range(n_blocks)
         )
         self.final_norm = NestedLayerNorm(self.sizes, nesting=nesting)
