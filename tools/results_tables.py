@@ -1126,6 +1126,8 @@ SPORTS_YARDSTICK = {
     "sports-lru-d64-idonly-untied": "sports-lru-d64-full-untied",
     "sports-lru-d64-init002": "sports-lru-d64-full",
     "sports-lru-d64-init002-untied": "sports-lru-d64-full-untied",
+    "sports-lru-d64-postnorm": "sports-lru-d64-full",
+    "sports-lru-d64-postnorm-untied": "sports-lru-d64-full-untied",
 }
 
 
