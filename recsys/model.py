@@ -326,6 +326,8 @@ class MatryoshkaRecommender(L.LightningModule):
             specific["max_len"] = h.max_len
         if h.get("nesting", "blocks") != "blocks":  # (absent from the options of every earlier model)
             specific["nesting"] = h.nesting
+        if specific.get("post_norm") is False:  # written only when set: a pre-norm model's export reads as before
+            del specific["post_norm"]
         return {"n_blocks": h.n_blocks, "dropout": h.dropout, **specific}
 
     # -- checkpoints --------------------------------------------------------------------------
