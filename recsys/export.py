@@ -318,12 +318,11 @@ def _retriever_settings(
 
 def export_sizes(
     checkpoint: str | Path, dims: list[int], out: str | Path, source: dict[str, Any] | None = None,
-    width: int | None = None, depth: int | None = None, shortlist_checkpoint: str | Path | None = None, **options: Any,
+    width: int | None = None, depth: int | None = None, **options: Any,
 ) -> list[Path]:
     """Export every size in ``dims`` from a checkpoint into ``out/d<size>``; with ``width`` or
-    ``depth`` (one size) into ``out/L<depth>_w<width>_d<size>``. An own-network funnel
-    (``funnel_prefix``) shortlists with the size ``funnel_prefix`` of ``shortlist_checkpoint``
-    where given (that size's own best checkpoint), else of ``checkpoint``."""
+    ``depth`` (one size) into ``out/L<depth>_w<width>_d<size>``. ``options`` are
+    :func:`export_size`'s."""
     from recsys.retrieval import IndexSpec
 
     if options.get("index", "exact") != "exact":
@@ -337,9 +336,6 @@ def export_sizes(
     if bad:
         raise ExportError(f"size(s) {bad} are not sizes of this model; valid sizes: {list(model.sizes)}")
     _check_finite(checkpoint, model)
-    if shortlist_checkpoint is not None and str(shortlist_checkpoint) != str(checkpoint):
-        options["shortlist_model"] = load_trained(shortlist_checkpoint)[0]
-        _check_finite(shortlist_checkpoint, options["shortlist_model"])
     source = source or {"checkpoint": Path(checkpoint).name}
     if width is None and depth is None:
         with reported_write_failures(out, option=""):  # a full disk: one line; an old export stays whole
@@ -366,9 +362,14 @@ def export_each_size(checkpoint_of: dict[int, str | Path], out: str | Path, sour
     for size in dims:
         by_checkpoint.setdefault(str(checkpoint_of[size]), []).append(size)
     shortlist = checkpoint_of.get(options.get("funnel_prefix"))
+    shortlist_model = None
+    if shortlist is not None and any(str(shortlist) != c for c in by_checkpoint):  # read once, for every group
+        shortlist_model = load_trained(shortlist)[0]
+        _check_finite(shortlist, shortlist_model)
     written = {}
     for checkpoint, group in by_checkpoint.items():
-        written.update(zip(group, export_sizes(checkpoint, group, out, source, shortlist_checkpoint=shortlist, **options)))
+        own = {} if shortlist_model is None or str(shortlist) == checkpoint else {"shortlist_model": shortlist_model}
+        written.update(zip(group, export_sizes(checkpoint, group, out, source, **options, **own)))
     return [written[size] for size in dims]
 
 
