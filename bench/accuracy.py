@@ -92,12 +92,24 @@ class Runs:
     def add(self, name: str, overrides: list[str]) -> None:
         self.pending.append((name, overrides))
 
+    def checkpoint_dir(self, name: str) -> Path:
+        """Run ``name``'s checkpoints: one directory per run name, so a killed job's run goes on
+        from its ``last.ckpt`` (``--ckpt_path``) when the job is started again."""
+        return self.workdir / "checkpoints" / name
+
+    def segments_file(self, name: str) -> Path:
+        """The starts of run ``name`` (one per job that trained it) and the training each kept."""
+        return self.workdir / f"{name}.segments.json"
+
     def start(self, name: str, overrides: list[str]) -> subprocess.Popen:
+        last = self.checkpoint_dir(name) / "last.ckpt"
+        resume = last.exists()
         args = [
             "--config", str(self.config), *overrides,
             "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false",
-            "--checkpoint.dirpath", str(Path(tempfile.mkdtemp(dir=self.workdir))),
+            "--checkpoint.dirpath", str(self.checkpoint_dir(name)),
+            *(["--ckpt_path", str(last)] if resume else []),
         ]
         if self.tracking == "csv":
             args += ["--tracking", "csv", "--run_dir", str(self.workdir / "runs" / name)]
@@ -112,10 +124,36 @@ class Runs:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "BENCH_RANKS_FILE": str(self.ranks_file(name))}
         if self.parallel > 1:  # share the cores instead of every run using all of them
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))
-        log = open(self.workdir / f"{name}.log", "w")
-        print(f"  started {name} (log {log.name})", flush=True)
+        self.note_start(name, last if resume else None)
+        log = open(self.workdir / f"{name}.log", "a" if resume else "w")
+        print(f"  {'resumed' if resume else 'started'} {name} (log {log.name})", flush=True)
         return subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
+
+    def note_start(self, name: str, resumed_from: Path | None) -> None:
+        """Records a start of run ``name``. A job killed before it finished kept its training up to
+        its ``last.ckpt``: that stretch (from its start to the checkpoint's time) is what a resumed
+        run adds to its own wall time."""
+        path = self.segments_file(name)
+        segments = json.loads(path.read_text()) if resumed_from is not None and path.exists() else []
+        if segments and segments[-1]["kept_s"] is None:
+            segments[-1]["kept_s"] = max(0.0, resumed_from.stat().st_mtime - segments[-1]["start"])
+        segments.append({"start": time.time(), "kept_s": None})
+        write_json_atomically(path, segments)
+
+    def result_of(self, name: str, output: str) -> dict | None:
+        """Run ``name``'s result from its log: the child's result line, its wall time counting the
+        training that earlier, killed jobs kept (``resumed``: how many times it went on)."""
+        line = next((x for x in output.splitlines() if x.startswith("BENCH-RESULT ")), None)
+        if line is None:
+            return None
+        result = json.loads(line[len("BENCH-RESULT "):])
+        path = self.segments_file(name)
+        earlier = json.loads(path.read_text())[:-1] if path.exists() else []
+        if earlier:
+            result["wall_s"] += sum(s["kept_s"] for s in earlier)
+            result["resumed"] = len(earlier)
+        return result
 
     def finished_before(self, name: str) -> dict | None:
         """The result of run ``name`` if an earlier job in this work directory finished it (its log
@@ -123,12 +161,12 @@ class Runs:
         log = self.workdir / f"{name}.log"
         if not (log.exists() and self.ranks_file(name).exists()):
             return None
-        line = next((x for x in log.read_text().splitlines() if x.startswith("BENCH-RESULT ")), None)
-        return None if line is None else json.loads(line[len("BENCH-RESULT "):])
+        return self.result_of(name, log.read_text())
 
     def finish(self, on_done=None, keep_going: bool = False) -> dict[str, dict]:
         """Runs everything added; returns each run's result by name. A run an earlier job in the
-        same work directory finished is not run again (a killed job resumes). A failed run stops
+        same work directory finished is not run again; one it left half-way goes on from its
+        ``last.ckpt`` (a killed job resumes). A failed run stops
         everything, or with ``keep_going`` its result is ``{"failed": the end of its log}``.
         ``on_done(name, result)`` is called as each run ends (to save results as they come)."""
         results: dict[str, dict] = {}
@@ -161,8 +199,7 @@ class Runs:
                     for other in running.values():
                         other.kill()
                     raise RuntimeError(f"training run {name} failed:\n{output[-4000:]}")
-                line = next(x for x in output.splitlines() if x.startswith("BENCH-RESULT "))
-                results[name] = json.loads(line[len("BENCH-RESULT "):])
+                results[name] = self.result_of(name, output)
                 if on_done is not None:
                     on_done(name, results[name])
                 print(f"  finished {name}: {results[name]['wall_s']:.0f} s, {results[name]['epochs']} epochs", flush=True)
@@ -364,7 +401,7 @@ def main() -> None:
                              "with, per size: the paired bootstrap of the difference in NDCG@10")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="the runs' directory (default: a new one); runs an earlier job there finished "
-                             "are not trained again, so a killed job resumes")
+                             "are not trained again, and one it left half-way goes on from its last checkpoint")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.config.read_text())

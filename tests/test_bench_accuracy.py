@@ -1,0 +1,70 @@
+"""bench/accuracy.py's work directory: a run that a killed job left half-way goes on from its last
+checkpoint when the job is started again, and its wall time counts what the killed job trained."""
+
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _accuracy():
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("accuracy")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _config(tmp_path: Path) -> Path:
+    config = {
+        "model": {"sizes": [8, 16]},
+        "data": {"synthetic": {"num_users": 60, "num_items": 50}, "synthetic_cache_dir": str(tmp_path / "cache"),
+                 "max_len": 16, "eval_batch_size": 16},
+        "trainer": {"accelerator": "cpu"},
+        "early_stopping": {"patience": 100},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_run_left_half_way_goes_on_from_its_last_checkpoint(tmp_path):
+    accuracy = _accuracy()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    runs = accuracy.Runs(_config(tmp_path), workdir, "csv", parallel=1)
+
+    # The first job trains one epoch, then is "killed": its result line and ranks are gone, its
+    # last.ckpt stays, as after a kill between two epochs.
+    runs.add("m", ["--trainer.max_epochs", "1"])
+    first = runs.finish()["m"]
+    assert first["epochs"] == 1 and "resumed" not in first
+    last = runs.checkpoint_dir("m") / "last.ckpt"
+    assert last.exists()
+    log = workdir / "m.log"
+    log.write_text("".join(x for x in log.read_text().splitlines(keepends=True) if not x.startswith("BENCH-RESULT ")))
+    runs.ranks_file("m").unlink()
+    kept = last.stat().st_mtime - json.loads(runs.segments_file("m").read_text())[0]["start"]
+    time.sleep(0.01)
+
+    runs = accuracy.Runs(_config(tmp_path), workdir, "csv", parallel=1)
+    assert runs.finished_before("m") is None
+    runs.add("m", ["--trainer.max_epochs", "2"])
+    second = runs.finish()["m"]
+    assert second["epochs"] == 2  # one more epoch, not two from the start
+    assert second["resumed"] == 1
+    output = log.read_text()
+    assert "Restored all states from the checkpoint" in output and output.count("BENCH-RESULT ") == 1
+    segments = json.loads(runs.segments_file("m").read_text())
+    assert len(segments) == 2 and abs(segments[0]["kept_s"] - kept) < 1e-6
+    this_job = json.loads(next(x for x in output.splitlines() if x.startswith("BENCH-RESULT "))[len("BENCH-RESULT "):])
+    assert abs(second["wall_s"] - (this_job["wall_s"] + kept)) < 1e-6
+
+    # A finished run is reused as it is, the earlier job's training still counted.
+    runs = accuracy.Runs(_config(tmp_path), workdir, "csv", parallel=1)
+    assert runs.finished_before("m") == second
