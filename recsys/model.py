@@ -29,7 +29,7 @@ from recsys.nn.loss import (
     matryoshka_cross_entropy,
     sampled_matryoshka_cross_entropy,
 )
-from recsys.nn.grid import Triple, vector_groups
+from recsys.nn.grid import SubModels, Triple
 from recsys.nn.nested import (
     SizeSlices,
     cut_sizes,
@@ -237,6 +237,8 @@ class MatryoshkaRecommender(L.LightningModule):
         # the CLI logs the whole config; the item features and cold-start items come from the data
         self.save_hyperparameters(ignore=["item_features", "cold_start_items", "item_counts"], logger=False)
         self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(**self.hparams)
+        #: what is trained: every size at full depth, or the grid's triples (``trained_triples``, None without one)
+        self.trained = SubModels.of(self.sizes, n_blocks, self.trained_triples)
         # hparams hold plain dicts, never the option objects (weights_only loading)
         self.hparams.update({name: asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec")})
         if item_features is None:
@@ -273,8 +275,8 @@ class MatryoshkaRecommender(L.LightningModule):
         self.best_val_by_size: dict[str, tuple[float, int]] = {}  # label -> (best val NDCG@10, its epoch)
         # log of each size's logit factor (outside ``net``: exports never see it)
         self.log_logit_scale = torch.nn.Parameter(torch.zeros(len(self.sizes))) if learned_temperature else None
-        # with a grid, metrics rows are the triples (numbered 1..T, renamed by metric_name)
-        rows = self.sizes if self.trained_triples is None else tuple(range(1, len(self.trained_triples) + 1))
+        # metrics rows are the trained sub-models (numbered 1..T, named by metric_name)
+        rows = tuple(range(1, len(self.trained.triples) + 1))
         self.val_metrics = RankingMetrics(rows)
         self.test_metrics = RankingMetrics(rows, keep_ranks=True)  # per-user ranks for significance tests
         self._eval_items: torch.Tensor | None = None
@@ -419,34 +421,38 @@ class MatryoshkaRecommender(L.LightningModule):
         return total
 
     def training_loss(self, batch: dict[str, torch.Tensor]):
-        """``(total, names, per_size CE, per_size KL, valid positions)`` of one batch: one loss over
-        the sizes, or with a grid the sum of one memory-flat loss per group of triples (named by
-        their labels) whose vectors are prefixes of one tensor (``recsys/nn/grid.py``). The KL
-        entry is None where there is none (the largest size of each loss, or no distillation)."""
+        """``(total, names, per_size CE, per_size KL, valid positions)`` of one batch: the sum of
+        one memory-flat loss per group of trained sub-models whose vectors are prefixes of one
+        tensor (``recsys/nn/grid.py``; a run over sizes alone is one group), or with the per-size
+        options one loss per size (``nesting="slices"``, ``separate_item_vectors``). The KL entry is
+        None where there is none (the largest size of each loss, or no distillation)."""
         step = self.step_inputs(batch, with_items=self._slices is None)  # slices: each size its own items
         valid = step.targets > 0
-        if self.trained_triples is None:
-            scales = None if self.log_logit_scale is None else self.log_logit_scale.exp()
-            if self._slices is not None:
-                loss = self._sliced_loss(step, valid, scales)
-            elif self.item_heads is None:
-                loss = self._loss(self.net.sequence_states(step.input_ids, step.items)[valid], step, self.sizes,
-                                  self.hparams.loss_weights, scales)
-            else:
-                loss = self._separate_items_loss(self.net.sequence_states(step.input_ids, step.items)[valid], step, scales)
-            names = [f"d{size}" for size in self.sizes]
-            total, per_size, distill = loss.total, list(loss.per_size), _kl_entries(loss)
-        else:  # one memory-flat loss per group of triples whose vectors are prefixes of one tensor
-            states = self.net.depth_states(step.input_ids, step.items, self.trained_depths)
-            total, per_size, distill, names = 0.0, [], [], []
-            for group in vector_groups(self.trained_triples):
-                vectors = self.net.group_vectors(group, states[group.depth][valid])
-                loss = self._loss(vectors, step, group.sizes, None)
-                total = total + loss.total
-                per_size += list(loss.per_size)
-                distill += _kl_entries(loss)
-                names += [t.label for t in group.triples]
-        return total, names, per_size, distill, int(valid.sum())
+        scales = None if self.log_logit_scale is None else self.log_logit_scale.exp()
+        if self._slices is not None:
+            losses = [self._sliced_loss(step, valid, scales)]
+        else:
+            states = self._states(step.input_ids, step.items)
+            if self.item_heads is not None:
+                losses = [self._separate_items_loss(states[self.hparams.n_blocks][valid], step, scales)]
+            else:  # (a grid has no loss weights or scales: check_options)
+                losses = [self._loss(self.net.group_vectors(group, states[group.depth][valid]), step, group.sizes,
+                                     self.hparams.loss_weights, scales) for group in self.trained.groups]
+        total = sum(loss.total for loss in losses)
+        per_size = [value for loss in losses for value in loss.per_size]
+        distill = [entry for loss in losses for entry in _kl_entries(loss)]
+        return total, [self.trained.name(t) for g in self.trained.groups for t in g.triples], per_size, distill, int(valid.sum())
+
+    def _states(self, input_ids: torch.Tensor, items: torch.Tensor, last: bool = False) -> dict[int, torch.Tensor]:
+        """``{depth: states}`` at every trained depth, from one encoder pass: ``(B, L, width)``, or
+        with ``last`` the state after each history's last item ``(B, width)``. At the full depth
+        alone (a run over sizes) the encoder runs whole, and in evaluation computes the last state only."""
+        depths = self.trained.depths
+        if depths == [self.hparams.n_blocks]:
+            whole = self.net.user_vectors(input_ids, items) if last else self.net.sequence_states(input_ids, items)
+            return {depths[0]: whole}
+        states = self.net.depth_states(input_ids, items, depths)
+        return {d: state[:, -1] for d, state in states.items()} if last else states
 
     def step_inputs(self, batch: dict[str, torch.Tensor], with_items: bool = True) -> StepInputs:
         """The item vectors of one training step and the batch's indices into them (``with_items``
@@ -642,22 +648,29 @@ class MatryoshkaRecommender(L.LightningModule):
             if self._eval_items is None:  # the item matrix is fixed during evaluation: compute it once
                 self._eval_items = self.net.item_matrix()
                 self._check_finite("item vectors", self._eval_items, stage)
-            ranks = self._prefix_ranks(batch, seen) if self.trained_triples is None else self._grid_ranks(batch, seen)
+            ranks = self._group_ranks(batch, seen)
         metrics.update(ranks, batch["user"] if metrics.keep_ranks else None)
 
-    def _prefix_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None) -> torch.Tensor:
-        """``(M, B)`` target ranks of every size from one pass of the network: each size's prefix of
-        the user vectors against its prefix of the item matrix, or its own item vectors."""
-        users = self.net.user_vectors(batch["input_ids"], self._eval_items)
-        self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
-        if self.item_heads is None:
-            return target_ranks(users, self._eval_items, batch["target"], self.sizes, seen_ids=seen)
-        if self._eval_head_items is None:
-            self._eval_head_items = [head() for head in self.item_heads]
-        return torch.cat([
-            target_ranks(users[:, :size], items, batch["target"], (size,), seen_ids=seen)
-            for size, items in zip(self.sizes, [*self._eval_head_items, self._eval_items])
-        ])
+    def _group_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None) -> torch.Tensor:
+        """``(T, B)`` target ranks of every trained sub-model, in their order, from one pass of the
+        network: per group of sub-models whose vectors are prefixes of one tensor, each one's prefix
+        of those vectors against its prefix of the item matrix, or against its own item vectors."""
+        states = self._states(batch["input_ids"], self._eval_items, last=True)
+        ranks = torch.empty(len(self.trained.triples), len(batch["target"]), dtype=torch.long, device=self.device)
+        for group in self.trained.groups:
+            users = self.net.group_vectors(group, states[group.depth])
+            self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
+            rows = [self.trained.triples.index(t) for t in group.triples]
+            if self.item_heads is None:
+                items = self._eval_items[:, : group.sizes[-1]]
+                ranks[rows] = target_ranks(users, items, batch["target"], group.sizes, seen_ids=seen)
+                continue
+            if self._eval_head_items is None:
+                self._eval_head_items = [head() for head in self.item_heads]
+            own = [*self._eval_head_items, self._eval_items]
+            for row, size, items in zip(rows, group.sizes, own):
+                ranks[row] = target_ranks(users[:, :size], items, batch["target"], (size,), seen_ids=seen)[0]
+        return ranks
 
     def _per_size_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None, stage: str) -> torch.Tensor:
         """``(M, B)`` target ranks, every size by its own network (:meth:`_size_networks`) against
@@ -697,32 +710,13 @@ class MatryoshkaRecommender(L.LightningModule):
         copy.load_state_dict({k: v for k, v in state.items() if k.startswith(("net.", "item_heads."))})
         return copy
 
-    def _grid_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None) -> torch.Tensor:
-        """``(T, B)`` target ranks of every trained triple, in grid order: one encoder pass for all
-        depths, one ranking per group of triples whose vectors are prefixes of one tensor."""
-        states = self.net.depth_states(batch["input_ids"], self._eval_items, self.trained_depths)
-        ranks = torch.empty(len(self.trained_triples), len(batch["target"]), dtype=torch.long, device=self.device)
-        for group in vector_groups(self.trained_triples):
-            users = self.net.group_vectors(group, states[group.depth][:, -1])
-            self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()
-            width = group.sizes[-1]
-            found = target_ranks(users, self._eval_items[:, :width], batch["target"], group.sizes, seen_ids=seen)
-            for triple, row in zip(group.triples, found):
-                ranks[self.trained_triples.index(triple)] = row
-        return ranks
-
-    @property
-    def trained_depths(self) -> list[int]:
-        """The encoder depths the trained triples read the state at, increasing."""
-        return sorted({t.depth for t in self.trained_triples})
-
     def metric_name(self, key: str) -> str:
-        """A metric of the grid's ``RankingMetrics`` (``ndcg_10/d3``: its third triple) by its
-        triple's label (``ndcg_10/L2_w128_d64``); other keys as they are."""
-        if self.trained_triples is None or "/d" not in key:
+        """A metric of the ``RankingMetrics`` (``ndcg_10/d3``: the third trained sub-model) by that
+        sub-model's name (``ndcg_10/d64``, or a triple's ``ndcg_10/L2_w128_d64``); other keys as they are."""
+        if "/d" not in key:
             return key
         name, row = key.rsplit("/d", 1)
-        return f"{name}/{self.trained_triples[int(row) - 1].label}"
+        return f"{name}/{self.trained.names[int(row) - 1]}"
 
     def _check_finite(self, what: str, vectors: torch.Tensor, stage: str) -> None:
         """Evaluation never ranks with non-finite vectors: the metrics would be meaningless, and the
@@ -762,12 +756,11 @@ class MatryoshkaRecommender(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = self._log_metrics("val", self.val_metrics)
         self._note_best_validation(values)
-        if self.trained_triples is not None:
-            monitor = sum(values[f"ndcg_10/{t.label}"] for t in self.trained_triples) / len(self.trained_triples)
-        elif self.monitor_size == "mean":
-            monitor = sum(values[f"ndcg_10/d{s}"] for s in self.sizes) / len(self.sizes)
+        names = self.trained.names
+        if self.monitor_size == "mean" or self.trained.elastic:  # (a grid's monitor is the mean: check_options)
+            monitor = sum(values[f"ndcg_10/{name}"] for name in names) / len(names)
         elif self.monitor_size == "each":  # rises while any size improves on its own best
-            monitor = sum(self.best_val_by_size[f"d{s}"][0] for s in self.sizes) / len(self.sizes)
+            monitor = sum(self.best_val_by_size[name][0] for name in names) / len(names)
         else:
             monitor = values[f"ndcg_10/d{self.monitor_size}"]
         self.log("val/monitor", monitor, prog_bar=True)

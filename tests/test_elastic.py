@@ -161,7 +161,7 @@ def test_grid_ranks_are_each_cut_models_ranks_and_metrics_are_named_by_triple():
     with torch.no_grad():
         model._start_evaluation(model.test_metrics)
         model._eval_items = model.net.item_matrix()
-        ranks = model._grid_ranks(batch, batch["seen_ids"])
+        ranks = model._group_ranks(batch, batch["seen_ids"])
         for row, t in enumerate(model.trained_triples):
             small = model.cut_triple(t)
             users = small.user_vectors(batch["input_ids"])

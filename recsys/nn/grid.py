@@ -33,6 +33,7 @@ from torch import nn
 
 __all__ = [
     "GRIDS",
+    "SubModels",
     "Triple",
     "VectorGroup",
     "VectorHeads",
@@ -152,6 +153,40 @@ def build_grid(
     if len(set(found)) != len(found):
         raise ValueError(f"triples repeat: {[t.label for t in found]}")
     return tuple(sorted(found))
+
+
+@dataclass(frozen=True)
+class SubModels:
+    """What one training run trains: its triples, and the names that its metrics, checkpoints and
+    models go by. A run over sizes alone trains ``(n_blocks, s, s)`` for every size ``s`` (the
+    nested cut), each named ``d<s>`` as users know it; an elastic run (``elastic``: the options asked
+    for a grid) names every triple by its label."""
+
+    triples: tuple[Triple, ...]
+    elastic: bool
+
+    @classmethod
+    def of(cls, sizes: Sequence[int], n_blocks: int, grid: Sequence[Triple] | None) -> SubModels:
+        """``grid`` (:func:`build_grid`) when the options asked for one, else every size at full depth."""
+        if grid is not None:
+            return cls(tuple(grid), True)
+        return cls(tuple(Triple(n_blocks, s, s) for s in sizes), False)
+
+    def name(self, triple: Triple) -> str:
+        return triple.label if self.elastic else f"d{triple.size}"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.name(t) for t in self.triples)
+
+    @property
+    def depths(self) -> list[int]:
+        """The encoder depths the triples read the state at, increasing."""
+        return sorted({t.depth for t in self.triples})
+
+    @property
+    def groups(self) -> list[VectorGroup]:
+        return vector_groups(self.triples)
 
 
 @dataclass(frozen=True)
