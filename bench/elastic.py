@@ -106,14 +106,14 @@ def encoding_costs(best: str, data: dict, labels: list[str], repeats: int, users
     features = ItemTower.features_from_state_dict(model.state_dict(), prefix="net.items.")
     sasrec = MatryoshkaRecommender(item_features=features, **{**options, "encoder": "sasrec"})
 
-    def median_of(net, small) -> float:
-        return float(np.median([encode_ms_per_1k(net, datamodule, 0, small) for _ in range(repeats)]))
+    def median_of(small) -> float:
+        return float(np.median([encode_ms_per_1k(small, datamodule) for _ in range(repeats)]))
 
     costs = {}
     for label in labels:
         t = parse_triple(label)
-        costs[label] = median_of(model.net, cut_to_size(model.net, t.size, width=t.width, depth=t.depth))
-    costs["sasrec"] = median_of(sasrec.net, sasrec.net)
+        costs[label] = median_of(cut_to_size(model.net, t.size, width=t.width, depth=t.depth))
+    costs["sasrec"] = median_of(sasrec.net)
     return costs
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from recsys.export_dir import ITEMS, ExportError, read_manifest
 
-__all__ = ["log_grid_models", "log_size_models", "log_trained_models", "signature"]
+__all__ = ["log_size_models", "log_trained_models", "signature"]
 
 
 def signature():
@@ -58,10 +58,10 @@ def pyfunc_code() -> Path:
 
 def log_trained_models(run_id: str, model, best: str, best_by_size: dict[int, str] | None,
                        rows: list[dict[str, Any]], register_as: str | None) -> dict:
-    """Export every size of the trained ``model`` (each from its own checkpoint where
-    ``best_by_size`` has one, else from ``best``), or every trained triple of an elastic run, into a
-    temporary directory and log each as a model of ``run_id``; returns model URIs by size (by label
-    for triples)."""
+    """Export every trained sub-model of ``model`` (a size from its own checkpoint where
+    ``best_by_size`` has one, else from ``best``; a trained triple of an elastic run from ``best``)
+    into a temporary directory and log each as a model of ``run_id``; returns model URIs by size
+    (by label for triples)."""
     from recsys.export import export_each_size, export_sizes
     from recsys.nn.nested import cut_sizes
 
@@ -71,61 +71,43 @@ def log_trained_models(run_id: str, model, best: str, best_by_size: dict[int, st
     source = {"mlflow_run_id": run_id}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            if model.trained_triples is not None:  # an elastic run: one model per trained triple
+            if model.trained.elastic:
                 dirs = {t.label: export_sizes(best, [t.size], Path(tmp), source=source, width=t.width, depth=t.depth)[0]
-                        for t in model.trained_triples}
-                return log_grid_models(run_id, dirs, rows, register_as)
-            sizes = list(cut_sizes(model.net))
-            checkpoint_of = {s: (best_by_size or {}).get(s, best) for s in sizes}
-            dirs = export_each_size(checkpoint_of, tmp, source=source)
-            return log_size_models(run_id, dict(zip(sizes, dirs)), rows, register_as)
+                        for t in model.trained.triples}
+            else:  # the sizes it can be cut to (SASRec: the full one), each from its own checkpoint if any
+                sizes = list(cut_sizes(model.net))
+                checkpoint_of = {s: (best_by_size or {}).get(s, best) for s in sizes}
+                dirs = dict(zip(sizes, export_each_size(checkpoint_of, tmp, source=source)))
+            return log_size_models(run_id, dirs, rows, register_as)
     finally:
         export_log.setLevel(level)
 
 
 def log_size_models(
-    run_id: str, export_dirs: dict[int, Path], rows: list[dict[str, Any]], register_as: str | None
-) -> dict[int, str]:
-    """One pyfunc model per size in ``run_id`` (model from code: nothing pickled); returns model URIs."""
+    run_id: str, export_dirs: dict, rows: list[dict[str, Any]], register_as: str | None
+) -> dict:
+    """One pyfunc model (model from code: nothing pickled) per row in ``run_id``: a size's, or a
+    trained triple's, named by it (``d64``, ``L2_w128_d64``), with its size (a triple's depth and
+    width too) and parameters as params; ``export_dirs`` and the returned model URIs are keyed by
+    size (by label for triples, :func:`~recsys.tracking.row_key`); rows without an export get none."""
     import mlflow
 
-    from recsys.tracking import log_size_metrics, start_size_runs
+    from recsys.tracking import ROW_PARAMS, log_size_metrics, row_key, size_label, start_size_runs
 
-    by_size = {r["size"]: r for r in rows}
     client = mlflow.MlflowClient()
     size_runs = start_size_runs(client, run_id, rows)
     logged = {}
-    for size, directory in export_dirs.items():
-        params = {"size": str(size), "parameters": str(by_size[size]["parameters"])}
-        logged[size] = _log_pyfunc(size_runs[f"d{size}"], f"d{size}", directory, params,
-                                   f"{register_as}-d{size}" if register_as else None, training_run_id=run_id)
+    for row in rows:
+        key, label = row_key(row), size_label(row)
+        if key not in export_dirs:
+            continue
+        params = {**{k: str(row[k]) for k in ROW_PARAMS if k in row}, "parameters": str(row["parameters"])}
+        logged[key] = _log_pyfunc(size_runs[label], label, export_dirs[key], params,
+                                  f"{register_as}-{label}" if register_as else None, training_run_id=run_id)
     # Link each model's own test metrics only after all are logged (log_model links every metric
     # already in its run at its step, 0, to the new model); the size runs get theirs after it too.
-    log_size_metrics(client, run_id, rows, {size: info.model_id for size, info in logged.items()}, size_runs)
-    return {size: info.model_uri for size, info in logged.items()}
-
-
-def log_grid_models(
-    run_id: str, export_dirs: dict[str, Path], rows: list[dict[str, Any]], register_as: str | None
-) -> dict[str, str]:
-    """One pyfunc model per trained triple, named by its label (``L2_w128_d64``), with its depth,
-    width, size and parameters as params; returns model URIs by label."""
-    import mlflow
-
-    from recsys.tracking import log_grid_metrics, start_size_runs
-
-    by_label = {r["triple"]: r for r in rows}
-    client = mlflow.MlflowClient()
-    size_runs = start_size_runs(client, run_id, rows)
-    logged = {}
-    for label, directory in export_dirs.items():
-        r = by_label[label]
-        params = {"depth": str(r["depth"]), "width": str(r["width"]), "size": str(r["size"]),
-                  "parameters": str(r["parameters"])}
-        logged[label] = _log_pyfunc(size_runs[label], label, directory, params,
-                                    f"{register_as}-{label}" if register_as else None, training_run_id=run_id)
-    log_grid_metrics(client, run_id, rows, {label: info.model_id for label, info in logged.items()}, size_runs)
-    return {label: info.model_uri for label, info in logged.items()}
+    log_size_metrics(client, run_id, rows, {key: info.model_id for key, info in logged.items()}, size_runs)
+    return {key: info.model_uri for key, info in logged.items()}
 
 
 def _log_pyfunc(run_id: str, name: str, directory: Path, params: dict[str, str], registered: str | None,

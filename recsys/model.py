@@ -788,18 +788,9 @@ class MatryoshkaRecommender(L.LightningModule):
     # -- reporting ----------------------------------------------------------------------------
 
     def cut_triple(self, triple: Triple):
-        """The network cut to ``triple``: blocks ``1..depth``, width ``width``, ``size``-dim vectors."""
+        """The network cut to ``triple``: blocks ``1..depth``, width ``width``, ``size``-dim vectors;
+        the whole network for a width it cannot be cut to (any but the largest with SASRec, whose
+        layers are not nested: its sizes are prefixes of the full-width vectors)."""
+        if triple.width not in cut_sizes(self.net):
+            return self.net
         return cut_to_size(self.net, triple.size, width=triple.width, depth=triple.depth)
-
-    def parameters_per_triple(self) -> dict[Triple, int]:
-        """Parameters of the network cut to each trained triple (tower + encoder + its head)."""
-        return {t: nested_parameter_count(self.cut_triple(t)) for t in self.trained_triples or ()}
-
-    def parameters_per_size(self) -> dict[int, int]:
-        """Parameters of the network cut to each size (tower + encoder).
-
-        A size the network cannot be cut to (any but the largest with SASRec) reports the full count.
-        """
-        allowed = cut_sizes(self.net)
-        full = nested_parameter_count(self.net)
-        return {s: nested_parameter_count(cut_to_size(self.net, s)) if s in allowed else full for s in self.sizes}

@@ -6,7 +6,7 @@ MRR, encode time); :func:`write_results` writes the rows as ``results.md`` (the 
 ``test_ranks.parquet``: every test user's target rank at each size (``user`` is the prepared
 dataset's user index, ``rank_d{s}`` the rank at size ``s``, 1 = best), for per-user comparisons of
 two runs (``recsys.significance.paired_bootstrap``). An elastic run (``recsys/nn/grid.py``) has one
-row per trained triple instead (:func:`summarise_grid`, with retrieval FLOPs per user) and a heat
+row per trained triple instead (its depth and width, and retrieval FLOPs per user) and a heat
 map of NDCG@10 over the grid, ``ndcg_grid.png`` (:func:`grid_heat_map`).
 """
 
@@ -22,7 +22,7 @@ import polars as pl
 import torch
 
 from recsys.atomic import atomic_file, write_json_atomically, write_text_atomically
-from recsys.nn.nested import cut_sizes, cut_to_size, nested_parameter_count
+from recsys.nn.nested import nested_parameter_count
 
 PLOT_FILE = "accuracy_vs_size.png"
 GRID_PLOT_FILE = "ndcg_grid.png"  # elastic runs: NDCG@10 over the (depth, width) x size grid
@@ -33,20 +33,6 @@ RANKS_FILE = "test_ranks.parquet"
 def is_grid(rows: list[dict[str, Any]]) -> bool:
     """Rows of an elastic run: one per trained (depth, width, size) triple."""
     return bool(rows) and "triple" in rows[0]
-
-
-def grid_table(rows: list[dict[str, Any]]) -> str:
-    """The per-triple table, as markdown."""
-    lines = [
-        "| triple | depth | width | size | parameters | NDCG@10 | Recall@10 | MRR | encode ms / 1k users | retrieval MFLOPs / user |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['triple']} | {r['depth']} | {r['width']} | {r['size']} | {r['parameters']:,} | {r['ndcg_10']:.4f} "
-            f"| {r['recall_10']:.4f} | {r['mrr']:.4f} | {r['encode_ms_per_1k']:.1f} | {r['retrieval_flops_per_user'] / 1e6:.3f} |"
-        )
-    return "\n".join(lines)
 
 
 def grid_heat_map(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -78,18 +64,27 @@ def grid_heat_map(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+#: the results table's columns: key, header, alignment, format; a row's table has those it holds
+TABLE_COLUMNS = (
+    ("triple", "triple", "---", str),
+    ("depth", "depth", "---:", str),
+    ("width", "width", "---:", str),
+    ("size", "size", "---:", str),
+    ("parameters", "parameters", "---:", "{:,}".format),
+    ("ndcg_10", "NDCG@10", "---:", "{:.4f}".format),
+    ("recall_10", "Recall@10", "---:", "{:.4f}".format),
+    ("mrr", "MRR", "---:", "{:.4f}".format),
+    ("encode_ms_per_1k", "encode ms / 1k users", "---:", "{:.1f}".format),
+    ("retrieval_flops_per_user", "retrieval MFLOPs / user", "---:", lambda v: f"{v / 1e6:.3f}"),
+)
+
+
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """The per-size table, as markdown (printed at the end of training and logged); the
-    per-triple table for an elastic run."""
-    if is_grid(rows):
-        return grid_table(rows)
-    header = "| size | parameters | NDCG@10 | Recall@10 | MRR | encode ms / 1k users |"
-    lines = [header, "|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['size']} | {r['parameters']:,} | {r['ndcg_10']:.4f} | {r['recall_10']:.4f} | {r['mrr']:.4f} "
-            f"| {r['encode_ms_per_1k']:.1f} |"
-        )
+    """The results table, as markdown (printed at the end of training and logged): one line per
+    size, or per trained triple of an elastic run (with its depth, width and retrieval cost)."""
+    columns = [c for c in TABLE_COLUMNS if rows and c[0] in rows[0]]
+    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "|".join(c[2] for c in columns) + "|"]
+    lines += ["| " + " | ".join(c[3](r[c[0]]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -119,70 +114,49 @@ def accuracy_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def encode_ms_per_1k(net, datamodule, size: int, small=None) -> float:
-    """Wall time to encode test users with the network cut to ``size`` (or ``small``, an already
-    cut network) (median of 3), per 1,000 users."""
+def encode_ms_per_1k(net, datamodule) -> float:
+    """Wall time to encode test users with ``net`` (a network cut to a size) (median of 3), per 1,000 users."""
     batch = next(iter(datamodule.test_dataloader()))
-    if small is None:
-        small = cut_to_size(net, size) if size in cut_sizes(net) else net
-    small.eval()
+    net.eval()
     with torch.no_grad():
-        items = small.item_matrix()
-        small.user_vectors(batch["input_ids"], items)  # untimed: the first call pays one-off costs
+        items = net.item_matrix()
+        net.user_vectors(batch["input_ids"], items)  # untimed: the first call pays one-off costs
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            small.user_vectors(batch["input_ids"], items)
+            net.user_vectors(batch["input_ids"], items)
             times.append(time.perf_counter() - start)
     return sorted(times)[1] / len(batch["input_ids"]) * 1e6
 
 
-def summarise_grid(model, datamodule, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
-    """One row per trained triple: its cut model's parameters and encode time, its test metrics,
-    and its retrieval FLOPs per user (one multiply-add per item and dimension: ``2 N s``)."""
-    net = model.net.cpu()
-    num_items = net.item_matrix().shape[0] - 1
-    rows = []
-    for t in model.trained_triples:
-        small = model.cut_triple(t)
-        rows.append({
-            "triple": t.label, "depth": t.depth, "width": t.width, "size": t.size,
-            "parameters": nested_parameter_count(small),
-            **{key: test_metrics[f"{key}/{t.label}"] for key in ("ndcg_10", "recall_10", "ndcg_20", "recall_20", "mrr")},
-            "encode_ms_per_1k": encode_ms_per_1k(net, datamodule, t.size, small),
-            "retrieval_flops_per_user": 2 * num_items * t.size,
-        })
-    return rows
+METRICS = ("ndcg_10", "recall_10", "ndcg_20", "recall_20", "mrr")
 
 
 def summarise(model, datamodule, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
-    if getattr(model, "trained_triples", None) is not None:
-        return summarise_grid(model, datamodule, test_metrics)
-    params = model.parameters_per_size()
+    """One row per trained sub-model: its size, its cut network's parameters and encode time, its
+    test metrics. An elastic run's rows also name the triple, its depth and width, and its
+    retrieval FLOPs per user (one multiply-add per item and dimension: ``2 N s``)."""
+    model.net.cpu()
+    num_items = model.net.item_matrix().shape[0] - 1
     rows = []
-    for s in model.sizes:
-        rows.append(
-            {
-                "size": s,
-                "parameters": params[s],
-                "ndcg_10": test_metrics[f"ndcg_10/d{s}"],
-                "recall_10": test_metrics[f"recall_10/d{s}"],
-                "ndcg_20": test_metrics[f"ndcg_20/d{s}"],
-                "recall_20": test_metrics[f"recall_20/d{s}"],
-                "mrr": test_metrics[f"mrr/d{s}"],
-                "encode_ms_per_1k": encode_ms_per_1k(model.net.cpu(), datamodule, s),
-            }
-        )
+    for t, name in zip(model.trained.triples, model.trained.names):
+        small = model.cut_triple(t)
+        row = {"triple": name, "depth": t.depth, "width": t.width} if model.trained.elastic else {}
+        row.update({"size": t.size, "parameters": nested_parameter_count(small),
+                    **{key: test_metrics[f"{key}/{name}"] for key in METRICS},
+                    "encode_ms_per_1k": encode_ms_per_1k(small, datamodule)})
+        if model.trained.elastic:
+            row["retrieval_flops_per_user"] = 2 * num_items * t.size
+        rows.append(row)
     return rows
 
 
-def test_ranks_table(test_ranks: tuple[np.ndarray, np.ndarray] | None, sizes) -> pl.DataFrame | None:
-    """``(users, ranks (M, users))`` as a table: ``user`` and one ``rank_d{s}`` column per size
-    (``rank_L2_w128_d64`` per triple when ``sizes`` are triples' labels)."""
+def test_ranks_table(test_ranks: tuple[np.ndarray, np.ndarray] | None, names) -> pl.DataFrame | None:
+    """``(users, ranks (M, users))`` as a table: ``user`` and one ``rank_<name>`` column per trained
+    sub-model (``rank_d64`` for a size, ``rank_L2_w128_d64`` for a triple)."""
     if test_ranks is None:
         return None
     users, ranks = test_ranks
-    names = [s if isinstance(s, str) else f"d{s}" for s in sizes]
     return pl.DataFrame({"user": users, **{f"rank_{n}": ranks[m] for m, n in enumerate(names)}})
 
 

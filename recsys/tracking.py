@@ -247,51 +247,44 @@ def run_description(run_id: str, rows: list[dict[str, Any]]) -> str:
     ])
 
 
-def size_metric_name(key: str) -> str:
-    """The size-free name of a per-size result: ``test/ndcg_10``, ``parameters``."""
-    return key if key == "parameters" else f"test/{key}"
-
-
-def log_size_metrics(
-    client, run_id: str, rows: list[dict[str, Any]], model_ids: dict[int, str], size_runs: dict[str, str] | None = None
-) -> None:
-    """Each size's results under size-free names at step = size; its test metrics linked to that
-    size's model if any (its parameter count is already the model's param). Then each size's child
-    run (:func:`start_size_runs`, made here unless given) gets its results."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(size_metric_name(key), float(value), now, row["size"],
-               model_id=None if key == "parameters" else model_ids.get(row["size"]))
-        for row in rows
-        for key, value in row.items()
-        if key != "size"
-    ]
-    client.log_batch(run_id, metrics=metrics)
-    finish_size_runs(client, start_size_runs(client, run_id, rows) if size_runs is None else size_runs, rows)
-
-
 GRID_COSTS = ("parameters", "encode_ms_per_1k", "retrieval_flops_per_user")
 
 
-def log_grid_metrics(
-    client, run_id: str, rows: list[dict[str, Any]], model_ids: dict[str, str], size_runs: dict[str, str] | None = None
+def result_metric(row: dict[str, Any], key: str) -> tuple[str, int, bool]:
+    """Where a row's result goes in the training run: ``(name, step, whether it is a cost)``.
+    A size's under a size-free name at step = size (``test/ndcg_10``, ``parameters``), so that the
+    run's chart of it is drawn against size; a trained triple's under its label at step 0
+    (``test/ndcg_10/L2_w128_d64``, ``parameters/...``, ``encode_ms_per_1k/...``). Costs are
+    not linked to the logged model (its parameter count is already the model's param)."""
+    if "triple" in row:
+        cost = key in GRID_COSTS
+        return (f"{key}/{row['triple']}" if cost else f"test/{key}/{row['triple']}"), 0, cost
+    cost = key == "parameters"
+    return (key if cost else f"test/{key}"), row["size"], cost
+
+
+def row_key(row: dict[str, Any]) -> int | str:
+    """What a row's model and results are keyed by: its size, or a trained triple's label."""
+    return row.get("triple", row["size"])
+
+
+def log_size_metrics(
+    client, run_id: str, rows: list[dict[str, Any]], model_ids: dict, size_runs: dict[str, str] | None = None
 ) -> None:
-    """Each triple's costs as ``parameters/L2_w128_d64`` (and encode time, retrieval FLOPs), and
-    its test metrics once more, linked to its logged model if any; then each triple's child run
-    (:func:`start_size_runs`, made here unless given) gets its results."""
+    """Each row's results (a size's, or a trained triple's) in the training run
+    (:func:`result_metric`), the test metrics linked to its model if any (``model_ids`` by
+    :func:`row_key`). Then each row's child run (:func:`start_size_runs`, made here unless given)
+    gets its results."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     metrics = []
     for row in rows:
-        label = row["triple"]
         for key, value in row.items():
-            if key in ("triple", "depth", "width", "size"):
+            if key in ("triple", *ROW_PARAMS):
                 continue
-            name = f"{key}/{label}" if key in GRID_COSTS else f"test/{key}/{label}"
-            metrics.append(Metric(name, float(value), now, 0, model_id=None if key in GRID_COSTS else model_ids.get(label)))
+            name, step, cost = result_metric(row, key)
+            metrics.append(Metric(name, float(value), now, step, model_id=None if cost else model_ids.get(row_key(row))))
     for start in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[start : start + 500])
     finish_size_runs(client, start_size_runs(client, run_id, rows) if size_runs is None else size_runs, rows)

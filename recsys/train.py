@@ -497,9 +497,8 @@ def _train_and_record(cli: TrainCLI, on_sigterm: SaveOnSigterm) -> dict[str, Any
         return result
 
     title = f"{model.hparams.encoder} on {dataset_name(cli.config.data.data_dir)}"
-    rank_names = model.sizes if model.trained_triples is None else [t.label for t in model.trained_triples]
     checkpoints = sorted(set(fitted.best_by_size.values())) if fitted.best_by_size else [fitted.best] if fitted.best else []
-    tracked.log_results(fitted.rows, title, checkpoints, test_ranks_table(fitted.test_ranks, rank_names))
+    tracked.log_results(fitted.rows, title, checkpoints, test_ranks_table(fitted.test_ranks, model.trained.names))
     model_uris = tracked.log_models(fitted.best, model, fitted.rows, fitted.best_by_size)
     if model_uris is not None:
         result["model_uris"] = model_uris

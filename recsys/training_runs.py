@@ -105,10 +105,9 @@ class MLflowRun:
             from recsys.logged_models import log_trained_models
 
             return log_trained_models(self.run_id, model, best, best_by_size, rows, self.settings.register_as)
-        from recsys.tracking import log_grid_metrics, log_size_metrics
+        from recsys.tracking import log_size_metrics
 
-        log_metrics = log_size_metrics if model.trained_triples is None else log_grid_metrics
-        log_metrics(self.logger.experiment, self.run_id, rows, {})
+        log_size_metrics(self.logger.experiment, self.run_id, rows, {})
         return None
 
     def where(self) -> str:

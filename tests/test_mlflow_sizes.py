@@ -30,7 +30,6 @@ from recsys.register import register_size
 from recsys.tracking import (
     PARENT_RUN_TAG,
     SIZE_RUN_TAG,
-    log_grid_metrics,
     log_size_metrics,
 )
 
@@ -138,7 +137,7 @@ def test_a_grid_run_has_one_child_per_trained_triple(store, capsys):
     rows = [{"triple": f"L{d}_w{w}_d{s}", "depth": d, "width": w, "size": s, "parameters": 100 * d * w, "ndcg_10": 0.1 * d,
              "recall_10": 0.2, "ndcg_20": 0.1, "recall_20": 0.3, "mrr": 0.05, "encode_ms_per_1k": 1.0,
              "retrieval_flops_per_user": 2 * N * s} for d in (1, 2) for w, s in ((16, 8), (16, 16))]
-    log_grid_metrics(client, run_id, rows, {})
+    log_size_metrics(client, run_id, rows, {})
     children = _children(client, store["experiment_id"], run_id)
     assert set(children) == {r["triple"] for r in rows}
     for row in rows:
