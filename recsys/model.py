@@ -158,6 +158,10 @@ class MatryoshkaRecommender(L.LightningModule):
             fan-in, small uniform embedding tables); a number draws every weight matrix and
             embedding table from a normal of that standard deviation truncated at twice it, as
             LRURec does with 0.02 (``recsys.nn.nested.truncated_normal_init_``).
+        output_item_norm: with ``separate_item_vectors``, whether the sizes' own output item
+            vectors end in a LayerNorm like the input ones (the default). False: their norms are
+            the items' own, so an item's score can carry a prior of its own (popularity), as
+            LRURec's output layer (raw embeddings and a per-item bias) can.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -232,6 +236,7 @@ class MatryoshkaRecommender(L.LightningModule):
         prefix_gradient: float = 1.0,
         nesting: Literal["blocks", "slices"] = "blocks",
         init_std: float | None = None,
+        output_item_norm: bool = True,
     ) -> None:
         super().__init__()
         # the CLI logs the whole config; the item features and cold-start items come from the data
@@ -263,7 +268,8 @@ class MatryoshkaRecommender(L.LightningModule):
         # the output item towers of the sizes below the largest (or of all), with separate_item_vectors
         head_sizes = self.sizes if separate_item_vectors == "all" else self.sizes[:-1] if separate_item_vectors else ()
         self.item_heads = torch.nn.ModuleList(
-            ItemTower((size,), item_features, use_id_embedding=use_id_embedding, modalities=modalities, id_dropout=id_dropout)
+            ItemTower((size,), item_features, use_id_embedding=use_id_embedding, modalities=modalities, id_dropout=id_dropout,
+                      normalise=output_item_norm)
             for size in head_sizes
         ) if head_sizes else None  # (true with one size: the plain model)
         if init_std is not None:

@@ -80,6 +80,7 @@ def check_options(
     prefix_gradient: Any = 1.0,
     nesting: Any = "blocks",
     init_std: Any = None,
+    output_item_norm: Any = True,
     **other: Any,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
     """The model's checks of its settings, given by name (the constructor's arguments, or the parsed
@@ -139,6 +140,11 @@ def check_options(
         raise OptionError("{prefix_gradient} below 1 needs a nested encoder (lru or mamba): SASRec's layers are shared whole")
     if init_std is not None:
         check_numbers(init_std=init_std)
+    if not isinstance(output_item_norm, bool):
+        raise OptionError(f"{{output_item_norm}} must be true or false, got {output_item_norm!r}")
+    if not output_item_norm and not separate_item_vectors:
+        raise OptionError("{output_item_norm} false needs {separate_item_vectors} true or 'all': "
+                          "tied item vectors are read through the same tower that scores them")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
     if trained is not None and (learned_temperature or separate_item_vectors or nesting == "slices"):

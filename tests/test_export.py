@@ -384,13 +384,16 @@ def test_the_command_catches_user_errors_only(checkpoint, tmp_path, monkeypatch)
         export_main(["--checkpoint", str(path), "--dims", "8", "--out", str(tmp_path / "out")])
 
 
-def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_through_the_shared_ones(tmp_path):
+@pytest.mark.parametrize("output_item_norm", [True, False])
+def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_through_the_shared_ones(tmp_path, output_item_norm):
     """``--model.separate_item_vectors``: an export of a smaller size holds its own item vectors
     (``items.output``) and recommends by them; the largest size scores the shared matrix as before.
     A width is refused (a funnel shortlists with a smaller size's own export: tests/test_own_funnel.py),
-    and so is a manifest that disagrees with the weights."""
+    and so is a manifest that disagrees with the weights. The same with own vectors whose norms are
+    free (``--model.output_item_norm false``)."""
     torch.manual_seed(0)
-    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, separate_item_vectors=True).eval()
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, separate_item_vectors=True,
+                                  output_item_norm=output_item_norm).eval()
     path = tmp_path / "model.ckpt"
     item_ids = [f"item-{i:03d}" for i in range(1, N + 1)]
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),

@@ -565,6 +565,22 @@ def test_separate_item_vectors_all_unties_even_one_size():
         _tiny_model(separate_item_vectors="some")
 
 
+def test_output_item_norm_false_leaves_the_own_item_vectors_norms_free():
+    """``output_item_norm=False``: the sizes' own output vectors skip the tower's LayerNorm (their
+    norms differ from item to item, as raw embeddings do); the input matrix stays normalised. It
+    needs own item vectors, and is refused without them."""
+    torch.manual_seed(0)
+    model = _tiny_model(separate_item_vectors="all", output_item_norm=False)
+    with torch.no_grad():
+        for head in model.item_heads:
+            norms = head()[1:].norm(dim=1)
+            assert isinstance(head.norm, torch.nn.Identity) and norms.std() > 0.05 * norms.mean()
+        shared = model.net.item_matrix()[1:, :4]  # the first chunk, normalised on its own
+    torch.testing.assert_close(shared.norm(dim=1), torch.full((len(shared),), 2.0), atol=0.05, rtol=0.05)
+    with pytest.raises(OptionError, match="^output_item_norm false needs separate_item_vectors true or .all.: tied"):
+        _tiny_model(output_item_norm=False)
+
+
 def test_separate_item_vectors_with_the_sampled_loss_use_each_towers_rows_of_the_step():
     """The sampled softmax with separate item vectors: each size against its own tower's rows of
     the step; with every item drawn as a negative and no log-Q it is the full loss of each size."""

@@ -49,6 +49,7 @@ class ItemTower(NestedModule):
 
     The features are buffers (saved in checkpoints), so a checkpoint alone reproduces ``Z``.
     ``modalities`` picks which dense and bag features to use (default: all of them).
+    ``normalise=False`` leaves out the final LayerNorm (output item vectors whose norms are free).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class ItemTower(NestedModule):
         modalities: Sequence[str] | None = None,
         id_dropout: float = 0.0,
         nesting: str = "blocks",
+        normalise: bool = True,
     ):
         super().__init__()
         self.sizes = check_sizes(sizes)
@@ -92,7 +94,8 @@ class ItemTower(NestedModule):
         if use_id_embedding:
             self.register_buffer("in_training", features.in_training.float())
             self.ids = id_table(self.num_items + 1, d)
-        self.norm = NestedLayerNorm(self.sizes, nesting=nesting)  # slices: the size-s tower normalises its s dims
+        # slices: the size-s tower normalises its s dims; without the norm, each item vector's norm is its own
+        self.norm = NestedLayerNorm(self.sizes, nesting=nesting) if normalise else nn.Identity()
         self.register_buffer("num_rows", torch.tensor(self.num_items + 1))
         row_is_item = torch.ones(self.num_items + 1)
         row_is_item[0] = 0.0
