@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from recsys import reporting  # noqa: E402
 from recsys.atomic import write_json_atomically, write_text_atomically  # noqa: E402
 from recsys.metrics import ndcg_of_ranks  # noqa: E402
 from recsys.significance import BootstrapInterval, paired_bootstrap  # noqa: E402
@@ -342,7 +343,7 @@ def plot(report: dict, path: Path, published: dict[str, float]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     m = report["matryoshka"]["rows"]
     ax.plot([r["size"] for r in m], [r["ndcg_10"] for r in m], "o-", label="Matryoshka (one run)")
     if report["separate"]:
@@ -359,19 +360,8 @@ def plot(report: dict, path: Path, published: dict[str, float]) -> None:
 
 
 def save_size_plot(fig, ax, sizes: list[int], title: str, path: Path) -> None:
-    """The axes of a test NDCG@10 against size plot (sizes on a log scale), then the file."""
-    import matplotlib.pyplot as plt
-
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("size (dimensions)")
-    ax.set_ylabel("test NDCG@10")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """The axes of a test NDCG@10 against size plot (``recsys.reporting.save_size_plot``), then the file."""
+    reporting.save_size_plot(fig, ax, sizes, "test NDCG@10", title, path)
 
 
 def main() -> None:

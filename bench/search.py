@@ -155,7 +155,7 @@ def plot(report: dict, sizes: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     best = winners(report, sizes, [int(k.removeprefix("alone-d")) for k in report["winners"] if k != "matryoshka"])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     if "matryoshka" in best:
         seeded = seeded_runs(best["matryoshka"], report)
         by_size = np.array([[next(r["ndcg_10"] for r in t["rows"] if r["size"] == s) for s in sizes] for t in seeded])

@@ -102,13 +102,20 @@ def accuracy_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for r in rows:
         ax.annotate(f"{r['parameters'] / 1e3:.0f}k params", (r["size"], r["ndcg_10"]), textcoords="offset points",
                     xytext=(0, -14), ha="center", fontsize=7)
+    save_size_plot(fig, ax, sizes, "test metric", title, path)
+
+
+def save_size_plot(fig, ax, sizes: list[int], ylabel: str, title: str, path: Path) -> None:
+    """A plot against size, finished and written: sizes on a log2 axis, labels, grid and legend."""
+    import matplotlib.pyplot as plt
+
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("size (dimensions of user and item vectors)")
-    ax.set_ylabel("test metric")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
