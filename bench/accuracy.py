@@ -24,7 +24,7 @@ Arms of one question (an option changed, ``--set``): ``--baseline-from DIR`` add
 paired bootstrap of this one run minus the one run of an earlier work directory (same sizes and
 seeds), the baseline arm.
 
-Every run is ``python -m recsys.train`` (its ``run``, so that the child can report the rows), with
+Every run is ``python -m recsys.train`` in a process of its own (``bench/train_run.py`` calls its ``run``, so that the rows come back), with
 ``--tracking mlflow`` into a store in the work directory, or ``--tracking csv`` (a run directory per
 run) where MLflow is not installed (``--tracking auto``, the default, picks).
 """
@@ -55,24 +55,8 @@ RESULTS = ROOT / "bench" / "results"
 # Published full-size NDCG@10 (bench/README.md §1), drawn on the plot for the dataset of that name.
 PUBLISHED = json.loads((ROOT / "bench" / "published.json").read_text())["ndcg_10"]
 
-# Runs recsys.train in this child process and reports its rows, best validation score, epochs,
-# wall time and peak RSS as JSON.
-CHILD = """
-import json, os, resource, sys, time
-import numpy as np
-from recsys.train import run
-start = time.perf_counter()
-result = run(sys.argv[1:])
-users, ranks = result["test_ranks"]
-np.savez(os.environ["BENCH_RANKS_FILE"], users=users, ranks=ranks)
-print("BENCH-RESULT " + json.dumps({
-    "rows": result["rows"], "run_id": result["run_id"], "best": result.get("best"),
-    "best_val": result.get("best_val"), "epochs": result.get("epochs"),
-    "best_val_by_size": result.get("best_val_by_size"),
-    "wall_s": time.perf_counter() - start,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-}))
-"""
+#: one training run in a process of its own (its rows, ranks, wall time and peak RSS)
+TRAIN_RUN = Path(__file__).resolve().parent / "train_run.py"
 
 
 class Runs:
@@ -128,7 +112,7 @@ class Runs:
         self.note_start(name, last if resume else None)
         log = open(self.workdir / f"{name}.log", "a" if resume else "w")
         print(f"  {'resumed' if resume else 'started'} {name} (log {log.name})", flush=True)
-        return subprocess.Popen([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env,
+        return subprocess.Popen([sys.executable, str(TRAIN_RUN), *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
 
     def note_start(self, name: str, resumed_from: Path | None) -> None:
