@@ -85,7 +85,7 @@ from recsys.export_dir import (
     sha256_of,
 )
 
-__all__ = ["export_each_size", "export_sizes", "export_size", "load_trained", "main", "own_network"]
+__all__ = ["export_each_size", "export_sizes", "export_size", "export_triples", "load_trained", "main", "own_network"]
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,25 @@ def export_sizes(
     """Export every size in ``dims`` from a checkpoint into ``out/d<size>``; with ``width`` or
     ``depth`` (one size) into ``out/L<depth>_w<width>_d<size>``. ``options`` are
     :func:`export_size`'s."""
+    if width is None and depth is None:
+        return _export(checkpoint, [(d, None, None) for d in dims], out, source, options)
+    if len(dims) != 1:
+        raise ExportError(f"--width and --depth choose one sub-model: give one size in --dims, got {dims}")
+    return _export(checkpoint, [(dims[0], width, depth)], out, source, options)
+
+
+def export_triples(checkpoint: str | Path, triples: list, out: str | Path, source: dict[str, Any] | None = None,
+                   **options: Any) -> list[Path]:
+    """Export each trained (depth, width, size) triple of an elastic checkpoint into
+    ``out/L<depth>_w<width>_d<size>``, from one reading of the checkpoint."""
+    return _export(checkpoint, [(t.size, t.width, t.depth) for t in triples], out, source, options)
+
+
+def _export(checkpoint: str | Path, jobs: list[tuple[int, int | None, int | None]], out: str | Path,
+            source: dict[str, Any] | None, options: dict[str, Any]) -> list[Path]:
+    """Each ``(size, width, depth)`` of ``jobs`` exported from one reading of ``checkpoint``: into
+    ``out/d<size>``, or with a width or depth into ``out/<its triple's label>``."""
+    from recsys.nn.grid import Triple
     from recsys.retrieval import IndexSpec
 
     if options.get("index", "exact") != "exact":
@@ -332,22 +351,20 @@ def export_sizes(
             raise ExportError(str(exc)) from None
     check_writable(out)
     model, catalogue = load_trained(checkpoint)
-    bad = [d for d in dims if d not in model.sizes]
+    bad = [size for size, _, _ in jobs if size not in model.sizes]
     if bad:
         raise ExportError(f"size(s) {bad} are not sizes of this model; valid sizes: {list(model.sizes)}")
     _check_finite(checkpoint, model)
     source = source or {"checkpoint": Path(checkpoint).name}
-    if width is None and depth is None:
-        with reported_write_failures(out, option=""):  # a full disk: one line; an old export stays whole
-            return [export_size(model, catalogue, d, Path(out) / f"d{d}", source, **options) for d in dims]
-    from recsys.nn.grid import Triple
 
-    if len(dims) != 1:
-        raise ExportError(f"--width and --depth choose one sub-model: give one size in --dims, got {dims}")
-    size = dims[0]
-    label = Triple(model.hparams.n_blocks if depth is None else depth, size if width is None else width, size).label
-    with reported_write_failures(out, option=""):
-        return [export_size(model, catalogue, size, Path(out) / label, source, width=width, depth=depth, **options)]
+    def directory(size: int, width: int | None, depth: int | None) -> Path:
+        if width is None and depth is None:
+            return Path(out) / f"d{size}"
+        return Path(out) / Triple(model.hparams.n_blocks if depth is None else depth, size if width is None else width, size).label
+
+    with reported_write_failures(out, option=""):  # a full disk: one line; an old export stays whole
+        return [export_size(model, catalogue, size, directory(size, width, depth), source, width=width, depth=depth,
+                            **options) for size, width, depth in jobs]
 
 
 def export_each_size(checkpoint_of: dict[int, str | Path], out: str | Path, source: dict[str, Any] | None = None,

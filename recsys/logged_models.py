@@ -62,7 +62,7 @@ def log_trained_models(run_id: str, model, best: str, best_by_size: dict[int, st
     ``best_by_size`` has one, else from ``best``; a trained triple of an elastic run from ``best``)
     into a temporary directory and log each as a model of ``run_id``; returns model URIs by size
     (by label for triples)."""
-    from recsys.export import export_each_size, export_sizes
+    from recsys.export import export_each_size, export_triples
     from recsys.nn.nested import cut_sizes
 
     export_log = logging.getLogger("recsys.export")
@@ -72,8 +72,8 @@ def log_trained_models(run_id: str, model, best: str, best_by_size: dict[int, st
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if model.trained.elastic:
-                dirs = {t.label: export_sizes(best, [t.size], Path(tmp), source=source, width=t.width, depth=t.depth)[0]
-                        for t in model.trained.triples}
+                triples = model.trained.triples
+                dirs = dict(zip(model.trained.names, export_triples(best, triples, tmp, source=source)))
             else:  # the sizes it can be cut to (SASRec: the full one), each from its own checkpoint if any
                 sizes = list(cut_sizes(model.net))
                 checkpoint_of = {s: (best_by_size or {}).get(s, best) for s in sizes}

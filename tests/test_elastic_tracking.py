@@ -22,10 +22,16 @@ PAIRS = [[8, 8], [32, 8], [16, 16], [32, 32]]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    import recsys.export
+
     tmp = tmp_path_factory.mktemp("elastic")
-    result = run(_args(tmp, "--model.depths", "[1, 2]", "--model.pairs", json.dumps(PAIRS), "--model.grid", "full",
-                       "--trainer.log_every_n_steps", "2"))
-    return tmp, result
+    reads = []
+    load_trained = recsys.export.load_trained
+    with pytest.MonkeyPatch.context() as patch:  # count the checkpoint reads of the models' export
+        patch.setattr(recsys.export, "load_trained", lambda path: reads.append(path) or load_trained(path))
+        result = run(_args(tmp, "--model.depths", "[1, 2]", "--model.pairs", json.dumps(PAIRS), "--model.grid", "full",
+                           "--trainer.log_every_n_steps", "2"))
+    return tmp, {**result, "checkpoint_reads": reads}
 
 
 def test_an_elastic_run_records_every_triple(trained):
@@ -49,6 +55,7 @@ def test_an_elastic_run_records_every_triple(trained):
     assert "ndcg_grid.png" in r.data.tags["mlflow.note.content"]
     models = {m.name: m for m in mlflow.search_logged_models(experiment_ids=[r.info.experiment_id], output_format="list")}
     assert set(models) == set(labels)
+    assert result["checkpoint_reads"] == [result["best"]]  # every triple exported from one reading of it
     for label in labels:
         row = rows[label]
         assert models[label].params == {"depth": str(row["depth"]), "width": str(row["width"]), "size": str(row["size"]),
