@@ -78,6 +78,10 @@ def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") 
     return out
 
 
+#: encoder options added after the export format, with the defaults at which exports leave them out
+LATER_ENCODER_DEFAULTS = {"nesting": "blocks", "post_norm": False, "ffn": "gated", "ffn_mult": 2}
+
+
 class StepInputs(NamedTuple):
     """What one training step's loss reads (:meth:`MatryoshkaRecommender.step_inputs`): item
     vectors, the histories and targets as indices into them, the candidates of the softmax, and for
@@ -332,10 +336,10 @@ class MatryoshkaRecommender(L.LightningModule):
         specific = asdict(self.encoder_configs[h.encoder])
         if h.encoder == "sasrec":
             specific["max_len"] = h.max_len
-        if h.get("nesting", "blocks") != "blocks":  # (absent from the options of every earlier model)
-            specific["nesting"] = h.nesting
-        if specific.get("post_norm") is False:  # written only when set: a pre-norm model's export reads as before
-            del specific["post_norm"]
+        specific["nesting"] = h.get("nesting", "blocks")
+        # options added after the export format, written only when set otherwise: an export at their
+        # defaults reads as before (older servers)
+        specific = {k: v for k, v in specific.items() if LATER_ENCODER_DEFAULTS.get(k, object()) != v}
         return {"n_blocks": h.n_blocks, "dropout": h.dropout, **specific}
 
     # -- checkpoints --------------------------------------------------------------------------

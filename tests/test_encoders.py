@@ -26,8 +26,9 @@ from recsys.nn.nested import NestedModule, cut_sizes, cut_to_size, nested_parame
 SIZES = (4, 8, 16)
 
 
-#: every encoder, and the LRU with its blocks' norms after the residual sums
-VARIANTS = {**{name: (name, {}) for name in ENCODERS}, "lru-post-norm": ("lru", {"post_norm": True})}
+#: every encoder, the LRU with its blocks' norms after the residual sums, and with LRURec's feed-forward
+VARIANTS = {**{name: (name, {}) for name in ENCODERS}, "lru-post-norm": ("lru", {"post_norm": True}),
+            "lru-gelu-ffn": ("lru", {"ffn": "gelu", "ffn_mult": 4})}
 
 
 def make(variant: str, train: bool = False) -> torch.nn.Module:

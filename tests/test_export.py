@@ -421,6 +421,32 @@ def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_thro
         serving.load(small)
 
 
+@pytest.mark.parametrize("lru", [{"post_norm": True, "ffn": "gelu", "ffn_mult": 4}, {}])
+def test_lru_options_added_later_travel_with_an_export_and_only_when_set(tmp_path, lru):
+    """LRURec's block (``--model.lru.post_norm``, ``--model.lru.ffn gelu``, ``--model.lru.ffn_mult``):
+    the export names those options and is served by the same network (its user vectors and its
+    recommendations); at their defaults the manifest leaves them out, as before they existed."""
+    torch.manual_seed(0)
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, lru=lru).eval()
+    path = tmp_path / "model.ckpt"
+    item_ids = [f"item-{i:03d}" for i in range(1, N + 1)]
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "catalogue": {"item_ids": item_ids, "popularity": [1] * N, "stats": {}}}, path)
+    [directory] = export_sizes(path, [16], tmp_path / "out")
+    options = json.loads((directory / "manifest.json").read_text())["encoder_options"]
+    assert {k: options[k] for k in lru} == lru and not {"post_norm", "ffn", "ffn_mult", "nesting"} - set(lru) & set(options)
+    histories = [item_ids[:5], item_ids[10:12]]
+    batch = torch.tensor([[0] * 7 + list(range(1, 6)), [0] * 10 + [11, 12]])
+    small = cut_to_size(model.net, 16)
+    with torch.no_grad():
+        items = small.item_matrix()
+        users = small.user_vectors(batch, items)
+    m = serving.load(directory)
+    np.testing.assert_allclose(m.encode(histories), users.numpy(), rtol=1e-5, atol=1e-5)
+    for got, row in zip(m.recommend(histories, k=5, exclude_seen=False), users @ items[1:].t()):
+        assert [item for item, _ in got] == [item_ids[int(i)] for i in row.topk(5).indices]
+
+
 def test_a_sliced_size_exports_as_the_dense_network_it_is(tmp_path):
     """``--model.nesting slices``: an export of a size is that size's own network (its weights'
     slices, its own item matrix), a dense network of its width: served vectors and

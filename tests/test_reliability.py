@@ -934,6 +934,8 @@ BAD_INPUTS = [
     BadInput("recsys.train", "free output item norms with tied item vectors (`--model.output_item_norm false`)",
              (*TRAIN, "--model.output_item_norm", "false"),
              r"^--model\.output_item_norm false needs --model\.separate_item_vectors true or 'all': tied item vectors"),
+    BadInput("recsys.train", "unknown LRU feed-forward layer (`--model.lru.ffn relu`)", (*TRAIN, "--model.lru.ffn", "relu"),
+             r"^--model\.lru\.ffn: unknown feed-forward layer 'relu'; choose one of gated, gelu$"),
     BadInput("recsys.train", "sliced nesting with another encoder (`--model.nesting slices --model.encoder mamba`)",
              (*TRAIN, "--model.nesting", "slices", "--model.encoder", "mamba"),
              r"^--model\.nesting 'slices' is built for the lru encoder, not 'mamba'$"),

@@ -272,7 +272,7 @@ def test_flat_encoder_options_still_accepted_on_the_command_line_and_in_config_f
         run(["--config", str(old), "--model.r_max=0.95", "--model.d_state", "8", "--print_config"])
     assert exit_.value.code == 0
     model = yaml.safe_load(capsys.readouterr().out)["model"]
-    assert model["lru"] == {"r_min": 0.7, "r_max": 0.95, "post_norm": False}
+    assert model["lru"] == {"r_min": 0.7, "r_max": 0.95, "post_norm": False, "ffn": "gated", "ffn_mult": 2}
     assert model["mamba"]["d_state"] == 8 and model["sasrec"] == {"n_heads": 4}
     assert not set(model) & {"r_min", "r_max", "d_state", "n_heads"}
 
@@ -283,7 +283,7 @@ def test_checkpoint_with_flat_encoder_options_loads(trained, tmp_path):
     _, result = trained
     ckpt = torch.load(result["best"], weights_only=True)
     hparams = dict(ckpt["hyper_parameters"])
-    assert hparams["lru"] == {"r_min": 0.0, "r_max": 0.1, "post_norm": False}  # the new form: plain dicts
+    assert hparams["lru"] == {"r_min": 0.0, "r_max": 0.1, "post_norm": False, "ffn": "gated", "ffn_mult": 2}  # plain dicts
     for group in ("lru", "mamba", "sasrec"):
         hparams.update(hparams.pop(group))
     ckpt["hyper_parameters"] = hparams

@@ -52,17 +52,26 @@ class LRUOptions:
         r_max: largest initial ``|lambda|``.
         post_norm: each block's LayerNorms after its residual sums, as LRURec's blocks, instead of
             before its LRU and FFN (the default, pre-norm).
+        ffn: each block's feed-forward layer: ``gated`` (``W2(SiLU(G x) * W1 x)``, the default) or
+            ``gelu`` (``W2(GELU(W1 x))``, LRURec's).
+        ffn_mult: how much wider the feed-forward layer's hidden width is (LRURec's: 4).
     """
 
     r_min: float = 0.0
     r_max: float = 0.1
     post_norm: bool = False
+    ffn: str = "gated"
+    ffn_mult: int = 2
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.r_min < self.r_max <= 1.0:
             raise OptionError(f"{{r_min}} {self.r_min}, {{r_max}} {self.r_max}: need 0 <= r_min < r_max <= 1")
         if not isinstance(self.post_norm, bool):
             raise OptionError(f"{{post_norm}} must be true or false, got {self.post_norm!r}")
+        if self.ffn not in ("gated", "gelu"):
+            raise OptionError(f"{{ffn}}: unknown feed-forward layer {self.ffn!r}; choose one of gated, gelu")
+        if isinstance(self.ffn_mult, bool) or not isinstance(self.ffn_mult, int) or not 1 <= self.ffn_mult <= 64:
+            raise OptionError(f"{{ffn_mult}} must be an integer from 1 to 64, got {self.ffn_mult!r}")
 
 
 @dataclass(frozen=True)
