@@ -55,14 +55,12 @@ import numpy as np
 import polars as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from recsys.item_features import ItemFeatures  # noqa: E402
-from recsys.model import MatryoshkaRecommender  # noqa: E402
-from serving.candidates import generate_candidates  # noqa: E402
-from recsys.export import export_size  # noqa: E402
-from serving.sized_model import SizedRecommender  # noqa: E402
-from recsys.atomic import write_json_atomically  # noqa: E402
+from recsys.item_features import ItemFeatures
+from recsys.model import MatryoshkaRecommender
+from serving.candidates import generate_candidates
+from recsys.export import export_size
+from serving.sized_model import SizedRecommender
+from recsys.atomic import write_json_atomically
 from baseline import unpack_commit  # bench/baseline.py (the script directory is on sys.path)
 from machine import cpu_model, matmul_gflops  # bench/machine.py
 

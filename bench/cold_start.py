@@ -37,12 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from accuracy import Runs  # noqa: E402  (bench/ is the script's directory)
-from recsys.atomic import write_json_atomically  # noqa: E402
-from recsys.data import load_prepared  # noqa: E402
-from recsys.metrics import ndcg_of_ranks, popularity_scores_ranks  # noqa: E402
+from accuracy import Runs  # (bench/ is the script's directory)
+from recsys.atomic import write_json_atomically
+from recsys.data import load_prepared
+from recsys.metrics import ndcg_of_ranks, popularity_scores_ranks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

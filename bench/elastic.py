@@ -44,14 +44,12 @@ import numpy as np
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from accuracy import Runs  # noqa: E402  (bench/ is the script's directory)
-from recsys.atomic import write_json_atomically  # noqa: E402
-from recsys.metrics import ndcg_of_ranks  # noqa: E402
-from recsys.nn.grid import Triple  # noqa: E402
-from recsys.reporting import grid_heat_map  # noqa: E402
-from recsys.significance import paired_bootstrap  # noqa: E402
+from accuracy import Runs  # (bench/ is the script's directory)
+from recsys.atomic import write_json_atomically
+from recsys.metrics import ndcg_of_ranks
+from recsys.nn.grid import Triple
+from recsys.reporting import grid_heat_map
+from recsys.significance import paired_bootstrap
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_GAIN, GOAL_TWIN_RATIO = 1.2, 0.97

@@ -52,16 +52,13 @@ import faiss
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from machine import cpu_model  # noqa: E402  (bench/machine.py: the script directory is on sys.path)
-from recsys.atomic import write_json_atomically  # noqa: E402
-from recsys.checkpoint import read_checkpoint  # noqa: E402
-from recsys.model import size_network  # noqa: E402
-from recsys.export import own_network  # noqa: E402
-from serving.sized_model import sha256_of  # noqa: E402
-from recsys.retrieval import (  # noqa: E402
+from machine import cpu_model  # (bench/machine.py: the script directory is on sys.path)
+from recsys.atomic import write_json_atomically
+from recsys.checkpoint import read_checkpoint
+from recsys.model import size_network
+from recsys.export import own_network
+from serving.sized_model import sha256_of
+from recsys.retrieval import (
     ExactRetriever,
     FaissRetriever,
     FunnelRetriever,
@@ -72,7 +69,7 @@ from recsys.retrieval import (  # noqa: E402
     rerank,
     torch_topk,
 )
-from trained_catalogue import (  # noqa: E402
+from trained_catalogue import (
     encode_users,
     item_matrices,
     item_matrix,
@@ -82,6 +79,8 @@ from trained_catalogue import (  # noqa: E402
     query_histories,
     user_vectors,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("bench.funnel")
 

@@ -21,13 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from accuracy import Runs  # bench/accuracy.py's runner of python -m recsys.train
+from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
+from recsys.atomic import write_json_atomically
+from recsys.data.prepared import load_prepared
 
-from accuracy import Runs  # noqa: E402  bench/accuracy.py's runner of python -m recsys.train
-from machine import cpu_model  # noqa: E402  bench/machine.py (the script directory is on sys.path)
-from recsys.atomic import write_json_atomically  # noqa: E402
-from recsys.data.prepared import load_prepared  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCHINGS = {"length": "true", "padded": "false"}
 

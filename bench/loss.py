@@ -49,14 +49,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from recsys.nn.loss import (  # noqa: E402
+from recsys.nn.loss import (
     matryoshka_cross_entropy,
     naive_matryoshka_cross_entropy,
     sampled_matryoshka_cross_entropy,
 )
-from recsys.atomic import write_json_atomically  # noqa: E402
+from recsys.atomic import write_json_atomically
 
 logger = logging.getLogger("bench.loss")
 

@@ -35,14 +35,12 @@ from pathlib import Path
 import polars as pl
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ray
 
-import ray  # noqa: E402
-
-from candidates import make_exports, write_log  # noqa: E402  (bench/candidates.py)
-from recsys.atomic import write_json_atomically  # noqa: E402
-from serving.candidates import generate_candidates  # noqa: E402
-from serving.ray_candidates import _start_ray, generate_candidates_ray  # noqa: E402
+from candidates import make_exports, write_log  # (bench/candidates.py)
+from recsys.atomic import write_json_atomically
+from serving.candidates import generate_candidates
+from serving.ray_candidates import _start_ray, generate_candidates_ray
 
 logger = logging.getLogger("bench.ray_candidates")
 

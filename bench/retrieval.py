@@ -48,12 +48,10 @@ import faiss
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from recsys.atomic import write_json_atomically  # noqa: E402
+from recsys.atomic import write_json_atomically
 from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
-from recsys.retrieval.faiss_index import is_gpu_index  # noqa: E402
-from recsys.retrieval import (  # noqa: E402
+from recsys.retrieval.faiss_index import is_gpu_index
+from recsys.retrieval import (
     KINDS,
     FaissRetriever,
     FunnelRetriever,

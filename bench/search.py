@@ -44,12 +44,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from accuracy import Runs, save_size_plot  # noqa: E402  (bench/ is the script's directory)
-from recsys.atomic import write_json_atomically  # noqa: E402
-from recsys.metrics import ndcg_of_ranks  # noqa: E402
-from recsys.significance import paired_bootstrap  # noqa: E402
+from accuracy import Runs, save_size_plot  # (bench/ is the script's directory)
+from recsys.atomic import write_json_atomically
+from recsys.metrics import ndcg_of_ranks
+from recsys.significance import paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

@@ -67,11 +67,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from machine import cpu_model  # bench/machine.py (the script directory is on sys.path)
+from recsys.atomic import write_json_atomically
 
-from machine import cpu_model  # noqa: E402  bench/machine.py (the script directory is on sys.path)
-from recsys.atomic import write_json_atomically  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULT = ROOT / "bench" / "results" / "serve.json"
 #: the server's default threads per request (``python -m serving.rest --threads``), used in process too
