@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from recsys import reporting  # noqa: E402
-from recsys.atomic import write_json_atomically, write_text_atomically  # noqa: E402
-from recsys.metrics import ndcg_of_ranks  # noqa: E402
-from recsys.significance import BootstrapInterval, paired_bootstrap  # noqa: E402
+from recsys import reporting
+from recsys.atomic import write_json_atomically, write_text_atomically
+from recsys.metrics import ndcg_of_ranks
+from recsys.significance import BootstrapInterval, paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

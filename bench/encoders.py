@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 import torch
-from recsys.atomic import write_json_atomically  # noqa: E402
+
+from recsys.atomic import write_json_atomically
 
 logger = logging.getLogger("bench.encoders")
 

@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose commands are timed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "help_time.json")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     from recsys.atomic import write_json_atomically
 
     load_before = os.getloadavg()[0]

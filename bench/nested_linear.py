@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from recsys.nn.nested import NestedLinear
-from recsys.atomic import write_json_atomically  # noqa: E402
+from recsys.atomic import write_json_atomically
 
 OUT = Path(__file__).resolve().parent / "results" / "nested_linear.json"
 

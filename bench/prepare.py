@@ -23,7 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from recsys.atomic import write_json_atomically  # noqa: E402
+
+from recsys.atomic import write_json_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
