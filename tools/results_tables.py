@@ -1129,6 +1129,7 @@ SPORTS_YARDSTICK = {
     "sports-lru-d64-postnorm": "sports-lru-d64-full",
     "sports-lru-d64-postnorm-untied": "sports-lru-d64-full-untied",
     "sports-lru-d64-outnorm-untied": "sports-lru-d64-full-untied",
+    "sports-lru-d64-geluffn-untied": "sports-lru-d64-full-untied",
 }
 
 
