@@ -10,6 +10,7 @@ masked mode's FLOPs for doubling sizes but launches one product per chunk.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -29,7 +30,7 @@ def step_ms(layer: NestedLinear, x: torch.Tensor) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def main(repeats: int = 15) -> None:
+def main(repeats: int = 15, out: Path = OUT) -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     cases = []
     for width in (64, 256, 1024):
@@ -50,7 +51,7 @@ def main(repeats: int = 15) -> None:
                           "blocks_ms": med["blocks"], "blocks_over_masked": med["blocks"] / med["masked"]})
             print(f"D={width:5d} out x{mult} rows={rows}: masked {med['masked']:7.2f} ms  blocks {med['blocks']:7.2f} ms"
                   f"  blocks/masked {med['blocks'] / med['masked']:.2f}", flush=True)
-    write_json_atomically(OUT, {
+    write_json_atomically(out, {
         "benchmark": "nested_linear", "device": "cpu", "threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
         "repeats": repeats, "cases": cases,
@@ -58,4 +59,10 @@ def main(repeats: int = 15) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps per mode and case (after 2 untimed)")
+    parser.add_argument("--out", type=Path, default=OUT, help="the JSON written")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    main(args.repeats, args.out)
