@@ -68,8 +68,10 @@ class LRUOptions:
             raise OptionError(f"{{r_min}} {self.r_min}, {{r_max}} {self.r_max}: need 0 <= r_min < r_max <= 1")
         if not isinstance(self.post_norm, bool):
             raise OptionError(f"{{post_norm}} must be true or false, got {self.post_norm!r}")
-        if self.ffn not in ("gated", "gelu"):
-            raise OptionError(f"{{ffn}}: unknown feed-forward layer {self.ffn!r}; choose one of gated, gelu")
+        from recsys.nn.lru import FFN_KINDS
+
+        if self.ffn not in FFN_KINDS:
+            raise OptionError(f"{{ffn}}: unknown feed-forward layer {self.ffn!r}; choose one of {', '.join(FFN_KINDS)}")
         if isinstance(self.ffn_mult, bool) or not isinstance(self.ffn_mult, int) or not 1 <= self.ffn_mult <= 64:
             raise OptionError(f"{{ffn_mult}} must be an integer from 1 to 64, got {self.ffn_mult!r}")
 

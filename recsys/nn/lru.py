@@ -40,7 +40,7 @@ __all__ = [
     "linear_recurrence_last",
     "linear_recurrence_loop",
     "LRULayer",
-    "GatedFFN",
+    "FeedForward",
     "NestedLRUEncoder",
 ]
 
@@ -200,43 +200,34 @@ class LRULayer(NestedModule):
             shrink_parameter_(self, name, slice(0, size))
 
 
-class GatedFFN(NestedModule):
-    """Gated feed-forward ``W2(SiLU(G x) * W1 x)`` with nested linears expanding by ``mult``."""
+#: the feed-forward layers of an LRU block (:class:`FeedForward`)
+FFN_KINDS = ("gated", "gelu")
 
-    def __init__(self, sizes: Sequence[int], mult: int = 2, dropout: float = 0.1, nesting: str = "blocks"):
+
+class FeedForward(NestedModule):
+    """Feed-forward layer with nested linears expanding by ``mult``: ``gated``,
+    ``W2(SiLU(G x) * W1 x)``, or ``gelu``, ``W2(GELU(W1 x))`` (LRURec's, at ``mult`` 4)."""
+
+    def __init__(self, sizes: Sequence[int], mult: int = 2, dropout: float = 0.1, nesting: str = "blocks",
+                 kind: str = "gated"):
         super().__init__()
+        if kind not in FFN_KINDS:
+            raise ValueError(f"unknown feed-forward layer {kind!r}; choose one of {', '.join(FFN_KINDS)}")
         self.sizes = check_sizes(sizes)
-        self.gate = NestedLinear(self.sizes, out_mult=mult, nesting=nesting)
+        self.gate = NestedLinear(self.sizes, out_mult=mult, nesting=nesting) if kind == "gated" else None
         self.up = NestedLinear(self.sizes, out_mult=mult, nesting=nesting)
         self.down = NestedLinear(self.sizes, in_mult=mult, nesting=nesting)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.dropout(F.silu(self.gate(x)) * self.up(x)))
-
-
-class GeluFFN(NestedModule):
-    """Plain feed-forward ``W2(GELU(W1 x))`` with nested linears expanding by ``mult`` (LRURec's, at 4)."""
-
-    def __init__(self, sizes: Sequence[int], mult: int = 4, dropout: float = 0.1, nesting: str = "blocks"):
-        super().__init__()
-        self.sizes = check_sizes(sizes)
-        self.up = NestedLinear(self.sizes, out_mult=mult, nesting=nesting)
-        self.down = NestedLinear(self.sizes, in_mult=mult, nesting=nesting)
-        self.dropout = Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.dropout(F.gelu(self.up(x))))
-
-
-#: the feed-forward layers of an LRU block, by name
-FFNS = {"gated": GatedFFN, "gelu": GeluFFN}
+        hidden = F.gelu(self.up(x)) if self.gate is None else F.silu(self.gate(x)) * self.up(x)
+        return self.down(self.dropout(hidden))
 
 
 class LRUBlock(NestedModule):
     """Residual block, pre-norm: ``h = x + LRU(LN1(x))``, ``out = h + FFN(LN2(h))``; or with
-    ``post_norm`` (LRURec's): ``h = LN1(x + LRU(x))``, ``out = LN2(h + FFN(h))``. ``ffn`` names the
-    feed-forward layer (:data:`FFNS`), ``ffn_mult`` its expansion."""
+    ``post_norm`` (LRURec's): ``h = LN1(x + LRU(x))``, ``out = LN2(h + FFN(h))``. ``ffn`` is the
+    feed-forward layer's kind (:class:`FeedForward`), ``ffn_mult`` its expansion."""
 
     def __init__(self, sizes: Sequence[int], dropout: float, r_min: float, r_max: float, ffn_mult: int,
                  nesting: str = "blocks", post_norm: bool = False, ffn: str = "gated"):
@@ -246,7 +237,7 @@ class LRUBlock(NestedModule):
         self.norm_lru = NestedLayerNorm(self.sizes, nesting=nesting)
         self.lru = LRULayer(self.sizes, r_min=r_min, r_max=r_max, nesting=nesting)
         self.norm_ffn = NestedLayerNorm(self.sizes, nesting=nesting)
-        self.ffn = FFNS[ffn](self.sizes, mult=ffn_mult, dropout=dropout, nesting=nesting)
+        self.ffn = FeedForward(self.sizes, mult=ffn_mult, dropout=dropout, nesting=nesting, kind=ffn)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, sequential: bool | None = None, last_only: bool = False) -> torch.Tensor:
@@ -282,8 +273,6 @@ class NestedLRUEncoder(StackedBlocks, NestedModule):
         self.sizes = check_sizes(sizes)
         if n_blocks < 1:
             raise ValueError(f"n_blocks must be at least 1, got {n_blocks}")
-        if ffn not in FFNS:
-            raise ValueError(f"unknown feed-forward layer {ffn!r}; choose one of {', '.join(FFNS)}")
         self.blocks = nn.ModuleList(
             LRUBlock(self.sizes, dropout=dropout, r_min=r_min, r_max=r_max, ffn_mult=ffn_mult, nesting=nesting,
                      post_norm=post_norm, ffn=ffn)
