@@ -79,7 +79,7 @@ def _differences(there: dict[str, Any], here: dict[str, Any], prefix: str = "") 
 
 
 #: encoder options added after the export format, with the defaults at which exports leave them out
-LATER_ENCODER_DEFAULTS = {"nesting": "blocks", "post_norm": False, "ffn": "gated", "ffn_mult": 2}
+LATER_ENCODER_DEFAULTS = {"nesting": "blocks", **{k: getattr(LRUOptions(), k) for k in ("post_norm", "ffn", "ffn_mult")}}
 
 
 class StepInputs(NamedTuple):
@@ -245,9 +245,9 @@ class MatryoshkaRecommender(L.LightningModule):
         super().__init__()
         # the CLI logs the whole config; the item features and cold-start items come from the data
         self.save_hyperparameters(ignore=["item_features", "cold_start_items", "item_counts"], logger=False)
-        self.sizes, self.monitor_size, self.encoder_configs, self.trained_triples = check_options(**self.hparams)
-        #: what is trained: every size at full depth, or the grid's triples (``trained_triples``, None without one)
-        self.trained = SubModels.of(self.sizes, n_blocks, self.trained_triples)
+        self.sizes, self.monitor_size, self.encoder_configs, grid = check_options(**self.hparams)
+        #: what is trained: every size at full depth, or the grid's triples
+        self.trained = SubModels.of(self.sizes, n_blocks, grid)
         # hparams hold plain dicts, never the option objects (weights_only loading)
         self.hparams.update({name: asdict(self.encoder_configs[name]) for name in ("lru", "mamba", "sasrec")})
         if item_features is None:
@@ -263,7 +263,7 @@ class MatryoshkaRecommender(L.LightningModule):
                       id_dropout=id_dropout, nesting=nesting),
             build_encoder(encoder, self.sizes, **self.encoder_options()),
             input_dropout=input_dropout,
-            grid=self.trained_triples,
+            grid=grid,
         )
         # slices: every size its own network over the weights' slices (which carry the prefix gradient)
         self._slices = SizeSlices(self.net, self.sizes) if nesting == "slices" else None
@@ -670,7 +670,7 @@ class MatryoshkaRecommender(L.LightningModule):
         for group in self.trained.groups:
             users = self.net.group_vectors(group, states[group.depth])
             self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()  # checked at the epoch's end, on every process
-            rows = [self.trained.triples.index(t) for t in group.triples]
+            rows = self.trained.rows(group)
             if self.item_heads is None:
                 items = self._eval_items[:, : group.sizes[-1]]
                 ranks[rows] = target_ranks(users, items, batch["target"], group.sizes, seen_ids=seen)
@@ -719,6 +719,11 @@ class MatryoshkaRecommender(L.LightningModule):
         state = read_checkpoint(checkpoint, map_location=self.device)["state_dict"]
         copy.load_state_dict({k: v for k, v in state.items() if k.startswith(("net.", "item_heads."))})
         return copy
+
+    @property
+    def trained_triples(self) -> tuple[Triple, ...] | None:
+        """The grid's triples when the options asked for one, else None (a run over sizes)."""
+        return self.trained.triples if self.trained.elastic else None
 
     def metric_name(self, key: str) -> str:
         """A metric of the ``RankingMetrics`` (``ndcg_10/d3``: the third trained sub-model) by that

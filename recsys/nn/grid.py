@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -175,18 +176,22 @@ class SubModels:
     def name(self, triple: Triple) -> str:
         return triple.label if self.elastic else f"d{triple.size}"
 
-    @property
+    @cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(self.name(t) for t in self.triples)
 
-    @property
+    @cached_property
     def depths(self) -> list[int]:
         """The encoder depths the triples read the state at, increasing."""
         return sorted({t.depth for t in self.triples})
 
-    @property
+    @cached_property
     def groups(self) -> list[VectorGroup]:
         return vector_groups(self.triples)
+
+    def rows(self, group: VectorGroup) -> list[int]:
+        """Where ``group``'s triples stand among :attr:`triples` (their metrics rows)."""
+        return [self.triples.index(t) for t in group.triples]
 
 
 @dataclass(frozen=True)
