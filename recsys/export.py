@@ -187,7 +187,7 @@ def export_size(
     if item_dtype == "float16":
         state = {k: v.half() if k in ("items.matrix", OUTPUT_ITEMS) else v for k, v in state.items()}
 
-    vectors = (small.items.matrix if output is None else output)[1:, :size].float().numpy()
+    vectors = (small.items.matrix[:, :size] if output is None else output)[1:].float().numpy()  # (with output_bias: s + 1)
     if own_funnel:  # no retriever at this size: the shortlist export's searches, this size re-ranks
         retriever, entry = None, _own_funnel_entry(size, funnel_prefix, funnel_shortlist, len(vectors))
     else:
@@ -212,6 +212,8 @@ def export_size(
             p.numel() for p in getattr(small, "heads", torch.nn.Module()).parameters()),
         "num_items": len(item_ids),
         "separate_item_vectors": output is not None,
+        # written only when set: an export without it reads as before (older servers)
+        **({"output_bias": True} if output is not None and model.output_bias is not None else {}),
         "item_dtype": item_dtype,
         "retriever": entry,
         # the same settings under the keys that readers from before "retriever" use

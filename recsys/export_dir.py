@@ -13,7 +13,9 @@ An export directory (written by ``recsys/export.py``) holds:
   (searched at ``Z[:, :size]``), and a vector head maps the state to ``size`` dims when
   ``size < width``; a size trained with ``--model.separate_item_vectors`` (manifest
   ``"separate_item_vectors": true``) also holds ``items.output``, ``(num_items + 1, size)``: its
-  own item vectors, which it searches, while histories are read through ``items.matrix``;
+  own item vectors, which it searches, while histories are read through ``items.matrix``; trained
+  with ``--model.output_bias`` too (``"output_bias": true``), ``(num_items + 1, size + 1)``: each
+  vector ends in its item's bias, and the user vectors searched with them end in a one;
 - ``items.parquet``: ``row`` (1..N), ``item_id`` (the catalogue's original ids), ``popularity``;
 - ``index.faiss``: the faiss index of the retriever the manifest names (``"retriever"``, see
   ``recsys/retrieval``), over ``Z[1:, :size]`` or a prefix of it (row r of the index is item row r+1);
@@ -96,7 +98,8 @@ SHORTLIST_EXPORT = "shortlist"
 #: the metadata entry of ``model.safetensors`` that records the manifest entries below, as JSON
 SETTINGS = "export_settings"
 #: the manifest entries that decide what the loaded model computes (recorded in the weights too)
-RECORDED = ("size", "sizes", "width", "depth", "encoder", "encoder_options", "max_len", "num_items", "separate_item_vectors")
+RECORDED = ("size", "sizes", "width", "depth", "encoder", "encoder_options", "max_len", "num_items", "separate_item_vectors",
+            "output_bias")
 
 #: what a manifest may ask for: its file size, nesting and integer literals ...
 MAX_MANIFEST_BYTES = 1 << 20
@@ -242,8 +245,12 @@ def _check_entries(path: Path, manifest: dict[str, Any]) -> None:
             _positive_int(path, key, value, _LARGEST[key])
         elif not isinstance(value, kind):
             raise ExportError(f"{path}: {key!r} must be {_TYPE_NAMES[kind]}, got {value!r:.80}")
-    if not isinstance(manifest.get("separate_item_vectors", False), bool):
-        raise ExportError(f"{path}: 'separate_item_vectors' must be true or false, got {manifest['separate_item_vectors']!r}")
+    for key in ("separate_item_vectors", "output_bias"):
+        if not isinstance(manifest.get(key, False), bool):
+            raise ExportError(f"{path}: {key!r} must be true or false, got {manifest[key]!r}")
+    if manifest.get("output_bias", False) and not manifest.get("separate_item_vectors", False):
+        raise ExportError(f"{path}: 'output_bias' is true, but the biases are a column of separate item vectors, "
+                          "which the manifest does not name")
 
 
 def _check_sizes(path: Path, manifest: dict[str, Any]) -> None:
@@ -384,7 +391,8 @@ def _load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def _check_matrices(path: Path, state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
     """The item matrix is ``(num_items + 1, width)``; ``items.output`` is there exactly when the
-    manifest names separate item vectors, ``(num_items + 1, size)``."""
+    manifest names separate item vectors, ``(num_items + 1, size)``, or ``size + 1`` columns with
+    ``output_bias``."""
     matrix = state.get("items.matrix")
     expected = (manifest["num_items"] + 1, manifest.get("width", manifest["size"]))
     if matrix is None or tuple(matrix.shape) != expected or not matrix.is_floating_point():
@@ -392,11 +400,12 @@ def _check_matrices(path: Path, state: dict[str, torch.Tensor], manifest: dict[s
         raise ExportError(f"{path}: the item matrix must be float of shape {expected} (num_items + 1, width), got {found}")
     output = state.get(OUTPUT_ITEMS)
     if manifest.get("separate_item_vectors", False):
-        expected = (manifest["num_items"] + 1, manifest["size"])
+        biased = manifest.get("output_bias", False)
+        expected = (manifest["num_items"] + 1, manifest["size"] + biased)
         if output is None or tuple(output.shape) != expected or not output.is_floating_point():
             found = None if output is None else f"{tuple(output.shape)} {output.dtype}"
             raise ExportError(f"{path}: the manifest names separate item vectors, which must be float of shape {expected} "
-                              f"(num_items + 1, size) in {OUTPUT_ITEMS}, got {found}")
+                              f"(num_items + 1, size{' + 1 for the biases' if biased else ''}) in {OUTPUT_ITEMS}, got {found}")
     elif output is not None:
         raise ExportError(f"{path}: holds {OUTPUT_ITEMS}, but the manifest does not name separate item vectors")
 

@@ -30,6 +30,7 @@ from recsys.nn.loss import (
     sampled_matryoshka_cross_entropy,
 )
 from recsys.nn.grid import SubModels, Triple
+from recsys.nn.item_bias import with_bias_column, with_ones_column
 from recsys.nn.nested import (
     SizeSlices,
     cut_sizes,
@@ -166,6 +167,11 @@ class MatryoshkaRecommender(L.LightningModule):
             vectors end in a LayerNorm like the input ones (the default). False: their norms are
             the items' own, so an item's score can carry a prior of its own (popularity), as
             LRURec's output layer (raw embeddings and a per-item bias) can.
+        output_bias: with ``separate_item_vectors="all"``, every size adds a learned bias of its own
+            per item to its scores, as LRURec's output layer does: a prior per item (popularity)
+            beside the match of vectors. Scored as one more dimension (``recsys/nn/item_bias.py``):
+            the size's own item vectors end in their biases, its user vectors in a one, and an
+            export holds and searches them so (``s + 1`` floats per vector).
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay (not applied to norms, biases and per-channel vectors).
         warmup_steps: linear warm-up steps before the cosine decay.
@@ -241,6 +247,7 @@ class MatryoshkaRecommender(L.LightningModule):
         nesting: Literal["blocks", "slices"] = "blocks",
         init_std: float | None = None,
         output_item_norm: bool = True,
+        output_bias: bool = False,
     ) -> None:
         super().__init__()
         # the CLI logs the whole config; the item features and cold-start items come from the data
@@ -276,6 +283,10 @@ class MatryoshkaRecommender(L.LightningModule):
                       normalise=output_item_norm)
             for size in head_sizes
         ) if head_sizes else None  # (true with one size: the plain model)
+        # each own-vector size's bias per item (output_bias; one-dimensional: never weight-decayed)
+        self.output_bias = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.zeros(item_features.num_items + 1)) for _ in head_sizes
+        ) if output_bias else None
         if init_std is not None:
             truncated_normal_init_(self, init_std)
         self._eval_head_items: list[torch.Tensor] | None = None
@@ -518,12 +529,16 @@ class MatryoshkaRecommender(L.LightningModule):
         heads = self._training_head_items(step)
         factor = self.hparams.prefix_gradient
         starts = (0, *self.sizes[:-1])  # where each size's own chunk starts
-        return self._per_size_loss([
-            self._loss(scale_prefix_gradient(user[:, :size], start, factor),
-                       step._replace(candidates=items if m < len(heads) else scale_prefix_gradient(items, start, factor)),
-                       (size,), None, None if logit_scales is None else logit_scales[m : m + 1]).total
-            for m, (size, start, items) in enumerate(zip(self.sizes, starts, [*heads, step.candidates]))
-        ])
+        losses = []
+        for m, (size, start, items) in enumerate(zip(self.sizes, starts, [*heads, step.candidates])):
+            users = scale_prefix_gradient(user[:, :size], start, factor)
+            if m < len(heads):  # its own item vectors (with output_bias, ending in the biases)
+                users, size = self._own_scored(users), items.shape[1]
+            else:
+                items = scale_prefix_gradient(items, start, factor)
+            losses.append(self._loss(users, step._replace(candidates=items), (size,), None,
+                                     None if logit_scales is None else logit_scales[m : m + 1]).total)
+        return self._per_size_loss(losses)
 
     def _sliced_loss(self, step: StepInputs, valid: torch.Tensor, logit_scales=None) -> MatryoshkaLoss:
         """``nesting="slices"``: every size is its own network over the top-left slices of the
@@ -534,12 +549,12 @@ class MatryoshkaRecommender(L.LightningModule):
         for m, size in enumerate(self.sizes):
             net = self._slices.network(self.net, size, self.hparams.prefix_gradient)
             items = net("item_matrix") if step.rows is None else net("items", step.rows)
-            if m < len(heads):
-                candidates = heads[m]
+            states = net("sequence_states", step.input_ids, items)[valid]
+            if m < len(heads):  # its own item vectors (with output_bias, ending in the biases)
+                candidates, states = heads[m], self._own_scored(states)
             else:
                 candidates = items if step.rows is not None or self._train_rows is None else items[self._train_rows]
-            states = net("sequence_states", step.input_ids, items)[valid]
-            losses.append(self._loss(states, step._replace(items=items, candidates=candidates), (size,), None,
+            losses.append(self._loss(states, step._replace(items=items, candidates=candidates), (candidates.shape[1],), None,
                                      None if logit_scales is None else logit_scales[m : m + 1]).total)
         return self._per_size_loss(losses)
 
@@ -548,9 +563,23 @@ class MatryoshkaRecommender(L.LightningModule):
         first, as this step's loss reads them (the sampled rows, or the training candidates)."""
         if self.item_heads is None:
             return []
-        if self.hparams.loss == "sampled":
-            return [head(step.rows) for head in self.item_heads]
-        return [head() if self._train_rows is None else head()[self._train_rows] for head in self.item_heads]
+        sampled = self.hparams.loss == "sampled"
+        rows = step.rows if sampled else self._train_rows  # None: every row
+        return [self._with_own_bias(head(rows) if sampled else head() if rows is None else head()[rows], m, rows)
+                for m, head in enumerate(self.item_heads)]
+
+    def _with_own_bias(self, vectors: torch.Tensor, m: int, rows: torch.Tensor | None = None,
+                       biases: torch.nn.ParameterList | None = None) -> torch.Tensor:
+        """The ``m``-th own item vectors (of ``rows``, or all) ending in their biases with
+        ``output_bias`` (of ``biases``, a copy of ``output_bias``, where given); as they are without."""
+        biases = self.output_bias if biases is None else biases
+        if biases is None:
+            return vectors
+        return with_bias_column(vectors, biases[m] if rows is None else biases[m][rows])
+
+    def _own_scored(self, users: torch.Tensor) -> torch.Tensor:
+        """User vectors as they score their size's own item vectors: ending in a one with ``output_bias``."""
+        return users if self.output_bias is None else with_ones_column(users)
 
     def _per_size_loss(self, losses: list[torch.Tensor]) -> MatryoshkaLoss:
         """One loss per size, weighted by ``loss_weights``, as one :class:`MatryoshkaLoss`."""
@@ -569,11 +598,16 @@ class MatryoshkaRecommender(L.LightningModule):
         own = self.sizes[: len(heads)]  # the sizes below the largest, or with "all" every size
         return heads[own.index(size)] if size in own else None
 
-    def own_item_vectors(self, size: int) -> torch.Tensor | None:
+    @torch.no_grad()
+    def own_item_vectors(self, size: int, owner: torch.nn.Module | None = None) -> torch.Tensor | None:
         """``(N + 1, size)``: the item vectors size ``size`` scores against when it has its own
-        (``separate_item_vectors``), or None (:meth:`own_item_tower`)."""
-        tower = self.own_item_tower(size)
-        return None if tower is None else tower()
+        (``separate_item_vectors``; ``(N + 1, size + 1)`` ending in the biases with ``output_bias``),
+        or None (:meth:`own_item_tower`). Of ``owner``'s copies of the heads and biases where given."""
+        owner = self if owner is None else owner
+        tower = self.own_item_tower(size, owner.item_heads)
+        if tower is None:
+            return None
+        return self._with_own_bias(tower(), self.sizes.index(size), biases=owner.output_bias)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled
@@ -676,10 +710,13 @@ class MatryoshkaRecommender(L.LightningModule):
                 ranks[rows] = target_ranks(users, items, batch["target"], group.sizes, seen_ids=seen)
                 continue
             if self._eval_head_items is None:
-                self._eval_head_items = [head() for head in self.item_heads]
-            own = [*self._eval_head_items, self._eval_items]
-            for row, size, items in zip(rows, group.sizes, own):
-                ranks[row] = target_ranks(users[:, :size], items, batch["target"], (size,), seen_ids=seen)[0]
+                self._eval_head_items = [self.own_item_vectors(size) for size in self.sizes[: len(self.item_heads)]]
+            for m, (row, size) in enumerate(zip(rows, group.sizes)):
+                if m < len(self._eval_head_items):
+                    users_m, items = self._own_scored(users[:, :size]), self._eval_head_items[m]
+                else:
+                    users_m, items = users[:, :size], self._eval_items
+                ranks[row] = target_ranks(users_m, items, batch["target"], (items.shape[1],), seen_ids=seen)[0]
         return ranks
 
     def _per_size_ranks(self, batch: dict[str, torch.Tensor], seen: torch.Tensor | None, stage: str) -> torch.Tensor:
@@ -691,7 +728,9 @@ class MatryoshkaRecommender(L.LightningModule):
         for size, (net, items, candidates) in zip(self.sizes, self._eval_nets):
             users = net.user_vectors(batch["input_ids"], items)
             self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()
-            ranks.append(target_ranks(users, candidates, batch["target"], (size,), seen_ids=seen))
+            if candidates is not items:  # its own item vectors (with output_bias, ending in the biases)
+                users = self._own_scored(users)
+            ranks.append(target_ranks(users, candidates, batch["target"], (candidates.shape[1],), seen_ids=seen))
         return torch.cat(ranks)
 
     @torch.no_grad()
@@ -707,17 +746,17 @@ class MatryoshkaRecommender(L.LightningModule):
             net = size_network(owner.net, size)
             items = net.item_matrix()
             self._check_finite("item vectors", items, stage)
-            own = self.own_item_tower(size, owner.item_heads)
-            networks.append((net, items, items if own is None else own()))
+            own = self.own_item_vectors(size, owner)
+            networks.append((net, items, items if own is None else own))
         return networks
 
     def _weights_of(self, checkpoint: str) -> torch.nn.Module:
         """This model's network and item heads (``net``, ``item_heads``) holding a checkpoint's weights."""
         modules = torch.nn.Module()
-        modules.net, modules.item_heads = self.net, self.item_heads
+        modules.net, modules.item_heads, modules.output_bias = self.net, self.item_heads, self.output_bias
         copy = deepcopy(modules)
         state = read_checkpoint(checkpoint, map_location=self.device)["state_dict"]
-        copy.load_state_dict({k: v for k, v in state.items() if k.startswith(("net.", "item_heads."))})
+        copy.load_state_dict({k: v for k, v in state.items() if k.startswith(("net.", "item_heads.", "output_bias."))})
         return copy
 
     @property

@@ -81,6 +81,7 @@ def check_options(
     nesting: Any = "blocks",
     init_std: Any = None,
     output_item_norm: Any = True,
+    output_bias: Any = False,
     **other: Any,
 ) -> tuple[tuple[int, ...], int | str, dict[str, Any], tuple[Triple, ...] | None]:
     """The model's checks of its settings, given by name (the constructor's arguments, or the parsed
@@ -145,6 +146,11 @@ def check_options(
     if not output_item_norm and not separate_item_vectors:
         raise OptionError("{output_item_norm} false needs {separate_item_vectors} true or 'all': "
                           "tied item vectors are read through the same tower that scores them")
+    if not isinstance(output_bias, bool):
+        raise OptionError(f"{{output_bias}} must be true or false, got {output_bias!r}")
+    if output_bias and separate_item_vectors != "all":
+        raise OptionError("{output_bias} true needs {separate_item_vectors} 'all': "
+                          "each size's bias is a column of its own output item vectors")
     options = {name: options_of(name, value) for name, value in (("lru", lru), ("mamba", mamba), ("sasrec", sasrec))}
     trained = grid_of(sizes, encoder, n_blocks, depths, pairs, grid, triples)
     if trained is not None and (learned_temperature or separate_item_vectors or nesting == "slices"):

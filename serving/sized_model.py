@@ -17,6 +17,7 @@ import torch
 
 from recsys.nn.encoders import build_encoder
 from recsys.nn.grid import Triple
+from recsys.nn.item_bias import with_ones_column
 from recsys.nn.item_tower import FixedItemMatrix
 from recsys.nn.nested import nested_parameter_count
 from recsys.nn.recommender import SequentialRecommender
@@ -92,6 +93,8 @@ class SizedRecommender:
         self.net = self._network(state)
         self.net.eval().to(self.device)
         self._own_items = None if output is None else output.float().to(self.device)
+        #: the own item vectors end in their items' biases, and the searched user vectors in a one
+        self.output_bias: bool = m.get("output_bias", False)
         self.item_ids: list[Hashable] = items["item_id"].to_list()
         self.popularity = torch.from_numpy(items["popularity"].to_numpy().astype(np.float32))
         self.item_lookup = ItemLookup(items["item_id"])
@@ -171,7 +174,8 @@ class SizedRecommender:
     @property
     def item_matrix(self) -> torch.Tensor:
         """``Z[:, :size]``, what the user vectors are scored against (row 0 padding): the size's own
-        item vectors where it was trained with them (``separate_item_vectors``)."""
+        item vectors where it was trained with them (``separate_item_vectors``), which end in the
+        items' biases with ``output_bias``."""
         return self.net.items.matrix[:, : self.size] if self._own_items is None else self._own_items
 
     def lookup(self, histories: Sequence[Sequence[Hashable]]) -> tuple[list[list[int]], list[list[Hashable]]]:
@@ -222,12 +226,16 @@ class SizedRecommender:
 
     @torch.no_grad()
     def encode_rows(self, rows: list[list[int]]) -> torch.Tensor:
-        """User vectors of item-row histories: one pass over the real positions of the batch,
-        computing the last position's state alone where the encoder can (``user_vectors``)."""
-        return self.net.user_vectors(self._padded(rows), self.net.items.matrix)
+        """User vectors of item-row histories, as they search :attr:`item_matrix`: one pass over the
+        real positions of the batch, computing the last position's state alone where the encoder
+        can (``user_vectors``); ending in a one where the items' vectors end in their biases."""
+        users = self.net.user_vectors(self._padded(rows), self.net.items.matrix)
+        return with_ones_column(users) if self.output_bias else users
 
     def encode(self, histories: Sequence[Sequence[Hashable]], on_unknown: str = "error") -> np.ndarray:
-        """One ``size``-float vector per history (a list of original item ids, oldest first)."""
+        """One ``size``-float vector per history (a list of original item ids, oldest first), or
+        ``size + 1`` floats ending in a one for an export with per-item biases (``output_bias``):
+        its inner product with a row of :attr:`item_matrix` is that item's score."""
         return self.encode_rows(self.rows(histories, on_unknown)).cpu().numpy()
 
     @torch.no_grad()

@@ -421,6 +421,42 @@ def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_thro
         serving.load(small)
 
 
+def test_a_size_with_output_biases_searches_its_vectors_ending_in_them(tmp_path):
+    """``--model.output_bias``: an export holds its size's own item vectors with each item's bias as
+    one more column, and searches them with user vectors ending in a one, so that its scores are
+    ``u . e_i + b_i`` (through the faiss index too); the manifest says so, and a manifest that
+    leaves it out is refused."""
+    torch.manual_seed(0)
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, separate_item_vectors="all",
+                                  output_bias=True).eval()
+    with torch.no_grad():
+        for bias in model.output_bias:
+            bias.copy_(3 * torch.randn_like(bias))
+    path = tmp_path / "model.ckpt"
+    item_ids = [f"item-{i:03d}" for i in range(1, N + 1)]
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "catalogue": {"item_ids": item_ids, "popularity": [1] * N, "stats": {}}}, path)
+    histories = [item_ids[:5], item_ids[10:12]]
+    batch = torch.tensor([[0] * 7 + list(range(1, 6)), [0] * 10 + [11, 12]])
+    with torch.no_grad():
+        users = model.net.user_vectors(batch)
+    for index in ("flat", "exact"):
+        (small,) = export_sizes(path, [8], tmp_path / index, index=index)
+        with torch.no_grad():
+            scores = users[:, :8] @ model.item_heads[0]()[1:].t() + model.output_bias[0][1:]
+        m = serving.load(small)
+        encoded = m.encode(histories)
+        np.testing.assert_allclose(encoded, np.c_[users[:, :8].numpy(), np.ones(2)], rtol=1e-5, atol=1e-5)
+        for got, row in zip(m.recommend(histories, k=5, exclude_seen=False), scores):
+            top = row.topk(5)
+            assert [item for item, _ in got] == [item_ids[int(i)] for i in top.indices]
+            np.testing.assert_allclose([s for _, s in got], top.values.numpy(), rtol=1e-5, atol=1e-5)
+    assert json.loads((small / "manifest.json").read_text())["output_bias"] is True
+    _rewrite_manifest(small, lambda m: m.pop("output_bias"))
+    with pytest.raises(ExportError, match=r"separate item vectors, which must be float of shape \(41, 8\) .* got \(41, 9\)"):
+        serving.load(small)
+
+
 @pytest.mark.parametrize("lru", [{"post_norm": True, "ffn": "gelu", "ffn_mult": 4}, {}])
 def test_lru_options_added_later_travel_with_an_export_and_only_when_set(tmp_path, lru):
     """LRURec's block (``--model.lru.post_norm``, ``--model.lru.ffn gelu``, ``--model.lru.ffn_mult``):

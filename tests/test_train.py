@@ -581,6 +581,60 @@ def test_output_item_norm_false_leaves_the_own_item_vectors_norms_free():
         _tiny_model(output_item_norm=False)
 
 
+@pytest.mark.parametrize("nesting", ["blocks", "slices"])
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_output_bias_adds_each_sizes_own_bias_per_item_to_its_scores(nesting, loss):
+    """``output_bias``: every size scores ``u . e_i + b_i`` with biases of its own, in the training
+    loss (full and sampled, with blocks and slices) and in the ranks of evaluation; the loss's
+    gradient reaches the biases. It needs every size's own item vectors, and is refused without."""
+    from recsys.nn.item_bias import with_bias_column, with_ones_column
+    from recsys.nn.loss import sampled_matryoshka_cross_entropy
+    from recsys.nn.nested import cut_to_size
+
+    options = {"loss": loss, "negatives": 50, "negative_sampling": "uniform"} if loss == "sampled" else {}
+    model = _tiny_model(separate_item_vectors="all", output_bias=True, nesting=nesting, **options)
+    with torch.no_grad():
+        for bias in model.output_bias:
+            bias.copy_(torch.randn_like(bias))
+    torch.manual_seed(1)
+    total, _, per_size, _, _ = model.training_loss(TINY_BATCH)
+    torch.manual_seed(1)
+    step = model.step_inputs(TINY_BATCH)
+    valid = step.targets > 0
+    for m, size in enumerate(model.sizes):
+        net = cut_to_size(model.net, size) if nesting == "slices" else model.net
+        items = net.item_matrix() if step.rows is None else net.items(step.rows)
+        user = net.sequence_states(step.input_ids, items)[valid][:, :size]
+        head, bias = model.item_heads[m], model.output_bias[m]
+        if loss == "full":
+            logits = user @ head()[1:].t() + bias[1:]
+            expected = torch.nn.functional.cross_entropy(logits, step.targets[valid] - 1)
+        else:
+            expected = sampled_matryoshka_cross_entropy(with_ones_column(user), with_bias_column(head(step.rows), bias[step.rows]),
+                                                        step.targets[valid], (size + 1,), step.negatives).total
+        torch.testing.assert_close(per_size[m], expected.detach(), rtol=1e-5, atol=1e-6)
+    total.backward()
+    assert all(bool(bias.grad.abs().sum() > 0) for bias in model.output_bias)
+
+    model.eval()
+    model._start_evaluation(model.test_metrics)
+    batch = {"input_ids": TINY_BATCH["input_ids"], "target": torch.tensor([2, 1]), "user": torch.tensor([0, 1])}
+    with torch.no_grad():
+        if nesting == "slices":
+            ranks = model._per_size_ranks(batch, None, "test")
+        else:
+            model._eval_items = model.net.item_matrix()
+            ranks = model._group_ranks(batch, None)
+        for m, size in enumerate(model.sizes):
+            net = cut_to_size(model.net, size) if nesting == "slices" else model.net
+            users = net.user_vectors(batch["input_ids"], net.item_matrix())[:, :size]
+            scores = users @ model.item_heads[m]()[1:].t() + model.output_bias[m][1:]
+            expected = (scores > scores.gather(1, batch["target"][:, None] - 1)).sum(1) + 1
+            assert ranks[m].tolist() == expected.tolist()
+    with pytest.raises(OptionError, match="^output_bias true needs separate_item_vectors 'all': each size's bias"):
+        _tiny_model(separate_item_vectors=True, output_bias=True)
+
+
 def test_separate_item_vectors_with_the_sampled_loss_use_each_towers_rows_of_the_step():
     """The sampled softmax with separate item vectors: each size against its own tower's rows of
     the step; with every item drawn as a negative and no log-Q it is the full loss of each size."""
