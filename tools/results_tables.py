@@ -1130,6 +1130,8 @@ SPORTS_YARDSTICK = {
     "sports-lru-d64-postnorm-untied": "sports-lru-d64-full-untied",
     "sports-lru-d64-outnorm-untied": "sports-lru-d64-full-untied",
     "sports-lru-d64-geluffn-untied": "sports-lru-d64-full-untied",
+    # three seeds, against the size-64 twins of that arm (the config's recipe, the same seeds)
+    "sports-lru-d64-outbias-untied": "sports-cpu-slices-each",
 }
 
 
@@ -1144,16 +1146,22 @@ def block_sports_yardstick() -> list[str]:
         report, baseline = reports[name], SPORTS_YARDSTICK[name]
         row = report["matryoshka"]["rows"][0]
         against = report.get("against_baseline", [])
-        versus = f"{interval(against[0])} (against #{names.index(baseline) + 1})" if against and baseline in names else ""
-        rows.append([str(number), arm_change(report), str(row["size"]), f4(row["ndcg_10"]), f4(row["recall_10"]),
-                     f3(row["ndcg_10"] / published["LRURec"]) + "x", versus, str(int(report["matryoshka"]["epochs"]))])
+        if not against or baseline is None:
+            versus = ""
+        elif baseline in names:
+            versus = f"{interval(against[0])} (against #{names.index(baseline) + 1})"
+        else:  # the twins of another arm at this size, the same seeds (linked as its baseline's one runs)
+            versus = f"{interval(against[0])} (against the size-{row['size']} twins of `{baseline}`)"
+        rows.append([str(number), arm_change(report), " ".join(map(str, report["seeds"])), str(row["size"]),
+                     f4(row["ndcg_10"]), f4(row["recall_10"]), f3(row["ndcg_10"] / published["LRURec"]) + "x", versus,
+                     str(int(report["matryoshka"]["epochs"]))])
     first = reports[names[0]]
     lines = [protocol_line(first), ""]
     lines += [f"- `{accuracy_command(r)}` → `bench/results/accuracy_{r['name']}.json` ({r['date']})" for r in reports.values()]
-    lines += ["", *table(["#", "recipe (beyond the config of its date)", "size", "NDCG@10", "Recall@10",
-                          f"NDCG@10 / LRURec's {f4(published['LRURec'])}", "NDCG@10 minus another row, paired bootstrap 95%",
-                          "epochs"], "rlrrrrrr", rows)]
-    lines += ["", f"Seed {first['seeds'][0]} only. " + measured_on(first["machine"], first.get("threads"), None)]
+    lines += ["", *table(["#", "recipe (beyond the config of its date)", "seeds", "size", "NDCG@10 (mean over the seeds)",
+                          "Recall@10", f"NDCG@10 / LRURec's {f4(published['LRURec'])}",
+                          "NDCG@10 minus another row, paired bootstrap 95%", "epochs"], "rllrrrrrr", rows)]
+    lines += ["", measured_on(first["machine"], first.get("threads"), None)]
     return lines
 
 
