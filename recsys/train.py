@@ -67,6 +67,7 @@ if __name__ == "__main__" and help_asked(sys.argv[1:]):  # answered before Light
 # the imports below take seconds (Lightning, torch, transformers), so the help comes first
 import io
 import logging
+import importlib
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+    TQDMProgressBar,
+    WeightAveraging,
+)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -147,6 +156,26 @@ def validate_config(config) -> None:
         raise ConfigError(f"--trainer.max_epochs {epochs}: trains nothing; give at least 1 (or -1: until early stopping ends the run)")
     if config.run_dir is not None and config.tracking != "csv":
         raise ConfigError(f"--run_dir {config.run_dir}: only used with --tracking csv")
+    for callback in config.trainer.get("callbacks") or []:
+        check_weight_averaging(callback)
+
+
+def check_weight_averaging(callback) -> None:
+    """A weight-averaging callback (Lightning's ``EMAWeightAveraging``, any ``WeightAveraging``) must
+    leave the buffers alone (``use_buffers false``): the model's buffers are its item features,
+    integer indices among them, which an average of integers rounds down step by step."""
+    path = callback.get("class_path") if isinstance(callback, (dict, Namespace)) else None
+    if not isinstance(path, str) or "." not in path:
+        return
+    module, _, name = path.rpartition(".")
+    try:
+        kind = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return  # the parser names a class it cannot import
+    arguments = callback.get("init_args") or {}
+    if isinstance(kind, type) and issubclass(kind, WeightAveraging) and arguments.get("use_buffers", True) is not False:
+        raise ConfigError(f"--trainer.callbacks {name}: set --trainer.callbacks.use_buffers false; the model's buffers are "
+                          "its item features, integer indices among them, which averaging would round down step by step")
 
 
 # -- checkpoints written whole, one training per directory, stopping on a signal ------------------------
@@ -189,7 +218,8 @@ def last_checkpoint(trainer) -> Path | None:
 
 class BestCheckpointPerSize(Callback):
     """Each size's best checkpoint by its own validation NDCG@10 (``--model.monitor_size each``):
-    ``<dirpath>/<filename>-d<size>.ckpt``, weights only (tested and exported, never resumed from),
+    ``<dirpath>/<filename>-d<size>.ckpt``, weights only (tested and exported, never resumed from;
+    whole with a weight-averaging callback, which puts the validated averaged weights in it),
     written after every validation that improved the size's best (the model's ``best_val_by_size``,
     which checkpoints keep). A plain callback, so it runs before the ModelCheckpoint that saves
     ``last.ckpt``: that checkpoint never holds a best score whose file is not written yet."""
@@ -204,10 +234,13 @@ class BestCheckpointPerSize(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
+        # a weight-averaging callback (--trainer.callbacks+=EMAWeightAveraging) validates the averaged
+        # weights and writes them into the checkpoints it is called for, which a weights-only save skips
+        averaged = any(isinstance(c, WeightAveraging) for c in trainer.callbacks)
         for size, path in self.paths.items():
             label = f"d{size}"
             if pl_module.best_val_by_size.get(label) != self._before.get(label):
-                trainer.save_checkpoint(path, weights_only=True)
+                trainer.save_checkpoint(path, weights_only=not averaged)
 
     def best(self) -> dict[int, str] | None:
         """Each size's best checkpoint; None before every size has one."""

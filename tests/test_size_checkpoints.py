@@ -148,3 +148,33 @@ def test_an_own_funnel_shortlists_with_the_prefix_sizes_own_checkpoint(tmp_path)
         torch.testing.assert_close(shortlist.item_matrix, serving.load(own).item_matrix)
         assert not torch.allclose(shortlist.item_matrix, serving.load(of_d8).item_matrix)
     assert funnel.name == "d8" and serving.load(funnel).manifest["retriever"]["prefix_size"] == 4
+
+
+def test_with_weight_averaging_each_sizes_checkpoint_holds_the_averaged_weights_it_was_validated_with(tmp_path):
+    """Lightning's ``EMAWeightAveraging`` (``--trainer.callbacks+=...``) validates the averaged
+    weights: each size's own checkpoint holds those (as ``best.ckpt`` and ``last.ckpt`` do, the
+    training weights beside them), not the training weights of that step, so that its test and
+    export are of the weights that won its validation. The buffers (item features) are not
+    averaged: averaging with them is refused (tests/test_reliability.py)."""
+    result = run([
+        "--model.sizes", "[8, 16]", "--model.monitor_size", "each", "--model.lr", "0.01",
+        "--data.synthetic.num_users", "150", "--data.synthetic.num_items", "120",
+        "--data.synthetic_cache_dir", str(tmp_path / "synthetic"), "--data.max_len", "20",
+        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay", "0.9",
+        "--trainer.callbacks.use_buffers", "false",
+        "--tracking", "csv", "--run_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+    ])
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    final = [s for s in (8, 16) if result["best_val_by_size"][f"d{s}"][1] == last["epoch"]]
+    assert final, result["best_val_by_size"]  # a size that peaked at the last validation: saved at last.ckpt's step
+    for s in final:
+        own = torch.load(result["best_by_size"][s], weights_only=True)
+        assert own["global_step"] == last["global_step"]
+        for name, value in last["state_dict"].items():
+            torch.testing.assert_close(own["state_dict"][name], value, msg=name)
+        moved = [n for n, v in own["state_dict"].items() if v.is_floating_point() and not torch.equal(v, own["current_model_state"][n])]
+        assert len(moved) > 10  # the averaged weights, not the training weights of that step
+        for name, value in own["state_dict"].items():  # the item features (integer indices among them) as they were
+            if not value.is_floating_point():
+                assert torch.equal(value, own["current_model_state"][name]), name
