@@ -533,10 +533,10 @@ class MatryoshkaRecommender(L.LightningModule):
         for m, (size, start, items) in enumerate(zip(self.sizes, starts, [*heads, step.candidates])):
             users = scale_prefix_gradient(user[:, :size], start, factor)
             if m < len(heads):  # its own item vectors (with output_bias, ending in the biases)
-                users, size = self._own_scored(users), items.shape[1]
+                users = self._own_scored(users)
             else:
                 items = scale_prefix_gradient(items, start, factor)
-            losses.append(self._loss(users, step._replace(candidates=items), (size,), None,
+            losses.append(self._loss(users, step._replace(candidates=items), (users.shape[1],), None,
                                      None if logit_scales is None else logit_scales[m : m + 1]).total)
         return self._per_size_loss(losses)
 
