@@ -332,6 +332,19 @@ def block_accuracy_ml1m() -> list[str]:
     return lines
 
 
+def block_accuracy_ml1m_converged() -> list[str]:
+    """MovieLens-1M's config recipe on the reduced CPU protocol, trained until early stopping or the
+    config's epochs end it: the one run and every size alone, each size's best validation epoch."""
+    report = load("accuracy_ml-1m-cpu-converged.json")
+    lines = [protocol_line(report), source_line(report), ""]
+    lines += accuracy_table(report)
+    best = [f"size {s}: {own_best_validation(report, s)}" for s in (r["size"] for r in report["separate"])]
+    lines += ["", epochs_line(report),
+              "- Best validation NDCG@10 at its own best epoch, one run / alone (the epoch counted from one): "
+              + "; ".join(best) + "."]
+    return lines
+
+
 def block_accuracy_lastfm() -> list[str]:
     report = load("accuracy_lastfm.json")
     lines = [protocol_line(report), source_line(report), ""]
@@ -1442,6 +1455,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "loss-sports": lambda: block_loss("loss_sports.json"),
     "search-lastfm": block_search_lastfm,
     "accuracy-sports-config": block_accuracy_sports_config,
+    "accuracy-ml-1m-cpu-converged": block_accuracy_ml1m_converged,
     "accuracy-sports": block_accuracy_sports,
     "twin-arms-ml-1m-cpu": block_twin_arms,
     "twin-arms-sports-cpu": lambda: block_twin_arms(SPORTS_TWIN_ARMS),
