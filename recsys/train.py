@@ -65,9 +65,9 @@ if __name__ == "__main__" and help_asked(sys.argv[1:]):  # answered before Light
     sys.exit(0)
 
 # the imports below take seconds (Lightning, torch, transformers), so the help comes first
+import importlib
 import io
 import logging
-import importlib
 import signal
 from dataclasses import dataclass
 from pathlib import Path
