@@ -219,7 +219,7 @@ def last_checkpoint(trainer) -> Path | None:
 class BestCheckpointPerSize(Callback):
     """Each size's best checkpoint by its own validation NDCG@10 (``--model.monitor_size each``):
     ``<dirpath>/<filename>-d<size>.ckpt``, weights only (tested and exported, never resumed from;
-    whole with a weight-averaging callback, which puts the validated averaged weights in it),
+    with a weight-averaging callback, the averaged weights it was validated with),
     written after every validation that improved the size's best (the model's ``best_val_by_size``,
     which checkpoints keep). A plain callback, so it runs before the ModelCheckpoint that saves
     ``last.ckpt``: that checkpoint never holds a best score whose file is not written yet."""
@@ -234,13 +234,25 @@ class BestCheckpointPerSize(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        # a weight-averaging callback (--trainer.callbacks+=EMAWeightAveraging) validates the averaged
-        # weights and writes them into the checkpoints it is called for, which a weights-only save skips
-        averaged = any(isinstance(c, WeightAveraging) for c in trainer.callbacks)
+        averaging = [c for c in trainer.callbacks if isinstance(c, WeightAveraging)]
         for size, path in self.paths.items():
             label = f"d{size}"
             if pl_module.best_val_by_size.get(label) != self._before.get(label):
-                trainer.save_checkpoint(path, weights_only=not averaged)
+                trainer.save_checkpoint(path, weights_only=True)
+                if averaging:
+                    self._with_averaged_weights(trainer, pl_module, path, averaging)
+
+    @staticmethod
+    def _with_averaged_weights(trainer, pl_module, path: Path, averaging: list[WeightAveraging]) -> None:
+        """A weight-averaging callback (``--trainer.callbacks+=EMAWeightAveraging``) validates the
+        averaged weights and puts them into each checkpoint it is called for (its
+        ``on_save_checkpoint``, the training weights beside them), which a weights-only save does not
+        call: the size's checkpoint is given them the same way. (A whole save here would call it, but
+        makes Lightning 2.6's ModelCheckpoint keep the best score of an earlier validation.)"""
+        checkpoint = read_checkpoint(path)
+        for callback in averaging:
+            callback.on_save_checkpoint(trainer, pl_module, checkpoint)
+        trainer.strategy.save_checkpoint(checkpoint, path)
 
     def best(self) -> dict[int, str] | None:
         """Each size's best checkpoint; None before every size has one."""

@@ -160,11 +160,13 @@ def test_with_weight_averaging_each_sizes_checkpoint_holds_the_averaged_weights_
         "--model.sizes", "[8, 16]", "--model.monitor_size", "each", "--model.lr", "0.01",
         "--data.synthetic.num_users", "150", "--data.synthetic.num_items", "120",
         "--data.synthetic_cache_dir", str(tmp_path / "synthetic"), "--data.max_len", "20",
-        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.max_epochs", "5", "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay", "0.9",
         "--trainer.callbacks.use_buffers", "false",
         "--tracking", "csv", "--run_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
     ])
+    # the run's best score is the mean of the sizes' best (ModelCheckpoint kept the latest, not an earlier one)
+    assert result["best_val"] == pytest.approx(np.mean([v for v, _ in result["best_val_by_size"].values()]), abs=1e-6)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     final = [s for s in (8, 16) if result["best_val_by_size"][f"d{s}"][1] == last["epoch"]]
     assert final, result["best_val_by_size"]  # a size that peaked at the last validation: saved at last.ckpt's step
