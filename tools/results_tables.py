@@ -1145,6 +1145,7 @@ SPORTS_YARDSTICK = {
     "sports-lru-d64-geluffn-untied": "sports-lru-d64-full-untied",
     # three seeds, against the size-64 twins of that arm (the config's recipe, the same seeds)
     "sports-lru-d64-outbias-untied": "sports-cpu-slices-each",
+    "sports-lru-d64-ema-untied": "sports-cpu-slices-each",
 }
 
 
