@@ -1039,6 +1039,7 @@ SPORTS_TWIN_ARMS = {
     "sports-cpu-slices-prefix-gradient-0": None,
     "sports-cpu-slices-each": "sports-cpu-slices-prefix-gradient-0",
     "sports-cpu-slices-tied-each": "sports-cpu-slices-each",
+    "sports-cpu-slices-each-ema": "sports-cpu-slices-each",
 }
 #: the same on Last.fm's config (its own protocol: up to 40 epochs, history not masked)
 LASTFM_TWIN_ARMS = {
