@@ -239,7 +239,7 @@ class BestCheckpointPerSize(Callback):
             label = f"d{size}"
             if pl_module.best_val_by_size.get(label) != self._before.get(label):
                 trainer.save_checkpoint(path, weights_only=True)
-                if averaging:
+                if averaging and trainer.is_global_zero:  # (the process that wrote it)
                     self._with_averaged_weights(trainer, pl_module, path, averaging)
 
     @staticmethod
