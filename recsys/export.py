@@ -213,7 +213,7 @@ def export_size(
         "num_items": len(item_ids),
         "separate_item_vectors": output is not None,
         # written only when set: an export without it reads as before (older servers)
-        **({"output_bias": True} if output is not None and model.output_bias is not None else {}),
+        **({"output_bias": True} if model.output_bias is not None else {}),  # (every size has own vectors then)
         "item_dtype": item_dtype,
         "retriever": entry,
         # the same settings under the keys that readers from before "retriever" use

@@ -290,7 +290,7 @@ class MatryoshkaRecommender(L.LightningModule):
         if init_std is not None:
             truncated_normal_init_(self, init_std)
         self._eval_head_items: list[torch.Tensor] | None = None
-        self._eval_nets: list | None = None  # per size: (network, item matrix, candidates); see _size_networks
+        self._eval_nets: list | None = None  # per size: (network, item matrix, own item vectors); see _size_networks
         #: size -> checkpoint whose weights rank that size in test (``monitor_size="each"``; set by the training CLI)
         self.test_checkpoints: dict[int, str] | None = None
         self.best_val_by_size: dict[str, tuple[float, int]] = {}  # label -> (best val NDCG@10, its epoch)
@@ -725,19 +725,21 @@ class MatryoshkaRecommender(L.LightningModule):
         if self._eval_nets is None:
             self._eval_nets = self._size_networks(stage)
         ranks = []
-        for size, (net, items, candidates) in zip(self.sizes, self._eval_nets):
-            users = net.user_vectors(batch["input_ids"], items)
+        for size, (net, items, own) in zip(self.sizes, self._eval_nets):
+            # the size's prefix: the whole of a cut network's vectors, a prefix of an uncut one's (SASRec)
+            users = net.user_vectors(batch["input_ids"], items)[:, :size]
             self._non_finite_users += (~torch.isfinite(users).all(dim=1)).sum()
-            if candidates is not items:  # its own item vectors (with output_bias, ending in the biases)
-                users = self._own_scored(users)
-            ranks.append(target_ranks(users, candidates, batch["target"], (candidates.shape[1],), seen_ids=seen))
+            if own is None:
+                ranks.append(target_ranks(users, items[:, :size], batch["target"], (size,), seen_ids=seen))
+            else:  # its own item vectors (with output_bias, ending in the biases)
+                ranks.append(target_ranks(self._own_scored(users), own, batch["target"], (own.shape[1],), seen_ids=seen))
         return torch.cat(ranks)
 
     @torch.no_grad()
-    def _size_networks(self, stage: str) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
-        """``(network, item matrix, candidates)`` per size, once per evaluation: the network cut to
-        the size where it can be (``slices`` must be), and in test with ``test_checkpoints`` the
-        weights of that size's own checkpoint."""
+    def _size_networks(self, stage: str) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]]:
+        """``(network, item matrix, own item vectors or None)`` per size, once per evaluation: the
+        network cut to the size where it can be (``slices`` must be), and in test with
+        ``test_checkpoints`` the weights of that size's own checkpoint."""
         owners = [self] * len(self.sizes)
         if stage == "test" and self.test_checkpoints:
             owners = [self._weights_of(self.test_checkpoints[size]) for size in self.sizes]
@@ -746,8 +748,7 @@ class MatryoshkaRecommender(L.LightningModule):
             net = size_network(owner.net, size)
             items = net.item_matrix()
             self._check_finite("item vectors", items, stage)
-            own = self.own_item_vectors(size, owner)
-            networks.append((net, items, items if own is None else own))
+            networks.append((net, items, self.own_item_vectors(size, owner)))
         return networks
 
     def _weights_of(self, checkpoint: str) -> torch.nn.Module:

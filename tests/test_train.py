@@ -756,3 +756,24 @@ def test_sliced_nesting_is_refused_where_it_is_not_built():
         _tiny_model(nesting="slices", distill=0.5)
     with pytest.raises(OptionError, match="nesting is per size"):
         _tiny_model(nesting="slices", depths=[1, 2])
+
+
+@pytest.mark.parametrize("options", [
+    {"encoder": "sasrec"}, {"encoder": "sasrec", "separate_item_vectors": "all"},
+    {"encoder": "lru", "separate_item_vectors": True}, {"encoder": "lru", "separate_item_vectors": "all", "output_bias": True},
+], ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_each_sizes_own_network_ranks_as_the_one_pass_does(options):
+    """The ranks of every size by its own network (what a checkpoint per size is tested with,
+    ``_per_size_ranks``) equal those of the one pass over all sizes (``_group_ranks``), also for
+    SASRec, whose network is not cut (a size scores with the prefixes of its vectors)."""
+    model = _tiny_model(**options).eval()
+    if model.output_bias is not None:
+        with torch.no_grad():
+            for bias in model.output_bias:
+                bias.copy_(torch.randn_like(bias))
+    batch = {"input_ids": TINY_BATCH["input_ids"], "target": torch.tensor([2, 1]), "user": torch.tensor([0, 1])}
+    with torch.no_grad():
+        model._start_evaluation(model.test_metrics)
+        own = model._per_size_ranks(batch, None, "test")
+        model._eval_items = model.net.item_matrix()
+        assert torch.equal(own, model._group_ranks(batch, None))
