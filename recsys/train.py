@@ -247,8 +247,9 @@ class BestCheckpointPerSize(Callback):
         """A weight-averaging callback (``--trainer.callbacks+=EMAWeightAveraging``) validates the
         averaged weights and puts them into each checkpoint it is called for (its
         ``on_save_checkpoint``, the training weights beside them), which a weights-only save does not
-        call: the size's checkpoint is given them the same way. (A whole save here would call it, but
-        makes Lightning 2.6's ModelCheckpoint keep the best score of an earlier validation.)"""
+        call: the size's checkpoint is given them the same way. (A whole save would call it, but would
+        also hold the callbacks' states, which testing from the checkpoint restores: ModelCheckpoint's
+        best score as it was before this validation.)"""
         checkpoint = read_checkpoint(path)
         for callback in averaging:
             callback.on_save_checkpoint(trainer, pl_module, checkpoint)
