@@ -345,6 +345,28 @@ def block_accuracy_ml1m_converged() -> list[str]:
     return lines
 
 
+def block_heldout(name: str) -> list[str]:
+    """``bench/heldout.py``: the one run against its twins on each user's validation item, test
+    item and both, and the drift of the difference from one to the other."""
+    report = load(f"heldout_{name}.json")
+
+    def marked(b: dict) -> str:  # bold where the interval excludes zero
+        return f"**{interval(b)}**" if b["high"] < 0 or b["low"] > 0 else interval(b)
+
+    lines = [f"- `{report['command']}` → `bench/results/heldout_{name}.json` ({report['date']}); "
+             "WORKDIR: the work directory of `" + name + "`", ""]
+    lines += table(
+        ["size", "validation: one run / twin", "test: one run / twin", "one run - twin, validation",
+         "one run - twin, test", "one run - twin, both items", "drift: (test - validation) of one run - of twin"],
+        "rrrrrrr",
+        [[str(r["size"]), f"{f4(r['val_one'])} / {f4(r['val_twin'])}", f"{f4(r['test_one'])} / {f4(r['test_twin'])}",
+          marked(r["val"]), marked(r["test"]), marked(r["both"]), marked(r["drift"])] for r in report["sizes"]],
+    )
+    lines += ["", f"Seeds {' '.join(map(str, report['seeds']))}, NDCG@10 means over them; each interval a paired bootstrap "
+              "over the users (95%) of their seed-averaged NDCG@10, in bold where it excludes zero."]
+    return lines
+
+
 def block_accuracy_lastfm() -> list[str]:
     report = load("accuracy_lastfm.json")
     lines = [protocol_line(report), source_line(report), ""]
@@ -1463,6 +1485,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "twin-arms-sports-cpu": lambda: block_twin_arms(SPORTS_TWIN_ARMS),
     "twin-arms-lastfm-cpu": lambda: block_twin_arms(LASTFM_TWIN_ARMS),
     "sports-yardstick": block_sports_yardstick,
+    "heldout-sports-cpu-slices-each": lambda: block_heldout("sports-cpu-slices-each"),
     "serve": block_serve,
     "elastic-sports": block_elastic,
     "elastic-sports-focus": lambda: block_elastic("elastic_sports-focus.json"),
