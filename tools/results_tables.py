@@ -362,7 +362,8 @@ def block_heldout(name: str) -> list[str]:
         [[str(r["size"]), f"{f4(r['val_one'])} / {f4(r['val_twin'])}", f"{f4(r['test_one'])} / {f4(r['test_twin'])}",
           marked(r["val"]), marked(r["test"]), marked(r["both"]), marked(r["drift"])] for r in report["sizes"]],
     )
-    lines += ["", f"Seeds {' '.join(map(str, report['seeds']))}, NDCG@10 means over them; each interval a paired bootstrap "
+    seeds = report["seeds"]
+    lines += ["", f"Seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))}, NDCG@10 means over them; each interval a paired bootstrap "
               "over the users (95%) of their seed-averaged NDCG@10, in bold where it excludes zero."]
     return lines
 
@@ -1486,6 +1487,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "twin-arms-lastfm-cpu": lambda: block_twin_arms(LASTFM_TWIN_ARMS),
     "sports-yardstick": block_sports_yardstick,
     "heldout-sports-cpu-slices-each": lambda: block_heldout("sports-cpu-slices-each"),
+    "heldout-ml-1m-cpu-converged": lambda: block_heldout("ml-1m-cpu-converged"),
     "serve": block_serve,
     "elastic-sports": block_elastic,
     "elastic-sports-focus": lambda: block_elastic("elastic_sports-focus.json"),
