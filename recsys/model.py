@@ -190,7 +190,9 @@ class MatryoshkaRecommender(L.LightningModule):
         negative_sampling: ``popularity`` (drawn by training count, logits corrected by
             ``-log q``) or ``uniform`` over the items that occur in training.
         distill: in-place self-distillation (full loss only): every size but the largest also
-            learns the detached softmax of ``distill_teacher`` with this weight (0 = off).
+            learns the detached softmax of ``distill_teacher`` with this weight (0 = off); with a
+            loss per size (``separate_item_vectors``, ``nesting="slices"``) the teacher's softmax
+            is its own scores, against its own item vectors.
         distill_teacher: ``largest`` (every smaller size learns from the largest) or ``next``
             (each size from the next larger one, a cascade).
         depths: elastic depths, e.g. ``[1, 2, 4]`` (the last must equal ``n_blocks``): the state at
@@ -509,8 +511,9 @@ class MatryoshkaRecommender(L.LightningModule):
         input_ids, targets, drawn = (torch.searchsorted(rows, ids.contiguous()) for ids in (input_ids, targets, drawn))
         return StepInputs(items, input_ids, items, targets, drawn, log_q, rows)
 
-    def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights, logit_scales=None):
-        """The configured Matryoshka loss of ``user`` vectors over the prefixes ``sizes``."""
+    def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights, logit_scales=None, teacher_vectors=None):
+        """The configured Matryoshka loss of ``user`` vectors over the prefixes ``sizes`` (with
+        ``teacher_vectors``, the sizes distil from that outside teacher instead of their largest)."""
         candidates = step.candidates[:, : sizes[-1]]
         targets = step.targets[step.targets > 0]
         if self.hparams.loss == "full":
@@ -518,6 +521,7 @@ class MatryoshkaRecommender(L.LightningModule):
                 user, candidates, targets, sizes,
                 weights=weights, block_rows=self.hparams.loss_block_rows,
                 distill=self.hparams.distill, teacher=self.hparams.distill_teacher, logit_scales=logit_scales,
+                teacher_vectors=teacher_vectors,
             )
         return sampled_matryoshka_cross_entropy(user, candidates, targets, sizes, step.negatives, log_q=step.log_q,
                                                 weights=weights, logit_scales=logit_scales)
@@ -529,23 +533,22 @@ class MatryoshkaRecommender(L.LightningModule):
         heads = self._training_head_items(step)
         factor = self.hparams.prefix_gradient
         starts = (0, *self.sizes[:-1])  # where each size's own chunk starts
-        losses = []
+        scored = []
         for m, (size, start, items) in enumerate(zip(self.sizes, starts, [*heads, step.candidates])):
             users = scale_prefix_gradient(user[:, :size], start, factor)
             if m < len(heads):  # its own item vectors (with output_bias, ending in the biases)
                 users = self._own_scored(users)
             else:
                 items = scale_prefix_gradient(items, start, factor)
-            losses.append(self._loss(users, step._replace(candidates=items), (users.shape[1],), None,
-                                     None if logit_scales is None else logit_scales[m : m + 1]).total)
-        return self._per_size_loss(losses)
+            scored.append((users, step._replace(candidates=items)))
+        return self._per_size_loss(scored, logit_scales)
 
     def _sliced_loss(self, step: StepInputs, valid: torch.Tensor, logit_scales=None) -> MatryoshkaLoss:
         """``nesting="slices"``: every size is its own network over the top-left slices of the
         weights (:class:`~recsys.nn.nested.SizeSlices`, which also applies ``prefix_gradient``): its
         own item matrix, its own states, its softmax against its own item vectors (or that matrix)."""
         heads = self._training_head_items(step)
-        losses = []
+        scored = []
         for m, size in enumerate(self.sizes):
             net = self._slices.network(self.net, size, self.hparams.prefix_gradient)
             items = net("item_matrix") if step.rows is None else net("items", step.rows)
@@ -554,9 +557,8 @@ class MatryoshkaRecommender(L.LightningModule):
                 candidates, states = heads[m], self._own_scored(states)
             else:
                 candidates = items if step.rows is not None or self._train_rows is None else items[self._train_rows]
-            losses.append(self._loss(states, step._replace(items=items, candidates=candidates), (candidates.shape[1],), None,
-                                     None if logit_scales is None else logit_scales[m : m + 1]).total)
-        return self._per_size_loss(losses)
+            scored.append((states, step._replace(items=items, candidates=candidates)))
+        return self._per_size_loss(scored, logit_scales)
 
     def _training_head_items(self, step: StepInputs) -> list[torch.Tensor]:
         """The item vectors of the sizes that have their own (``separate_item_vectors``), smallest
@@ -581,11 +583,27 @@ class MatryoshkaRecommender(L.LightningModule):
         """User vectors as they score their size's own item vectors: ending in a one with ``output_bias``."""
         return users if self.output_bias is None else with_ones_column(users)
 
-    def _per_size_loss(self, losses: list[torch.Tensor]) -> MatryoshkaLoss:
-        """One loss per size, weighted by ``loss_weights``, as one :class:`MatryoshkaLoss`."""
-        per_size = torch.stack(losses)
+    def _per_size_loss(self, scored: list[tuple[torch.Tensor, StepInputs]], logit_scales=None) -> MatryoshkaLoss:
+        """One loss per size, from each size's ``(user vectors, step)`` (its candidates the item
+        vectors it scores), weighted by ``loss_weights``, as one :class:`MatryoshkaLoss`. With
+        ``distill`` every size but the largest also learns the detached softmax of its teacher
+        (``distill_teacher``: the largest size, or the next larger one), scored as the teacher
+        scores: its user vectors against its own item vectors."""
         weights = self.hparams.loss_weights or [1.0] * len(self.sizes)
-        return MatryoshkaLoss((per_size * per_size.new_tensor(weights)).sum(), per_size.detach())
+        last = len(scored) - 1
+        losses = []
+        for m, (users, step) in enumerate(scored):
+            teacher = None
+            if self.hparams.distill > 0 and m < last:
+                t_users, t_step = scored[last if self.hparams.distill_teacher == "largest" else m + 1]
+                teacher = (t_users, t_step.candidates)
+            losses.append(self._loss(users, step, (users.shape[1],), (weights[m],),
+                                     None if logit_scales is None else logit_scales[m : m + 1], teacher))
+        total = sum(loss.total for loss in losses)
+        per_size = torch.cat([loss.per_size for loss in losses])
+        if self.hparams.distill == 0:
+            return MatryoshkaLoss(total, per_size)
+        return MatryoshkaLoss(total, per_size, torch.cat([loss.distill for loss in losses]))
 
     @torch.no_grad()
     def own_item_tower(self, size: int, heads: torch.nn.ModuleList | None = None) -> torch.nn.Module | None:

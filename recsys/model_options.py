@@ -126,14 +126,10 @@ def check_options(
         raise OptionError("{learned_temperature} and {distill} do not combine: the distillation's teacher is unscaled")
     if not isinstance(separate_item_vectors, bool) and separate_item_vectors != "all":
         raise OptionError(f"{{separate_item_vectors}} must be true, false or 'all', got {separate_item_vectors!r}")
-    if separate_item_vectors and distill > 0:
-        raise OptionError("{separate_item_vectors} and {distill} do not combine: each size scores its own item vectors")
     if nesting not in NESTINGS:
         raise OptionError(f"{{nesting}}: unknown nesting {nesting!r}; choose one of {', '.join(NESTINGS)}")
     if nesting == "slices" and encoder != "lru":
         raise OptionError(f"{{nesting}} 'slices' is built for the lru encoder, not {encoder!r}")
-    if nesting == "slices" and distill > 0:
-        raise OptionError("{nesting} 'slices' and {distill} do not combine: each size runs as its own network and loss")
     if prefix_gradient < 1 and not separate_item_vectors and nesting == "blocks":
         raise OptionError("{prefix_gradient} below 1 needs {separate_item_vectors} true or 'all': "
                           "with tied item vectors every size's softmax reads the smaller sizes' item chunks")

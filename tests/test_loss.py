@@ -98,6 +98,45 @@ def test_distillation_gradient_leaves_the_largest_size_alone():
     assert not torch.allclose(du[:, :8], du_plain[:, :8])
 
 
+@pytest.mark.parametrize(
+    "sizes, block_rows",
+    [((16,), 16), ((16,), 5), ((2, 4, 8, 16), 28), ((4, 16), 1)],  # one size (slices' case), several, one row a block
+)
+def test_an_outside_teacher_equals_naive(sizes, block_rows):
+    """A teacher outside the loss (its own user vectors and item matrix, of another width): every
+    size, the largest too, learns its detached softmax; loss, KL and gradients equal the naive
+    reference, and no gradient reaches the teacher."""
+    user, items, targets = _case(sizes=sizes)
+    t_user, t_items, _ = _case(sizes=(24,), seed=1)
+    t_user, t_items = t_user.requires_grad_(), t_items.requires_grad_()
+    kw = dict(distill=0.7, teacher_vectors=(t_user, t_items))
+    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=block_rows, **kw)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes, **kw)
+    for a, b in ((flat.total, ref.total), (flat.per_size, ref.per_size), (flat.distill, ref.distill), (du, du_ref), (dz, dz_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert (flat.distill > 0).all()
+    plain, du_plain, _ = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes)
+    torch.testing.assert_close(flat.total, plain.total + 0.7 * flat.distill.sum(), rtol=0, atol=1e-10)
+    assert not torch.allclose(du[:, -1], du_plain[:, -1])  # the largest size learns from it too
+    assert t_user.grad is None and t_items.grad is None
+    # a teacher that is the largest size's own vectors gives the in-place self-distillation's KL to it
+    inplace = matryoshka_cross_entropy(user, items, targets, sizes, distill=0.7)
+    own = matryoshka_cross_entropy(user, items, targets, sizes, distill=0.7, teacher_vectors=(user, items))
+    torch.testing.assert_close(own.distill[:-1], inplace.distill[:-1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"teacher_vectors": "x"}, "needs distill"),
+    ({"distill": 1.0, "teacher_vectors": ("a", "b")}, "teacher's user vectors"),
+    ({"distill": 1.0, "teacher_vectors": (torch.zeros(3, 4, dtype=torch.float64), torch.zeros(51, 4, dtype=torch.float64))}, "37 rows"),
+    ({"distill": 1.0, "teacher_vectors": (torch.zeros(37, 4, dtype=torch.float64), torch.zeros(51, 5, dtype=torch.float64))}, "do not match"),
+])
+def test_an_outside_teacher_is_checked(kw, message):
+    user, items, targets = _case()
+    with pytest.raises(ValueError, match=message):
+        matryoshka_cross_entropy(user, items, targets, (2, 4, 8, 16), **kw)
+
+
 @pytest.mark.parametrize("kw, message", [({"distill": -1.0}, "distill"), ({"distill": float("nan")}, "distill"),
                                          ({"distill": 1.0, "teacher": "smallest"}, "teacher")])
 def test_distillation_settings_are_checked(kw, message):

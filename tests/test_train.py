@@ -747,13 +747,60 @@ def test_sliced_training_runs_every_size_as_its_own_network(separate):
             assert ranks[m].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("teacher", ["largest", "next"])
+@pytest.mark.parametrize("options", [
+    {"nesting": "slices", "separate_item_vectors": "all"}, {"nesting": "slices"}, {"separate_item_vectors": "all"},
+], ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_per_size_losses_distil_from_their_teachers_scores(options, teacher):
+    """With a loss per size (slices, or item vectors of its own) and ``distill``, every size but the
+    largest also learns ``KL(p_teacher || p_size)``, each softmax the one its own network scores with
+    (its states against its own item vectors); the teacher is detached: the largest size's own item
+    vectors get the gradient they get without distillation."""
+    from recsys.nn.nested import cut_to_size
+
+    sizes = (4, 8, 12)
+    model = _tiny_model(sizes=sizes, distill=0.7, distill_teacher=teacher, **options)
+    plain = _tiny_model(sizes=sizes, **options)
+    total, _, per_size, kl, _ = model.training_loss(TINY_BATCH)
+    step = model.step_inputs(TINY_BATCH)
+    valid = step.targets > 0
+    logits = []
+    for m, size in enumerate(sizes):
+        net = cut_to_size(model.net, size) if options.get("nesting") == "slices" else model.net
+        items = net.item_matrix()
+        user = net.sequence_states(step.input_ids, items)[valid][:, :size]
+        candidates = model.item_heads[m]() if model.item_heads is not None else items
+        logits.append(user @ candidates[1:].t())
+    targets = step.targets[valid] - 1
+    expected = 0.0
+    for m, z in enumerate(logits):
+        ce = torch.nn.functional.cross_entropy(z, targets)
+        torch.testing.assert_close(per_size[m], ce.detach(), rtol=1e-5, atol=1e-6)
+        expected = expected + ce
+        if m < len(sizes) - 1:
+            p_t = torch.softmax(logits[-1 if teacher == "largest" else m + 1], dim=1).detach()
+            divergence = torch.nn.functional.kl_div(torch.log_softmax(z, dim=1), p_t, reduction="batchmean")
+            torch.testing.assert_close(kl[m], divergence.detach(), rtol=1e-5, atol=1e-6)
+            expected = expected + 0.7 * divergence
+        else:
+            assert kl[m] is None
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    if model.item_heads is not None:
+        total.backward()
+        plain.training_loss(TINY_BATCH)[0].backward()
+        head, plain_head = model.item_heads[-1], plain.item_heads[-1]
+        for got, want in zip(head.parameters(), plain_head.parameters()):
+            if want.grad is not None:
+                torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-7)
+        assert not all(torch.allclose(a.grad, b.grad) for a, b in zip(model.item_heads[0].parameters(),
+                                                                     plain.item_heads[0].parameters()) if b.grad is not None)
+
+
 def test_sliced_nesting_is_refused_where_it_is_not_built():
     with pytest.raises(OptionError, match="'slices' is built for the lru encoder"):
         _tiny_model(nesting="slices", encoder="mamba")
     with pytest.raises(OptionError, match="unknown nesting 'rings'"):
         _tiny_model(nesting="rings")
-    with pytest.raises(OptionError, match="'slices' and distill do not combine"):
-        _tiny_model(nesting="slices", distill=0.5)
     with pytest.raises(OptionError, match="nesting is per size"):
         _tiny_model(nesting="slices", depths=[1, 2])
 

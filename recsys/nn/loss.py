@@ -9,7 +9,10 @@ is 0 are ignored (left out of the mean).
 
 With ``distill > 0`` every size but the largest also learns the detached softmax of a teacher
 (the largest size, or the next larger one): ``total += distill * sum_{m < M} KL(p_teacher || p_m)``,
-computed in the same block pass (docs/method.md §4).
+computed in the same block pass (docs/method.md §4). With ``teacher_vectors`` the teacher is a
+network outside the loss (its detached user vectors and item matrix, of any width; a size that is
+its own network, ``nesting="slices"``, learns from the largest one this way), and every size learns
+from it.
 
 Why a custom autograd function. The obvious implementation (:func:`naive_matryoshka_cross_entropy`)
 builds M logit tensors of ``positions x items`` and autograd keeps all of them, so memory and time
@@ -162,6 +165,26 @@ def _check_logit_scales(logit_scales: Tensor | None, sizes: tuple[int, ...], dis
         raise ValueError("logit_scales and distill do not combine (the distillation's teacher is unscaled)")
 
 
+def _check_teacher_vectors(teacher_vectors, user: Tensor, items: Tensor, distill: float) -> tuple[Tensor, Tensor] | None:
+    """An outside teacher's ``(user vectors, item matrix)``, detached: as many rows as ``user`` and
+    ``items``, one width of their own."""
+    if teacher_vectors is None:
+        return None
+    if distill <= 0:
+        raise ValueError("teacher_vectors needs distill > 0 (it is the softmax the sizes learn)")
+    if not (isinstance(teacher_vectors, (tuple, list)) and len(teacher_vectors) == 2):
+        raise ValueError(f"teacher_vectors must be a pair (user vectors, item matrix), got {_describe(teacher_vectors)}")
+    t_user, t_items = teacher_vectors
+    for name, t, rows in (("user vectors", t_user, user.shape[0]), ("item matrix", t_items, items.shape[0])):
+        if not isinstance(t, Tensor) or t.ndim != 2 or not t.is_floating_point() or t.shape[0] != rows:
+            raise ValueError(f"the teacher's {name} must be a 2-D floating tensor with {rows} rows, got {_describe(t)}")
+        if t.device != user.device:
+            raise ValueError(f"the teacher's {name} are on {t.device}, the user vectors on {user.device}")
+    if t_user.shape[1] != t_items.shape[1] or t_user.dtype != t_items.dtype:
+        raise ValueError(f"the teacher's user vectors ({_describe(t_user)}) and item matrix ({_describe(t_items)}) do not match")
+    return t_user.detach(), t_items.detach()
+
+
 def _teacher_of(m: int, num_sizes: int, teacher: str) -> int:
     """The size whose softmax size ``m`` learns from: the largest, or the next larger one."""
     return num_sizes - 1 if teacher == "largest" else m + 1
@@ -222,6 +245,7 @@ def _blocked_forward(
     distill: float = 0.0,
     teacher: str = "largest",
     logit_scales: tuple[float, ...] | None = None,
+    teacher_vectors: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Per-size cross-entropy and distillation sums over the valid rows and, if asked, the
     gradients of ``sum_m w_m * CE_m + distill * sum_{m < M-1} KL_m`` (means over valid rows)
@@ -238,7 +262,9 @@ def _blocked_forward(
     distillation weight ``a_m = distill / n`` for every size but the largest, ``T(m)`` its teacher,
     whose softmax is a constant: detached) and the one-hot part ``Y_c = (sum_{m >= c} c_m) onehot``.
     ``S_c`` needs the softmaxes and is built block by block; ``Y_c`` touches only the targets' rows
-    and is applied once at the end, outside the blocks.
+    and is applied once at the end, outside the blocks. An outside teacher (``teacher_vectors``)
+    is one more level of the block's buffer, its logits a product of its own vectors: every size,
+    the largest too, has ``a_m = distill / n`` and it as ``T(m)``.
 
     Returns ``(ce_sums (M,), kl_sums (M,), d_user or None, d_items or None, d_scales or None)``.
     """
@@ -253,6 +279,8 @@ def _blocked_forward(
     d_items = torch.zeros(items.shape, dtype=dtype, device=device) if with_grads else None
     scaled = logit_scales is not None
     tau = logit_scales if scaled else (1.0,) * num_sizes
+    outside = teacher_vectors is not None
+    levels_count = num_sizes + outside  # the sizes' logits, then an outside teacher's
     if n_valid == 0:
         d_user = torch.zeros_like(user, dtype=dtype) if with_grads else None
         zeros = torch.zeros(num_sizes, dtype=dtype, device=device)
@@ -267,8 +295,15 @@ def _blocked_forward(
     # c_m = w_m / n: the weight of size m's softmax in the gradient of the mean loss; a_m the
     # distillation's (none for the largest size, which is every other size's teacher or theirs)
     scale = [w * t / n_valid for w, t in zip(weights, tau)]
-    distilled = range(num_sizes - 1) if distill > 0 else range(0)
+    distilled = range(num_sizes if outside else num_sizes - 1) if distill > 0 else range(0)
     alpha = distill / n_valid
+
+    def teacher_level(m: int) -> int:
+        return num_sizes if outside else _teacher_of(m, num_sizes, teacher)
+
+    if outside:
+        t_user, t_items = teacher_vectors
+        t_user_valid, t_cand = (t_user if all_valid else t_user[rows]), t_items[1:]
     # the softmax probability of every row's target at every size (its CE is -log of it)
     target_prob = torch.empty(num_sizes, n_valid, dtype=dtype, device=device)
     kl_sums = torch.zeros(num_sizes, dtype=dtype, device=device)
@@ -278,9 +313,9 @@ def _blocked_forward(
     # One block holds the logits of all M sizes for its positions, block_rows rows in all, and
     # never more than the three positions x items buffers the plain single-size loss holds at its
     # peak. The blocks are made equal, so that the last one is not a sliver.
-    positions = max(1, min(block_rows, 3 * n_valid) // num_sizes)
+    positions = max(1, min(block_rows, 3 * n_valid) // levels_count)
     positions = -(-n_valid // -(-n_valid // positions))
-    buffer = torch.empty(num_sizes * positions * num_cand, dtype=dtype, device=device)
+    buffer = torch.empty(levels_count * positions * num_cand, dtype=dtype, device=device)
     # distillation needs every size's softmax intact while the running sum is built: one more
     # positions x items buffer (also the scratch of the KL values), 1/M more memory
     spare = torch.empty(positions * num_cand, dtype=dtype, device=device) if distilled or (scaled and with_grads) else None
@@ -289,20 +324,22 @@ def _blocked_forward(
     for r0 in range(0, n_valid, positions):
         r1 = min(r0 + positions, n_valid)
         u, t = u_valid[r0:r1], t_valid[r0:r1]
-        levels = buffer[: num_sizes * (r1 - r0) * num_cand].view(num_sizes, r1 - r0, num_cand)
+        levels = buffer[: levels_count * (r1 - r0) * num_cand].view(levels_count, r1 - r0, num_cand)
         # upward: size m's logits are size m-1's plus chunk m's product
         for m, (a, b) in enumerate(bounds):
             u_chunk = u[:, a:b] * tau[m] if scaled else u[:, a:b]  # t_m R_m = (t_m/t_{m-1}) t_{m-1} R_{m-1} + t_m u_m z_m
             _product_into(levels[m], u_chunk, chunks[m].t(), add_to=levels[m - 1] if m else None,
                           beta=tau[m] / tau[m - 1] if m else 1.0)
+        if outside:
+            _product_into(levels[num_sizes], t_user_valid[r0:r1], t_cand.t())
         # every size's softmax in one operation, in place: the logits are not needed any more
         torch.softmax(levels, dim=2, out=levels)
-        target_prob[:, r0:r1] = levels.gather(2, t.view(1, -1, 1).expand(num_sizes, -1, 1)).squeeze(2)
+        target_prob[:, r0:r1] = levels[:num_sizes].gather(2, t.view(1, -1, 1).expand(num_sizes, -1, 1)).squeeze(2)
         if distilled:
             work = spare[: (r1 - r0) * num_cand].view(r1 - r0, num_cand)
             entropy: dict[int, Tensor] = {}  # sum p_T log p_T, once per teacher
             for m in distilled:  # KL(p_T || p_m) = sum p_T log p_T - sum p_T log p_m
-                k = _teacher_of(m, num_sizes, teacher)
+                k = teacher_level(m)
                 p_t = levels[k].view(-1)
                 if k not in entropy:
                     entropy[k] = torch.xlogy(p_t, p_t, out=work.view(-1)).sum()
@@ -317,13 +354,16 @@ def _blocked_forward(
                 plogp_sums[m] += torch.xlogy(levels[m], levels[m], out=work).sum()
         # downward: S accumulates S_m = S_{m+1} + (c_m + a_m) softmax_m - a_m softmax_T(m); chunk
         # m's gradients come from it. Without distillation it lives in the largest size's buffer.
-        S = work if distilled else levels[-1]
-        torch.mul(levels[-1], scale[-1], out=S)
-        for m in range(num_sizes - 1, -1, -1):
+        top = num_sizes - 1
+        S = work if distilled else levels[top]
+        torch.mul(levels[top], scale[top], out=S)
+        if top in distilled:  # an outside teacher's: the largest size learns from it too
+            S.add_(levels[top], alpha=alpha).sub_(levels[num_sizes], alpha=alpha)
+        for m in range(top, -1, -1):
             a, b = bounds[m]
-            if m < num_sizes - 1:
+            if m < top:
                 if distilled:
-                    S.add_(levels[m], alpha=scale[m] + alpha).sub_(levels[_teacher_of(m, num_sizes, teacher)], alpha=alpha)
+                    S.add_(levels[m], alpha=scale[m] + alpha).sub_(levels[teacher_level(m)], alpha=alpha)
                 else:
                     S.add_(levels[m], alpha=scale[m])
             g = S if S.dtype == u.dtype else S.to(u.dtype)
@@ -380,10 +420,11 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
     """Autograd wrapper around :func:`_blocked_forward`; backward scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales):  # noqa: D102
+    def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales,  # noqa: D102
+                teacher_vectors):
         scales = None if logit_scales is None else tuple(float(t) for t in logit_scales.detach().tolist())
         ce_sums, kl_sums, d_user, d_items, d_scales = _blocked_forward(
-            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, scales
+            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, scales, teacher_vectors
         )
         n_valid = max(int((targets > 0).sum()), 1)
         per_size, per_size_kl = ce_sums / n_valid, kl_sums / n_valid
@@ -406,7 +447,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
             d_user, d_items = d_user * scale, d_items * scale
             d_scales = None if d_scales is None else d_scales * scale.to(d_scales.dtype)
         return (d_user if ctx.needs_input_grad[0] else None, d_items if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None, None, d_scales if ctx.needs_input_grad[9] else None)
+                None, None, None, None, None, None, None, d_scales if ctx.needs_input_grad[9] else None, None)
 
 
 def matryoshka_cross_entropy(
@@ -419,6 +460,7 @@ def matryoshka_cross_entropy(
     distill: float = 0.0,
     teacher: str = "largest",
     logit_scales: Tensor | None = None,
+    teacher_vectors: tuple[Tensor, Tensor] | None = None,
 ) -> MatryoshkaLoss:
     """Matryoshka cross-entropy over all ``sizes`` with memory that does not grow with their number.
 
@@ -443,22 +485,30 @@ def matryoshka_cross_entropy(
         logit_scales: ``(M,)`` positive factors, one per size, that multiply its logits (an
             inverse softmax temperature; may require gradients, which are exact). Without
             distillation only. None: every factor 1.
+        teacher_vectors: ``(user vectors (P, D_T), item matrix (N+1, D_T))`` of a teacher outside
+            this loss, of its own width (detached; no gradient reaches them): with ``distill > 0``
+            every size, the largest too, learns its softmax instead of ``teacher``'s. One more
+            ``positions x items`` level per block.
 
     Returns:
         ``MatryoshkaLoss(total, per_size, distill)``; ``per_size[m]`` is ``CE_m`` and
-        ``distill[m]`` is ``KL_m`` (means over valid positions, ``KL`` 0 for the largest size),
+        ``distill[m]`` is ``KL_m`` (means over valid positions, ``KL`` 0 for the largest size
+        unless the teacher is outside),
         ``total = sum_m w_m * CE_m + distill * sum_m KL_m``. With no valid position all are 0.
     """
     user, items = _autocast_inputs(user, items)
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
     distill = _check_distill(distill, teacher)
     _check_logit_scales(logit_scales, sizes, distill)
+    teacher_vectors = _check_teacher_vectors(teacher_vectors, user, items, distill)
+    if teacher_vectors is not None:
+        teacher_vectors = _autocast_inputs(*teacher_vectors)
     with_grads = torch.is_grad_enabled() and (
         user.requires_grad or items.requires_grad or (logit_scales is not None and logit_scales.requires_grad)
     )
     with torch.autocast(user.device.type, enabled=False):
         total, per_size, per_size_kl = _MatryoshkaCrossEntropy.apply(
-            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales
+            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales, teacher_vectors
         )
     return MatryoshkaLoss(total, per_size, per_size_kl)
 
@@ -476,6 +526,7 @@ def naive_matryoshka_cross_entropy(
     distill: float = 0.0,
     teacher: str = "largest",
     logit_scales: Tensor | None = None,
+    teacher_vectors: tuple[Tensor, Tensor] | None = None,
 ) -> MatryoshkaLoss:
     """The obvious implementation: one ``F.cross_entropy`` (and ``F.kl_div``) per size over its
     own logit tensor.
@@ -489,6 +540,7 @@ def naive_matryoshka_cross_entropy(
     sizes, weights = _check_inputs(user, items, targets, sizes, weights, block_rows)
     distill = _check_distill(distill, teacher)
     _check_logit_scales(logit_scales, sizes, distill)
+    teacher_vectors = _check_teacher_vectors(teacher_vectors, user, items, distill)
     dtype = torch.float32 if user.dtype in _LOW_PRECISION else user.dtype
     valid = targets > 0
     n_valid = max(int(valid.sum()), 1)
@@ -497,10 +549,14 @@ def naive_matryoshka_cross_entropy(
         logits = list(prefix_scores(user, items[1:], sizes, dtype=dtype))
         if logit_scales is not None:
             logits = [z * t for z, t in zip(logits, logit_scales.to(dtype))]
+        if teacher_vectors is not None:
+            t_user, t_items = _autocast_inputs(*teacher_vectors)
+            (outside,) = prefix_scores(t_user, t_items[1:], (t_user.shape[1],), dtype=dtype)
         for m, z in enumerate(logits):
             per_size.append(F.cross_entropy(z, targets.long() - 1, ignore_index=-1, reduction="sum") / n_valid)
-            if distill > 0 and m < len(sizes) - 1:
-                p_teacher = F.softmax(logits[_teacher_of(m, len(sizes), teacher)][valid], dim=1).detach()
+            if distill > 0 and (teacher_vectors is not None or m < len(sizes) - 1):
+                t_logits = outside if teacher_vectors is not None else logits[_teacher_of(m, len(sizes), teacher)]
+                p_teacher = F.softmax(t_logits[valid], dim=1).detach()
                 per_size_kl.append(F.kl_div(F.log_softmax(z[valid], dim=1), p_teacher, reduction="sum") / n_valid)
             else:
                 per_size_kl.append(z.new_zeros(()))
