@@ -1063,6 +1063,7 @@ SPORTS_TWIN_ARMS = {
     "sports-cpu-slices-each": "sports-cpu-slices-prefix-gradient-0",
     "sports-cpu-slices-tied-each": "sports-cpu-slices-each",
     "sports-cpu-slices-each-ema": "sports-cpu-slices-each",
+    "sports-cpu-slices-each-distill": "sports-cpu-slices-each",
 }
 #: the same on Last.fm's config (its own protocol: up to 40 epochs, history not masked)
 LASTFM_TWIN_ARMS = {
@@ -1131,8 +1132,9 @@ def block_twin_arms(arms: dict[str, str | None] = TWIN_ARMS) -> list[str]:
                           "one run - its baseline's one run, paired bootstrap 95%", "NDCG@10 twin", "one run / twin",
                           "one run - twin, paired bootstrap 95%",
                           "best validation NDCG@10 at its own best epoch: one run / twin"], "llrrrrrrr", rows)]
-    lines += ["", measured_on(base["machine"], base.get("threads"), None) + " The arms' runs took turns on the "
-              "same two cores, several at a time."]
+    threads = sorted({r.get("threads") for r in reports if r.get("threads") is not None}, reverse=True)
+    lines += ["", measured_on(base["machine"], " or ".join(map(str, threads)) or None, None) + " The arms' runs took "
+              "turns on the same two cores, several at a time (each arm's JSON has its threads per run)."]
     if arms is TWIN_ARMS:
         lines += ["", *nesting_step_cost()]
     return lines
