@@ -1064,6 +1064,7 @@ SPORTS_TWIN_ARMS = {
     "sports-cpu-slices-tied-each": "sports-cpu-slices-each",
     "sports-cpu-slices-each-ema": "sports-cpu-slices-each",
     "sports-cpu-slices-each-distill": "sports-cpu-slices-each",
+    "sports-cpu-slices-each-d32-5seeds": None,
 }
 #: the same on Last.fm's config (its own protocol: up to 40 epochs, history not masked)
 LASTFM_TWIN_ARMS = {
@@ -1490,6 +1491,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "sports-yardstick": block_sports_yardstick,
     "heldout-sports-cpu-slices-each": lambda: block_heldout("sports-cpu-slices-each"),
     "heldout-ml-1m-cpu-converged": lambda: block_heldout("ml-1m-cpu-converged"),
+    "heldout-sports-cpu-slices-each-d32-5seeds": lambda: block_heldout("sports-cpu-slices-each-d32-5seeds"),
     "serve": block_serve,
     "elastic-sports": block_elastic,
     "elastic-sports-focus": lambda: block_elastic("elastic_sports-focus.json"),
