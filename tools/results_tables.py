@@ -1492,6 +1492,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "heldout-sports-cpu-slices-each": lambda: block_heldout("sports-cpu-slices-each"),
     "heldout-ml-1m-cpu-converged": lambda: block_heldout("ml-1m-cpu-converged"),
     "heldout-sports-cpu-slices-each-d32-5seeds": lambda: block_heldout("sports-cpu-slices-each-d32-5seeds"),
+    "heldout-sports-cpu-slices-each-distill": lambda: block_heldout("sports-cpu-slices-each-distill"),
     "serve": block_serve,
     "elastic-sports": block_elastic,
     "elastic-sports-focus": lambda: block_elastic("elastic_sports-focus.json"),
