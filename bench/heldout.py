@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import json
 import logging
 import platform
 import sys
@@ -43,6 +42,8 @@ from recsys.data import SequenceDataModule, SyntheticConfig
 from recsys.metrics import ndcg_of_ranks
 from recsys.model import MatryoshkaRecommender
 from recsys.significance import paired_bootstrap
+
+from accuracy import Runs  # (bench/ is the script's directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -62,14 +63,14 @@ def data_module(config: Path, max_len: int | None) -> SequenceDataModule:
 
 
 def checkpoint_of(workdir: Path, run: str) -> Path:
-    """The best checkpoint that run ``run`` of the work directory tested (its log's result line)."""
-    log = workdir / f"{run}.log"
-    line = next((x for x in log.read_text().splitlines() if x.startswith("BENCH-RESULT ")), None) if log.exists() else None
-    if line is None:
-        raise SystemExit(f"{log}: no finished run {run} there (no BENCH-RESULT line)")
-    best = json.loads(line[len("BENCH-RESULT "):]).get("best")
+    """The best checkpoint that run ``run`` of the work directory tested (its result, as
+    ``bench/accuracy.py`` reads it)."""
+    result = Runs(Path(), workdir, "csv", 1).finished_before(run)
+    if result is None:
+        raise SystemExit(f"{workdir}: no finished run {run} there (its log's result line or its ranks are missing)")
+    best = result.get("best")
     if not best or not Path(best).exists():
-        raise SystemExit(f"{log}: the best checkpoint of {run} ({best}) is gone")
+        raise SystemExit(f"{workdir / (run + '.log')}: the best checkpoint of {run} ({best}) is gone")
     return Path(best)
 
 
