@@ -25,10 +25,15 @@ exact top-``k`` of the full size's own vectors. The queries of both sizes are co
 size-``p`` encoder pass the funnel adds is timed on its own (``encode_ms``, ``shortlist_encode_ms``).
 Otherwise (blocks, tied item vectors) ``"funnel_mode": "prefix"``.
 
+With a checkpoint per size (``--model.monitor_size each``: ``best-d<size>.ckpt``), ``--checkpoint``
+names the directory that holds them, and each size's vectors come from its own best checkpoint, as
+an export of that run serves them (``recsys.export --run-id``).
+
 Recall@k is of the exact full-size top-``k``; speed-ups are against the faster exact search,
 timed right before and right after the funnels (their mean). Run, e.g.::
 
     python bench/funnel.py --checkpoint lightning_logs/funnel-lastfm/checkpoints/best.ckpt --data-dir data/lastfm
+    python bench/funnel.py --checkpoint lightning_logs/sports/checkpoints --data-dir data/sports   # one per size
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from machine import cpu_model  # (bench/machine.py: the script directory is on s
 from recsys.atomic import write_json_atomically
 from recsys.checkpoint import read_checkpoint
 from recsys.model import size_network
-from recsys.export import own_network
+from recsys.export import SIZE_CHECKPOINT, own_network
 from serving.sized_model import sha256_of
 from recsys.retrieval import (
     ExactRetriever,
@@ -154,6 +159,12 @@ class OwnNetworks:
         return encode_users(net, self.histories, inputs, size)
 
 
+def size_checkpoints(directory: Path) -> dict[int, Path]:
+    """``{size: path}`` of the checkpoints per size in a run's checkpoint directory (``best-d64.ckpt``;
+    ``recsys.export``'s rule)."""
+    return {int(m.group(1)): path for path in sorted(directory.glob("*.ckpt")) if (m := SIZE_CHECKPOINT.search(path.name))}
+
+
 def own_network_reason(model) -> str | None:
     """Why the funnels of this checkpoint shortlist with a smaller size's own network (one of its
     sizes serves with a network of its own, ``recsys.export.own_network``); None: prefix funnels."""
@@ -164,19 +175,22 @@ def own_network_reason(model) -> str | None:
     return None
 
 
-def own_networks(model, prefixes: list[int], num_items: int, num_queries: int, data_dir: Path, seed: int, reason: str):
+def own_networks(model, prefixes: list[int], num_items: int, num_queries: int, data_dir: Path, seed: int, reason: str,
+                 models: dict | None = None):
     """The full size's own item and user vectors (``z``, ``queries``), the catalogue's description,
     the queries', and :class:`OwnNetworks` for the sizes ``prefixes``: one catalogue (the same
     synthetic features) through every size's own item tower, one batch of users through every
-    size's own network."""
+    size's own network. ``models`` (size -> model) gives a size the weights of its own best
+    checkpoint; the others take ``model``'s."""
     full = model.sizes[-1]
     sizes = [*prefixes, full]
-    matrices, catalogue = item_matrices(model, num_items, {s: output_tower(model, s) for s in sizes}, seed=seed)
+    of = {s: (models or {}).get(s, model) for s in sizes}
+    matrices, catalogue = item_matrices(model, num_items, {s: output_tower(of[s], s) for s in sizes}, seed=seed)
     histories, query_info = query_histories(model, data_dir, num_queries, seed=seed)
     encoders = {}
     with torch.no_grad():
         for s in sizes:
-            net = size_network(model.net, s)
+            net = size_network(of[s].net, s)
             encoders[s] = (net, net.item_matrix())
     vectors = {s: np.ascontiguousarray(matrices[s][:, :s]) for s in sizes}  # (a shared tower's prefix; own towers are s wide)
     own = OwnNetworks(reason, {p: vectors[p] for p in prefixes}, {}, encoders, histories)
@@ -284,7 +298,9 @@ def int_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by recsys.train")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a checkpoint written by recsys.train, or the directory of a run's checkpoints per size "
+                             "(best-d<size>.ckpt, --model.monitor_size each): each size from its own")
     parser.add_argument("--data-dir", type=Path, required=True, help="the prepared dataset it was trained on (its users)")
     parser.add_argument("--items", type=int, default=1_000_000, help="catalogue size: real items plus synthetic ones")
     parser.add_argument("--queries", type=int, default=1024, help="real users in the query batch")
@@ -304,8 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "funnel.json")
     args = parser.parse_args(argv)
-    if not args.checkpoint.is_file():
-        parser.error(f"--checkpoint {args.checkpoint} is not a file")
+    if not args.checkpoint.exists():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file or directory")
+    per_size = size_checkpoints(args.checkpoint) if args.checkpoint.is_dir() else {}
+    if args.checkpoint.is_dir() and not per_size:
+        parser.error(f"--checkpoint {args.checkpoint}: the directory holds no checkpoint per size (best-d<size>.ckpt, "
+                     "written with --model.monitor_size each)")
     if not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a directory")
     unknown = sorted(set(args.prefix_kinds) - {"exact", "flat", "ivf_flat"})
@@ -322,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_info()
     load_at_start = os.getloadavg()[0]
 
-    model = load_model(args.checkpoint)
+    checkpoint = per_size[max(per_size)] if per_size else args.checkpoint
+    model = load_model(checkpoint)
     width = model.net.width
     reason = own_network_reason(model)
     if reason is not None:
@@ -332,6 +353,13 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"{parser.prog}: error: --prefixes {','.join(map(str, wrong))} not among the model's sizes "
                            f"below {model.sizes[-1]} ({','.join(map(str, smaller)) or 'none'}): {reason}, so each "
                            f"prefix names the smaller size whose own network shortlists\n")
+        missing = [s for s in [*args.prefixes, model.sizes[-1]] if per_size and s not in per_size]
+        if missing:
+            parser.exit(2, f"{parser.prog}: error: --checkpoint {args.checkpoint}: no checkpoint of size "
+                           f"{','.join(map(str, missing))} (best-d<size>.ckpt) beside {checkpoint.name}\n")
+    elif per_size:
+        parser.exit(2, f"{parser.prog}: error: --checkpoint {args.checkpoint}: a checkpoint per size, but the model's sizes "
+                       "share one network (no own network per size), so there is nothing to take from each\n")
     elif any(p >= width for p in args.prefixes):
         parser.error(f"--prefixes must be below the model width {width}, got {args.prefixes}")
     start = time.perf_counter()
@@ -341,8 +369,9 @@ def main(argv: list[str] | None = None) -> None:
         queries, query_info = user_vectors(model, args.data_dir, args.queries, seed=args.seed)
     else:
         logger.info("own-network funnels: %s", reason)
+        models = {s: load_model(path) for s, path in per_size.items() if s in args.prefixes}
         z, queries, catalogue, query_info, own = own_networks(model, args.prefixes, args.items, args.queries,
-                                                              args.data_dir, args.seed, reason)
+                                                              args.data_dir, args.seed, reason, models)
     logger.info("item matrix %s and %d queries in %.1fs", z.shape, len(queries), time.perf_counter() - start)
     _, truth = torch_topk(queries, z, args.k)
     if own is None:
@@ -365,13 +394,15 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_1m_at_end": os.getloadavg()[0],
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "checkpoint", "data_dir")},
                      "data_dir": shown_path(args.data_dir)},
-        "model": {**training_record(args.checkpoint), "sizes": list(model.sizes), "encoder": model.hparams.encoder,
+        "model": {**training_record(checkpoint), "sizes": list(model.sizes), "encoder": model.hparams.encoder,
                   "use_id_embedding": bool(model.hparams.use_id_embedding)},
         "catalogue": catalogue,
         "queries": query_info,
         "recall_of_exact_prefix_search": {str(p): r for p, r in truncation.items()},
         "results": per_threads,
     }
+    if per_size:
+        report["model"]["size_checkpoints"] = {str(s): training_record(per_size[s]) for s in [*args.prefixes, model.sizes[-1]]}
     if own is not None:
         report["own_network"] = {
             "reason": reason, "nesting": model.hparams.get("nesting", "blocks"),

@@ -35,9 +35,9 @@ def _bench(name):
         sys.path.remove(str(BENCH))
 
 
-def _checkpoint(path, data_dir, **options):
+def _checkpoint(path, data_dir, seed=0, **options):
     """An untrained model over the prepared data's items, saved as recsys.train saves one."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     features = load_prepared(data_dir).item_features
     model = MatryoshkaRecommender(item_features=features, sizes=SIZES, max_len=16, **options).eval()
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "epoch": 0}, path)
@@ -120,3 +120,42 @@ def test_tied_blocks_keep_the_prefix_funnel(synthetic_prepared, tmp_path):
     (row,) = report["results"][0]["funnel"]
     assert row["settings"]["kind"] == "funnel" and row["recall"] == 1.0 and "shortlist_encode_ms" not in row
     assert "encode_ms" not in report["results"][0]
+
+
+def test_a_checkpoint_per_size_gives_each_size_its_own_weights(synthetic_prepared, tmp_path, capsys):
+    """``--checkpoint DIR`` of a run with ``best-d<size>.ckpt`` files: each size's own vectors (items and
+    queries) come from its own checkpoint, as an export of that run serves them."""
+    run = tmp_path / "checkpoints"
+    run.mkdir()
+    paths = {size: _checkpoint(run / f"best-d{size}.ckpt", synthetic_prepared, seed=seed, **OWN["both"])
+             for seed, size in enumerate(SIZES)}  # three different sets of weights
+    (run / "last.ckpt").write_bytes(paths[SIZES[0]].read_bytes())  # not a size's: ignored
+    report = _run(run, synthetic_prepared, tmp_path / "funnel.json", "--prefixes", "8,16",
+                  "--shortlists", str(K), "--prefix-kinds", "exact")
+    assert sorted(report["model"]["size_checkpoints"]) == ["16", "32", "8"]
+    assert report["model"]["checkpoint"].endswith("best-d32.ckpt")
+
+    funnel, catalogue = _bench("funnel"), _bench("trained_catalogue")
+    models = {size: catalogue.load_model(path) for size, path in paths.items()}
+    z, queries, _, _, own = funnel.own_networks(models[32], [8, 16], ITEMS, QUERIES, synthetic_prepared, 0, "test", models)
+    _, truth = torch_topk(queries, z, K)
+    ids, _ = catalogue.query_histories(models[32], synthetic_prepared, QUERIES)
+    with torch.no_grad():
+        for p in (8, 16):
+            net = cut_to_size(models[p].net, p)  # size p of its own checkpoint
+            np.testing.assert_allclose(own.items[p][: models[p].net.items.num_items], models[p].item_heads[SIZES.index(p)]()[1:].numpy(),
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(own.queries[p], net.user_vectors(ids, net.item_matrix()).numpy(), rtol=1e-5, atol=1e-6)
+            expected = recall_at_k(torch_topk(own.queries[p], own.items[p], K)[1], truth)
+            assert report["recall_of_exact_prefix_search"][str(p)] == pytest.approx(expected)
+        # the same directory's size-32 checkpoint alone gives size 8 other vectors (the weights differ)
+        _, _, _, _, alone = funnel.own_networks(models[32], [8], ITEMS, QUERIES, synthetic_prepared, 0, "test")
+        assert not np.allclose(alone.items[8], own.items[8], atol=1e-3)
+
+    (run / "best-d16.ckpt").unlink()
+    out = tmp_path / "missing.json"
+    with pytest.raises(SystemExit) as exc:
+        _run(run, synthetic_prepared, out, "--prefixes", "8,16")
+    assert exc.value.code == 2 and not out.exists()
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "no checkpoint of size 16 (best-d<size>.ckpt)" in line
