@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_1m_at_start": load_at_start,
         "load_average_1m_at_end": os.getloadavg()[0],
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "checkpoint", "data_dir")},
-                     "data_dir": shown_path(args.data_dir)},
+                     "checkpoint": shown_path(args.checkpoint), "data_dir": shown_path(args.data_dir)},
         "model": {**training_record(checkpoint), "sizes": list(model.sizes), "encoder": model.hparams.encoder,
                   "use_id_embedding": bool(model.hparams.use_id_embedding)},
         "catalogue": catalogue,

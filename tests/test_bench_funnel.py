@@ -134,6 +134,7 @@ def test_a_checkpoint_per_size_gives_each_size_its_own_weights(synthetic_prepare
                   "--shortlists", str(K), "--prefix-kinds", "exact")
     assert sorted(report["model"]["size_checkpoints"]) == ["16", "32", "8"]
     assert report["model"]["checkpoint"].endswith("best-d32.ckpt")
+    assert report["settings"]["checkpoint"].endswith("checkpoints")  # what the command was given
 
     funnel, catalogue = _bench("funnel"), _bench("trained_catalogue")
     models = {size: catalogue.load_model(path) for size, path in paths.items()}

@@ -521,7 +521,7 @@ def block_retrieval() -> list[str]:
 def funnel_command(d: dict) -> str:
     s = d["settings"]
     joined = lambda values: ",".join(str(v) for v in values)  # noqa: E731
-    return (f"python bench/funnel.py --checkpoint {d['model']['checkpoint']} --data-dir {s['data_dir']} "
+    return (f"python bench/funnel.py --checkpoint {s.get('checkpoint', d['model']['checkpoint'])} --data-dir {s['data_dir']} "
             f"--items {s['items']} --queries {s['queries']} --prefixes {joined(s['prefixes'])} "
             f"--prefix-kinds {joined(s['prefix_kinds'])} --shortlists {joined(s['shortlists'])} --nlist {s['nlist']} "
             f"--nprobes {joined(s['nprobes'])} --threads {joined(s['threads'])} --repeats {s['repeats']}")
