@@ -665,6 +665,45 @@ def block_funnel(name: str = "funnel.json") -> list[str]:
     return lines
 
 
+def catalogue_text(catalogue: dict) -> str:
+    """The catalogue of a funnel run, in words: its real items, and the synthetic ones if any."""
+    real, synthetic = catalogue["real_items"], catalogue["synthetic_items"]
+    return (f"{real:,} real items and {synthetic:,} synthetic ones, the same draws for both" if synthetic
+            else f"the {real:,} real items alone")
+
+
+def block_funnel_pair(without: str, with_: str, change: str) -> list[str]:
+    """Two own-network funnel runs of ``bench/funnel.py`` whose checkpoints differ in one option
+    (``change``), same catalogue, queries and settings: each smaller size's own share of the full
+    size's top-k, and per funnel setting the recall of each. Only recall: the searches are the same
+    for both, and these ran beside training runs, so their times are not reported."""
+    a, b = load(without), load(with_)
+    k, s = b["settings"]["k"], b["settings"]
+    res_a, res_b = a["results"][0], b["results"][0]
+    same = [key for key in ("items", "queries", "k", "prefixes", "shortlists", "nlist", "nprobes", "seed")
+            if a["settings"][key] != s[key]]
+    if same:
+        raise SystemExit(f"{without} and {with_} differ in {same}: not a pair")
+    lines = [f"- without {change}: `{funnel_command(a)}` → `bench/results/{without}`",
+             f"- with {change}: `{funnel_command(b)}` → `bench/results/{with_}`", "",
+             f"The item matrices of two trained towers ({b['model']['encoder']}, sizes "
+             f"{', '.join(str(x) for x in b['model']['sizes'])}, {b['own_network']['reason']}"
+             + ("; each size from its own best checkpoint" if "size_checkpoints" in b["model"] else "") + f") over {catalogue_text(b['catalogue'])}; one batch of {b['queries']['users']:,} real users. Recall@{k} of "
+             f"each tower's own exact full-size top-{k}; re-ranking at {b['model']['sizes'][-1]}. "
+             + measured_on(f"{b['machine']['cpu']}, {b['machine']['cpu_count']} cores", None,
+                           [a["load_average_1m_at_start"], b["load_average_1m_at_start"]], "1 minute, at the start of each")
+             + " Recall only: the searches of both are the same, and they ran beside training, so their times are left out.",
+             ""]
+    lines += table([f"size", f"its own exact top-{k}: share of the full size's, without", "with"], "rrr",
+                   [[p, f3(a["recall_of_exact_prefix_search"][p]), f3(b["recall_of_exact_prefix_search"][p])]
+                    for p in b["recall_of_exact_prefix_search"]])
+    lines += [""]
+    rows = [[str(rb["prefix"]), funnel_stage0(rb), f"{rb['shortlist']:,}", f4(ra["recall"]), f4(rb["recall"])]
+            for ra, rb in zip(res_a["funnel"], res_b["funnel"])]
+    lines += table(["shortlisting size", "stage 0", "shortlist", f"recall@{k} without", "with"], "rlrrr", rows)
+    return lines
+
+
 # -- the other benchmarks --------------------------------------------------------------------------
 
 
@@ -1471,6 +1510,10 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "retrieval": block_retrieval,
     "funnel": block_funnel,
     "funnel-own": lambda: block_funnel("funnel_own.json"),
+    "funnel-sports-distill": lambda: block_funnel_pair("funnel_sports-nodistill.json", "funnel_sports-distill.json",
+                                                       "distillation"),
+    "funnel-sports-real-distill": lambda: block_funnel_pair("funnel_sports-real-nodistill.json", "funnel_sports-real-distill.json",
+                                                            "distillation"),
     "encoders": block_encoders,
     "candidates": block_candidates,
     "prepare": block_prepare,
