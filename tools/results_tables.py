@@ -1104,6 +1104,8 @@ SPORTS_TWIN_ARMS = {
     "sports-cpu-slices-each-ema": "sports-cpu-slices-each",
     "sports-cpu-slices-each-distill": "sports-cpu-slices-each",
     "sports-cpu-slices-each-d32-5seeds": None,
+    "sports-cpu-distill-ema": None,
+    "sports-cpu-nodistill-ema-seed0": "sports-cpu-distill-ema",
 }
 #: the same on Last.fm's config (its own protocol: up to 40 epochs, history not masked)
 LASTFM_TWIN_ARMS = {
