@@ -1112,6 +1112,7 @@ LASTFM_TWIN_ARMS = {
     "lastfm-cpu-config": None,
     "lastfm-cpu-slices-each": "lastfm-cpu-config",
     "lastfm-cpu-slices-tied-each": "lastfm-cpu-config",
+    "lastfm-cpu-distill": None,
 }
 #: overrides every arm shares (the reduced protocol), left out of what an arm changes
 PROTOCOL_OVERRIDES = ("--trainer.max_epochs", "--data.max_len", "--model.sizes")
