@@ -59,7 +59,7 @@ GOAL_GAIN, GOAL_TWIN_RATIO = 1.2, 0.97
 #: per-size networks and a per-size monitor with a grid), and no distillation (the grids were measured without;
 #: a config's distillation was measured for its sizes as networks of their own)
 GRID_BASE = ["--model.separate_item_vectors", "false", "--model.nesting", "blocks", "--model.prefix_gradient", "1",
-             "--model.monitor_size", "mean", "--model.distill", "0"]
+             "--model.monitor_size", "mean", "--model.distill", "0", "--trainer.callbacks", "[]"]
 
 
 def parse_triple(label: str) -> Triple:
