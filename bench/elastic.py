@@ -56,8 +56,8 @@ GOAL_GAIN, GOAL_TWIN_RATIO = 1.2, 0.97
 
 
 #: the options an elastic grid needs whatever the config says (recsys.model_options.check_options refuses
-#: per-size networks and a per-size monitor with a grid), and no distillation (the grids were measured without;
-#: a config's distillation was measured for its sizes as networks of their own)
+#: per-size networks and a per-size monitor with a grid), and neither distillation nor a config's weight averaging
+#: (the grids were measured without; a config's were measured for its sizes as networks of their own)
 GRID_BASE = ["--model.separate_item_vectors", "false", "--model.nesting", "blocks", "--model.prefix_gradient", "1",
              "--model.monitor_size", "mean", "--model.distill", "0", "--trainer.callbacks", "[]"]
 

@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"{parser.prog}: error: --prefixes {','.join(map(str, wrong))} not among the model's sizes "
                            f"below {model.sizes[-1]} ({','.join(map(str, smaller)) or 'none'}): {reason}, so each "
                            f"prefix names the smaller size whose own network shortlists\n")
-        missing = [s for s in [*args.prefixes, model.sizes[-1]] if per_size and s not in per_size]
-        if missing:
+        missing = [s for s in [*args.prefixes, model.sizes[-1]] if s not in per_size]
+        if per_size and missing:
             parser.exit(2, f"{parser.prog}: error: --checkpoint {args.checkpoint}: no checkpoint of size "
                            f"{','.join(map(str, missing))} (best-d<size>.ckpt) beside {checkpoint.name}\n")
     elif per_size:

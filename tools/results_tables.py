@@ -680,10 +680,10 @@ def block_funnel_pair(without: str, with_: str, change: str) -> list[str]:
     a, b = load(without), load(with_)
     k, s = b["settings"]["k"], b["settings"]
     res_a, res_b = a["results"][0], b["results"][0]
-    same = [key for key in ("items", "queries", "k", "prefixes", "shortlists", "nlist", "nprobes", "seed")
-            if a["settings"][key] != s[key]]
-    if same:
-        raise SystemExit(f"{without} and {with_} differ in {same}: not a pair")
+    differ = [key for key in ("items", "queries", "k", "prefixes", "shortlists", "nlist", "nprobes", "seed")
+              if a["settings"][key] != s[key]]
+    if differ:
+        raise SystemExit(f"{without} and {with_} differ in {differ}: not a pair")
     lines = [f"- without {change}: `{funnel_command(a)}` → `bench/results/{without}`",
              f"- with {change}: `{funnel_command(b)}` → `bench/results/{with_}`", "",
              f"The item matrices of two trained towers ({b['model']['encoder']}, sizes "
@@ -694,7 +694,7 @@ def block_funnel_pair(without: str, with_: str, change: str) -> list[str]:
                            [a["load_average_1m_at_start"], b["load_average_1m_at_start"]], "1 minute, at the start of each")
              + " Recall only: the searches of both are the same, and they ran beside training, so their times are left out.",
              ""]
-    lines += table([f"size", f"its own exact top-{k}: share of the full size's, without", "with"], "rrr",
+    lines += table(["size", f"its own exact top-{k}: share of the full size's, without", "with"], "rrr",
                    [[p, f3(a["recall_of_exact_prefix_search"][p]), f3(b["recall_of_exact_prefix_search"][p])]
                     for p in b["recall_of_exact_prefix_search"]])
     lines += [""]
