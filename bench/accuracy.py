@@ -24,6 +24,13 @@ Arms of one question (an option changed, ``--set``): ``--baseline-from DIR`` add
 paired bootstrap of this one run minus the one run of an earlier work directory (same sizes and
 seeds), the baseline arm.
 
+Runs that outlive a machine: ``--workdir DIR`` keeps every run's checkpoints, so a killed job
+started again reuses the runs it finished and goes on with the one it left half-way;
+``--keep-runs DIR`` also copies each finished run's result and per-user test ranks into ``DIR``
+(small files, committed beside the report), so that a job on a fresh machine reuses those runs and
+an arm of several seeds can be trained over several sessions. ``--baseline-from`` reads either kind
+of directory.
+
 Every run is ``python -m recsys.train`` in a process of its own (``bench/train_run.py`` calls its ``run``, so that the rows come back), with
 ``--tracking mlflow`` into a store in the work directory, or ``--tracking csv`` (a run directory per
 run) where MLflow is not installed (``--tracking auto``, the default, picks).
@@ -46,7 +53,7 @@ import numpy as np
 import yaml
 
 from recsys import reporting
-from recsys.atomic import write_json_atomically, write_text_atomically
+from recsys.atomic import atomic_file, write_json_atomically, write_text_atomically
 from recsys.metrics import ndcg_of_ranks
 from recsys.significance import BootstrapInterval, paired_bootstrap
 
@@ -62,8 +69,9 @@ TRAIN_RUN = Path(__file__).resolve().parent / "train_run.py"
 class Runs:
     """Training runs in child processes, at most ``parallel`` at a time, each with its own log file."""
 
-    def __init__(self, config: Path, workdir: Path, tracking: str, parallel: int):
+    def __init__(self, config: Path, workdir: Path, tracking: str, parallel: int, keep: Path | None = None):
         self.config, self.workdir, self.tracking, self.parallel = config, workdir, tracking, parallel
+        self.keep = keep
         self.pending: list[tuple[str, list[str]]] = []
 
     def ranks_file(self, name: str) -> Path:
@@ -71,8 +79,22 @@ class Runs:
         return self.workdir / f"{name}.ranks.npz"
 
     def ranks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        with np.load(self.ranks_file(name)) as f:
+        path = self.ranks_file(name)
+        with np.load(path if path.exists() else self.keep / path.name) as f:
             return f["users"], f["ranks"]
+
+    def keep_result(self, name: str, result: dict) -> None:
+        """Copies finished run ``name`` into the keep directory: its result (``<name>.json``) and its
+        ranks (``<name>.ranks.npz``, compressed, in the smallest integer type that holds them): a few
+        hundred kilobytes, small enough to commit, so that a job on another machine reuses the run."""
+        if self.keep is None or (self.keep / f"{name}.json").exists():
+            return
+        users, ranks = self.ranks(name)
+        self.keep.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.keep / self.ranks_file(name).name) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, users=users.astype(np.min_scalar_type(users.max())),
+                                ranks=ranks.astype(np.min_scalar_type(ranks.max())))
+        write_json_atomically(self.keep / f"{name}.json", result, indent=1)
 
     def add(self, name: str, overrides: list[str]) -> None:
         self.pending.append((name, overrides))
@@ -142,11 +164,14 @@ class Runs:
 
     def finished_before(self, name: str) -> dict | None:
         """The result of run ``name`` if an earlier job in this work directory finished it (its log
-        holds the result line and its ranks file exists), else None."""
+        holds the result line and its ranks file exists) or the keep directory holds it, else None."""
         log = self.workdir / f"{name}.log"
-        if not (log.exists() and self.ranks_file(name).exists()):
-            return None
-        return self.result_of(name, log.read_text())
+        if log.exists() and self.ranks_file(name).exists():
+            return self.result_of(name, log.read_text())
+        kept = self.keep / f"{name}.json" if self.keep is not None else None
+        if kept is not None and kept.exists() and (self.keep / self.ranks_file(name).name).exists():
+            return json.loads(kept.read_text())
+        return None
 
     def finish(self, on_done=None, keep_going: bool = False) -> dict[str, dict]:
         """Runs everything added; returns each run's result by name. A run an earlier job in the
@@ -163,7 +188,8 @@ class Runs:
                 pending.append((name, overrides))
             else:
                 results[name] = earlier
-                print(f"  {name}: finished by an earlier job in {self.workdir}", flush=True)
+                self.keep_result(name, earlier)
+                print(f"  {name}: finished by an earlier job", flush=True)
         while pending or running:
             while pending and len(running) < self.parallel:
                 name, overrides = pending.pop(0)
@@ -185,6 +211,7 @@ class Runs:
                         other.kill()
                     raise RuntimeError(f"training run {name} failed:\n{output[-4000:]}")
                 results[name] = self.result_of(name, output)
+                self.keep_result(name, results[name])
                 if on_done is not None:
                     on_done(name, results[name])
                 print(f"  finished {name}: {results[name]['wall_s']:.0f} s, {results[name]['epochs']} epochs", flush=True)
@@ -371,11 +398,14 @@ def main() -> None:
     parser.add_argument("--replot", action="store_true", help="only redraw accuracy_<name>.png from its JSON")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where accuracy_<name>.{json,md,png} go")
     parser.add_argument("--baseline-from", type=Path, default=None,
-                        help="an earlier work directory whose one run (same sizes and seeds) this one run is compared "
-                             "with, per size: the paired bootstrap of the difference in NDCG@10")
+                        help="an earlier work (or --keep-runs) directory whose one run (same sizes and seeds) this one "
+                             "run is compared with, per size: the paired bootstrap of the difference in NDCG@10")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="the runs' directory (default: a new one); runs an earlier job there finished "
                              "are not trained again, and one it left half-way goes on from its last checkpoint")
+    parser.add_argument("--keep-runs", type=Path, default=None,
+                        help="also keep each finished run's result and per-user test ranks here (small files to "
+                             "commit); a run found here is not trained again, on this machine or another")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.config.read_text())
@@ -404,7 +434,7 @@ def main() -> None:
     tracking = args.tracking
     if tracking == "auto":
         tracking = "mlflow" if importlib.util.find_spec("mlflow") is not None else "csv"
-    runs = Runs(args.config, workdir, tracking, args.parallel)
+    runs = Runs(args.config, workdir, tracking, args.parallel, keep=args.keep_runs)
     separate_sizes = [] if args.skip_separate else (
         [int(x) for x in args.separate_sizes.split(",")] if args.separate_sizes else sizes)
     for seed in args.seeds:

@@ -1,5 +1,6 @@
 """bench/accuracy.py's work directory: a run that a killed job left half-way goes on from its last
-checkpoint when the job is started again, and its wall time counts what the killed job trained."""
+checkpoint when the job is started again, and its wall time counts what the killed job trained; a
+run kept with ``--keep-runs`` is reused by a job on a fresh machine (another work directory)."""
 
 import importlib
 import json
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -68,3 +70,20 @@ def test_a_run_left_half_way_goes_on_from_its_last_checkpoint(tmp_path):
     # A finished run is reused as it is, the earlier job's training still counted.
     runs = accuracy.Runs(_config(tmp_path), workdir, "csv", parallel=1)
     assert runs.finished_before("m") == second
+
+    # Kept: a job with a keep directory copies the finished run there (result and ranks, compressed),
+    # and a job on a fresh machine, with an empty work directory, reuses it without training.
+    keep = tmp_path / "keep"
+    runs = accuracy.Runs(_config(tmp_path), workdir, "csv", parallel=1, keep=keep)
+    runs.add("m", ["--trainer.max_epochs", "2"])
+    assert runs.finish()["m"] == second
+    users, ranks = runs.ranks("m")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    runs = accuracy.Runs(_config(tmp_path), fresh, "csv", parallel=1, keep=keep)
+    runs.add("m", ["--trainer.max_epochs", "2"])
+    assert runs.finish()["m"] == second
+    assert not (fresh / "m.log").exists()  # nothing trained
+    kept_users, kept_ranks = runs.ranks("m")
+    assert np.array_equal(kept_users, users) and np.array_equal(kept_ranks, ranks)
+    assert kept_ranks.dtype.itemsize < ranks.dtype.itemsize  # stored small
