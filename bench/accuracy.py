@@ -28,8 +28,9 @@ Runs that outlive a machine: ``--workdir DIR`` keeps every run's checkpoints, so
 started again reuses the runs it finished and goes on with the one it left half-way;
 ``--keep-runs DIR`` also copies each finished run's result and per-user test ranks into ``DIR``
 (small files, committed beside the report), so that a job on a fresh machine reuses those runs and
-an arm of several seeds can be trained over several sessions. ``--baseline-from`` reads either kind
-of directory.
+an arm of several seeds can be trained over several sessions. Two jobs can split an arm in one
+work directory (``--skip-separate`` in one, ``--skip-one-run`` in the other); the command without
+either then reuses their runs and reports. ``--baseline-from`` reads either kind of directory.
 
 Every run is ``python -m recsys.train`` in a process of its own (``bench/train_run.py`` calls its ``run``, so that the rows come back), with
 ``--tracking mlflow`` into a store in the work directory, or ``--tracking csv`` (a run directory per
@@ -385,6 +386,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="any other override, KEY=VALUE")
     parser.add_argument("--separate-sizes", default=None, help="sizes to train separately (default: every size)")
     parser.add_argument("--skip-separate", action="store_true")
+    parser.add_argument("--skip-one-run", action="store_true",
+                        help="train only the sizes alone (and SASRec), e.g. in a second job beside one with "
+                             "--skip-separate in the same --workdir; the command without either then reports")
     parser.add_argument("--skip-sasrec", action="store_true")
     parser.add_argument("--tracking", choices=["auto", "mlflow", "csv"], default="auto",
                         help="recsys.train's --tracking for every run; auto: mlflow where it imports, else csv")
@@ -443,7 +447,8 @@ def main() -> None:
         # config or --set says)
         chosen = "--model.monitor_size" in overrides or config["model"].get("monitor_size") is not None
         monitor = [] if chosen else ["--model.monitor_size", "mean"]
-        runs.add(f"matryoshka-seed{seed}", sized(sizes, *monitor, *seeded))
+        if not args.skip_one_run:
+            runs.add(f"matryoshka-seed{seed}", sized(sizes, *monitor, *seeded))
         for s in separate_sizes:
             runs.add(f"separate-d{s}-seed{seed}", sized([s], *seeded))
         if not args.skip_sasrec:
@@ -451,6 +456,9 @@ def main() -> None:
     print(f"[{name}] {len(runs.pending)} runs, {args.parallel} at a time, sizes {sizes}, seeds {args.seeds}, "
           f"tracking {tracking} in {workdir}", flush=True)
     results = runs.finish()
+    if args.skip_one_run:
+        print(f"[{name}] trained alone: {', '.join(results)}; the command without --skip-one-run reports", flush=True)
+        return
     report: dict = {"name": name, "overrides": overrides, "runner": "cli", "tracking": tracking, "parallel": args.parallel,
                     "seeds": args.seeds, "matryoshka": over_seeds([results[f"matryoshka-seed{n}"] for n in args.seeds])}
     report["separate"] = []
