@@ -342,7 +342,7 @@ def _blocked_forward(
                 k = teacher_level(m)
                 p_t = levels[k].view(-1)
                 if k not in entropy:
-                    entropy[k] = torch.xlogy(p_t, p_t, out=work.view(-1)).sum()
+                    entropy[k] = _sum_p_log_p(levels[k], work)
                 # an underflowed student probability counts as the smallest normal float
                 log_p = torch.clamp(levels[m], min=tiny, out=work).log_().view(-1)
                 kl_sums[m] += entropy[k] - torch.dot(p_t, log_p)
@@ -351,7 +351,7 @@ def _blocked_forward(
         if scaled:
             work = spare[: (r1 - r0) * num_cand].view(r1 - r0, num_cand)
             for m in range(num_sizes):
-                plogp_sums[m] += torch.xlogy(levels[m], levels[m], out=work).sum()
+                plogp_sums[m] += _sum_p_log_p(levels[m], work)
         # downward: S accumulates S_m = S_{m+1} + (c_m + a_m) softmax_m - a_m softmax_T(m); chunk
         # m's gradients come from it. Without distillation it lives in the largest size's buffer.
         top = num_sizes - 1
@@ -390,6 +390,14 @@ def _blocked_forward(
         d_user = torch.zeros_like(user, dtype=dtype)
         d_user[rows] = d_valid
     return ce_sums, kl_sums, d_user, d_items, d_scales
+
+
+def _sum_p_log_p(p: Tensor, work: Tensor) -> Tensor:
+    """``sum p log p`` over a block's softmax, through ``work`` (its shape). As ``xlogy``, a zero
+    probability adds nothing (it multiplies the log of the smallest normal float), but about twice
+    as fast on CPU: ``xlogy`` is not vectorised there."""
+    log_p = torch.clamp(p, min=torch.finfo(p.dtype).tiny, out=work).log_()
+    return torch.dot(p.reshape(-1), log_p.view(-1))
 
 
 def _cross_entropy_from_probs(
