@@ -95,6 +95,7 @@ class Runs:
         with atomic_file(self.keep / self.ranks_file(name).name) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, users=users.astype(np.min_scalar_type(users.max())),
                                 ranks=ranks.astype(np.min_scalar_type(ranks.max())))
+        result = {**result, "best": _in_workdir(result.get("best"), self.workdir)}  # no machine path
         write_json_atomically(self.keep / f"{name}.json", result, indent=1)
 
     def add(self, name: str, overrides: list[str]) -> None:
@@ -223,9 +224,10 @@ RUN_KEYS = ("wall_s", "peak_rss_mb", "best_val", "epochs")
 
 
 def _in_workdir(path: str | None, workdir: Path) -> str | None:
-    """A run's checkpoint as the report names it: relative to the work directory (no machine path)."""
-    if path is None:
-        return None
+    """A run's checkpoint as the report names it: relative to the work directory (no machine path;
+    a kept run's is already)."""
+    if path is None or not Path(path).is_absolute():
+        return path
     return str(Path(path).relative_to(workdir)) if Path(path).is_relative_to(workdir) else Path(path).name
 
 
