@@ -463,6 +463,9 @@ def main() -> None:
         return
     report: dict = {"name": name, "overrides": overrides, "runner": "cli", "tracking": tracking, "parallel": args.parallel,
                     "seeds": args.seeds, "matryoshka": over_seeds([results[f"matryoshka-seed{n}"] for n in args.seeds])}
+    if args.keep_runs is not None:  # where the kept runs are, in the repository where they are committed
+        kept = args.keep_runs.resolve()
+        report["keep_runs"] = str(kept.relative_to(ROOT)) if kept.is_relative_to(ROOT) else kept.name
     report["separate"] = []
     for s in separate_sizes:
         one = over_seeds([results[f"separate-d{s}-seed{n}"] for n in args.seeds])

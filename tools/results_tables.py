@@ -190,6 +190,8 @@ def accuracy_command(report: dict) -> str:
         args.append("--seeds " + " ".join(str(n) for n in report["seeds"]))
     if report.get("baseline_from"):
         args.append("--baseline-from BASELINE_WORKDIR")
+    if report.get("keep_runs"):
+        args.append(f"--keep-runs {report['keep_runs']}")
     overrides = list(report.get("overrides", []))
     for key, value in zip(overrides[::2], overrides[1::2]):
         if key == "--trainer.max_epochs":
@@ -332,10 +334,11 @@ def block_accuracy_ml1m() -> list[str]:
     return lines
 
 
-def block_accuracy_ml1m_converged() -> list[str]:
-    """MovieLens-1M's config recipe on the reduced CPU protocol, trained until early stopping or the
-    config's epochs end it: the one run and every size alone, each size's best validation epoch."""
-    report = load("accuracy_ml-1m-cpu-converged.json")
+def block_accuracy_ml1m_converged(name: str = "ml-1m-cpu-converged") -> list[str]:
+    """MovieLens-1M's config recipe (or an arm of it) on the reduced CPU protocol, trained until early
+    stopping or the config's epochs end it: the one run and every size alone, each size's best
+    validation epoch."""
+    report = load(f"accuracy_{name}.json")
     lines = [protocol_line(report), source_line(report), ""]
     lines += accuracy_table(report)
     best = [f"size {s}: {own_best_validation(report, s)}" for s in (r["size"] for r in report["separate"])]
