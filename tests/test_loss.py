@@ -125,6 +125,20 @@ def test_an_outside_teacher_equals_naive(sizes, block_rows):
     torch.testing.assert_close(own.distill[:-1], inplace.distill[:-1], rtol=0, atol=1e-10)
 
 
+def test_a_teacher_whose_softmax_has_exact_zeros_adds_nothing_for_them():
+    """A peaked teacher (float32, logits hundreds apart) has probabilities that are exactly zero:
+    they add nothing to its ``sum p log p``, as in the reference's KL."""
+    user, items, targets = _case(sizes=(16,), dtype=torch.float32)
+    t_user, t_items, _ = _case(sizes=(24,), seed=1, dtype=torch.float32)
+    t_user = t_user * 40
+    kw = dict(distill=0.7, teacher_vectors=(t_user, t_items))
+    assert (torch.softmax(t_user @ t_items[1:].T, dim=1) == 0).any()
+    flat = matryoshka_cross_entropy(user, items, targets, (16,), **kw)
+    ref = naive_matryoshka_cross_entropy(user, items, targets, (16,), **kw)
+    assert torch.isfinite(flat.distill).all()
+    torch.testing.assert_close(flat.distill, ref.distill, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"teacher_vectors": "x"}, "needs distill"),
     ({"distill": 1.0, "teacher_vectors": ("a", "b")}, "teacher's user vectors"),
