@@ -131,7 +131,7 @@ def measured_on(machine: str, threads=None, load=NO_LOAD, load_note: str = "") -
     """``Measured on MACHINE, N threads; load average L (note).``"""
     parts = [machine]
     if threads is not None:
-        parts.append(f"{threads} threads")
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
     line = "Measured on " + ", ".join(parts)
     if load is NO_LOAD or load is None:
         line += "; load average not recorded"
@@ -1533,6 +1533,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "search-lastfm": block_search_lastfm,
     "accuracy-sports-config": block_accuracy_sports_config,
     "accuracy-ml-1m-cpu-converged": block_accuracy_ml1m_converged,
+    "accuracy-ml-1m-cpu-distill": lambda: block_accuracy_ml1m_converged("ml-1m-cpu-distill"),
     "accuracy-sports": block_accuracy_sports,
     "twin-arms-ml-1m-cpu": block_twin_arms,
     "twin-arms-sports-cpu": lambda: block_twin_arms(SPORTS_TWIN_ARMS),
