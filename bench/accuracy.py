@@ -81,13 +81,13 @@ class Runs:
 
     def ranks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         path = self.ranks_file(name)
-        with np.load(path if path.exists() else self.keep / path.name) as f:
+        with np.load(path if path.exists() or self.keep is None else self.keep / path.name) as f:
             return f["users"], f["ranks"]
 
     def keep_result(self, name: str, result: dict) -> None:
         """Copies finished run ``name`` into the keep directory: its result (``<name>.json``) and its
-        ranks (``<name>.ranks.npz``, compressed, in the smallest integer type that holds them): a few
-        hundred kilobytes, small enough to commit, so that a job on another machine reuses the run."""
+        ranks (``<name>.ranks.npz``, compressed, in the smallest integer type that holds them): tens to
+        hundreds of kilobytes, small enough to commit, so that a job on another machine reuses the run."""
         if self.keep is None or (self.keep / f"{name}.json").exists():
             return
         users, ranks = self.ranks(name)
