@@ -79,24 +79,29 @@ class Runs:
         """Where run ``name`` leaves every test user's rank per size (users, ranks (M, users))."""
         return self.workdir / f"{name}.ranks.npz"
 
+    def kept_files(self, name: str) -> tuple[Path, Path]:
+        """Run ``name``'s result and ranks in the keep directory (``--keep-runs``)."""
+        return self.keep / f"{name}.json", self.keep / self.ranks_file(name).name
+
     def ranks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         path = self.ranks_file(name)
-        with np.load(path if path.exists() or self.keep is None else self.keep / path.name) as f:
+        with np.load(path if path.exists() or self.keep is None else self.kept_files(name)[1]) as f:
             return f["users"], f["ranks"]
 
     def keep_result(self, name: str, result: dict) -> None:
         """Copies finished run ``name`` into the keep directory: its result (``<name>.json``) and its
         ranks (``<name>.ranks.npz``, compressed, in the smallest integer type that holds them): tens to
         hundreds of kilobytes, small enough to commit, so that a job on another machine reuses the run."""
-        if self.keep is None or (self.keep / f"{name}.json").exists():
+        if self.keep is None or self.kept_files(name)[0].exists():
             return
+        result_file, ranks_file = self.kept_files(name)
         users, ranks = self.ranks(name)
         self.keep.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.keep / self.ranks_file(name).name) as tmp, open(tmp, "wb") as f:
+        with atomic_file(ranks_file) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, users=users.astype(np.min_scalar_type(users.max())),
                                 ranks=ranks.astype(np.min_scalar_type(ranks.max())))
         result = {**result, "best": _in_workdir(result.get("best"), self.workdir)}  # no machine path
-        write_json_atomically(self.keep / f"{name}.json", result, indent=1)
+        write_json_atomically(result_file, result, indent=1)
 
     def add(self, name: str, overrides: list[str]) -> None:
         self.pending.append((name, overrides))
@@ -170,9 +175,8 @@ class Runs:
         log = self.workdir / f"{name}.log"
         if log.exists() and self.ranks_file(name).exists():
             return self.result_of(name, log.read_text())
-        kept = self.keep / f"{name}.json" if self.keep is not None else None
-        if kept is not None and kept.exists() and (self.keep / self.ranks_file(name).name).exists():
-            return json.loads(kept.read_text())
+        if self.keep is not None and all(path.exists() for path in self.kept_files(name)):
+            return json.loads(self.kept_files(name)[0].read_text())
         return None
 
     def finish(self, on_done=None, keep_going: bool = False) -> dict[str, dict]:

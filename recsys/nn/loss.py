@@ -319,7 +319,6 @@ def _blocked_forward(
     # distillation needs every size's softmax intact while the running sum is built: one more
     # positions x items buffer (also the scratch of the KL values), 1/M more memory
     spare = torch.empty(positions * num_cand, dtype=dtype, device=device) if distilled or (scaled and with_grads) else None
-    tiny = torch.finfo(dtype).tiny
 
     for r0 in range(0, n_valid, positions):
         r1 = min(r0 + positions, n_valid)
@@ -340,18 +339,15 @@ def _blocked_forward(
             entropy: dict[int, Tensor] = {}  # sum p_T log p_T, once per teacher
             for m in distilled:  # KL(p_T || p_m) = sum p_T log p_T - sum p_T log p_m
                 k = teacher_level(m)
-                p_t = levels[k].view(-1)
                 if k not in entropy:
-                    entropy[k] = _sum_p_log_p(levels[k], work)
-                # an underflowed student probability counts as the smallest normal float
-                log_p = torch.clamp(levels[m], min=tiny, out=work).log_().view(-1)
-                kl_sums[m] += entropy[k] - torch.dot(p_t, log_p)
+                    entropy[k] = _sum_p_log_q(levels[k], levels[k], work)
+                kl_sums[m] += entropy[k] - _sum_p_log_q(levels[k], levels[m], work)
         if not with_grads:
             continue
         if scaled:
             work = spare[: (r1 - r0) * num_cand].view(r1 - r0, num_cand)
             for m in range(num_sizes):
-                plogp_sums[m] += _sum_p_log_p(levels[m], work)
+                plogp_sums[m] += _sum_p_log_q(levels[m], levels[m], work)
         # downward: S accumulates S_m = S_{m+1} + (c_m + a_m) softmax_m - a_m softmax_T(m); chunk
         # m's gradients come from it. Without distillation it lives in the largest size's buffer.
         top = num_sizes - 1
@@ -392,12 +388,12 @@ def _blocked_forward(
     return ce_sums, kl_sums, d_user, d_items, d_scales
 
 
-def _sum_p_log_p(p: Tensor, work: Tensor) -> Tensor:
-    """``sum p log p`` over a block's softmax, through ``work`` (its shape). As ``xlogy``, a zero
-    probability adds nothing (it multiplies the log of the smallest normal float), but about twice
-    as fast on CPU: ``xlogy`` is not vectorised there."""
-    log_p = torch.clamp(p, min=torch.finfo(p.dtype).tiny, out=work).log_()
-    return torch.dot(p.reshape(-1), log_p.view(-1))
+def _sum_p_log_q(p: Tensor, q: Tensor, work: Tensor) -> Tensor:
+    """``sum p log q`` over a block's softmaxes, through ``work`` (their shape). A probability ``q``
+    that underflowed counts as the smallest normal float, so a zero ``p`` adds nothing (as with
+    ``xlogy``, which is not vectorised on CPU and about twice as slow)."""
+    log_q = torch.clamp(q, min=torch.finfo(q.dtype).tiny, out=work).log_()
+    return torch.dot(p.reshape(-1), log_q.view(-1))
 
 
 def _cross_entropy_from_probs(
