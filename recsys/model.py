@@ -6,6 +6,7 @@ validation and test rank every catalogue item for every size (docs/method.md §4
 
 from __future__ import annotations
 
+import itertools
 import math
 from copy import deepcopy
 from dataclasses import asdict
@@ -511,9 +512,9 @@ class MatryoshkaRecommender(L.LightningModule):
         input_ids, targets, drawn = (torch.searchsorted(rows, ids.contiguous()) for ids in (input_ids, targets, drawn))
         return StepInputs(items, input_ids, items, targets, drawn, log_q, rows)
 
-    def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights, logit_scales=None, teacher_vectors=None):
+    def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights, logit_scales=None, side_by_side=False):
         """The configured Matryoshka loss of ``user`` vectors over the prefixes ``sizes`` (with
-        ``teacher_vectors``, the sizes distil from that outside teacher instead of their largest)."""
+        ``side_by_side``, the full loss of sizes whose vectors lie side by side, ``sizes`` their ends)."""
         candidates = step.candidates[:, : sizes[-1]]
         targets = step.targets[step.targets > 0]
         if self.hparams.loss == "full":
@@ -521,7 +522,7 @@ class MatryoshkaRecommender(L.LightningModule):
                 user, candidates, targets, sizes,
                 weights=weights, block_rows=self.hparams.loss_block_rows,
                 distill=self.hparams.distill, teacher=self.hparams.distill_teacher, logit_scales=logit_scales,
-                teacher_vectors=teacher_vectors,
+                side_by_side=side_by_side,
             )
         return sampled_matryoshka_cross_entropy(user, candidates, targets, sizes, step.negatives, log_q=step.log_q,
                                                 weights=weights, logit_scales=logit_scales)
@@ -584,26 +585,22 @@ class MatryoshkaRecommender(L.LightningModule):
         return users if self.output_bias is None else with_ones_column(users)
 
     def _per_size_loss(self, scored: list[tuple[torch.Tensor, StepInputs]], logit_scales=None) -> MatryoshkaLoss:
-        """One loss per size, from each size's ``(user vectors, step)`` (its candidates the item
-        vectors it scores), weighted by ``loss_weights``, as one :class:`MatryoshkaLoss`. With
-        ``distill`` every size but the largest also learns the detached softmax of its teacher
-        (``distill_teacher``: the largest size, or the next larger one), scored as the teacher
-        scores: its user vectors against its own item vectors."""
+        """Every size's own loss, from each size's ``(user vectors, step)`` (its candidates the item
+        vectors it scores), weighted by ``loss_weights``, as one :class:`MatryoshkaLoss`. The full
+        softmax takes all sizes in one pass, their vectors side by side, so that with ``distill``
+        (every size but the largest also learns the detached softmax of ``distill_teacher``, scored
+        as the teacher scores) each teacher's softmax is computed once; the sampled one, one loss
+        per size (it has no distillation)."""
         weights = self.hparams.loss_weights or [1.0] * len(self.sizes)
-        last = len(scored) - 1
-        losses = []
-        for m, (users, step) in enumerate(scored):
-            teacher = None
-            if self.hparams.distill > 0 and m < last:
-                t_users, t_step = scored[last if self.hparams.distill_teacher == "largest" else m + 1]
-                teacher = (t_users, t_step.candidates)
-            losses.append(self._loss(users, step, (users.shape[1],), (weights[m],),
-                                     None if logit_scales is None else logit_scales[m : m + 1], teacher))
-        total = sum(loss.total for loss in losses)
-        per_size = torch.cat([loss.per_size for loss in losses])
-        if self.hparams.distill == 0:
-            return MatryoshkaLoss(total, per_size)
-        return MatryoshkaLoss(total, per_size, torch.cat([loss.distill for loss in losses]))
+        widths = [users.shape[1] for users, _ in scored]
+        if self.hparams.loss == "full":
+            users = torch.cat([users for users, _ in scored], dim=1)
+            candidates = torch.cat([step.candidates[:, :width] for (_, step), width in zip(scored, widths)], dim=1)
+            ends = tuple(itertools.accumulate(widths))
+            return self._loss(users, scored[0][1]._replace(candidates=candidates), ends, weights, logit_scales, side_by_side=True)
+        losses = [self._loss(users, step, (width,), (weights[m],), None if logit_scales is None else logit_scales[m : m + 1])
+                  for m, ((users, step), width) in enumerate(zip(scored, widths))]
+        return MatryoshkaLoss(sum(loss.total for loss in losses), torch.cat([loss.per_size for loss in losses]))
 
     @torch.no_grad()
     def own_item_tower(self, size: int, heads: torch.nn.ModuleList | None = None) -> torch.nn.Module | None:

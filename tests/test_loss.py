@@ -125,6 +125,54 @@ def test_an_outside_teacher_equals_naive(sizes, block_rows):
     torch.testing.assert_close(own.distill[:-1], inplace.distill[:-1], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("teacher", ["largest", "next"])
+@pytest.mark.parametrize("sizes, weights, distill, block_rows", [
+    ((2, 4, 8, 16), None, 0.0, 28),
+    ((2, 4, 8, 16), None, 0.7, 28),
+    ((1, 3, 6, 10, 16), (1.0, 0.0, 3.0, 1.0, 0.5), 0.7, 15),  # uneven chunks, a zero weight
+    ((4, 16), None, 0.7, 1),
+])
+def test_side_by_side_equals_naive(sizes, weights, distill, block_rows, teacher):
+    """Sizes side by side (``side_by_side``: each size its own network, its vectors in its own
+    chunk): each size's logits are its chunk's product alone; loss, KL and gradients equal the
+    naive reference, with and without distillation, and differ from the prefix loss."""
+    user, items, targets = _case(sizes=sizes)
+    kw = dict(weights=weights, distill=distill, teacher=teacher, side_by_side=True)
+    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=block_rows, **kw)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes, **kw)
+    for a, b in ((flat.total, ref.total), (flat.per_size, ref.per_size), (flat.distill, ref.distill), (du, du_ref), (dz, dz_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    prefix = matryoshka_cross_entropy(user, items, targets, sizes, weights=weights)
+    assert not torch.allclose(flat.per_size[1:], prefix.per_size[1:])
+    torch.testing.assert_close(flat.per_size[0], prefix.per_size[0], rtol=0, atol=1e-10)  # the first chunk is the first prefix
+
+
+@pytest.mark.parametrize("teacher", ["largest", "next"])
+def test_side_by_side_is_one_loss_per_size_in_one_pass(teacher):
+    """One side-by-side pass equals one loss per size over its own chunk, each smaller size with
+    its teacher's chunk as an outside teacher: totals, cross-entropies, KL and gradients."""
+    sizes, weights = (2, 4, 8, 16), (0.5, 1.0, 2.0, 0.25)
+    user, items, targets = _case(sizes=sizes)
+    joint, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, weights=weights,
+                                     distill=0.7, teacher=teacher, side_by_side=True, block_rows=28)
+    u, z = user.clone().requires_grad_(), items.clone().requires_grad_()
+    bounds = [(0, 2), (2, 4), (4, 8), (8, 16)]
+    losses = []
+    for m, (a, b) in enumerate(bounds):
+        t = 3 if teacher == "largest" else m + 1
+        outside = (u[:, bounds[t][0]:bounds[t][1]], z[:, bounds[t][0]:bounds[t][1]]) if m < 3 else None
+        losses.append(matryoshka_cross_entropy(u[:, a:b], z[:, a:b], targets, (b - a,), weights=(weights[m],),
+                                               distill=0.7 if outside else 0.0, teacher_vectors=outside, block_rows=7))
+    total = sum(loss.total for loss in losses)
+    du_ref, dz_ref = torch.autograd.grad(total, (u, z))
+    torch.testing.assert_close(joint.total, total, rtol=0, atol=1e-10)
+    torch.testing.assert_close(joint.per_size, torch.cat([loss.per_size for loss in losses]), rtol=0, atol=1e-10)
+    torch.testing.assert_close(joint.distill[:-1], torch.cat([loss.distill for loss in losses[:-1]]), rtol=0, atol=1e-10)
+    assert joint.distill[-1] == 0
+    torch.testing.assert_close(du, du_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(dz, dz_ref, rtol=0, atol=1e-10)
+
+
 def test_a_teacher_whose_softmax_has_exact_zeros_adds_nothing_for_them():
     """A peaked teacher (float32, logits hundreds apart) has probabilities that are exactly zero:
     they add nothing to its ``sum p log p``, as in the reference's KL."""
@@ -173,16 +221,19 @@ def test_equals_naive_float32():
     torch.testing.assert_close(dz, dz_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("side_by_side", [False, True])
 @pytest.mark.parametrize("dtype, spread", [(torch.float32, 40.0), (torch.float64, 400.0)])
-def test_target_probability_underflow_is_exact(dtype, spread):
+def test_target_probability_underflow_is_exact(dtype, spread, side_by_side):
     """Logits so spread that some targets' softmax probability underflows to 0: the CE of those
     rows comes from their recomputed logits and still equals the naive loss (gradients too)."""
     sizes = (2, 4, 8, 16)
     user, items, targets = _case(positions=30, items=40, sizes=sizes, dtype=dtype, ignored=4)
     user = user * spread
-    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=8)
-    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes)
-    logits = user[targets > 0] @ items[1:].t()
+    kw = dict(side_by_side=side_by_side)
+    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=8, **kw)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes, **kw)
+    start = sizes[-2] if side_by_side else 0  # the largest size's logits
+    logits = user[targets > 0, start:] @ items[1:, start:].t()
     gap = logits.amax(dim=1) - logits.gather(1, targets[targets > 0, None] - 1).squeeze(1)
     assert gap.max() > -math.log(torch.finfo(dtype).tiny)  # some target probability is below the tiniest float
     tol = 1e-5 if dtype == torch.float32 else 1e-10
@@ -448,7 +499,8 @@ def test_autocast_takes_user_vectors_of_a_bfloat16_product_with_a_float32_item_m
         ((16,), None, 5),
     ],
 )
-def test_logit_scales_equal_naive(sizes, weights, block_rows):
+@pytest.mark.parametrize("side_by_side", [False, True])
+def test_logit_scales_equal_naive(sizes, weights, block_rows, side_by_side):
     """Per-size logit scales (learned inverse temperatures): loss and the gradients of the user
     vectors, the items and the scales themselves equal the naive loss's autograd."""
     user, items, targets = _case(sizes=sizes)
@@ -457,11 +509,11 @@ def test_logit_scales_equal_naive(sizes, weights, block_rows):
     for fn in (matryoshka_cross_entropy, naive_matryoshka_cross_entropy):
         u, z, t = user.clone().requires_grad_(), items.clone().requires_grad_(), scales.clone().requires_grad_()
         kw = {"block_rows": block_rows} if fn is matryoshka_cross_entropy else {}
-        out = fn(u, z, targets, sizes, weights=weights, logit_scales=t, **kw)
+        out = fn(u, z, targets, sizes, weights=weights, logit_scales=t, side_by_side=side_by_side, **kw)
         results.append((out.total, out.per_size, *torch.autograd.grad(out.total, (u, z, t))))
     for flat, ref in zip(*results):
         torch.testing.assert_close(flat, ref, rtol=0, atol=1e-10)
-    unscaled = naive_matryoshka_cross_entropy(user, items, targets, sizes, weights=weights)
+    unscaled = naive_matryoshka_cross_entropy(user, items, targets, sizes, weights=weights, side_by_side=side_by_side)
     assert not torch.allclose(results[1][1], unscaled.per_size)  # the scales do change the loss
 
 

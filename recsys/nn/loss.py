@@ -10,9 +10,10 @@ is 0 are ignored (left out of the mean).
 With ``distill > 0`` every size but the largest also learns the detached softmax of a teacher
 (the largest size, or the next larger one): ``total += distill * sum_{m < M} KL(p_teacher || p_m)``,
 computed in the same block pass (docs/method.md §4). With ``teacher_vectors`` the teacher is a
-network outside the loss (its detached user vectors and item matrix, of any width; a size that is
-its own network, ``nesting="slices"``, learns from the largest one this way), and every size learns
-from it.
+network outside the loss (its detached user vectors and item matrix, of any width), and every size
+learns from it. With ``side_by_side`` the sizes are networks of their own (``nesting="slices"``,
+their own item vectors): their vectors lie side by side and each size scores with its own chunk
+alone, all in one pass, so each teacher's softmax is computed once per block.
 
 Why a custom autograd function. The obvious implementation (:func:`naive_matryoshka_cross_entropy`)
 builds M logit tensors of ``positions x items`` and autograd keeps all of them, so memory and time
@@ -69,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recsys.nn.nested import check_sizes, chunk_bounds, chunk_widths, prefix_scores
+from recsys.nn.nested import check_sizes, chunk_bounds, chunk_scores, chunk_widths, prefix_scores
 
 __all__ = [
     "MatryoshkaLoss",
@@ -190,6 +191,13 @@ def _teacher_of(m: int, num_sizes: int, teacher: str) -> int:
     return num_sizes - 1 if teacher == "largest" else m + 1
 
 
+def _scores(user: Tensor, cand: Tensor, sizes: Sequence[int], side_by_side: bool, dtype: torch.dtype) -> list[Tensor]:
+    """Every size's logits: the prefix products, or with ``side_by_side`` each chunk's alone."""
+    if side_by_side:
+        return list(chunk_scores(user, cand, sizes, dtype=dtype))
+    return list(prefix_scores(user, cand, sizes, dtype=dtype))
+
+
 def _describe(x: object) -> str:
     if isinstance(x, Tensor):
         return f"a {x.ndim}-D {x.dtype} tensor of shape {tuple(x.shape)}"
@@ -246,6 +254,7 @@ def _blocked_forward(
     teacher: str = "largest",
     logit_scales: tuple[float, ...] | None = None,
     teacher_vectors: tuple[Tensor, Tensor] | None = None,
+    side_by_side: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Per-size cross-entropy and distillation sums over the valid rows and, if asked, the
     gradients of ``sum_m w_m * CE_m + distill * sum_{m < M-1} KL_m`` (means over valid rows)
@@ -265,6 +274,10 @@ def _blocked_forward(
     and is applied once at the end, outside the blocks. An outside teacher (``teacher_vectors``)
     is one more level of the block's buffer, its logits a product of its own vectors: every size,
     the largest too, has ``a_m = distill / n`` and it as ``T(m)``.
+
+    ``side_by_side``: size ``m``'s logits are chunk ``m``'s product alone (no running sum), so
+    chunk ``m``'s gradient comes from size ``m``'s terms alone: ``S_c = (c_c + a_c) softmax_c -
+    a_c softmax_{T(c)}`` and ``Y_c = c_c onehot``.
 
     Returns ``(ce_sums (M,), kl_sums (M,), d_user or None, d_items or None, d_scales or None)``.
     """
@@ -324,11 +337,12 @@ def _blocked_forward(
         r1 = min(r0 + positions, n_valid)
         u, t = u_valid[r0:r1], t_valid[r0:r1]
         levels = buffer[: levels_count * (r1 - r0) * num_cand].view(levels_count, r1 - r0, num_cand)
-        # upward: size m's logits are size m-1's plus chunk m's product
+        # upward: size m's logits are size m-1's plus chunk m's product (side by side: the product alone)
         for m, (a, b) in enumerate(bounds):
             u_chunk = u[:, a:b] * tau[m] if scaled else u[:, a:b]  # t_m R_m = (t_m/t_{m-1}) t_{m-1} R_{m-1} + t_m u_m z_m
-            _product_into(levels[m], u_chunk, chunks[m].t(), add_to=levels[m - 1] if m else None,
-                          beta=tau[m] / tau[m - 1] if m else 1.0)
+            carry = m > 0 and not side_by_side
+            _product_into(levels[m], u_chunk, chunks[m].t(), add_to=levels[m - 1] if carry else None,
+                          beta=tau[m] / tau[m - 1] if carry else 1.0)
         if outside:
             _product_into(levels[num_sizes], t_user_valid[r0:r1], t_cand.t())
         # every size's softmax in one operation, in place: the logits are not needed any more
@@ -348,35 +362,36 @@ def _blocked_forward(
             work = spare[: (r1 - r0) * num_cand].view(r1 - r0, num_cand)
             for m in range(num_sizes):
                 plogp_sums[m] += _sum_p_log_q(levels[m], levels[m], work)
-        # downward: S accumulates S_m = S_{m+1} + (c_m + a_m) softmax_m - a_m softmax_T(m); chunk
-        # m's gradients come from it. Without distillation it lives in the largest size's buffer.
-        top = num_sizes - 1
-        S = work if distilled else levels[top]
-        torch.mul(levels[top], scale[top], out=S)
-        if top in distilled:  # an outside teacher's: the largest size learns from it too
-            S.add_(levels[top], alpha=alpha).sub_(levels[num_sizes], alpha=alpha)
-        for m in range(top, -1, -1):
+        # downward: S accumulates S_m = S_{m+1} + (c_m + a_m) softmax_m - a_m softmax_T(m) (side by
+        # side, S starts afresh at every size); chunk m's gradients come from it. Without
+        # distillation it lives in the softmax buffer it starts from, whose size needs it no more.
+        S = None
+        for m in range(num_sizes - 1, -1, -1):
             a, b = bounds[m]
-            if m < top:
-                if distilled:
-                    S.add_(levels[m], alpha=scale[m] + alpha).sub_(levels[teacher_level(m)], alpha=alpha)
-                else:
-                    S.add_(levels[m], alpha=scale[m])
+            weight = scale[m] + (alpha if m in distilled else 0.0)
+            if S is None or side_by_side:
+                S = work if distilled else levels[m]
+                torch.mul(levels[m], weight, out=S)
+            else:
+                S.add_(levels[m], alpha=weight)
+            if m in distilled:  # the teacher's softmax (an outside teacher's: the largest learns from it too)
+                S.sub_(levels[teacher_level(m)], alpha=alpha)
             g = S if S.dtype == u.dtype else S.to(u.dtype)
             _product_into(d_valid[r0:r1, a:b], g, chunks[m])
             d_chunk = d_items[1:, a:b]
             _product_into(d_chunk, g.t(), u[:, a:b], add_to=d_chunk)
     del buffer, spare
 
-    ce_sums = _cross_entropy_from_probs(target_prob, u_valid, cand, t_valid, sizes, positions, tau).sum(dim=1)
+    ce_sums = _cross_entropy_from_probs(target_prob, u_valid, cand, t_valid, sizes, positions, tau, side_by_side).sum(dim=1)
     if not with_grads:
         return ce_sums, kl_sums, None, None, None
     d_scales = None
     if scaled:
         factor = torch.tensor([w / (t * n_valid) for w, t in zip(weights, tau)], dtype=dtype, device=device)
         d_scales = (ce_sums + plogp_sums) * factor
-    # one-hot part: column j of chunk c carries sum_{m >= c} w_m t_m / n
-    tail = torch.tensor([w * t for w, t in zip(weights, tau)], dtype=torch.float64).flip(0).cumsum(0).flip(0) / n_valid
+    # one-hot part: column j of chunk c carries sum_{m >= c} w_m t_m / n (side by side: w_c t_c / n)
+    own = torch.tensor([w * t for w, t in zip(weights, tau)], dtype=torch.float64) / n_valid
+    tail = own if side_by_side else own.flip(0).cumsum(0).flip(0)
     col_scale = tail.repeat_interleave(torch.tensor(chunk_widths(sizes))).to(device, dtype)
     d_valid -= cand[t_valid].to(dtype) * col_scale
     d_items.index_add_(0, t_valid + 1, u_valid.to(dtype) * col_scale, alpha=-1.0)
@@ -398,7 +413,7 @@ def _sum_p_log_q(p: Tensor, q: Tensor, work: Tensor) -> Tensor:
 
 def _cross_entropy_from_probs(
     target_prob: Tensor, user: Tensor, cand: Tensor, targets: Tensor, sizes: tuple[int, ...], positions: int,
-    logit_scales: Sequence[float],
+    logit_scales: Sequence[float], side_by_side: bool,
 ) -> Tensor:
     """``CE[m, r] = -log softmax_m[r, target]`` from the target probabilities ``(M, n)``.
 
@@ -413,7 +428,7 @@ def _cross_entropy_from_probs(
     far_rows = far.any(dim=0).nonzero().squeeze(1)
     for rows in far_rows.split(positions):
         t = targets[rows].unsqueeze(1)
-        for m, logits in enumerate(prefix_scores(user[rows], cand, sizes, dtype=target_prob.dtype)):
+        for m, logits in enumerate(_scores(user[rows], cand, sizes, side_by_side, target_prob.dtype)):
             logits = logits * logit_scales[m]
             exact = torch.logsumexp(logits, dim=1) - logits.gather(1, t).squeeze(1)
             ce[m, rows] = torch.where(far[m, rows], exact, ce[m, rows])
@@ -425,10 +440,11 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales,  # noqa: D102
-                teacher_vectors):
+                teacher_vectors, side_by_side):
         scales = None if logit_scales is None else tuple(float(t) for t in logit_scales.detach().tolist())
         ce_sums, kl_sums, d_user, d_items, d_scales = _blocked_forward(
-            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, scales, teacher_vectors
+            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, scales, teacher_vectors,
+            side_by_side,
         )
         n_valid = max(int((targets > 0).sum()), 1)
         per_size, per_size_kl = ce_sums / n_valid, kl_sums / n_valid
@@ -451,7 +467,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
             d_user, d_items = d_user * scale, d_items * scale
             d_scales = None if d_scales is None else d_scales * scale.to(d_scales.dtype)
         return (d_user if ctx.needs_input_grad[0] else None, d_items if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None, None, d_scales if ctx.needs_input_grad[9] else None, None)
+                None, None, None, None, None, None, None, d_scales if ctx.needs_input_grad[9] else None, None, None)
 
 
 def matryoshka_cross_entropy(
@@ -465,6 +481,7 @@ def matryoshka_cross_entropy(
     teacher: str = "largest",
     logit_scales: Tensor | None = None,
     teacher_vectors: tuple[Tensor, Tensor] | None = None,
+    side_by_side: bool = False,
 ) -> MatryoshkaLoss:
     """Matryoshka cross-entropy over all ``sizes`` with memory that does not grow with their number.
 
@@ -493,6 +510,11 @@ def matryoshka_cross_entropy(
             this loss, of its own width (detached; no gradient reaches them): with ``distill > 0``
             every size, the largest too, learns its softmax instead of ``teacher``'s. One more
             ``positions x items`` level per block.
+        side_by_side: ``user`` and ``items`` hold every size's own vectors side by side, size
+            ``m``'s in chunk ``m`` (``sizes`` are the chunks' ends), and size ``m`` scores with its
+            chunk alone, not with the prefix up to it: sizes that are networks of their own
+            (``nesting="slices"``, their own item vectors) in one pass, where each teacher's
+            softmax is computed once per block.
 
     Returns:
         ``MatryoshkaLoss(total, per_size, distill)``; ``per_size[m]`` is ``CE_m`` and
@@ -512,7 +534,8 @@ def matryoshka_cross_entropy(
     )
     with torch.autocast(user.device.type, enabled=False):
         total, per_size, per_size_kl = _MatryoshkaCrossEntropy.apply(
-            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales, teacher_vectors
+            user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales, teacher_vectors,
+            bool(side_by_side),
         )
     return MatryoshkaLoss(total, per_size, per_size_kl)
 
@@ -531,6 +554,7 @@ def naive_matryoshka_cross_entropy(
     teacher: str = "largest",
     logit_scales: Tensor | None = None,
     teacher_vectors: tuple[Tensor, Tensor] | None = None,
+    side_by_side: bool = False,
 ) -> MatryoshkaLoss:
     """The obvious implementation: one ``F.cross_entropy`` (and ``F.kl_div``) per size over its
     own logit tensor.
@@ -550,7 +574,7 @@ def naive_matryoshka_cross_entropy(
     n_valid = max(int(valid.sum()), 1)
     per_size, per_size_kl = [], []
     with torch.autocast(user.device.type, enabled=False):
-        logits = list(prefix_scores(user, items[1:], sizes, dtype=dtype))
+        logits = list(_scores(user, items[1:], sizes, side_by_side, dtype))
         if logit_scales is not None:
             logits = [z * t for z, t in zip(logits, logit_scales.to(dtype))]
         if teacher_vectors is not None:

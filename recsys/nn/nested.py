@@ -41,6 +41,7 @@ __all__ = [
     "chunk_bounds",
     "chunk_widths",
     "prefix_scores",
+    "chunk_scores",
     "NestedModule",
     "NestedLinear",
     "NestedLayerNorm",
@@ -143,6 +144,19 @@ def prefix_scores(
         else:
             total = total.addmm_(u, z.t()) if inplace else torch.addmm(total, u, z.t())
         yield total.squeeze(1) if batched else total
+
+
+def chunk_scores(
+    user: torch.Tensor, items: torch.Tensor, sizes: Sequence[int], *, dtype: torch.dtype | None = None
+) -> Iterator[torch.Tensor]:
+    """Every chunk's scores alone, smallest first: ``user[:, a:b]`` against ``items[:, a:b]`` for
+    chunk ``(a, b)`` of ``sizes``. What sizes whose vectors lie side by side score (each size its
+    own network, chunk ``m`` holding size ``m``'s vectors), where :func:`prefix_scores` sums the
+    chunks up to each size. ``user (P, D)``, ``items (N, D)``: ``(P, N)`` each, in ``dtype``
+    (default the inputs')."""
+    for a, b in chunk_bounds(sizes):
+        scores = user[:, a:b] @ items[:, a:b].t()
+        yield scores if dtype is None else scores.to(dtype)
 
 
 def sizes_up_to(sizes: Sequence[int], size: int) -> tuple[int, ...]:
