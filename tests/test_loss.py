@@ -147,6 +147,19 @@ def test_side_by_side_equals_naive(sizes, weights, distill, block_rows, teacher)
     torch.testing.assert_close(flat.per_size[0], prefix.per_size[0], rtol=0, atol=1e-10)  # the first chunk is the first prefix
 
 
+def test_side_by_side_sizes_learn_from_an_outside_teacher_as_the_naive_loss_does():
+    """Side by side with a teacher outside the loss: every size, the largest too, learns its softmax."""
+    sizes = (2, 4, 8, 16)
+    user, items, targets = _case(sizes=sizes)
+    t_user, t_items, _ = _case(sizes=(24,), seed=1)
+    kw = dict(distill=0.7, teacher_vectors=(t_user, t_items), side_by_side=True)
+    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=28, **kw)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes, **kw)
+    for a, b in ((flat.total, ref.total), (flat.per_size, ref.per_size), (flat.distill, ref.distill), (du, du_ref), (dz, dz_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert (flat.distill > 0).all()
+
+
 @pytest.mark.parametrize("teacher", ["largest", "next"])
 def test_side_by_side_is_one_loss_per_size_in_one_pass(teacher):
     """One side-by-side pass equals one loss per size over its own chunk, each smaller size with
