@@ -514,6 +514,7 @@ def main() -> None:
         "separate_peak_rss_mb": max((r["peak_rss_mb"] for r in report["separate"]), default=0.0),
     }
     report["date"] = time.strftime("%Y-%m-%d")
+    report["commit"] = reporting.git_commit(ROOT)  # the checkout (and its configs) that wrote the report
     text = markdown(report)
     write_json_atomically(args.out_dir / f"accuracy_{name}.json", report, indent=2)
     write_text_atomically(args.out_dir / f"accuracy_{name}.md", text)

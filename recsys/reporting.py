@@ -192,9 +192,11 @@ def dataset_name(data_dir: str | None) -> str:
     return Path(data_dir).name if data_dir else "synthetic"
 
 
-def git_commit() -> str | None:
+def git_commit(directory: str | Path | None = None) -> str | None:
+    """The commit checked out in ``directory`` (default: the working directory), or None outside git."""
+    where = [] if directory is None else ["-C", str(directory)]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(["git", *where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
         return out.stdout.strip()
     except Exception:
         return None

@@ -88,3 +88,12 @@ def test_a_run_left_half_way_goes_on_from_its_last_checkpoint(tmp_path):
     kept_users, kept_ranks = runs.ranks("m")
     assert np.array_equal(kept_users, users) and np.array_equal(kept_ranks, ranks)
     assert kept_ranks.dtype.itemsize < ranks.dtype.itemsize  # stored small
+
+
+def test_the_report_names_the_commit_of_the_checkout_that_wrote_it(tmp_path):
+    """A report records the commit whose configs its command read; outside a git checkout, none."""
+    from recsys.reporting import git_commit
+
+    commit = git_commit(BENCH.parent)
+    assert commit is not None and len(commit) == 40 and int(commit, 16) >= 0
+    assert git_commit(tmp_path) is None

@@ -218,9 +218,10 @@ def source_line(report: dict) -> str:
         runner = (" These runs trained through the former `bench/plain_train.py` (TF32 matrix products on the GPU);"
                   " the same settings now train through `python -m recsys.train --tracking csv`"
                   " (`--float32_matmul_precision high`, the default, is the same TF32 setting).")
+    commit = f" Written at commit `{report['commit'][:7]}` (its configs)." if report.get("commit") else ""
     return (
         f"`{accuracy_command(report)}` → `bench/results/accuracy_{report['name']}.json` "
-        f"({report['date']}). {measured_on(report['machine'], report.get('threads'), None)}{runner}"
+        f"({report['date']}). {measured_on(report['machine'], report.get('threads'), None)}{runner}{commit}"
     )
 
 
