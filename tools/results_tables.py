@@ -339,7 +339,7 @@ def block_accuracy_ml1m() -> list[str]:
 #: candidate for it) to the end with its twins, and that recipe in words
 PROMISE_ARMS = (
     ("Sports", "sports-cpu-distill-ema", "`configs/sports.yaml` (sizes up to 64)"),
-    ("MovieLens-1M", "ml-1m-cpu-distill", "`configs/ml-1m.yaml` with `--model.distill 0.5` (sizes up to 128, length 50)"),
+    ("MovieLens-1M", "ml-1m-cpu-distill", "`configs/ml-1m.yaml` (sizes up to 128, length 50)"),
     ("Last.fm", "lastfm-cpu-slices-tied-each", "`configs/lastfm.yaml`"),
 )
 
