@@ -92,9 +92,11 @@ class Runs:
         """Copies finished run ``name`` into the keep directory: its result (``<name>.json``) and its
         ranks (``<name>.ranks.npz``, compressed, in the smallest integer type that holds them): tens to
         hundreds of kilobytes, small enough to commit, so that a job on another machine reuses the run."""
-        if self.keep is None or self.kept_files(name)[0].exists():
+        if self.keep is None:
             return
         result_file, ranks_file = self.kept_files(name)
+        if result_file.exists():
+            return
         users, ranks = self.ranks(name)
         self.keep.mkdir(parents=True, exist_ok=True)
         with atomic_file(ranks_file) as tmp, open(tmp, "wb") as f:
@@ -175,9 +177,10 @@ class Runs:
         log = self.workdir / f"{name}.log"
         if log.exists() and self.ranks_file(name).exists():
             return self.result_of(name, log.read_text())
-        if self.keep is not None and all(path.exists() for path in self.kept_files(name)):
-            return json.loads(self.kept_files(name)[0].read_text())
-        return None
+        if self.keep is None:
+            return None
+        result_file, ranks_file = self.kept_files(name)
+        return json.loads(result_file.read_text()) if result_file.exists() and ranks_file.exists() else None
 
     def finish(self, on_done=None, keep_going: bool = False) -> dict[str, dict]:
         """Runs everything added; returns each run's result by name. A run an earlier job in the
