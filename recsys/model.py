@@ -32,6 +32,7 @@ from recsys.nn.loss import (
 )
 from recsys.nn.grid import SubModels, Triple
 from recsys.nn.item_bias import with_bias_column, with_ones_column
+from recsys.nn.weight_average import WeightAverage
 from recsys.nn.nested import (
     SizeSlices,
     cut_sizes,
@@ -99,11 +100,18 @@ class StepInputs(NamedTuple):
     rows: torch.Tensor | None = None
 
 
-def _kl_entries(loss) -> list:
-    """A loss's per-size KL values, None for its largest size (its own teacher) or all None."""
+def _kl_entries(loss, outside_teacher: bool = False) -> list:
+    """A loss's per-size KL values, None for its largest size (its own teacher, unless the teacher
+    is outside the loss) or all None."""
     if loss.distill is None:
         return [None] * len(loss.per_size)
-    return [*loss.distill[:-1], None]
+    return list(loss.distill) if outside_teacher else [*loss.distill[:-1], None]
+
+
+def _in_loss_teacher(teacher: str) -> str:
+    """The loss's own teacher for a model's ``distill_teacher``: ``average`` passes the loss an
+    outside teacher's vectors, which replace the loss's own teacher."""
+    return "largest" if teacher == "average" else teacher
 
 
 def size_network(net: SequentialRecommender, size: int) -> SequentialRecommender:
@@ -194,8 +202,11 @@ class MatryoshkaRecommender(L.LightningModule):
             learns the detached softmax of ``distill_teacher`` with this weight (0 = off); with a
             loss per size (``separate_item_vectors``, ``nesting="slices"``) the teacher's softmax
             is its own scores, against its own item vectors.
-        distill_teacher: ``largest`` (every smaller size learns from the largest) or ``next``
-            (each size from the next larger one, a cascade).
+        distill_teacher: ``largest`` (every smaller size learns from the largest), ``next``
+            (each size from the next larger one, a cascade) or ``average`` (every size, the
+            largest too, learns from the largest size scored with a moving average of the weights,
+            without dropout: a steadier teacher, for one more forward pass per step).
+        teacher_decay: with ``distill_teacher="average"``, the average's decay per training step.
         depths: elastic depths, e.g. ``[1, 2, 4]`` (the last must equal ``n_blocks``): the state at
             depth ``d`` is the output after block ``d`` (with the final norm). Default: none.
         pairs: elastic ``[width, size]`` pairs (``size <= width``, both among ``sizes``): served
@@ -239,7 +250,8 @@ class MatryoshkaRecommender(L.LightningModule):
         negatives: int = 1024,
         negative_sampling: Literal["uniform", "popularity"] = "popularity",
         distill: float = 0.0,
-        distill_teacher: Literal["largest", "next"] = "largest",
+        distill_teacher: Literal["largest", "next", "average"] = "largest",
+        teacher_decay: float = 0.99,
         depths: list[int] | None = None,
         pairs: list[list[int]] | None = None,
         grid: Literal["diagonal", "full"] = "diagonal",
@@ -304,6 +316,8 @@ class MatryoshkaRecommender(L.LightningModule):
         self.val_metrics = RankingMetrics(rows)
         self.test_metrics = RankingMetrics(rows, keep_ranks=True)  # per-user ranks for significance tests
         self._eval_items: torch.Tensor | None = None
+        # the teacher's weights (distill_teacher="average"; outside ``net``: exports never see them)
+        self.teacher_average = WeightAverage(self, teacher_decay) if distill > 0 and distill_teacher == "average" else None
 
     def _set_training_candidates(self, num_items: int, cold_start_items) -> None:
         """The cold-start protocol: items held out of training are no candidates in the training
@@ -450,21 +464,23 @@ class MatryoshkaRecommender(L.LightningModule):
         tensor (``recsys/nn/grid.py``; a run over sizes alone is one group), or with the per-size
         options one loss per size (``nesting="slices"``, ``separate_item_vectors``). The KL entry is
         None where there is none (the largest size of each loss, or no distillation)."""
+        teacher = None if self.teacher_average is None else self._averaged_teacher(batch)
         step = self.step_inputs(batch, with_items=self._slices is None)  # slices: each size its own items
         valid = step.targets > 0
         scales = None if self.log_logit_scale is None else self.log_logit_scale.exp()
         if self._slices is not None:
-            losses = [self._sliced_loss(step, valid, scales)]
+            losses = [self._sliced_loss(step, valid, scales, teacher)]
         else:
             states = self._states(step.input_ids, step.items)
             if self.item_heads is not None:
-                losses = [self._separate_items_loss(states[self.hparams.n_blocks][valid], step, scales)]
-            else:  # (a grid has no loss weights or scales: check_options)
+                losses = [self._separate_items_loss(states[self.hparams.n_blocks][valid], step, scales, teacher)]
+            else:  # (a grid has no loss weights, scales or averaged teacher: check_options)
                 losses = [self._loss(self.net.group_vectors(group, states[group.depth][valid]), step, group.sizes,
-                                     self.hparams.loss_weights, scales) for group in self.trained.groups]
+                                     self.hparams.loss_weights, scales, teacher_vectors=teacher)
+                          for group in self.trained.groups]
         total = sum(loss.total for loss in losses)
         per_size = [value for loss in losses for value in loss.per_size]
-        distill = [entry for loss in losses for entry in _kl_entries(loss)]
+        distill = [entry for loss in losses for entry in _kl_entries(loss, outside_teacher=teacher is not None)]
         return total, [self.trained.name(t) for g in self.trained.groups for t in g.triples], per_size, distill, int(valid.sum())
 
     def _states(self, input_ids: torch.Tensor, items: torch.Tensor, last: bool = False) -> dict[int, torch.Tensor]:
@@ -512,22 +528,24 @@ class MatryoshkaRecommender(L.LightningModule):
         input_ids, targets, drawn = (torch.searchsorted(rows, ids.contiguous()) for ids in (input_ids, targets, drawn))
         return StepInputs(items, input_ids, items, targets, drawn, log_q, rows)
 
-    def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights, logit_scales=None, side_by_side=False):
+    def _loss(self, user: torch.Tensor, step: StepInputs, sizes, weights, logit_scales=None, side_by_side=False,
+              teacher_vectors=None):
         """The configured Matryoshka loss of ``user`` vectors over the prefixes ``sizes`` (with
-        ``side_by_side``, the full loss of sizes whose vectors lie side by side, ``sizes`` their ends)."""
+        ``side_by_side``, the full loss of sizes whose vectors lie side by side, ``sizes`` their ends;
+        with ``teacher_vectors``, every size distils from that outside teacher)."""
         candidates = step.candidates[:, : sizes[-1]]
         targets = step.targets[step.targets > 0]
         if self.hparams.loss == "full":
             return matryoshka_cross_entropy(
                 user, candidates, targets, sizes,
                 weights=weights, block_rows=self.hparams.loss_block_rows,
-                distill=self.hparams.distill, teacher=self.hparams.distill_teacher, logit_scales=logit_scales,
-                side_by_side=side_by_side,
+                distill=self.hparams.distill, teacher=_in_loss_teacher(self.hparams.distill_teacher),
+                logit_scales=logit_scales, teacher_vectors=teacher_vectors, side_by_side=side_by_side,
             )
         return sampled_matryoshka_cross_entropy(user, candidates, targets, sizes, step.negatives, log_q=step.log_q,
                                                 weights=weights, logit_scales=logit_scales)
 
-    def _separate_items_loss(self, user: torch.Tensor, step: StepInputs, logit_scales=None) -> MatryoshkaLoss:
+    def _separate_items_loss(self, user: torch.Tensor, step: StepInputs, logit_scales=None, teacher=None) -> MatryoshkaLoss:
         """Every size's softmax against its own item vectors (``separate_item_vectors``), one loss
         per size against its own matrix (each full softmax memory-flat, each sampled one over the
         step's rows of that size's tower): ``M`` products of ``s_m`` columns instead of one of ``D``."""
@@ -542,9 +560,9 @@ class MatryoshkaRecommender(L.LightningModule):
             else:
                 items = scale_prefix_gradient(items, start, factor)
             scored.append((users, step._replace(candidates=items)))
-        return self._per_size_loss(scored, logit_scales)
+        return self._per_size_loss(scored, logit_scales, teacher)
 
-    def _sliced_loss(self, step: StepInputs, valid: torch.Tensor, logit_scales=None) -> MatryoshkaLoss:
+    def _sliced_loss(self, step: StepInputs, valid: torch.Tensor, logit_scales=None, teacher=None) -> MatryoshkaLoss:
         """``nesting="slices"``: every size is its own network over the top-left slices of the
         weights (:class:`~recsys.nn.nested.SizeSlices`, which also applies ``prefix_gradient``): its
         own item matrix, its own states, its softmax against its own item vectors (or that matrix)."""
@@ -559,7 +577,7 @@ class MatryoshkaRecommender(L.LightningModule):
             else:
                 candidates = items if step.rows is not None or self._train_rows is None else items[self._train_rows]
             scored.append((states, step._replace(items=items, candidates=candidates)))
-        return self._per_size_loss(scored, logit_scales)
+        return self._per_size_loss(scored, logit_scales, teacher)
 
     def _training_head_items(self, step: StepInputs) -> list[torch.Tensor]:
         """The item vectors of the sizes that have their own (``separate_item_vectors``), smallest
@@ -584,7 +602,7 @@ class MatryoshkaRecommender(L.LightningModule):
         """User vectors as they score their size's own item vectors: ending in a one with ``output_bias``."""
         return users if self.output_bias is None else with_ones_column(users)
 
-    def _per_size_loss(self, scored: list[tuple[torch.Tensor, StepInputs]], logit_scales=None) -> MatryoshkaLoss:
+    def _per_size_loss(self, scored: list[tuple[torch.Tensor, StepInputs]], logit_scales=None, teacher=None) -> MatryoshkaLoss:
         """Every size's own loss, from each size's ``(user vectors, step)`` (its candidates the item
         vectors it scores), weighted by ``loss_weights``, as one :class:`MatryoshkaLoss`. The full
         softmax takes all sizes in one pass, their vectors side by side, so that with ``distill``
@@ -597,10 +615,39 @@ class MatryoshkaRecommender(L.LightningModule):
             users = torch.cat([users for users, _ in scored], dim=1)
             candidates = torch.cat([step.candidates[:, :width] for (_, step), width in zip(scored, widths)], dim=1)
             ends = tuple(itertools.accumulate(widths))
-            return self._loss(users, scored[0][1]._replace(candidates=candidates), ends, weights, logit_scales, side_by_side=True)
+            return self._loss(users, scored[0][1]._replace(candidates=candidates), ends, weights, logit_scales,
+                              side_by_side=True, teacher_vectors=teacher)
         losses = [self._loss(users, step, (width,), (weights[m],), None if logit_scales is None else logit_scales[m : m + 1])
                   for m, ((users, step), width) in enumerate(zip(scored, widths))]
         return MatryoshkaLoss(sum(loss.total for loss in losses), torch.cat([loss.per_size for loss in losses]))
+
+    @torch.no_grad()
+    def _averaged_teacher(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``distill_teacher="average"``: this batch's largest-size (user vectors, candidate item
+        vectors) as the moving average of the weights scores them, without dropout; computed before
+        the step's own forward pass, so that no graph of the weights is pending while they are swapped."""
+        training = self.training
+        self.train(False)
+        try:
+            with self.teacher_average.swapped_in(self):
+                step = self.step_inputs(batch, with_items=self._slices is None)
+                return self._largest_scored(step, step.targets > 0)
+        finally:
+            self.train(training)
+
+    def _largest_scored(self, step: StepInputs, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The largest size's user vectors at the ``valid`` positions and the item vectors it scores
+        them against in training (its own with ``separate_item_vectors="all"``)."""
+        if self._slices is not None:
+            net = self._slices.network(self.net, self.sizes[-1], self.hparams.prefix_gradient)
+            items = net("item_matrix")
+            states = net("sequence_states", step.input_ids, items)[valid]
+            candidates = items if self._train_rows is None else items[self._train_rows]
+        else:
+            states, candidates = self._states(step.input_ids, step.items)[self.hparams.n_blocks][valid], step.candidates
+        if self.item_heads is not None and len(self.item_heads) == len(self.sizes):
+            return self._own_scored(states), self._training_head_items(step)[-1]
+        return states, candidates
 
     @torch.no_grad()
     def own_item_tower(self, size: int, heads: torch.nn.ModuleList | None = None) -> torch.nn.Module | None:
@@ -623,6 +670,10 @@ class MatryoshkaRecommender(L.LightningModule):
         if tower is None:
             return None
         return self._with_own_bias(tower(), self.sizes.index(size), biases=owner.output_bias)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.teacher_average is not None:  # the teacher's weights follow the step just taken
+            self.teacher_average.update(self)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still have NaN or infinite gradients (one bad item row in a sampled

@@ -14,7 +14,7 @@ from recsys.nn.grid import GRIDS, Triple, build_grid
 from recsys.nn.loss import TEACHERS
 from recsys.nn.nested import NESTINGS, check_sizes
 
-__all__ = ["LOSSES", "NEGATIVE_SAMPLING", "NUMBER_RULES", "OptionError", "check_numbers", "check_options", "grid_of"]
+__all__ = ["LOSSES", "MODEL_TEACHERS", "NEGATIVE_SAMPLING", "NUMBER_RULES", "OptionError", "check_numbers", "check_options", "grid_of"]
 
 
 #: the training losses: the full softmax over the catalogue, or a sampled softmax (docs/method.md §4)
@@ -22,6 +22,8 @@ LOSSES = ("full", "sampled")
 #: how the sampled softmax draws its shared negatives: uniformly over the training items, or in
 #: proportion to their training counts with the log-Q correction
 NEGATIVE_SAMPLING = ("uniform", "popularity")
+#: the distillation's teachers: the loss's own, or the largest size scored with a moving average of the weights
+MODEL_TEACHERS = (*TEACHERS, "average")
 
 
 def _probability(v) -> bool:
@@ -41,6 +43,7 @@ NUMBER_RULES: dict[str, tuple[bool, Any, str]] = {
     "weight_decay": (False, lambda v: v >= 0, "a finite non-negative number"),
     "distill": (False, lambda v: v >= 0, "a finite non-negative number"),
     "prefix_gradient": (False, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "teacher_decay": (False, lambda v: 0 < v < 1, "a number in (0, 1)"),
     "init_std": (False, lambda v: v > 0, "a finite positive number (or null: each layer's own initialisation)"),
 }
 
@@ -68,6 +71,7 @@ def check_options(
     negative_sampling: str = "popularity",
     distill: Any = 0.0,
     distill_teacher: str = "largest",
+    teacher_decay: Any = 0.99,
     n_blocks: Any = 2,
     depths: Any = None,
     pairs: Any = None,
@@ -92,7 +96,7 @@ def check_options(
     ``dropout``, ...) are checked by ``NUMBER_RULES``."""
     numbers = {name: value for name, value in other.items() if name in NUMBER_RULES}
     check_numbers(n_blocks=n_blocks, negatives=negatives, distill=distill, id_dropout=id_dropout,
-                  prefix_gradient=prefix_gradient, **numbers)
+                  prefix_gradient=prefix_gradient, teacher_decay=teacher_decay, **numbers)
     try:
         sizes = check_sizes(sizes)
     except ValueError as exc:
@@ -114,8 +118,8 @@ def check_options(
         raise OptionError(
             f"{{negative_sampling}}: unknown sampling {negative_sampling!r}; choose one of {', '.join(NEGATIVE_SAMPLING)}"
         )
-    if distill_teacher not in TEACHERS:
-        raise OptionError(f"{{distill_teacher}}: unknown teacher {distill_teacher!r}; choose one of {', '.join(TEACHERS)}")
+    if distill_teacher not in MODEL_TEACHERS:
+        raise OptionError(f"{{distill_teacher}}: unknown teacher {distill_teacher!r}; choose one of {', '.join(MODEL_TEACHERS)}")
     if distill > 0 and loss != "full":
         raise OptionError(f"{{distill}} works with the full softmax only; {{loss}} is {loss!r}")
     if id_dropout > 0 and not use_id_embedding:
@@ -158,6 +162,8 @@ def check_options(
                               "(one checkpoint for every triple)")
         if loss_weights is not None:
             raise OptionError("{loss_weights} are per size; with a grid of triples every triple has weight 1")
+        if distill > 0 and distill_teacher == "average":
+            raise OptionError("{distill_teacher} 'average' scores the largest size alone; it is not available with a grid of triples")
     if encoder == "sasrec":
         try:
             options["sasrec"].check_width(sizes[-1])

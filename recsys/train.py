@@ -408,6 +408,10 @@ class TrainCLI(LightningCLI):
             if self.config.ckpt_path:
                 raise ConfigError(f"--ckpt_path {self.config.ckpt_path}: resuming is not supported with --trainer.strategy sharded "
                                   "(the tables' optimizer state is not kept in checkpoints)")
+            model = self.config.model
+            if model.distill > 0 and model.distill_teacher == "average":
+                raise ConfigError("--model.distill_teacher average is not supported with --trainer.strategy sharded "
+                                  "(the averaged copy of the sharded item tables is not built)")
             import recsys.sharding  # noqa: F401 - registers the strategy name
 
     def instantiate_trainer(self, **kwargs: Any):

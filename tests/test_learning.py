@@ -29,7 +29,8 @@ def _popularity_ndcg(datamodule) -> float:
 
 @pytest.mark.parametrize(
     "encoder,options",
-    [("lru", {}), ("mamba", {}), ("sasrec", {}), ("lru", {"distill": 1.0, "distill_teacher": "next"})],
+    [("lru", {}), ("mamba", {}), ("sasrec", {}), ("lru", {"distill": 1.0, "distill_teacher": "next"}),
+     ("lru", {"distill": 1.0, "distill_teacher": "average", "teacher_decay": 0.9})],
 )
 def test_every_size_beats_popularity(datamodule, encoder, options):
     L.seed_everything(0)

@@ -920,6 +920,13 @@ BAD_INPUTS = [
              r"^--model\.encoder: unknown encoder 'gru'; choose one of lru, mamba, sasrec$"),
     BadInput("recsys.train", "negative distillation weight (`--model.distill -1`)", (*TRAIN, "--model.distill", "-1"),
              r"^--model\.distill must be a finite non-negative number, got -1\.0$"),
+    BadInput("recsys.train", "averaged teacher's decay out of range (`--model.teacher_decay 1`)",
+             (*TRAIN, "--model.distill", "0.5", "--model.distill_teacher", "average", "--model.teacher_decay", "1"),
+             r"^--model\.teacher_decay must be a number in \(0, 1\), got 1(\.0)?$"),
+    BadInput("recsys.train", "averaged teacher with sharded tables (`--model.distill_teacher average --trainer.strategy sharded`)",
+             (*TRAIN, "--model.distill", "0.5", "--model.distill_teacher", "average", "--trainer.strategy", "sharded"),
+             r"^--model\.distill_teacher average is not supported with --trainer\.strategy sharded "
+             r"\(the averaged copy of the sharded item tables is not built\)$"),
     BadInput("recsys.train", "ID dropout without ID embeddings (`--model.id_dropout 0.5`)", (*TRAIN, "--model.id_dropout", "0.5"),
              r"^--model\.id_dropout 0\.5 drops item-ID vectors, but --model\.use_id_embedding is false$"),
     BadInput("recsys.train", "learned temperature with distillation (`--model.learned_temperature true --model.distill 0.5`)",

@@ -796,6 +796,86 @@ def test_per_size_losses_distil_from_their_teachers_scores(options, teacher):
                                                                      plain.item_heads[0].parameters()) if b.grad is not None)
 
 
+@pytest.mark.parametrize("options", [
+    {"nesting": "slices", "separate_item_vectors": "all"}, {"nesting": "slices"}, {"separate_item_vectors": "all"}, {},
+], ids=lambda o: "-".join(str(v) for v in o.values()) or "tied-blocks")
+def test_the_averaged_teacher_scores_with_the_average_of_the_weights(options):
+    """``distill_teacher="average"``: every size, the largest too, learns ``KL(p_T || p_size)`` where
+    ``p_T`` is the largest size's softmax under the moving average of the weights (its own item
+    vectors where it has them); the model's own weights are back in place after the teacher's pass,
+    and only they get gradients."""
+    import copy
+
+    from recsys.nn.nested import cut_to_size
+
+    sizes = (4, 8, 12)
+    model = _tiny_model(sizes=sizes, distill=0.7, distill_teacher="average", **options)
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():  # an average that differs from the weights
+        for name, p in teacher.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+            if name in model.teacher_average.names:
+                getattr(model.teacher_average, name.replace(".", "__")).copy_(p)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    total, _, per_size, kl, _ = model.training_loss(TINY_BATCH)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+
+    def logits(owner, m, size):
+        step = owner.step_inputs(TINY_BATCH)
+        valid = step.targets > 0
+        net = cut_to_size(owner.net, size) if options.get("nesting") == "slices" else owner.net
+        items = net.item_matrix()
+        user = net.sequence_states(step.input_ids, items)[valid][:, :size]
+        candidates = owner.item_heads[m]() if owner.item_heads is not None else items[:, :size]
+        return user @ candidates[1:].t(), step.targets[valid] - 1
+
+    with torch.no_grad():
+        p_teacher = torch.softmax(logits(teacher, len(sizes) - 1, sizes[-1])[0], dim=1)
+    expected = 0.0
+    for m, size in enumerate(sizes):
+        z, targets = logits(model, m, size)
+        ce = torch.nn.functional.cross_entropy(z, targets)
+        divergence = torch.nn.functional.kl_div(torch.log_softmax(z, dim=1), p_teacher, reduction="batchmean")
+        torch.testing.assert_close(per_size[m], ce.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kl[m], divergence.detach(), rtol=1e-5, atol=1e-6)
+        expected = expected + ce + 0.7 * divergence
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    total.backward()
+    assert all(p.grad is not None for p in model.net.parameters() if p.requires_grad)
+    assert not any(b.requires_grad for b in model.teacher_average.buffers())
+
+
+def test_the_averaged_teacher_follows_the_weights_and_stays_out_of_exports():
+    """After each training batch the average moves ``1 - teacher_decay`` of the way to the weights;
+    it is saved with the model's state (a resumed run goes on with it), outside the network that
+    exports cut."""
+    model = _tiny_model(distill=0.5, distill_teacher="average", teacher_decay=0.9)
+    average = model.teacher_average
+    name = average.names[0]
+    before = getattr(average, name.replace(".", "__")).clone()
+    param = dict(model.named_parameters())[name]
+    with torch.no_grad():
+        param.add_(1.0)
+    model.on_train_batch_end(None, TINY_BATCH, 0)
+    torch.testing.assert_close(getattr(average, name.replace(".", "__")), 0.9 * before + 0.1 * param.detach())
+    state = model.state_dict()
+    assert {f"teacher_average.{n.replace('.', '__')}" for n in average.names} <= state.keys()
+    assert not any(key.startswith("teacher_average") for key in model.net.state_dict())
+    assert _tiny_model(distill=0.5).teacher_average is None
+    assert _tiny_model(distill_teacher="average").teacher_average is None  # no distillation, no teacher
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"distill": 0.5, "distill_teacher": "average", "teacher_decay": 1.0}, r"teacher_decay must be a number in \(0, 1\)"),
+    ({"distill": 0.5, "distill_teacher": "mean"}, "unknown teacher 'mean'; choose one of largest, next, average"),
+    ({"distill": 0.5, "distill_teacher": "average", "depths": [1, 2]}, "'average' scores the largest size alone"),
+])
+def test_the_averaged_teacher_refuses_what_it_cannot_do(options, message):
+    with pytest.raises(OptionError, match=message):
+        _tiny_model(**options)
+
+
 def test_sliced_nesting_is_refused_where_it_is_not_built():
     with pytest.raises(OptionError, match="'slices' is built for the lru encoder"):
         _tiny_model(nesting="slices", encoder="mamba")
