@@ -100,12 +100,11 @@ class StepInputs(NamedTuple):
     rows: torch.Tensor | None = None
 
 
-def _kl_entries(loss, outside_teacher: bool = False) -> list:
-    """A loss's per-size KL values, None for its largest size (its own teacher, unless the teacher
-    is outside the loss) or all None."""
+def _kl_entries(loss) -> list:
+    """A loss's per-size KL values, None for its largest size (which learns from no teacher) or all None."""
     if loss.distill is None:
         return [None] * len(loss.per_size)
-    return list(loss.distill) if outside_teacher else [*loss.distill[:-1], None]
+    return [*loss.distill[:-1], None]
 
 
 def _in_loss_teacher(teacher: str) -> str:
@@ -203,9 +202,9 @@ class MatryoshkaRecommender(L.LightningModule):
             loss per size (``separate_item_vectors``, ``nesting="slices"``) the teacher's softmax
             is its own scores, against its own item vectors.
         distill_teacher: ``largest`` (every smaller size learns from the largest), ``next``
-            (each size from the next larger one, a cascade) or ``average`` (every size, the
-            largest too, learns from the largest size scored with a moving average of the weights,
-            without dropout: a steadier teacher, for one more forward pass per step).
+            (each size from the next larger one, a cascade) or ``average`` (every smaller size learns
+            from the largest size scored with a moving average of the weights, without dropout: a
+            steadier teacher, for one more forward pass per step; a single size has no student).
         teacher_decay: with ``distill_teacher="average"``, the average's decay per training step.
         depths: elastic depths, e.g. ``[1, 2, 4]`` (the last must equal ``n_blocks``): the state at
             depth ``d`` is the output after block ``d`` (with the final norm). Default: none.
@@ -317,7 +316,8 @@ class MatryoshkaRecommender(L.LightningModule):
         self.test_metrics = RankingMetrics(rows, keep_ranks=True)  # per-user ranks for significance tests
         self._eval_items: torch.Tensor | None = None
         # the teacher's weights (distill_teacher="average"; outside ``net``: exports never see them)
-        self.teacher_average = WeightAverage(self, teacher_decay) if distill > 0 and distill_teacher == "average" else None
+        averaged = distill > 0 and distill_teacher == "average" and len(self.sizes) > 1  # one size: no student
+        self.teacher_average = WeightAverage(self, teacher_decay) if averaged else None
 
     def _set_training_candidates(self, num_items: int, cold_start_items) -> None:
         """The cold-start protocol: items held out of training are no candidates in the training
@@ -480,7 +480,7 @@ class MatryoshkaRecommender(L.LightningModule):
                           for group in self.trained.groups]
         total = sum(loss.total for loss in losses)
         per_size = [value for loss in losses for value in loss.per_size]
-        distill = [entry for loss in losses for entry in _kl_entries(loss, outside_teacher=teacher is not None)]
+        distill = [entry for loss in losses for entry in _kl_entries(loss)]
         return total, [self.trained.name(t) for g in self.trained.groups for t in g.triples], per_size, distill, int(valid.sum())
 
     def _states(self, input_ids: torch.Tensor, items: torch.Tensor, last: bool = False) -> dict[int, torch.Tensor]:
@@ -532,7 +532,7 @@ class MatryoshkaRecommender(L.LightningModule):
               teacher_vectors=None):
         """The configured Matryoshka loss of ``user`` vectors over the prefixes ``sizes`` (with
         ``side_by_side``, the full loss of sizes whose vectors lie side by side, ``sizes`` their ends;
-        with ``teacher_vectors``, every size distils from that outside teacher)."""
+        with ``teacher_vectors``, every size but the largest distils from that outside teacher)."""
         candidates = step.candidates[:, : sizes[-1]]
         targets = step.targets[step.targets > 0]
         if self.hparams.loss == "full":
@@ -540,7 +540,7 @@ class MatryoshkaRecommender(L.LightningModule):
                 user, candidates, targets, sizes,
                 weights=weights, block_rows=self.hparams.loss_block_rows,
                 distill=self.hparams.distill, teacher=_in_loss_teacher(self.hparams.distill_teacher),
-                logit_scales=logit_scales, teacher_vectors=teacher_vectors, side_by_side=side_by_side,
+                logit_scales=logit_scales, teacher_vectors=teacher_vectors, teach_largest=False, side_by_side=side_by_side,
             )
         return sampled_matryoshka_cross_entropy(user, candidates, targets, sizes, step.negatives, log_q=step.log_q,
                                                 weights=weights, logit_scales=logit_scales)

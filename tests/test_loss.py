@@ -125,6 +125,26 @@ def test_an_outside_teacher_equals_naive(sizes, block_rows):
     torch.testing.assert_close(own.distill[:-1], inplace.distill[:-1], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("side_by_side", [False, True])
+@pytest.mark.parametrize("sizes, block_rows", [((16,), 16), ((2, 4, 8, 16), 28), ((4, 16), 1)])
+def test_an_outside_teacher_of_the_smaller_sizes_alone_equals_naive(sizes, block_rows, side_by_side):
+    """``teach_largest=False``: only the sizes below the largest learn the outside teacher's
+    softmax (as with the loss's own teacher); loss, KL and gradients equal the naive reference, and
+    the largest size's gradient is the one it gets without distillation."""
+    user, items, targets = _case(sizes=sizes)
+    t_user, t_items, _ = _case(sizes=(24,), seed=1)
+    kw = dict(distill=0.7, teacher_vectors=(t_user, t_items), teach_largest=False, side_by_side=side_by_side)
+    flat, du, dz = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, block_rows=block_rows, **kw)
+    ref, du_ref, dz_ref = _value_and_grads(naive_matryoshka_cross_entropy, user, items, targets, sizes, **kw)
+    for a, b in ((flat.total, ref.total), (flat.per_size, ref.per_size), (flat.distill, ref.distill), (du, du_ref), (dz, dz_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert flat.distill[-1] == 0 and (flat.distill[:-1] > 0).all()
+    plain, du_plain, _ = _value_and_grads(matryoshka_cross_entropy, user, items, targets, sizes, side_by_side=side_by_side)
+    torch.testing.assert_close(flat.total, plain.total + 0.7 * flat.distill.sum(), rtol=0, atol=1e-10)
+    largest = slice(sizes[-2] if len(sizes) > 1 else 0, sizes[-1])
+    torch.testing.assert_close(du[:, largest], du_plain[:, largest], rtol=0, atol=1e-10)  # its chunk: its own terms
+
+
 @pytest.mark.parametrize("teacher", ["largest", "next"])
 @pytest.mark.parametrize("sizes, weights, distill, block_rows", [
     ((2, 4, 8, 16), None, 0.0, 28),

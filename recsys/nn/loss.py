@@ -255,6 +255,7 @@ def _blocked_forward(
     logit_scales: tuple[float, ...] | None = None,
     teacher_vectors: tuple[Tensor, Tensor] | None = None,
     side_by_side: bool = False,
+    teach_largest: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Per-size cross-entropy and distillation sums over the valid rows and, if asked, the
     gradients of ``sum_m w_m * CE_m + distill * sum_{m < M-1} KL_m`` (means over valid rows)
@@ -273,7 +274,7 @@ def _blocked_forward(
     ``S_c`` needs the softmaxes and is built block by block; ``Y_c`` touches only the targets' rows
     and is applied once at the end, outside the blocks. An outside teacher (``teacher_vectors``)
     is one more level of the block's buffer, its logits a product of its own vectors: every size,
-    the largest too, has ``a_m = distill / n`` and it as ``T(m)``.
+    the largest too unless ``teach_largest`` is false, has ``a_m = distill / n`` and it as ``T(m)``.
 
     ``side_by_side``: size ``m``'s logits are chunk ``m``'s product alone (no running sum), so
     chunk ``m``'s gradient comes from size ``m``'s terms alone: ``S_c = (c_c + a_c) softmax_c -
@@ -308,7 +309,7 @@ def _blocked_forward(
     # c_m = w_m / n: the weight of size m's softmax in the gradient of the mean loss; a_m the
     # distillation's (none for the largest size, which is every other size's teacher or theirs)
     scale = [w * t / n_valid for w, t in zip(weights, tau)]
-    distilled = range(num_sizes if outside else num_sizes - 1) if distill > 0 else range(0)
+    distilled = range(num_sizes if outside and teach_largest else num_sizes - 1) if distill > 0 else range(0)
     alpha = distill / n_valid
 
     def teacher_level(m: int) -> int:
@@ -440,11 +441,11 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales,  # noqa: D102
-                teacher_vectors, side_by_side):
+                teacher_vectors, side_by_side, teach_largest):
         scales = None if logit_scales is None else tuple(float(t) for t in logit_scales.detach().tolist())
         ce_sums, kl_sums, d_user, d_items, d_scales = _blocked_forward(
             user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, scales, teacher_vectors,
-            side_by_side,
+            side_by_side, teach_largest,
         )
         n_valid = max(int((targets > 0).sum()), 1)
         per_size, per_size_kl = ce_sums / n_valid, kl_sums / n_valid
@@ -467,7 +468,7 @@ class _MatryoshkaCrossEntropy(torch.autograd.Function):
             d_user, d_items = d_user * scale, d_items * scale
             d_scales = None if d_scales is None else d_scales * scale.to(d_scales.dtype)
         return (d_user if ctx.needs_input_grad[0] else None, d_items if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None, None, d_scales if ctx.needs_input_grad[9] else None, None, None)
+                None, None, None, None, None, None, None, d_scales if ctx.needs_input_grad[9] else None, None, None, None)
 
 
 def matryoshka_cross_entropy(
@@ -482,6 +483,7 @@ def matryoshka_cross_entropy(
     logit_scales: Tensor | None = None,
     teacher_vectors: tuple[Tensor, Tensor] | None = None,
     side_by_side: bool = False,
+    teach_largest: bool = True,
 ) -> MatryoshkaLoss:
     """Matryoshka cross-entropy over all ``sizes`` with memory that does not grow with their number.
 
@@ -510,6 +512,8 @@ def matryoshka_cross_entropy(
             this loss, of its own width (detached; no gradient reaches them): with ``distill > 0``
             every size, the largest too, learns its softmax instead of ``teacher``'s. One more
             ``positions x items`` level per block.
+        teach_largest: with ``teacher_vectors``, whether the largest size learns the outside
+            teacher's softmax too; false: only the smaller sizes do, as with the loss's own teacher.
         side_by_side: ``user`` and ``items`` hold every size's own vectors side by side, size
             ``m``'s in chunk ``m`` (``sizes`` are the chunks' ends), and size ``m`` scores with its
             chunk alone, not with the prefix up to it: sizes that are networks of their own
@@ -519,7 +523,7 @@ def matryoshka_cross_entropy(
     Returns:
         ``MatryoshkaLoss(total, per_size, distill)``; ``per_size[m]`` is ``CE_m`` and
         ``distill[m]`` is ``KL_m`` (means over valid positions, ``KL`` 0 for the largest size
-        unless the teacher is outside),
+        unless the teacher is outside and ``teach_largest``),
         ``total = sum_m w_m * CE_m + distill * sum_m KL_m``. With no valid position all are 0.
     """
     user, items = _autocast_inputs(user, items)
@@ -535,7 +539,7 @@ def matryoshka_cross_entropy(
     with torch.autocast(user.device.type, enabled=False):
         total, per_size, per_size_kl = _MatryoshkaCrossEntropy.apply(
             user, items, targets, sizes, weights, block_rows, with_grads, distill, teacher, logit_scales, teacher_vectors,
-            bool(side_by_side),
+            bool(side_by_side), bool(teach_largest),
         )
     return MatryoshkaLoss(total, per_size, per_size_kl)
 
@@ -555,6 +559,7 @@ def naive_matryoshka_cross_entropy(
     logit_scales: Tensor | None = None,
     teacher_vectors: tuple[Tensor, Tensor] | None = None,
     side_by_side: bool = False,
+    teach_largest: bool = True,
 ) -> MatryoshkaLoss:
     """The obvious implementation: one ``F.cross_entropy`` (and ``F.kl_div``) per size over its
     own logit tensor.
@@ -582,7 +587,7 @@ def naive_matryoshka_cross_entropy(
             (outside,) = prefix_scores(t_user, t_items[1:], (t_user.shape[1],), dtype=dtype)
         for m, z in enumerate(logits):
             per_size.append(F.cross_entropy(z, targets.long() - 1, ignore_index=-1, reduction="sum") / n_valid)
-            if distill > 0 and (teacher_vectors is not None or m < len(sizes) - 1):
+            if distill > 0 and ((teacher_vectors is not None and teach_largest) or m < len(sizes) - 1):
                 t_logits = outside if teacher_vectors is not None else logits[_teacher_of(m, len(sizes), teacher)]
                 p_teacher = F.softmax(t_logits[valid], dim=1).detach()
                 per_size_kl.append(F.kl_div(F.log_softmax(z[valid], dim=1), p_teacher, reduction="sum") / n_valid)
