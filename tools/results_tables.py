@@ -188,8 +188,9 @@ def accuracy_command(report: dict) -> str:
         args.append("--skip-sasrec")
     if report.get("seeds", [0]) != [0]:
         args.append("--seeds " + " ".join(str(n) for n in report["seeds"]))
-    if report.get("baseline_from"):
-        args.append("--baseline-from BASELINE_WORKDIR")
+    if report.get("baseline_from"):  # kept runs in the repository, or a work directory of this machine
+        kept = f"bench/results/runs/{report['baseline_from']}"
+        args.append(f"--baseline-from {kept if (ROOT / kept).is_dir() else 'BASELINE_WORKDIR'}")
     if report.get("keep_runs"):
         args.append(f"--keep-runs {report['keep_runs']}")
     overrides = list(report.get("overrides", []))
@@ -382,6 +383,9 @@ def block_accuracy_ml1m_converged(name: str = "ml-1m-cpu-converged") -> list[str
     lines += ["", epochs_line(report),
               "- Best validation NDCG@10 at its own best epoch, one run / alone (the epoch counted from one): "
               + "; ".join(best) + "."]
+    if report.get("against_baseline"):
+        lines.append(f"- This one run minus the one run of `{report['baseline_from']}` (the same seeds), NDCG@10, paired "
+                     "bootstrap 95%: " + "; ".join(f"size {b['size']}: {interval(b)}" for b in report["against_baseline"]) + ".")
     return lines
 
 
@@ -1572,6 +1576,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "accuracy-sports-config": block_accuracy_sports_config,
     "accuracy-ml-1m-cpu-converged": block_accuracy_ml1m_converged,
     "accuracy-ml-1m-cpu-distill": lambda: block_accuracy_ml1m_converged("ml-1m-cpu-distill"),
+    "accuracy-ml-1m-cpu-distill-next": lambda: block_accuracy_ml1m_converged("ml-1m-cpu-distill-next"),
     "accuracy-sports": block_accuracy_sports,
     "twin-arms-ml-1m-cpu": block_twin_arms,
     "twin-arms-sports-cpu": lambda: block_twin_arms(SPORTS_TWIN_ARMS),
