@@ -567,27 +567,34 @@ class MatryoshkaRecommender(L.LightningModule):
         weights (:class:`~recsys.nn.nested.SizeSlices`, which also applies ``prefix_gradient``): its
         own item matrix, its own states, its softmax against its own item vectors (or that matrix)."""
         heads = self._training_head_items(step)
-        scored = []
-        for m, size in enumerate(self.sizes):
-            net = self._slices.network(self.net, size, self.hparams.prefix_gradient)
-            items = net("item_matrix") if step.rows is None else net("items", step.rows)
-            states = net("sequence_states", step.input_ids, items)[valid]
-            if m < len(heads):  # its own item vectors (with output_bias, ending in the biases)
-                candidates, states = heads[m], self._own_scored(states)
-            else:
-                candidates = items if step.rows is not None or self._train_rows is None else items[self._train_rows]
-            scored.append((states, step._replace(items=items, candidates=candidates)))
+        scored = [self._sliced_scored(step, valid, m, heads[m] if m < len(heads) else None) for m in range(len(self.sizes))]
         return self._per_size_loss(scored, logit_scales, teacher)
+
+    def _sliced_scored(self, step: StepInputs, valid: torch.Tensor, m: int,
+                       head_items: torch.Tensor | None) -> tuple[torch.Tensor, StepInputs]:
+        """``nesting="slices"``: size ``m``'s own network's states at the ``valid`` positions and the
+        step with its own item matrix and the candidates it scores: ``head_items``, its own output
+        item vectors where it has them, else that matrix."""
+        net = self._slices.network(self.net, self.sizes[m], self.hparams.prefix_gradient)
+        items = net("item_matrix") if step.rows is None else net("items", step.rows)
+        states = net("sequence_states", step.input_ids, items)[valid]
+        if head_items is not None:  # its own item vectors (with output_bias, ending in the biases)
+            candidates, states = head_items, self._own_scored(states)
+        else:
+            candidates = items if step.rows is not None or self._train_rows is None else items[self._train_rows]
+        return states, step._replace(items=items, candidates=candidates)
 
     def _training_head_items(self, step: StepInputs) -> list[torch.Tensor]:
         """The item vectors of the sizes that have their own (``separate_item_vectors``), smallest
         first, as this step's loss reads them (the sampled rows, or the training candidates)."""
-        if self.item_heads is None:
-            return []
+        return [] if self.item_heads is None else [self._training_head_item(step, m) for m in range(len(self.item_heads))]
+
+    def _training_head_item(self, step: StepInputs, m: int) -> torch.Tensor:
+        """The ``m``-th own item vectors as this step's loss reads them (see :meth:`_training_head_items`)."""
         sampled = self.hparams.loss == "sampled"
         rows = step.rows if sampled else self._train_rows  # None: every row
-        return [self._with_own_bias(head(rows) if sampled else head() if rows is None else head()[rows], m, rows)
-                for m, head in enumerate(self.item_heads)]
+        head = self.item_heads[m]
+        return self._with_own_bias(head(rows) if sampled else head() if rows is None else head()[rows], m, rows)
 
     def _with_own_bias(self, vectors: torch.Tensor, m: int, rows: torch.Tensor | None = None,
                        biases: torch.nn.ParameterList | None = None) -> torch.Tensor:
@@ -637,17 +644,16 @@ class MatryoshkaRecommender(L.LightningModule):
 
     def _largest_scored(self, step: StepInputs, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The largest size's user vectors at the ``valid`` positions and the item vectors it scores
-        them against in training (its own with ``separate_item_vectors="all"``)."""
+        them against in training (its own with ``separate_item_vectors="all"``); the other sizes' item
+        vectors are not computed."""
+        m = len(self.sizes) - 1
+        own = self.item_heads is not None and len(self.item_heads) == len(self.sizes)
+        head_items = self._training_head_item(step, m) if own else None
         if self._slices is not None:
-            net = self._slices.network(self.net, self.sizes[-1], self.hparams.prefix_gradient)
-            items = net("item_matrix")
-            states = net("sequence_states", step.input_ids, items)[valid]
-            candidates = items if self._train_rows is None else items[self._train_rows]
-        else:
-            states, candidates = self._states(step.input_ids, step.items)[self.hparams.n_blocks][valid], step.candidates
-        if self.item_heads is not None and len(self.item_heads) == len(self.sizes):
-            return self._own_scored(states), self._training_head_items(step)[-1]
-        return states, candidates
+            states, step = self._sliced_scored(step, valid, m, head_items)
+            return states, step.candidates
+        states = self._states(step.input_ids, step.items)[self.hparams.n_blocks][valid]
+        return (self._own_scored(states), head_items) if own else (states, step.candidates)
 
     @torch.no_grad()
     def own_item_tower(self, size: int, heads: torch.nn.ModuleList | None = None) -> torch.nn.Module | None:

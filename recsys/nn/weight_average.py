@@ -24,9 +24,10 @@ class WeightAverage(torch.nn.Module):
         if not 0 < decay < 1:
             raise ValueError(f"decay must be in (0, 1), got {decay!r}")
         self.decay = float(decay)
-        self.names = [name for name, p in module.named_parameters() if p.requires_grad]
+        self.names = []
         for name, p in module.named_parameters():
             if p.requires_grad:
+                self.names.append(name)
                 self.register_buffer(self._key(name), p.detach().clone())
 
     @staticmethod
