@@ -240,7 +240,9 @@ def bench_encoder(encoder: str, modules: dict, samples: dict, epoch_batches: int
             times[b].append(time.perf_counter() - start)
             for phase, seconds in split.items():
                 phases[b][phase] += seconds
-    result: dict = {"matmul_gflops": rate, "parameters": sum(p.numel() for p in model.parameters()), "initial_loss": initial_loss}
+    result: dict = {"matmul_gflops": rate, "parameters": sum(p.numel() for p in model.parameters()), "initial_loss": initial_loss,
+                    # what the model took for the options a config may leave to the recipe (recsys.model_options.recipe_of)
+                    "recipe": {k: model.hparams.get(k) for k in ("nesting", "prefix_gradient", "distill")}}
     for b in BATCHINGS:
         flops = [step.flops(batch) for batch in batches[b]]
         real = [int((batch["input_ids"] > 0).sum()) for batch in batches[b]]

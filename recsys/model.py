@@ -22,7 +22,7 @@ from recsys.errors import UserError
 from recsys.item_features import ItemFeatures
 from recsys.metrics import RankingMetrics, target_ranks
 from recsys.checkpoint import catalogue_of, read_checkpoint
-from recsys.model_options import check_options
+from recsys.model_options import check_options, recipe_of
 from recsys.compat import nest_flat_options
 from recsys.nn.encoders import LRUOptions, MambaOptions, SASRecOptions, build_encoder
 from recsys.nn.loss import (
@@ -161,12 +161,13 @@ class MatryoshkaRecommender(L.LightningModule):
             the slice of every weight that the size below holds; forward values never change).
             1 is plain training; 0 trains each chunk by its own size's loss alone, so the
             smallest size learns exactly as if it were trained alone and each larger size adds
-            its chunk on top of the smaller ones. Training only.
+            its chunk on top of the smaller ones. Training only. Unset: 0 with the recipe (below).
         nesting: how the sizes share weights (``recsys/nn/nested.py``): ``blocks`` (block-lower-
             triangular layers, one LayerNorm per chunk; one forward computes every size) or
             ``slices`` (dense layers, the size-``s`` network is the top-left slice of every weight
             with LayerNorms over its whole width; the largest size is a dense network, and every
             size runs its own forward in training and evaluation). ``slices``: LRU encoder only.
+            Unset: ``slices`` with the recipe (below), else ``blocks``.
         init_std: None keeps each layer's own initialisation (linear layers scaled by their
             fan-in, small uniform embedding tables); a number draws every weight matrix and
             embedding table from a normal of that standard deviation truncated at twice it, as
@@ -186,11 +187,12 @@ class MatryoshkaRecommender(L.LightningModule):
         mask_seen: exclude each user's earlier items from the ranking in validation and test.
         loss_block_rows: logit rows (over all sizes) held at once by the memory-flat loss.
         monitor_size: the size whose validation NDCG@10 is logged as ``val/monitor`` for early
-            stopping and best-checkpoint selection (default: the largest); ``"mean"``: the mean
+            stopping and best-checkpoint selection; ``"mean"``: the mean
             over all sizes, so training goes on while any size still improves; ``"each"``: every
             size keeps its own best checkpoint (the training CLI saves ``best-d<size>.ckpt``; it is
             tested and exported from it), ``val/monitor`` is the mean of the sizes' best scores so
-            far, so early stopping waits until no size has improved for its patience.
+            far, so early stopping waits until no size has improved for its patience. Unset:
+            ``"each"`` (a grid of triples: ``"mean"``, its only monitor).
         loss: ``full`` (softmax over the whole catalogue, memory flat in the number of sizes) or
             ``sampled`` (``negatives`` shared negatives per step, for catalogues too large for a
             full softmax per step).
@@ -200,7 +202,8 @@ class MatryoshkaRecommender(L.LightningModule):
         distill: in-place self-distillation (full loss only): every size but the largest also
             learns the detached softmax of ``distill_teacher`` with this weight (0 = off); with a
             loss per size (``separate_item_vectors``, ``nesting="slices"``) the teacher's softmax
-            is its own scores, against its own item vectors.
+            is its own scores, against its own item vectors. Unset: 0.5 with the recipe (below)
+            where the loss is full, the temperature not learned and there are several sizes, else 0.
         distill_teacher: ``largest`` (every smaller size learns from the largest), ``next``
             (each size from the next larger one, a cascade) or ``average`` (every smaller size learns
             from the largest size scored with a moving average of the weights, without dropout: a
@@ -216,6 +219,11 @@ class MatryoshkaRecommender(L.LightningModule):
         triples: the trained ``[depth, width, size]`` triples outright (instead of ``pairs``).
             With any of these the loss covers every trained triple and the metrics are named by
             triple (``test/ndcg_10/L2_w128_d64``); without them the model is the plain nested one.
+
+    The recipe: ``nesting``, ``prefix_gradient``, ``distill`` and ``monitor_size`` left unset take
+    the values that kept every size level with the same size trained alone on the three datasets
+    measured (docs/results.md, "Where the promise stands"), with the LRU encoder and no grid
+    (:func:`recsys.model_options.recipe_of`); ``hparams`` hold the values so taken.
 
     The encoder options may also be given as plain mappings of their fields; they are stored in
     ``hparams`` (and checkpoints) as such, so that a checkpoint loads with ``weights_only``.
@@ -248,7 +256,7 @@ class MatryoshkaRecommender(L.LightningModule):
         loss: Literal["full", "sampled"] = "full",
         negatives: int = 1024,
         negative_sampling: Literal["uniform", "popularity"] = "popularity",
-        distill: float = 0.0,
+        distill: float | None = None,
         distill_teacher: Literal["largest", "next", "average"] = "largest",
         teacher_decay: float = 0.99,
         depths: list[int] | None = None,
@@ -257,8 +265,8 @@ class MatryoshkaRecommender(L.LightningModule):
         triples: list[list[int]] | None = None,
         learned_temperature: bool = False,
         separate_item_vectors: bool | Literal["all"] = False,
-        prefix_gradient: float = 1.0,
-        nesting: Literal["blocks", "slices"] = "blocks",
+        prefix_gradient: float | None = None,
+        nesting: Literal["blocks", "slices"] | None = None,
         init_std: float | None = None,
         output_item_norm: bool = True,
         output_bias: bool = False,
@@ -266,6 +274,9 @@ class MatryoshkaRecommender(L.LightningModule):
         super().__init__()
         # the CLI logs the whole config; the item features and cold-start items come from the data
         self.save_hyperparameters(ignore=["item_features", "cold_start_items", "item_counts"], logger=False)
+        recipe = recipe_of(**self.hparams)  # the options left unset, as trained (and logged, and checkpointed)
+        self.hparams.update(recipe)
+        nesting, prefix_gradient, distill = recipe["nesting"], recipe["prefix_gradient"], recipe["distill"]
         self.sizes, self.monitor_size, self.encoder_configs, grid = check_options(**self.hparams)
         #: what is trained: every size at full depth, or the grid's triples
         self.trained = SubModels.of(self.sizes, n_blocks, grid)

@@ -14,7 +14,10 @@ from recsys.nn.grid import GRIDS, Triple, build_grid
 from recsys.nn.loss import TEACHERS
 from recsys.nn.nested import NESTINGS, check_sizes
 
-__all__ = ["LOSSES", "MODEL_TEACHERS", "NEGATIVE_SAMPLING", "NUMBER_RULES", "OptionError", "check_numbers", "check_options", "grid_of"]
+__all__ = [
+    "LOSSES", "MODEL_TEACHERS", "NEGATIVE_SAMPLING", "NUMBER_RULES", "OptionError", "check_numbers", "check_options", "grid_of",
+    "recipe_of",
+]
 
 
 #: the training losses: the full softmax over the catalogue, or a sampled softmax (docs/method.md §4)
@@ -48,6 +51,32 @@ NUMBER_RULES: dict[str, tuple[bool, Any, str]] = {
 }
 
 
+def recipe_of(
+    *, sizes: Any = (), encoder: Any = "lru", nesting: Any = None, prefix_gradient: Any = None, distill: Any = None,
+    monitor_size: Any = None, loss: Any = "full", learned_temperature: Any = False, depths: Any = None, pairs: Any = None,
+    triples: Any = None, **other: Any,
+) -> dict[str, Any]:
+    """The values of ``nesting``, ``prefix_gradient``, ``distill`` and ``monitor_size``, each left
+    unset (None) filled in by the measured recipe (docs/results.md, "Where the promise stands"):
+    ``slices`` with the LRU encoder and no elastic grid, else ``blocks``; with slices the prefix
+    gradient at 0 and distillation at 0.5 (0 where the loss is sampled, the temperature learned or
+    the size single: nothing distils there), with blocks 1 and 0 (the plain nested model); each
+    size its own best checkpoint (``each``; a grid monitors the mean of its triples). A value given
+    is kept as it is, to be checked by :func:`check_options`."""
+    grid = any(v is not None for v in (depths, pairs, triples))
+    if nesting is None:
+        nesting = "slices" if encoder == "lru" and not grid else "blocks"
+    sliced = nesting == "slices"
+    if prefix_gradient is None:
+        prefix_gradient = 0.0 if sliced else 1.0
+    if distill is None:
+        several = not isinstance(sizes, (list, tuple)) or len(sizes) > 1
+        distill = 0.5 if sliced and loss == "full" and learned_temperature is not True and several else 0.0
+    if monitor_size is None:
+        monitor_size = "mean" if grid else "each"
+    return {"nesting": nesting, "prefix_gradient": prefix_gradient, "distill": distill, "monitor_size": monitor_size}
+
+
 def check_numbers(**values: Any) -> None:
     """Each named setting against its rule in ``NUMBER_RULES``; raises :class:`OptionError`."""
     for name, value in values.items():
@@ -69,7 +98,7 @@ def check_options(
     loss: str = "full",
     negatives: Any = 1024,
     negative_sampling: str = "popularity",
-    distill: Any = 0.0,
+    distill: Any = None,
     distill_teacher: str = "largest",
     teacher_decay: Any = 0.99,
     n_blocks: Any = 2,
@@ -81,8 +110,8 @@ def check_options(
     id_dropout: Any = 0.0,
     learned_temperature: Any = False,
     separate_item_vectors: Any = False,
-    prefix_gradient: Any = 1.0,
-    nesting: Any = "blocks",
+    prefix_gradient: Any = None,
+    nesting: Any = None,
     init_std: Any = None,
     output_item_norm: Any = True,
     output_bias: Any = False,
@@ -93,7 +122,11 @@ def check_options(
     monitored size, each encoder's typed options and the trained triples (None without a grid);
     raises :class:`OptionError` (settings named ``{name}``). :func:`grid_of` checks the elastic
     options (``depths``, ``pairs``, ``grid``, ``triples``); the numeric settings (``lr``,
-    ``dropout``, ...) are checked by ``NUMBER_RULES``."""
+    ``dropout``, ...) are checked by ``NUMBER_RULES``; settings left unset take :func:`recipe_of`'s values."""
+    recipe = recipe_of(sizes=sizes, encoder=encoder, nesting=nesting, prefix_gradient=prefix_gradient, distill=distill,
+                       monitor_size=monitor_size, loss=loss, learned_temperature=learned_temperature, depths=depths,
+                       pairs=pairs, triples=triples)
+    nesting, prefix_gradient, distill, monitor_size = (recipe[k] for k in ("nesting", "prefix_gradient", "distill", "monitor_size"))
     numbers = {name: value for name, value in other.items() if name in NUMBER_RULES}
     check_numbers(n_blocks=n_blocks, negatives=negatives, distill=distill, id_dropout=id_dropout,
                   prefix_gradient=prefix_gradient, teacher_decay=teacher_decay, **numbers)
@@ -103,7 +136,7 @@ def check_options(
         raise OptionError("{sizes}: " + str(exc)) from None
     if encoder not in ENCODERS:
         raise OptionError(f"{{encoder}}: unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
-    if monitor_size not in (None, "mean", "each", *sizes):
+    if monitor_size not in ("mean", "each", *sizes):
         raise OptionError(f"{{monitor_size}} {monitor_size} is neither one of {{sizes}} {list(sizes)} nor 'mean' or 'each'")
     if loss_weights is not None and len(loss_weights) != len(sizes):
         raise OptionError(f"{{loss_weights}} has {len(loss_weights)} entries for {len(sizes)} sizes {list(sizes)}")
@@ -157,7 +190,7 @@ def check_options(
         name = "learned_temperature" if learned_temperature else "separate_item_vectors" if separate_item_vectors else "nesting"
         raise OptionError(f"{{{name}}} is per size; it is not available with a grid of triples")
     if trained is not None:
-        if monitor_size not in (None, "mean"):
+        if monitor_size != "mean":
             raise OptionError(f"{{monitor_size}} {monitor_size}: with a grid of triples the monitor is their mean NDCG@10 "
                               "(one checkpoint for every triple)")
         if loss_weights is not None:
@@ -169,7 +202,7 @@ def check_options(
             options["sasrec"].check_width(sizes[-1])
         except OptionError as exc:
             raise exc.within("sasrec") from None
-    return sizes, sizes[-1] if monitor_size is None else monitor_size, options, trained
+    return sizes, monitor_size, options, trained
 
 
 def grid_of(

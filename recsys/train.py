@@ -100,7 +100,7 @@ from recsys.model import (
     MatryoshkaRecommender,
 )
 from recsys.checkpoint import read_checkpoint
-from recsys.model_options import check_options
+from recsys.model_options import check_options, recipe_of
 from recsys.compat import nest_flat_args
 from recsys.nn.encoders import OptionError
 from recsys.runtime import default_precision, reuse_freed_memory
@@ -409,7 +409,12 @@ class TrainCLI(LightningCLI):
                 raise ConfigError(f"--ckpt_path {self.config.ckpt_path}: resuming is not supported with --trainer.strategy sharded "
                                   "(the tables' optimizer state is not kept in checkpoints)")
             model = self.config.model
-            if model.distill > 0 and model.distill_teacher == "average":
+            if model.nesting == "slices":
+                raise ConfigError("--model.nesting slices is not supported with --trainer.strategy sharded "
+                                  "(the slices of sharded item tables are not built); use --model.nesting blocks")
+            if model.nesting is None:  # the recipe's slices are not built for sharded tables: the plain nested model
+                model.nesting = "blocks"
+            if recipe_of(**vars(model))["distill"] > 0 and model.distill_teacher == "average":
                 raise ConfigError("--model.distill_teacher average is not supported with --trainer.strategy sharded "
                                   "(the averaged copy of the sharded item tables is not built)")
             import recsys.sharding  # noqa: F401 - registers the strategy name

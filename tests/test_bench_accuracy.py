@@ -77,13 +77,13 @@ def test_a_run_left_half_way_goes_on_from_its_last_checkpoint(tmp_path):
     runs = accuracy.Runs(_config(tmp_path), workdir, "csv", parallel=1, keep=keep)
     runs.add("m", ["--trainer.max_epochs", "2"])
     assert runs.finish()["m"] == second
-    assert json.loads((keep / "m.json").read_text())["best"] == "checkpoints/m/best.ckpt"  # no machine path
+    assert json.loads((keep / "m.json").read_text())["best"] == "checkpoints/m/best-d16.ckpt"  # no machine path
     users, ranks = runs.ranks("m")
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     runs = accuracy.Runs(_config(tmp_path), fresh, "csv", parallel=1, keep=keep)
     runs.add("m", ["--trainer.max_epochs", "2"])
-    assert runs.finish()["m"] == {**second, "best": "checkpoints/m/best.ckpt"}
+    assert runs.finish()["m"] == {**second, "best": "checkpoints/m/best-d16.ckpt"}
     assert not (fresh / "m.log").exists()  # nothing trained
     kept_users, kept_ranks = runs.ranks("m")
     assert np.array_equal(kept_users, users) and np.array_equal(kept_ranks, ranks)

@@ -24,7 +24,7 @@ QUERIES = 8
 K = 10
 #: the recommended recipe's two options, together and alone
 OWN = {"both": {"nesting": "slices", "separate_item_vectors": "all"},
-       "own item vectors": {"separate_item_vectors": "all"}, "slices": {"nesting": "slices"}}
+       "own item vectors": {"nesting": "blocks", "separate_item_vectors": "all"}, "slices": {"nesting": "slices"}}
 
 
 def _bench(name):
@@ -113,7 +113,7 @@ def test_a_prefix_that_is_no_smaller_size_is_refused_in_one_line(checkpoint, syn
 
 
 def test_tied_blocks_keep_the_prefix_funnel(synthetic_prepared, tmp_path):
-    checkpoint = _checkpoint(tmp_path / "model.ckpt", synthetic_prepared)
+    checkpoint = _checkpoint(tmp_path / "model.ckpt", synthetic_prepared, nesting="blocks")
     report = _run(checkpoint, synthetic_prepared, tmp_path / "funnel.json", "--prefixes", "12",
                   "--shortlists", str(ITEMS), "--prefix-kinds", "flat")
     assert report["funnel_mode"] == "prefix" and "own_network" not in report

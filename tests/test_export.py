@@ -36,7 +36,7 @@ def _features() -> ItemFeatures:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12).eval()
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, nesting="blocks").eval()
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
     item_ids = [f"item-{i:03d}" for i in range(1, N + 1)]
     torch.save(
@@ -231,7 +231,7 @@ def test_recommend_times_its_encode_and_search_stages(checkpoint, tmp_path):
 def test_ids_that_only_compare_equal_to_catalogue_ids_are_unknown(tmp_path):
     """``True == 1`` and ``1.0 == 1`` in Python, yet neither names item 1 of an integer catalogue."""
     torch.manual_seed(0)
-    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12).eval()
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, nesting="blocks").eval()
     path = tmp_path / "model.ckpt"
     catalogue = {"item_ids": list(range(1, N + 1)), "popularity": list(range(N, 0, -1)), "stats": {}}
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "catalogue": catalogue}, path)
@@ -260,7 +260,7 @@ def test_integer_ids_of_a_text_log_come_back_as_integers(tmp_path, suffix):
 def test_an_export_of_text_ids_still_answers_with_text(tmp_path):
     """Exports from before issue 32 (a CSV log's integer ids held as text) load and answer as before."""
     torch.manual_seed(0)
-    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12).eval()
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, nesting="blocks").eval()
     path = tmp_path / "model.ckpt"
     catalogue = {"item_ids": [str(i) for i in range(1, N + 1)], "popularity": list(range(N, 0, -1)), "stats": {}}
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "catalogue": catalogue}, path)
@@ -392,7 +392,7 @@ def test_a_size_with_its_own_item_vectors_searches_them_and_reads_histories_thro
     and so is a manifest that disagrees with the weights. The same with own vectors whose norms are
     free (``--model.output_item_norm false``)."""
     torch.manual_seed(0)
-    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, separate_item_vectors=True,
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, nesting="blocks", separate_item_vectors=True,
                                   output_item_norm=output_item_norm).eval()
     path = tmp_path / "model.ckpt"
     item_ids = [f"item-{i:03d}" for i in range(1, N + 1)]
@@ -427,7 +427,7 @@ def test_a_size_with_output_biases_searches_its_vectors_ending_in_them(tmp_path)
     ``u . e_i + b_i`` (through the faiss index too); the manifest says so, and a manifest that
     leaves it out is refused."""
     torch.manual_seed(0)
-    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, separate_item_vectors="all",
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, nesting="blocks", separate_item_vectors="all",
                                   output_bias=True).eval()
     with torch.no_grad():
         for bias in model.output_bias:
@@ -463,7 +463,7 @@ def test_lru_options_added_later_travel_with_an_export_and_only_when_set(tmp_pat
     the export names those options and is served by the same network (its user vectors and its
     recommendations); at their defaults the manifest leaves them out, as before they existed."""
     torch.manual_seed(0)
-    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, lru=lru).eval()
+    model = MatryoshkaRecommender(item_features=_features(), sizes=SIZES, max_len=12, nesting="blocks", lru=lru).eval()
     path = tmp_path / "model.ckpt"
     item_ids = [f"item-{i:03d}" for i in range(1, N + 1)]
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),

@@ -66,7 +66,7 @@ def test_cold_start_items_are_no_candidates_in_training(datamodule):
     targets = batch["target_ids"]
     L.seed_everything(0)
     model = MatryoshkaRecommender(item_features=datamodule.item_features, sizes=SIZES, dropout=0.0, input_dropout=0.0,
-                                  cold_start_items=cold, max_len=datamodule.max_len)
+                                  cold_start_items=cold, max_len=datamodule.max_len, nesting="blocks")
     loss = model.training_step(batch, 0)
     items = model.net.item_matrix()
     states = model.net.sequence_states(batch["input_ids"], items)
@@ -77,7 +77,7 @@ def test_cold_start_items_are_no_candidates_in_training(datamodule):
     expected = matryoshka_cross_entropy(states[valid], items[keep], t[valid], SIZES).total
     torch.testing.assert_close(loss, expected)
     plain = MatryoshkaRecommender(item_features=datamodule.item_features, sizes=SIZES, dropout=0.0, input_dropout=0.0,
-                                  max_len=datamodule.max_len)
+                                  max_len=datamodule.max_len, nesting="blocks")
     plain.load_state_dict(model.state_dict())  # the cold-start rows are no state: same weights
     assert not torch.allclose(plain.training_step(batch, 0), loss)
     with pytest.raises(ValueError, match="cold_start_items"):
@@ -123,7 +123,7 @@ def test_sampled_loss_on_the_step_rows_equals_the_loss_on_the_whole_item_matrix(
     items_n = datamodule.item_features.num_items
     model = MatryoshkaRecommender(
         item_features=datamodule.item_features, item_counts=datamodule.item_counts, sizes=SIZES,
-        max_len=datamodule.max_len, loss="sampled", negatives=32, dropout=0.0, input_dropout=0.0,
+        max_len=datamodule.max_len, loss="sampled", negatives=32, dropout=0.0, input_dropout=0.0, nesting="blocks",
         cold_start_items=list(range(items_n - 4, items_n + 1)) if cold else None,
     )
     batch = next(iter(datamodule.train_dataloader()))

@@ -265,7 +265,7 @@ def test_truncated_normal_init_draws_every_weight_and_keeps_the_nesting(encoder)
 
     torch.manual_seed(0)
     model = MatryoshkaRecommender(item_features=_features(), sizes=[8, 16, 32], encoder=encoder, max_len=12,
-                                  use_id_embedding=True, init_std=0.02).eval()
+                                  use_id_embedding=True, init_std=0.02, nesting="blocks").eval()
     drawn = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, torch.nn.EmbeddingBag, NestedLinear))]
     assert len(drawn) >= 6
     for weight in drawn:

@@ -165,7 +165,7 @@ def test_a_logged_model_is_the_outer_export_not_its_shortlist(checkpoint, tmp_pa
 def test_a_tied_model_still_shortlists_with_the_prefix(tmp_path):
     """Blocks and tied item vectors: the size's prefix was trained to rank, so ``--funnel-prefix``
     builds the prefix funnel, at any prefix, as before."""
-    path = _checkpoint(tmp_path / "tied.ckpt")
+    path = _checkpoint(tmp_path / "tied.ckpt", nesting="blocks")
     for prefix in (8, 12):
         (d,) = export_sizes(path, [32], tmp_path / f"p{prefix}", funnel_prefix=prefix, funnel_shortlist=15)
         manifest = json.loads((d / "manifest.json").read_text())

@@ -251,7 +251,7 @@ def test_csv_run_directory_defaults_to_the_next_version_and_resume_continues_it(
     first = run([*args, "--tracking", "csv", "--mlflow.log_models", "true"])
     run_dir = tmp_path / "lightning_logs" / "version_0"
     assert Path(first["run_dir"]).resolve() == run_dir.resolve() and first["run_id"] is None
-    assert Path(first["best"]).resolve() == (run_dir / "checkpoints" / "best.ckpt").resolve()
+    assert Path(first["best"]).resolve() == (run_dir / "checkpoints" / f"best-d{SIZES[-1]}.ckpt").resolve()  # each size its own
     assert "model_uris" not in first  # no logged models without MLflow
     last, curves_before = run_dir / "checkpoints" / "last.ckpt", (run_dir / "metrics.csv").read_bytes()
     checkpoint_before = last.read_bytes()
@@ -290,14 +290,15 @@ def test_checkpoint_with_flat_encoder_options_loads(trained, tmp_path):
     assert {"r_min", "r_max", "d_state", "expand", "n_heads", "max_len"} <= set(hparams)
     torch.save(ckpt, tmp_path / "old.ckpt")
     new, old = MatryoshkaRecommender.from_checkpoint(result["best"]), MatryoshkaRecommender.from_checkpoint(tmp_path / "old.ckpt")
-    assert old.encoder_options() == new.encoder_options() == {"n_blocks": 2, "dropout": 0.1, "r_min": 0.0, "r_max": 0.1}
+    assert old.encoder_options() == new.encoder_options() == {"n_blocks": 2, "dropout": 0.1, "r_min": 0.0, "r_max": 0.1,
+                                                              "nesting": "slices"}
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
 
 
 @pytest.mark.parametrize(
     "encoder,options,expected",
     [
-        ("lru", {"lru": {"r_min": 0.5, "r_max": 0.9}}, {"r_min": 0.5, "r_max": 0.9}),
+        ("lru", {"lru": {"r_min": 0.5, "r_max": 0.9}}, {"r_min": 0.5, "r_max": 0.9, "nesting": "slices"}),
         ("mamba", {"mamba": MambaOptions(d_state=4)}, {"d_state": 4, "expand": 2}),
         ("sasrec", {"sasrec": {"n_heads": 4}}, {"n_heads": 4, "max_len": 12}),
     ],
@@ -491,8 +492,10 @@ def test_a_resume_on_other_data_or_settings_is_refused_and_leaves_the_run_as_it_
 
 
 def _tiny_model(sizes=(4, 8), **options):
+    """A two-size model on 8 items, the plain nested one (``blocks``) unless ``options`` name the nesting."""
     from recsys.item_features import ItemFeatures
 
+    options.setdefault("nesting", "blocks")
     torch.manual_seed(0)
     text = torch.randn(9, 6)
     text[0] = 0.0
@@ -703,6 +706,31 @@ def test_prefix_gradient_zero_trains_the_smallest_size_by_its_own_loss_alone(opt
     assert sum(differs) > len(kept) // 2
     # forward values are those of plain training
     torch.testing.assert_close(model.training_loss(TINY_BATCH)[0], trained_on([1.0, 1.0], 1.0)[1].training_loss(TINY_BATCH)[0])
+
+
+@pytest.mark.parametrize("options,expected", [
+    ({}, ("slices", 0.0, 0.5, "each")),
+    ({"encoder": "mamba"}, ("blocks", 1.0, 0.0, "each")),
+    ({"encoder": "sasrec", "max_len": 4}, ("blocks", 1.0, 0.0, "each")),
+    ({"nesting": "blocks"}, ("blocks", 1.0, 0.0, "each")),
+    ({"loss": "sampled"}, ("slices", 0.0, 0.0, "each")),
+    ({"learned_temperature": True}, ("slices", 0.0, 0.0, "each")),
+    ({"sizes": [8]}, ("slices", 0.0, 0.0, "each")),
+    ({"depths": [1, 2]}, ("blocks", 1.0, 0.0, "mean")),
+    ({"prefix_gradient": 0.5, "distill": 1.0, "monitor_size": 8}, ("slices", 0.5, 1.0, 8)),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) if isinstance(o, dict) else None)
+def test_options_left_unset_take_the_recipe_and_the_model_records_what_it_took(options, expected):
+    """``nesting``, ``prefix_gradient``, ``distill`` and ``monitor_size`` left unset: the sliced
+    recipe with the LRU encoder and no grid (no distillation where nothing distils), the plain
+    nested model elsewhere; values given are kept. ``hparams`` (logged, checkpointed) hold the
+    values taken, so a checkpoint rebuilds the same model."""
+    model = _tiny_model(**{"nesting": None, **options})
+    h = model.hparams
+    assert (h.nesting, h.prefix_gradient, h.distill, h.monitor_size) == expected
+    assert model.monitor_size == expected[3]
+    assert (model._slices is not None) == (expected[0] == "slices")
+    again = _tiny_model(**{k: v for k, v in h.items() if k not in ("dropout", "input_dropout")})
+    assert (again.hparams.nesting, again.hparams.prefix_gradient, again.hparams.distill) == expected[:3]
 
 
 def test_prefix_gradient_below_one_is_refused_where_it_has_no_meaning():
