@@ -151,14 +151,17 @@ class Step:
         with self.autocast():
             if getattr(model, "_slices", None) is not None or getattr(model, "item_heads", None) is not None:
                 # slices or own item vectors: the encoders run inside the per-size loss (the encoder
-                # phase holds both, the loss phase is empty)
+                # phase holds both, the loss phase is empty); the averaged teacher's forward
+                # (--model.distill_teacher average) counts in the tower phase
+                teacher = model._averaged_teacher(batch) if getattr(model, "teacher_average", None) is not None else None
                 step = model.step_inputs(batch, with_items=model._slices is None)
                 self.mark(marks)
                 valid = step.targets > 0
                 if model._slices is not None:
-                    loss = model._sliced_loss(step, valid)
+                    loss = model._sliced_loss(step, valid, None, teacher)
                 else:
-                    loss = model._separate_items_loss(model.net.sequence_states(step.input_ids, step.items)[valid], step)
+                    loss = model._separate_items_loss(model.net.sequence_states(step.input_ids, step.items)[valid], step,
+                                                      None, teacher)
                 self.mark(marks)
             elif hasattr(model, "step_inputs"):  # the model's own split of its training_loss (issue 30 on)
                 step = model.step_inputs(batch)
@@ -188,6 +191,8 @@ class Step:
         self.mark(marks)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
         self.optimizer.step()
+        if getattr(self.model, "teacher_average", None) is not None:  # the averaged teacher follows the step
+            self.model.teacher_average.update(self.model)
         self.mark(marks)
         return {phase: b - a for phase, a, b in zip(PHASES, marks, marks[1:])}
 
