@@ -2,24 +2,14 @@
 checkpoint when the job is started again, and its wall time counts what the killed job trained; a
 run kept with ``--keep-runs`` is reused by a job on a fresh machine (another work directory)."""
 
-import importlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _accuracy():
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("accuracy")
-    finally:
-        sys.path.remove(str(BENCH))
+from tests.bench_scripts import BENCH, bench_script
 
 
 def _config(tmp_path: Path) -> Path:
@@ -36,7 +26,7 @@ def _config(tmp_path: Path) -> Path:
 
 
 def test_a_run_left_half_way_goes_on_from_its_last_checkpoint(tmp_path):
-    accuracy = _accuracy()
+    accuracy = bench_script("accuracy")
     workdir = tmp_path / "work"
     workdir.mkdir()
     runs = accuracy.Runs(_config(tmp_path), workdir, "csv", parallel=1)

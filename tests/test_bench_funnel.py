@@ -2,10 +2,7 @@
 all``, ``--model.nesting slices``): each prefix names a smaller size, whose own user and item
 vectors shortlist, and the full size re-ranks with its own (docs/method.md §6, "Own-network funnel")."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from recsys.nn.item_tower import ItemTower
 from recsys.nn.nested import cut_to_size
 from recsys.retrieval import recall_at_k, torch_topk
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from tests.bench_scripts import bench_script
 SIZES = [8, 16, 32]
 ITEMS = 300  # the synthetic log's 112 real items and 188 synthetic ones
 QUERIES = 8
@@ -25,14 +22,6 @@ K = 10
 #: the recommended recipe's two options, together and alone
 OWN = {"both": {"nesting": "slices", "separate_item_vectors": "all"},
        "own item vectors": {"nesting": "blocks", "separate_item_vectors": "all"}, "slices": {"nesting": "slices"}}
-
-
-def _bench(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def _checkpoint(path, data_dir, seed=0, **options):
@@ -50,7 +39,7 @@ def checkpoint(request, synthetic_prepared, tmp_path_factory):
 
 
 def _run(checkpoint, data_dir, out, *extra):
-    _bench("funnel").main([
+    bench_script("funnel").main([
         "--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--items", str(ITEMS), "--queries", str(QUERIES),
         "--k", str(K), "--threads", "1", "--nlist", "4", "--nprobes", "4", "--out", str(out), *extra])
     return json.loads(out.read_text())
@@ -75,7 +64,7 @@ def test_own_funnel_shortlists_with_each_size_own_vectors(checkpoint, synthetic_
 
     # that recall is of size p's own vectors, computed here from the model: real items' own vectors,
     # the synthetic items' through the same towers, the queries through each size's own network
-    funnel, catalogue = _bench("funnel"), _bench("trained_catalogue")
+    funnel, catalogue = bench_script("funnel"), bench_script("trained_catalogue")
     model = catalogue.load_model(checkpoint)
     z, queries, _, _, own = funnel.own_networks(model, [8, 16], ITEMS, QUERIES, synthetic_prepared, 0, "test")
     ids, _ = catalogue.query_histories(model, synthetic_prepared, QUERIES)
@@ -136,7 +125,7 @@ def test_a_checkpoint_per_size_gives_each_size_its_own_weights(synthetic_prepare
     assert report["model"]["checkpoint"].endswith("best-d32.ckpt")
     assert report["settings"]["checkpoint"].endswith("checkpoints")  # what the command was given
 
-    funnel, catalogue = _bench("funnel"), _bench("trained_catalogue")
+    funnel, catalogue = bench_script("funnel"), bench_script("trained_catalogue")
     models = {size: catalogue.load_model(path) for size, path in paths.items()}
     z, queries, _, _, own = funnel.own_networks(models[32], [8, 16], ITEMS, QUERIES, synthetic_prepared, 0, "test", models)
     _, truth = torch_topk(queries, z, K)

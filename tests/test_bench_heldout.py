@@ -1,31 +1,19 @@
 """bench/heldout.py: the checkpoints an accuracy work directory's runs tested, evaluated again on each
 user's validation and test item, give the ranks the runs reported."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from recsys.metrics import ndcg_of_ranks
 
-from test_bench_accuracy import _config
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _bench(name: str):
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCH))
+from tests.bench_scripts import bench_script
+from tests.test_bench_accuracy import _config
 
 
 def test_heldout_ranks_are_those_the_runs_tested_and_validated(tmp_path, monkeypatch):
-    accuracy, heldout = _bench("accuracy"), _bench("heldout")
+    accuracy, heldout = bench_script("accuracy"), bench_script("heldout")
     config, workdir = _config(tmp_path), tmp_path / "work"
     workdir.mkdir()
     runs = accuracy.Runs(config, workdir, "csv", parallel=1)

@@ -1,22 +1,15 @@
 """bench/retrieval.py's sweep of a search-time setting measures each value, not the index's default."""
 
-import importlib
-import sys
-from pathlib import Path
 
 import numpy as np
 
 from recsys.retrieval import FaissRetriever, IndexSpec, torch_topk
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from tests.bench_scripts import bench_script
 
 
 def test_sweep_searches_with_each_nprobe():
-    sys.path.insert(0, str(BENCH))
-    try:
-        retrieval = importlib.import_module("retrieval")
-    finally:
-        sys.path.remove(str(BENCH))
+    retrieval = bench_script("retrieval")
     rng = np.random.default_rng(0)
     z = rng.standard_normal((2000, 16)).astype(np.float32)
     queries = rng.standard_normal((50, 16)).astype(np.float32)

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.test_train import TINY_BATCH, _tiny_model
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _train_step():
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("train_step")
-    finally:
-        sys.path.remove(str(BENCH))
+from tests.bench_scripts import bench_script
 
 
 @pytest.mark.parametrize("options", [
@@ -34,10 +23,10 @@ def test_the_timed_step_computes_the_models_training_loss_and_moves_the_averaged
     forward then equals ``training_loss`` (the averaged teacher's term included: after a step the
     average differs from the weights)."""
     model = _tiny_model(**options).train()
-    step = _train_step().Step(model, torch.device("cpu"))
+    step = bench_script("train_step").Step(model, torch.device("cpu"))
     average = model.teacher_average
     before = None if average is None else [t.clone() for t in average.state_dict().values()]
-    assert set(step(TINY_BATCH)) == set(_train_step().PHASES)
+    assert set(step(TINY_BATCH)) == set(bench_script("train_step").PHASES)
     if average is not None:
         assert any(not torch.equal(a, b) for a, b in zip(before, average.state_dict().values()))
     with torch.no_grad():
