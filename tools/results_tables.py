@@ -1227,20 +1227,38 @@ def block_twin_arms(arms: dict[str, str | None] = TWIN_ARMS) -> list[str]:
     return lines
 
 
-def nesting_step_cost() -> list[str]:
-    """What slices cost per training step against blocks (``bench/train_step.py``, a quiet machine)."""
-    runs = {n: load(f"train_step_ml-1m-{n}.json") for n in ("blocks", "slices") if (RESULTS / f"train_step_ml-1m-{n}.json").exists()}
+def step_cost(arms: dict[str, str], what: str, change: str) -> list[str]:
+    """What the second arm's settings cost per training step against the first's
+    (``bench/train_step.py`` on MovieLens-1M, a quiet machine): ``arms`` maps each result's name
+    (``train_step_ml-1m-<name>.json``) to the words after "with" that name it."""
+    runs = {n: load(f"train_step_ml-1m-{n}.json") for n in arms if (RESULTS / f"train_step_ml-1m-{n}.json").exists()}
     if len(runs) < 2:
         return []
+    (first, second), names = arms, "{" + ",".join(arms) + "}"
     step = {n: d["datasets"]["ml-1m"]["encoders"]["lru"]["length"]["mean_step_s"] for n, d in runs.items()}
-    steps = runs["slices"]["datasets"]["ml-1m"]["encoders"]["lru"]["steps"]
+    steps = runs[second]["datasets"]["ml-1m"]["encoders"]["lru"]["steps"]
     return [
-        f"Training step, the arms' settings with blocks and with slices: `{runs['blocks']['command']}` and the same with "
-        f"`nesting=\"slices\"` → `bench/results/train_step_ml-1m-{{blocks,slices}}.json`: mean of {len(steps) if isinstance(steps, list) else steps} "
-        f"steps, {step['blocks']:.2f} s with blocks, {step['slices']:.2f} s with slices ({step['slices'] / step['blocks']:.2f}x). "
-        + measured_on(platform_machine(runs["slices"]["machine"]), None,
-                      [runs["blocks"]["load_average_start"][0], runs["slices"]["load_average_start"][0]], "1 minute, at the start of each"),
+        f"Training step, {what}: `{runs[first]['command']}` and the same with {change} → "
+        f"`bench/results/train_step_ml-1m-{names}.json`: mean of {len(steps) if isinstance(steps, list) else steps} "
+        f"steps, {step[first]:.2f} s with {arms[first]}, {step[second]:.2f} s with {arms[second]} "
+        f"({step[second] / step[first]:.2f}x). "
+        + measured_on(platform_machine(runs[second]["machine"]), None,
+                      [runs[first]["load_average_start"][0], runs[second]["load_average_start"][0]], "1 minute, at the start of each"),
     ]
+
+
+def nesting_step_cost() -> list[str]:
+    """What slices cost per training step against blocks."""
+    return step_cost({"blocks": "blocks", "slices": "slices"}, "the arms' settings with blocks and with slices",
+                     '`nesting="slices"`')
+
+
+def block_accuracy_ml1m_average() -> list[str]:
+    """The averaged teacher's arm, and what its teacher costs per training step."""
+    return [*block_accuracy_ml1m_converged("ml-1m-cpu-distill-average"), "",
+            *step_cost({"teacher-largest": "the largest size as the teacher", "teacher-average": "the averaged teacher"},
+                       "the recipe with distillation from the largest size and from its moving average",
+                       '`distill_teacher="average"`')]
 
 
 #: single Sports models of LRURec's size against its published figure: the yardstick question
@@ -1577,6 +1595,7 @@ BLOCKS: dict[str, Callable[[], list[str]]] = {
     "accuracy-ml-1m-cpu-converged": block_accuracy_ml1m_converged,
     "accuracy-ml-1m-cpu-distill": lambda: block_accuracy_ml1m_converged("ml-1m-cpu-distill"),
     "accuracy-ml-1m-cpu-distill-next": lambda: block_accuracy_ml1m_converged("ml-1m-cpu-distill-next"),
+    "accuracy-ml-1m-cpu-distill-average": block_accuracy_ml1m_average,
     "accuracy-sports": block_accuracy_sports,
     "twin-arms-ml-1m-cpu": block_twin_arms,
     "twin-arms-sports-cpu": lambda: block_twin_arms(SPORTS_TWIN_ARMS),
